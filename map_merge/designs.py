@@ -1,0 +1,131 @@
+"""Sampling designs for the coefficient box: which ``coeffs: (K, T)`` to evaluate for real.
+
+- :func:`map_design`: the MAP authors' design: the T one-hot vectors (scaled to the box), a
+  few isotropic points ``u * 1`` and jittered copies of them, the rest from a regular grid with
+  duplicates removed.
+- :func:`sobol_design` / :func:`lhs_design`: space-filling quasi-random designs (scipy.stats.qmc)
+  that always contain the one-hot vectors.
+
+All designs are deterministic for a seed and lie in ``[low, high]^T``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import qmc
+
+__all__ = ["num_quadratic_params", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots"]
+
+
+def num_quadratic_params(num_tasks: int) -> int:
+    """Parameters of a full quadratic in T variables: ``P = (T+1)(T+2)/2``."""
+    return (num_tasks + 1) * (num_tasks + 2) // 2
+
+
+def default_num_samples(num_tasks: int) -> int:
+    """The authors' budget, twice the surrogate's parameters: ``(T+1)(T+2)``."""
+    return 2 * num_quadratic_params(num_tasks)
+
+
+def one_hots(num_tasks: int, low: float, high: float) -> np.ndarray:
+    """The T box corners ``low + (high - low) e_i`` (the one-hot vectors for the box [0, 1])."""
+    return low + (high - low) * np.eye(num_tasks)
+
+
+def _check(num_tasks: int, num_samples: int, bounds: tuple[float, float]) -> tuple[float, float]:
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise ValueError(f"bounds must be finite with low < high, got {bounds}")
+    if num_samples < num_tasks:
+        raise ValueError(f"num_samples={num_samples} cannot hold the {num_tasks} one-hot vectors")
+    return low, high
+
+
+def _unique_rows(points: np.ndarray, decimals: int = 9) -> np.ndarray:
+    _, index = np.unique(np.round(points, decimals), axis=0, return_index=True)
+    return points[np.sort(index)]
+
+
+def map_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
+    """The MAP authors' design, ``(num_samples, T)``.
+
+    One-hots first, then ``max(1, n // 6)`` isotropic points ``u * 1`` (u uniform in the box),
+    each with one jittered copy (Gaussian jitter of 10% of the box width, clipped), then points
+    of the coarsest regular grid that has enough unused nodes, chosen at random.
+    """
+    low, high = _check(num_tasks, num_samples, bounds)
+    rng = np.random.default_rng(seed)
+    width = high - low
+    points = [one_hots(num_tasks, low, high)]
+    remaining = num_samples - num_tasks
+    num_iso = min(max(1, remaining // 6), remaining // 2) if remaining >= 2 else 0
+    if num_iso:
+        u = rng.uniform(low, high, size=(num_iso, 1))
+        iso = np.repeat(u, num_tasks, axis=1)
+        jitter = np.clip(iso + rng.normal(0.0, 0.1 * width, size=iso.shape), low, high)
+        points += [iso, jitter]
+    chosen = _unique_rows(np.concatenate(points))
+    need = num_samples - len(chosen)
+    if need > 0:
+        per_axis = 2
+        while True:
+            grid = _grid(num_tasks, per_axis, low, high)
+            fresh = _exclude(grid, chosen)
+            if len(fresh) >= need or per_axis > 64:
+                break
+            per_axis += 1
+        take = rng.choice(len(fresh), size=min(need, len(fresh)), replace=False)
+        chosen = np.concatenate([chosen, fresh[np.sort(take)]])
+    return chosen[:num_samples]
+
+
+def _grid(num_tasks: int, per_axis: int, low: float, high: float) -> np.ndarray:
+    axis = np.linspace(low, high, per_axis)
+    mesh = np.meshgrid(*([axis] * num_tasks), indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=1)
+
+
+def _exclude(candidates: np.ndarray, existing: np.ndarray, tol: float = 1e-9) -> np.ndarray:
+    close = (np.abs(candidates[:, None, :] - existing[None, :, :]) < tol).all(axis=2).any(axis=1)
+    return candidates[~close]
+
+
+def _qmc_design(sampler: qmc.QMCEngine, num_tasks: int, num_samples: int, low: float, high: float) -> np.ndarray:
+    anchors = one_hots(num_tasks, low, high)
+    need = num_samples - num_tasks
+    if need <= 0:
+        return anchors[:num_samples]
+    if isinstance(sampler, qmc.Sobol):
+        sample = sampler.random_base2(max(1, math.ceil(math.log2(need))))[:need]
+    else:
+        sample = sampler.random(need)
+    return np.concatenate([anchors, qmc.scale(sample, [low] * num_tasks, [high] * num_tasks)])
+
+
+def sobol_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
+    """One-hots plus a scrambled Sobol sequence, ``(num_samples, T)``."""
+    low, high = _check(num_tasks, num_samples, bounds)
+    return _qmc_design(qmc.Sobol(num_tasks, scramble=True, seed=seed), num_tasks, num_samples, low, high)
+
+
+def lhs_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
+    """One-hots plus an optimised Latin hypercube, ``(num_samples, T)``."""
+    low, high = _check(num_tasks, num_samples, bounds)
+    sampler = qmc.LatinHypercube(num_tasks, seed=seed, optimization="random-cd" if num_tasks > 1 else None)
+    return _qmc_design(sampler, num_tasks, num_samples, low, high)
+
+
+_DESIGNS = {"map": map_design, "sobol": sobol_design, "lhs": lhs_design}
+
+
+def make_design(name: str, num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
+    """Dispatch by name: ``"map"``, ``"sobol"`` or ``"lhs"``."""
+    try:
+        fn = _DESIGNS[name]
+    except KeyError:
+        raise ValueError(f"unknown design {name!r}; choose one of {sorted(_DESIGNS)}") from None
+    return fn(num_tasks, num_samples, bounds, seed)

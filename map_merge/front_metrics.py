@@ -1,0 +1,83 @@
+"""Quality indicators of a front against a reference front (all maximise, see :mod:`map_merge.pareto`).
+
+``points: (N, M)``, ``reference: (R, M)``. Hypervolume is exact in any dimension (moocore's
+implementation of the exact algorithms); the distance indicators are plain numpy.
+"""
+
+from __future__ import annotations
+
+import moocore
+import numpy as np
+from scipy.spatial.distance import cdist
+
+__all__ = ["hypervolume", "igd", "igd_plus", "gd", "win_rate", "dominates_matrix"]
+
+
+def _as_points(points: np.ndarray, name: str, num_cols: int | None = None) -> np.ndarray:
+    array = np.asarray(points, dtype=np.float64)
+    if array.ndim == 1 and num_cols is not None and array.shape[0] == num_cols:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be (N, M), got shape {array.shape}")
+    if num_cols is not None and array.shape[1] != num_cols:
+        raise ValueError(f"{name} has {array.shape[1]} objectives, expected {num_cols}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return array
+
+
+def hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
+    """Volume dominated by ``points: (N, M)`` and dominating ``ref: (M,)`` (maximisation).
+    Points that do not strictly dominate ``ref`` add nothing."""
+    ref = np.asarray(ref, dtype=np.float64).reshape(-1)
+    points = _as_points(points, "points", ref.shape[0])
+    points = points[(points > ref).all(axis=1)]
+    if points.shape[0] == 0:
+        return 0.0
+    return float(moocore.hypervolume(points, ref=ref, maximise=True))
+
+
+def _shortfall(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``(R, N)`` IGD+ distances ``||max(z - p, 0)||`` from reference z to point p."""
+    gap = np.maximum(reference[:, None, :] - points[None, :, :], 0.0)
+    return np.sqrt((gap**2).sum(axis=2))
+
+
+def igd(points: np.ndarray, reference: np.ndarray) -> float:
+    """Mean over reference points of the distance to the nearest of ``points`` (lower is better)."""
+    reference = _as_points(reference, "reference")
+    points = _as_points(points, "points", reference.shape[1])
+    return float(cdist(reference, points).min(axis=1).mean())
+
+
+def igd_plus(points: np.ndarray, reference: np.ndarray) -> float:
+    """IGD+: like :func:`igd` but counting only how far points fall *short* of each reference
+    point (Pareto-compliant; lower is better)."""
+    reference = _as_points(reference, "reference")
+    points = _as_points(points, "points", reference.shape[1])
+    return float(_shortfall(points, reference).min(axis=1).mean())
+
+
+def gd(points: np.ndarray, reference: np.ndarray) -> float:
+    """Generational distance: mean over ``points`` of the distance to the nearest reference point."""
+    reference = _as_points(reference, "reference")
+    points = _as_points(points, "points", reference.shape[1])
+    return float(cdist(points, reference).min(axis=1).mean())
+
+
+def dominates_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(A, B)`` booleans: row i of ``a`` dominates row j of ``b``."""
+    ge = (a[:, None, :] >= b[None, :, :]).all(axis=2)
+    gt = (a[:, None, :] > b[None, :, :]).any(axis=2)
+    return ge & gt
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of ``b``'s points dominated by some point of ``a`` (in [0, 1])."""
+    b = _as_points(b, "b")
+    a = _as_points(a, "a", b.shape[1])
+    if b.shape[0] == 0:
+        raise ValueError("b is empty: win rate is undefined")
+    if a.shape[0] == 0:
+        return 0.0
+    return float(dominates_matrix(a, b).any(axis=0).mean())

@@ -1,0 +1,321 @@
+"""MAP: amortized Pareto fronts of merging coefficients via quadratic surrogates.
+
+``MAP(...).fit(objective, num_tasks)`` evaluates the objective at a design of K coefficient
+vectors, fits one quadratic surrogate per metric, searches the surrogates for the Pareto front
+(no further real evaluations) and returns a :class:`MAPResult`. ``result.reevaluate(objective)``
+checks chosen front points on the real objective ("MAP real" beside "MAP predicted").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .designs import default_num_samples, make_design, num_quadratic_params
+from .objective import check_senses
+from .pareto import ParetoFront
+from .search import nsga3_search, scalarization_search, thin_front
+from .surrogate import LINKS, QuadraticSurrogate
+
+__all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """Real evaluations: ``coeffs: (K, T)``, ``metrics: (K, M)``, ``round: (K,)`` (0 = initial design)."""
+
+    coeffs: np.ndarray
+    metrics: np.ndarray
+    round: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.round is None:
+            self.round = np.zeros(len(self.coeffs), dtype=int)
+
+    def __len__(self) -> int:
+        return len(self.coeffs)
+
+    def append(self, coeffs: np.ndarray, metrics: np.ndarray, round_index: int) -> "Samples":
+        return Samples(
+            np.concatenate([self.coeffs, coeffs]),
+            np.concatenate([self.metrics, metrics]),
+            np.concatenate([self.round, np.full(len(coeffs), round_index, dtype=int)]),
+        )
+
+
+@dataclass
+class MAPResult:
+    """Outcome of a MAP run.
+
+    Attributes:
+        samples: the real evaluations (coeffs (K, T), metrics (K, M)).
+        surrogates: one fitted :class:`QuadraticSurrogate` per metric.
+        front: the predicted Pareto front (``ParetoFront``, label "MAP predicted").
+        task_names, senses: per metric.
+        real_front: the re-evaluated front points, once :meth:`reevaluate` ran.
+        timings: seconds spent evaluating, fitting and searching.
+    """
+
+    samples: Samples
+    surrogates: list[QuadraticSurrogate]
+    front: ParetoFront
+    task_names: tuple[str, ...]
+    senses: tuple[str, ...]
+    bounds: tuple[float, float]
+    real_front: ParetoFront | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_evaluations(self) -> int:
+        """Real evaluations spent on the surrogates (re-evaluations of front points excluded)."""
+        return len(self.samples)
+
+    def predict(self, coeffs: np.ndarray, return_std: bool = False):
+        """Surrogate predictions ``(K, M)`` (and predictive std ``(K, M)``) at ``coeffs: (K, T)``."""
+        outs = [s.predict(coeffs, return_std=return_std) for s in self.surrogates]
+        if return_std:
+            return np.stack([o[0] for o in outs], axis=1), np.stack([o[1] for o in outs], axis=1)
+        return np.stack(outs, axis=1)
+
+    def diagnostics(self) -> dict[str, dict[str, float]]:
+        """Per task: R^2, RMSE, leave-one-out RMSE, samples, parameters."""
+        return {name: s.diagnostics.as_dict() for name, s in zip(self.task_names, self.surrogates)}
+
+    def select(self, preference: Sequence[float]) -> np.ndarray:
+        """Coefficients ``(T,)`` of the predicted front point preferred by ``preference: (M,)``."""
+        return self.front.select(preference)
+
+    def reevaluate(self, objective: Callable[[np.ndarray], np.ndarray], max_points: int | None = 20, index: Sequence[int] | None = None) -> ParetoFront:
+        """Evaluate front points on the real objective ("MAP real"); stored in ``real_front``.
+
+        Args:
+            objective: the real objective.
+            max_points: how many well-spread front points (ignored when ``index`` is given).
+            index: explicit front indices to re-evaluate.
+        """
+        if index is None:
+            index = thin_front(self.front.oriented, max_points) if max_points else np.arange(len(self.front))
+        chosen = self.front.subset(index)
+        metrics = call_objective(objective, chosen.coeffs, len(self.task_names))
+        self.real_front = ParetoFront(chosen.coeffs, metrics, self.task_names, self.senses, label="MAP real")
+        return self.real_front
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "task_names": list(self.task_names),
+            "senses": list(self.senses),
+            "bounds": list(self.bounds),
+            "num_evaluations": self.num_evaluations,
+            "samples": {"coeffs": self.samples.coeffs.tolist(), "metrics": self.samples.metrics.tolist(), "round": self.samples.round.tolist()},
+            "diagnostics": self.diagnostics(),
+            "front": self.front.to_dict(),
+            "timings": self.timings,
+            "settings": self.settings,
+        }
+        if self.real_front is not None:
+            out["real_front"] = self.real_front.to_dict()
+        return out
+
+
+def call_objective(objective: Callable[[np.ndarray], np.ndarray], coeffs: np.ndarray, num_metrics: int | None = None) -> np.ndarray:
+    """Call an objective and check that it returned finite metrics of shape ``(K, M)``."""
+    metrics = np.asarray(objective(coeffs), dtype=np.float64)
+    if metrics.ndim == 1 and len(coeffs) == 1:
+        metrics = metrics[None, :]
+    if metrics.ndim != 2 or metrics.shape[0] != len(coeffs) or (num_metrics is not None and metrics.shape[1] != num_metrics):
+        raise ValueError(
+            f"the objective returned shape {metrics.shape} for {len(coeffs)} coefficient vectors; expected (K, M)"
+            + (f" with M = {num_metrics}" if num_metrics is not None else "")
+        )
+    bad = ~np.isfinite(metrics).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)[:5]
+        raise ValueError(f"the objective returned NaN/inf metrics for coefficient vectors {coeffs[rows].tolist()}")
+    return metrics
+
+
+def resolve_links(link: str | Sequence[str], objective: Any, num_metrics: int) -> tuple[str, ...]:
+    """One link per metric: ``"auto"`` takes the objective's suggestion (``links``) or sigmoid."""
+    if isinstance(link, str):
+        if link == "auto":
+            suggested = getattr(objective, "links", None) or (None,) * num_metrics
+            return tuple(s or "sigmoid" for s in suggested)
+        links = (link,) * num_metrics
+    else:
+        links = tuple(link)
+    if len(links) != num_metrics:
+        raise ValueError(f"got {len(links)} links for {num_metrics} metrics")
+    for item in links:
+        if item not in LINKS:
+            raise ValueError(f"unknown link {item!r}; choose one of {LINKS} (or 'auto')")
+    return links
+
+
+def fit_surrogates(
+    coeffs: np.ndarray, metrics: np.ndarray, links: Sequence[str], task_names: Sequence[str], ridge: float = 0.0, r2_warn: float = 0.5
+) -> list[QuadraticSurrogate]:
+    """One :class:`QuadraticSurrogate` per metric column of ``metrics: (K, M)``."""
+    return [
+        QuadraticSurrogate(link=links[j], ridge=ridge, r2_warn=r2_warn, name=task_names[j]).fit(coeffs, metrics[:, j])
+        for j in range(metrics.shape[1])
+    ]
+
+
+def surrogate_front(
+    surrogates: Sequence[QuadraticSurrogate],
+    senses: Sequence[str],
+    task_names: Sequence[str],
+    bounds: tuple[float, float],
+    search: str = "scalarization",
+    seed: int = 0,
+    max_points: int | None = 500,
+) -> ParetoFront:
+    """Search the surrogates for their Pareto front over ``bounds^T`` (no real evaluations)."""
+    sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
+    num_coeffs = surrogates[0].num_coeffs
+
+    def fn(coeffs: np.ndarray) -> np.ndarray:
+        return np.stack([s.predict(coeffs) for s in surrogates], axis=1) * sign
+
+    sign_t = torch.tensor(sign, dtype=torch.float64)
+
+    def fn_torch(coeffs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([s.torch_predict(coeffs) for s in surrogates], dim=-1) * sign_t
+
+    if search == "scalarization":
+        found = scalarization_search(fn, fn_torch, num_coeffs, bounds, seed=seed, max_points=max_points)
+    elif search == "nsga3":
+        found = nsga3_search(fn, num_coeffs, bounds, seed=seed, max_points=max_points)
+    else:
+        raise ValueError(f"unknown search {search!r}; choose 'scalarization' or 'nsga3'")
+    metrics = found.values * sign
+    std = np.stack([s.predict(found.coeffs, return_std=True)[1] for s in surrogates], axis=1)
+    return ParetoFront(found.coeffs, metrics, tuple(task_names), tuple(senses), label="MAP predicted", std=std)
+
+
+class MAP:
+    """Amortized Pareto fronts: sample, fit quadratic surrogates, search them.
+
+    Args:
+        num_samples: real evaluations K; ``None`` = ``(T+1)(T+2)``, twice the surrogate's
+            ``P = (T+1)(T+2)/2`` parameters. Fewer than P is an error.
+        bounds: the sampling box ``[low, high]^T`` for every coefficient.
+        link: surrogate link: ``"sigmoid"``, ``"softplus"``, ``"identity"``, ``"auto"`` (the
+            objective's ``links``, else sigmoid) or one per metric.
+        design: ``"map"`` (the authors'), ``"sobol"`` or ``"lhs"``.
+        seed: seeds the design and the search.
+        search: ``"scalarization"`` (default) or ``"nsga3"`` (the authors').
+        search_bounds: box searched for the front (default: ``bounds``); a wider box
+            extrapolates the surrogates and warns.
+        ridge: L2 penalty of the surrogate fit.
+        r2_warn: warn when a surrogate's R^2 falls below this.
+        max_front_points: cap on the predicted front's size.
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        link: str | Sequence[str] = "sigmoid",
+        design: str = "map",
+        seed: int = 0,
+        search: str = "scalarization",
+        search_bounds: tuple[float, float] | None = None,
+        ridge: float = 0.0,
+        r2_warn: float = 0.5,
+        max_front_points: int | None = 500,
+    ) -> None:
+        self.num_samples = num_samples
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        if not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"bounds must satisfy low < high, got {bounds}")
+        self.link = link
+        self.design = design
+        self.seed = seed
+        self.search = search
+        self.search_bounds = None if search_bounds is None else (float(search_bounds[0]), float(search_bounds[1]))
+        self.ridge = ridge
+        self.r2_warn = r2_warn
+        self.max_front_points = max_front_points
+
+    def _setup(self, objective: Any, num_tasks: int, task_names: Sequence[str] | None):
+        if int(num_tasks) < 1:
+            raise ValueError(f"num_tasks must be at least 1, got {num_tasks}")
+        num_coeffs = int(num_tasks)
+        declared = getattr(objective, "num_coeffs", None)
+        if declared is not None and declared != num_coeffs:
+            raise ValueError(f"num_tasks={num_coeffs} but the objective takes {declared} coefficients")
+        names = task_names if task_names is not None else getattr(objective, "task_names", None)
+        return num_coeffs, names
+
+    def _search_box(self) -> tuple[float, float]:
+        box = self.search_bounds or self.bounds
+        if box[0] < self.bounds[0] or box[1] > self.bounds[1]:
+            warnings.warn(
+                f"searching the box {box} beyond the sampled box {self.bounds}: the surrogates are extrapolated "
+                "there and their predictions are unreliable",
+                UserWarning,
+                stacklevel=3,
+            )
+        return box
+
+    def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None) -> MAPResult:
+        """Run MAP on ``objective(coeffs (K, T)) -> metrics (K, M)``.
+
+        Args:
+            objective: the black-box objective (``senses`` and ``links`` attributes honoured).
+            num_tasks: T, the number of merging coefficients.
+            task_names: names of the M metrics (default: the objective's, else ``task0..``).
+        """
+        num_coeffs, names = self._setup(objective, num_tasks, task_names)
+        minimum = num_quadratic_params(num_coeffs)
+        budget = default_num_samples(num_coeffs) if self.num_samples is None else int(self.num_samples)
+        if budget < minimum:
+            raise ValueError(
+                f"num_samples={budget} is too few for a quadratic surrogate in {num_coeffs} coefficients: "
+                f"it has {minimum} parameters (default budget {default_num_samples(num_coeffs)})"
+            )
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        coeffs = make_design(self.design, num_coeffs, budget, self.bounds, self.seed)
+        metrics = call_objective(objective, coeffs)
+        timings["evaluate"] = time.perf_counter() - start
+        return self.fit_samples(Samples(coeffs, metrics), objective=objective, task_names=names, timings=timings)
+
+    def fit_samples(
+        self,
+        samples: Samples,
+        objective: Any = None,
+        task_names: Sequence[str] | None = None,
+        senses: Sequence[str] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> MAPResult:
+        """Fit surrogates and search the front from existing real evaluations."""
+        num_metrics = samples.metrics.shape[1]
+        names = tuple(task_names) if task_names is not None else tuple(f"task{j}" for j in range(num_metrics))
+        if len(names) != num_metrics:
+            raise ValueError(f"got {len(names)} task names for {num_metrics} metrics")
+        senses = check_senses(senses if senses is not None else getattr(objective, "senses", None), num_metrics)
+        links = resolve_links(self.link, objective, num_metrics)
+        timings = dict(timings or {})
+        start = time.perf_counter()
+        surrogates = fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn)
+        timings["fit"] = time.perf_counter() - start
+        start = time.perf_counter()
+        front = surrogate_front(surrogates, senses, names, self._search_box(), self.search, self.seed, self.max_front_points)
+        timings["search"] = time.perf_counter() - start
+        settings = {
+            "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links), "design": self.design,
+            "seed": self.seed, "search": self.search, "ridge": self.ridge,
+        }
+        return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings)

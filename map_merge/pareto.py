@@ -1,0 +1,151 @@
+"""Pareto dominance and the :class:`ParetoFront` result type.
+
+Convention: every function here *maximises* (higher is better in every column). Metrics with
+sense ``"min"`` are negated by :func:`orient` before they get here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import moocore
+import numpy as np
+
+__all__ = ["pareto_mask", "orient", "check_preference", "ParetoFront"]
+
+
+def pareto_mask(points: np.ndarray) -> np.ndarray:
+    """Boolean mask ``(N,)`` of the non-dominated rows of ``points: (N, M)`` (maximisation).
+
+    A row is dominated if another row is >= in every column and > in at least one; exact
+    duplicates do not dominate each other, so all copies of a non-dominated point are kept."""
+    points = np.asarray(points, dtype=np.float64)
+    if points.ndim != 2:
+        raise ValueError(f"points must be (N, M), got shape {points.shape}")
+    if points.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    if not np.isfinite(points).all():
+        raise ValueError("points contain NaN or inf")
+    return np.asarray(moocore.is_nondominated(points, maximise=True, keep_weakly=True), dtype=bool)
+
+
+def orient(metrics: np.ndarray, senses: Sequence[str]) -> np.ndarray:
+    """Metrics ``(N, M)`` turned higher-is-better: columns with sense ``"min"`` negated."""
+    sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
+    return np.asarray(metrics, dtype=np.float64) * sign
+
+
+def check_preference(preference: Sequence[float], num: int) -> np.ndarray:
+    """Validate a preference vector: length ``num``, finite, non-negative, not all zero.
+    Returns it normalised to sum 1."""
+    w = np.asarray(preference, dtype=np.float64).reshape(-1)
+    if w.shape[0] != num:
+        raise ValueError(f"preference has {w.shape[0]} weights but there are {num} tasks")
+    if not np.isfinite(w).all():
+        raise ValueError(f"preference must be finite, got {w.tolist()}")
+    if (w < 0).any():
+        raise ValueError(f"preference weights must be non-negative, got {w.tolist()}")
+    if w.sum() <= 0:
+        raise ValueError("preference weights are all zero: give at least one positive weight")
+    return w / w.sum()
+
+
+@dataclass
+class ParetoFront:
+    """A set of coefficient vectors and their metrics (predicted or measured).
+
+    Attributes:
+        coeffs: ``(N, T)`` merging coefficients.
+        metrics: ``(N, M)`` metrics in their own units and sense.
+        task_names: M names.  senses: M of ``"max"``/``"min"``.
+        label: what these metrics are (``"MAP predicted"``, ``"MAP real"``...).
+    """
+
+    coeffs: np.ndarray
+    metrics: np.ndarray
+    task_names: tuple[str, ...]
+    senses: tuple[str, ...] = ()
+    label: str = ""
+    std: np.ndarray | None = None  # (N, M) predictive std where known
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coeffs = np.atleast_2d(np.asarray(self.coeffs, dtype=np.float64))
+        self.metrics = np.atleast_2d(np.asarray(self.metrics, dtype=np.float64))
+        self.task_names = tuple(self.task_names)
+        if not self.senses:
+            self.senses = ("max",) * len(self.task_names)
+        self.senses = tuple(self.senses)
+        if self.metrics.shape[0] == 0 or self.coeffs.size == 0:
+            raise ValueError(f"empty Pareto front{f' ({self.label})' if self.label else ''}: no points to choose from")
+        if self.coeffs.shape[0] != self.metrics.shape[0]:
+            raise ValueError(f"{self.coeffs.shape[0]} coefficient vectors but {self.metrics.shape[0]} metric rows")
+        if self.metrics.shape[1] != len(self.task_names) or len(self.senses) != len(self.task_names):
+            raise ValueError(f"metrics have {self.metrics.shape[1]} columns for {len(self.task_names)} task names / {len(self.senses)} senses")
+
+    def __len__(self) -> int:
+        return self.metrics.shape[0]
+
+    @property
+    def oriented(self) -> np.ndarray:
+        """``(N, M)`` metrics turned higher-is-better."""
+        return orient(self.metrics, self.senses)
+
+    def nondominated(self) -> "ParetoFront":
+        """The sub-front of points not dominated by another point of this front."""
+        return self.subset(np.flatnonzero(pareto_mask(self.oriented)))
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> "ParetoFront":
+        index = np.asarray(index, dtype=int)
+        return ParetoFront(
+            self.coeffs[index], self.metrics[index], self.task_names, self.senses, self.label,
+            None if self.std is None else self.std[index], dict(self.extra),
+        )
+
+    def select_index(self, preference: Sequence[float]) -> int:
+        """Index of the point maximising ``<w / ||w||, oriented metrics>`` for weights ``w >= 0``."""
+        w = check_preference(preference, len(self.task_names))
+        return int(np.argmax(self.oriented @ w))
+
+    def select(self, preference: Sequence[float]) -> np.ndarray:
+        """Coefficients ``(T,)`` of the point preferred by ``preference: (M,)`` (see :meth:`select_index`)."""
+        return self.coeffs[self.select_index(preference)].copy()
+
+    def nearest(self, target: Sequence[float], scale: Sequence[float] | None = None) -> np.ndarray:
+        """Coefficients ``(T,)`` of the point whose metrics are nearest ``target: (M,)``
+        (Euclidean, each column divided by ``scale``, default: the front's range)."""
+        target = np.asarray(target, dtype=np.float64).reshape(-1)
+        if target.shape[0] != len(self.task_names):
+            raise ValueError(f"target has {target.shape[0]} values but there are {len(self.task_names)} tasks")
+        if scale is None:
+            spread = self.metrics.max(axis=0) - self.metrics.min(axis=0)
+            scale = np.where(spread > 0, spread, 1.0)
+        dist = np.linalg.norm((self.metrics - target) / np.asarray(scale, dtype=np.float64), axis=1)
+        return self.coeffs[int(np.argmin(dist))].copy()
+
+    def meeting(self, floors: Sequence[float | None]) -> "ParetoFront":
+        """The points meeting per-task floors (``None`` = no floor). For a ``"min"`` task the
+        floor is a ceiling. Raises ``ValueError`` naming the tasks when no point meets them."""
+        floors = list(floors)
+        if len(floors) != len(self.task_names):
+            raise ValueError(f"got {len(floors)} floors for {len(self.task_names)} tasks")
+        ok = np.ones(len(self), dtype=bool)
+        for j, floor in enumerate(floors):
+            if floor is None:
+                continue
+            ok &= self.metrics[:, j] >= floor if self.senses[j] == "max" else self.metrics[:, j] <= floor
+        if not ok.any():
+            best = [f"{n}: best {self.metrics[:, j].max() if s == 'max' else self.metrics[:, j].min():.4g}"
+                    for j, (n, s) in enumerate(zip(self.task_names, self.senses)) if floors[j] is not None]
+            raise ValueError(f"no front point meets the floors {floors} ({'; '.join(best)})")
+        return self.subset(np.flatnonzero(ok))
+
+    def to_dict(self) -> dict:
+        out = {
+            "label": self.label, "task_names": list(self.task_names), "senses": list(self.senses),
+            "coeffs": self.coeffs.tolist(), "metrics": self.metrics.tolist(),
+        }
+        if self.std is not None:
+            out["std"] = self.std.tolist()
+        return out
