@@ -22,7 +22,7 @@ from .designs import default_num_samples, make_design, num_quadratic_params
 from .objective import check_senses
 from .pareto import ParetoFront
 from .search import nsga3_search, scalarization_search, thin_front
-from .surrogate import LINKS, QuadraticSurrogate
+from .surrogate import LINKS, QuadraticSurrogate, predict_all, torch_predict_all
 
 __all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective"]
 
@@ -178,19 +178,20 @@ def surrogate_front(
     bounds: tuple[float, float],
     search: str = "scalarization",
     seed: int = 0,
-    max_points: int | None = 500,
+    max_points: int | None = None,
 ) -> ParetoFront:
     """Search the surrogates for their Pareto front over ``bounds^T`` (no real evaluations)."""
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
     num_coeffs = surrogates[0].num_coeffs
 
     def fn(coeffs: np.ndarray) -> np.ndarray:
-        return np.stack([s.predict(coeffs) for s in surrogates], axis=1) * sign
+        return predict_all(surrogates, coeffs) * sign
 
     sign_t = torch.tensor(sign, dtype=torch.float64)
+    predict_torch = torch_predict_all(surrogates)
 
     def fn_torch(coeffs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([s.torch_predict(coeffs) for s in surrogates], dim=-1) * sign_t
+        return predict_torch(coeffs) * sign_t
 
     if search == "scalarization":
         found = scalarization_search(fn, fn_torch, num_coeffs, bounds, seed=seed, max_points=max_points)
@@ -233,7 +234,7 @@ class MAP:
         search_bounds: tuple[float, float] | None = None,
         ridge: float = 0.0,
         r2_warn: float = 0.5,
-        max_front_points: int | None = 500,
+        max_front_points: int | None = None,
     ) -> None:
         self.num_samples = num_samples
         self.bounds = (float(bounds[0]), float(bounds[1]))

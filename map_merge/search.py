@@ -46,7 +46,7 @@ def weight_vectors(num_objectives: int, approx: int = 100, seed: int = 0) -> np.
     if num_objectives <= 3:
         partitions = max(1, approx - 1) if num_objectives == 2 else max(1, int(math.sqrt(2 * approx)) - 1)
         return _simplex_lattice(num_objectives, partitions)
-    sobol = qmc.Sobol(num_objectives, scramble=True, seed=seed).random(max(approx, num_objectives))
+    sobol = qmc.Sobol(num_objectives, scramble=True, seed=seed).random_base2(math.ceil(math.log2(max(approx, num_objectives))))
     dirichlet = -np.log(np.clip(sobol, 1e-12, 1.0))
     dirichlet /= dirichlet.sum(axis=1, keepdims=True)
     return np.concatenate([np.eye(num_objectives), dirichlet])
@@ -108,12 +108,13 @@ def scalarization_search(
     fn_torch: Callable[[torch.Tensor], torch.Tensor],
     num_coeffs: int,
     bounds: tuple[float, float] = (0.0, 1.0),
-    num_weights: int = 100,
+    num_weights: int | None = None,
     num_random: int = 4096,
     steps: int = 150,
     lr: float = 0.02,
     temperature: float = 0.01,
-    max_points: int | None = 500,
+    densify_rounds: int = 2,
+    max_points: int | None = None,
     seed: int = 0,
 ) -> SearchResult:
     """Weighted-sum and Chebyshev scalarisations solved by batched projected gradient ascent.
@@ -122,9 +123,12 @@ def scalarization_search(
         fn: ``(K, T) -> (K, M)`` objectives to maximise (numpy).
         fn_torch: the same as a differentiable torch function.
         num_coeffs: T.  bounds: the search box.
-        num_weights: about how many weight vectors.  num_random: size of the quasi-random pool.
+        num_weights: about how many weight vectors (default: 100 for two objectives, 300 beyond).
+        num_random: size of the quasi-random pool.
         steps, lr: Adam steps and learning rate (as a fraction of the box width).
         temperature: smoothing of the Chebyshev max (in normalised objective units).
+        densify_rounds: rounds of local sampling around the archive (fills the front between
+            the scalarisation solutions).
         max_points: cap on the returned front size (farthest-point thinning), ``None`` = no cap.
     """
     low, high = float(bounds[0]), float(bounds[1])
@@ -134,7 +138,7 @@ def scalarization_search(
     ideal = pool_values.max(axis=0)
     nadir = pool_values[pareto_mask(pool_values)].min(axis=0)
     span = np.where(ideal - nadir > 1e-12, ideal - nadir, 1.0)
-    weights = weight_vectors(num_objectives, num_weights, seed)
+    weights = weight_vectors(num_objectives, num_weights or (100 if num_objectives <= 2 else 300), seed)
     normed = (pool_values - nadir) / span
     # starting points: best pool point of each scalarisation and weight
     ws_start = np.argmax(normed @ weights.T, axis=0)
@@ -163,8 +167,20 @@ def scalarization_search(
             x.clamp_(low, high)
     solved = x.detach().numpy()
     solved_values = np.asarray(fn(solved), dtype=np.float64)
-    coeffs, values = _archive(np.concatenate([pool, solved]), np.concatenate([pool_values, solved_values]), max_points)
-    return SearchResult(coeffs, values, num_evaluations=len(pool) + len(solved) * (steps + 1))
+    coeffs, values = _archive(np.concatenate([pool, solved]), np.concatenate([pool_values, solved_values]), None)
+    spent = len(pool) + len(solved) * (steps + 1)
+    rng = np.random.default_rng(seed)
+    for round_index in range(densify_rounds):
+        scale = (high - low) * 0.02 / (round_index + 1)
+        parents = coeffs[thin_front(values, 400)]
+        children = np.clip(np.repeat(parents, 8, axis=0) + rng.normal(0.0, scale, (len(parents) * 8, num_coeffs)), low, high)
+        child_values = np.asarray(fn(children), dtype=np.float64)
+        spent += len(children)
+        coeffs, values = _archive(np.concatenate([coeffs, children]), np.concatenate([values, child_values]), None)
+    if max_points is not None:
+        index = thin_front(values, max_points)
+        coeffs, values = coeffs[index], values[index]
+    return SearchResult(coeffs, values, num_evaluations=spent)
 
 
 def nsga3_search(

@@ -26,7 +26,7 @@ from scipy.optimize import least_squares
 
 from .designs import num_quadratic_params
 
-__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all"]
+__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all"]
 
 log = logging.getLogger(__name__)
 
@@ -276,5 +276,22 @@ class QuadraticSurrogate:
 
 
 def predict_all(surrogates: Sequence[QuadraticSurrogate], coeffs: np.ndarray) -> np.ndarray:
-    """Predictions ``(K, M)`` of M surrogates at ``coeffs: (K, T)``."""
-    return np.stack([s.predict(coeffs) for s in surrogates], axis=1)
+    """Predictions ``(K, M)`` of M surrogates at ``coeffs: (K, T)`` (features computed once)."""
+    weights = np.stack([s.weights for s in surrogates], axis=1)
+    z = quadratic_features(coeffs) @ weights
+    return np.stack([_link(s.link, z[:, j]) for j, s in enumerate(surrogates)], axis=1)
+
+
+def torch_predict_all(surrogates: Sequence[QuadraticSurrogate]):
+    """A differentiable ``f(coeffs: (..., T)) -> (..., M)`` over all M surrogates (float64)."""
+    weights = torch.tensor(np.stack([s.weights for s in surrogates], axis=1), dtype=torch.float64)
+    links = [s.link for s in surrogates]
+    masks = {name: torch.tensor([link == name for link in links]) for name in set(links)}
+
+    def fn(coeffs: torch.Tensor) -> torch.Tensor:
+        z = _torch_features(coeffs) @ weights.to(coeffs.device)
+        if len(masks) == 1:
+            return _torch_link(links[0], z)
+        return sum(torch.where(mask.to(coeffs.device), _torch_link(name, z), torch.zeros((), dtype=z.dtype)) for name, mask in masks.items())
+
+    return fn

@@ -1,0 +1,116 @@
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyNet
+
+import map_merge as mm
+
+
+def test_function_objective_uses_store_and_counts(tmp_path):
+    calls = []
+
+    def fn(c):
+        calls.append(len(c))
+        return np.stack([c.sum(1), -c[:, 0]], axis=1)
+
+    store = mm.EvaluationStore(tmp_path / "evals.sqlite")
+    obj = mm.FunctionObjective(fn, 2, ["sum", "neg"], store=store, key="f")
+    coeffs = np.array([[0.1, 0.2], [0.3, 0.4], [0.1, 0.2]])
+    out = obj(coeffs)
+    np.testing.assert_allclose(out, [[0.3, -0.1], [0.7, -0.3], [0.3, -0.1]])
+    assert obj.num_evaluations == 2 and calls == [2]  # duplicate row evaluated once
+    again = mm.FunctionObjective(fn, 2, ["sum", "neg"], store=mm.EvaluationStore(tmp_path / "evals.sqlite"), key="f")
+    np.testing.assert_array_equal(again(coeffs), out)
+    assert again.num_evaluations == 0 and again.num_cached == 3 and calls == [2]
+    with pytest.raises(ValueError, match=r"shape \(K, 2\)"):
+        obj(np.zeros((2, 3)))
+
+
+def test_nonfinite_metric_is_an_error_but_finite_results_are_kept(tmp_path):
+    store = mm.EvaluationStore()
+
+    def fn(c):
+        return np.array([1.0, np.nan]) if c[0] > 0.5 else np.array([c[0], 2.0])
+
+    obj = mm.FunctionObjective(fn, 1, ["a", "b"], batched=False, store=store)
+    with pytest.raises(ValueError, match=r"non-finite metric for task\(s\) \['b'\]"):
+        obj(np.array([[0.1], [0.9]]))
+    assert store.count() == 3  # both tasks of row 0 and the finite task of row 1
+
+
+def test_model_objective_merges_and_evaluates(tiny_models):
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    idx = torch.tensor([0, 1, 2, 3])
+    tasks = {
+        "mean": mm.Task(lambda m: m(idx).mean().item()),
+        "norm": mm.Task(lambda m: m.lin.weight.norm().item(), sense="min", link="softplus"),
+    }
+    obj = mm.ModelObjective(TinyNet(), tv, tasks, progress=False)
+    coeffs = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.1]])
+    out = obj(coeffs)
+    assert out.shape == (3, 2) and obj.senses == ("max", "min") and obj.links == (None, "softplus")
+    for row, c in zip(out, coeffs):
+        ref = TinyNet()
+        ref.load_state_dict(tv.merge(c))
+        ref.eval()
+        assert row[0] == pytest.approx(ref(idx).mean().item(), rel=1e-5)
+        assert row[1] == pytest.approx(ref.lin.weight.norm().item(), rel=1e-5)
+    np.testing.assert_allclose(out[1, 1], fts[0].lin.weight.norm().item(), rtol=1e-5)
+    # a different merge method is a different fingerprint
+    ties = mm.ModelObjective(TinyNet(), tv, tasks, method="ties", progress=False)
+    assert ties.fingerprint() != obj.fingerprint()
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    import map_merge as mm
+
+    store_path, log_path = sys.argv[1], sys.argv[2]
+    def fn(c):
+        with open(log_path, "a") as f:
+            f.write(",".join(f"{x:.6f}" for x in c) + "\\n")
+        time.sleep(0.15)
+        return np.array([np.sin(3 * c).sum(), np.cos(2 * c).prod()])
+
+    obj = mm.FunctionObjective(fn, 3, ["s", "c"], batched=False, key="resume", store=mm.EvaluationStore(store_path))
+    coeffs = mm.sobol_design(3, 16, seed=3)
+    out = obj(coeffs)
+    np.save(store_path + ".npy", out)
+    """
+)
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    store, log = tmp_path / "store.sqlite", tmp_path / "calls.log"
+    proc = subprocess.Popen([sys.executable, str(script), str(store), str(log)])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    first = log.read_text().splitlines()
+    assert 5 <= len(first) < 16, "the run was not killed mid-way"
+    stored = mm.EvaluationStore(store).count()
+    assert stored >= 2 * (len(first) - 1)  # every finished evaluation was persisted
+    subprocess.run([sys.executable, str(script), str(store), str(log)], check=True)
+    second = log.read_text().splitlines()[len(first):]
+    resumed = np.load(str(store) + ".npy")
+    # nothing stored was recomputed; together both runs evaluated each vector once (+ the one killed mid-call)
+    assert len(second) == 16 - stored // 2
+    assert not set(first[: stored // 2]) & set(second)
+    # same results as a clean run
+    clean_store, clean_log = tmp_path / "clean.sqlite", tmp_path / "clean.log"
+    subprocess.run([sys.executable, str(script), str(clean_store), str(clean_log)], check=True)
+    np.testing.assert_array_equal(resumed, np.load(str(clean_store) + ".npy"))
