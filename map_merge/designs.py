@@ -16,7 +16,7 @@ import math
 import numpy as np
 from scipy.stats import qmc
 
-__all__ = ["num_quadratic_params", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots"]
+__all__ = ["num_quadratic_params", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots", "grid_design"]
 
 
 def num_quadratic_params(num_tasks: int) -> int:
@@ -129,3 +129,11 @@ def make_design(name: str, num_tasks: int, num_samples: int, bounds: tuple[float
     except KeyError:
         raise ValueError(f"unknown design {name!r}; choose one of {sorted(_DESIGNS)}") from None
     return fn(num_tasks, num_samples, bounds, seed)
+
+
+def grid_design(num_tasks: int, per_axis: int, bounds: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Regular grid ``(per_axis**T, T)`` over the box (reference fronts, sweeps)."""
+    low, high = _check(num_tasks, num_tasks, bounds)
+    if per_axis < 2:
+        raise ValueError(f"per_axis must be at least 2, got {per_axis}")
+    return _grid(num_tasks, per_axis, low, high)

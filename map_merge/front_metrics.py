@@ -10,7 +10,7 @@ import moocore
 import numpy as np
 from scipy.spatial.distance import cdist
 
-__all__ = ["hypervolume", "igd", "igd_plus", "gd", "win_rate", "dominates_matrix"]
+__all__ = ["hypervolume", "igd", "igd_plus", "gd", "win_rate", "dominates_matrix", "front_report"]
 
 
 def _as_points(points: np.ndarray, name: str, num_cols: int | None = None) -> np.ndarray:
@@ -81,3 +81,20 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape[0] == 0:
         return 0.0
     return float(dominates_matrix(a, b).any(axis=0).mean())
+
+
+def front_report(points: np.ndarray, reference: np.ndarray, ref_point: np.ndarray) -> dict[str, float]:
+    """All indicators of ``points`` against the reference front (maximisation):
+    hypervolume, its ratio to the reference's, IGD, IGD+, GD and the point count."""
+    points = _as_points(points, "points")
+    reference = _as_points(reference, "reference", points.shape[1])
+    hv_ref = hypervolume(reference, ref_point)
+    hv = hypervolume(points, ref_point)
+    return {
+        "hypervolume": hv,
+        "hv_ratio": hv / hv_ref if hv_ref > 0 else float("nan"),
+        "igd": igd(points, reference),
+        "igd_plus": igd_plus(points, reference),
+        "gd": gd(points, reference),
+        "num_points": int(points.shape[0]),
+    }

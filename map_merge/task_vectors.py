@@ -277,9 +277,11 @@ class TaskVectors:
 
     def cosine_similarity(self) -> np.ndarray:
         """``(T, T)`` cosine similarities between task vectors."""
-        norms = self.vectors.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-        unit = self.vectors / norms
-        return (unit @ unit.T).double().cpu().numpy()
+        gram = (self.vectors @ self.vectors.T).double() if self.dtype == torch.float64 else torch.stack(
+            [(self.vectors.double() @ row.double()) for row in self.vectors]
+        )
+        norms = gram.diagonal().clamp_min(1e-300).sqrt()
+        return (gram / norms[:, None] / norms[None, :]).cpu().numpy()
 
     # ------------------------------------------------------------------ merging
     def prepared(self, method: str | MergeMethod | None = None) -> torch.Tensor:

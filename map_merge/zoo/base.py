@@ -1,0 +1,257 @@
+"""What every model zoo shares: task data, per-task heads, cached fine-tuned encoders, objectives.
+
+A zoo holds one pretrained *encoder* and, per task, a fine-tuned copy of it plus the task's own
+classification head. Task vectors are encoder deltas; a merged encoder is scored on task ``t``
+with head ``t``. Zoos are built by :mod:`map_merge.zoo.text` and :mod:`map_merge.zoo.vision`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..merge_methods import MergeMethod
+from ..objective import ModelObjective, Task
+from ..store import EvaluationStore
+from ..task_vectors import TaskVectors
+
+__all__ = ["Split", "ZooTask", "Zoo", "cache_root"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where zoos are cached: ``$MAP_MERGE_CACHE`` or ``~/.cache/map_merge``."""
+    return Path(os.environ.get("MAP_MERGE_CACHE") or Path.home() / ".cache" / "map_merge")
+
+
+@dataclass
+class Split:
+    """Model inputs (a dict of tensors with a leading example axis) and integer labels ``(N,)``."""
+
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batches(self, batch_size: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        out = []
+        for start in range(0, len(self), batch_size):
+            sl = slice(start, start + batch_size)
+            out.append(({k: v[sl] for k, v in self.inputs.items()}, self.labels[sl]))
+        return out
+
+
+@dataclass
+class ZooTask:
+    """One task: its splits, its head and class names."""
+
+    name: str
+    classes: list[str]
+    splits: dict[str, Split]
+    head: nn.Module
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class Zoo:
+    """A pretrained encoder, fine-tuned encoders (state dicts) and tasks.
+
+    Attributes:
+        name: zoo name.  pretrained: the pretrained encoder.  finetuned: ``task -> state dict``.
+        tasks: ``task -> ZooTask``.  features: ``features(encoder, inputs) -> (B, D)``.
+        info: build statistics and the per-task report.
+    """
+
+    name: str
+    pretrained: nn.Module
+    finetuned: dict[str, dict[str, torch.Tensor]]
+    tasks: dict[str, ZooTask]
+    features: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    eval_batch_size: int = 128
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(self.tasks)
+
+    def _names(self, names: Sequence[str] | None) -> list[str]:
+        names = list(names) if names is not None else list(self.tasks)
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown} in zoo {self.name!r}; it has {list(self.tasks)}")
+        return names
+
+    def task_vectors(self, names: Sequence[str] | None = None, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TaskVectors:
+        """Task vectors of the named tasks' fine-tuned encoders."""
+        names = self._names(names)
+        return TaskVectors.from_models(self.pretrained, {n: self.finetuned[n] for n in names}, device=device, dtype=dtype)
+
+    def new_encoder(self, device: str | torch.device | None = None) -> nn.Module:
+        """A fresh copy of the pretrained encoder (e.g. the live model of an objective)."""
+        model = copy.deepcopy(self.pretrained)
+        return model.to(device) if device is not None else model
+
+    def accuracy(self, encoder: nn.Module, task: str, split: str = "val") -> float:
+        """Accuracy of ``encoder`` with ``task``'s head on one split."""
+        zoo_task = self.tasks[task]
+        data = zoo_task.splits[split]
+        device = next(encoder.parameters()).device
+        head = zoo_task.head.to(device)
+        correct = 0
+        with torch.inference_mode():
+            for inputs, labels in data.batches(self.eval_batch_size):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                logits = head(self.features(encoder, inputs))
+                correct += int((logits.argmax(-1).cpu() == labels).sum())
+        return correct / len(data)
+
+    def loss(self, encoder: nn.Module, task: str, split: str = "val") -> float:
+        """Mean cross-entropy of ``encoder`` with ``task``'s head on one split."""
+        zoo_task = self.tasks[task]
+        device = next(encoder.parameters()).device
+        head = zoo_task.head.to(device)
+        total = 0.0
+        with torch.inference_mode():
+            for inputs, labels in zoo_task.splits[split].batches(self.eval_batch_size):
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+                logits = head(self.features(encoder, inputs))
+                total += float(nn.functional.cross_entropy(logits, labels.to(device), reduction="sum"))
+        return total / len(zoo_task.splits[split])
+
+    def objective(
+        self,
+        names: Sequence[str] | None = None,
+        split: str = "val",
+        metric: str = "accuracy",
+        method: str | MergeMethod | None = None,
+        store: EvaluationStore | str | os.PathLike | None = None,
+        task_vectors: TaskVectors | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+    ) -> ModelObjective:
+        """A :class:`ModelObjective` over the named tasks: accuracy (max, sigmoid link) or loss
+        (min, softplus link) on ``split``, with results kept in ``store`` (a path or a store)."""
+        names = self._names(names)
+        if metric not in ("accuracy", "loss"):
+            raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+        tv = task_vectors if task_vectors is not None else self.task_vectors(names, device=device)
+        if list(tv.names) != names:
+            raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
+        tasks = {}
+        for name in names:
+            if metric == "accuracy":
+                tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid")
+            else:
+                tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus")
+        if store is not None and not isinstance(store, EvaluationStore):
+            store = EvaluationStore(store)
+        key = json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
+        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=store, key=key, progress=progress)
+
+    def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test", method: str | MergeMethod | None = None) -> np.ndarray:
+        """Accuracies ``(K, M)`` of merged encoders on a split (no store; e.g. test-set reports)."""
+        names = self._names(names)
+        tv = self.task_vectors(names)
+        encoder = self.new_encoder()
+        out = np.zeros((len(np.atleast_2d(coeffs)), len(names)))
+        for i, c in enumerate(np.atleast_2d(coeffs)):
+            tv.merge_into(encoder, c, method)
+            encoder.eval()
+            out[i] = [self.accuracy(encoder, n, split) for n in names]
+        return out
+
+
+def finetune(
+    encoder: nn.Module,
+    head: nn.Module,
+    features: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    data: Split,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.0,
+    frozen: Callable[[str], bool] | None = None,
+    desc: str = "fine-tuning",
+    progress: bool = True,
+) -> list[float]:
+    """Train ``encoder`` and ``head`` jointly with AdamW and cross-entropy (in place).
+
+    Parameters whose name satisfies ``frozen`` stay fixed. Returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(not (frozen and frozen(name)))
+    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    encoder.train()
+    head.train()
+    losses = []
+    steps = epochs * ((len(data) + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), batch_size):
+                index = order[start : start + batch_size]
+                inputs = {k: v[index] for k, v in data.inputs.items()}
+                logits = head(features(encoder, inputs))
+                loss = nn.functional.cross_entropy(logits, data.labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    encoder.eval()
+    head.eval()
+    for param in encoder.parameters():
+        param.requires_grad_(True)
+    return losses
+
+
+def save_zoo_weights(folder: Path, pretrained: nn.Module | None, finetuned: dict[str, dict[str, torch.Tensor]], heads: dict[str, nn.Module], info: dict) -> None:
+    """Write a zoo's weights (safetensors) and info (JSON) atomically enough: info.json last."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if pretrained is not None:
+        save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(folder / "pretrained.safetensors"))
+    for name, state in finetuned.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"finetuned-{name}.safetensors"))
+    head_state = {f"{name}.{k}": v.contiguous() for name, head in heads.items() for k, v in head.state_dict().items()}
+    save_file(head_state, str(folder / "heads.safetensors"))
+    (folder / "info.json").write_text(json.dumps(info, indent=2))
+
+
+def load_zoo_weights(folder: Path, pretrained: nn.Module | None, names: Sequence[str], heads: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Load cached weights into ``pretrained`` and ``heads``; ``None`` if the cache is incomplete."""
+    from safetensors.torch import load_file
+
+    needed = [folder / "info.json", folder / "heads.safetensors"] + [folder / f"finetuned-{n}.safetensors" for n in names]
+    if pretrained is not None:
+        needed.append(folder / "pretrained.safetensors")
+    if not all(p.exists() for p in needed):
+        return None
+    if pretrained is not None:
+        pretrained.load_state_dict(load_file(str(folder / "pretrained.safetensors")))
+    head_state = load_file(str(folder / "heads.safetensors"))
+    for name, head in heads.items():
+        head.load_state_dict({k[len(name) + 1 :]: v for k, v in head_state.items() if k.startswith(name + ".")})
+    return {n: load_file(str(folder / f"finetuned-{n}.safetensors")) for n in names}

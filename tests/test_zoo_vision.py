@@ -1,0 +1,73 @@
+"""The vision zoo: real images, real CNNs, real merges (fast enough for every test run)."""
+
+import numpy as np
+import pytest
+import torch
+
+import map_merge as mm
+from map_merge.zoo import load_vision_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return load_vision_zoo(["rotated", "inverted", "mirrored_parity"], cache_dir=str(tmp_path_factory.mktemp("zoo")), progress=False)
+
+
+def test_finetuning_helps_and_merging_trades_off(zoo):
+    for name in zoo.task_names:
+        ft = zoo.new_encoder()
+        ft.load_state_dict(zoo.finetuned[name])
+        ft.eval()
+        assert zoo.accuracy(ft, name, "test") > zoo.accuracy(zoo.pretrained, name, "test") + 0.2
+    # one-hot merge = the fine-tuned model, through the live-model objective
+    objective = zoo.objective(["rotated", "inverted"], progress=False)
+    metrics = objective(np.array([[1.0, 0.0], [0.0, 1.0]]))
+    ft = zoo.new_encoder()
+    ft.load_state_dict(zoo.finetuned["rotated"])
+    assert metrics[0, 0] == pytest.approx(zoo.accuracy(ft, "rotated", "val"))
+    assert metrics[0, 0] > metrics[1, 0] and metrics[1, 1] > metrics[0, 1]  # a genuine trade-off
+
+
+def test_cache_reloads_same_weights_without_training(zoo, tmp_path, monkeypatch):
+    import map_merge.zoo.vision as vision
+
+    first = load_vision_zoo(["rotated"], cache_dir=str(tmp_path), progress=False)
+    monkeypatch.setattr(vision, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = load_vision_zoo(["rotated"], cache_dir=str(tmp_path), progress=False)
+    for key, value in first.finetuned["rotated"].items():
+        assert torch.equal(value, again.finetuned["rotated"][key])
+    for key, value in first.pretrained.state_dict().items():
+        assert torch.equal(value, again.pretrained.state_dict()[key])
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = load_vision_zoo(["inverted"], cache_dir="", progress=False)
+    b = load_vision_zoo(["inverted"], cache_dir="", progress=False)
+    for key, value in a.finetuned["inverted"].items():
+        assert torch.equal(value, b.finetuned["inverted"][key])
+
+
+def test_map_on_real_models_against_dense_grid_and_random_search(zoo, tmp_path):
+    """MAP's re-evaluated front (12 samples + 12 re-evaluations) against a 9x9 grid of real
+    evaluations, and against random search with the same 24 evaluations."""
+    store = mm.EvaluationStore(tmp_path / "store.sqlite")
+    map_ratios, random_ratios = [], []
+    for names in (["rotated", "inverted"], ["rotated", "mirrored_parity"], ["inverted", "mirrored_parity"]):
+        objective = zoo.objective(names, store=store, progress=False)
+        grid = mm.designs.grid_design(2, 9)
+        grid_metrics = objective(grid)
+        reference = grid_metrics[mm.pareto_mask(grid_metrics)]
+        ref_point = grid_metrics.min(axis=0)
+        result = mm.MAP(seed=0).fit(objective, 2)
+        assert result.num_evaluations == 12
+        real = result.reevaluate(objective, max_points=12)
+        assert np.abs(result.predict(real.coeffs) - real.metrics).mean() < 0.1
+        map_ratios.append(mm.front_metrics.front_report(real.metrics[mm.pareto_mask(real.metrics)], reference, ref_point)["hv_ratio"])
+        random = objective(np.random.default_rng(0).uniform(size=(24, 2)))
+        random_ratios.append(mm.front_metrics.front_report(random[mm.pareto_mask(random)], reference, ref_point)["hv_ratio"])
+        before = objective.num_evaluations
+        objective(grid)
+        assert objective.num_evaluations == before  # the store answers repeated evaluations
+    assert min(map_ratios) > 0.5
+    assert np.mean(map_ratios) > np.mean(random_ratios)
+    assert np.mean(map_ratios) > 0.85
