@@ -1,13 +1,32 @@
-"""map_merge: amortized Pareto fronts for model merging."""
+"""map_merge: amortized Pareto fronts for model merging.
+
+Core (plain arrays and callables): :class:`MAP`, :class:`BayesianMAP`, :func:`nested_merge`,
+surrogates, front search and front metrics. Adapters: :class:`TaskVectors` and
+:class:`ModelObjective` for real models, :mod:`map_merge.zoo` for the bundled offline zoos,
+:mod:`map_merge.plots` for figures.
+"""
+
+from . import plots
+from .bayes import BayesianMAP
+from .designs import default_num_samples, grid_design, lhs_design, make_design, map_design, num_quadratic_params, sobol_design
+from .front_metrics import front_report, gd, hypervolume, igd, igd_plus, win_rate
+from .map import MAP, MAPResult, Samples
 from .merge_methods import Dare, MergeMethod, TaskArithmetic, Ties
+from .nested import NestedResult, nested_merge
 from .objective import Executor, FunctionObjective, LocalExecutor, ModelObjective, Objective, Task
+from .pareto import ParetoFront, pareto_mask
+from .search import nsga3_search, scalarization_search
 from .store import EvaluationStore
+from .surrogate import QuadraticSurrogate, SurrogateFitWarning
 from .task_vectors import TaskVectors, load_state_dict
 
 __version__ = "0.1.0"
-from .designs import default_num_samples, lhs_design, make_design, map_design, num_quadratic_params, sobol_design
-from .front_metrics import gd, hypervolume, igd, igd_plus, win_rate
-from .map import MAP, MAPResult, Samples
-from .pareto import ParetoFront, pareto_mask
-from .search import nsga3_search, scalarization_search
-from .surrogate import QuadraticSurrogate, SurrogateFitWarning
+
+__all__ = [
+    "BayesianMAP", "Dare", "EvaluationStore", "Executor", "FunctionObjective", "LocalExecutor", "MAP", "MAPResult",
+    "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
+    "SurrogateFitWarning", "Task", "TaskArithmetic", "TaskVectors", "Ties", "default_num_samples", "front_report", "gd",
+    "grid_design", "hypervolume", "igd", "igd_plus", "lhs_design", "load_state_dict", "make_design", "map_design",
+    "nested_merge", "nsga3_search", "num_quadratic_params", "pareto_mask", "plots", "scalarization_search",
+    "sobol_design", "win_rate",
+]

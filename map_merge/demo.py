@@ -166,7 +166,7 @@ def run_demo(
     tasks2: Sequence[str] = ("sentiment", "med_subject"),
     tasks3: Sequence[str] = ("sentiment", "med_subject", "bias_type"),
     per_axis2: int = 9,
-    per_axis3: int = 5,
+    per_axis3: int = 4,
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:

@@ -110,6 +110,16 @@ class MAPResult:
         self.real_front = ParetoFront(chosen.coeffs, metrics, self.task_names, self.senses, label="MAP real")
         return self.real_front
 
+    def evaluated_front(self) -> ParetoFront:
+        """Non-dominated set of every real evaluation made: the samples and the re-evaluated
+        front points (each is a real merged model a user can pick)."""
+        coeffs, metrics = self.samples.coeffs, self.samples.metrics
+        if self.real_front is not None:
+            coeffs = np.concatenate([coeffs, self.real_front.coeffs])
+            metrics = np.concatenate([metrics, self.real_front.metrics])
+        front = ParetoFront(coeffs, metrics, self.task_names, self.senses, label="all real evaluations")
+        return front.nondominated()
+
     def to_dict(self) -> dict[str, Any]:
         out = {
             "task_names": list(self.task_names),

@@ -144,17 +144,20 @@ class Zoo:
         task_vectors: TaskVectors | None = None,
         device: str | torch.device | None = None,
         progress: bool = True,
+        scored: Sequence[str] | None = None,
     ) -> ModelObjective:
-        """A :class:`ModelObjective` over the named tasks: accuracy (max, sigmoid link) or loss
-        (min, softplus link) on ``split``, with results kept in ``store`` (a path or a store)."""
+        """A :class:`ModelObjective` merging the named tasks' vectors and scoring ``scored`` (default:
+        the same tasks): accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``,
+        with results kept in ``store`` (a path or a store)."""
         names = self._names(names)
+        scored_names = self._names(scored) if scored is not None else names
         if metric not in ("accuracy", "loss"):
             raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
         tv = task_vectors if task_vectors is not None else self.task_vectors(names, device=device)
         if list(tv.names) != names:
             raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
         tasks = {}
-        for name in names:
+        for name in scored_names:
             if metric == "accuracy":
                 tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid")
             else:
