@@ -84,7 +84,7 @@ def _load_zoo(name: str, tasks: list[str] | None, progress: bool = True):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(out=args.out, seed=args.seed)
+    report = run_demo(out=args.out, seed=args.seed, moe_steps=args.moe_steps)
     print((Path(args.out) / "report.md").read_text())
     print(f"\nwrote {args.out}/report.json, report.md and plots ({report['seconds']:.0f} s)")
     return 0
@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole story on the offline text zoo; write report and plots")
     demo.add_argument("--out", default="outputs/demo", help="output folder (holds the evaluation store too)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")
     demo.set_defaults(fn=_cmd_demo)
     zoo = sub.add_parser("zoo", help="build (or load) a bundled model zoo and describe it")
     zoo.add_argument("zoo", choices=["text", "vision"])

@@ -74,7 +74,58 @@ def zoo_table(zoo, store: EvaluationStore, out: Path, uniform: Sequence[float] =
     return rows
 
 
-def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_axis: int, seed: int, progress: bool) -> dict[str, Any]:
+def _moe_front(zoo, names: list[str], store: EvaluationStore, out: Path, method: str, steps: int, batch: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Train PWE-MoE routers (cached in ``out``) and evaluate unloaded models on the simplex lattice."""
+    import hashlib
+    import resource
+
+    from .moe import ParetoMoE, simplex_lattice
+    from .objective import FunctionObjective
+
+    tv = zoo.task_vectors(names)
+    moe = ParetoMoE(zoo.pretrained, tv, upcycle="mlp", init_lambda=0.3, seed=seed)
+    key = hashlib.blake2b(json.dumps([tv.fingerprint(), method, steps, batch, seed]).encode(), digest_size=8).hexdigest()
+    ckpt = out / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt"
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        moe.routers.load_state_dict(saved["routers"])
+        fit_info = saved["fit"]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+
+        def loss_for(name):
+            task = zoo.tasks[name]
+            data = task.splits["train"]
+
+            def loss(model):
+                index = torch.randint(0, len(data), (batch,), generator=generator)
+                mask = data.inputs["attention_mask"][index]
+                width = int(mask.sum(1).max())
+                inputs = {k: v[index, :width] for k, v in data.inputs.items()}
+                return torch.nn.functional.cross_entropy(task.head(zoo.features(model, inputs)), data.labels[index])
+
+            return loss
+
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        history = moe.fit({n: loss_for(n) for n in names}, steps=steps, method=method, seed=seed, progress=progress)
+        fit_info = {"steps": steps, "batch_per_task": batch, "seconds": history.seconds, "trainable_params": moe.num_trainable,
+                    "routers": len(moe.routers), "lp_success_rate": float(np.mean(history.lp_ok)),
+                    "final_loss": float(np.mean(history.total[-10:])),
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_mb_before": rss_before / 1024}
+        torch.save({"routers": moe.routers.state_dict(), "fit": fit_info}, ckpt)
+
+    def evaluate(preference: np.ndarray) -> np.ndarray:
+        dense = moe.unload(preference)
+        return np.array([zoo.accuracy(dense, n, "val") for n in names])
+
+    objective = FunctionObjective(evaluate, len(names), names, batched=False, key=f"pwe-moe:{key}:val", store=store, progress=progress)
+    preferences = simplex_lattice(len(names), 0.1 if len(names) == 2 else 0.25)
+    metrics = objective(preferences)
+    return {"preferences": preferences, "metrics": metrics, "fit": fit_info, "coefficients": {str(list(r)): {g: w.tolist() for g, w in moe.coefficients(r).items()} for r in preferences[:3]}}
+
+
+def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_axis: int, seed: int, progress: bool,
+                moe_steps: int = 100, moe_batch: int = 8) -> dict[str, Any]:
     num = len(names)
     tag = f"T{num}"
     objective = zoo.objective(names, split="val", store=store, progress=progress)
@@ -95,6 +146,11 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     sweep_coeffs = np.repeat(lambdas[:, None], num, axis=1)
     sweep = objective(sweep_coeffs)
 
+    moe = {}
+    if moe_steps > 0:
+        for method in ("ls", "epo"):
+            moe[method] = _moe_front(zoo, names, store, out, method, moe_steps, moe_batch, seed, progress)
+
     methods = {
         "MAP predicted": front_report(result.front.metrics, reference, ref_point),
         "MAP real": front_report(real.metrics[pareto_mask(real.metrics)], reference, ref_point),
@@ -103,6 +159,12 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     methods["MAP predicted"]["evaluations"] = result.num_evaluations
     methods["MAP real"]["evaluations"] = result.num_evaluations + len(real)
     methods["task arithmetic sweep"]["evaluations"] = len(lambdas)
+    for method, found in moe.items():
+        label = f"PWE-MoE ({method.upper()})"
+        methods[label] = front_report(found["metrics"][pareto_mask(found["metrics"])], reference, ref_point)
+        methods[label]["evaluations"] = len(found["metrics"])
+        methods[label]["training_steps"] = found["fit"]["steps"]
+        methods[label]["training_seconds"] = found["fit"]["seconds"]
     equal = np.full(num, 1.0 / num)
     chosen = result.select(equal)
     chosen_test = zoo.evaluate_coeffs(chosen[None], names, split="test")[0]
@@ -110,13 +172,17 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     ta_test = zoo.evaluate_coeffs(np.full((1, num), best_ta), names, split="test")[0]
 
     fronts = {"MAP predicted": result.front, "MAP real (re-evaluated)": real, "task arithmetic (lambda sweep)": sweep}
+    for method, found in moe.items():
+        fronts[f"PWE-MoE {method.upper()} (unloaded, real)"] = found["metrics"]
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=result.samples.metrics, reference=reference[np.argsort(reference[:, 0])],
-                            lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True},
+                            lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True,
+                                   "PWE-MoE LS (unloaded, real)": True, "PWE-MoE EPO (unloaded, real)": True},
                             title=f"text zoo, {names[0]} vs {names[1]}: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
                             path=out / f"front_{tag}.png")
     else:
-        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep}, names, reference=grid_metrics,
+        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep,
+                             **{f"PWE-MoE {m.upper()}": f["metrics"] for m, f in moe.items()}}, names, reference=grid_metrics,
                             title=f"text zoo, 3 tasks: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
                             path=out / f"front_{tag}.png")
         plots.plot_parallel(result.front, highlight=[result.front.select_index(equal)], path=out / f"parallel_{tag}.png")
@@ -134,6 +200,8 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
         },
         "result": result.to_dict(),
         "task_arithmetic_sweep": {"lambdas": lambdas.tolist(), "metrics": sweep.tolist()},
+        "pwe_moe": {m: {"preferences": f["preferences"].tolist(), "metrics": f["metrics"].tolist(), "fit": f["fit"],
+                        "example_coefficients": f["coefficients"]} for m, f in moe.items()},
     }
 
 
@@ -158,6 +226,11 @@ def _markdown(report: dict[str, Any]) -> str:
                       f"vs best uniform task arithmetic (lambda={eq['best_uniform_lambda']:.1f}) {np.round(eq['ta_test_accuracy'], 3).tolist()} (mean {eq['ta_test_mean']:.3f}).", ""]
         r2 = ", ".join(f"{k}: R²={v['r2']:.3f}, LOO RMSE={v['loo_rmse']:.3f}" for k, v in exp["map"]["diagnostics"].items())
         lines += [f"Surrogate fit: {r2}.", ""]
+        for method, found in exp.get("pwe_moe", {}).items():
+            fit = found["fit"]
+            lines += [f"PWE-MoE ({method.upper()}): {fit['routers']} routers, {fit['trainable_params']} trainable parameters, "
+                      f"{fit['steps']} steps x {fit['batch_per_task']} examples per task in {fit['seconds']:.0f} s "
+                      f"(EPO LP solved in {100 * fit['lp_success_rate']:.0f}% of steps), process peak RSS {fit['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)
 
 
@@ -168,6 +241,7 @@ def run_demo(
     per_axis2: int = 9,
     per_axis3: int = 4,
     seed: int = 0,
+    moe_steps: int = 100,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the demo and write ``report.json``, ``report.md`` and PNG plots into ``out``."""
@@ -182,7 +256,7 @@ def run_demo(
     report["zoo_table"] = zoo_table(zoo, store, out, progress=progress)
     report["experiments"] = {}
     for names, per_axis in ((list(tasks2), per_axis2), (list(tasks3), per_axis3)):
-        report["experiments"][f"T{len(names)}"] = _experiment(zoo, names, store, out, per_axis, seed, progress)
+        report["experiments"][f"T{len(names)}"] = _experiment(zoo, names, store, out, per_axis, seed, progress, moe_steps=moe_steps)
         _write(out, report, start)
     _write(out, report, start)
     return report

@@ -1,0 +1,26 @@
+"""Each benchmark script runs on a tiny configuration and writes its JSON and PNG (no timing asserts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "script, args, outputs",
+    [
+        ("bench_merge.py", [], ["merge_speed.json", "merge_speed_cpu.png"]),
+        ("bench_map_speed.py", [], ["map_speed.json", "map_speed.png"]),
+        ("bench_fronts.py", ["--problem", "analytic", "--tasks", "2"], ["fronts_analytic_T2.json", "fronts_analytic_T2.png"]),
+    ],
+)
+def test_benchmark_runs_quick(script, args, outputs, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path), *args], check=True, cwd=ROOT)
+    for name in outputs:
+        assert (tmp_path / name).stat().st_size > 100
+    payload = json.loads((tmp_path / outputs[0]).read_text())
+    assert payload["rows"] and "machine" in payload
