@@ -197,9 +197,10 @@ class TaskVectors:
         for row, (name, model) in enumerate(zip(names, models)):
             sd = load_state_dict(model)
             keys = set(sd)
-            # tied keys may be absent from a saved file (HF drops them): accept either form
-            missing = sorted(k for k in expected - keys if k not in aliases)
-            extra = sorted(keys - expected)
+            # tied keys may be absent from a saved file (HF drops them), and integer buffers are
+            # copied from the pretrained model anyway (non-persistent in some versions): accept both
+            missing = sorted(k for k in expected - keys if k not in aliases and k not in frozen)
+            extra = sorted(k for k in keys - expected if sd[k].dtype.is_floating_point)
             if missing or extra:
                 parts = []
                 if missing:
@@ -208,6 +209,8 @@ class TaskVectors:
                     parts.append(f"unexpected keys {_preview(extra)}")
                 raise ValueError(f"fine-tuned model {name!r} does not match the pretrained model: " + "; ".join(parts))
             for key, frozen_tensor in frozen.items():
+                if key not in sd:
+                    continue
                 other = sd[key]
                 if other.dtype.is_floating_point:
                     raise ValueError(
@@ -338,9 +341,9 @@ class TaskVectors:
 
     def _bind(self, model: nn.Module) -> torch.Tensor:
         state = model.state_dict(keep_vars=True)
-        expected = set(self.keys) | set(self._aliases) | set(self._frozen)
+        expected = set(self.keys) | set(self._aliases)
         missing = sorted(expected - set(state))
-        extra = sorted(set(state) - expected)
+        extra = sorted(k for k in set(state) - expected - set(self._frozen) if state[k].dtype.is_floating_point)
         if missing or extra:
             parts = ([f"missing keys {_preview(missing)}"] if missing else []) + ([f"unexpected keys {_preview(extra)}"] if extra else [])
             raise ValueError(f"model {type(model).__name__} does not match the task vectors: " + "; ".join(parts))
@@ -356,7 +359,8 @@ class TaskVectors:
                 slot = by_key[target]
                 _set_tensor(model, alias, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
             for key, tensor in self._frozen.items():
-                _set_tensor(model, key, tensor.clone())
+                if key in state:
+                    _set_tensor(model, key, tensor.clone())
         self._bound[model] = buffer
         return buffer
 

@@ -9,6 +9,19 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_zoo_cache(tmp_path_factory):
+    """One zoo cache for the whole test session (each zoo is built once), never the user's."""
+    folder = tmp_path_factory.mktemp("zoo-cache")
+    previous = os.environ.get("MAP_MERGE_CACHE")
+    os.environ["MAP_MERGE_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MAP_MERGE_CACHE", None)
+    else:
+        os.environ["MAP_MERGE_CACHE"] = previous
+
+
 class TinyNet(nn.Module):
     """Small model with a float buffer, an integer buffer and tied weights."""
 

@@ -46,7 +46,6 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_cli_map_on_vision_zoo(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MAP_MERGE_CACHE", str(tmp_path / "cache"))
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"zoo": "vision", "tasks": ["rotated", "mirrored_parity"], "out": str(tmp_path / "out"), "preference": [1, 1]}))
     assert main(["map", "--config", str(config)]) == 0

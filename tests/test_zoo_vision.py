@@ -10,7 +10,7 @@ from map_merge.zoo import load_vision_zoo
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return load_vision_zoo(["rotated", "inverted", "mirrored_parity"], cache_dir=str(tmp_path_factory.mktemp("zoo")), progress=False)
+    return load_vision_zoo(["rotated", "inverted", "mirrored_parity"], progress=False)
 
 
 def test_finetuning_helps_and_merging_trades_off(zoo):
