@@ -7,7 +7,9 @@ the budget is spent; the last batch is used in the final fit. Two acquisitions:
 - ``"nehvi"`` (default): botorch's qLogNEHVI. Its model is a Gaussian process per task on the
   residuals of the quadratic surrogate (so the quadratic is the GP's mean); the acquisition's
   objective adds the quadratic back. New points go where the posterior most improves the
-  expected hypervolume of the front.
+  expected hypervolume of the front. By default the final front is searched on the same
+  quadratic-plus-GP model (``final_model="gp"``), which corrects the quadratic's misfit near
+  the points sampled.
 - ``"binned"``: the MAP authors' angular-bin scheme, without their code's defects: cells of the
   hyperspherical angles of ``c`` are scored every round on *all* points so far by the mean squared
   leave-one-out residual plus half its bootstrap standard error; scores are scaled to [0, 1]
@@ -32,7 +34,7 @@ from .map import MAP, MAPResult, Samples, call_objective, fit_surrogates, resolv
 from .objective import check_senses
 from .pareto import orient
 
-__all__ = ["BayesianMAP", "angles", "from_angles"]
+__all__ = ["BayesianMAP", "ResidualGPModel", "angles", "from_angles"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,56 @@ def from_angles(radius: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return out
 
 
+class ResidualGPModel:
+    """Quadratic surrogates plus one Gaussian process per task on their residuals (botorch).
+
+    ``m_j(c) = q_j(c) + g_j(c)``, ``g_j ~ GP`` fitted to ``metric_j - q_j`` (scaled to unit spread):
+    the quadratic carries the global shape, the GP the local misfit it cannot express. Has the
+    predictive-model interface of :class:`~map_merge.surrogate.SurrogateSet`."""
+
+    def __init__(self, surrogates, coeffs: np.ndarray, metrics: np.ndarray, bounds: tuple[float, float]) -> None:
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import ModelListGP, SingleTaskGP
+        from botorch.models.transforms import Normalize
+        from gpytorch.mlls import SumMarginalLogLikelihood
+
+        from .surrogate import torch_predict_all
+
+        dtype = torch.float64
+        self.num_coeffs = coeffs.shape[1]
+        self.quadratic = torch_predict_all(surrogates)
+        box = torch.tensor([[bounds[0]] * self.num_coeffs, [bounds[1]] * self.num_coeffs], dtype=dtype)
+        x = torch.tensor(coeffs, dtype=dtype)
+        residual = torch.tensor(metrics, dtype=dtype) - self.quadratic(x).detach()
+        self.scale = residual.std(dim=0).clamp_min(1e-4)
+        gps = [SingleTaskGP(x, residual[:, j : j + 1] / self.scale[j], input_transform=Normalize(self.num_coeffs, bounds=box))
+               for j in range(metrics.shape[1])]
+        self.gp = ModelListGP(*gps)
+        try:
+            fit_gpytorch_mll(SumMarginalLogLikelihood(self.gp.likelihood, self.gp))
+        except Exception as error:  # noqa: BLE001 - a failed hyper-parameter fit keeps the defaults
+            log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
+        self.gp.eval()
+
+    def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
+        shape = coeffs.shape
+        flat = coeffs.reshape(-1, shape[-1])
+        mean = self.gp.posterior(flat).mean * self.scale + self.quadratic(flat)
+        return mean.reshape(shape[:-1] + (mean.shape[-1],))
+
+    def predict(self, coeffs: np.ndarray, return_std: bool = False):
+        coeffs = torch.tensor(np.atleast_2d(coeffs), dtype=torch.float64)
+        means, stds = [], []
+        with torch.no_grad():
+            for start in range(0, len(coeffs), 2048):
+                chunk = coeffs[start : start + 2048]
+                posterior = self.gp.posterior(chunk)
+                means.append((posterior.mean * self.scale + self.quadratic(chunk)).numpy())
+                stds.append((posterior.variance.clamp_min(0).sqrt() * self.scale).numpy())
+        mean = np.concatenate(means)
+        return (mean, np.concatenate(stds)) if return_std else mean
+
+
 class BayesianMAP(MAP):
     """MAP with adaptive sampling; returns the same :class:`~map_merge.map.MAPResult`.
 
@@ -73,6 +125,9 @@ class BayesianMAP(MAP):
         acquisition: ``"nehvi"`` or ``"binned"``.
         prior: optional earlier real evaluations ``(coeffs (K, T), metrics (K, M))`` used in every fit.
         temperature: softmax temperature of the binned scheme (on scores scaled to [0, 1]).
+        final_model: ``"gp"`` (default): the front is searched on the quadratic surrogates plus
+            residual Gaussian processes (:class:`ResidualGPModel`), the model the acquisition uses;
+            ``"quadratic"``: on the quadratic surrogates alone, as plain MAP.
         Other arguments as for :class:`~map_merge.map.MAP`.
     """
 
@@ -84,9 +139,13 @@ class BayesianMAP(MAP):
         acquisition: str = "nehvi",
         prior: tuple[np.ndarray, np.ndarray] | None = None,
         temperature: float = 0.2,
+        final_model: str = "gp",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if final_model not in ("gp", "quadratic"):
+            raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
+        self.final_model = final_model
         if acquisition not in ("nehvi", "binned"):
             raise ValueError(f"unknown acquisition {acquisition!r}; choose 'nehvi' or 'binned'")
         self.budget = budget
@@ -144,8 +203,17 @@ class BayesianMAP(MAP):
                 bar.update(size)
         fit_coeffs, fit_metrics = self._with_prior(samples)
         result = self.fit_samples(Samples(fit_coeffs, fit_metrics), objective=objective, task_names=names, senses=senses, timings=timings)
+        if self.final_model == "gp":
+            from .map import surrogate_front
+
+            start = time.perf_counter()
+            model = ResidualGPModel(result.surrogates, fit_coeffs, fit_metrics, self.bounds)
+            result.front = surrogate_front(model, senses, names, self._search_box(), self.search, self.seed, self.max_front_points)
+            result.model = model
+            result.timings["search"] = time.perf_counter() - start
         result.samples = samples  # report only this run's evaluations; the prior was used in the fit
-        result.settings.update({"strategy": "bayesian", "acquisition": self.acquisition, "budget": budget, "initial": initial, "batch": batch})
+        result.settings.update({"strategy": "bayesian", "acquisition": self.acquisition, "budget": budget, "initial": initial,
+                                "batch": batch, "final_model": self.final_model})
         return result
 
     def _with_prior(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
@@ -160,31 +228,16 @@ class BayesianMAP(MAP):
     def _nehvi(self, coeffs: np.ndarray, metrics: np.ndarray, surrogates, senses, size: int) -> np.ndarray:
         from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
         from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
-        from botorch.fit import fit_gpytorch_mll
-        from botorch.models import ModelListGP, SingleTaskGP
-        from botorch.models.transforms import Normalize
         from botorch.optim import optimize_acqf
         from botorch.sampling import SobolQMCNormalSampler
-        from gpytorch.mlls import SumMarginalLogLikelihood
-
-        from .surrogate import torch_predict_all
 
         dtype = torch.float64
         num_coeffs = coeffs.shape[1]
         low, high = self.bounds
         box = torch.tensor([[low] * num_coeffs, [high] * num_coeffs], dtype=dtype)
         x = torch.tensor(coeffs, dtype=dtype)
-        quadratic = torch_predict_all(surrogates)
-        residual = torch.tensor(metrics, dtype=dtype) - quadratic(x).detach()
-        scale = residual.std(dim=0).clamp_min(1e-4)
-        gps = []
-        for j in range(metrics.shape[1]):
-            gps.append(SingleTaskGP(x, residual[:, j : j + 1] / scale[j], input_transform=Normalize(num_coeffs, bounds=box)))
-        model = ModelListGP(*gps)
-        try:
-            fit_gpytorch_mll(SumMarginalLogLikelihood(model.likelihood, model))
-        except Exception as error:  # noqa: BLE001 - a failed hyper-parameter fit keeps the defaults
-            log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
+        residual_model = ResidualGPModel(surrogates, coeffs, metrics, self.bounds)
+        model, scale, quadratic = residual_model.gp, residual_model.scale, residual_model.quadratic
         sign = torch.tensor([1.0 if s == "max" else -1.0 for s in senses], dtype=dtype)
 
         def full(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:

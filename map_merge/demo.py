@@ -179,6 +179,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
                             lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True,
                                    "PWE-MoE LS (unloaded, real)": True, "PWE-MoE EPO (unloaded, real)": True},
                             title=f"text zoo, {names[0]} vs {names[1]}: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
+                            zoom=True,
                             path=out / f"front_{tag}.png")
     else:
         plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep,

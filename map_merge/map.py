@@ -22,7 +22,7 @@ from .designs import default_num_samples, make_design, num_quadratic_params
 from .objective import check_senses
 from .pareto import ParetoFront
 from .search import nsga3_search, scalarization_search, thin_front
-from .surrogate import LINKS, QuadraticSurrogate, predict_all, torch_predict_all
+from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet
 
 __all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective"]
 
@@ -74,6 +74,7 @@ class MAPResult:
     real_front: ParetoFront | None = None
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    model: Any = None  # the predictive model the front was searched on (None: the quadratic surrogates)
 
     @property
     def num_evaluations(self) -> int:
@@ -81,11 +82,10 @@ class MAPResult:
         return len(self.samples)
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
-        """Surrogate predictions ``(K, M)`` (and predictive std ``(K, M)``) at ``coeffs: (K, T)``."""
-        outs = [s.predict(coeffs, return_std=return_std) for s in self.surrogates]
-        if return_std:
-            return np.stack([o[0] for o in outs], axis=1), np.stack([o[1] for o in outs], axis=1)
-        return np.stack(outs, axis=1)
+        """Predictions ``(K, M)`` (and predictive std ``(K, M)``) at ``coeffs: (K, T)`` of the model
+        the front was searched on."""
+        model = self.model if self.model is not None else SurrogateSet(self.surrogates)
+        return model.predict(coeffs, return_std=return_std)
 
     def diagnostics(self) -> dict[str, dict[str, float]]:
         """Per task: R^2, RMSE, leave-one-out RMSE, samples, parameters."""
@@ -182,36 +182,36 @@ def fit_surrogates(
 
 
 def surrogate_front(
-    surrogates: Sequence[QuadraticSurrogate],
+    model: Sequence[QuadraticSurrogate] | Any,
     senses: Sequence[str],
     task_names: Sequence[str],
     bounds: tuple[float, float],
     search: str = "scalarization",
     seed: int = 0,
     max_points: int | None = None,
+    label: str = "MAP predicted",
 ) -> ParetoFront:
-    """Search the surrogates for their Pareto front over ``bounds^T`` (no real evaluations)."""
+    """Search a predictive model (quadratic surrogates, or any object with ``num_coeffs``,
+    ``predict(coeffs, return_std)`` and ``torch_predict``) for its front over ``bounds^T``."""
+    if isinstance(model, (list, tuple)):
+        model = SurrogateSet(model)
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
-    num_coeffs = surrogates[0].num_coeffs
+    sign_t = torch.tensor(sign, dtype=torch.float64)
 
     def fn(coeffs: np.ndarray) -> np.ndarray:
-        return predict_all(surrogates, coeffs) * sign
-
-    sign_t = torch.tensor(sign, dtype=torch.float64)
-    predict_torch = torch_predict_all(surrogates)
+        return model.predict(coeffs) * sign
 
     def fn_torch(coeffs: torch.Tensor) -> torch.Tensor:
-        return predict_torch(coeffs) * sign_t
+        return model.torch_predict(coeffs) * sign_t
 
     if search == "scalarization":
-        found = scalarization_search(fn, fn_torch, num_coeffs, bounds, seed=seed, max_points=max_points)
+        found = scalarization_search(fn, fn_torch, model.num_coeffs, bounds, seed=seed, max_points=max_points)
     elif search == "nsga3":
-        found = nsga3_search(fn, num_coeffs, bounds, seed=seed, max_points=max_points)
+        found = nsga3_search(fn, model.num_coeffs, bounds, seed=seed, max_points=max_points)
     else:
         raise ValueError(f"unknown search {search!r}; choose 'scalarization' or 'nsga3'")
-    metrics = found.values * sign
-    std = np.stack([s.predict(found.coeffs, return_std=True)[1] for s in surrogates], axis=1)
-    return ParetoFront(found.coeffs, metrics, tuple(task_names), tuple(senses), label="MAP predicted", std=std)
+    std = model.predict(found.coeffs, return_std=True)[1]
+    return ParetoFront(found.coeffs, found.values * sign, tuple(task_names), tuple(senses), label=label, std=std)
 
 
 class MAP:

@@ -49,15 +49,38 @@ def plot_front_2d(
     tasks: tuple[int, int] = (0, 1),
     lines: Mapping[str, bool] | None = None,
     title: str = "",
+    zoom: bool = False,
     path: str | os.PathLike | None = None,
 ) -> Figure:
     """Two tasks' metrics: each front (line through its non-dominated points), the real samples,
     and the reference front (non-dominated points of a dense grid of real evaluations).
 
-    ``fronts`` maps a label to a :class:`ParetoFront` or a ``(N, M)`` metric array."""
+    ``fronts`` maps a label to a :class:`ParetoFront` or a ``(N, M)`` metric array. With ``zoom``
+    (and a reference) a second panel zooms on the reference and the real (non-predicted) fronts."""
     i, j = tasks
-    fig = Figure(figsize=(6.0, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
+    panels = 2 if (zoom and reference is not None) else 1
+    fig = Figure(figsize=(6.0 * panels, 5.0))
+    for panel in range(panels):
+        ax = fig.add_subplot(1, panels, panel + 1)
+        _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines)
+        if panel == 1:
+            ref = np.asarray(reference)[:, [i, j]]
+            real = [np.asarray(f.metrics if isinstance(f, ParetoFront) else f)[:, [i, j]] for f in fronts.values()
+                    if not (isinstance(f, ParetoFront) and "predicted" in f.label.lower())]
+            pts = np.concatenate([ref] + real)
+            low, high = np.quantile(pts, 0.1, axis=0), pts.max(axis=0)
+            low = np.minimum(low, ref.min(axis=0))
+            margin = 0.15 * np.maximum(high - low, 1e-3)
+            ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
+            ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
+            ax.set_title("zoom on the real fronts", fontsize=9)
+            ax.get_legend().remove()
+        elif title:
+            ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines) -> None:
     if reference is not None:
         ref = np.asarray(reference)
         order = np.argsort(ref[:, i])
@@ -66,9 +89,8 @@ def plot_front_2d(
         ax.scatter(samples[:, i], samples[:, j], s=18, facecolors="none", edgecolors="0.4", label="real samples")
     names = task_names
     for k, (label, front) in enumerate(fronts.items()):
-        points = front.oriented if isinstance(front, ParetoFront) else np.asarray(front)
+        points = front.metrics if isinstance(front, ParetoFront) else np.asarray(front)
         if isinstance(front, ParetoFront):
-            points = front.metrics
             names = names or front.task_names
         draw_line = (lines or {}).get(label, len(points) > 12)
         _front_line(ax, points, i, j, label, _STYLES[k % len(_STYLES)], draw_line)
@@ -77,9 +99,6 @@ def plot_front_2d(
     ax.set_ylabel(names[j])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    if title:
-        ax.set_title(title, fontsize=10)
-    return save(fig, path)
 
 
 def plot_pairwise(

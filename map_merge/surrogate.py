@@ -26,7 +26,7 @@ from scipy.optimize import least_squares
 
 from .designs import num_quadratic_params
 
-__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all"]
+__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all", "SurrogateSet"]
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,27 @@ class QuadraticSurrogate:
     def __repr__(self) -> str:
         fit = f", R^2={self.diagnostics.r2:.3f}" if self.diagnostics else ""
         return f"QuadraticSurrogate(task={self.name!r}, link={self.link!r}{fit})"
+
+
+class SurrogateSet:
+    """M quadratic surrogates as one predictive model ``coeffs (K, T) -> (K, M)``.
+
+    Any object with this interface (``num_coeffs``, ``predict(coeffs, return_std)``,
+    ``torch_predict(coeffs)``) can be searched for a front (see :func:`map_merge.map.surrogate_front`)."""
+
+    def __init__(self, surrogates: Sequence[QuadraticSurrogate]) -> None:
+        self.surrogates = list(surrogates)
+        self.num_coeffs = self.surrogates[0].num_coeffs
+        self._torch = torch_predict_all(self.surrogates)
+
+    def predict(self, coeffs: np.ndarray, return_std: bool = False):
+        if not return_std:
+            return predict_all(self.surrogates, coeffs)
+        outs = [s.predict(coeffs, return_std=True) for s in self.surrogates]
+        return np.stack([o[0] for o in outs], axis=1), np.stack([o[1] for o in outs], axis=1)
+
+    def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
+        return self._torch(coeffs)
 
 
 def predict_all(surrogates: Sequence[QuadraticSurrogate], coeffs: np.ndarray) -> np.ndarray:
