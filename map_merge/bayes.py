@@ -87,7 +87,7 @@ class ResidualGPModel:
         x = torch.tensor(coeffs, dtype=dtype)
         residual = torch.tensor(metrics, dtype=dtype) - self.quadratic(x).detach()
         self.scale = residual.std(dim=0).clamp_min(1e-4)
-        gps = [SingleTaskGP(x, residual[:, j : j + 1] / self.scale[j], input_transform=Normalize(self.num_coeffs, bounds=box))
+        gps = [SingleTaskGP(x, residual[:, j : j + 1] / self.scale[j], input_transform=Normalize(self.num_coeffs, bounds=box), outcome_transform=None)
                for j in range(metrics.shape[1])]
         self.gp = ModelListGP(*gps)
         try:
@@ -95,11 +95,27 @@ class ResidualGPModel:
         except Exception as error:  # noqa: BLE001 - a failed hyper-parameter fit keeps the defaults
             log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
         self.gp.eval()
+        self._alpha: list[torch.Tensor] | None = None
+
+    def _gp_mean(self, flat: torch.Tensor) -> torch.Tensor:
+        # the predictive mean in closed form, m(x) + k(x, X) alpha, with alpha = gpytorch's cached
+        # (K + s^2 I)^-1 (y - m(X)): far cheaper than a posterior() call inside a gradient loop
+        if self._alpha is None:
+            with torch.no_grad():
+                for gp in self.gp.models:
+                    gp(gp.transform_inputs(flat[:1]))  # fills the prediction cache
+            self._alpha = [gp.prediction_strategy.mean_cache.detach() for gp in self.gp.models]
+        columns = []
+        for gp, alpha in zip(self.gp.models, self._alpha):
+            x = gp.transform_inputs(flat)
+            cross = gp.covar_module(x, gp.train_inputs[0]).to_dense()
+            columns.append(gp.mean_module(x) + cross @ alpha)
+        return torch.stack(columns, dim=-1)
 
     def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
         shape = coeffs.shape
         flat = coeffs.reshape(-1, shape[-1])
-        mean = self.gp.posterior(flat).mean * self.scale + self.quadratic(flat)
+        mean = self._gp_mean(flat) * self.scale + self.quadratic(flat)
         return mean.reshape(shape[:-1] + (mean.shape[-1],))
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
@@ -108,9 +124,13 @@ class ResidualGPModel:
         with torch.no_grad():
             for start in range(0, len(coeffs), 2048):
                 chunk = coeffs[start : start + 2048]
-                posterior = self.gp.posterior(chunk)
-                means.append((posterior.mean * self.scale + self.quadratic(chunk)).numpy())
-                stds.append((posterior.variance.clamp_min(0).sqrt() * self.scale).numpy())
+                if return_std:
+                    posterior = self.gp.posterior(chunk)
+                    gp_mean = posterior.mean
+                    stds.append((posterior.variance.clamp_min(0).sqrt() * self.scale).numpy())
+                else:
+                    gp_mean = self._gp_mean(chunk)
+                means.append((gp_mean * self.scale + self.quadratic(chunk)).numpy())
         mean = np.concatenate(means)
         return (mean, np.concatenate(stds)) if return_std else mean
 

@@ -3,7 +3,8 @@
 ``map-merge demo --out outputs/demo`` (the README's main command) builds or loads the text zoo,
 tabulates it, and for a 2-task and a 3-task problem compares against a dense grid of real
 evaluations (the reference front): MAP (predicted and re-evaluated), and uniform task arithmetic
-over a lambda sweep. Every real evaluation goes through one evaluation store in the output
+over a lambda sweep, Bayesian MAP (adaptive sampling at the same budget) and PWE-MoE (LS and EPO).
+Every real evaluation goes through one evaluation store in the output
 folder, so a second run recomputes nothing.
 """
 
@@ -22,6 +23,7 @@ import torch
 from . import plots
 from .designs import grid_design
 from .front_metrics import front_report
+from .bayes import BayesianMAP
 from .map import MAP
 from .pareto import pareto_mask
 from .store import EvaluationStore
@@ -69,7 +71,7 @@ def zoo_table(zoo, store: EvaluationStore, out: Path, uniform: Sequence[float] =
             "linear_probe": cached[key],
             "pretrained_with_head": float(base[j]),
             "finetuned": float(single[j, j]),
-            **{f"task_arithmetic_{u:g}": float(uniform_acc[k, j]) for k, u in enumerate(uniform)},
+            **{f"TA all tasks c={u:g}": float(uniform_acc[k, j]) for k, u in enumerate(uniform)},
         })
     return rows
 
@@ -142,6 +144,11 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     real = result.reevaluate(objective, max_points=15 if num == 2 else 20)
     map_seconds = time.perf_counter() - start
 
+    start = time.perf_counter()
+    bayes = BayesianMAP(budget=result.num_evaluations, batch=num, seed=seed).fit(objective, num, progress=progress)
+    bayes_real = bayes.reevaluate(objective, max_points=15 if num == 2 else 20)
+    bayes_seconds = time.perf_counter() - start
+
     lambdas = np.round(np.linspace(0.0, 1.0, 11), 10)
     sweep_coeffs = np.repeat(lambdas[:, None], num, axis=1)
     sweep = objective(sweep_coeffs)
@@ -158,6 +165,10 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     }
     methods["MAP predicted"]["evaluations"] = result.num_evaluations
     methods["MAP real"]["evaluations"] = result.num_evaluations + len(real)
+    methods["MAP, all real evaluations"] = front_report(result.evaluated_front().metrics, reference, ref_point)
+    methods["MAP, all real evaluations"]["evaluations"] = result.num_evaluations + len(real)
+    methods["Bayesian MAP, all real evaluations"] = front_report(bayes.evaluated_front().metrics, reference, ref_point)
+    methods["Bayesian MAP, all real evaluations"]["evaluations"] = bayes.num_evaluations + len(bayes_real)
     methods["task arithmetic sweep"]["evaluations"] = len(lambdas)
     for method, found in moe.items():
         label = f"PWE-MoE ({method.upper()})"
@@ -171,18 +182,19 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
     best_ta = lambdas[int(np.argmax(sweep.mean(axis=1)))]
     ta_test = zoo.evaluate_coeffs(np.full((1, num), best_ta), names, split="test")[0]
 
-    fronts = {"MAP predicted": result.front, "MAP real (re-evaluated)": real, "task arithmetic (lambda sweep)": sweep}
+    fronts = {"MAP predicted": result.front, "MAP real (re-evaluated)": real, "task arithmetic (lambda sweep)": sweep,
+              "Bayesian MAP real (all evaluations)": bayes.evaluated_front()}
     for method, found in moe.items():
         fronts[f"PWE-MoE {method.upper()} (unloaded, real)"] = found["metrics"]
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=result.samples.metrics, reference=reference[np.argsort(reference[:, 0])],
-                            lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True,
+                            lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True, "Bayesian MAP real (all evaluations)": False,
                                    "PWE-MoE LS (unloaded, real)": True, "PWE-MoE EPO (unloaded, real)": True},
                             title=f"text zoo, {names[0]} vs {names[1]}: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
                             zoom=True,
                             path=out / f"front_{tag}.png")
     else:
-        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep,
+        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep, "Bayesian MAP real": bayes.evaluated_front(),
                              **{f"PWE-MoE {m.upper()}": f["metrics"] for m, f in moe.items()}}, names, reference=grid_metrics,
                             title=f"text zoo, 3 tasks: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
                             path=out / f"front_{tag}.png")
@@ -193,6 +205,8 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_ax
         "tasks": names,
         "grid": {"points": len(grid), "per_axis": per_axis, "reference_front_points": len(reference), "ref_point": ref_point.tolist(), "seconds": grid_seconds},
         "methods": methods,
+        "bayesian_map": {"seconds": bayes_seconds, "evaluations": bayes.num_evaluations + len(bayes_real), "rounds": bayes.samples.round.tolist(),
+                         "front": bayes.evaluated_front().to_dict()},
         "map": {"seconds": map_seconds, "diagnostics": result.diagnostics(), "timings": result.timings,
                 "evaluations_charged": objective.num_evaluations - before},
         "equal_preference": {
@@ -211,7 +225,7 @@ def _markdown(report: dict[str, Any]) -> str:
     table = report["zoo_table"]
     if table:
         cols = [c for c in table[0] if c != "task"]
-        lines += ["## Zoo (test accuracy)", "", "| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["## Zoo (test accuracy)", "", "TA all tasks c=u: task arithmetic of all zoo tasks with every coefficient u, each task scored with its own head.", "", "| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for row in table:
             lines.append(f"| {row['task']} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
         lines.append("")
@@ -229,9 +243,10 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += [f"Surrogate fit: {r2}.", ""]
         for method, found in exp.get("pwe_moe", {}).items():
             fit = found["fit"]
+            lp = f" (EPO LP solved in {100 * fit['lp_success_rate']:.0f}% of steps)" if method == "epo" else ""
             lines += [f"PWE-MoE ({method.upper()}): {fit['routers']} routers, {fit['trainable_params']} trainable parameters, "
-                      f"{fit['steps']} steps x {fit['batch_per_task']} examples per task in {fit['seconds']:.0f} s "
-                      f"(EPO LP solved in {100 * fit['lp_success_rate']:.0f}% of steps), process peak RSS {fit['peak_rss_mb']:.0f} MB.", ""]
+                      f"{fit['steps']} steps x {fit['batch_per_task']} examples per task in {fit['seconds']:.0f} s{lp}, "
+                      f"process peak RSS {fit['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)
 
 
