@@ -68,7 +68,7 @@ def from_angles(radius: np.ndarray, theta: np.ndarray) -> np.ndarray:
 class ResidualGPModel:
     """Quadratic surrogates plus one Gaussian process per task on their residuals (botorch).
 
-    ``m_j(c) = q_j(c) + g_j(c)``, ``g_j ~ GP`` fitted to ``metric_j - q_j`` (scaled to unit spread):
+    ``m_j(c) = q_j(c) + g_j(c)``, ``g_j ~ GP`` fitted to ``metric_j - q_j`` (standardised):
     the quadratic carries the global shape, the GP the local misfit it cannot express. Has the
     predictive-model interface of :class:`~map_merge.surrogate.SurrogateSet`."""
 
@@ -86,8 +86,10 @@ class ResidualGPModel:
         box = torch.tensor([[bounds[0]] * self.num_coeffs, [bounds[1]] * self.num_coeffs], dtype=dtype)
         x = torch.tensor(coeffs, dtype=dtype)
         residual = torch.tensor(metrics, dtype=dtype) - self.quadratic(x).detach()
+        self.offset = residual.mean(dim=0)
         self.scale = residual.std(dim=0).clamp_min(1e-4)
-        gps = [SingleTaskGP(x, residual[:, j : j + 1] / self.scale[j], input_transform=Normalize(self.num_coeffs, bounds=box), outcome_transform=None)
+        standard = (residual - self.offset) / self.scale  # standardised residuals (botorch's expectation)
+        gps = [SingleTaskGP(x, standard[:, j : j + 1], input_transform=Normalize(self.num_coeffs, bounds=box), outcome_transform=None)
                for j in range(metrics.shape[1])]
         self.gp = ModelListGP(*gps)
         try:
@@ -115,7 +117,7 @@ class ResidualGPModel:
     def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
         shape = coeffs.shape
         flat = coeffs.reshape(-1, shape[-1])
-        mean = self._gp_mean(flat) * self.scale + self.quadratic(flat)
+        mean = self._gp_mean(flat) * self.scale + self.offset + self.quadratic(flat)
         return mean.reshape(shape[:-1] + (mean.shape[-1],))
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
@@ -130,7 +132,7 @@ class ResidualGPModel:
                     stds.append((posterior.variance.clamp_min(0).sqrt() * self.scale).numpy())
                 else:
                     gp_mean = self._gp_mean(chunk)
-                means.append((gp_mean * self.scale + self.quadratic(chunk)).numpy())
+                means.append((gp_mean * self.scale + self.offset + self.quadratic(chunk)).numpy())
         mean = np.concatenate(means)
         return (mean, np.concatenate(stds)) if return_std else mean
 
@@ -257,11 +259,11 @@ class BayesianMAP(MAP):
         box = torch.tensor([[low] * num_coeffs, [high] * num_coeffs], dtype=dtype)
         x = torch.tensor(coeffs, dtype=dtype)
         residual_model = ResidualGPModel(surrogates, coeffs, metrics, self.bounds)
-        model, scale, quadratic = residual_model.gp, residual_model.scale, residual_model.quadratic
+        model, scale, offset, quadratic = residual_model.gp, residual_model.scale, residual_model.offset, residual_model.quadratic
         sign = torch.tensor([1.0 if s == "max" else -1.0 for s in senses], dtype=dtype)
 
         def full(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
-            return (samples * scale + quadratic(X)) * sign
+            return (samples * scale + offset + quadratic(X)) * sign
 
         oriented = orient(metrics, senses)
         ref_point = (oriented.min(axis=0) - 0.1 * (oriented.max(axis=0) - oriented.min(axis=0) + 1e-9)).tolist()

@@ -123,7 +123,7 @@ def scalarization_search(
         fn: ``(K, T) -> (K, M)`` objectives to maximise (numpy).
         fn_torch: the same as a differentiable torch function.
         num_coeffs: T.  bounds: the search box.
-        num_weights: about how many weight vectors (default: 100 for two objectives, 300 beyond).
+        num_weights: about how many weight vectors (default: 100 for two objectives, 300 for three, 128 beyond).
         num_random: size of the quasi-random pool.
         steps, lr: Adam steps and learning rate (as a fraction of the box width).
         temperature: smoothing of the Chebyshev max (in normalised objective units).
@@ -138,7 +138,7 @@ def scalarization_search(
     ideal = pool_values.max(axis=0)
     nadir = pool_values[pareto_mask(pool_values)].min(axis=0)
     span = np.where(ideal - nadir > 1e-12, ideal - nadir, 1.0)
-    weights = weight_vectors(num_objectives, num_weights or (100 if num_objectives <= 2 else 300), seed)
+    weights = weight_vectors(num_objectives, num_weights or {1: 1, 2: 100, 3: 300}.get(num_objectives, 128), seed)
     normed = (pool_values - nadir) / span
     # starting points: best pool point of each scalarisation and weight
     ws_start = np.argmax(normed @ weights.T, axis=0)

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_merge.py", [], ["merge_speed.json", "merge_speed_cpu.png"]),
         ("bench_map_speed.py", [], ["map_speed.json", "map_speed.png"]),
         ("bench_fronts.py", ["--problem", "analytic", "--tasks", "2"], ["fronts_analytic_T2.json", "fronts_analytic_T2.png"]),
+        ("bench_nested.py", [], ["nested.json"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):
