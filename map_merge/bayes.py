@@ -283,11 +283,11 @@ class BayesianMAP(MAP):
         num_coeffs = coeffs.shape[1]
         bins = 4 if num_coeffs < 4 else 2
         # leave-one-out residuals, scaled per task by its spread, squared and averaged over tasks
+        from .surrogate import _link_grad, quadratic_features
+
+        phi = quadratic_features(coeffs)
         errors = []
         for j, s in enumerate(surrogates):
-            from .surrogate import _link_grad, quadratic_features
-
-            phi = quadratic_features(coeffs)
             jac = _link_grad(s.link, phi @ s.weights)[:, None] * phi
             leverage = np.einsum("ij,jk,ik->i", jac, np.linalg.pinv(jac.T @ jac), jac)
             resid = (s.predict(coeffs) - metrics[:, j]) / np.maximum(1.0 - leverage, 0.05)
