@@ -120,7 +120,7 @@ def nested_merge(
 
     stage_index = 0
     while len(pool) > 1:
-        i, j = _pick_pair(pool, pairing, similarity, weights)
+        i, j = _pick_pair(pool, pairing, similarity)
         (left, a, _), (right, b, _) = pool[i], pool[j]
         tasks = left + right
         scorer = objective_for(tasks)
@@ -134,7 +134,7 @@ def nested_merge(
             return np.stack([group_score(metrics, left, lc), group_score(metrics, right, rc)], axis=1)
 
         wrapped = FunctionObjective(stage_objective, 2, ["left", "right"], key=f"nested-stage-{stage_index}")
-        in_unit = all(0.0 <= v <= 1.0 for v in _all_scores(pool))
+        in_unit = all(0.0 <= member[2] <= 1.0 for member in pool)
         stage = MAP(num_samples=samples_per_stage, bounds=bounds, link="sigmoid" if in_unit else "identity", design="sobol", seed=seed + stage_index).fit(wrapped, 2)
         p_left, p_right = weights[left].sum(), weights[right].sum()
         if p_left + p_right <= 0:
@@ -157,11 +157,7 @@ def nested_merge(
     return result
 
 
-def _all_scores(pool) -> list[float]:
-    return [m[2] for m in pool]
-
-
-def _pick_pair(pool, pairing: str, similarity: np.ndarray | None, weights: np.ndarray) -> tuple[int, int]:
+def _pick_pair(pool, pairing: str, similarity: np.ndarray | None) -> tuple[int, int]:
     best, pair = np.inf, (0, 1)
     for i in range(len(pool)):
         for j in range(i + 1, len(pool)):

@@ -29,19 +29,19 @@ def test_plots_write_pngs(tmp_path):
     assert all(len(f.axes) >= 1 for f in figs)
 
 
-def test_config_errors_name_the_field(tmp_path):
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("zoo: vision\nnum_samples: many\n", "field 'num_samples' must be a int"),
+        ("zoo: vision\ncoefs: [1]\n", "unknown field 'coefs'"),
+        ("zoo: audio\n", "field 'zoo' must be 'text' or 'vision'"),
+        ("zoo: vision\nbounds: [1, 0]\n", "field 'bounds'"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, text, message):
     path = tmp_path / "c.yaml"
-    path.write_text("zoo: vision\nnum_samples: many\n")
-    with pytest.raises(ConfigError, match="field 'num_samples' must be a int"):
-        load_config(path)
-    path.write_text("zoo: vision\ncoefs: [1]\n")
-    with pytest.raises(ConfigError, match="unknown field 'coefs'"):
-        load_config(path)
-    path.write_text("zoo: audio\n")
-    with pytest.raises(ConfigError, match="field 'zoo' must be 'text' or 'vision'"):
-        load_config(path)
-    path.write_text("zoo: vision\nbounds: [1, 0]\n")
-    with pytest.raises(ConfigError, match="field 'bounds'"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_config(path)
 
 

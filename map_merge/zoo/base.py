@@ -107,32 +107,25 @@ class Zoo:
         model = copy.deepcopy(self.pretrained)
         return model.to(device) if device is not None else model
 
-    def accuracy(self, encoder: nn.Module, task: str, split: str = "val") -> float:
-        """Accuracy of ``encoder`` with ``task``'s head on one split."""
-        zoo_task = self.tasks[task]
-        data = zoo_task.splits[split]
-        device = next(encoder.parameters()).device
-        head = zoo_task.head.to(device)
-        correct = 0
-        with torch.inference_mode():
-            for inputs, labels in data.batches(self.eval_batch_size):
-                inputs = {k: v.to(device) for k, v in inputs.items()}
-                logits = head(self.features(encoder, inputs))
-                correct += int((logits.argmax(-1).cpu() == labels).sum())
-        return correct / len(data)
-
-    def loss(self, encoder: nn.Module, task: str, split: str = "val") -> float:
-        """Mean cross-entropy of ``encoder`` with ``task``'s head on one split."""
+    def _logits(self, encoder: nn.Module, task: str, split: str):
+        """Yield ``(logits, labels)`` batches of ``encoder`` with ``task``'s head on one split."""
         zoo_task = self.tasks[task]
         device = next(encoder.parameters()).device
         head = zoo_task.head.to(device)
-        total = 0.0
         with torch.inference_mode():
             for inputs, labels in zoo_task.splits[split].batches(self.eval_batch_size):
                 inputs = {k: v.to(device) for k, v in inputs.items()}
-                logits = head(self.features(encoder, inputs))
-                total += float(nn.functional.cross_entropy(logits, labels.to(device), reduction="sum"))
-        return total / len(zoo_task.splits[split])
+                yield head(self.features(encoder, inputs)), labels.to(device)
+
+    def accuracy(self, encoder: nn.Module, task: str, split: str = "val") -> float:
+        """Accuracy of ``encoder`` with ``task``'s head on one split."""
+        correct = sum(int((logits.argmax(-1) == labels).sum()) for logits, labels in self._logits(encoder, task, split))
+        return correct / len(self.tasks[task].splits[split])
+
+    def loss(self, encoder: nn.Module, task: str, split: str = "val") -> float:
+        """Mean cross-entropy of ``encoder`` with ``task``'s head on one split."""
+        total = sum(float(nn.functional.cross_entropy(logits, labels, reduction="sum")) for logits, labels in self._logits(encoder, task, split))
+        return total / len(self.tasks[task].splits[split])
 
     def objective(
         self,
