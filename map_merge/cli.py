@@ -1,6 +1,8 @@
-"""Command line: ``map-merge {demo, zoo, map, save}``.
+"""Command line: ``map-merge {demo, zoo, map, bayes, nested, moe, save}``.
 
-``map-merge map --config merge.yaml`` runs MAP on models described in a small YAML/JSON file::
+``map-merge map --config merge.yaml`` runs MAP (``bayes``: Bayesian MAP, ``nested``: nested
+merging for the config's preference, ``moe``: PWE-MoE) on models described in a small YAML/JSON
+file::
 
     pretrained: path/to/base            # HF folder or .safetensors
     finetuned:                          # name -> path
@@ -14,6 +16,12 @@
     seed: 0
     store: outputs/evals.sqlite
     out: outputs/map
+    preference: [1, 1]                  # the model to pick (and nested merging's target)
+    budget: 16                          # bayes: total real evaluations
+    acquisition: nehvi                  # bayes: nehvi / binned
+    samples_per_stage: 10               # nested: real evaluations per pairwise stage
+    moe_method: ls                      # moe: ls / epo
+    moe_steps: 100                      # moe: router training steps
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ __all__ = ["main", "load_config"]
 _CONFIG_FIELDS = {
     "zoo": str, "tasks": list, "method": str, "num_samples": int, "bounds": list, "seed": int,
     "store": str, "out": str, "design": str, "link": str, "preference": list, "pretrained": str, "finetuned": dict,
+    "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
 }
+_CHOICES = {"method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"), "moe_method": ("ls", "epo"),
+            "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity")}
 
 
 class ConfigError(ValueError):
@@ -69,6 +80,15 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     if config["zoo"] not in ("text", "vision"):
         raise ConfigError(f"{path}: field 'zoo' must be 'text' or 'vision', got {config['zoo']!r}")
+    for key, choices in _CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise ConfigError(f"{path}: field {key!r} must be one of {list(choices)}, got {config[key]!r}")
+    for key in ("num_samples", "budget", "samples_per_stage", "moe_steps"):
+        if key in config and config[key] < 1:
+            raise ConfigError(f"{path}: field {key!r} must be a positive integer, got {config[key]!r}")
+    if "preference" in config and (not all(isinstance(v, (int, float)) for v in config["preference"])
+                                   or any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0):
+        raise ConfigError(f"{path}: field 'preference' must be non-negative numbers, not all zero, got {config['preference']!r}")
     bounds = config.get("bounds", [0.0, 1.0])
     if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
         raise ConfigError(f"{path}: field 'bounds' must be [low, high] with low < high, got {bounds!r}")
@@ -84,7 +104,9 @@ def _load_zoo(name: str, tasks: list[str] | None, progress: bool = True):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(out=args.out, seed=args.seed, moe_steps=args.moe_steps)
+    report = run_demo(out=args.out, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
+                      val_examples=None if args.val_examples == 0 else args.val_examples, baselines_t3=args.baselines_t3,
+                      grid_per_axis=args.grid_per_axis)
     print((Path(args.out) / "report.md").read_text())
     print(f"\nwrote {args.out}/report.json, report.md and plots ({report['seconds']:.0f} s)")
     return 0
@@ -98,32 +120,74 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_map(args: argparse.Namespace) -> int:
+def _plot_fronts(fronts: dict, names, path: Path) -> None:
     from . import plots
-    from .map import MAP
+
+    if len(names) == 2:
+        plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, path=path)
+    else:
+        plots.plot_pairwise(fronts, names, path=path)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """map / bayes / nested / moe on a config."""
     from .store import EvaluationStore
 
     config = load_config(args.config)
-    out = Path(config.get("out", "outputs/map"))
+    out = Path(config.get("out", f"outputs/{args.command}"))
     out.mkdir(parents=True, exist_ok=True)
     zoo = _load_zoo(config["zoo"], config.get("tasks"))
+    names = list(zoo.task_names)
     store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
-    objective = zoo.objective(config.get("tasks"), method=config.get("method"), store=store)
-    num = objective.num_coeffs
-    result = MAP(num_samples=config.get("num_samples"), bounds=tuple(config.get("bounds", (0.0, 1.0))),
-                 design=config.get("design", "map"), link=config.get("link", "sigmoid"), seed=config.get("seed", 0)).fit(objective, num)
-    result.reevaluate(objective, max_points=10)
-    (out / "map_result.json").write_text(json.dumps(result.to_dict(), indent=1))
-    if num == 2:
-        plots.plot_front_2d({"MAP predicted": result.front, "MAP real": result.real_front}, result.task_names,
-                            samples=result.samples.metrics, path=out / "front.png")
-    else:
-        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": result.real_front}, result.task_names, path=out / "front.png")
-    preference = config.get("preference", [1.0] * len(result.task_names))
-    chosen = result.select(preference)
-    print(f"MAP: {result.num_evaluations} evaluations; diagnostics {json.dumps(result.diagnostics())}")
-    print(f"preference {preference} -> coefficients {np.round(chosen, 4).tolist()}")
-    print(f"wrote {out}/map_result.json and {out}/front.png")
+    objective = zoo.objective(names, method=config.get("method"), store=store)
+    num = len(names)
+    seed = config.get("seed", 0)
+    bounds = tuple(config.get("bounds", (0.0, 1.0)))
+    preference = config.get("preference", [1.0] * num)
+    if len(preference) != num:
+        raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {num} tasks {names}")
+    summary: dict[str, Any] = {"command": args.command, "tasks": names}
+    if args.command in ("map", "bayes"):
+        from .bayes import BayesianMAP
+        from .map import MAP
+
+        options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "sigmoid"), seed=seed)
+        if args.command == "map":
+            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, num)
+        else:
+            result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, num, progress=True)
+        result.reevaluate(objective, max_points=10)
+        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
+                     names, out / "front.png")
+        chosen = result.select(preference)
+        summary.update(evaluations=result.num_evaluations + len(result.real_front), diagnostics=result.diagnostics(), coeffs=chosen.tolist())
+    elif args.command == "nested":
+        from .nested import nested_merge
+
+        def objective_for(idx):
+            return zoo.objective(names, method=config.get("method"), store=store, progress=False, scored=[names[i] for i in idx])
+
+        result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed)
+        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        summary.update(evaluations=result.num_evaluations, task_evaluations=result.task_evaluations, coeffs=result.coeffs.tolist(),
+                       metrics=result.metrics.tolist())
+    else:  # moe
+        from .moe import simplex_lattice
+
+        moe, info = zoo.fit_moe(names, method=config.get("moe_method", "ls"), steps=config.get("moe_steps", 100), seed=seed, checkpoint=out)
+        preferences = simplex_lattice(num, 0.1 if num == 2 else 0.25)
+        metrics = zoo.moe_objective(moe, names, store=store)(preferences)
+        _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png")
+        weights = np.asarray(preference, dtype=float) / float(np.sum(preference))
+        path = out / "merged_for_preference.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in moe.unload(weights).state_dict().items()}, str(path))
+        (out / "result.json").write_text(json.dumps({"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, indent=1))
+        summary.update(fit=info, saved=str(path), coefficients={g: w.tolist() for g, w in moe.coefficients(weights).items()})
+    print(json.dumps(summary, indent=1, default=float))
+    print(f"preference {preference}; wrote {out}/result.json and {out}/front.png" if args.command != "nested" else f"wrote {out}/result.json")
     return 0
 
 
@@ -146,15 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole story on the offline text zoo; write report and plots")
     demo.add_argument("--out", default="outputs/demo", help="output folder (holds the evaluation store too)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--val-examples", type=int, default=100, help="validation examples per task the methods are scored on (0: all 200)")
     demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")
+    demo.add_argument("--moe-methods", nargs="+", default=["ls"], choices=["ls", "epo"], help="PWE-MoE training objectives")
+    demo.add_argument("--baselines-t3", action="store_true", help="run every baseline on the 3-task problem too")
+    demo.add_argument("--grid-per-axis", type=int, default=None, help="add a grid of real evaluations to the reference front")
     demo.set_defaults(fn=_cmd_demo)
     zoo = sub.add_parser("zoo", help="build (or load) a bundled model zoo and describe it")
     zoo.add_argument("zoo", choices=["text", "vision"])
     zoo.add_argument("--tasks", nargs="*", default=None)
     zoo.set_defaults(fn=_cmd_zoo)
-    run = sub.add_parser("map", help="run MAP as described by a YAML/JSON config")
-    run.add_argument("--config", required=True)
-    run.set_defaults(fn=_cmd_map)
+    helps = {"map": "MAP: sample, fit quadratic surrogates, search the front, re-evaluate",
+             "bayes": "Bayesian MAP: adaptive sampling where the surrogates are unsure",
+             "nested": "nested merging: pairwise stages for the config's preference",
+             "moe": "PWE-MoE: train preference routers, save the unloaded model for the config's preference"}
+    for command, text in helps.items():
+        run = sub.add_parser(command, help=text + " (models and settings in a YAML/JSON config)", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        run.add_argument("--config", required=True, help="YAML or JSON file (fields above)")
+        run.set_defaults(fn=_cmd_run)
     save = sub.add_parser("save", help="save a merged zoo model for given coefficients")
     save.add_argument("zoo", choices=["text", "vision"])
     save.add_argument("--coeffs", required=True, help="comma-separated, one per task")

@@ -1,11 +1,12 @@
 """The demo: the whole story on the offline text zoo, written as a report and plots.
 
 ``map-merge demo --out outputs/demo`` (the README's main command) builds or loads the text zoo,
-tabulates it, and for a 2-task and a 3-task problem compares against a dense grid of real
-evaluations (the reference front): MAP (predicted and re-evaluated), and uniform task arithmetic
-over a lambda sweep, Bayesian MAP (adaptive sampling at the same budget) and PWE-MoE (LS and EPO).
-Every real evaluation goes through one evaluation store in the output
-folder, so a second run recomputes nothing.
+tabulates it, and for a 2-task and a 3-task problem runs MAP, Bayesian MAP, nested merging
+(3 tasks), PWE-MoE and the baselines a user would otherwise run (task arithmetic, TIES and
+DARE sweeps, random search, NSGA-II, qNEHVI), each at the same number of real evaluations. The
+reference front is the non-dominated set of every real evaluation made. Every real evaluation
+goes through one evaluation store in the output folder and trained routers are saved there, so
+a second run recomputes nothing.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import plots
-from .designs import grid_design
-from .front_metrics import front_report
-from .bayes import BayesianMAP
-from .map import MAP
+from .baselines import lambda_sweep
+from .compare import BUDGETED, MethodRun, run_method, score_runs
+from .designs import default_num_samples, grid_design
+from .front_metrics import preference_grid
+from .merge_methods import Dare, Ties
+from .nested import nested_merge
 from .pareto import pareto_mask
 from .store import EvaluationStore
 
@@ -76,177 +80,160 @@ def zoo_table(zoo, store: EvaluationStore, out: Path, uniform: Sequence[float] =
     return rows
 
 
-def _moe_front(zoo, names: list[str], store: EvaluationStore, out: Path, method: str, steps: int, batch: int, seed: int, progress: bool) -> dict[str, Any]:
-    """Train PWE-MoE routers (cached in ``out``) and evaluate unloaded models on the simplex lattice."""
-    import hashlib
-    import resource
+def _moe_run(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, method: str, steps: int, seed: int, progress: bool) -> MethodRun:
+    """Train PWE-MoE routers (cached in ``out``) and evaluate unloaded models on a preference lattice."""
+    from .moe import simplex_lattice
 
-    from .moe import ParetoMoE, simplex_lattice
-    from .objective import FunctionObjective
-
-    tv = zoo.task_vectors(names)
-    moe = ParetoMoE(zoo.pretrained, tv, upcycle="mlp", init_lambda=0.3, seed=seed)
-    key = hashlib.blake2b(json.dumps([tv.fingerprint(), method, steps, batch, seed]).encode(), digest_size=8).hexdigest()
-    ckpt = out / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt"
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        moe.routers.load_state_dict(saved["routers"])
-        fit_info = saved["fit"]
-    else:
-        generator = torch.Generator().manual_seed(seed)
-
-        def loss_for(name):
-            task = zoo.tasks[name]
-            data = task.splits["train"]
-
-            def loss(model):
-                index = torch.randint(0, len(data), (batch,), generator=generator)
-                mask = data.inputs["attention_mask"][index]
-                width = int(mask.sum(1).max())
-                inputs = {k: v[index, :width] for k, v in data.inputs.items()}
-                return torch.nn.functional.cross_entropy(task.head(zoo.features(model, inputs)), data.labels[index])
-
-            return loss
-
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        history = moe.fit({n: loss_for(n) for n in names}, steps=steps, method=method, seed=seed, progress=progress)
-        fit_info = {"steps": steps, "batch_per_task": batch, "seconds": history.seconds, "trainable_params": moe.num_trainable,
-                    "routers": len(moe.routers), "lp_success_rate": float(np.mean(history.lp_ok)),
-                    "final_loss": float(np.mean(history.total[-10:])),
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_mb_before": rss_before / 1024}
-        torch.save({"routers": moe.routers.state_dict(), "fit": fit_info}, ckpt)
-
-    def evaluate(preference: np.ndarray) -> np.ndarray:
-        dense = moe.unload(preference)
-        return np.array([zoo.accuracy(dense, n, "val") for n in names])
-
-    objective = FunctionObjective(evaluate, len(names), names, batched=False, key=f"pwe-moe:{key}:val", store=store, progress=progress)
-    preferences = simplex_lattice(len(names), 0.1 if len(names) == 2 else 0.25)
+    start = time.perf_counter()
+    moe, info = zoo.fit_moe(names, method=method, steps=steps, batch_size=8, seed=seed, checkpoint=out, progress=progress)
+    objective = zoo.moe_objective(moe, names, split=split, store=store, progress=progress)
+    preferences = simplex_lattice(len(names), 0.1 if len(names) == 2 else 1 / 3)
     metrics = objective(preferences)
-    return {"preferences": preferences, "metrics": metrics, "fit": fit_info, "coefficients": {str(list(r)): {g: w.tolist() for g, w in moe.coefficients(r).items()} for r in preferences[:3]}}
+    coefficients = {str(list(np.round(r, 3))): {g: np.round(w, 4).tolist() for g, w in list(moe.coefficients(r).items())[:2]} for r in preferences[:3]}
+    extra = {"training_steps": steps, "training_seconds": info["seconds"], "trainable_params": info["trainable_params"],
+             "routers": info["routers"], "peak_rss_mb": info["peak_rss_mb"], "lp_success_rate": info["lp_success_rate"]}
+    run = MethodRun(f"PWE-MoE ({method.upper()})", preferences, metrics, len(preferences), time.perf_counter() - start + (0.0 if not info["cached"] else info["seconds"]),
+                    result=moe, extra=extra)
+    run.extra["example_coefficients"] = coefficients
+    return run
 
 
-def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, per_axis: int, seed: int, progress: bool,
-                moe_steps: int = 100, moe_batch: int = 8) -> dict[str, Any]:
+def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, seed: int, progress: bool, baselines: bool,
+                moe_methods: Sequence[str], moe_steps: int, reevaluations: int, grid_per_axis: int | None) -> dict[str, Any]:
     num = len(names)
     tag = f"T{num}"
-    objective = zoo.objective(names, split="val", store=store, progress=progress)
-    start = time.perf_counter()
-    grid = grid_design(num, per_axis)
-    grid_metrics = objective(grid)
-    reference = grid_metrics[pareto_mask(grid_metrics)]
-    ref_point = grid_metrics.min(axis=0)
-    grid_seconds = time.perf_counter() - start
+    objective = zoo.objective(names, split=split, store=store, progress=progress)
+    budget = default_num_samples(num) + reevaluations
+    runs: dict[str, MethodRun] = {}
+    lambdas = np.round(np.linspace(0.0, 1.0, 6), 10)
+    steps = ["task arithmetic", "MAP", "Bayesian MAP"]
+    if baselines:
+        steps += ["TIES", "DARE", "random search", "NSGA-II", "qNEHVI"]
+    if num >= 3:
+        steps.append("nested merging")
+    steps += [f"PWE-MoE ({m.upper()})" for m in moe_methods] if moe_steps > 0 else []
+    for step in tqdm(steps, desc=f"{tag} methods", disable=not progress):
+        log.info("%s: %s", tag, step)
+        start = time.perf_counter()
+        if step in ("task arithmetic", "TIES", "DARE"):
+            method = {"task arithmetic": None, "TIES": Ties(0.2), "DARE": Dare(0.5, seed=seed)}[step]
+            swept = objective if method is None else zoo.objective(names, split=split, method=method, store=store, progress=progress)
+            found = lambda_sweep(swept, num, lambdas, name=step)
+            runs[step] = MethodRun(step, found.coeffs, found.metrics, found.num_evaluations, found.seconds, found)
+        elif step in BUDGETED:
+            runs[step] = run_method(step, objective, num, budget, seed=seed, reevaluations=reevaluations, progress=progress)
+        elif step == "nested merging":
+            def objective_for(idx, names=names):
+                return zoo.objective(names, split=split, store=store, progress=False, scored=[names[i] for i in idx])
 
-    before = objective.num_evaluations
-    start = time.perf_counter()
-    result = MAP(seed=seed).fit(objective, num)
-    real = result.reevaluate(objective, max_points=15 if num == 2 else 20)
-    map_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    bayes = BayesianMAP(budget=result.num_evaluations, batch=num, seed=seed).fit(objective, num, progress=progress)
-    bayes_real = bayes.reevaluate(objective, max_points=15 if num == 2 else 20)
-    bayes_seconds = time.perf_counter() - start
-
-    lambdas = np.round(np.linspace(0.0, 1.0, 11), 10)
-    sweep_coeffs = np.repeat(lambdas[:, None], num, axis=1)
-    sweep = objective(sweep_coeffs)
-
-    moe = {}
-    if moe_steps > 0:
-        for method in ("ls", "epo"):
-            moe[method] = _moe_front(zoo, names, store, out, method, moe_steps, moe_batch, seed, progress)
-
-    methods = {
-        "MAP predicted": front_report(result.front.metrics, reference, ref_point),
-        "MAP real": front_report(real.metrics[pareto_mask(real.metrics)], reference, ref_point),
-        "task arithmetic sweep": front_report(sweep[pareto_mask(sweep)], reference, ref_point),
-    }
-    methods["MAP predicted"]["evaluations"] = result.num_evaluations
-    methods["MAP real"]["evaluations"] = result.num_evaluations + len(real)
-    methods["MAP, all real evaluations"] = front_report(result.evaluated_front().metrics, reference, ref_point)
-    methods["MAP, all real evaluations"]["evaluations"] = result.num_evaluations + len(real)
-    methods["Bayesian MAP, all real evaluations"] = front_report(bayes.evaluated_front().metrics, reference, ref_point)
-    methods["Bayesian MAP, all real evaluations"]["evaluations"] = bayes.num_evaluations + len(bayes_real)
-    methods["task arithmetic sweep"]["evaluations"] = len(lambdas)
-    for method, found in moe.items():
-        label = f"PWE-MoE ({method.upper()})"
-        methods[label] = front_report(found["metrics"][pareto_mask(found["metrics"])], reference, ref_point)
-        methods[label]["evaluations"] = len(found["metrics"])
-        methods[label]["training_steps"] = found["fit"]["steps"]
-        methods[label]["training_seconds"] = found["fit"]["seconds"]
+            nested = nested_merge(objective_for, num, np.full(num, 1.0 / num), samples_per_stage=8, seed=seed)
+            runs[step] = MethodRun(step, nested.coeffs[None], nested.metrics[None], nested.num_evaluations, time.perf_counter() - start, nested,
+                                   extra={"task_evaluations": nested.task_evaluations})
+        else:
+            method = step.split("(")[1].rstrip(")").lower()
+            runs[step] = _moe_run(zoo, names, store, out, split, method, moe_steps, seed, progress)
+    grid = None
+    if grid_per_axis:
+        grid_coeffs = grid_design(num, grid_per_axis)
+        grid = objective(grid_coeffs)
+    pooled = np.concatenate([r.metrics for r in runs.values()] + ([grid] if grid is not None else []))
+    reference = pooled[pareto_mask(pooled)]
+    ref_point = pooled.min(axis=0)
+    preferences = preference_grid(num)
+    scores = score_runs(runs, reference, ref_point, preferences=preferences, baseline="task arithmetic")
+    for name, run in runs.items():
+        scores[name].pop("example_coefficients", None)
+    if "nested merging" in scores:
+        # nested merging returns one model for one preference: only its regret there is meaningful
+        for key in ("hv_ratio", "hypervolume", "igd", "igd_plus", "gd", "regret_mean", "regret_max", "win_rate_vs_baseline"):
+            scores["nested merging"].pop(key, None)
     equal = np.full(num, 1.0 / num)
-    chosen = result.select(equal)
-    chosen_test = zoo.evaluate_coeffs(chosen[None], names, split="test")[0]
-    best_ta = lambdas[int(np.argmax(sweep.mean(axis=1)))]
-    ta_test = zoo.evaluate_coeffs(np.full((1, num), best_ta), names, split="test")[0]
+    best_equal = float((reference @ equal).max())
+    for name, run in runs.items():
+        scores[name]["regret_equal_preference"] = best_equal - float((run.metrics @ equal).max())
 
-    fronts = {"MAP predicted": result.front, "MAP real (re-evaluated)": real, "task arithmetic (lambda sweep)": sweep,
-              "Bayesian MAP real (all evaluations)": bayes.evaluated_front()}
-    for method, found in moe.items():
-        fronts[f"PWE-MoE {method.upper()} (unloaded, real)"] = found["metrics"]
+    map_result = runs["MAP"].result
+    chosen = {"MAP (surrogate pick)": map_result.select(equal)}
+    ta = runs["task arithmetic"]
+    chosen[f"best uniform task arithmetic"] = ta.inputs[int(np.argmax(ta.metrics.mean(axis=1)))]
+    if "nested merging" in runs:
+        chosen["nested merging"] = runs["nested merging"].inputs[0]
+    test = {name: zoo.evaluate_coeffs(c[None], names, split="test")[0] for name, c in chosen.items()}
+    for m in moe_methods if moe_steps > 0 else ():
+        moe = runs[f"PWE-MoE ({m.upper()})"].result
+        dense = moe.unload(equal)
+        test[f"PWE-MoE ({m.upper()}) unloaded"] = np.array([zoo.accuracy(dense, n, "test") for n in names])
+
+    fronts = {name: run.metrics for name, run in runs.items()}
+    fronts = {"MAP predicted": map_result.front, **fronts}
     if num == 2:
-        plots.plot_front_2d(fronts, names, samples=result.samples.metrics, reference=reference[np.argsort(reference[:, 0])],
-                            lines={"MAP real (re-evaluated)": False, "task arithmetic (lambda sweep)": True, "Bayesian MAP real (all evaluations)": False,
-                                   "PWE-MoE LS (unloaded, real)": True, "PWE-MoE EPO (unloaded, real)": True},
-                            title=f"text zoo, {names[0]} vs {names[1]}: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
-                            zoom=True,
-                            path=out / f"front_{tag}.png")
+        plots.plot_front_2d(fronts, names, samples=None, reference=reference[np.argsort(reference[:, 0])],
+                            lines={name: name in ("task arithmetic", "TIES", "DARE") or name.startswith("PWE") for name in fronts},
+                            title=f"text zoo, {names[0]} vs {names[1]}: every method's real evaluations ({split})",
+                            zoom=True, path=out / f"front_{tag}.png")
     else:
-        plots.plot_pairwise({"MAP predicted": result.front, "MAP real": real, "TA sweep": sweep, "Bayesian MAP real": bayes.evaluated_front(),
-                             **{f"PWE-MoE {m.upper()}": f["metrics"] for m, f in moe.items()}}, names, reference=grid_metrics,
-                            title=f"text zoo, 3 tasks: MAP at {result.num_evaluations} evaluations vs a {len(grid)}-point grid",
+        plots.plot_pairwise(fronts, names, reference=reference, title=f"text zoo, {num} tasks: every method's real evaluations ({split})",
                             path=out / f"front_{tag}.png")
-        plots.plot_parallel(result.front, highlight=[result.front.select_index(equal)], path=out / f"parallel_{tag}.png")
-    plots.plot_parity(result, path=out / f"parity_{tag}.png")
-    plots.plot_landscape(result, task=0, path=out / f"landscape_{tag}.png")
+        plots.plot_parallel(map_result.front, highlight=[map_result.front.select_index(equal)], path=out / f"parallel_{tag}.png")
+    plots.plot_cost_quality({k: v for k, v in scores.items() if "hv_ratio" in v}, title=f"text zoo, {tag}: quality against real evaluations",
+                            path=out / f"cost_{tag}.png")
+    plots.plot_parity(map_result, path=out / f"parity_{tag}.png")
     return {
         "tasks": names,
-        "grid": {"points": len(grid), "per_axis": per_axis, "reference_front_points": len(reference), "ref_point": ref_point.tolist(), "seconds": grid_seconds},
-        "methods": methods,
-        "bayesian_map": {"seconds": bayes_seconds, "evaluations": bayes.num_evaluations + len(bayes_real), "rounds": bayes.samples.round.tolist(),
-                         "front": bayes.evaluated_front().to_dict()},
-        "map": {"seconds": map_seconds, "diagnostics": result.diagnostics(), "timings": result.timings,
-                "evaluations_charged": objective.num_evaluations - before},
-        "equal_preference": {
-            "map_coeffs": chosen.tolist(), "map_test_accuracy": chosen_test.tolist(), "map_test_mean": float(chosen_test.mean()),
-            "best_uniform_lambda": float(best_ta), "ta_test_accuracy": ta_test.tolist(), "ta_test_mean": float(ta_test.mean()),
-        },
-        "result": result.to_dict(),
-        "task_arithmetic_sweep": {"lambdas": lambdas.tolist(), "metrics": sweep.tolist()},
-        "pwe_moe": {m: {"preferences": f["preferences"].tolist(), "metrics": f["metrics"].tolist(), "fit": f["fit"],
-                        "example_coefficients": f["coefficients"]} for m, f in moe.items()},
+        "split": split,
+        "budget_per_method": budget,
+        "reference": {"points": len(reference), "pooled_evaluations": len(pooled), "grid_points": 0 if grid is None else len(grid),
+                      "ref_point": ref_point.tolist(), "front": reference.tolist()},
+        "preferences": len(preferences),
+        "scores": scores,
+        "equal_preference_test_accuracy": {name: acc.tolist() for name, acc in test.items()},
+        "map": {"diagnostics": map_result.diagnostics(), "timings": map_result.timings, "result": map_result.to_dict()},
+        "nested": runs["nested merging"].result.to_dict() if "nested merging" in runs else None,
+        "runs": {name: {"inputs": run.inputs.tolist(), "metrics": run.metrics.tolist(), "extra": run.extra} for name, run in runs.items()},
     }
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = ["# map_merge demo report", "", f"Text zoo ({report['zoo']['model']}), total wall time {report['seconds']:.0f} s.", ""]
+    lines = ["# map_merge demo report", "", f"Text zoo ({report['zoo']['model']}), total wall time {report['seconds']:.0f} s "
+             f"(this run; cached evaluations and router checkpoints are re-used).", ""]
     table = report["zoo_table"]
     if table:
         cols = [c for c in table[0] if c != "task"]
-        lines += ["## Zoo (test accuracy)", "", "TA all tasks c=u: task arithmetic of all zoo tasks with every coefficient u, each task scored with its own head.", "", "| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["## Zoo (test accuracy)", "", "TA all tasks c=u: task arithmetic of all the zoo's tasks with every coefficient u, each task scored with its own head.", "",
+                  "| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for row in table:
-            lines.append(f"| {row['task']} | " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+            lines.append(f"| {row['task']} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
         lines.append("")
     for tag, exp in report["experiments"].items():
+        ref = exp["reference"]
         lines += [f"## {tag}: {', '.join(exp['tasks'])}", "",
-                  f"Reference front: {exp['grid']['points']}-point grid of real evaluations ({exp['grid']['reference_front_points']} non-dominated). "
-                  f"Hypervolume reference point: the grid's worst value per task.", "",
-                  "| method | real evaluations | HV ratio | IGD | IGD+ | points |", "|---|---|---|---|---|---|"]
-        for name, m in exp["methods"].items():
-            lines.append(f"| {name} | {m['evaluations']} | {m['hv_ratio']:.3f} | {m['igd']:.4f} | {m['igd_plus']:.4f} | {m['num_points']} |")
-        eq = exp["equal_preference"]
-        lines += ["", f"Equal preference, test accuracy: MAP {np.round(eq['map_test_accuracy'], 3).tolist()} (mean {eq['map_test_mean']:.3f}) "
-                      f"vs best uniform task arithmetic (lambda={eq['best_uniform_lambda']:.1f}) {np.round(eq['ta_test_accuracy'], 3).tolist()} (mean {eq['ta_test_mean']:.3f}).", ""]
+                  f"Scored on `{exp['split']}`. Reference front: the non-dominated set of all {ref['pooled_evaluations']} real evaluations of every method"
+                  + (f" and a {ref['grid_points']}-point grid" if ref["grid_points"] else "")
+                  + f" ({ref['points']} points); hypervolume reference point: their worst value per task. Budgeted methods get {exp['budget_per_method']} "
+                  f"real evaluations each. Regret: best weighted accuracy on the reference minus the method's best among its own evaluations, "
+                  f"mean over {exp['preferences']} preferences; win rate: share of the task-arithmetic sweep's front dominated.", "",
+                  "| method | real evaluations | HV ratio | IGD+ | mean regret | regret, equal preference | win rate vs TA | seconds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in exp["scores"].items():
+            extra = f" (+{m['training_steps']} training steps)" if "training_steps" in m else ""
+            lines.append(f"| {name} | {m['evaluations']}{extra} | {_fmt(m.get('hv_ratio'))} | {_fmt(m.get('igd_plus'), 4)} | {_fmt(m.get('regret_mean'), 4)} | "
+                         f"{_fmt(m.get('regret_equal_preference'), 4)} | {_fmt(m.get('win_rate_vs_baseline'), 2)} | {m['seconds']:.0f} |")
+        lines += ["", "Equal preference, test accuracy of the chosen model:", ""]
+        for name, acc in exp["equal_preference_test_accuracy"].items():
+            lines.append(f"- {name}: {np.round(acc, 3).tolist()} (mean {np.mean(acc):.3f})")
         r2 = ", ".join(f"{k}: R²={v['r2']:.3f}, LOO RMSE={v['loo_rmse']:.3f}" for k, v in exp["map"]["diagnostics"].items())
-        lines += [f"Surrogate fit: {r2}.", ""]
-        for method, found in exp.get("pwe_moe", {}).items():
-            fit = found["fit"]
-            lp = f" (EPO LP solved in {100 * fit['lp_success_rate']:.0f}% of steps)" if method == "epo" else ""
-            lines += [f"PWE-MoE ({method.upper()}): {fit['routers']} routers, {fit['trainable_params']} trainable parameters, "
-                      f"{fit['steps']} steps x {fit['batch_per_task']} examples per task in {fit['seconds']:.0f} s{lp}, "
-                      f"process peak RSS {fit['peak_rss_mb']:.0f} MB.", ""]
+        lines += ["", f"MAP surrogate fit: {r2}.", ""]
+        for name, m in exp["scores"].items():
+            if "training_steps" in m:
+                lp = f" (EPO LP solved in {100 * m['lp_success_rate']:.0f}% of steps)" if "EPO" in name else ""
+                lines += [f"{name}: {m['routers']} routers, {m['trainable_params']} trainable parameters, {m['training_steps']} steps x 8 examples per task "
+                          f"in {m['training_seconds']:.0f} s{lp}, process peak RSS {m['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)
 
 
@@ -254,25 +241,46 @@ def run_demo(
     out: str | Path = "outputs/demo",
     tasks2: Sequence[str] = ("sentiment", "med_subject"),
     tasks3: Sequence[str] = ("sentiment", "med_subject", "bias_type"),
-    per_axis2: int = 9,
-    per_axis3: int = 4,
+    val_examples: int | None = 100,
     seed: int = 0,
     moe_steps: int = 100,
+    moe_methods: Sequence[str] = ("ls",),
+    reevaluations: int = 6,
+    baselines_t3: bool = False,
+    grid_per_axis: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the demo and write ``report.json``, ``report.md`` and PNG plots into ``out``."""
-    from .zoo.text import TEXT_TASKS, load_text_zoo
+    """Run the demo and write ``report.json``, ``report.md`` and PNG plots into ``out``.
+
+    Args:
+        tasks2, tasks3: the 2-task and 3-task problems (text zoo task names).
+        val_examples: validation examples per task the methods are scored on (``None``: all 200).
+        moe_steps: PWE-MoE router training steps (0 skips PWE-MoE); moe_methods: ``"ls"``, ``"epo"``.
+        reevaluations: front points each MAP variant re-evaluates (part of its budget).
+        baselines_t3: run TIES, DARE, random search, NSGA-II and qNEHVI on the 3-task problem too
+            (they always run on the 2-task one).
+        grid_per_axis: add a grid of real evaluations to the reference front (``per_axis ** T``).
+    """
+    from .zoo.text import load_text_zoo
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    zoo = load_text_zoo(TEXT_TASKS, progress=progress)
+    names = list(dict.fromkeys(list(tasks2) + list(tasks3)))
+    zoo = load_text_zoo(names, progress=progress)
+    split = zoo.limit_split("val", val_examples)
     store = EvaluationStore(out / "evaluations.sqlite")
-    report: dict[str, Any] = {"zoo": {"model": zoo.info["model"], "tasks": list(zoo.task_names), "recipe": zoo.info["recipe"]}}
+    report: dict[str, Any] = {"zoo": {"model": zoo.info["model"], "tasks": list(zoo.task_names), "recipe": zoo.info["recipe"]},
+                              "settings": {"val_examples": val_examples, "seed": seed, "moe_steps": moe_steps, "moe_methods": list(moe_methods),
+                                           "reevaluations": reevaluations, "grid_per_axis": grid_per_axis}}
     report["zoo_table"] = zoo_table(zoo, store, out, progress=progress)
     report["experiments"] = {}
-    for names, per_axis in ((list(tasks2), per_axis2), (list(tasks3), per_axis3)):
-        report["experiments"][f"T{len(names)}"] = _experiment(zoo, names, store, out, per_axis, seed, progress, moe_steps=moe_steps)
+    for tasks in (list(tasks2), list(tasks3)):
+        if not tasks:
+            continue
+        report["experiments"][f"T{len(tasks)}"] = _experiment(zoo, tasks, store, out, split, seed, progress, baselines=len(tasks) == 2 or baselines_t3,
+                                                            moe_methods=moe_methods, moe_steps=moe_steps, reevaluations=reevaluations,
+                                                            grid_per_axis=grid_per_axis)
         _write(out, report, start)
     _write(out, report, start)
     return report

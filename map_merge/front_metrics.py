@@ -10,7 +10,7 @@ import moocore
 import numpy as np
 from scipy.spatial.distance import cdist
 
-__all__ = ["hypervolume", "igd", "igd_plus", "gd", "win_rate", "dominates_matrix", "front_report"]
+__all__ = ["hypervolume", "igd", "igd_plus", "gd", "win_rate", "dominates_matrix", "preference_grid", "preference_regret", "front_report"]
 
 
 def _as_points(points: np.ndarray, name: str, num_cols: int | None = None) -> np.ndarray:
@@ -83,14 +83,49 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     return float(dominates_matrix(a, b).any(axis=0).mean())
 
 
-def front_report(points: np.ndarray, reference: np.ndarray, ref_point: np.ndarray) -> dict[str, float]:
-    """All indicators of ``points`` against the reference front (maximisation):
-    hypervolume, its ratio to the reference's, IGD, IGD+, GD and the point count."""
+def preference_grid(num_objectives: int, about: int = 20) -> np.ndarray:
+    """About ``about`` preference vectors ``(P, M)`` spread evenly over the simplex: the simplex
+    lattice whose point count is closest to ``about`` (M=2: 20, M=3: 21, M=4: 20)."""
+    from math import comb
+
+    from .search import _simplex_lattice
+
+    if num_objectives < 1:
+        raise ValueError(f"num_objectives must be at least 1, got {num_objectives}")
+    if num_objectives == 1:
+        return np.ones((1, 1))
+    partitions = min(range(1, 4 * about), key=lambda h: (abs(comb(h + num_objectives - 1, num_objectives - 1) - about), h))
+    return _simplex_lattice(num_objectives, partitions)
+
+
+def preference_regret(points: np.ndarray, reference: np.ndarray, preferences: np.ndarray) -> np.ndarray:
+    """Regret ``(P,)`` of picking, for each preference ``w`` of ``preferences: (P, M)``, the point
+    of ``points`` with the best weighted score ``w . z``: the best weighted score over
+    ``reference`` minus that pick's (maximisation; negative if ``points`` beat the reference)."""
+    reference = _as_points(reference, "reference")
+    points = _as_points(points, "points", reference.shape[1])
+    preferences = _as_points(preferences, "preferences", reference.shape[1])
+    if points.shape[0] == 0:
+        raise ValueError("points is empty: there is nothing to pick for a preference")
+    return (reference @ preferences.T).max(axis=0) - (points @ preferences.T).max(axis=0)
+
+
+def front_report(
+    points: np.ndarray,
+    reference: np.ndarray,
+    ref_point: np.ndarray,
+    preferences: np.ndarray | None = None,
+    baseline: np.ndarray | None = None,
+) -> dict[str, float]:
+    """All indicators of ``points`` against the reference front (maximisation): hypervolume, its
+    ratio to the reference's, IGD, IGD+, GD and the point count; with ``preferences: (P, M)``
+    the mean and max :func:`preference_regret`; with ``baseline: (B, M)`` (e.g. the task
+    arithmetic sweep) the :func:`win_rate` over it."""
     points = _as_points(points, "points")
     reference = _as_points(reference, "reference", points.shape[1])
     hv_ref = hypervolume(reference, ref_point)
     hv = hypervolume(points, ref_point)
-    return {
+    out = {
         "hypervolume": hv,
         "hv_ratio": hv / hv_ref if hv_ref > 0 else float("nan"),
         "igd": igd(points, reference),
@@ -98,3 +133,10 @@ def front_report(points: np.ndarray, reference: np.ndarray, ref_point: np.ndarra
         "gd": gd(points, reference),
         "num_points": int(points.shape[0]),
     }
+    if preferences is not None:
+        regret = preference_regret(points, reference, preferences)
+        out["regret_mean"] = float(regret.mean())
+        out["regret_max"] = float(regret.max())
+    if baseline is not None:
+        out["win_rate_vs_baseline"] = win_rate(points, baseline)
+    return out

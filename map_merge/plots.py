@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from .pareto import ParetoFront, pareto_mask
 
-__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "save"]
+__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "save"]
 
 _STYLES = [
     dict(color="C0", marker="o"), dict(color="C1", marker="s"), dict(color="C2", marker="^"), dict(color="C3", marker="D"),
@@ -223,4 +223,32 @@ def plot_curves(
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
+    return save(fig, path)
+
+
+def plot_cost_quality(
+    scores: Mapping[str, Mapping[str, float]],
+    cost: str = "evaluations",
+    qualities: Sequence[tuple[str, str]] = (("hv_ratio", "hypervolume ratio (higher is better)"), ("regret_mean", "mean preference regret (lower is better)")),
+    title: str = "",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """One panel per quality: each method is a labelled point at (its cost, its quality).
+    ``scores``: ``method -> {cost: ..., quality: ...}`` (e.g. :func:`map_merge.compare.score_runs`)."""
+    panels = [(key, label) for key, label in qualities if any(key in s for s in scores.values())]
+    fig = Figure(figsize=(5.2 * max(1, len(panels)), 4.2))
+    for p, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        for k, (method, s) in enumerate(scores.items()):
+            if key not in s or cost not in s:
+                continue
+            style = _STYLES[k % len(_STYLES)]
+            ax.scatter([s[cost]], [s[key]], color=style["color"], marker=style["marker"], s=45, label=method)
+        ax.set_xlabel(cost.replace("_", " "))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if p == 0:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save(fig, path)

@@ -130,25 +130,16 @@ def test_training_moves_routers_towards_the_preferred_task(method):
 
     zoo = load_vision_zoo(["rotated", "inverted"], progress=False)
     tv = zoo.task_vectors()
-    moe = ParetoMoE(zoo.pretrained, tv, upcycle=r"body\.\d+$", seed=0)
+    moe = ParetoMoE(zoo.pretrained, tv, upcycle=zoo.upcycle, seed=0)
     assert len(moe.routers) == 3  # the three conv layers
     generator = torch.Generator().manual_seed(0)
-
-    def loss_for(name):
-        data = zoo.tasks[name].splits["train"]
-
-        def loss(model):
-            index = torch.randint(0, len(data), (32,), generator=generator)
-            logits = zoo.tasks[name].head(zoo.features(model, {"pixels": data.inputs["pixels"][index]}))
-            return torch.nn.functional.cross_entropy(logits, data.labels[index])
-
-        return loss
+    losses = {n: zoo.train_loss(n, 32, generator) for n in zoo.task_names}
 
     def val_loss(preference, task):
         return zoo.loss(moe.unload(preference), task, "val")
 
     before = [val_loss([1, 0], "rotated"), val_loss([0, 1], "inverted")]
-    history = moe.fit({"rotated": loss_for("rotated"), "inverted": loss_for("inverted")}, steps=60, method=method, lr=3e-2, seed=0, progress=False)
+    history = moe.fit(losses, steps=60, method=method, lr=3e-2, seed=0, progress=False)
     after = [val_loss([1, 0], "rotated"), val_loss([0, 1], "inverted")]
     assert len(history.total) == 60 and all(np.isfinite(history.total))
     assert after[0] < before[0] and after[1] < before[1]

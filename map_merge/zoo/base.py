@@ -75,7 +75,7 @@ class Zoo:
     Attributes:
         name: zoo name.  pretrained: the pretrained encoder.  finetuned: ``task -> state dict``.
         tasks: ``task -> ZooTask``.  features: ``features(encoder, inputs) -> (B, D)``.
-        info: build statistics and the per-task report.
+        info: build statistics and the per-task report.  upcycle: PWE-MoE's upcycling pattern.
     """
 
     name: str
@@ -85,6 +85,7 @@ class Zoo:
     features: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     eval_batch_size: int = 128
     info: dict[str, Any] = field(default_factory=dict)
+    upcycle: str = "mlp"  # which encoder modules PWE-MoE turns into routed experts (see ParetoMoE)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -126,6 +127,104 @@ class Zoo:
         """Mean cross-entropy of ``encoder`` with ``task``'s head on one split."""
         total = sum(float(nn.functional.cross_entropy(logits, labels, reduction="sum")) for logits, labels in self._logits(encoder, task, split))
         return total / len(self.tasks[task].splits[split])
+
+    def limit_split(self, split: str, num_examples: int | None) -> str:
+        """Register the first ``num_examples`` of ``split`` (every task; a random subset, since
+        splits are shuffled) as a split named ``"{split}[:{num_examples}]"`` and return its name;
+        ``None`` returns ``split`` itself. Cheaper evaluations at the cost of resolution."""
+        if num_examples is None:
+            return split
+        if int(num_examples) < 1:
+            raise ValueError(f"num_examples must be at least 1, got {num_examples}")
+        name = f"{split}[:{int(num_examples)}]"
+        for task in self.tasks.values():
+            if split not in task.splits:
+                raise ValueError(f"task {task.name!r} has no split {split!r}; it has {list(task.splits)}")
+            whole = task.splits[split]
+            n = min(int(num_examples), len(whole))
+            task.splits[name] = type(whole)({k: v[:n] for k, v in whole.inputs.items()}, whole.labels[:n])
+        return name
+
+    def train_loss(self, task: str, batch_size: int = 8, generator: torch.Generator | None = None) -> Callable[[nn.Module], torch.Tensor]:
+        """``loss(encoder) -> scalar``: cross-entropy of ``task``'s head on a fresh random
+        training minibatch of ``batch_size`` examples per call (PWE-MoE router training)."""
+        zoo_task = self.tasks[self._names([task])[0]]
+        data = zoo_task.splits["train"]
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+        def loss(encoder: nn.Module) -> torch.Tensor:
+            index = torch.randint(0, len(data), (batch_size,), generator=generator)
+            inputs = {k: v[index] for k, v in data.inputs.items()}
+            if "attention_mask" in inputs:  # trim padding to the longest example of the batch
+                width = int(inputs["attention_mask"].sum(1).max())
+                inputs = {k: v[:, :width] for k, v in inputs.items()}
+            return nn.functional.cross_entropy(zoo_task.head(self.features(encoder, inputs)), data.labels[index])
+
+        return loss
+
+    def fit_moe(
+        self,
+        names: Sequence[str] | None = None,
+        method: str = "ls",
+        steps: int = 100,
+        batch_size: int = 8,
+        lr: float = 1e-2,
+        init_lambda: float = 0.3,
+        seed: int = 0,
+        checkpoint: str | os.PathLike | None = None,
+        progress: bool = True,
+    ):
+        """Build a :class:`~map_merge.moe.ParetoMoE` over the named tasks and train its routers
+        (``method`` ``"ls"`` or ``"epo"``) on training minibatches. With ``checkpoint`` (a folder),
+        trained routers are saved there under a key of every setting and re-used on the next call.
+
+        Returns ``(moe, info)``; ``info`` holds steps, seconds, trainable parameters, routers,
+        the EPO LP success rate, the final loss and the process's peak RSS."""
+        import hashlib
+        import resource
+
+        from ..moe import ParetoMoE
+
+        names = self._names(names)
+        tv = self.task_vectors(names)
+        moe = ParetoMoE(self.pretrained, tv, upcycle=self.upcycle, init_lambda=init_lambda, seed=seed)
+        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, self.upcycle]
+        key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+        path = Path(checkpoint) / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=False)
+            moe.routers.load_state_dict(saved["routers"])
+            return moe, {**saved["info"], "cached": True}
+        generator = torch.Generator().manual_seed(seed)
+        losses = {n: self.train_loss(n, batch_size, generator) for n in names}
+        history = moe.fit(losses, steps=steps, method=method, lr=lr, seed=seed, progress=progress)
+        info = {"method": method, "steps": steps, "batch_per_task": batch_size, "seconds": history.seconds,
+                "trainable_params": moe.num_trainable, "routers": len(moe.routers),
+                "lp_success_rate": float(np.mean(history.lp_ok)) if len(history.lp_ok) else float("nan"),
+                "final_loss": float(np.mean(history.total[-10:])),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "key": key}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"routers": moe.routers.state_dict(), "info": info}, path)
+        return moe, {**info, "cached": False}
+
+    def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
+                      progress: bool = True):
+        """An objective over *preference vectors* ``(K, T)``: accuracies ``(K, T)`` of the dense
+        models ``moe.unload(r)`` (results kept in ``store`` under the routers' key)."""
+        from ..objective import FunctionObjective
+
+        names = self._names(names)
+
+        def evaluate(preference: np.ndarray) -> np.ndarray:
+            dense = moe.unload(preference)
+            return np.array([self.accuracy(dense, n, split) for n in names])
+
+        digest = hashlib_digest([p.detach().numpy().tobytes() for p in moe.routers.parameters()])
+        if store is not None and not isinstance(store, EvaluationStore):
+            store = EvaluationStore(store)
+        key = json.dumps({"zoo": self.name, "pwe-moe": digest, "split": split, "data": self.info.get("data_hash", "")})
+        return FunctionObjective(evaluate, len(names), names, batched=False, key=key, store=store, progress=progress)
 
     def objective(
         self,
@@ -171,6 +270,16 @@ class Zoo:
             encoder.eval()
             out[i] = [self.accuracy(encoder, n, split) for n in names]
         return out
+
+
+def hashlib_digest(chunks: Sequence[bytes]) -> str:
+    """A short hex digest of byte chunks (cache keys)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def finetune(

@@ -167,4 +167,4 @@ def load_vision_zoo(
     pretrained.eval()
     for head in heads.values():
         head.eval()
-    return Zoo("vision", pretrained, finetuned, zoo_tasks, _features, eval_batch_size=512, info=info)
+    return Zoo("vision", pretrained, finetuned, zoo_tasks, _features, eval_batch_size=512, info=info, upcycle=r"body\.\d+$")

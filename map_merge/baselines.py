@@ -1,0 +1,215 @@
+"""What a user would run instead of MAP, on real evaluations only (no surrogate of ours).
+
+Each baseline calls ``objective(coeffs: (K, T)) -> metrics: (K, M)`` and returns a
+:class:`BaselineResult` holding every real evaluation in order, so that fronts, hypervolume and
+preference regret can be compared with MAP's at equal numbers of evaluations:
+
+- :func:`lambda_sweep`: one coefficient for all tasks, ``c = lambda * 1`` (uniform task
+  arithmetic; TIES or DARE when the objective merges with those methods).
+- :func:`random_search`: uniform draws from the coefficient box.
+- :func:`nsga2_search`: NSGA-II (pymoo) evolving coefficient vectors on real evaluations.
+- :func:`mobo_search`: multi-objective Bayesian optimisation (botorch: one GP per task,
+  qLogNEHVI), the standard black-box optimiser for few expensive evaluations.
+
+Every run is deterministic for a seed, and its first ``n`` evaluations do not depend on the
+budget, so with an evaluation store a longer run re-uses a shorter one's evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .map import call_objective
+from .objective import check_senses
+from .pareto import ParetoFront, orient
+
+__all__ = ["BaselineResult", "lambda_sweep", "random_search", "nsga2_search", "mobo_search"]
+
+Objective = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class BaselineResult:
+    """Every real evaluation of one baseline run, in order.
+
+    Attributes:
+        name: method name.  coeffs: ``(N, T)`` evaluated coefficient vectors.
+        metrics: ``(N, M)`` their metrics (own units and senses).  senses: M of ``"max"``/``"min"``.
+        task_names: M names.  seconds: wall time, evaluations included.  settings: the run's settings.
+    """
+
+    name: str
+    coeffs: np.ndarray
+    metrics: np.ndarray
+    senses: tuple[str, ...]
+    task_names: tuple[str, ...]
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_evaluations(self) -> int:
+        return int(len(self.coeffs))
+
+    def evaluated_front(self) -> ParetoFront:
+        """Non-dominated set of all evaluations (each a real merged model)."""
+        return ParetoFront(self.coeffs, self.metrics, self.task_names, self.senses, label=self.name).nondominated()
+
+
+def _setup(objective: Objective, num_coeffs: int, budget: int | None, bounds: tuple[float, float]) -> tuple[float, float]:
+    if num_coeffs < 1:
+        raise ValueError(f"num_coeffs must be at least 1, got {num_coeffs}")
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget must be at least 1 evaluation, got {budget}")
+    low, high = float(bounds[0]), float(bounds[1])
+    if not low < high:
+        raise ValueError(f"bounds must satisfy low < high, got {bounds}")
+    return low, high
+
+
+def _result(name: str, objective: Objective, coeffs: np.ndarray, metrics: np.ndarray, start: float, settings: dict[str, Any]) -> BaselineResult:
+    senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
+    names = getattr(objective, "task_names", None) or tuple(f"task{j}" for j in range(metrics.shape[1]))
+    return BaselineResult(name, coeffs, metrics, senses, tuple(names), time.perf_counter() - start, settings)
+
+
+def lambda_sweep(objective: Objective, num_coeffs: int, lambdas: Sequence[float] = tuple(np.linspace(0, 1, 11)), name: str = "task arithmetic") -> BaselineResult:
+    """Evaluate ``c = lambda * (1, ..., 1)`` for each of ``lambdas: (L,)``: L evaluations."""
+    start = time.perf_counter()
+    lambdas = np.asarray(lambdas, dtype=np.float64).reshape(-1)
+    if len(lambdas) == 0:
+        raise ValueError("lambdas is empty")
+    coeffs = np.repeat(lambdas[:, None], num_coeffs, axis=1)
+    return _result(name, objective, coeffs, call_objective(objective, coeffs), start, {"lambdas": lambdas.tolist()})
+
+
+def random_search(objective: Objective, num_coeffs: int, budget: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> BaselineResult:
+    """``budget`` coefficient vectors drawn uniformly from the box (prefix-stable in the budget)."""
+    low, high = _setup(objective, num_coeffs, budget, bounds)
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    coeffs = low + (high - low) * np.stack([rng.uniform(size=num_coeffs) for _ in range(budget)])
+    return _result("random search", objective, coeffs, call_objective(objective, coeffs), start, {"budget": budget, "seed": seed})
+
+
+def nsga2_search(
+    objective: Objective,
+    num_coeffs: int,
+    budget: int,
+    pop_size: int | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+) -> BaselineResult:
+    """NSGA-II (pymoo's defaults: SBX and polynomial mutation) on real evaluations, stopped after
+    exactly ``budget`` evaluations (the last generation is cut short if needed).
+
+    ``pop_size`` defaults to ``max(4, min(20, budget // 3))`` so that a small budget still buys a
+    few generations."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.core.evaluator import Evaluator
+    from pymoo.core.problem import Problem
+    from pymoo.core.termination import NoTermination
+    from pymoo.problems.static import StaticProblem
+
+    low, high = _setup(objective, num_coeffs, budget, bounds)
+    pop_size = max(4, min(20, budget // 3)) if pop_size is None else int(pop_size)
+    if pop_size < 2:
+        raise ValueError(f"pop_size must be at least 2, got {pop_size}")
+    start = time.perf_counter()
+    coeffs_seen: list[np.ndarray] = []
+    metrics_seen: list[np.ndarray] = []
+    senses: tuple[str, ...] | None = None
+    problem = None
+    algorithm = NSGA2(pop_size=pop_size, eliminate_duplicates=True)
+    spent = 0
+    while spent < budget:
+        if problem is None:
+            # the number of objectives is only known after the first evaluation
+            x = np.random.default_rng(seed).uniform(low, high, size=(min(pop_size, budget), num_coeffs))
+        else:
+            population = algorithm.ask()
+            population = population[: budget - spent]
+            x = population.get("X")
+        metrics = call_objective(objective, x)
+        coeffs_seen.append(np.asarray(x, dtype=np.float64))
+        metrics_seen.append(metrics)
+        spent += len(x)
+        if problem is None:
+            senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
+            problem = Problem(n_var=num_coeffs, n_obj=metrics.shape[1], xl=low, xu=high)
+            from pymoo.core.population import Population
+
+            algorithm.setup(problem, termination=NoTermination(), seed=seed, verbose=False,
+                            sampling=Population.new("X", x))
+            population = algorithm.ask()  # the initial population: our x
+        Evaluator().eval(StaticProblem(problem, F=-orient(metrics, senses)), population)
+        algorithm.tell(infills=population)
+    return _result("NSGA-II", objective, np.concatenate(coeffs_seen), np.concatenate(metrics_seen), start,
+                   {"budget": budget, "pop_size": pop_size, "seed": seed})
+
+
+def mobo_search(
+    objective: Objective,
+    num_coeffs: int,
+    budget: int,
+    initial: int | None = None,
+    batch: int | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+) -> BaselineResult:
+    """Multi-objective Bayesian optimisation on real evaluations: a Sobol start of ``initial``
+    points (default ``2 (T + 1)``), then rounds of ``batch`` points (default ``T``) maximising
+    botorch's qLogNEHVI under one GP per task (inputs normalised, outcomes standardised)."""
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import ModelListGP, SingleTaskGP
+    from botorch.models.transforms import Normalize, Standardize
+    from botorch.optim import optimize_acqf
+    from botorch.sampling import SobolQMCNormalSampler
+    from gpytorch.mlls import SumMarginalLogLikelihood
+    from scipy.stats import qmc
+
+    low, high = _setup(objective, num_coeffs, budget, bounds)
+    initial = min(budget, 2 * (num_coeffs + 1)) if initial is None else int(initial)
+    batch = max(1, num_coeffs) if batch is None else int(batch)
+    if initial < 2 or batch < 1:
+        raise ValueError(f"mobo_search needs initial >= 2 and batch >= 1, got initial={initial}, batch={batch}")
+    start = time.perf_counter()
+    sobol = qmc.Sobol(num_coeffs, scramble=True, seed=seed).random(2 ** math.ceil(math.log2(max(initial, 2))))[:initial]
+    coeffs = low + (high - low) * sobol
+    metrics = call_objective(objective, coeffs)
+    senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
+    dtype = torch.float64
+    box = torch.tensor([[low] * num_coeffs, [high] * num_coeffs], dtype=dtype)
+    while len(coeffs) < budget:
+        size = min(batch, budget - len(coeffs))
+        x = torch.tensor(coeffs, dtype=dtype)
+        y = torch.tensor(orient(metrics, senses), dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = ModelListGP(*[SingleTaskGP(x, y[:, j : j + 1], input_transform=Normalize(num_coeffs, bounds=box),
+                                               outcome_transform=Standardize(1)) for j in range(y.shape[1])])
+            try:
+                fit_gpytorch_mll(SumMarginalLogLikelihood(model.likelihood, model))
+            except Exception:  # noqa: BLE001 - keep the default hyper-parameters
+                pass
+            spread = y.max(0).values - y.min(0).values
+            ref_point = (y.min(0).values - 0.1 * (spread + 1e-9)).tolist()
+            acquisition = qLogNoisyExpectedHypervolumeImprovement(
+                model=model, ref_point=ref_point, X_baseline=x, prune_baseline=True,
+                sampler=SobolQMCNormalSampler(torch.Size([64]), seed=seed + len(coeffs)))
+            with torch.random.fork_rng():
+                torch.manual_seed(seed + len(coeffs))
+                candidates, _ = optimize_acqf(acquisition, bounds=box, q=size, num_restarts=4, raw_samples=128, sequential=True,
+                                              options={"maxiter": 60})
+        new = candidates.detach().numpy().clip(low, high)
+        coeffs = np.concatenate([coeffs, new])
+        metrics = np.concatenate([metrics, call_objective(objective, new, metrics.shape[1])])
+    return _result("qNEHVI (botorch)", objective, coeffs, metrics, start, {"budget": budget, "initial": initial, "batch": batch, "seed": seed})
