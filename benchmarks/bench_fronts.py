@@ -1,12 +1,21 @@
-"""Front quality against real evaluations spent: plain MAP, Bayesian MAP (qLogNEHVI and the fixed
-angular bins), random search and uniform task arithmetic, over seeds, against the reference
-front of a dense grid of real evaluations.
+"""Front quality against real evaluations spent, over seeds: MAP, Bayesian MAP, and what a user
+would otherwise run (random search, NSGA-II and qNEHVI on real evaluations, task arithmetic,
+TIES and DARE lambda sweeps), plus nested merging (T >= 3, equal preference) and PWE-MoE.
 
-Every method gets the same total of real evaluations: MAP variants spend B on samples and 10 on
-re-evaluating front points; random search spends B + 10. The front of a method is the
-non-dominated set of all real models it evaluated.
+Budgeted methods get E = b * P + R real evaluations for b in --budgets (P: the quadratic's
+parameters, R: --reevaluations, the front points MAP variants re-evaluate). A method's front is the
+non-dominated set of every real model it evaluated. Reference front: a dense grid of real
+evaluations joined with every evaluation any method made (the best known front); the hypervolume
+reference point is the grid's worst value per task. Per row: hypervolume ratio, IGD+, mean
+preference regret over ~20 preferences (best weighted score on the reference minus the best among
+the method's evaluations), win rate over the task-arithmetic sweep, regret at equal preference,
+and the method's own overhead in seconds (wall time minus time inside the objective). For MAP
+variants, "pick regret" scores the model the surrogate picks for each preference, evaluated for
+real (not charged to the budget).
 
     python benchmarks/bench_fronts.py --problem vision --tasks 2 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem vision --tasks 3 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem text --tasks 2 --budgets 1,2 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem analytic --out benchmarks/results
 """
 
@@ -18,14 +27,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, table, write  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 from map_merge import plots  # noqa: E402
+from map_merge.baselines import lambda_sweep  # noqa: E402
+from map_merge.compare import BUDGETED, MethodRun, run_method, score_runs  # noqa: E402
+from map_merge.front_metrics import preference_grid  # noqa: E402
 
-REEVAL = 10
+GRID = {"analytic": {2: 21, 3: 9, 4: 6}, "vision": {2: 21, 3: 9, 4: 6}, "text": {2: 9, 3: 4}}
+TASKS = {"vision": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"], "text": ["sentiment", "med_subject", "bias_type"]}
 
 
 def analytic(num_tasks: int):
@@ -37,79 +51,150 @@ def analytic(num_tasks: int):
         z = 2.5 - 8 * d**1.5 + 0.4 * np.sin(5 * c[:, :1] + 3 * c[:, -1:])
         return 1 / (1 + np.exp(-z))
 
-    return mm.FunctionObjective(fn, num_tasks, [f"f{i}" for i in range(num_tasks)], key=f"analytic{num_tasks}")
+    return mm.FunctionObjective(fn, num_tasks, [f"f{i}" for i in range(num_tasks)], key=f"analytic{num_tasks}", progress=False)
+
+
+class Timed:
+    """Forwards an objective and adds up the seconds spent inside it."""
+
+    def __init__(self, objective):
+        self.objective, self.seconds = objective, 0.0
+
+    def __call__(self, coeffs):
+        start = time.perf_counter()
+        try:
+            return self.objective(coeffs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
 
 
 def main() -> None:
     p = parser(__doc__, "benchmarks/results")
-    p.add_argument("--problem", choices=["analytic", "vision"], default="analytic")
+    p.add_argument("--problem", choices=["analytic", "vision", "text"], default="analytic")
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budgets", default="1,2,3,4", help="budgets as multiples of the quadratic's parameter count P")
+    p.add_argument("--reevaluations", type=int, default=10)
+    p.add_argument("--methods", default=",".join(BUDGETED), help=f"budgeted methods, from {BUDGETED}")
+    p.add_argument("--moe-steps", type=int, default=None, help="PWE-MoE training steps (default 100 on vision, 0 elsewhere)")
+    p.add_argument("--no-picks", action="store_true", help="skip evaluating the surrogate's pick per preference (always skipped on text)")
     args = p.parse_args()
-    num = args.tasks
-    if args.problem == "vision":
-        from map_merge.zoo import load_vision_zoo
-
-        names = ["rotated", "inverted", "mirrored_parity", "shifted_mod3"][:num]
-        zoo = load_vision_zoo(names, progress=False)
-        objective = zoo.objective(names, store=Path(args.out) / "vision_evals.sqlite", progress=False)
-    else:
+    num, problem = args.tasks, args.problem
+    out = Path(args.out)
+    zoo = None
+    if problem == "analytic":
         objective = analytic(num)
-    per_axis = {2: 21, 3: 9, 4: 6}[num] if not args.quick else 5
+    else:
+        from map_merge.zoo import load_text_zoo, load_vision_zoo
+
+        names = TASKS[problem][:num]
+        zoo = (load_vision_zoo if problem == "vision" else load_text_zoo)(names, progress=False)
+        store = mm.EvaluationStore(out / f"{problem}_evals.sqlite")
+        objective = zoo.objective(names, store=store, progress=False)
+    per_axis = GRID[problem][num] if not args.quick else 5
     grid = mm.grid_design(num, per_axis)
     grid_metrics = objective(grid)
-    reference = grid_metrics[mm.pareto_mask(grid_metrics)]
     ref_point = grid_metrics.min(axis=0)
     params = mm.num_quadratic_params(num)
-    budgets = [params, 2 * params] if args.quick else [params, 2 * params, 3 * params, 4 * params]
-    seeds = range(2 if args.quick else args.seeds)
-    methods = ["MAP", "Bayesian MAP (nehvi)", "Bayesian MAP (binned)", "random search"]
+    multiples = [1, 2] if args.quick else [int(b) for b in args.budgets.split(",")]
+    budgets = [b * params + args.reevaluations for b in multiples]
+    seeds = list(range(2 if args.quick else args.seeds))
+    methods = [m for m in args.methods.split(",") if m]
+    moe_steps = (5 if args.quick else 100) if args.moe_steps is None and problem == "vision" else (args.moe_steps or 0)
+    preferences = preference_grid(num)
+    equal = np.full(num, 1.0 / num)
+
+    runs: list[tuple[dict, MethodRun]] = []  # (row keys, run)
+    picks: dict[tuple, np.ndarray] = {}  # (method, budget, seed) -> real metrics of the surrogate's picks (P, M)
+    # deterministic sweeps: once
+    sweeps = {"task arithmetic": None} if zoo is None else {"task arithmetic": None, "TIES": mm.Ties(0.2), "DARE": mm.Dare(0.5, seed=0)}
+    for name, method in sweeps.items():
+        swept = Timed(objective if method is None else zoo.objective(names, method=method, store=store, progress=False))
+        found = lambda_sweep(swept, num, np.linspace(0, 1, 11), name=name)
+        runs.append(({"method": name, "seed": 0, "budget": 11},
+                     MethodRun(name, found.coeffs, found.metrics, found.num_evaluations, found.seconds - swept.seconds)))
+    jobs = [(m, b, s) for b in budgets for m in methods for s in seeds]
+    for method, budget, seed in tqdm(jobs, desc=f"{problem} T={num}"):
+        timed = Timed(objective)
+        run = run_method(method, timed, num, budget, seed=seed, reevaluations=args.reevaluations)
+        run.seconds -= timed.seconds
+        runs.append(({"method": method, "seed": seed, "budget": budget}, run))
+        if method in ("MAP", "Bayesian MAP") and not args.no_picks and problem != "text":
+            chosen = np.stack([run.result.select(w) for w in preferences])
+            picks[(method, budget, seed)] = objective(chosen)
+    for seed in seeds if num >= 3 else []:
+        timed = Timed(objective)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            nested = mm.nested_merge(lambda idx: (lambda c: timed(c)[:, list(idx)]), num, equal, samples_per_stage=2 * mm.num_quadratic_params(2), seed=seed)
+        runs.append(({"method": "nested merging", "seed": seed, "budget": nested.num_evaluations},
+                     MethodRun("nested merging", nested.coeffs[None], nested.metrics[None], nested.num_evaluations,
+                               time.perf_counter() - start - timed.seconds, nested)))
+    for seed in seeds if moe_steps > 0 else []:
+        from map_merge.moe import simplex_lattice
+
+        for kind in ("ls", "epo"):
+            moe, info = zoo.fit_moe(names, method=kind, steps=moe_steps, batch_size=32 if problem == "vision" else 8, lr=3e-2 if problem == "vision" else 1e-2,
+                                    seed=seed, checkpoint=out / "moe_routers", progress=False)
+            inputs = simplex_lattice(num, 0.1 if num == 2 else 0.25)
+            metrics = zoo.moe_objective(moe, names, store=store, progress=False)(inputs)
+            runs.append(({"method": f"PWE-MoE ({kind.upper()})", "seed": seed, "budget": len(inputs)},
+                         MethodRun(f"PWE-MoE ({kind.upper()})", inputs, metrics, len(inputs), info["seconds"],
+                                   extra={"training_steps": moe_steps, "peak_rss_mb": info["peak_rss_mb"]})))
+
+    pooled = np.concatenate([grid_metrics] + [run.metrics for _, run in runs])
+    reference = pooled[mm.pareto_mask(pooled)]
+    best_equal = float((reference @ equal).max())
+    baseline = next(run for keys, run in runs if keys["method"] == "task arithmetic")
     rows = []
-    for budget in budgets:
-        for method in methods:
-            for seed in seeds:
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if method == "random search":
-                        coeffs = np.random.default_rng(seed).uniform(size=(budget + REEVAL, num))
-                        points = objective(coeffs)
-                        points = points[mm.pareto_mask(points)]
-                    else:
-                        if method == "MAP":
-                            estimator = mm.MAP(num_samples=budget, seed=seed)
-                        else:
-                            initial = min(budget, params + 2)
-                            estimator = mm.BayesianMAP(budget=budget, initial=initial, batch=num, seed=seed,
-                                                       acquisition="nehvi" if "nehvi" in method else "binned")
-                        result = estimator.fit(objective, num)
-                        result.reevaluate(objective, max_points=REEVAL)
-                        points = result.evaluated_front().metrics
-                report = mm.front_report(points, reference, ref_point)
-                rows.append({"budget": budget, "evaluations": budget + REEVAL, "method": method, "seed": seed,
-                             "seconds": time.perf_counter() - start, **report})
+    for keys, run in runs:
+        score = score_runs({"run": run, "task arithmetic": baseline}, reference, ref_point, preferences=preferences, baseline="task arithmetic")["run"]
+        score["regret_equal_preference"] = best_equal - float((run.metrics @ equal).max())
+        if keys["method"] == "nested merging":
+            score = {k: v for k, v in score.items() if k in ("evaluations", "seconds", "regret_equal_preference")}
+        pick = picks.get((keys["method"], keys["budget"], keys["seed"]))
+        if pick is not None:
+            score["pick_regret_mean"] = float(np.mean((reference @ preferences.T).max(axis=0) - np.einsum("pm,pm->p", pick, preferences)))
+        rows.append({**keys, **score})
     summary = []
-    for budget in budgets:
-        for method in methods:
-            sub = [r for r in rows if r["budget"] == budget and r["method"] == method]
-            hv = np.array([r["hv_ratio"] for r in sub])
-            summary.append({"evaluations": budget + REEVAL, "method": method, "hv_ratio_mean": float(hv.mean()), "hv_ratio_std": float(hv.std()),
-                            "igd_plus_mean": float(np.mean([r["igd_plus"] for r in sub])), "seconds_mean": float(np.mean([r["seconds"] for r in sub]))})
-    wins = {}
-    for method in methods[1:3]:
-        wins[method] = {str(b): int(sum(
-            next(r for r in rows if r["budget"] == b and r["method"] == method and r["seed"] == s)["hv_ratio"]
-            > next(r for r in rows if r["budget"] == b and r["method"] == "MAP" and r["seed"] == s)["hv_ratio"] for s in seeds)) for b in budgets}
-    name = f"fronts_{args.problem}_T{num}"
-    path = write(args.out, name, {"problem": args.problem, "tasks": num, "grid_points": len(grid), "reference_points": len(reference),
-                                  "ref_point": ref_point.tolist(), "seeds": len(list(seeds)), "rows": rows, "summary": summary,
-                                  "wins_over_plain_map": wins})
-    curves = {m: ([s["evaluations"] for s in summary if s["method"] == m], [s["hv_ratio_mean"] for s in summary if s["method"] == m],
-                  np.array([s["hv_ratio_std"] for s in summary if s["method"] == m])) for m in methods}
-    plots.plot_curves(curves, "real evaluations", "hypervolume ratio to the reference grid",
-                      title=f"{args.problem}, T={num}: mean ± std over {len(list(seeds))} seeds", path=Path(args.out) / f"{name}.png")
-    print(table(summary, ["evaluations", "method", "hv_ratio_mean", "hv_ratio_std", "igd_plus_mean", "seconds_mean"]))
-    print("seeds where Bayesian beats plain MAP (hv ratio):", wins)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for evaluations in sorted({r["evaluations"] for r in rows if r["method"] == method} if method not in BUDGETED else budgets):
+            sub = [r for r in rows if r["method"] == method and (r["evaluations"] == evaluations or (method in BUDGETED and r["budget"] == evaluations))]
+            entry = {"method": method, "evaluations": evaluations, "seeds": len(sub)}
+            for key in ("hv_ratio", "igd_plus", "regret_mean", "pick_regret_mean", "win_rate_vs_baseline", "regret_equal_preference", "seconds"):
+                values = [r[key] for r in sub if key in r]
+                if values:
+                    entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+            summary.append(entry)
+    name = f"fronts_{problem}_T{num}"
+    path = write(out, name, {
+        "problem": problem, "tasks": num, "task_names": list(getattr(objective, "task_names", [])), "grid_points": len(grid),
+        "reference_points": len(reference), "reference": "non-dominated set of the grid and every evaluation of every run",
+        "ref_point": ref_point.tolist(), "seeds": len(seeds), "budgets": budgets, "reevaluations": args.reevaluations,
+        "preferences": len(preferences), "moe_steps": moe_steps, "rows": rows, "summary": summary})
+    for key, label, suffix in (("hv_ratio", "hypervolume ratio to the reference front", ""), ("regret_mean", "mean preference regret", "_regret")):
+        curves = {}
+        for method in dict.fromkeys(s["method"] for s in summary):
+            sub = [s for s in summary if s["method"] == method and f"{key}_mean" in s]
+            if sub:
+                curves[method] = ([s["evaluations"] for s in sub], [s[f"{key}_mean"] for s in sub], np.array([s[f"{key}_std"] for s in sub]))
+        plots.plot_curves(curves, "real evaluations", label, title=f"{problem}, T={num}: mean ± std over {len(seeds)} seeds",
+                          path=out / f"{name}{suffix}.png")
+    # one seed's fronts side by side at the largest budget (MAP vs MoE vs baselines)
+    example = {keys["method"]: run.metrics for keys, run in runs
+               if keys["seed"] == 0 and (keys["method"] not in BUDGETED or keys["budget"] == budgets[-1]) and keys["method"] != "nested merging"}
+    title = f"{problem}, T={num}, seed 0, {budgets[-1]} evaluations per budgeted method"
+    if num == 2:
+        plots.plot_front_2d(example, list(objective.task_names), reference=reference[np.argsort(reference[:, 0])],
+                            lines={k: k in sweeps or k.startswith("PWE") for k in example}, title=title, path=out / f"{name}_example.png")
+    else:
+        plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, path=out / f"{name}_example.png")
+    print(table(summary, ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "igd_plus_mean", "regret_mean_mean",
+                          "pick_regret_mean_mean", "win_rate_vs_baseline_mean", "regret_equal_preference_mean", "seconds_mean"]))
     print(f"wrote {path}")
 
 

@@ -55,7 +55,9 @@ def map_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (
 
     One-hots first, then ``max(1, n // 6)`` isotropic points ``u * 1`` (u uniform in the box),
     each with one jittered copy (Gaussian jitter of 10% of the box width, clipped), then points
-    of the coarsest regular grid that has enough unused nodes, chosen at random.
+    of the coarsest regular grid with at least 3 levels per axis (on 2 levels ``c_i^2 = c_i``
+    and a quadratic is not identifiable) that has enough unused nodes, chosen at random and
+    redrawn (up to 50 times) until the quadratic's feature matrix has full rank.
     """
     low, high = _check(num_tasks, num_samples, bounds)
     rng = np.random.default_rng(seed)
@@ -71,16 +73,28 @@ def map_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (
     chosen = _unique_rows(np.concatenate(points))
     need = num_samples - len(chosen)
     if need > 0:
-        per_axis = 2
+        per_axis = 3
         while True:
             grid = _grid(num_tasks, per_axis, low, high)
             fresh = _exclude(grid, chosen)
             if len(fresh) >= need or per_axis > 64:
                 break
             per_axis += 1
-        take = rng.choice(len(fresh), size=min(need, len(fresh)), replace=False)
-        chosen = np.concatenate([chosen, fresh[np.sort(take)]])
+        wanted = min(num_samples, num_quadratic_params(num_tasks))
+        for _ in range(50):
+            take = rng.choice(len(fresh), size=min(need, len(fresh)), replace=False)
+            candidate = np.concatenate([chosen, fresh[np.sort(take)]])
+            if _quadratic_rank(candidate) >= wanted:
+                break
+        chosen = candidate
     return chosen[:num_samples]
+
+
+def _quadratic_rank(points: np.ndarray) -> int:
+    """Rank of the full-quadratic feature matrix ``[1, c_i, c_i c_j (i <= j)]`` of ``points``."""
+    rows, cols = np.triu_indices(points.shape[1])
+    features = np.concatenate([np.ones((len(points), 1)), points, points[:, rows] * points[:, cols]], axis=1)
+    return int(np.linalg.matrix_rank(features))
 
 
 def _grid(num_tasks: int, per_axis: int, low: float, high: float) -> np.ndarray:

@@ -105,3 +105,20 @@ def test_softplus_for_losses():
     softplus = lambda c: np.log1p(np.exp(-2.0 + 4.0 * ((c - 0.4) ** 2).sum(1)))
     s = mm.QuadraticSurrogate(link="softplus").fit(coeffs, softplus(coeffs))
     np.testing.assert_allclose(s.predict(grid(2, 9)), softplus(grid(2, 9)), atol=1e-6)
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 4, 6])
+def test_map_design_identifies_a_quadratic_even_at_the_minimum_budget(num_tasks):
+    # with exactly P points the design must still determine every coefficient of a quadratic
+    # (a 2-level grid would not: c^2 = c on {0, 1})
+    from map_merge.surrogate import quadratic_features
+
+    params = mm.num_quadratic_params(num_tasks)
+    for seed in range(5):
+        design = mm.map_design(num_tasks, params, seed=seed)
+        assert np.linalg.matrix_rank(quadratic_features(design)) == params
+        weights = np.random.default_rng(seed).normal(size=params)
+        values = quadratic_features(design) @ weights
+        fitted = mm.QuadraticSurrogate(link="identity").fit(design, values)
+        probe = np.random.default_rng(99).uniform(size=(20, num_tasks))
+        assert np.allclose(fitted.predict(probe), quadratic_features(probe) @ weights, atol=1e-6)
