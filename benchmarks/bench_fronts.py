@@ -99,7 +99,7 @@ def main() -> None:
     grid_metrics = objective(grid)
     ref_point = grid_metrics.min(axis=0)
     params = mm.num_quadratic_params(num)
-    multiples = [1, 2] if args.quick else [int(b) for b in args.budgets.split(",")]
+    multiples = [1] if args.quick else [int(b) for b in args.budgets.split(",")]
     budgets = [b * params + args.reevaluations for b in multiples]
     seeds = list(range(2 if args.quick else args.seeds))
     methods = [m for m in args.methods.split(",") if m]

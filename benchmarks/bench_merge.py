@@ -1,5 +1,10 @@
-"""Merge speed: ``TaskVectors.merge_into`` for T task vectors of MiniLM (22.7M parameters)
-against one plain ``clone`` of the same number of bytes, on CPU (and CUDA when present).
+"""Merge speed and evaluation throughput, on CPU (and CUDA when present).
+
+1. ``TaskVectors.merge_into`` for T task vectors of MiniLM (22.7M parameters) against one plain
+   ``clone`` of the same number of bytes.
+2. Merged-model evaluations per second of a zoo objective (text zoo, 2 tasks, validation split:
+   merge + every task's metric) against the floor of evaluating one fixed model on the same data:
+   the merge's share of an evaluation.
 
     python benchmarks/bench_merge.py --out benchmarks/results
 """
@@ -30,6 +35,35 @@ def median_time(fn, repeats: int, sync) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def evaluation_throughput(devices: list[str], quick: bool) -> list[dict]:
+    """Evaluations per second of a merging objective against evaluating one fixed model."""
+    from map_merge.zoo import load_text_zoo, load_vision_zoo
+
+    names = ["rotated", "inverted"] if quick else ["sentiment", "med_subject"]
+    zoo = (load_vision_zoo if quick else load_text_zoo)(names, progress=False)
+    rows = []
+    repeats = 3 if quick else 5
+    coeffs = np.random.default_rng(0).uniform(size=(repeats, len(names)))
+    for device in devices:
+        sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else (lambda: None)
+        objective = zoo.objective(names, device=device, progress=False)
+        objective(coeffs[:1])  # warm-up (first merge binds the model to a flat buffer)
+        sync()
+        start = time.perf_counter()
+        objective(coeffs)
+        sync()
+        merged = time.perf_counter() - start
+        fixed = zoo.new_encoder(device).eval()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            [zoo.accuracy(fixed, n, "val") for n in names]
+        sync()
+        floor = time.perf_counter() - start
+        rows.append({"zoo": zoo.name, "device": device, "tasks": len(names), "examples": sum(len(zoo.tasks[n].splits["val"]) for n in names),
+                     "evaluations_per_s": repeats / merged, "fixed_model_per_s": repeats / floor, "merge_share": max(0.0, 1 - floor / merged)})
+    return rows
 
 
 def main() -> None:
@@ -63,7 +97,8 @@ def main() -> None:
                 "merge_per_task_vs_clone": merge / num_tasks / copy, "GB_read_per_s": (num_tasks + 1) * tv.num_params * 4 / merge / 1e9,
             })
             del tv, model
-    path = write(args.out, "merge_speed", {"model": model_name, "rows": rows})
+    throughput = evaluation_throughput(devices, args.quick)
+    path = write(args.out, "merge_speed", {"model": model_name, "rows": rows, "throughput": throughput})
     for device in devices:
         sub = [r for r in rows if r["device"] == device]
         plots.plot_curves({"merge_into": ([r["tasks"] for r in sub], [r["merge_into_s"] * 1e3 for r in sub], None),
@@ -71,6 +106,7 @@ def main() -> None:
                           "task vectors T", "milliseconds", title=f"merge_into vs clone, {model_name}, {device}",
                           path=Path(args.out) / f"merge_speed_{device}.png")
     print(table(rows, ["device", "tasks", "params", "merge_into_s", "clone_s", "merge_per_task_vs_clone", "GB_read_per_s"]))
+    print(table(throughput, ["zoo", "device", "tasks", "examples", "evaluations_per_s", "fixed_model_per_s", "merge_share"]))
     print(f"wrote {path}")
 
 

@@ -168,8 +168,8 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     fronts = {"MAP predicted": map_result.front, **fronts}
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=None, reference=reference[np.argsort(reference[:, 0])],
-                            lines={name: name in ("task arithmetic", "TIES", "DARE") or name.startswith("PWE") for name in fronts},
-                            title=f"text zoo, {names[0]} vs {names[1]}: every method's real evaluations ({split})",
+                            lines={name: True for name in fronts}, reference_label="reference front (all real evaluations)",
+                            title=f"text zoo, {names[0]} vs {names[1]}: each method's front and evaluations ({split})",
                             zoom=True, path=out / f"front_{tag}.png")
     else:
         plots.plot_pairwise(fronts, names, reference=reference, title=f"text zoo, {num} tasks: every method's real evaluations ({split})",

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from .pareto import ParetoFront, pareto_mask
 
-__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "save"]
+__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "plot_front_3d", "save"]
 
 _STYLES = [
     dict(color="C0", marker="o"), dict(color="C1", marker="s"), dict(color="C2", marker="^"), dict(color="C3", marker="D"),
@@ -35,7 +35,8 @@ def _front_line(ax, points: np.ndarray, i: int, j: int, label: str, style: dict,
         keep = pareto_mask(points[:, [i, j]])
         sub = points[keep]
         order = np.argsort(sub[:, i])
-        ax.plot(sub[order, i], sub[order, j], "-", color=style["color"], lw=1.5, alpha=0.9, label=label)
+        dashed = "predicted" in label.lower()  # a surrogate's claim, not measured
+        ax.plot(sub[order, i], sub[order, j], "--" if dashed else "-", color=style["color"], lw=1.2 if dashed else 1.5, alpha=0.9, label=label)
         ax.scatter(points[:, i], points[:, j], s=10, color=style["color"], alpha=0.35, marker=style["marker"])
     else:
         ax.scatter(points[:, i], points[:, j], s=28, color=style["color"], marker=style["marker"], label=label, alpha=0.85)
@@ -50,10 +51,11 @@ def plot_front_2d(
     lines: Mapping[str, bool] | None = None,
     title: str = "",
     zoom: bool = False,
+    reference_label: str = "reference front (dense grid)",
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """Two tasks' metrics: each front (line through its non-dominated points), the real samples,
-    and the reference front (non-dominated points of a dense grid of real evaluations).
+    """Two tasks' metrics: each front (line through its non-dominated points; dashed for labels
+    containing "predicted"), the real samples, and the reference front.
 
     ``fronts`` maps a label to a :class:`ParetoFront` or a ``(N, M)`` metric array. With ``zoom``
     (and a reference) a second panel zooms on the reference and the real (non-predicted) fronts."""
@@ -62,29 +64,25 @@ def plot_front_2d(
     fig = Figure(figsize=(6.0 * panels, 5.0))
     for panel in range(panels):
         ax = fig.add_subplot(1, panels, panel + 1)
-        _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines)
+        _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label)
         if panel == 1:
             ref = np.asarray(reference)[:, [i, j]]
-            real = [np.asarray(f.metrics if isinstance(f, ParetoFront) else f)[:, [i, j]] for f in fronts.values()
-                    if not (isinstance(f, ParetoFront) and "predicted" in f.label.lower())]
-            pts = np.concatenate([ref] + real)
-            low, high = np.quantile(pts, 0.1, axis=0), pts.max(axis=0)
-            low = np.minimum(low, ref.min(axis=0))
-            margin = 0.15 * np.maximum(high - low, 1e-3)
-            ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
-            ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
-            ax.set_title("zoom on the real fronts", fontsize=9)
+            low, high = ref.min(axis=0), ref.max(axis=0)
+            margin = np.maximum(0.5 * (high - low), 0.03 * np.maximum(np.abs(high), 1e-3))
+            ax.set_xlim(low[0] - margin[0], high[0] + 0.3 * margin[0])
+            ax.set_ylim(low[1] - margin[1], high[1] + 0.3 * margin[1])
+            ax.set_title("zoom on the reference front", fontsize=9)
             ax.get_legend().remove()
         elif title:
             ax.set_title(title, fontsize=10)
     return save(fig, path)
 
 
-def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines) -> None:
+def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label) -> None:
     if reference is not None:
         ref = np.asarray(reference)
         order = np.argsort(ref[:, i])
-        ax.plot(ref[order, i], ref[order, j], "-", color="0.3", lw=3, alpha=0.35, label="reference front (dense grid)")
+        ax.plot(ref[order, i], ref[order, j], "-", color="0.3", lw=3, alpha=0.35, label=reference_label)
     if samples is not None:
         ax.scatter(samples[:, i], samples[:, j], s=18, facecolors="none", edgecolors="0.4", label="real samples")
     names = task_names
@@ -251,4 +249,32 @@ def plot_cost_quality(
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
+    return save(fig, path)
+
+
+def plot_front_3d(
+    fronts: Mapping[str, ParetoFront | np.ndarray],
+    task_names: Sequence[str],
+    tasks: tuple[int, int, int] = (0, 1, 2),
+    reference: np.ndarray | None = None,
+    title: str = "",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """3-task view: each front's points ``(N, M)`` in the space of three tasks' metrics."""
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.add_subplot(1, 1, 1, projection="3d")
+    i, j, k = tasks
+    if reference is not None:
+        ax.scatter(reference[:, i], reference[:, j], reference[:, k], s=4, color="0.6", alpha=0.3, label="reference")
+    for n, (label, front) in enumerate(fronts.items()):
+        points = front.metrics if isinstance(front, ParetoFront) else np.asarray(front)
+        style = _STYLES[n % len(_STYLES)]
+        ax.scatter(points[:, i], points[:, j], points[:, k], s=14, color=style["color"], marker=style["marker"], alpha=0.8, label=label)
+    ax.set_xlabel(task_names[i], fontsize=8)
+    ax.set_ylabel(task_names[j], fontsize=8)
+    ax.set_zlabel(task_names[k], fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
     return save(fig, path)
