@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--reevaluations", type=int, default=10)
     p.add_argument("--methods", default=",".join(BUDGETED), help=f"budgeted methods, from {BUDGETED}")
     p.add_argument("--moe-steps", type=int, default=None, help="PWE-MoE training steps (default 100 on vision, 0 elsewhere)")
+    p.add_argument("--val-examples", type=int, default=None, help="score zoo models on the first N validation examples per task")
     p.add_argument("--no-picks", action="store_true", help="skip evaluating the surrogate's pick per preference (always skipped on text)")
     args = p.parse_args()
     num, problem = args.tasks, args.problem
@@ -91,9 +92,12 @@ def main() -> None:
         from map_merge.zoo import load_text_zoo, load_vision_zoo
 
         names = TASKS[problem][:num]
-        zoo = (load_vision_zoo if problem == "vision" else load_text_zoo)(names, progress=False)
+        # all of the problem's tasks are loaded, so that the data fingerprint (part of every stored
+        # evaluation's key) is the same for every T and for the demo
+        zoo = (load_vision_zoo if problem == "vision" else load_text_zoo)(TASKS[problem], progress=False)
+        split = zoo.limit_split("val", args.val_examples)
         store = mm.EvaluationStore(out / f"{problem}_evals.sqlite")
-        objective = zoo.objective(names, store=store, progress=False)
+        objective = zoo.objective(names, split=split, store=store, progress=False)
     per_axis = GRID[problem][num] if not args.quick else 5
     grid = mm.grid_design(num, per_axis)
     grid_metrics = objective(grid)
@@ -112,7 +116,7 @@ def main() -> None:
     # deterministic sweeps: once
     sweeps = {"task arithmetic": None} if zoo is None else {"task arithmetic": None, "TIES": mm.Ties(0.2), "DARE": mm.Dare(0.5, seed=0)}
     for name, method in sweeps.items():
-        swept = Timed(objective if method is None else zoo.objective(names, method=method, store=store, progress=False))
+        swept = Timed(objective if method is None else zoo.objective(names, split=split, method=method, store=store, progress=False))
         found = lambda_sweep(swept, num, np.linspace(0, 1, 11), name=name)
         runs.append(({"method": name, "seed": 0, "budget": 11},
                      MethodRun(name, found.coeffs, found.metrics, found.num_evaluations, found.seconds - swept.seconds)))
@@ -141,7 +145,7 @@ def main() -> None:
             moe, info = zoo.fit_moe(names, method=kind, steps=moe_steps, batch_size=32 if problem == "vision" else 8, lr=3e-2 if problem == "vision" else 1e-2,
                                     seed=seed, checkpoint=out / "moe_routers", progress=False)
             inputs = simplex_lattice(num, 0.1 if num == 2 else 0.25)
-            metrics = zoo.moe_objective(moe, names, store=store, progress=False)(inputs)
+            metrics = zoo.moe_objective(moe, names, split=split, store=store, progress=False)(inputs)
             runs.append(({"method": f"PWE-MoE ({kind.upper()})", "seed": seed, "budget": len(inputs)},
                          MethodRun(f"PWE-MoE ({kind.upper()})", inputs, metrics, len(inputs), info["seconds"],
                                    extra={"training_steps": moe_steps, "peak_rss_mb": info["peak_rss_mb"]})))
@@ -172,7 +176,7 @@ def main() -> None:
             summary.append(entry)
     name = f"fronts_{problem}_T{num}"
     path = write(out, name, {
-        "problem": problem, "tasks": num, "task_names": list(getattr(objective, "task_names", [])), "grid_points": len(grid),
+        "problem": problem, "val_examples": args.val_examples, "tasks": num, "task_names": list(getattr(objective, "task_names", [])), "grid_points": len(grid),
         "reference_points": len(reference), "reference": "non-dominated set of the grid and every evaluation of every run",
         "ref_point": ref_point.tolist(), "seeds": len(seeds), "budgets": budgets, "reevaluations": args.reevaluations,
         "preferences": len(preferences), "moe_steps": moe_steps, "rows": rows, "summary": summary})

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("bench_merge.py", [], ["merge_speed.json", "merge_speed_cpu.png"]),
         ("bench_map_speed.py", [], ["map_speed.json", "map_speed.png"]),
-        ("bench_fronts.py", ["--problem", "analytic", "--tasks", "2"], ["fronts_analytic_T2.json", "fronts_analytic_T2.png"]),
+        ("bench_fronts.py", ["--problem", "analytic", "--tasks", "2"],
+         ["fronts_analytic_T2.json", "fronts_analytic_T2.png", "fronts_analytic_T2_regret.png", "fronts_analytic_T2_example.png"]),
+        ("bench_map_vs_moe.py", ["--zoo", "vision"], ["map_vs_moe_vision.json", "map_vs_moe_vision_pairs.png", "map_vs_moe_vision_3d.png"]),
         ("bench_nested.py", [], ["nested.json"]),
     ],
 )
