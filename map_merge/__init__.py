@@ -1,7 +1,8 @@
 """map_merge: amortized Pareto fronts for model merging.
 
 Core (plain arrays and callables): :class:`MAP`, :class:`BayesianMAP`, :func:`nested_merge`,
-surrogates, front search and front metrics. Adapters: :class:`TaskVectors` and
+surrogates, front search and front metrics; :mod:`map_merge.baselines` and
+:mod:`map_merge.compare` for the methods a user would otherwise run and side-by-side scoring. Adapters: :class:`TaskVectors` and
 :class:`ModelObjective` for real models, :mod:`map_merge.zoo` for the bundled offline zoos,
 :mod:`map_merge.plots` for figures.
 """
@@ -9,7 +10,7 @@ surrogates, front search and front metrics. Adapters: :class:`TaskVectors` and
 from . import plots
 from .bayes import BayesianMAP
 from .designs import default_num_samples, grid_design, lhs_design, make_design, map_design, num_quadratic_params, sobol_design
-from .front_metrics import front_report, gd, hypervolume, igd, igd_plus, win_rate
+from .front_metrics import front_report, gd, hypervolume, igd, igd_plus, preference_grid, preference_regret, win_rate
 from .map import MAP, MAPResult, Samples
 from .merge_methods import Dare, MergeMethod, TaskArithmetic, Ties
 from .nested import NestedResult, nested_merge
@@ -27,6 +28,7 @@ __all__ = [
     "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
     "SurrogateFitWarning", "Task", "TaskArithmetic", "TaskVectors", "Ties", "default_num_samples", "front_report", "gd",
     "grid_design", "hypervolume", "igd", "igd_plus", "lhs_design", "load_state_dict", "make_design", "map_design",
-    "nested_merge", "nsga3_search", "num_quadratic_params", "pareto_mask", "plots", "scalarization_search",
+    "nested_merge", "nsga3_search", "num_quadratic_params", "pareto_mask", "plots", "preference_grid", "preference_regret",
+    "scalarization_search",
     "sobol_design", "win_rate",
 ]

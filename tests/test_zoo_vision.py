@@ -71,3 +71,33 @@ def test_map_on_real_models_against_dense_grid_and_random_search(zoo, tmp_path):
     assert min(map_ratios) > 0.5
     assert np.mean(map_ratios) > np.mean(random_ratios)
     assert np.mean(map_ratios) > 0.85
+
+
+def test_limited_split_scores_the_first_examples(zoo):
+    name = zoo.limit_split("val", 50)
+    assert name == "val[:50]" and zoo.limit_split("val", None) == "val"
+    encoder = zoo.new_encoder().eval()
+    task = zoo.tasks["rotated"]
+    with torch.inference_mode():
+        logits = task.head(zoo.features(encoder, task.splits["val"].inputs))
+    expected = float((logits.argmax(-1)[:50] == task.splits["val"].labels[:50]).float().mean())
+    assert zoo.accuracy(encoder, "rotated", name) == pytest.approx(expected)
+    # the store keeps limited and full splits apart
+    full, limited = zoo.objective(["rotated"], progress=False), zoo.objective(["rotated"], split=name, progress=False)
+    assert full.fingerprint() != limited.fingerprint()
+    with pytest.raises(ValueError, match="num_examples must be at least 1"):
+        zoo.limit_split("val", 0)
+    with pytest.raises(ValueError, match="has no split 'dev'"):
+        zoo.limit_split("dev", 10)
+
+
+def test_train_loss_is_the_heads_cross_entropy_on_a_fresh_batch(zoo):
+    generator = torch.Generator().manual_seed(5)
+    loss = zoo.train_loss("inverted", batch_size=16, generator=generator)
+    encoder = zoo.new_encoder()
+    first, second = float(loss(encoder)), float(loss(encoder))
+    assert first != second  # a new minibatch per call
+    data = zoo.tasks["inverted"].splits["train"]
+    index = torch.randint(0, len(data), (16,), generator=torch.Generator().manual_seed(5))
+    logits = zoo.tasks["inverted"].head(zoo.features(encoder, {k: v[index] for k, v in data.inputs.items()}))
+    assert first == pytest.approx(float(torch.nn.functional.cross_entropy(logits, data.labels[index])), rel=1e-5)
