@@ -194,7 +194,8 @@ def main() -> None:
     title = f"{problem}, T={num}, seed 0, {budgets[-1]} evaluations per budgeted method"
     if num == 2:
         plots.plot_front_2d(example, list(objective.task_names), reference=reference[np.argsort(reference[:, 0])],
-                            lines={k: k in sweeps or k.startswith("PWE") for k in example}, title=title, path=out / f"{name}_example.png")
+                            lines={k: k in sweeps or k.startswith("PWE") for k in example}, title=title,
+                            reference_label="reference front (grid + every run)", path=out / f"{name}_example.png")
     else:
         plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, path=out / f"{name}_example.png")
     print(table(summary, ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "igd_plus_mean", "regret_mean_mean",

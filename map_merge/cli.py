@@ -166,7 +166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .nested import nested_merge
 
         def objective_for(idx):
-            return zoo.objective(names, method=config.get("method"), store=store, progress=False, scored=[names[i] for i in idx])
+            return zoo.objective(names, method=config.get("method"), store=store, progress=False, scored=[names[i] for i in idx],
+                                 task_vectors=objective.task_vectors)
 
         result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed)
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))

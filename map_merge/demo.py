@@ -123,8 +123,10 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
         elif step in BUDGETED:
             runs[step] = run_method(step, objective, num, budget, seed=seed, reevaluations=reevaluations, progress=progress)
         elif step == "nested merging":
-            def objective_for(idx, names=names):
-                return zoo.objective(names, split=split, store=store, progress=False, scored=[names[i] for i in idx])
+            tv = objective.task_vectors  # shared by every stage's objective
+
+            def objective_for(idx, names=names, tv=tv):
+                return zoo.objective(names, split=split, store=store, progress=False, scored=[names[i] for i in idx], task_vectors=tv)
 
             nested = nested_merge(objective_for, num, np.full(num, 1.0 / num), samples_per_stage=8, seed=seed)
             runs[step] = MethodRun(step, nested.coeffs[None], nested.metrics[None], nested.num_evaluations, time.perf_counter() - start, nested,
