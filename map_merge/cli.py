@@ -105,7 +105,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     report = run_demo(out=args.out, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
-                      val_examples=None if args.val_examples == 0 else args.val_examples, baselines_t3=args.baselines_t3,
+                      val_examples=None if args.val_examples == 0 else args.val_examples, all_baselines=args.all_baselines,
+                      zoo_table_too=args.zoo_table,
                       grid_per_axis=args.grid_per_axis)
     print((Path(args.out) / "report.md").read_text())
     print(f"\nwrote {args.out}/report.json, report.md and plots ({report['seconds']:.0f} s)")
@@ -214,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-examples", type=int, default=100, help="validation examples per task the methods are scored on (0: all 200)")
     demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")
     demo.add_argument("--moe-methods", nargs="+", default=["ls"], choices=["ls", "epo"], help="PWE-MoE training objectives")
-    demo.add_argument("--baselines-t3", action="store_true", help="run every baseline on the 3-task problem too")
+    demo.add_argument("--all-baselines", action="store_true",
+                      help="also random search and NSGA-II, and every baseline on the 3-task problem (about 5 minutes more)")
+    demo.add_argument("--zoo-table", action="store_true", help="add the zoo table (test accuracies; about 2 minutes more)")
     demo.add_argument("--grid-per-axis", type=int, default=None, help="add a grid of real evaluations to the reference front")
     demo.set_defaults(fn=_cmd_demo)
     zoo = sub.add_parser("zoo", help="build (or load) a bundled model zoo and describe it")

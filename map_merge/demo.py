@@ -1,9 +1,10 @@
 """The demo: the whole story on the offline text zoo, written as a report and plots.
 
 ``map-merge demo --out outputs/demo`` (the README's main command) builds or loads the text zoo,
-tabulates it, and for a 2-task and a 3-task problem runs MAP, Bayesian MAP, nested merging
-(3 tasks), PWE-MoE and the baselines a user would otherwise run (task arithmetic, TIES and
-DARE sweeps, random search, NSGA-II, qNEHVI), each at the same number of real evaluations. The
+and for a 2-task and a 3-task problem runs MAP, Bayesian MAP, nested merging (3 tasks), PWE-MoE
+and the baselines a user would otherwise run (task arithmetic, TIES and DARE sweeps, qNEHVI;
+random search and NSGA-II with ``all_baselines``), each budgeted method at the same number of
+real evaluations; ``zoo_table_too`` adds the zoo's table. The
 reference front is the non-dominated set of every real evaluation made. Every real evaluation
 goes through one evaluation store in the output folder and trained routers are saved there, so
 a second run recomputes nothing.
@@ -98,7 +99,7 @@ def _moe_run(zoo, names: list[str], store: EvaluationStore, out: Path, split: st
     return run
 
 
-def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, seed: int, progress: bool, baselines: bool,
+def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, seed: int, progress: bool, baselines: Sequence[str],
                 moe_methods: Sequence[str], moe_steps: int, reevaluations: int, grid_per_axis: int | None) -> dict[str, Any]:
     num = len(names)
     tag = f"T{num}"
@@ -106,9 +107,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     budget = default_num_samples(num) + reevaluations
     runs: dict[str, MethodRun] = {}
     lambdas = np.round(np.linspace(0.0, 1.0, 6), 10)
-    steps = ["task arithmetic", "MAP", "Bayesian MAP"]
-    if baselines:
-        steps += ["TIES", "DARE", "random search", "NSGA-II", "qNEHVI"]
+    steps = ["task arithmetic", "MAP", "Bayesian MAP", *baselines]
     if num >= 3:
         steps.append("nested merging")
     steps += [f"PWE-MoE ({m.upper()})" for m in moe_methods] if moe_steps > 0 else []
@@ -247,8 +246,9 @@ def run_demo(
     seed: int = 0,
     moe_steps: int = 100,
     moe_methods: Sequence[str] = ("ls",),
-    reevaluations: int = 6,
-    baselines_t3: bool = False,
+    reevaluations: int = 4,
+    all_baselines: bool = False,
+    zoo_table_too: bool = False,
     grid_per_axis: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -259,8 +259,11 @@ def run_demo(
         val_examples: validation examples per task the methods are scored on (``None``: all 200).
         moe_steps: PWE-MoE router training steps (0 skips PWE-MoE); moe_methods: ``"ls"``, ``"epo"``.
         reevaluations: front points each MAP variant re-evaluates (part of its budget).
-        baselines_t3: run TIES, DARE, random search, NSGA-II and qNEHVI on the 3-task problem too
-            (they always run on the 2-task one).
+        all_baselines: besides the TIES and DARE sweeps and qNEHVI on the 2-task problem (the
+            default), run random search and NSGA-II, and every baseline on the 3-task problem too
+            (``benchmarks/bench_fronts.py`` runs them all over seeds).
+        zoo_table_too: add the zoo table (test accuracy of majority class, linear probe,
+            pretrained, fine-tuned and task arithmetic; about 2 minutes more).
         grid_per_axis: add a grid of real evaluations to the reference front (``per_axis ** T``).
     """
     from .zoo.text import load_text_zoo
@@ -275,12 +278,15 @@ def run_demo(
     report: dict[str, Any] = {"zoo": {"model": zoo.info["model"], "tasks": list(zoo.task_names), "recipe": zoo.info["recipe"]},
                               "settings": {"val_examples": val_examples, "seed": seed, "moe_steps": moe_steps, "moe_methods": list(moe_methods),
                                            "reevaluations": reevaluations, "grid_per_axis": grid_per_axis}}
-    report["zoo_table"] = zoo_table(zoo, store, out, progress=progress)
+    report["zoo_table"] = zoo_table(zoo, store, out, progress=progress) if zoo_table_too else []
     report["experiments"] = {}
     for tasks in (list(tasks2), list(tasks3)):
         if not tasks:
             continue
-        report["experiments"][f"T{len(tasks)}"] = _experiment(zoo, tasks, store, out, split, seed, progress, baselines=len(tasks) == 2 or baselines_t3,
+        baselines = ["TIES", "DARE", "qNEHVI"] + (["random search", "NSGA-II"] if all_baselines else [])
+        if len(tasks) > 2 and not all_baselines:
+            baselines = []
+        report["experiments"][f"T{len(tasks)}"] = _experiment(zoo, tasks, store, out, split, seed, progress, baselines=baselines,
                                                             moe_methods=moe_methods, moe_steps=moe_steps, reevaluations=reevaluations,
                                                             grid_per_axis=grid_per_axis)
         _write(out, report, start)

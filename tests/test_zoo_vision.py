@@ -95,7 +95,7 @@ def test_train_loss_is_the_heads_cross_entropy_on_a_fresh_batch(zoo):
     generator = torch.Generator().manual_seed(5)
     loss = zoo.train_loss("inverted", batch_size=16, generator=generator)
     encoder = zoo.new_encoder()
-    first, second = float(loss(encoder)), float(loss(encoder))
+    first, second = loss(encoder).item(), loss(encoder).item()
     assert first != second  # a new minibatch per call
     data = zoo.tasks["inverted"].splits["train"]
     index = torch.randint(0, len(data), (16,), generator=torch.Generator().manual_seed(5))
