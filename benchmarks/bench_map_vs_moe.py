@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, table, write  # noqa: E402
 
 TASKS = {"vision": ["rotated", "inverted", "mirrored_parity"], "text": ["sentiment", "med_subject", "bias_type"]}
+# the zoo is loaded with these tasks (as bench_fronts.py does), so stored evaluations are shared
+LOADED = {"vision": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"], "text": TASKS["text"]}
 
 
 def _peak_mb() -> float:
@@ -36,7 +38,7 @@ def _load(zoo_name: str, out: str, val_examples: int | None):
     import map_merge as mm
     from map_merge.zoo import load_text_zoo, load_vision_zoo
 
-    zoo = (load_vision_zoo if zoo_name == "vision" else load_text_zoo)(TASKS[zoo_name], progress=False)
+    zoo = (load_vision_zoo if zoo_name == "vision" else load_text_zoo)(LOADED[zoo_name], progress=False)
     split = zoo.limit_split("val", val_examples)
     store = mm.EvaluationStore(Path(out) / f"{zoo_name}_evals.sqlite")
     return zoo, split, store
