@@ -95,7 +95,7 @@ def random_search(objective: Objective, num_coeffs: int, budget: int, bounds: tu
     low, high = _setup(objective, num_coeffs, budget, bounds)
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    coeffs = low + (high - low) * np.stack([rng.uniform(size=num_coeffs) for _ in range(budget)])
+    coeffs = low + (high - low) * rng.uniform(size=(budget, num_coeffs))  # drawn row by row: prefix-stable
     return _result("random search", objective, coeffs, call_objective(objective, coeffs), start, {"budget": budget, "seed": seed})
 
 
@@ -114,6 +114,7 @@ def nsga2_search(
     few generations."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
+    from pymoo.core.population import Population
     from pymoo.core.problem import Problem
     from pymoo.core.termination import NoTermination
     from pymoo.problems.static import StaticProblem
@@ -144,8 +145,6 @@ def nsga2_search(
         if problem is None:
             senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
             problem = Problem(n_var=num_coeffs, n_obj=metrics.shape[1], xl=low, xu=high)
-            from pymoo.core.population import Population
-
             algorithm.setup(problem, termination=NoTermination(), seed=seed, verbose=False,
                             sampling=Population.new("X", x))
             population = algorithm.ask()  # the initial population: our x

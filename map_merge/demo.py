@@ -156,7 +156,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     map_result = runs["MAP"].result
     chosen = {"MAP (surrogate pick)": map_result.select(equal)}
     ta = runs["task arithmetic"]
-    chosen[f"best uniform task arithmetic"] = ta.inputs[int(np.argmax(ta.metrics.mean(axis=1)))]
+    chosen["best uniform task arithmetic"] = ta.inputs[int(np.argmax(ta.metrics.mean(axis=1)))]
     if "nested merging" in runs:
         chosen["nested merging"] = runs["nested merging"].inputs[0]
     test = {name: zoo.evaluate_coeffs(c[None], names, split="test")[0] for name, c in chosen.items()}

@@ -91,10 +91,10 @@ def map_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (
 
 
 def _quadratic_rank(points: np.ndarray) -> int:
-    """Rank of the full-quadratic feature matrix ``[1, c_i, c_i c_j (i <= j)]`` of ``points``."""
-    rows, cols = np.triu_indices(points.shape[1])
-    features = np.concatenate([np.ones((len(points), 1)), points, points[:, rows] * points[:, cols]], axis=1)
-    return int(np.linalg.matrix_rank(features))
+    """Rank of the full-quadratic feature matrix of ``points`` (the surrogate's features)."""
+    from .surrogate import quadratic_features  # surrogate imports this module at load time
+
+    return int(np.linalg.matrix_rank(quadratic_features(points)))
 
 
 def _grid(num_tasks: int, per_axis: int, low: float, high: float) -> np.ndarray:

@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 from conftest import grid, quadratic_pair, quadratic_three

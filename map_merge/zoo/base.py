@@ -8,6 +8,7 @@ with head ``t``. Zoos are built by :mod:`map_merge.zoo.text` and :mod:`map_merge
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -180,7 +181,6 @@ class Zoo:
 
         Returns ``(moe, info)``; ``info`` holds steps, seconds, trainable parameters, routers,
         the EPO LP success rate, the final loss and the process's peak RSS."""
-        import hashlib
         import resource
 
         from ..moe import ParetoMoE
@@ -220,7 +220,10 @@ class Zoo:
             dense = moe.unload(preference)
             return np.array([self.accuracy(dense, n, split) for n in names])
 
-        digest = hashlib_digest([p.detach().numpy().tobytes() for p in moe.routers.parameters()])
+        hasher = hashlib.blake2b(digest_size=8)
+        for param in moe.routers.parameters():
+            hasher.update(param.detach().numpy().tobytes())
+        digest = hasher.hexdigest()
         if store is not None and not isinstance(store, EvaluationStore):
             store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "pwe-moe": digest, "split": split, "data": self.info.get("data_hash", "")})
@@ -270,16 +273,6 @@ class Zoo:
             encoder.eval()
             out[i] = [self.accuracy(encoder, n, split) for n in names]
         return out
-
-
-def hashlib_digest(chunks: Sequence[bytes]) -> str:
-    """A short hex digest of byte chunks (cache keys)."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=8)
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def finetune(
