@@ -1,27 +1,38 @@
 """Command line: ``map-merge {demo, zoo, map, bayes, nested, moe, save}``.
 
 ``map-merge map --config merge.yaml`` runs MAP (``bayes``: Bayesian MAP, ``nested``: nested
-merging for the config's preference, ``moe``: PWE-MoE) on models described in a small YAML/JSON
-file::
+merging for the config's preference, ``moe``: PWE-MoE) on the models a small YAML/JSON file
+describes, and saves the merged model for the config's preference. Your own models::
 
-    pretrained: path/to/base            # HF folder or .safetensors
-    finetuned:                          # name -> path
-      task_a: path/to/a
-      task_b: path/to/b
-    zoo: text                           # or: evaluate on a bundled zoo's tasks instead of paths
-    tasks: [sentiment, med_subject]     # zoo tasks to merge and score
+    pretrained: base/                   # HF folder, .safetensors, .bin or .pt (paths relative to this file;
+                                        # 'out' and 'store' relative to the working directory)
+    finetuned:                          # task -> fine-tuned model
+      task_a: a/
+      task_b: b/
+    evaluator: my_eval.py:evaluate      # evaluate(model, task) -> float, or "package.module:function"
+    model: my_eval.py:build             # optional: build() -> nn.Module (default: AutoModel of 'pretrained')
+    sense: max                          # or min (a loss)
+
+or a bundled zoo (models, data and metrics from the zoo)::
+
+    zoo: text                           # or vision
+    tasks: [sentiment, med_subject]
+
+and the settings (all optional)::
+
     method: task_arithmetic             # ties / dare
-    num_samples: 12
+    num_samples: 12                     # map: real evaluations for the surrogates
     bounds: [0.0, 1.0]
     seed: 0
-    store: outputs/evals.sqlite
+    store: outputs/evals.sqlite         # evaluation store (resumes an interrupted run)
     out: outputs/map
-    preference: [1, 1]                  # the model to pick (and nested merging's target)
+    link: sigmoid                       # surrogate link (zoo: sigmoid; own models: identity)
+    preference: [1, 1]                  # the model to pick and save (and nested merging's target)
     budget: 16                          # bayes: total real evaluations
     acquisition: nehvi                  # bayes: nehvi / binned
     samples_per_stage: 10               # nested: real evaluations per pairwise stage
-    moe_method: ls                      # moe: ls / epo
-    moe_steps: 100                      # moe: router training steps
+    moe_method: ls                      # moe (zoo only): ls / epo
+    moe_steps: 100                      # moe (zoo only): router training steps
 """
 
 from __future__ import annotations
@@ -36,64 +47,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import ConfigError, build_objective, load_config
+
 __all__ = ["main", "load_config"]
-
-_CONFIG_FIELDS = {
-    "zoo": str, "tasks": list, "method": str, "num_samples": int, "bounds": list, "seed": int,
-    "store": str, "out": str, "design": str, "link": str, "preference": list, "pretrained": str, "finetuned": dict,
-    "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
-}
-_CHOICES = {"method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"), "moe_method": ("ls", "epo"),
-            "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity")}
-
-
-class ConfigError(ValueError):
-    """A config file field is missing or wrong."""
-
-
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a YAML or JSON run description; errors name the offending field."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        config = yaml.safe_load(text)
-    else:
-        config = json.loads(text)
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: the config must be a mapping of fields, got {type(config).__name__}")
-    for key, value in config.items():
-        if key not in _CONFIG_FIELDS:
-            raise ConfigError(f"{path}: unknown field {key!r}; known fields: {sorted(_CONFIG_FIELDS)}")
-        expected = _CONFIG_FIELDS[key]
-        if expected is float and isinstance(value, int):
-            continue
-        if not isinstance(value, expected):
-            raise ConfigError(f"{path}: field {key!r} must be a {expected.__name__}, got {value!r}")
-    if "zoo" not in config:
-        raise ConfigError(
-            f"{path}: field 'zoo' is required (evaluating arbitrary model paths needs a task metric: use the Python API "
-            "ModelObjective for that, see README)"
-        )
-    if config["zoo"] not in ("text", "vision"):
-        raise ConfigError(f"{path}: field 'zoo' must be 'text' or 'vision', got {config['zoo']!r}")
-    for key, choices in _CHOICES.items():
-        if key in config and config[key] not in choices:
-            raise ConfigError(f"{path}: field {key!r} must be one of {list(choices)}, got {config[key]!r}")
-    for key in ("num_samples", "budget", "samples_per_stage", "moe_steps"):
-        if key in config and config[key] < 1:
-            raise ConfigError(f"{path}: field {key!r} must be a positive integer, got {config[key]!r}")
-    if "preference" in config and (not all(isinstance(v, (int, float)) for v in config["preference"])
-                                   or any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0):
-        raise ConfigError(f"{path}: field 'preference' must be non-negative numbers, not all zero, got {config['preference']!r}")
-    bounds = config.get("bounds", [0.0, 1.0])
-    if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
-        raise ConfigError(f"{path}: field 'bounds' must be [low, high] with low < high, got {bounds!r}")
-    return config
-
 
 def _load_zoo(name: str, tasks: list[str] | None, progress: bool = True):
     from .zoo import load_text_zoo, load_vision_zoo
@@ -135,12 +91,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .store import EvaluationStore
 
     config = load_config(args.config)
+    if args.command == "moe" and "zoo" not in config:
+        raise ConfigError(f"{args.config}: field 'zoo' is required by 'moe': PWE-MoE trains its routers on a bundled zoo's training data")
     out = Path(config.get("out", f"outputs/{args.command}"))
     out.mkdir(parents=True, exist_ok=True)
-    zoo = _load_zoo(config["zoo"], config.get("tasks"))
-    names = list(zoo.task_names)
     store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
-    objective = zoo.objective(names, method=config.get("method"), store=store)
+    objective, names, zoo = build_objective(config, store=store)
     num = len(names)
     seed = config.get("seed", 0)
     bounds = tuple(config.get("bounds", (0.0, 1.0)))
@@ -152,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .bayes import BayesianMAP
         from .map import MAP
 
-        options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "sigmoid"), seed=seed)
+        options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "auto"), seed=seed)
         if args.command == "map":
             result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, num)
         else:
@@ -167,8 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from .nested import nested_merge
 
         def objective_for(idx):
-            return zoo.objective(names, method=config.get("method"), store=store, progress=False, scored=[names[i] for i in idx],
-                                 task_vectors=objective.task_vectors)
+            return objective.for_tasks([names[i] for i in idx])
 
         result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed)
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
@@ -188,8 +143,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         save_file({k: v.contiguous() for k, v in moe.unload(weights).state_dict().items()}, str(path))
         (out / "result.json").write_text(json.dumps({"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, indent=1))
         summary.update(fit=info, saved=str(path), coefficients={g: w.tolist() for g, w in moe.coefficients(weights).items()})
+    if args.command != "moe":
+        path = out / "merged_for_preference.safetensors"
+        objective.task_vectors.save_merged(path, summary["coeffs"], method=objective.method)
+        summary["saved"] = str(path)
     print(json.dumps(summary, indent=1, default=float))
-    print(f"preference {preference}; wrote {out}/result.json and {out}/front.png" if args.command != "nested" else f"wrote {out}/result.json")
+    print(f"preference {preference}; wrote {out}/result.json, {out}/front.png and {summary['saved']}" if args.command != "nested"
+          else f"wrote {out}/result.json and {summary['saved']}")
     return 0
 
 

@@ -87,7 +87,8 @@ def nested_merge(
     Args:
         objective_for: ``objective_for(task_indices)`` returns an objective taking full
             coefficient vectors ``(K, T)`` and returning those tasks' metrics ``(K, len(indices))``
-            (higher is better), e.g. ``lambda idx: zoo.objective(scored=[names[i] for i in idx], ...)``.
+            (higher is better, unless its ``senses`` say ``"min"``: those are negated inside the
+            stages), e.g. ``lambda idx: objective.for_tasks([names[i] for i in idx])``.
         num_tasks: T >= 2.
         preference: ``(T,)`` non-negative weights, not all zero.
         samples_per_stage: real evaluations of each 2-D MAP (at least 6).
@@ -108,7 +109,8 @@ def nested_merge(
     pool: list[tuple[list[int], np.ndarray, float]] = []
     result = NestedResult(np.zeros(num_tasks), np.zeros(num_tasks), weights)
     for i in range(num_tasks):
-        score = float(call_objective(objective_for([i]), eye[i : i + 1], 1)[0, 0])
+        single = objective_for([i])
+        score = float(call_objective(single, eye[i : i + 1], 1)[0, 0] * _signs(single, 1)[0])
         result.num_evaluations += 1
         result.task_evaluations += 1
         pool.append(([i], eye[i].copy(), score))
@@ -129,13 +131,12 @@ def nested_merge(
 
         def stage_objective(xy: np.ndarray, scorer=scorer, a=a, b=b, left=left, right=right, lc=left_cols, rc=right_cols) -> np.ndarray:
             full = xy[:, :1] * a + xy[:, 1:2] * b
-            metrics = call_objective(scorer, full, len(left) + len(right))
+            metrics = call_objective(scorer, full, len(left) + len(right)) * _signs(scorer, len(left) + len(right))
             spent["models"] += len(xy)
             return np.stack([group_score(metrics, left, lc), group_score(metrics, right, rc)], axis=1)
 
         wrapped = FunctionObjective(stage_objective, 2, ["left", "right"], key=f"nested-stage-{stage_index}")
-        in_unit = all(0.0 <= member[2] <= 1.0 for member in pool)
-        stage = MAP(num_samples=samples_per_stage, bounds=bounds, link="sigmoid" if in_unit else "identity", design="sobol", seed=seed + stage_index).fit(wrapped, 2)
+        stage = MAP(num_samples=samples_per_stage, bounds=bounds, link=_stage_link(scorer, pool), design="sobol", seed=seed + stage_index).fit(wrapped, 2)
         p_left, p_right = weights[left].sum(), weights[right].sum()
         if p_left + p_right <= 0:
             p_left = p_right = 1.0
@@ -155,6 +156,22 @@ def nested_merge(
     result.num_evaluations += 1
     result.task_evaluations += num_tasks
     return result
+
+
+def _signs(objective: Any, num: int) -> np.ndarray:
+    """+1 for metrics to maximise, -1 for those to minimise (``objective.senses``; default max)."""
+    senses = getattr(objective, "senses", None) or ("max",) * num
+    return np.array([-1.0 if s == "min" else 1.0 for s in senses])
+
+
+def _stage_link(scorer: Any, pool: list) -> str:
+    """A stage's group scores are weighted means of its tasks' metrics: keep the sigmoid link only
+    when every metric is accuracy-like (the objective's ``links``; without them, when every score
+    so far lies in [0, 1])."""
+    links = tuple(getattr(scorer, "links", None) or ())
+    if links and all(link is not None for link in links):
+        return "sigmoid" if set(links) == {"sigmoid"} and (_signs(scorer, len(links)) > 0).all() else "identity"
+    return "sigmoid" if all(0.0 <= member[2] <= 1.0 for member in pool) else "identity"
 
 
 def _pick_pair(pool, pairing: str, similarity: np.ndarray | None) -> tuple[int, int]:

@@ -293,3 +293,12 @@ class ModelObjective(Objective):
         self.merge_seconds += merged - start
         self.eval_seconds += time.perf_counter() - merged
         return values
+
+    def for_tasks(self, names: Sequence[str]) -> "ModelObjective":
+        """The same merge (model, task vectors, method, store) scoring only ``names``: what
+        :func:`~map_merge.nested_merge` asks for at each stage. Results share the store."""
+        unknown = [n for n in names if n not in self.tasks]
+        if unknown or not names:
+            raise ValueError(f"for_tasks needs a non-empty subset of {list(self.task_names)}, got {list(names)}")
+        return ModelObjective(self.model, self.task_vectors, {n: self.tasks[n] for n in names}, method=self.method,
+                              store=self.store, executor=self.executor, key=self.key, progress=False)

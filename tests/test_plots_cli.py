@@ -91,3 +91,86 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     config.write_text(json.dumps({**base, "preference": [1, 1]}))
     assert main(["nested", "--config", str(config)]) == 2  # two weights for three tasks
     assert "field 'preference' has 2 weights for 3 tasks" in capsys.readouterr().err
+
+
+_USER_CODE = '''
+import torch
+from torch import nn
+
+TARGETS = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])}
+
+
+def build():
+    return nn.Linear(2, 1, bias=False)
+
+
+def evaluate(model, task):
+    # exactly quadratic in the merged weight w = (c_a, c_b): 1 - |w - target|^2
+    w = model.weight.reshape(-1)
+    return float(1.0 - ((w - TARGETS[task]) ** 2).sum())
+
+
+def loss(model, task):
+    return 1.0 - evaluate(model, task)
+'''
+
+
+def _own_models(folder):
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "user.py").write_text(_USER_CODE)
+    for name, w in {"base": [0.0, 0.0], "a": [1.0, 0.0], "b": [0.0, 1.0]}.items():
+        save_file({"weight": torch.tensor([w])}, str(folder / f"{name}.safetensors"))
+    return {"pretrained": "base.safetensors", "finetuned": {"a": "a.safetensors", "b": "b.safetensors"},
+            "evaluator": "user.py:evaluate", "model": "user.py:build"}
+
+
+@pytest.mark.parametrize(
+    "command, preference, expected, extra",
+    [("map", [1, 1], [0.5, 0.5], {}), ("nested", [3, 1], [0.75, 0.25], {}),
+     ("map", [1, 3], [0.25, 0.75], {"evaluator": "user.py:loss", "sense": "min"}),
+     ("nested", [3, 1], [0.75, 0.25], {"evaluator": "user.py:loss", "sense": "min"})],
+)
+def test_cli_on_own_models_finds_the_analytic_optimum(tmp_path, capsys, command, preference, expected, extra):
+    from safetensors.torch import load_file
+
+    # preference p: maximise p_a (1 - (c_a-1)^2 - c_b^2) + p_b (1 - c_a^2 - (c_b-1)^2)  =>  c = p / sum(p)
+    # (the same with the loss 1 - score minimised)
+    config = tmp_path / "run.yaml"
+    fields = {**_own_models(tmp_path), "out": str(tmp_path / "out"), "preference": preference, **extra}
+    config.write_text(json.dumps(fields))  # JSON is valid YAML
+    assert main([command, "--config", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\npreference")[0].split("\nwrote")[0])
+    np.testing.assert_allclose(summary["coeffs"], expected, atol=0.03)
+    saved = load_file(summary["saved"])["weight"].numpy().reshape(-1)
+    np.testing.assert_allclose(saved, summary["coeffs"], atol=1e-6)  # the saved model is the merge of the pick
+    assert (tmp_path / "out" / "evaluations.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"evaluator": None}, "field 'evaluator' is required"),
+        ({"finetuned": {"a": "a.safetensors", "b": "nowhere.safetensors"}}, "field 'finetuned.b' points to 'nowhere.safetensors', which does not exist"),
+        ({"zoo": "vision"}, "field 'pretrained' belongs to a run on your own models"),
+        ({"moe_steps": 10}, "field 'moe_steps' needs a bundled zoo"),
+        ({"tasks": ["a", "c"]}, r"field 'tasks' names \['c'\]"),
+        ({"evaluator": "user.evaluate"}, "field 'evaluator' must be 'module:function'"),
+        ({"sense": "up"}, "field 'sense' must be one of"),
+    ],
+)
+def test_own_model_config_errors_name_the_field(tmp_path, fields, message):
+    config = {**_own_models(tmp_path), **fields}
+    config = {k: v for k, v in config.items() if v is not None}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_own_model_evaluator_that_does_not_exist_is_reported(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**_own_models(tmp_path), "evaluator": "user.py:score"}))
+    assert main(["map", "--config", str(path)]) == 2
+    assert "has no callable 'score'" in capsys.readouterr().err

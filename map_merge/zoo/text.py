@@ -213,7 +213,9 @@ def load_text_zoo(
     for head in heads.values():
         head.eval()
     zoo_tasks = {name: ZooTask(name, data[name][1], data[name][0], heads[name]) for name in names}
-    return Zoo("text", pretrained, finetuned, zoo_tasks, _mean_pool, eval_batch_size=100, info=info)
+    # small evaluation batches: each sorted batch is trimmed to its longest text, so short-text tasks
+    # (med_subject, bias_type) skip most of the padding (3.9 s -> 2.4 s for 100 texts of each of 3 tasks)
+    return Zoo("text", pretrained, finetuned, zoo_tasks, _mean_pool, eval_batch_size=20, info=info)
 
 
 def data_hash_of(splits: dict[str, Split]) -> str:

@@ -1,0 +1,197 @@
+"""Run descriptions for the command line: a small YAML/JSON file naming the models, the tasks
+and the settings, validated field by field (errors name the field), and the objective it
+describes.
+
+Two kinds of run:
+
+- a bundled zoo (``zoo: text`` or ``zoo: vision``, ``tasks:`` a subset of its tasks): the zoo
+  supplies models, data and metrics;
+- your own models: ``pretrained:`` and ``finetuned:`` (task -> path) name the weights (a
+  Hugging Face folder, ``.safetensors``, ``.bin``/``.pt``), ``evaluator:`` names a Python
+  function ``evaluate(model, task) -> float`` as ``"module:function"`` or ``"file.py:function"``
+  (a file path is read relative to the config), and ``model:`` optionally names a factory
+  ``build() -> nn.Module`` for the architecture (default: ``transformers.AutoModel`` from the
+  ``pretrained`` folder). ``sense:`` says whether the evaluator's score is maximised
+  (default) or minimised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective"]
+
+FIELDS: dict[str, type] = {
+    "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
+    "method": str, "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
+    "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
+}
+CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"),
+           "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
+           "sense": ("max", "min")}
+
+
+class ConfigError(ValueError):
+    """A config file field is missing or wrong."""
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a YAML or JSON run description; errors name the offending field.
+
+    Relative model and evaluator paths are resolved against the config's folder; the returned
+    mapping holds them absolute, plus ``"_path"`` (the config file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            config = yaml.safe_load(text)
+        else:
+            config = json.loads(text)
+    except Exception as error:  # yaml.YAMLError / json.JSONDecodeError: report the file, not a traceback
+        raise ConfigError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of fields, got {type(config).__name__}")
+
+    def fail(field: str, message: str) -> ConfigError:
+        return ConfigError(f"{path}: field {field!r} {message}")
+
+    for key, value in config.items():
+        if key not in FIELDS:
+            raise ConfigError(f"{path}: unknown field {key!r}; known fields: {sorted(FIELDS)}")
+        if not isinstance(value, FIELDS[key]) or (FIELDS[key] is int and isinstance(value, bool)):
+            raise fail(key, f"must be a {FIELDS[key].__name__}, got {value!r}")
+    for key, choices in CHOICES.items():
+        if key in config and config[key] not in choices:
+            raise fail(key, f"must be one of {list(choices)}, got {config[key]!r}")
+    for key in ("num_samples", "budget", "samples_per_stage", "moe_steps"):
+        if key in config and config[key] < 1:
+            raise fail(key, f"must be a positive integer, got {config[key]!r}")
+    if "preference" in config and (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in config["preference"])
+                                   or any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0):
+        raise fail("preference", f"must be non-negative numbers, not all zero, got {config['preference']!r}")
+    bounds = config.get("bounds", [0.0, 1.0])
+    if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
+        raise fail("bounds", f"must be [low, high] with low < high, got {bounds!r}")
+    if "tasks" in config and (not config["tasks"] or not all(isinstance(t, str) for t in config["tasks"])):
+        raise fail("tasks", f"must be a non-empty list of task names, got {config['tasks']!r}")
+
+    own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense") if key in config]
+    if "zoo" in config:
+        if own:
+            raise fail(own[0], "belongs to a run on your own models; a run on a bundled zoo ('zoo') takes its models and metrics from the zoo")
+        return {**config, "_path": str(path)}
+    missing = [key for key in ("pretrained", "finetuned", "evaluator") if key not in config]
+    if missing:
+        raise fail(missing[0], "is required: name a bundled 'zoo', or your own models with 'pretrained', 'finetuned' (task -> path) "
+                               "and 'evaluator' ('module:function' called as evaluate(model, task) -> float)")
+    if not config["finetuned"]:
+        raise fail("finetuned", "must name at least one task -> fine-tuned model path")
+    folder = path.parent
+    resolved = {**config, "_path": str(path)}
+    resolved["pretrained"] = _existing(folder, config["pretrained"], "pretrained", fail)
+    resolved["finetuned"] = {}
+    for task, model_path in config["finetuned"].items():
+        if not isinstance(model_path, str):
+            raise fail("finetuned", f"maps task {task!r} to {model_path!r}; expected a path")
+        resolved["finetuned"][str(task)] = _existing(folder, model_path, f"finetuned.{task}", fail)
+    unknown = [t for t in config.get("tasks", []) if t not in resolved["finetuned"]]
+    if unknown:
+        raise fail("tasks", f"names {unknown}, which 'finetuned' does not; it has {list(resolved['finetuned'])}")
+    for key in ("evaluator", "model"):
+        if key in config and config[key].count(":") != 1:
+            raise fail(key, f"must be 'module:function' or 'file.py:function', got {config[key]!r}")
+    if "moe_method" in config or "moe_steps" in config:
+        raise fail("moe_method" if "moe_method" in config else "moe_steps",
+                   "needs a bundled zoo: PWE-MoE trains its routers on the zoo's training data")
+    return resolved
+
+
+def _existing(folder: Path, value: str, field: str, fail: Callable[[str, str], ConfigError]) -> str:
+    candidate = Path(value).expanduser()
+    candidate = candidate if candidate.is_absolute() else folder / candidate
+    if not candidate.exists():
+        raise fail(field, f"points to {value!r}, which does not exist (looked for {candidate})")
+    return str(candidate)
+
+
+def resolve_callable(spec: str, folder: str | os.PathLike = ".") -> Callable[..., Any]:
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` (relative to ``folder``) -> the callable."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{spec!r} must be 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        file = Path(module_name).expanduser()
+        file = file if file.is_absolute() else Path(folder) / file
+        if not file.exists():
+            raise FileNotFoundError(f"{spec!r}: file {file} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"map_merge_user_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def _source_digest(fn: Callable[..., Any]) -> str:
+    import hashlib
+    import inspect
+
+    try:
+        source = inspect.getsource(inspect.getmodule(fn) or fn)
+    except (OSError, TypeError):
+        source = getattr(fn, "__qualname__", repr(fn))
+    return hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+
+
+def build_objective(config: dict[str, Any], store: Any = None, progress: bool = True):
+    """The objective a validated config describes: ``(objective, task_names, zoo)``.
+
+    ``zoo`` is ``None`` for a run on your own models. The objective merges the fine-tuned
+    models' task vectors into one model of the pretrained architecture and scores each task
+    with the evaluator."""
+    import torch
+
+    from .objective import ModelObjective, Task
+    from .task_vectors import TaskVectors
+
+    method = config.get("method")
+    if "zoo" in config:
+        from .zoo import load_text_zoo, load_vision_zoo
+
+        loader = load_text_zoo if config["zoo"] == "text" else load_vision_zoo
+        zoo = loader(config.get("tasks"), progress=progress)
+        names = list(zoo.task_names)
+        return zoo.objective(names, method=method, store=store, progress=progress), names, zoo
+    folder = Path(config["_path"]).parent
+    names = list(config.get("tasks", config["finetuned"]))
+    evaluate = resolve_callable(config["evaluator"], folder)
+    if "model" in config:
+        model = resolve_callable(config["model"], folder)()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"{config['_path']}: field 'model': {config['model']} returned a {type(model).__name__}, not an nn.Module")
+    else:
+        if not Path(config["pretrained"]).is_dir():
+            raise ConfigError(f"{config['_path']}: field 'model' is required when 'pretrained' is a weights file, not a Hugging Face folder")
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(config["pretrained"], local_files_only=True)
+    tv = TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
+    sense = config.get("sense", "max")
+    link = config.get("link", "identity")
+    tasks = {n: Task(lambda m, n=n: float(evaluate(m, n)), sense=sense, link=link) for n in names}
+    # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
+    key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
+    return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
