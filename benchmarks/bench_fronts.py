@@ -89,12 +89,12 @@ def main() -> None:
     if problem == "analytic":
         objective = analytic(num)
     else:
-        from map_merge.zoo import load_text_zoo, load_vision_zoo
+        from map_merge.zoo import load_zoo
 
         names = TASKS[problem][:num]
         # all of the problem's tasks are loaded, so that the data fingerprint (part of every stored
         # evaluation's key) is the same for every T and for the demo
-        zoo = (load_vision_zoo if problem == "vision" else load_text_zoo)(TASKS[problem], progress=False)
+        zoo = load_zoo(problem, TASKS[problem], progress=False)
         split = zoo.limit_split("val", args.val_examples)
         store = mm.EvaluationStore(out / f"{problem}_evals.sqlite")
         objective = zoo.objective(names, split=split, store=store, progress=False)

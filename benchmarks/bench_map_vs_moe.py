@@ -36,9 +36,9 @@ def _peak_mb() -> float:
 
 def _load(zoo_name: str, out: str, val_examples: int | None):
     import map_merge as mm
-    from map_merge.zoo import load_text_zoo, load_vision_zoo
+    from map_merge.zoo import load_zoo
 
-    zoo = (load_vision_zoo if zoo_name == "vision" else load_text_zoo)(LOADED[zoo_name], progress=False)
+    zoo = load_zoo(zoo_name, LOADED[zoo_name], progress=False)
     split = zoo.limit_split("val", val_examples)
     store = mm.EvaluationStore(Path(out) / f"{zoo_name}_evals.sqlite")
     return zoo, split, store

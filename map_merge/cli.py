@@ -51,11 +51,6 @@ from .config import ConfigError, build_objective, load_config
 
 __all__ = ["main", "load_config"]
 
-def _load_zoo(name: str, tasks: list[str] | None, progress: bool = True):
-    from .zoo import load_text_zoo, load_vision_zoo
-
-    return load_text_zoo(tasks, progress=progress) if name == "text" else load_vision_zoo(tasks, progress=progress)
-
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
@@ -70,7 +65,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    zoo = _load_zoo(args.zoo, args.tasks)
+    from .zoo import load_zoo
+
+    zoo = load_zoo(args.zoo, args.tasks)
     tv = zoo.task_vectors()
     print(f"{zoo.name} zoo: tasks {list(zoo.task_names)}; {tv.num_params:,} merged parameters")
     print("task-vector cosine similarities:\n" + np.array2string(tv.cosine_similarity(), precision=3))
@@ -154,7 +151,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
-    zoo = _load_zoo(args.zoo, args.tasks)
+    from .zoo import load_zoo
+
+    zoo = load_zoo(args.zoo, args.tasks)
     tv = zoo.task_vectors()
     coeffs = [float(x) for x in args.coeffs.split(",")]
     if args.out.endswith(".safetensors"):

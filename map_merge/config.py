@@ -116,9 +116,14 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return resolved
 
 
+def _relative(folder: str | os.PathLike, value: str) -> Path:
+    """``value`` as a path, relative ones taken from ``folder``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(folder) / path
+
+
 def _existing(folder: Path, value: str, field: str, fail: Callable[[str, str], ConfigError]) -> str:
-    candidate = Path(value).expanduser()
-    candidate = candidate if candidate.is_absolute() else folder / candidate
+    candidate = _relative(folder, value)
     if not candidate.exists():
         raise fail(field, f"points to {value!r}, which does not exist (looked for {candidate})")
     return str(candidate)
@@ -130,8 +135,7 @@ def resolve_callable(spec: str, folder: str | os.PathLike = ".") -> Callable[...
     if not module_name or not attr:
         raise ValueError(f"{spec!r} must be 'module:function' or 'file.py:function'")
     if module_name.endswith(".py"):
-        file = Path(module_name).expanduser()
-        file = file if file.is_absolute() else Path(folder) / file
+        file = _relative(folder, module_name)
         if not file.exists():
             raise FileNotFoundError(f"{spec!r}: file {file} does not exist")
         module_spec = importlib.util.spec_from_file_location(f"map_merge_user_{file.stem}", file)
@@ -169,10 +173,9 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
 
     method = config.get("method")
     if "zoo" in config:
-        from .zoo import load_text_zoo, load_vision_zoo
+        from .zoo import load_zoo
 
-        loader = load_text_zoo if config["zoo"] == "text" else load_vision_zoo
-        zoo = loader(config.get("tasks"), progress=progress)
+        zoo = load_zoo(config["zoo"], config.get("tasks"), progress=progress)
         names = list(zoo.task_names)
         return zoo.objective(names, method=method, store=store, progress=progress), names, zoo
     folder = Path(config["_path"]).parent

@@ -2,7 +2,18 @@
 from .base import Split, Zoo, ZooTask, cache_root
 from .vision import VISION_TASKS, SmallCNN, load_vision_zoo
 
-__all__ = ["Split", "Zoo", "ZooTask", "cache_root", "load_vision_zoo", "SmallCNN", "VISION_TASKS", "load_text_zoo", "TEXT_TASKS"]
+__all__ = ["Split", "Zoo", "ZooTask", "cache_root", "load_zoo", "load_vision_zoo", "SmallCNN", "VISION_TASKS", "load_text_zoo", "TEXT_TASKS"]
+
+
+def load_zoo(name: str, tasks=None, progress: bool = True) -> Zoo:
+    """The bundled zoo called ``name`` (``"text"`` or ``"vision"``) with ``tasks`` (default: all)."""
+    if name == "vision":
+        return load_vision_zoo(tasks, progress=progress)
+    if name == "text":
+        from .text import load_text_zoo
+
+        return load_text_zoo(tasks, progress=progress)
+    raise ValueError(f"unknown zoo {name!r}; choose 'text' or 'vision'")
 
 
 def __getattr__(name: str):
