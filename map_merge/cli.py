@@ -31,8 +31,10 @@ and the settings (all optional)::
     budget: 16                          # bayes: total real evaluations
     acquisition: nehvi                  # bayes: nehvi / binned
     samples_per_stage: 10               # nested: real evaluations per pairwise stage
-    moe_method: ls                      # moe (zoo only): ls / epo
-    moe_steps: 100                      # moe (zoo only): router training steps
+    moe_method: ls                      # moe: ls / epo
+    moe_steps: 100                      # moe: router training steps
+    train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
+    upcycle: mlp                        # moe on own models: mlp / all / a regex over module names
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, build_objective, load_config
+from .config import ConfigError, build_objective, fit_moe, load_config
 
 __all__ = ["main", "load_config"]
 
@@ -88,8 +90,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .store import EvaluationStore
 
     config = load_config(args.config)
-    if args.command == "moe" and "zoo" not in config:
-        raise ConfigError(f"{args.config}: field 'zoo' is required by 'moe': PWE-MoE trains its routers on a bundled zoo's training data")
+    if args.command == "moe" and "zoo" not in config and "train_loss" not in config:
+        raise ConfigError(f"{args.config}: field 'train_loss' is required by 'moe' on your own models: name a function "
+                          "loss(model, task) -> scalar tensor that draws a training batch and returns its differentiable loss")
     out = Path(config.get("out", f"outputs/{args.command}"))
     out.mkdir(parents=True, exist_ok=True)
     store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
@@ -129,15 +132,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:  # moe
         from .moe import simplex_lattice
 
-        moe, info = zoo.fit_moe(names, method=config.get("moe_method", "ls"), steps=config.get("moe_steps", 100), seed=seed, checkpoint=out)
+        moe, info, moe_objective = fit_moe(config, objective, zoo, checkpoint=out, store=store)
         preferences = simplex_lattice(num, 0.1 if num == 2 else 0.25)
-        metrics = zoo.moe_objective(moe, names, store=store)(preferences)
+        metrics = moe_objective(preferences)
         _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png")
         weights = np.asarray(preference, dtype=float) / float(np.sum(preference))
         path = out / "merged_for_preference.safetensors"
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in moe.unload(weights).state_dict().items()}, str(path))
+        save_file({k: v.contiguous() for k, v in moe.unload(weights).state_dict().items()}, str(path),
+                  metadata={"preference": json.dumps(weights.tolist()), "tasks": json.dumps(names)})
         (out / "result.json").write_text(json.dumps({"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, indent=1))
         summary.update(fit=info, saved=str(path), coefficients={g: w.tolist() for g, w in moe.coefficients(weights).items()})
     if args.command != "moe":

@@ -12,7 +12,10 @@ Two kinds of run:
   (a file path is read relative to the config), and ``model:`` optionally names a factory
   ``build() -> nn.Module`` for the architecture (default: ``transformers.AutoModel`` from the
   ``pretrained`` folder). ``sense:`` says whether the evaluator's score is maximised
-  (default) or minimised.
+  (default) or minimised. PWE-MoE on your own models also needs ``train_loss:``, a function
+  ``loss(model, task) -> scalar tensor`` that draws one training batch, runs ``model`` on it
+  and returns a differentiable loss, and optionally ``upcycle:`` (``mlp``, the default: each
+  transformer block's MLP; ``all``; or a regular expression over module names).
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective"]
+__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "fit_moe"]
 
 FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
     "method": str, "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
+    "train_loss": str, "upcycle": str,
 }
 CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
@@ -85,7 +89,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     if "tasks" in config and (not config["tasks"] or not all(isinstance(t, str) for t in config["tasks"])):
         raise fail("tasks", f"must be a non-empty list of task names, got {config['tasks']!r}")
 
-    own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense") if key in config]
+    own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense", "train_loss", "upcycle") if key in config]
     if "zoo" in config:
         if own:
             raise fail(own[0], "belongs to a run on your own models; a run on a bundled zoo ('zoo') takes its models and metrics from the zoo")
@@ -107,12 +111,13 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     unknown = [t for t in config.get("tasks", []) if t not in resolved["finetuned"]]
     if unknown:
         raise fail("tasks", f"names {unknown}, which 'finetuned' does not; it has {list(resolved['finetuned'])}")
-    for key in ("evaluator", "model"):
+    for key in ("evaluator", "model", "train_loss"):
         if key in config and config[key].count(":") != 1:
             raise fail(key, f"must be 'module:function' or 'file.py:function', got {config[key]!r}")
-    if "moe_method" in config or "moe_steps" in config:
-        raise fail("moe_method" if "moe_method" in config else "moe_steps",
-                   "needs a bundled zoo: PWE-MoE trains its routers on the zoo's training data")
+    moe_fields = [key for key in ("moe_method", "moe_steps", "upcycle") if key in config]
+    if moe_fields and "train_loss" not in config:
+        raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
+                                  "batch): PWE-MoE trains its routers on your tasks' training losses")
     return resolved
 
 
@@ -198,3 +203,52 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
     return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
+
+
+def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint: str | os.PathLike | None = None,
+            store: Any = None, progress: bool = True):
+    """PWE-MoE for a validated config: ``(moe, info, preference_objective)``.
+
+    On a zoo, the routers train on the zoo's training data; on your own models, on the config's
+    ``train_loss``. Trained routers are kept in ``checkpoint`` (a folder) under a key of every
+    setting and reused. ``preference_objective`` maps preference vectors ``(K, T)`` to the
+    scores ``(K, T)`` of the unloaded dense models."""
+    import hashlib
+    import resource
+
+    import torch
+
+    from .moe import ParetoMoE
+
+    names = list(objective.task_names)
+    method, steps, seed = config.get("moe_method", "ls"), config.get("moe_steps", 100), config.get("seed", 0)
+    if zoo is not None:
+        moe, info = zoo.fit_moe(names, method=method, steps=steps, seed=seed, checkpoint=checkpoint, progress=progress)
+        return moe, info, zoo.moe_objective(moe, names, store=store, progress=progress)
+    if "train_loss" not in config:
+        raise ConfigError(f"{config['_path']}: field 'train_loss' is required by 'moe' on your own models: name a function "
+                          "loss(model, task) -> scalar tensor that draws a training batch and returns its differentiable loss")
+    folder = Path(config["_path"]).parent
+    loss = resolve_callable(config["train_loss"], folder)
+    upcycle = config.get("upcycle", "mlp")
+    try:
+        moe = ParetoMoE(objective.model, objective.task_vectors, upcycle=upcycle, seed=seed)
+    except ValueError as error:
+        raise ConfigError(f"{config['_path']}: field 'upcycle' ({upcycle!r}): {error}") from error
+    settings = [objective.task_vectors.fingerprint(), method, steps, seed, upcycle, config["train_loss"], _source_digest(loss)]
+    key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+    path = Path(checkpoint) / f"moe_routers_{key}.pt" if checkpoint is not None else None
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=False)
+        moe.routers.load_state_dict(saved["routers"])
+        info = {**saved["info"], "cached": True}
+    else:
+        history = moe.fit({n: (lambda model, n=n: loss(model, n)) for n in names}, steps=steps, method=method, seed=seed, progress=progress)
+        info = {"method": method, "steps": steps, "seconds": history.seconds, "trainable_params": moe.num_trainable,
+                "routers": len(moe.routers), "final_loss": float(sum(history.total[-10:]) / len(history.total[-10:])),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "key": key}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"routers": moe.routers.state_dict(), "info": info}, path)
+    tasks = {n: objective.tasks[n].metric for n in names}
+    return moe, info, moe.objective(tasks, senses=objective.senses, key=objective.key or "", store=store, progress=progress)

@@ -112,6 +112,15 @@ def evaluate(model, task):
 
 def loss(model, task):
     return 1.0 - evaluate(model, task)
+
+
+def train_loss(model, task):
+    # the same quadratic, through the model's forward (as PWE-MoE needs): |model(I) - target|^2
+    return ((model(torch.eye(2)).reshape(-1) - TARGETS[task]) ** 2).sum()
+
+
+def float_loss(model, task):
+    return float(train_loss(model, task))
 '''
 
 
@@ -154,7 +163,9 @@ def test_cli_on_own_models_finds_the_analytic_optimum(tmp_path, capsys, command,
         ({"evaluator": None}, "field 'evaluator' is required"),
         ({"finetuned": {"a": "a.safetensors", "b": "nowhere.safetensors"}}, "field 'finetuned.b' points to 'nowhere.safetensors', which does not exist"),
         ({"zoo": "vision"}, "field 'pretrained' belongs to a run on your own models"),
-        ({"moe_steps": 10}, "field 'moe_steps' needs a bundled zoo"),
+        ({"moe_steps": 10}, "field 'moe_steps' needs 'train_loss'"),
+        ({"upcycle": "all"}, "field 'upcycle' needs 'train_loss'"),
+        ({"train_loss": "user.loss"}, "field 'train_loss' must be 'module:function'"),
         ({"tasks": ["a", "c"]}, r"field 'tasks' names \['c'\]"),
         ({"evaluator": "user.evaluate"}, "field 'evaluator' must be 'module:function'"),
         ({"sense": "up"}, "field 'sense' must be one of"),
@@ -167,6 +178,57 @@ def test_own_model_config_errors_name_the_field(tmp_path, fields, message):
     path.write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def _segment_point(preference, method):
+    """Ground truth: the routed weight w = (t, 1 - t) for preference r. Task i's training loss is
+    |w - e_i|^2; linear scalarisation minimises sum_i r_i L_i (t = r_1), EPO balances r_1 L_1 =
+    r_2 L_2 on the Pareto segment (t = sqrt(r_1) / (sqrt(r_1) + sqrt(r_2)))."""
+    r = np.asarray(preference, dtype=float) / np.sum(preference, axis=-1, keepdims=True)
+    t = r[..., 0] if method == "ls" else np.sqrt(r[..., 0]) / (np.sqrt(r[..., 0]) + np.sqrt(r[..., 1]))
+    return np.stack([t, 1 - t], -1)
+
+
+@pytest.mark.parametrize("method", ["ls", "epo"])
+def test_cli_moe_on_own_models_routes_to_the_analytic_optimum(tmp_path, capsys, method):
+    from safetensors.torch import load_file
+
+    config = tmp_path / "run.json"
+    fields = {**_own_models(tmp_path), "out": str(tmp_path / "out"), "preference": [3, 1], "train_loss": "user.py:train_loss",
+              "upcycle": "all", "moe_steps": 1000, "moe_method": method}
+    config.write_text(json.dumps(fields))
+    assert main(["moe", "--config", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
+    # the saved dense model for [3, 1]: LS w = (0.75, 0.25), EPO w = (0.634, 0.366)
+    np.testing.assert_allclose(load_file(summary["saved"])["weight"].numpy().reshape(-1), _segment_point([3, 1], method), atol=0.05)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    # the unloaded front, scored by the evaluator 1 - |w - e_i|^2 (the routers see the simplex's
+    # corners rarely, so the test holds them to interior preferences)
+    prefs, metrics = np.array(result["preferences"]), np.array(result["metrics"])
+    inner = prefs.min(axis=1) > 0.05
+    w = _segment_point(prefs[inner], method)
+    truth = 1.0 - np.stack([((w - np.eye(2)[i]) ** 2).sum(-1) for i in range(2)], -1)
+    np.testing.assert_allclose(metrics[inner], truth, atol=0.08)
+    # a second run reuses the trained routers
+    assert main(["moe", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out.split("\npreference")[0])["fit"]["cached"] is True
+
+
+def test_own_model_moe_needs_a_differentiable_train_loss(tmp_path, capsys):
+    fields = {**_own_models(tmp_path), "out": str(tmp_path / "out"), "upcycle": "all", "moe_steps": 3}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(fields))
+    with pytest.raises(ConfigError, match="field 'moe_steps' needs 'train_loss'"):
+        load_config(path)
+    path.write_text(json.dumps({**fields, "train_loss": "user.py:float_loss"}))
+    assert main(["moe", "--config", str(path)]) == 2
+    assert "training loss of task 'a' must be a scalar torch.Tensor, got float" in capsys.readouterr().err
+    path.write_text(json.dumps({k: v for k, v in fields.items() if k not in ("upcycle", "moe_steps")}))
+    assert main(["moe", "--config", str(path)]) == 2
+    assert "field 'train_loss' is required by 'moe'" in capsys.readouterr().err
+    path.write_text(json.dumps({**fields, "train_loss": "user.py:train_loss", "upcycle": "mlp"}))
+    assert main(["moe", "--config", str(path)]) == 2
+    assert "field 'upcycle' ('mlp'): no transformer MLP blocks recognised in Linear" in capsys.readouterr().err
 
 
 def test_own_model_evaluator_that_does_not_exist_is_reported(tmp_path, capsys):

@@ -132,7 +132,7 @@ class ParetoMoE(nn.Module):
         self._experts: dict[str, torch.Tensor] = {}
         base_flat = task_vectors.base
         for group, modules in groups.items():
-            keys = [f"{m}.{p}" for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)]
+            keys = [f"{m}.{p}" if m else p for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)]
             keys = [k for k in keys if k in slices]
             if not keys:
                 continue
@@ -142,6 +142,8 @@ class ParetoMoE(nn.Module):
                 self._bases[key] = base_flat[sl].view(shape).clone()
                 self._experts[key] = task_vectors.vectors[:, sl].reshape((self.num_tasks,) + tuple(shape)).clone()
                 state[key].requires_grad_(False)
+        if not self.groups:
+            raise ValueError(f"none of the upcycled modules ({sorted(groups)[:5]}) holds a parameter of the task vectors")
         for param in model.parameters():
             param.requires_grad_(False)
         self.model = model
@@ -206,6 +208,39 @@ class ParetoMoE(nn.Module):
             param.requires_grad_(True)
         return dense.eval()
 
+    def objective(
+        self,
+        tasks: Mapping[str, Callable[[nn.Module], float]],
+        senses: Sequence[str] | None = None,
+        key: str = "",
+        store=None,
+        progress: bool = False,
+    ):
+        """An objective over *preference vectors* ``(K, T)``: the scores ``(K, M)`` of the dense
+        models :meth:`unload` ``(r)``, one column per entry of ``tasks`` (``score(model) -> float``).
+
+        Stored results (``store``) are keyed by the routers' weights and ``key``, which should name
+        the scoring (data, metric): retrained routers or another scoring never reuse old scores."""
+        import hashlib
+        import json
+
+        from ..objective import FunctionObjective
+
+        names = list(tasks)
+        if not names:
+            raise ValueError("tasks must name at least one score(model) -> float")
+
+        def evaluate(preference: np.ndarray) -> np.ndarray:
+            dense = self.unload(preference)
+            with torch.inference_mode():
+                return np.array([float(tasks[n](dense)) for n in names])
+
+        hasher = hashlib.blake2b(digest_size=8)
+        for param in self.routers.parameters():
+            hasher.update(param.detach().cpu().numpy().tobytes())
+        full_key = json.dumps({"pwe-moe": hasher.hexdigest(), "scoring": key})
+        return FunctionObjective(evaluate, self.num_tasks, names, senses=senses, batched=False, key=full_key, store=store, progress=progress)
+
     # ------------------------------------------------------------------ training
     def fit(
         self,
@@ -246,7 +281,7 @@ class ParetoMoE(nn.Module):
             for _ in bar:
                 r = rng.dirichlet(np.full(self.num_tasks, alpha))
                 self.set_preference(r)
-                losses = [task_losses[n](self) for n in names]
+                losses = [_check_loss(task_losses[n](self), n) for n in names]
                 stacked = torch.stack(losses)
                 ok = True
                 if method == "ls":
@@ -273,8 +308,20 @@ class ParetoMoE(nn.Module):
         return history
 
 
+def _check_loss(loss: object, task: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError(f"the training loss of task {task!r} must be a scalar torch.Tensor, got "
+                         f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    if not loss.requires_grad:
+        raise ValueError(f"the training loss of task {task!r} does not depend on the routers: compute it from the output of "
+                         "the model it is given (model(inputs)), outside torch.no_grad()")
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(f"the training loss of task {task!r} is {float(loss.detach())}")
+    return loss.reshape(())
+
+
 def _safe(name: str) -> str:
-    return name.replace(".", "__")
+    return name.replace(".", "__") or "_root"  # a ModuleDict key: no dots, not empty (the root module)
 
 
 def simplex_lattice(num_tasks: int, step: float = 0.1) -> np.ndarray:

@@ -212,22 +212,12 @@ class Zoo:
                       progress: bool = True):
         """An objective over *preference vectors* ``(K, T)``: accuracies ``(K, T)`` of the dense
         models ``moe.unload(r)`` (results kept in ``store`` under the routers' key)."""
-        from ..objective import FunctionObjective
-
         names = self._names(names)
-
-        def evaluate(preference: np.ndarray) -> np.ndarray:
-            dense = moe.unload(preference)
-            return np.array([self.accuracy(dense, n, split) for n in names])
-
-        hasher = hashlib.blake2b(digest_size=8)
-        for param in moe.routers.parameters():
-            hasher.update(param.detach().numpy().tobytes())
-        digest = hasher.hexdigest()
         if store is not None and not isinstance(store, EvaluationStore):
             store = EvaluationStore(store)
-        key = json.dumps({"zoo": self.name, "pwe-moe": digest, "split": split, "data": self.info.get("data_hash", "")})
-        return FunctionObjective(evaluate, len(names), names, batched=False, key=key, store=store, progress=progress)
+        key = json.dumps({"zoo": self.name, "split": split, "data": self.info.get("data_hash", "")})
+        tasks = {n: (lambda model, n=n: self.accuracy(model, n, split)) for n in names}
+        return moe.objective(tasks, key=key, store=store, progress=progress)
 
     def objective(
         self,
