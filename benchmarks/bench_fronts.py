@@ -138,17 +138,17 @@ def main() -> None:
         runs.append(({"method": "nested merging", "seed": seed, "budget": nested.num_evaluations},
                      MethodRun("nested merging", nested.coeffs[None], nested.metrics[None], nested.num_evaluations,
                                time.perf_counter() - start - timed.seconds, nested)))
-    for seed in seeds if moe_steps > 0 else []:
-        from map_merge.moe import simplex_lattice
+    from map_merge.moe import simplex_lattice
 
-        for kind in ("ls", "epo"):
-            moe, info = zoo.fit_moe(names, method=kind, steps=moe_steps, batch_size=32 if problem == "vision" else 8, lr=3e-2 if problem == "vision" else 1e-2,
-                                    seed=seed, checkpoint=out / "moe_routers", progress=False)
-            inputs = simplex_lattice(num, 0.1 if num == 2 else 0.25)
-            metrics = zoo.moe_objective(moe, names, split=split, store=store, progress=False)(inputs)
-            runs.append(({"method": f"PWE-MoE ({kind.upper()})", "seed": seed, "budget": len(inputs)},
-                         MethodRun(f"PWE-MoE ({kind.upper()})", inputs, metrics, len(inputs), info["seconds"],
-                                   extra={"training_steps": moe_steps, "peak_rss_mb": info["peak_rss_mb"]})))
+    moe_jobs = [(seed, kind) for seed in seeds for kind in ("ls", "epo")] if moe_steps > 0 else []
+    for seed, kind in tqdm(moe_jobs, desc=f"PWE-MoE, {moe_steps} router steps", disable=not moe_jobs):
+        moe, info = zoo.fit_moe(names, method=kind, steps=moe_steps, batch_size=32 if problem == "vision" else 8, lr=3e-2 if problem == "vision" else 1e-2,
+                                seed=seed, checkpoint=out / "moe_routers", progress=False)
+        inputs = simplex_lattice(num, 0.1 if num == 2 else 0.25)
+        metrics = zoo.moe_objective(moe, names, split=split, store=store, progress=False)(inputs)
+        runs.append(({"method": f"PWE-MoE ({kind.upper()})", "seed": seed, "budget": len(inputs)},
+                     MethodRun(f"PWE-MoE ({kind.upper()})", inputs, metrics, len(inputs), info["seconds"],
+                               extra={"training_steps": moe_steps, "peak_rss_mb": info["peak_rss_mb"]})))
 
     pooled = np.concatenate([grid_metrics] + [run.metrics for _, run in runs])
     reference = pooled[mm.pareto_mask(pooled)]
