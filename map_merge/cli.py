@@ -57,7 +57,7 @@ __all__ = ["main", "load_config"]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(out=args.out, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
+    report = run_demo(out=args.out, zoo=args.zoo, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
                       val_examples=None if args.val_examples == 0 else args.val_examples, all_baselines=args.all_baselines,
                       zoo_table_too=args.zoo_table,
                       grid_per_axis=args.grid_per_axis)
@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the whole story on the offline text zoo; write report and plots")
     demo.add_argument("--out", default="outputs/demo", help="output folder (holds the evaluation store too)")
+    demo.add_argument("--zoo", choices=["text", "vision"], default="text",
+                      help="the bundled zoo (text: the demo, about 9 minutes; vision: a one-minute preview)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--val-examples", type=int, default=100, help="validation examples per task the methods are scored on (0: all 200)")
     demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")

@@ -4,7 +4,8 @@
 and for a 2-task and a 3-task problem runs MAP, Bayesian MAP, nested merging (3 tasks), PWE-MoE
 and the baselines a user would otherwise run (task arithmetic, TIES and DARE sweeps, qNEHVI;
 random search and NSGA-II with ``all_baselines``), each budgeted method at the same number of
-real evaluations; ``zoo_table_too`` adds the zoo's table. The
+real evaluations; ``zoo_table_too`` adds the zoo's table; ``zoo="vision"`` runs the same story on
+the vision zoo in about a minute (what the tests run). The
 reference front is the non-dominated set of every real evaluation made. Every real evaluation
 goes through one evaluation store in the output folder and trained routers are saved there, so
 a second run recomputes nothing.
@@ -170,13 +171,13 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=None, reference=reference[np.argsort(reference[:, 0])],
                             lines={name: True for name in fronts}, reference_label="reference front (all real evaluations)",
-                            title=f"text zoo, {names[0]} vs {names[1]}: each method's front and evaluations ({split})",
+                            title=f"{zoo.name} zoo, {names[0]} vs {names[1]}: each method's front and evaluations ({split})",
                             zoom=True, path=out / f"front_{tag}.png")
     else:
-        plots.plot_pairwise(fronts, names, reference=reference, title=f"text zoo, {num} tasks: every method's real evaluations ({split})",
+        plots.plot_pairwise(fronts, names, reference=reference, title=f"{zoo.name} zoo, {num} tasks: every method's real evaluations ({split})",
                             path=out / f"front_{tag}.png")
         plots.plot_parallel(map_result.front, highlight=[map_result.front.select_index(equal)], path=out / f"parallel_{tag}.png")
-    plots.plot_cost_quality({k: v for k, v in scores.items() if "hv_ratio" in v}, title=f"text zoo, {tag}: quality against real evaluations",
+    plots.plot_cost_quality({k: v for k, v in scores.items() if "hv_ratio" in v}, title=f"{zoo.name} zoo, {tag}: quality against real evaluations",
                             path=out / f"cost_{tag}.png")
     plots.plot_parity(map_result, path=out / f"parity_{tag}.png")
     return {
@@ -201,7 +202,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = ["# map_merge demo report", "", f"Text zoo ({report['zoo']['model']}), total wall time {report['seconds']:.0f} s "
+    lines = ["# map_merge demo report", "", f"{report['zoo'].get('name', 'text').capitalize()} zoo{' (' + report['zoo']['model'] + ')' if report['zoo'].get('model') else ''}, total wall time {report['seconds']:.0f} s "
              f"(this run; cached evaluations and router checkpoints are re-used).", ""]
     table = report["zoo_table"]
     if table:
@@ -238,10 +239,17 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+DEMO_TASKS = {
+    "text": (("sentiment", "med_subject"), ("sentiment", "med_subject", "bias_type")),
+    "vision": (("rotated", "inverted"), ("rotated", "inverted", "mirrored_parity")),
+}
+
+
 def run_demo(
     out: str | Path = "outputs/demo",
-    tasks2: Sequence[str] = ("sentiment", "med_subject"),
-    tasks3: Sequence[str] = ("sentiment", "med_subject", "bias_type"),
+    zoo: str = "text",
+    tasks2: Sequence[str] | None = None,
+    tasks3: Sequence[str] | None = None,
     val_examples: int | None = 100,
     seed: int = 0,
     moe_steps: int = 100,
@@ -255,7 +263,9 @@ def run_demo(
     """Run the demo and write ``report.json``, ``report.md`` and PNG plots into ``out``.
 
     Args:
-        tasks2, tasks3: the 2-task and 3-task problems (text zoo task names).
+        zoo: the bundled zoo, ``"text"`` (the demo) or ``"vision"`` (seconds; what the tests run).
+        tasks2, tasks3: the 2-task and 3-task problems (the zoo's task names; default
+            ``DEMO_TASKS[zoo]``).
         val_examples: validation examples per task the methods are scored on (``None``: all 200).
         moe_steps: PWE-MoE router training steps (0 skips PWE-MoE); moe_methods: ``"ls"``, ``"epo"``.
         reevaluations: front points each MAP variant re-evaluates (part of its budget).
@@ -266,16 +276,22 @@ def run_demo(
             pretrained, fine-tuned and task arithmetic; about 2 minutes more).
         grid_per_axis: add a grid of real evaluations to the reference front (``per_axis ** T``).
     """
-    from .zoo.text import load_text_zoo
+    from .zoo import load_zoo
 
+    if zoo not in DEMO_TASKS:
+        raise ValueError(f"zoo must be one of {sorted(DEMO_TASKS)}, got {zoo!r}")
+    if zoo_table_too and zoo != "text":
+        raise ValueError("the zoo table (linear probes on the pretrained encoder's features) is built for the text zoo only")
+    tasks2 = DEMO_TASKS[zoo][0] if tasks2 is None else tasks2
+    tasks3 = DEMO_TASKS[zoo][1] if tasks3 is None else tasks3
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     names = list(dict.fromkeys(list(tasks2) + list(tasks3)))
-    zoo = load_text_zoo(names, progress=progress)
+    zoo = load_zoo(zoo, names, progress=progress)
     split = zoo.limit_split("val", val_examples)
     store = EvaluationStore(out / "evaluations.sqlite")
-    report: dict[str, Any] = {"zoo": {"model": zoo.info["model"], "tasks": list(zoo.task_names), "recipe": zoo.info["recipe"]},
+    report: dict[str, Any] = {"zoo": {"name": zoo.name, "model": zoo.info.get("model", ""), "tasks": list(zoo.task_names), "recipe": zoo.info.get("recipe", "")},
                               "settings": {"val_examples": val_examples, "seed": seed, "moe_steps": moe_steps, "moe_methods": list(moe_methods),
                                            "reevaluations": reevaluations, "grid_per_axis": grid_per_axis}}
     report["zoo_table"] = zoo_table(zoo, store, out, progress=progress) if zoo_table_too else []
