@@ -90,9 +90,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .store import EvaluationStore
 
     config = load_config(args.config)
-    if args.command == "moe" and "zoo" not in config and "train_loss" not in config:
-        raise ConfigError(f"{args.config}: field 'train_loss' is required by 'moe' on your own models: name a function "
-                          "loss(model, task) -> scalar tensor that draws a training batch and returns its differentiable loss")
     out = Path(config.get("out", f"outputs/{args.command}"))
     out.mkdir(parents=True, exist_ok=True)
     store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))

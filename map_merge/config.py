@@ -214,9 +214,6 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
     setting and reused. ``preference_objective`` maps preference vectors ``(K, T)`` to the
     scores ``(K, T)`` of the unloaded dense models."""
     import hashlib
-    import resource
-
-    import torch
 
     from .moe import ParetoMoE
 
@@ -238,17 +235,7 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
     settings = [objective.task_vectors.fingerprint(), method, steps, seed, upcycle, config["train_loss"], _source_digest(loss)]
     key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
     path = Path(checkpoint) / f"moe_routers_{key}.pt" if checkpoint is not None else None
-    if path is not None and path.exists():
-        saved = torch.load(path, weights_only=False)
-        moe.routers.load_state_dict(saved["routers"])
-        info = {**saved["info"], "cached": True}
-    else:
-        history = moe.fit({n: (lambda model, n=n: loss(model, n)) for n in names}, steps=steps, method=method, seed=seed, progress=progress)
-        info = {"method": method, "steps": steps, "seconds": history.seconds, "trainable_params": moe.num_trainable,
-                "routers": len(moe.routers), "final_loss": float(sum(history.total[-10:]) / len(history.total[-10:])),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "key": key}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"routers": moe.routers.state_dict(), "info": info}, path)
+    losses = {n: (lambda model, n=n: loss(model, n)) for n in names}
+    info = {**moe.fit_or_load(losses, path, steps=steps, method=method, seed=seed, progress=progress), "key": key}
     tasks = {n: objective.tasks[n].metric for n in names}
     return moe, info, moe.objective(tasks, senses=objective.senses, key=objective.key or "", store=store, progress=progress)

@@ -202,7 +202,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    lines = ["# map_merge demo report", "", f"{report['zoo'].get('name', 'text').capitalize()} zoo{' (' + report['zoo']['model'] + ')' if report['zoo'].get('model') else ''}, total wall time {report['seconds']:.0f} s "
+    zoo = report["zoo"]
+    model = f" ({zoo['model']})" if zoo.get("model") else ""
+    lines = ["# map_merge demo report", "", f"{zoo.get('name', 'text').capitalize()} zoo{model}, total wall time {report['seconds']:.0f} s "
              f"(this run; cached evaluations and router checkpoints are re-used).", ""]
     table = report["zoo_table"]
     if table:

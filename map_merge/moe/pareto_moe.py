@@ -307,6 +307,31 @@ class ParetoMoE(nn.Module):
         history.seconds = time.perf_counter() - start
         return history
 
+    def fit_or_load(self, task_losses: Mapping[str, Callable[[nn.Module], torch.Tensor]], path=None, **fit_options) -> dict:
+        """:meth:`fit`, unless ``path`` (a ``.pt`` file named by the caller for every setting of the
+        run) holds routers trained before: then load them. Trained routers are saved to ``path``.
+
+        Returns ``info``: method, steps, seconds, trainable parameters, routers, the EPO LP success
+        rate, the final loss, the process's peak RSS and ``cached`` (loaded, not trained)."""
+        import resource
+        from pathlib import Path
+
+        path = Path(path) if path is not None else None
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=False)
+            self.routers.load_state_dict(saved["routers"])
+            return {**saved["info"], "cached": True}
+        history = self.fit(task_losses, **fit_options)
+        info = {"method": fit_options.get("method", "ls"), "steps": len(history.total), "seconds": history.seconds,
+                "trainable_params": self.num_trainable, "routers": len(self.routers),
+                "lp_success_rate": float(np.mean(history.lp_ok)) if history.lp_ok else float("nan"),
+                "final_loss": float(np.mean(history.total[-10:])),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"routers": self.routers.state_dict(), "info": info}, path)
+        return {**info, "cached": False}
+
 
 def _check_loss(loss: object, task: str) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

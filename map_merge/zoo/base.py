@@ -179,10 +179,8 @@ class Zoo:
         (``method`` ``"ls"`` or ``"epo"``) on training minibatches. With ``checkpoint`` (a folder),
         trained routers are saved there under a key of every setting and re-used on the next call.
 
-        Returns ``(moe, info)``; ``info`` holds steps, seconds, trainable parameters, routers,
-        the EPO LP success rate, the final loss and the process's peak RSS."""
-        import resource
-
+        Returns ``(moe, info)``; ``info`` as :meth:`ParetoMoE.fit_or_load`, plus the batch size
+        and the settings' key."""
         from ..moe import ParetoMoE
 
         names = self._names(names)
@@ -191,22 +189,10 @@ class Zoo:
         settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, self.upcycle]
         key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
         path = Path(checkpoint) / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
-        if path is not None and path.exists():
-            saved = torch.load(path, weights_only=False)
-            moe.routers.load_state_dict(saved["routers"])
-            return moe, {**saved["info"], "cached": True}
         generator = torch.Generator().manual_seed(seed)
         losses = {n: self.train_loss(n, batch_size, generator) for n in names}
-        history = moe.fit(losses, steps=steps, method=method, lr=lr, seed=seed, progress=progress)
-        info = {"method": method, "steps": steps, "batch_per_task": batch_size, "seconds": history.seconds,
-                "trainable_params": moe.num_trainable, "routers": len(moe.routers),
-                "lp_success_rate": float(np.mean(history.lp_ok)) if len(history.lp_ok) else float("nan"),
-                "final_loss": float(np.mean(history.total[-10:])),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "key": key}
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"routers": moe.routers.state_dict(), "info": info}, path)
-        return moe, {**info, "cached": False}
+        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, progress=progress)
+        return moe, {**info, "batch_per_task": batch_size, "key": key}
 
     def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
                       progress: bool = True):
