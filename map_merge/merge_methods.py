@@ -1,39 +1,77 @@
 """Merge operators: how task vectors are prepared before per-task coefficients scale them.
 
-Every operator maps the stacked task vectors ``V: (T, P)`` to prepared vectors ``V': (T, P)``
-once; a merge is then always linear in the coefficients::
+Every operator maps task vectors to prepared vectors ``V'`` once per model; a merge is then
+always linear in the coefficients::
 
     theta(c) = theta_0 + sum_i c_i V'_i            c: (T,)
 
-so one prepared matrix serves every coefficient vector (MAP evaluates hundreds).
+so one preparation serves every coefficient vector (MAP evaluates hundreds).
+
+Operators work on *chunks*: a flat element range ``[start, start + n)`` of one tensor ``key``,
+with the deltas of all tasks as ``(T, n)`` fp32. Whole-model statistics (TIES's magnitude
+threshold) come from :meth:`MergeMethod.fit`, which may stream over every chunk as often as it
+needs; :meth:`MergeMethod.transform` then maps one chunk. The in-memory and the streamed
+storages of :class:`~map_merge.TaskVectors` feed the same chunks (flat ranges aligned to
+:data:`CHUNK` elements), so both give the same merged model.
 
 - :class:`TaskArithmetic`: ``V' = V``.
-- :class:`Ties`: trim each task vector to its top-``k`` fraction of entries by magnitude, elect
-  a sign per entry by the summed mass of the trimmed vectors, keep only entries that agree
-  with it and divide by the number of agreeing tasks (the disjoint mean). With every
-  ``c_i = lam`` this is TIES-merging with scaling ``lam``.
+- :class:`Ties`: trim each task vector to its top-``k`` fraction of entries by magnitude (over
+  the whole model, ``scope="global"``, as the TIES paper does, or per tensor, ``scope="tensor"``,
+  as mergekit does), elect a sign per entry by the summed mass of the trimmed vectors, keep the
+  entries that agree and divide by the number of agreeing tasks (the disjoint mean). With every
+  ``c_i = lam`` this is TIES-merging with scaling ``lam``. The threshold is exact in both scopes:
+  a two-pass radix select over the fp32 bit patterns of the magnitudes (memory: two
+  ``(T, 65536)`` histograms, never a ``(T, P)`` matrix).
 - :class:`Dare`: drop each entry with probability ``p`` and rescale survivors by
-  ``1 / (1 - p)`` (seeded), optionally followed by :class:`Ties`.
+  ``1 / (1 - p)``, optionally followed by :class:`Ties`. Drop masks are drawn per tensor and per
+  :data:`CHUNK`-element block from a generator seeded by ``(seed, key, block)`` on the CPU, so they
+  do not depend on the storage, the device or the order of work.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "resolve_method"]
+__all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "resolve_method", "CHUNK", "ChunkSource", "kth_largest_magnitude"]
+
+CHUNK = 1 << 22
+"""Elements per unit of streamed work: flat ranges of a tensor start at multiples of this."""
+
+ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
+"""``chunks(keys)`` yields ``(key, start, deltas (T, n) fp32)`` over the given keys (``None``: all),
+a fresh pass on every call."""
 
 
 class MergeMethod:
-    """Base class of merge operators. Subclasses implement :meth:`prepare`."""
+    """Base class of merge operators. Subclasses implement :meth:`transform` (and :meth:`fit`
+    when they need statistics of the whole model)."""
 
     name: str = "base"
 
-    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Map task vectors ``(T, P)`` to prepared vectors ``(T, P)`` (may return the input)."""
+    def fit(self, chunks: ChunkSource, sizes: Mapping[str, int]) -> Any:
+        """Statistics of all task vectors the transform needs (default: none).
+
+        Args:
+            chunks: a fresh pass over every chunk per call (see :data:`ChunkSource`).
+            sizes: ``key -> number of elements`` of every tensor, in order.
+        """
+        return None
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        """Prepared deltas ``(T, n)`` of one chunk ``deltas: (T, n)`` (may return the input)."""
         raise NotImplementedError
+
+    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Prepared ``(T, P)`` of a whole ``(T, P)`` matrix, taken as a single tensor."""
+        if vectors.ndim != 2:
+            raise ValueError(f"{type(self).__name__}.prepare expects task vectors of shape (T, P); got {tuple(vectors.shape)}")
+        state = self.fit(lambda keys=None: iter([("", 0, vectors)]), {"": vectors.shape[1]})
+        return self.transform("", 0, vectors, state)
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -42,6 +80,8 @@ class MergeMethod:
         for key, value in list(settings.items()):
             if isinstance(value, MergeMethod):
                 settings[key] = value.spec
+            elif isinstance(getattr(self, key), MergeMethod):
+                settings[key] = getattr(self, key).spec
         return {"name": self.name, **settings}
 
     @property
@@ -55,12 +95,62 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
 
-    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
-        return vectors
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return deltas
 
     @property
     def is_identity(self) -> bool:
         return True
+
+
+def _bits(magnitude: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of non-negative fp32 values (monotone in the value)."""
+    return magnitude.to(torch.float32).contiguous().view(torch.int32)
+
+
+def _row_bincount(values: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``(T, 65536)`` counts of ``values: (T, n)`` in [0, 65536) per row."""
+    offsets = torch.arange(num_rows, device=values.device, dtype=torch.int64)[:, None] * 65536
+    flat = (values.to(torch.int64) + offsets).reshape(-1)
+    return torch.bincount(flat, minlength=num_rows * 65536).view(num_rows, 65536).cpu()
+
+
+def kth_largest_magnitude(passes: Callable[[], Iterator[torch.Tensor]], keep: torch.Tensor) -> torch.Tensor:
+    """Exact ``keep[t]``-th largest ``|x|`` of each row ``t`` over data seen as chunks.
+
+    Two passes of a radix select on the fp32 bit patterns: the top 16 bits find the bin that
+    holds the answer, the low 16 bits within that bin give it exactly.
+
+    Args:
+        passes: each call yields the data again as ``(T, n)`` chunks.
+        keep: ``(T,)`` ranks (1 = the largest), each at most the row's number of elements.
+    Returns: ``(T,)`` float32 thresholds (entries ``>=`` them are the top ``keep``, ties included).
+    """
+    keep = keep.to(torch.int64).cpu()
+    num_rows = keep.shape[0]
+    high = torch.zeros(num_rows, 65536, dtype=torch.int64)
+    for chunk in passes():
+        high += _row_bincount(_bits(chunk.abs()) >> 16, num_rows)
+    at_least = high.flip(1).cumsum(1).flip(1)  # at_least[t, b] = count of entries with high bits >= b
+    rows = torch.arange(num_rows)
+    hi = ((at_least >= keep[:, None]).to(torch.int64) * torch.arange(65536)).amax(1)  # largest such bin
+    above = torch.where(hi < 65535, at_least[rows, (hi + 1).clamp_max(65535)], torch.zeros_like(hi))
+    need = keep - above
+    low = torch.zeros(num_rows, 65536, dtype=torch.int64)
+    hi_dev = None
+    for chunk in passes():
+        if hi_dev is None or hi_dev.device != chunk.device:
+            hi_dev = hi.to(chunk.device)[:, None]
+        bits = _bits(chunk.abs())
+        in_bin = (bits >> 16) == hi_dev
+        # entries outside the bin are counted in a dummy bin 65536, then dropped
+        lo = torch.where(in_bin, bits & 0xFFFF, torch.full_like(bits, 65536))
+        offsets = torch.arange(num_rows, device=chunk.device, dtype=torch.int64)[:, None] * 65537
+        counts = torch.bincount((lo.to(torch.int64) + offsets).reshape(-1), minlength=num_rows * 65537)
+        low += counts.view(num_rows, 65537)[:, :65536].cpu()
+    at_least_low = low.flip(1).cumsum(1).flip(1)
+    lo = ((at_least_low >= need[:, None]).to(torch.int64) * torch.arange(65536)).amax(1)
+    return ((hi << 16) | lo).to(torch.int32).view(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -69,32 +159,63 @@ class Ties(MergeMethod):
 
     Args:
         k: fraction of entries kept per task vector, in (0, 1]. The TIES paper's default is 0.2.
+        scope: ``"global"`` (the top ``k`` of each task vector over the whole model, as in the
+            TIES paper) or ``"tensor"`` (the top ``k`` of each tensor, as mergekit trims).
     """
 
     k: float = 0.2
+    scope: str = "global"
     name = "ties"
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.k) <= 1.0:
             raise ValueError(f"Ties.k is the fraction of entries kept and must lie in (0, 1]; got {self.k}")
+        if self.scope not in ("global", "tensor"):
+            raise ValueError(f"Ties.scope must be 'global' or 'tensor', got {self.scope!r}")
 
-    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
-        if vectors.ndim != 2:
-            raise ValueError(f"Ties.prepare expects task vectors of shape (T, P); got {tuple(vectors.shape)}")
-        num_entries = vectors.shape[1]
-        keep = max(1, int(round(self.k * num_entries)))
-        magnitude = vectors.abs()
-        if keep < num_entries:
-            # threshold per task = keep-th largest magnitude = (P - keep + 1)-th smallest
-            threshold = magnitude.kthvalue(num_entries - keep + 1, dim=1, keepdim=True).values
-            trimmed = torch.where(magnitude >= threshold, vectors, torch.zeros((), dtype=vectors.dtype, device=vectors.device))
+    @property
+    def spec(self) -> dict[str, Any]:
+        spec = {"name": self.name, "k": self.k}
+        if self.scope != "global":  # the default keeps the fingerprints of earlier results
+            spec["scope"] = self.scope
+        return spec
+
+    def _threshold(self, chunks: ChunkSource, keys: Sequence[str] | None, total: int) -> torch.Tensor | None:
+        keep = max(1, int(round(self.k * total)))
+        if keep >= total:
+            return None  # keep everything
+        num_tasks = None
+        for _, _, deltas in chunks(keys):
+            num_tasks = deltas.shape[0]
+            break
+        if num_tasks is None:
+            return None
+        return kth_largest_magnitude(lambda: (d for _, _, d in chunks(keys)), torch.full((num_tasks,), keep))
+
+    def fit(self, chunks: ChunkSource, sizes: Mapping[str, int]) -> Any:
+        if self.scope == "global":
+            return self._threshold(chunks, None, sum(sizes.values()))
+        return {key: self._threshold(chunks, [key], size) for key, size in sizes.items()}
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        if deltas.ndim != 2:
+            raise ValueError(f"Ties expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+        threshold = state.get(key) if isinstance(state, dict) else state
+        if threshold is None:
+            trimmed = deltas.clone()
         else:
-            trimmed = vectors.clone()
+            threshold = threshold.to(device=deltas.device, dtype=deltas.dtype)[:, None]
+            trimmed = torch.where(deltas.abs() >= threshold, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
         elected = torch.sign(trimmed.sum(dim=0, keepdim=True))
         agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        count = agree.sum(dim=0, keepdim=True).clamp_min(1).to(vectors.dtype)
+        count = agree.sum(dim=0, keepdim=True).clamp_min(1).to(deltas.dtype)
         trimmed.mul_(agree).div_(count)
         return trimmed
+
+
+def _block_seed(seed: int, key: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
@@ -116,14 +237,41 @@ class Dare(MergeMethod):
         if not 0.0 <= float(self.p) < 1.0:
             raise ValueError(f"Dare.p is a drop probability and must lie in [0, 1); got {self.p}")
 
-    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator(device=vectors.device).manual_seed(int(self.seed))
-        keep = torch.rand(vectors.shape, generator=generator, device=vectors.device) >= self.p
-        out = vectors * keep.to(vectors.dtype)
-        out.div_(1.0 - self.p)
-        if self.ties is not None:
-            out = self.ties.prepare(out)
-        return out
+    @property
+    def spec(self) -> dict[str, Any]:
+        # "draw" marks the per-tensor, per-block masks (results stored under the earlier
+        # whole-matrix draw are not reused for them)
+        return {"name": self.name, "p": self.p, "seed": self.seed, "ties": None if self.ties is None else self.ties.spec,
+                "draw": "per-tensor-block"}
+
+    def keep_mask(self, key: str, start: int, num_tasks: int, num: int) -> torch.Tensor:
+        """``(T, num)`` bool mask of kept entries for elements ``[start, start + num)`` of ``key``."""
+        pieces = []
+        position, stop = start, start + num
+        while position < stop:
+            block = position // CHUNK
+            block_end = min((block + 1) * CHUNK, stop)
+            generator = torch.Generator().manual_seed(_block_seed(int(self.seed), key, block))
+            # draw the whole block (up to where it is needed) so any split of it sees the same numbers
+            # laid out (element, task) so a prefix of the block draws the same numbers
+            draws = torch.rand(block_end - block * CHUNK, num_tasks, generator=generator)
+            pieces.append(draws[position - block * CHUNK :].T >= self.p)
+            position = block_end
+        return torch.cat(pieces, dim=1) if len(pieces) != 1 else pieces[0]
+
+    def _drop(self, key: str, start: int, deltas: torch.Tensor) -> torch.Tensor:
+        keep = self.keep_mask(key, start, deltas.shape[0], deltas.shape[1]).to(deltas.device)
+        out = deltas * keep.to(deltas.dtype)
+        return out.div_(1.0 - self.p)
+
+    def fit(self, chunks: ChunkSource, sizes: Mapping[str, int]) -> Any:
+        if self.ties is None:
+            return None
+        return self.ties.fit(lambda keys=None: ((k, s, self._drop(k, s, d)) for k, s, d in chunks(keys)), sizes)
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        out = self._drop(key, start, deltas)
+        return self.ties.transform(key, start, out, state) if self.ties is not None else out
 
 
 _BY_NAME = {"task_arithmetic": TaskArithmetic, "ta": TaskArithmetic, "ties": Ties, "dare": Dare}

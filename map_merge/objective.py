@@ -276,7 +276,7 @@ class ModelObjective(Objective):
         self.key = key
         self.merge_seconds = 0.0
         self.eval_seconds = 0.0
-        self.task_vectors.prepared(self.method)  # prepare once, up front
+        self.task_vectors.prepare(self.method)  # method statistics once, up front
 
     def fingerprint(self) -> str:
         return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key)
@@ -284,8 +284,9 @@ class ModelObjective(Objective):
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         self.task_vectors.merge_into(self.model, coeffs, self.method)
-        if self.task_vectors.device.type == "cuda":
-            torch.cuda.synchronize(self.task_vectors.device)
+        device = next((p.device for p in self.model.parameters()), self.task_vectors.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         merged = time.perf_counter()
         self.model.eval()
         with torch.inference_mode():

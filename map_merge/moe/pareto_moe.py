@@ -122,7 +122,7 @@ class ParetoMoE(nn.Module):
             groups = _pattern_groups(model, upcycle)
             if not groups:
                 raise ValueError(f"upcycle pattern {upcycle!r} matches no module with parameters in {type(model).__name__}")
-        slices = task_vectors.slices()
+        merged_keys = set(task_vectors.keys)
         # everything merged by task arithmetic with init_lambda first
         task_vectors.merge_into(model, [self.init_lambda] * self.num_tasks)
         model = copy.deepcopy(model)  # detach the model from the task vectors' shared buffer
@@ -130,17 +130,16 @@ class ParetoMoE(nn.Module):
         self.groups: dict[str, list[str]] = {}
         self._bases: dict[str, torch.Tensor] = {}
         self._experts: dict[str, torch.Tensor] = {}
-        base_flat = task_vectors.base
         for group, modules in groups.items():
             keys = [f"{m}.{p}" if m else p for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)]
-            keys = [k for k in keys if k in slices]
+            keys = [k for k in keys if k in merged_keys]
             if not keys:
                 continue
             self.groups[group] = keys
             for key in keys:
-                sl, shape = slices[key]
-                self._bases[key] = base_flat[sl].view(shape).clone()
-                self._experts[key] = task_vectors.vectors[:, sl].reshape((self.num_tasks,) + tuple(shape)).clone()
+                base, experts = task_vectors.deltas(key)
+                self._bases[key] = base.clone()
+                self._experts[key] = experts.clone()
                 state[key].requires_grad_(False)
         if not self.groups:
             raise ValueError(f"none of the upcycled modules ({sorted(groups)[:5]}) holds a parameter of the task vectors")

@@ -1,11 +1,10 @@
-"""Task vectors: validated, stored once and contiguously, merged in one fused op.
+"""Task vectors held densely in memory: the fast path for models that fit.
 
-``TaskVectors`` holds the pretrained weights ``theta_0`` as a flat vector ``base: (P,)`` and the
-task vectors ``tau_i = theta_i - theta_0`` as one contiguous matrix ``vectors: (T, P)`` (P =
-number of floating-point entries, tied tensors counted once). A merge is a single
-matrix-vector product ``theta_0 + V'^T c`` (see :mod:`map_merge.merge_methods` for ``V'``).
-Integer buffers (position ids, counters) are not task-vector material: they are copied from
-the pretrained model.
+The pretrained weights ``theta_0`` are one flat vector ``base: (P,)`` and the task vectors
+``tau_i = theta_i - theta_0`` one contiguous matrix ``vectors: (T, P)`` (P = floating-point
+entries, tied tensors counted once). A merge is a single ``addmv``: ``theta_0 + V'^T c`` (see
+:mod:`map_merge.merge_methods` for ``V'``). Integer buffers (position ids, counters) are not
+task-vector material: they are copied from the pretrained model.
 """
 
 from __future__ import annotations
@@ -13,69 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .merge_methods import MergeMethod, resolve_method
+from ..merge_methods import MergeMethod, resolve_method
+from .base import TaskVectors, chunk_ranges
+from .sources import ModelSource, load_state_dict
 
-__all__ = ["TaskVectors", "load_state_dict", "ModelSource"]
+__all__ = ["DenseTaskVectors"]
 
 log = logging.getLogger(__name__)
-
-ModelSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
-
-
-def load_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
-    """Load a state dict from an ``nn.Module``, a mapping, a ``.safetensors`` file, a ``.bin``/``.pt``
-    file, or a Hugging Face model folder (its ``*.safetensors`` shards, else ``pytorch_model.bin``).
-    Tensors are returned as they are (no copy for modules and mappings)."""
-    if isinstance(source, nn.Module):
-        return dict(source.state_dict())
-    if isinstance(source, Mapping):
-        out = {}
-        for key, value in source.items():
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a torch.Tensor")
-            out[str(key)] = value
-        return out
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"model path does not exist: {path}")
-        if path.is_dir():
-            shards = sorted(path.glob("*.safetensors"))
-            if shards:
-                return _load_safetensors(shards)
-            for name in ("pytorch_model.bin", "model.pt", "model.bin"):
-                if (path / name).exists():
-                    return torch.load(path / name, map_location="cpu", weights_only=True)
-            raise FileNotFoundError(f"no *.safetensors or pytorch_model.bin weights in model folder {path}")
-        if path.suffix == ".safetensors":
-            return _load_safetensors([path])
-        if path.suffix in (".bin", ".pt", ".pth"):
-            return torch.load(path, map_location="cpu", weights_only=True)
-        raise ValueError(f"cannot load weights from {path}: expected a folder, .safetensors, .bin, .pt or .pth")
-    raise TypeError(
-        "a model must be an nn.Module, a state dict, a .safetensors file or a Hugging Face model folder; "
-        f"got {type(source).__name__}"
-    )
-
-
-def _load_safetensors(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for path in paths:
-        out.update(load_file(str(path)))
-    return out
 
 
 @dataclass(frozen=True)
@@ -89,15 +42,23 @@ class _Slot:
     dtype: torch.dtype  # dtype of the original tensor (for saving)
 
 
-class TaskVectors:
-    """Pretrained weights plus stacked task vectors, ready to merge with per-task coefficients.
+@dataclass
+class _Binding:
+    """A model whose merged tensors are views of one flat ``buffer`` (its dtype and device)."""
 
-    Build with :meth:`from_models`. Attributes:
-        names: task names, length T.
-        base: ``(P,)`` flat pretrained weights.
-        vectors: ``(T, P)`` task vectors (row i = theta_i - theta_0).
-        num_tasks: T.  num_params: P.
+    buffer: torch.Tensor | None  # None: the model mixes dtypes/devices; tensors are written one by one
+    scratch: torch.Tensor | None  # fp32 result when it cannot be written into buffer directly
+    targets: dict[str, torch.Tensor]
+
+
+class DenseTaskVectors(TaskVectors):
+    """Pretrained weights plus stacked task vectors in memory.
+
+    Attributes (besides :class:`TaskVectors`'):
+        base: ``(P,)`` flat pretrained weights.  vectors: ``(T, P)`` task vectors (row i = theta_i - theta_0).
     """
+
+    storage = "dense"
 
     def __init__(
         self,
@@ -107,6 +68,8 @@ class TaskVectors:
         names: Sequence[str],
         aliases: Mapping[str, str] | None = None,
         frozen: Mapping[str, torch.Tensor] | None = None,
+        folder: Path | None = None,
+        config: Any = None,
     ) -> None:
         if vectors.ndim != 2 or base.ndim != 1 or vectors.shape[1] != base.shape[0]:
             raise ValueError(f"vectors must be (T, P) and base (P,); got {tuple(vectors.shape)} and {tuple(base.shape)}")
@@ -118,55 +81,18 @@ class TaskVectors:
         self._slots = tuple(slots)
         self._aliases = dict(aliases or {})  # alias key -> key stored in a slot
         self._frozen = dict(frozen or {})  # non-floating tensors copied from the pretrained model
+        self._folder = folder
+        self._config = config
         self._prepared: tuple[str, torch.Tensor] | None = None  # one-entry cache: (method key, V')
-        self._bound: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+        self._bound: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
         self._fingerprint: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_models(
-        cls,
-        pretrained: ModelSource,
-        finetuned: Sequence[ModelSource] | Mapping[str, ModelSource],
-        names: Sequence[str] | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> "TaskVectors":
-        """Validate the models and stack their task vectors.
-
-        Args:
-            pretrained: the pretrained model (module, state dict, ``.safetensors`` file or HF folder).
-            finetuned: fine-tuned models, as a sequence or a ``name -> model`` mapping.
-            names: task names for a sequence (default ``task0, task1, ...``).
-            device: where the stacked vectors live (default: CPU).
-            dtype: floating dtype of the stacked vectors (default: float32).
-
-        Raises:
-            ValueError: no fine-tuned model, duplicate names, missing/extra keys, shape or dtype
-                mismatches, NaN/inf values (the message names the key and the model).
-        """
-        if isinstance(finetuned, Mapping):
-            if names is not None:
-                raise ValueError("pass names either as the keys of a finetuned mapping or as names=, not both")
-            names = [str(n) for n in finetuned.keys()]
-            models = list(finetuned.values())
-        else:
-            if isinstance(finetuned, (str, os.PathLike, nn.Module)) or not isinstance(finetuned, Sequence):
-                raise TypeError("finetuned must be a sequence or a name->model mapping of fine-tuned models")
-            models = list(finetuned)
-            names = [f"task{i}" for i in range(len(models))] if names is None else [str(n) for n in names]
-        if len(models) < 1:
-            raise ValueError("need at least one fine-tuned model to build task vectors")
-        if len(names) != len(models):
-            raise ValueError(f"got {len(names)} names for {len(models)} fine-tuned models")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate task names: {dupes}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        dtype = dtype or torch.float32
-        if not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-
+    def build(cls, pretrained: ModelSource, models: Sequence[ModelSource], names: Sequence[str], device: torch.device,
+              dtype: torch.dtype) -> "DenseTaskVectors":
+        """Load every model into memory and stack the task vectors (validated: keys, shapes,
+        dtypes, finite values; messages name the key and the model)."""
         base_sd = load_state_dict(pretrained)
         if not base_sd:
             raise ValueError("the pretrained model has no tensors")
@@ -238,13 +164,11 @@ class TaskVectors:
             del sd
         vectors.sub_(base)
         log.info("task vectors: %d tasks x %d entries on %s (%s)", len(models), num_params, device, dtype)
-        return cls(base, vectors, slots, names, aliases=aliases, frozen=frozen)
+        folder = Path(pretrained) if isinstance(pretrained, (str, Path)) and Path(pretrained).is_dir() else None
+        config = getattr(pretrained, "config", None) if isinstance(pretrained, nn.Module) else None
+        return cls(base, vectors, slots, names, aliases=aliases, frozen=frozen, folder=folder, config=config)
 
     # ------------------------------------------------------------------ properties
-    @property
-    def num_tasks(self) -> int:
-        return self.vectors.shape[0]
-
     @property
     def num_params(self) -> int:
         return self.vectors.shape[1]
@@ -259,7 +183,6 @@ class TaskVectors:
 
     @property
     def keys(self) -> tuple[str, ...]:
-        """Floating-point state-dict keys, in storage order (tied aliases excluded)."""
         return tuple(s.key for s in self._slots)
 
     def slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
@@ -280,11 +203,32 @@ class TaskVectors:
 
     def cosine_similarity(self) -> np.ndarray:
         """``(T, T)`` cosine similarities between task vectors."""
-        gram = (self.vectors @ self.vectors.T).double() if self.dtype == torch.float64 else torch.stack(
-            [(self.vectors.double() @ row.double()) for row in self.vectors]
-        )
+        gram = torch.stack([(self.vectors.double() @ row.double()) for row in self.vectors])
         norms = gram.diagonal().clamp_min(1e-300).sqrt()
         return (gram / norms[:, None] / norms[None, :]).cpu().numpy()
+
+    def _source_folder(self) -> Path | None:
+        return self._folder
+
+    def _source_config(self) -> Any:
+        return self._config
+
+    # ------------------------------------------------------------------ chunks
+    def delta_chunks(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
+        by_key = {s.key: s for s in self._slots}
+        for key in self.keys if keys is None else keys:
+            slot = by_key[key]
+            for start, stop in chunk_ranges(slot.numel):
+                chunk = self.vectors[:, slot.offset + start : slot.offset + stop]
+                yield key, start, chunk if device is None else chunk.to(device)
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        sl, shape = self.slices()[key]
+        return self.base[sl].view(shape)
+
+    def deltas(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        sl, shape = self.slices()[key]
+        return self.base[sl].view(shape), self.vectors[:, sl].reshape((self.num_tasks,) + tuple(shape))
 
     # ------------------------------------------------------------------ merging
     def prepared(self, method: str | MergeMethod | None = None) -> torch.Tensor:
@@ -295,18 +239,20 @@ class TaskVectors:
         key = json.dumps(method.spec, sort_keys=True)
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = None  # free the old one first
-            self._prepared = (key, method.prepare(self.vectors))
+            sizes = {s.key: s.numel for s in self._slots}
+            state = method.fit(lambda keys=None: self.delta_chunks(keys), sizes)
+            out = torch.empty_like(self.vectors)
+            offsets = {s.key: s.offset for s in self._slots}
+            for key_, start, chunk in self.delta_chunks():
+                out[:, offsets[key_] + start : offsets[key_] + start + chunk.shape[1]] = method.transform(key_, start, chunk, state)
+            self._prepared = (key, out)
         return self._prepared[1]
 
+    def prepare(self, method: str | MergeMethod | None = None) -> None:
+        self.prepared(method)
+
     def _coeffs(self, coeffs: Any) -> torch.Tensor:
-        c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64) if not isinstance(coeffs, torch.Tensor) else coeffs)
-        if c.ndim != 1 or c.shape[0] != self.num_tasks:
-            raise ValueError(
-                f"expected {self.num_tasks} coefficients (one per task: {list(self.names)}), got shape {tuple(c.shape)}"
-            )
-        if not torch.isfinite(c).all():
-            raise ValueError(f"coefficients must be finite, got {c.tolist()}")
-        return c.to(device=self.device, dtype=self.dtype)
+        return torch.as_tensor(self.check_coeffs(coeffs)).to(device=self.device, dtype=self.dtype)
 
     def merge_flat(self, coeffs: Any, method: str | MergeMethod | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Merged weights as a flat ``(P,)`` vector: ``base + V'^T c`` in one fused op."""
@@ -330,16 +276,27 @@ class TaskVectors:
     def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
         """Write the merged weights for ``coeffs: (T,)`` into ``model`` in place and return it.
 
-        On first use the model's floating parameters and buffers are re-pointed to views of one
-        flat buffer on the task vectors' device and dtype (the model moves there); after that
-        each call is one fused ``addmv`` into that buffer, with no per-call allocation."""
-        buffer = self._bound.get(model)
-        if buffer is None or not self._still_bound(model, buffer):
-            buffer = self._bind(model)
-        self.merge_flat(coeffs, method, out=buffer)
+        On first use the model's merged tensors are re-pointed to views of one flat buffer of
+        the model's own dtype on its own device (a bf16 model stays bf16). Each call is then one
+        fused ``addmv`` on the task vectors' device: straight into that buffer when the model is
+        in the vectors' dtype and device (no allocation), else into an fp32 scratch vector that is
+        copied (and cast) into it."""
+        binding = self._bound.get(model)
+        if binding is None or not self._still_bound(model, binding):
+            binding = self._bind(model)
+        if binding.scratch is None:
+            self.merge_flat(coeffs, method, out=binding.buffer)
+            return model
+        self.merge_flat(coeffs, method, out=binding.scratch)
+        with torch.no_grad():
+            if binding.buffer is not None:
+                binding.buffer.copy_(binding.scratch)
+            else:
+                for slot in self._slots:
+                    binding.targets[slot.key].copy_(binding.scratch[slot.offset : slot.offset + slot.numel].view(slot.shape))
         return model
 
-    def _bind(self, model: nn.Module) -> torch.Tensor:
+    def _bind(self, model: nn.Module) -> _Binding:
         state = model.state_dict(keep_vars=True)
         expected = set(self.keys) | set(self._aliases)
         missing = sorted(expected - set(state))
@@ -347,27 +304,37 @@ class TaskVectors:
         if missing or extra:
             parts = ([f"missing keys {_preview(missing)}"] if missing else []) + ([f"unexpected keys {_preview(extra)}"] if extra else [])
             raise ValueError(f"model {type(model).__name__} does not match the task vectors: " + "; ".join(parts))
-        buffer = self.base.clone()
+        for slot in self._slots:
+            if tuple(state[slot.key].shape) != slot.shape:
+                raise ValueError(f"shape mismatch for {slot.key!r}: model {tuple(state[slot.key].shape)}, task vectors {slot.shape}")
+            if not state[slot.key].dtype.is_floating_point:
+                raise ValueError(f"tensor {slot.key!r} of the model is {state[slot.key].dtype}, not floating point")
+        kinds = {(state[s.key].dtype, state[s.key].device) for s in self._slots}
         with torch.no_grad():
-            for slot in self._slots:
-                if tuple(state[slot.key].shape) != slot.shape:
-                    raise ValueError(f"shape mismatch for {slot.key!r}: model {tuple(state[slot.key].shape)}, task vectors {slot.shape}")
-                view = buffer[slot.offset : slot.offset + slot.numel].view(slot.shape)
-                _set_tensor(model, slot.key, view)
-            by_key = {slot.key: slot for slot in self._slots}
-            for alias, target in self._aliases.items():
-                slot = by_key[target]
-                _set_tensor(model, alias, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
             for key, tensor in self._frozen.items():
                 if key in state:
-                    _set_tensor(model, key, tensor.clone())
-        self._bound[model] = buffer
-        return buffer
+                    _set_tensor(model, key, tensor.to(state[key].device, copy=True))
+            if len(kinds) > 1:  # mixed dtypes or devices: keep the model's tensors, write each one
+                targets = {s.key: state[s.key].data if isinstance(state[s.key], nn.Parameter) else state[s.key] for s in self._slots}
+                binding = _Binding(None, torch.empty_like(self.base), targets)
+            else:
+                dtype, device = kinds.pop()
+                buffer = torch.empty(self.num_params, dtype=dtype, device=device)
+                by_key = {slot.key: slot for slot in self._slots}
+                for key in list(by_key) + list(self._aliases):
+                    slot = by_key[self._aliases.get(key, key)]
+                    _set_tensor(model, key, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
+                direct = dtype == self.dtype and device == self.device
+                binding = _Binding(buffer, None if direct else torch.empty_like(self.base), {})
+        self._bound[model] = binding
+        return binding
 
-    def _still_bound(self, model: nn.Module, buffer: torch.Tensor) -> bool:
-        base_ptr = buffer.data_ptr()
-        size = buffer.element_size()
+    def _still_bound(self, model: nn.Module, binding: _Binding) -> bool:
         state = model.state_dict(keep_vars=True)
+        if binding.buffer is None:
+            return all(state.get(s.key) is not None and state[s.key].data_ptr() == binding.targets[s.key].data_ptr() for s in self._slots)
+        base_ptr = binding.buffer.data_ptr()
+        size = binding.buffer.element_size()
         for slot in self._slots:
             tensor = state.get(slot.key)
             if tensor is None or tensor.data_ptr() != base_ptr + slot.offset * size:
@@ -375,46 +342,16 @@ class TaskVectors:
         return True
 
     # ------------------------------------------------------------------ saving
-    def save_merged(
-        self,
-        path: str | os.PathLike,
-        coeffs: Any,
-        method: str | MergeMethod | None = None,
-        model: nn.Module | None = None,
-        extra_metadata: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Save the merged model for ``coeffs: (T,)``.
+    def _output_entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        entries = [(s.key, s.dtype, s.shape) for s in self._slots]
+        return entries + [(k, t.dtype, tuple(t.shape)) for k, t in self._frozen.items()]
 
-        ``path`` ending in ``.safetensors``: one file, coefficients and method in its metadata.
-        Otherwise a folder: ``model`` must have ``save_pretrained`` (a Hugging Face model of the
-        pretrained architecture); the merged weights are written into it and saved there, with
-        ``map_merge.json`` beside them holding the coefficients and method."""
-        method = resolve_method(method)
-        c = self._coeffs(coeffs).double().cpu().tolist()
-        meta = {"coefficients": dict(zip(self.names, c)), "method": method.spec, "task_vectors": self.fingerprint()}
-        meta.update(extra_metadata or {})
-        path = Path(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            state = self.merge(c, method)
-            for alias in self._aliases:  # safetensors refuses shared storage: keep one copy
-                state.pop(alias)
-            dtypes = {s.key: s.dtype for s in self._slots}
-            state = {k: v.to(dtypes.get(k, v.dtype)).contiguous().cpu() for k, v in state.items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(state, str(path), metadata={"map_merge": json.dumps(meta), "format": "pt"})
-            return path
-        if model is None or not hasattr(model, "save_pretrained"):
-            raise ValueError("saving to a folder needs model= a Hugging Face model (with save_pretrained) of the pretrained architecture")
-        self.merge_into(model, c, method)
-        path.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(path))
-        (path / "map_merge.json").write_text(json.dumps(meta, indent=2))
-        return path
-
-    def __repr__(self) -> str:
-        return f"TaskVectors(tasks={list(self.names)}, params={self.num_params:,}, device={self.device}, dtype={self.dtype})"
+    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod) -> Iterator[tuple[str, torch.Tensor]]:
+        flat = self.merge_flat(coeffs, method)
+        for slot in self._slots:
+            yield slot.key, flat[slot.offset : slot.offset + slot.numel].to(slot.dtype)
+        for key, tensor in self._frozen.items():
+            yield key, tensor
 
 
 def _find_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:

@@ -1,0 +1,400 @@
+"""Task vectors streamed from safetensors checkpoints and PEFT LoRA adapters.
+
+Nothing but headers (and LoRA factors, which are small) is held: each merge walks the
+tensors in file order, reads one chunk (at most :data:`~map_merge.merge_methods.CHUNK`
+elements) of the pretrained tensor and of every fine-tuned one, computes the merged chunk in
+fp32 on the target's device and writes it into the target in its own dtype. Extra memory is a
+few chunks, whatever the model's size and the number of tasks.
+
+Task arithmetic takes a fused path: ``(1 - sum_i c_i) theta_0 + sum_i c_i theta_i`` over full
+fine-tunes (one multiply-add per task, reading each checkpoint once, skipping ``c_i = 0``) plus
+one matrix product ``[c_i s_i B_i]_i @ [A_i]_i`` over all LoRA adapters. TIES and DARE form the
+``(T, n)`` deltas of each chunk and map them with the operator (see :mod:`map_merge.merge_methods`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..merge_methods import MergeMethod, resolve_method
+from .base import TaskVectors, chunk_ranges
+from .sources import CheckpointWeights, LoraAdapter, LoraFactors, MemoryWeights, Weights, is_lora_adapter, open_weights
+
+__all__ = ["StreamedTaskVectors"]
+
+log = logging.getLogger(__name__)
+
+_PROGRESS_BYTES = 1 << 30  # show a progress bar over tensors for models at least this large
+
+
+class _Lora:
+    """One adapter matched to the pretrained tensors."""
+
+    def __init__(self, adapter: LoraAdapter, factors: dict[str, LoraFactors], full: dict[str, torch.Tensor]) -> None:
+        self.adapter = adapter
+        self.factors = factors
+        self.full = full
+        self._on: dict[torch.device, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def factors_on(self, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale * left, right)`` of ``key`` in fp32 on ``device`` (cached)."""
+        cache = self._on.setdefault(device, {})
+        if key not in cache:
+            f = self.factors[key]
+            cache[key] = (f.left.to(device=device, dtype=torch.float32) * f.scale, f.right.to(device=device, dtype=torch.float32))
+        return cache[key]
+
+
+class StreamedTaskVectors(TaskVectors):
+    """Task vectors read from disk (or adapters) chunk by chunk at every merge.
+
+    Build with :meth:`TaskVectors.from_models`. ``storage`` is ``"streamed"`` (full fine-tunes),
+    ``"lora"`` (adapters only) or ``"mixed"``. :meth:`merge_into` writes into the model's own
+    tensors on their own device and in their own dtype. :meth:`validate` reads everything once
+    to check for NaN/inf; merges check each merged chunk and name the file and key at fault.
+    """
+
+    def __init__(self, base: Weights, tasks: Sequence[Weights | _Lora], names: Sequence[str], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.names = tuple(names)
+        self._base = base
+        self._tasks = list(tasks)
+        self._device = device
+        self._dtype = dtype
+        floating = {k: v for k, v in base.tensors.items() if v[0].is_floating_point}
+        if isinstance(base, CheckpointWeights):  # file order: sequential reads
+            infos = base.checkpoint.tensors
+            order = sorted(base.tensors, key=lambda k: (str(infos[k].file), infos[k].offset))
+        else:
+            order = list(base.tensors)
+        self._order = tuple(order)
+        self._keys = tuple(k for k in order if k in floating)
+        self._frozen = tuple(k for k in order if k not in floating)
+        self._shapes = {k: tuple(base.tensors[k][1]) for k in order}
+        self._numel = {k: int(np.prod(self._shapes[k], dtype=np.int64)) for k in order}
+        self._full = [(i, t) for i, t in enumerate(self._tasks) if isinstance(t, Weights)]
+        self._lora = [(i, t) for i, t in enumerate(self._tasks) if isinstance(t, _Lora)]
+        kinds = {"full" if isinstance(t, Weights) else "lora" for t in self._tasks}
+        self.storage = "mixed" if len(kinds) > 1 else ("lora" if kinds == {"lora"} else "streamed")
+        self._state: tuple[str, Any] | None = None  # one-entry cache: (method key, fitted statistics)
+        self._fingerprint: str | None = None
+        self.progress: bool | None = None  # None: a bar for models of 1 GB or more
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build(cls, pretrained: Any, models: Sequence[Any], names: Sequence[str], device: torch.device,
+              dtype: torch.dtype) -> "StreamedTaskVectors":
+        base = open_weights(pretrained, "the pretrained model", stream=True)
+        if not base.tensors:
+            raise ValueError("the pretrained model has no tensors")
+        for key, (tdtype, _) in base.tensors.items():
+            if tdtype.is_complex:
+                raise ValueError(f"tensor {key!r} of the pretrained model is complex ({tdtype}); not supported")
+        if not any(d.is_floating_point for d, _ in base.tensors.values()):
+            raise ValueError("the pretrained model has no floating-point tensors to merge")
+        if isinstance(base, MemoryWeights):
+            for key, (tdtype, _) in base.tensors.items():
+                if tdtype.is_floating_point:
+                    _check_finite(base.tensor(key), key, base.owner)
+        tasks: list[Weights | _Lora] = []
+        for name, model in zip(names, models):
+            if is_lora_adapter(model):
+                adapter = model if isinstance(model, LoraAdapter) else LoraAdapter(model)
+                factors, full = adapter.resolve(base.tensors)
+                for key, tensor in full.items():
+                    if not tensor.dtype.is_floating_point or not base.tensors[key][0].is_floating_point:
+                        raise ValueError(f"tensor {key!r} saved in adapter {adapter.path} for task {name!r} is not floating point")
+                tasks.append(_Lora(adapter, factors, full))
+                continue
+            weights = open_weights(model, f"fine-tuned model {name!r}", stream=True)
+            _check_matches(base, weights)
+            if isinstance(weights, MemoryWeights):
+                for key, (tdtype, _) in weights.tensors.items():
+                    if tdtype.is_floating_point and key in base.tensors:
+                        _check_finite(weights.tensor(key), key, weights.owner)
+            tasks.append(weights)
+        tv = cls(base, tasks, names, device, dtype)
+        log.info("task vectors (%s): %d tasks x %d entries, merged on %s", tv.storage, tv.num_tasks, tv.num_params, device)
+        return tv
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_params(self) -> int:
+        return sum(self._numel[k] for k in self._keys)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self._keys
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pretrained model's floating tensors as stored."""
+        return sum(self._numel[k] * torch.empty((), dtype=self._base.tensors[k][0]).element_size() for k in self._keys)
+
+    def fingerprint(self) -> str:
+        """Hash of the names, the headers and file identities (path, size, mtime) of every
+        checkpoint and the adapters' contents; no pass over the weights."""
+        if self._fingerprint is None:
+            parts = [self.storage, list(self.names), self._base.identity()]
+            parts += [t.identity() if isinstance(t, Weights) else t.adapter.identity() for t in self._tasks]
+            self._fingerprint = hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+        return self._fingerprint
+
+    def _source_folder(self) -> Path | None:
+        return self._base.folder
+
+    # ------------------------------------------------------------------ reading chunks
+    def _read_base(self, key: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        """The pretrained chunk as a new fp32 tensor on ``device`` (safe to modify)."""
+        raw = self._base.read(key, start, stop)
+        out = torch.empty(stop - start, dtype=torch.float32, device=device)
+        out.copy_(raw)
+        return out
+
+    def _lora_rows(self, lora: _Lora, key: str, start: int, stop: int, device: torch.device, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(scale * s * left rows, right, offset, cols)`` covering elements ``[start, stop)``."""
+        left, right = lora.factors_on(key, device)
+        cols = right.shape[1]
+        row0, row1 = start // cols, -(-stop // cols)
+        return left[row0:row1] * scale, right, start - row0 * cols, cols
+
+    def _delta(self, index: int, key: str, start: int, stop: int, base: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Task ``index``'s delta chunk in fp32 on ``device`` (``None``: zero)."""
+        task = self._tasks[index]
+        if isinstance(task, Weights):
+            out = task.read(key, start, stop).to(device=device, dtype=torch.float32, copy=True)
+            return out.sub_(base)
+        if key in task.factors:
+            left, right, offset, _ = self._lora_rows(task, key, start, stop, device)
+            return (left @ right).reshape(-1)[offset : offset + stop - start]
+        if key in task.full:
+            saved = task.full[key].reshape(-1)[start:stop].to(device=device, dtype=torch.float32, copy=True)
+            return saved.sub_(base)
+        return None
+
+    def _delta_block(self, key: str, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        base = self._read_base(key, start, stop, device)
+        deltas = torch.zeros(self.num_tasks, stop - start, dtype=torch.float32, device=device)
+        for index in range(self.num_tasks):
+            delta = self._delta(index, key, start, stop, base, device)
+            if delta is not None:
+                deltas[index] = delta
+        return base, deltas
+
+    def delta_chunks(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
+        device = torch.device(device) if device is not None else self._device
+        for key in self._keys if keys is None else keys:
+            for start, stop in chunk_ranges(self._numel[key]):
+                _, deltas = self._delta_block(key, start, stop, device)
+                yield key, start, deltas.to(self._dtype)
+
+    def base_tensor(self, key: str) -> torch.Tensor:
+        return self._base.read(key).to(device=self._device, dtype=self._dtype).reshape(self._shapes[key])
+
+    # ------------------------------------------------------------------ merging
+    def prepare(self, method: str | MergeMethod | None = None) -> None:
+        self._fitted(resolve_method(method))
+
+    def _fitted(self, method: MergeMethod) -> Any:
+        key = json.dumps(method.spec, sort_keys=True)
+        if self._state is None or self._state[0] != key:
+            self._state = None
+            sizes = {k: self._numel[k] for k in self._keys}
+            chunks = lambda keys=None: ((k, s, d.float()) for k, s, d in self.delta_chunks(keys, self._device))  # noqa: E731
+            self._state = (key, method.fit(chunks, sizes))
+        return self._state[1]
+
+    def _merged_chunk(self, key: str, start: int, stop: int, c: np.ndarray, method: MergeMethod, state: Any,
+                      device: torch.device) -> torch.Tensor:
+        """The merged chunk ``[start, stop)`` of ``key`` in fp32 on ``device``."""
+        if method.is_identity:
+            out = self._task_arithmetic_chunk(key, start, stop, c, device)
+        else:
+            base, deltas = self._delta_block(key, start, stop, device)
+            prepared = method.transform(key, start, deltas, state)
+            out = torch.addmv(base, prepared.T, torch.as_tensor(c, dtype=torch.float32, device=device))
+        if not bool(torch.isfinite(out).all()):
+            self._raise_nonfinite(key, start, stop, c)
+        return out
+
+    def _task_arithmetic_chunk(self, key: str, start: int, stop: int, c: np.ndarray, device: torch.device) -> torch.Tensor:
+        """``(1 - sum_i c_i) theta_0 + sum_i c_i theta_i`` over whole tensors (full fine-tunes and
+        tensors an adapter saves whole) plus one product over every adapter's factors."""
+        whole = [(float(c[i]), w.read(key, start, stop)) for i, w in self._full if c[i] != 0]
+        whole += [(float(c[i]), lora.full[key].reshape(-1)[start:stop]) for i, lora in self._lora if key in lora.full and c[i] != 0]
+        out = self._read_base(key, start, stop, device)
+        base_weight = 1.0 - sum(weight for weight, _ in whole)
+        if base_weight != 1.0:
+            out.mul_(base_weight)
+        for weight, tensor in whole:
+            out.add_(tensor.to(device), alpha=weight)
+        rows = [self._lora_rows(lora, key, start, stop, device, float(c[i]))
+                for i, lora in self._lora if key in lora.factors and c[i] != 0]
+        if rows:
+            offset = rows[0][2]
+            left = torch.cat([r[0] for r in rows], dim=1)
+            right = torch.cat([r[1] for r in rows], dim=0)
+            out.add_((left @ right).reshape(-1)[offset : offset + stop - start])
+        return out
+
+    def _raise_nonfinite(self, key: str, start: int, stop: int, c: np.ndarray) -> None:
+        for weights in [self._base] + [w for _, w in self._full]:
+            if not bool(torch.isfinite(weights.read(key, start, stop)).all()):
+                raise ValueError(f"tensor {key!r} of {weights.where(key)} has NaN/inf value(s)")
+        raise ValueError(f"merging tensor {key!r} with coefficients {c.tolist()} overflowed to NaN/inf")
+
+    def _pieces(self, c: np.ndarray, method: MergeMethod, desc: str, device_of: Mapping[str, torch.device] | None = None,
+                keys: Sequence[str] | None = None) -> Iterator[tuple[str, int, int, torch.Tensor | None]]:
+        """``(key, start, stop, merged fp32 chunk)`` over ``keys`` (default: all, file order);
+        frozen (integer) tensors come as ``(key, 0, numel, None)``. Chunks are computed on
+        ``device_of[key]`` (default: :attr:`device`)."""
+        state = self._fitted(method)
+        show = self.progress if self.progress is not None else self.nbytes >= _PROGRESS_BYTES
+        frozen = set(self._frozen)
+        for key in tqdm(self._keys if keys is None else keys, desc=desc, disable=not show, leave=False, unit="tensor"):
+            if key in frozen:
+                yield key, 0, self._numel[key], None
+                continue
+            device = device_of.get(key, self._device) if device_of is not None else self._device
+            for start, stop in chunk_ranges(self._numel[key]):
+                yield key, start, stop, self._merged_chunk(key, start, stop, c, method, state, device)
+
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None) -> dict[str, torch.Tensor]:
+        c, method = self.check_coeffs(coeffs), resolve_method(method)
+        state: dict[str, torch.Tensor] = {}
+        for key, start, stop, piece in self._pieces(c, method, "merging"):
+            if key not in state:
+                state[key] = torch.empty(self._numel[key], dtype=self._dtype, device=self._device)
+            state[key][start:stop] = piece
+        state = {k: v.view(self._shapes[k]) for k, v in state.items()}
+        for key in self._frozen:
+            state[key] = self._base.read(key).to(self._device, copy=True).view(self._shapes[key])
+        return state
+
+    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
+        """Write the merged weights for ``coeffs: (T,)`` into ``model``'s own tensors, chunk by chunk,
+        computed on their device and written in their dtype (fp32 arithmetic). Tied tensors are
+        written once. Statistics of TIES are computed once per method on :attr:`device`."""
+        c, method = self.check_coeffs(coeffs), resolve_method(method)
+        targets = self._targets(model)
+        flats = {key: tensor.view(-1) for key, tensor in targets.items()}
+        with torch.no_grad():
+            for key in self._frozen:
+                if key in targets:
+                    targets[key].copy_(self._base.read(key).view(self._shapes[key]))
+            devices = {key: tensor.device for key, tensor in targets.items()}
+            for key, start, stop, piece in self._pieces(c, method, "merging", devices):
+                flats[key][start:stop].copy_(piece)
+        return model
+
+    def _targets(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        state = model.state_dict(keep_vars=True)
+        missing = [k for k in self._keys if k not in state]
+        if missing:
+            raise ValueError(f"model {type(model).__name__} does not match the task vectors: missing keys {_preview(missing)}")
+        owned = {state[k].data_ptr() for k in self._keys}
+        extra = [k for k, v in state.items() if k not in self._shapes and v.dtype.is_floating_point and v.data_ptr() not in owned]
+        if extra:
+            raise ValueError(f"model {type(model).__name__} does not match the task vectors: unexpected keys {_preview(extra)}")
+        out = {}
+        for key in self._keys + self._frozen:
+            if key not in state:
+                continue
+            tensor = state[key].data if isinstance(state[key], nn.Parameter) else state[key]
+            if tuple(tensor.shape) != self._shapes[key]:
+                raise ValueError(f"shape mismatch for {key!r}: model {tuple(tensor.shape)}, task vectors {self._shapes[key]}")
+            if key in self._keys and not tensor.dtype.is_floating_point:
+                raise ValueError(f"tensor {key!r} of the model is {tensor.dtype}, not floating point")
+            if not tensor.is_contiguous():
+                raise ValueError(f"tensor {key!r} of the model is not contiguous; call model.contiguous() parameters first")
+            out[key] = tensor
+        return out
+
+    def validate(self) -> "StreamedTaskVectors":
+        """Read every tensor of every checkpoint once and raise on NaN/inf, naming file and key."""
+        for key in tqdm(self._keys, desc="validating", leave=False, unit="tensor"):
+            for start, stop in chunk_ranges(self._numel[key]):
+                if not bool(torch.isfinite(self._base.read(key, start, stop)).all()):
+                    raise ValueError(f"tensor {key!r} of {self._base.where(key)} has NaN/inf value(s)")
+                for _, task in self._full:
+                    if not bool(torch.isfinite(task.read(key, start, stop)).all()):
+                        raise ValueError(f"tensor {key!r} of {task.where(key)} has NaN/inf value(s)")
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def _output_entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(k, self._base.tensors[k][0], self._shapes[k]) for k in self._order]
+
+    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, _, _, piece in self._pieces(coeffs, method, "saving", keys=self._order):
+            yield key, (self._base.read(key) if piece is None else piece.to(self._base.tensors[key][0]))
+
+    # ------------------------------------------------------------------ conversion
+    def to_dense(self) -> TaskVectors:
+        """The same task vectors held densely in memory (:class:`DenseTaskVectors`)."""
+        from .dense import DenseTaskVectors, _Slot
+
+        slots, offset = [], 0
+        for key in self._keys:
+            slots.append(_Slot(key, self._shapes[key], offset, self._numel[key], self._base.tensors[key][0]))
+            offset += self._numel[key]
+        base = torch.empty(offset, dtype=self._dtype, device=self._device)
+        vectors = torch.empty(self.num_tasks, offset, dtype=self._dtype, device=self._device)
+        starts = {s.key: s.offset for s in slots}
+        for key in self._keys:
+            base[starts[key] : starts[key] + self._numel[key]] = self.base_tensor(key).reshape(-1)
+        for key, start, deltas in self.delta_chunks(None, self._device):
+            vectors[:, starts[key] + start : starts[key] + start + deltas.shape[1]] = deltas
+        frozen = {k: self._base.read(k).view(self._shapes[k]).to(self._device, copy=True) for k in self._frozen}
+        return DenseTaskVectors(base, vectors, slots, self.names, frozen=frozen, folder=self._base.folder)
+
+
+def _check_matches(base: Weights, other: Weights) -> None:
+    """Keys, shapes and floating-ness of a full fine-tune against the pretrained model."""
+    frozen = {k for k, (d, _) in base.tensors.items() if not d.is_floating_point}
+    missing = sorted(k for k in base.tensors if k not in other.tensors and k not in frozen)
+    extra = sorted(k for k, (d, _) in other.tensors.items() if k not in base.tensors and d.is_floating_point)
+    if missing or extra:
+        parts = ([f"missing keys {_preview(missing)}"] if missing else []) + ([f"unexpected keys {_preview(extra)}"] if extra else [])
+        where = other.checkpoint.path if isinstance(other, CheckpointWeights) else "memory"
+        raise ValueError(f"{other.owner} ({where}) does not match the pretrained model: " + "; ".join(parts))
+    for key, (dtype, shape) in base.tensors.items():
+        if key not in other.tensors:
+            continue
+        odtype, oshape = other.tensors[key]
+        if tuple(oshape) != tuple(shape):
+            raise ValueError(f"shape mismatch for {key!r}: pretrained {tuple(shape)}, {other.where(key)} {tuple(oshape)}")
+        if dtype.is_floating_point and not odtype.is_floating_point:
+            raise ValueError(f"tensor {key!r} of {other.where(key)} has non-floating dtype {odtype} (pretrained: {dtype})")
+        if not dtype.is_floating_point and odtype.is_floating_point:
+            raise ValueError(f"tensor {key!r} is {dtype} in the pretrained model but {odtype} in {other.where(key)}")
+
+
+def _check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"tensor {key!r} of the {owner.removeprefix('the ')} has {bad} NaN/inf value(s)")
+
+
+def _preview(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
