@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..merge_methods import CHUNK, MergeMethod, resolve_method
+from .. import merge_methods
+from ..merge_methods import MergeMethod, resolve_method
 from .safetensors_io import plan_shards, write_safetensors
 from .sources import ModelSource, is_lora_adapter, is_on_disk
 
@@ -43,8 +44,10 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 
 def chunk_ranges(numel: int) -> list[tuple[int, int]]:
-    """Flat element ranges ``[start, stop)`` of a tensor, aligned to :data:`CHUNK`."""
-    return [(start, min(start + CHUNK, numel)) for start in range(0, numel, CHUNK)] or [(0, 0)]
+    """Flat element ranges ``[start, stop)`` of a tensor, aligned to
+    :data:`~map_merge.merge_methods.CHUNK` (read at call time)."""
+    size = merge_methods.CHUNK
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)] or [(0, 0)]
 
 
 def parse_size(size: int | str) -> int:

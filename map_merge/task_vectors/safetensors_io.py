@@ -181,7 +181,7 @@ class SafetensorsCheckpoint:
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
+        for fd in getattr(self, "_fds", {}).values():
             try:
                 os.close(fd)
             except OSError:

@@ -203,8 +203,9 @@ class LoraAdapter:
     ``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with PEFT's
     ``rank_pattern`` / ``alpha_pattern`` overrides; layers stored transposed (``fan_in_fan_out``,
     GPT-2's Conv1D) and embeddings (``lora_embedding_A/B``) are handled as PEFT merges them.
-    Tensors the adapter saves whole (``modules_to_save``, trained biases) replace the base's:
-    their task vector is ``saved - pretrained``.
+    Tensors the adapter saves whole (``modules_to_save``, trained biases, an adapted embedding's
+    ``base_layer``) replace the base's: their task vector is ``saved - pretrained`` (plus the LoRA
+    product where the module also has factors).
 
     Args:
         path: the adapter folder.
@@ -313,8 +314,6 @@ class LoraAdapter:
             if tuple(tensor.shape) != tuple(base[key][1]):
                 raise ValueError(f"tensor {name!r} saved whole in adapter {self.path} has shape {tuple(tensor.shape)}, the "
                                  f"pretrained {key!r} {tuple(base[key][1])}")
-            if key in factors:
-                raise ValueError(f"adapter {self.path} has both LoRA factors and a whole tensor for {key!r}")
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"tensor {name!r} of adapter {self.file} has NaN/inf values")
             full[key] = tensor

@@ -182,13 +182,14 @@ class StreamedTaskVectors(TaskVectors):
         if isinstance(task, Weights):
             out = task.read(key, start, stop).to(device=device, dtype=torch.float32, copy=True)
             return out.sub_(base)
+        out = None
+        if key in task.full:
+            out = task.full[key].reshape(-1)[start:stop].to(device=device, dtype=torch.float32, copy=True).sub_(base)
         if key in task.factors:
             left, right, offset, _ = self._lora_rows(task, key, start, stop, device)
-            return (left @ right).reshape(-1)[offset : offset + stop - start]
-        if key in task.full:
-            saved = task.full[key].reshape(-1)[start:stop].to(device=device, dtype=torch.float32, copy=True)
-            return saved.sub_(base)
-        return None
+            product = (left @ right).reshape(-1)[offset : offset + stop - start]
+            out = product if out is None else out.add_(product)
+        return out
 
     def _delta_block(self, key: str, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         base = self._read_base(key, start, stop, device)
