@@ -151,7 +151,9 @@ def test_load_from_safetensors_and_hf_folder(tmp_path):
     assert meta["coefficients"] == {"t": 1.0} and meta["method"]["name"] == "task_arithmetic"
     torch.testing.assert_close(weight, ft.encoder.layer[0].output.dense.weight.detach())
     tv2 = mm.TaskVectors.from_models(tmp_path / "base", [out], names=["t"])
-    torch.testing.assert_close(tv2.vectors, tv.vectors)
+    assert tv.storage == tv2.storage == "streamed"
+    for key, value in tv.merge([0.5]).items():
+        torch.testing.assert_close(tv2.merge([0.5])[key], value)
     folder = tv.save_merged(tmp_path / "hf", [0.5], method=mm.Ties(k=0.5), model=BertModel(config))
     reloaded = BertModel.from_pretrained(folder)
     torch.testing.assert_close(reloaded.pooler.dense.weight, tv.merge([0.5], mm.Ties(k=0.5))["pooler.dense.weight"])
@@ -165,3 +167,20 @@ def test_fingerprint_changes_with_weights(tiny_models):
     with torch.no_grad():
         fts[0].lin.bias[0] += 1e-3
     assert a != mm.TaskVectors.from_models(base, fts).fingerprint()
+
+
+def test_dense_merge_into_keeps_each_tensors_dtype(tiny_models):
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    c = [0.2, 0.5, -0.1]
+    expected = tv.merge(c)
+    half = TinyNet().half()  # one dtype: bound to one fp16 buffer, arithmetic in fp32
+    mixed = TinyNet()
+    mixed.lin.to(torch.bfloat16)  # mixed dtypes: each tensor written in its own dtype
+    for model in (half, mixed):
+        before = {k: v.dtype for k, v in model.state_dict().items()}
+        tv.merge_into(model, c)
+        tv.merge_into(model, c)  # the second call reuses the binding
+        for key, value in model.state_dict().items():
+            assert value.dtype == before[key], key
+            assert torch.equal(value, expected[key].to(value.dtype)), key
