@@ -39,7 +39,7 @@ import torch
 
 __all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "resolve_method", "CHUNK", "ChunkSource", "kth_largest_magnitude"]
 
-CHUNK = 1 << 22
+CHUNK = 1 << 20
 """Elements per unit of streamed work: flat ranges of a tensor start at multiples of this."""
 
 ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]

@@ -310,3 +310,18 @@ def test_objective_on_streamed_vectors_keeps_one_live_model(llama_zoo, tmp_path)
                               store=store, progress=False)
     again([[0.2, 0.8]])
     assert again.num_evaluations == 0 and again.num_cached == 1
+
+
+def test_merged_adapter_is_exact_and_loads_in_peft(llama_zoo, adapters, tmp_path):
+    _, base, fts = llama_zoo
+    root, _ = adapters
+    tv = mm.TaskVectors.from_models(base, {n: root / n for n in ["plain", "rslora", "save"]})
+    c = [0.7, -0.5, 1.3]
+    folder = tv.save_merged_adapter(tmp_path / "merged-adapter", c)
+    model = peft.PeftModel.from_pretrained(load(base, torch.float32), folder).merge_and_unload()
+    expected = tv.merge(c)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
+    mixed = mm.TaskVectors.from_models(base, {"full": fts[0], "lora": root / "plain"})
+    with pytest.raises(ValueError, match="every task to be a LoRA adapter"):
+        mixed.save_merged_adapter(tmp_path / "no", [1.0, 1.0])

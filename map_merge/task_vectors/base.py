@@ -43,11 +43,17 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "map_merge.json")
 
 
-def chunk_ranges(numel: int) -> list[tuple[int, int]]:
-    """Flat element ranges ``[start, stop)`` of a tensor, aligned to
-    :data:`~map_merge.merge_methods.CHUNK` (read at call time)."""
+def chunk_ranges(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Flat element ranges ``[start, stop)`` covering a tensor of ``shape``: whole rows (the
+    trailing dimensions, ``shape[1:]``) of about :data:`~map_merge.merge_methods.CHUNK` elements
+    (read at call time), or CHUNK-sized pieces of a row longer than that."""
     size = merge_methods.CHUNK
-    return [(start, min(start + size, numel)) for start in range(0, numel, size)] or [(0, 0)]
+    numel = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else numel
+    if numel == 0:
+        return [(0, 0)]
+    step = max(1, size // row) * row if row <= size else size
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
 def parse_size(size: int | str) -> int:

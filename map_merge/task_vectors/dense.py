@@ -218,7 +218,7 @@ class DenseTaskVectors(TaskVectors):
         by_key = {s.key: s for s in self._slots}
         for key in self.keys if keys is None else keys:
             slot = by_key[key]
-            for start, stop in chunk_ranges(slot.numel):
+            for start, stop in chunk_ranges(slot.shape):
                 chunk = self.vectors[:, slot.offset + start : slot.offset + stop]
                 yield key, start, chunk if device is None else chunk.to(device)
 

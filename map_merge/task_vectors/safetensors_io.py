@@ -142,15 +142,16 @@ class SafetensorsCheckpoint:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor ``key``, as a new CPU tensor of
-        its stored dtype (only those bytes are read)."""
+    def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor ``key`` as a CPU tensor of its
+        stored dtype (only those bytes are read): a new tensor, or a view of ``buffer`` (a uint8
+        CPU tensor of at least that many bytes, reused by callers that read chunk after chunk)."""
         info = self.tensors[key]
         stop = info.numel if stop is None else stop
         if not 0 <= start <= stop <= info.numel:
             raise IndexError(f"range {start}..{stop} outside tensor {key!r} of {info.numel} elements")
         count = (stop - start) * info.itemsize
-        out = torch.empty(count, dtype=torch.uint8)
+        out = torch.empty(count, dtype=torch.uint8) if buffer is None or buffer.numel() < count else buffer[:count]
         if count:
             fd = self._fd(info.file)
             view = memoryview(out.numpy())

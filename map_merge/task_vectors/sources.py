@@ -92,8 +92,9 @@ class Weights:
     owner: str  # for messages: "the pretrained model", "fine-tuned model 'x'"
     tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor, in its stored dtype."""
+    def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, in its stored dtype (``buffer``: a
+        uint8 tensor the bytes may be read into, reused from chunk to chunk)."""
         raise NotImplementedError
 
     def where(self, key: str) -> str:
@@ -119,7 +120,7 @@ class MemoryWeights(Weights):
         self.tensors = {k: (v.dtype, tuple(v.shape)) for k, v in self._state.items()}
         self._identity: str | None = None
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[key].detach().reshape(-1)[start:stop]
 
     def tensor(self, key: str) -> torch.Tensor:
@@ -144,8 +145,8 @@ class CheckpointWeights(Weights):
         self.checkpoint = SafetensorsCheckpoint(path)
         self.tensors = {k: (i.dtype, i.shape) for k, i in self.checkpoint.tensors.items()}
 
-    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.checkpoint.read(key, start, stop)
+    def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        return self.checkpoint.read(key, start, stop, buffer)
 
     def where(self, key: str) -> str:
         info = self.checkpoint.tensors.get(key)
@@ -271,6 +272,10 @@ class LoraAdapter:
     def modules(self) -> tuple[str, ...]:
         """LoRA-adapted module paths as PEFT names them (inside the wrapped model)."""
         return tuple(self._lora)
+
+    def is_embedding(self, module: str) -> bool:
+        """Whether the module's factors are an embedding's (``lora_embedding_A/B``)."""
+        return self._lora[module]["kind"] == "embedding"
 
     def scaling(self, module: str, rank: int) -> float:
         """``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA), honouring per-module patterns."""
