@@ -199,7 +199,7 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     tv = TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
     sense = config.get("sense", "max")
     link = config.get("link", "identity")
-    tasks = {n: Task(lambda m, n=n: float(evaluate(m, n)), sense=sense, link=link) for n in names}
+    tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link) for n in names}  # values checked by the objective
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
     return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None

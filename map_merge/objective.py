@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -176,6 +177,21 @@ class Objective:
         return out
 
 
+def metric_value(value: Any, task: str, coeffs: Any) -> float:
+    """A metric's return value as a float, or a TypeError naming the task and the coefficients
+    (``None``, strings, containers and multi-element tensors are not metrics)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise TypeError(f"the metric of task {task!r} returned {type(value).__name__} {shown} for coefficients "
+                        f"{np.asarray(coeffs, dtype=float).tolist()}; a metric must return a number")
+    return float(value)
+
+
 def _hash(*parts: Any) -> str:
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
@@ -290,7 +306,7 @@ class ModelObjective(Objective):
         merged = time.perf_counter()
         self.model.eval()
         with torch.inference_mode():
-            values = np.array([float(task.metric(self.model)) for task in self.tasks.values()])
+            values = np.array([metric_value(task.metric(self.model), name, coeffs) for name, task in self.tasks.items()])
         self.merge_seconds += merged - start
         self.eval_seconds += time.perf_counter() - merged
         return values

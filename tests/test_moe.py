@@ -148,3 +148,45 @@ def test_training_moves_routers_towards_the_preferred_task(method):
     # the learned routing depends on the preference
     shift = [np.abs(moe.coefficients([1, 0])[g] - moe.coefficients([0, 1])[g]).max() for g in moe.groups]
     assert max(shift) > 0.05
+
+
+def test_paretomoe_accepts_finetuned_models_directly(bert_models):
+    base, tv, _ = bert_models
+    finetuned = {name: tv.merge(np.eye(3)[i]) for i, name in enumerate(tv.names)}  # the fine-tuned state dicts
+    direct = ParetoMoE(base, finetuned, seed=1)
+    built = ParetoMoE(base, tv, seed=1)
+    assert direct.task_names == ("a", "b", "c")
+    r = torch.tensor([0.2, 0.5, 0.3])
+    with torch.no_grad():
+        a, b = direct.merged_parameters(r), built.merged_parameters(r)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+class _Marker:
+    """Unpickling this creates a file: the proof that a checkpoint was loaded unsafely."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_router_checkpoints_are_never_unpickled_unsafely(bert_models, tmp_path, caplog):
+    base, tv, inputs = bert_models
+    moe = ParetoMoE(base, tv)
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "routers.pt"
+    torch.save({"routers": moe.routers.state_dict(), "info": {"method": "ls"}, "payload": _Marker(str(marker))}, path)
+
+    def loss(model):
+        return model(**inputs).last_hidden_state.pow(2).mean()
+
+    info = moe.fit_or_load({"a": loss, "b": loss, "c": loss}, path, steps=2)
+    assert not marker.exists() and info["cached"] is False  # refused, retrained, and re-saved safely
+    assert "cannot be loaded safely" in caplog.text
+    again = ParetoMoE(base, tv).fit_or_load({"a": loss, "b": loss, "c": loss}, path, steps=2)
+    assert again["cached"] is True and not marker.exists()

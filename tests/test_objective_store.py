@@ -114,3 +114,14 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     clean_store, clean_log = tmp_path / "clean.sqlite", tmp_path / "clean.log"
     subprocess.run([sys.executable, str(script), str(clean_store), str(clean_log)], check=True)
     np.testing.assert_array_equal(resumed, np.load(str(clean_store) + ".npy"))
+
+
+@pytest.mark.parametrize("bad", [None, "0.9", [0.5], torch.ones(2)])
+def test_metric_that_is_not_a_number_names_task_and_coefficients(tiny_models, bad):
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    objective = mm.ModelObjective(TinyNet(), tv, {"fine": lambda m: 0.5, "broken": lambda m: bad}, progress=False)
+    with pytest.raises(TypeError, match=r"metric of task 'broken' returned .* for coefficients \[0.1, 0.2, 0.3\]; a metric must return a number"):
+        objective([[0.1, 0.2, 0.3]])
+    ok = mm.ModelObjective(TinyNet(), tv, {"t": lambda m: torch.tensor(0.25), "n": lambda m: np.float32(0.5)}, progress=False)
+    np.testing.assert_allclose(ok([[0.1, 0.2, 0.3]]), [[0.25, 0.5]])

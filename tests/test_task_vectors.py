@@ -184,3 +184,21 @@ def test_dense_merge_into_keeps_each_tensors_dtype(tiny_models):
         for key, value in model.state_dict().items():
             assert value.dtype == before[key], key
             assert torch.equal(value, expected[key].to(value.dtype)), key
+
+
+def test_zero_task_vector_warns_naming_the_task(tiny_models, tmp_path):
+    base, fts = tiny_models
+    with pytest.warns(UserWarning, match=r"\['same'\]: the fine-tuned model is identical to the pretrained one"):
+        mm.TaskVectors.from_models(base, {"good": fts[0], "same": base.state_dict()})
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    save_file({k: v.contiguous() for k, v in fts[0].state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    with pytest.warns(UserWarning, match=r"\['again'\]: the fine-tuned model is identical"):
+        tv = mm.TaskVectors.from_models(tmp_path / "base.safetensors", {"ft": tmp_path / "ft.safetensors", "again": tmp_path / "base.safetensors"})
+    assert tv.storage == "streamed"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mm.TaskVectors.from_models(tmp_path / "base.safetensors", [tmp_path / "ft.safetensors"])  # a real task vector: silent

@@ -97,15 +97,20 @@ class ParetoMoE(nn.Module):
 
     Args:
         pretrained: the pretrained model (its architecture is kept; it is copied, not modified).
-        task_vectors: the tasks' :class:`TaskVectors` over ``pretrained``'s state dict.
+        task_vectors: the tasks' :class:`TaskVectors` over ``pretrained``'s state dict, or the
+            fine-tuned models themselves (a sequence or a ``name -> model`` mapping, anything
+            :meth:`TaskVectors.from_models` takes).
         upcycle: ``"mlp"`` (each transformer block's MLP, found automatically), ``"all"`` (every
             module with parameters) or a regular expression over module names.
         init_lambda: task-arithmetic scale of everything else, and the routers' initial output.
         seed: seeds the routers' initial weights.
     """
 
-    def __init__(self, pretrained: nn.Module, task_vectors: TaskVectors, upcycle: str = "mlp", init_lambda: float = 0.3, seed: int = 0) -> None:
+    def __init__(self, pretrained: nn.Module, task_vectors: TaskVectors | Sequence | Mapping, upcycle: str = "mlp",
+                 init_lambda: float = 0.3, seed: int = 0) -> None:
         super().__init__()
+        if not isinstance(task_vectors, TaskVectors):
+            task_vectors = TaskVectors.from_models(pretrained, task_vectors)
         self.num_tasks = task_vectors.num_tasks
         self.task_names = task_vectors.names
         self.init_lambda = float(init_lambda)
@@ -317,9 +322,13 @@ class ParetoMoE(nn.Module):
 
         path = Path(path) if path is not None else None
         if path is not None and path.exists():
-            saved = torch.load(path, weights_only=False)
-            self.routers.load_state_dict(saved["routers"])
-            return {**saved["info"], "cached": True}
+            try:  # never unpickle arbitrary objects from a file: tensors and plain values only
+                saved = torch.load(path, weights_only=True)
+            except Exception as error:  # noqa: BLE001 - an unreadable or unsafe checkpoint is retrained, not trusted
+                log.warning("router checkpoint %s cannot be loaded safely (%s); training again", path, error)
+            else:
+                self.routers.load_state_dict(saved["routers"])
+                return {**saved["info"], "cached": True}
         history = self.fit(task_losses, **fit_options)
         info = {"method": fit_options.get("method", "ls"), "steps": len(history.total), "seconds": history.seconds,
                 "trainable_params": self.num_trainable, "routers": len(self.routers),

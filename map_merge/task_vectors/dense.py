@@ -24,7 +24,7 @@ from torch import nn
 
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .sources import ModelSource, load_state_dict
+from .sources import ModelSource, load_state_dict, warn_zero_tasks
 
 __all__ = ["DenseTaskVectors"]
 
@@ -163,6 +163,7 @@ class DenseTaskVectors(TaskVectors):
                 vectors[row, slot.offset : slot.offset + slot.numel] = tensor.detach().reshape(-1).to(device=device, dtype=dtype)
             del sd
         vectors.sub_(base)
+        warn_zero_tasks(names, [not bool(row.any()) for row in vectors])
         log.info("task vectors: %d tasks x %d entries on %s (%s)", len(models), num_params, device, dtype)
         folder = Path(pretrained) if isinstance(pretrained, (str, Path)) and Path(pretrained).is_dir() else None
         config = getattr(pretrained, "config", None) if isinstance(pretrained, nn.Module) else None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,15 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         return {key: checkpoint.read(key).view(info.shape) for key, info in checkpoint.tensors.items()}
     finally:
         checkpoint.close()
+
+
+def warn_zero_tasks(names: Sequence[str], zero: Sequence[bool]) -> None:
+    """Warn, naming them, about tasks whose task vector is zero (a fine-tune identical to the
+    pretrained model, or an untrained adapter): merging them changes nothing."""
+    empty = [n for n, z in zip(names, zero) if z]
+    if empty:
+        warnings.warn(f"task(s) {empty}: the fine-tuned model is identical to the pretrained one (a zero task vector); "
+                      "its coefficient changes nothing", UserWarning, stacklevel=4)
 
 
 def is_lora_adapter(source: Any) -> bool:

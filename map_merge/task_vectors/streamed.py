@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .. import merge_methods
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .sources import CheckpointWeights, LoraAdapter, LoraFactors, MemoryWeights, Weights, is_lora_adapter, open_weights
+from .sources import (CheckpointWeights, LoraAdapter, LoraFactors, MemoryWeights, Weights, is_lora_adapter, open_weights,
+                      warn_zero_tasks)
 
 __all__ = ["StreamedTaskVectors"]
 
@@ -128,6 +129,7 @@ class StreamedTaskVectors(TaskVectors):
                     if tdtype.is_floating_point and key in base.tensors:
                         _check_finite(weights.tensor(key), key, weights.owner)
             tasks.append(weights)
+        warn_zero_tasks(names, [_is_zero(base, task) for task in tasks])
         tv = cls(base, tasks, names, device, dtype)
         log.info("task vectors (%s): %d tasks x %d entries, merged on %s", tv.storage, tv.num_tasks, tv.num_params, device)
         return tv
@@ -510,6 +512,20 @@ class StreamedTaskVectors(TaskVectors):
             vectors[:, starts[key] + start : starts[key] + start + deltas.shape[1]] = deltas
         frozen = {k: self._base.read(k).view(self._shapes[k]).to(self._device, copy=True) for k in self._frozen}
         return DenseTaskVectors(base, vectors, slots, self.names, frozen=frozen, folder=self._base.folder)
+
+
+def _is_zero(base: Weights, task: Weights | _Lora) -> bool:
+    """A cheap test for a zero task vector: the same files as the pretrained model, the same
+    tensors in memory, or an adapter whose factors are all zero (PEFT's initialisation)."""
+    if isinstance(task, _Lora):
+        factors_zero = all(not bool(f.left.any()) or not bool(f.right.any()) for f in task.factors.values())
+        return factors_zero and all(torch.equal(t.reshape(-1).to(torch.float32), base.read(k).to(torch.float32))
+                                    for k, t in task.full.items())
+    if isinstance(task, CheckpointWeights) and isinstance(base, CheckpointWeights):
+        return task.checkpoint.identity() == base.checkpoint.identity()
+    if isinstance(task, MemoryWeights) and isinstance(base, MemoryWeights):
+        return all(torch.equal(task.tensor(k), base.tensor(k)) for k, (d, _) in base.tensors.items() if d.is_floating_point)
+    return False
 
 
 def _check_matches(base: Weights, other: Weights) -> None:
