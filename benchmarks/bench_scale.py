@@ -54,7 +54,8 @@ def llama_config(size: str):
     hidden, layers, inter, vocab = SIZES[size]
     return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=max(1, hidden // 128) if hidden >= 128 else 2, num_key_value_heads=None,
-                       max_position_embeddings=256, tie_word_embeddings=False, torch_dtype="bfloat16")
+                       max_position_embeddings=256, tie_word_embeddings=False, torch_dtype="bfloat16",
+                       architectures=["LlamaForCausalLM"])
 
 
 def shapes_of(config) -> list[tuple[str, tuple[int, ...]]]:
@@ -75,6 +76,7 @@ def _tensor(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def write_model(folder: Path, config, seed: int | None, base_seed: int = 0, noise: float = 0.002, shard_bytes: int = 2 * 10**9) -> Path:
     """A bf16 sharded folder: the base (``seed=None``) or base + noise * N(0, 1) of ``seed``."""
     if (folder / "done").exists():
+        config.save_pretrained(folder)
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -216,7 +218,7 @@ def run_mergekit(sources: list[Path], out: Path, method: str, k: float) -> dict 
     cfg.write_text(json.dumps(config))
     shutil.rmtree(out, ignore_errors=True)
     code = ("import resource, subprocess, sys, time; s = time.perf_counter(); "
-            f"subprocess.run([{exe!r}, {str(cfg)!r}, {str(out)!r}, '--quiet', '--out-shard-size', '2B', '-j', '2'], check=True); "
+            f"subprocess.run([{exe!r}, {str(cfg)!r}, {str(out)!r}, '--quiet', '--no-copy-tokenizer', '--out-shard-size', '2B', '-j', '2'], check=True); "
             "print(time.perf_counter() - s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode != 0:
