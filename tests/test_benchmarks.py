@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
          ["fronts_analytic_T2.json", "fronts_analytic_T2.png", "fronts_analytic_T2_regret.png", "fronts_analytic_T2_example.png"]),
         ("bench_map_vs_moe.py", ["--zoo", "vision"], ["map_vs_moe_vision.json", "map_vs_moe_vision_pairs.png", "map_vs_moe_vision_3d.png"]),
         ("bench_nested.py", [], ["nested.json"]),
+        ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):

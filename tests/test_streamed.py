@@ -325,3 +325,18 @@ def test_merged_adapter_is_exact_and_loads_in_peft(llama_zoo, adapters, tmp_path
     mixed = mm.TaskVectors.from_models(base, {"full": fts[0], "lora": root / "plain"})
     with pytest.raises(ValueError, match="every task to be a LoRA adapter"):
         mixed.save_merged_adapter(tmp_path / "no", [1.0, 1.0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_streamed_merge_into_a_cuda_model_merges_on_cuda(llama_zoo, adapters):
+    _, base, fts = llama_zoo
+    root, _ = adapters
+    tv = mm.TaskVectors.from_models(base, {"a": fts[0], "b": fts[1], "lora": root / "plain"})
+    model = load(base).to("cuda")
+    c = [0.4, 0.3, 0.9]
+    tv.merge_into(model, c)
+    expected = tv.merge(c)
+    for key, value in model.state_dict().items():
+        assert value.device.type == "cuda" and value.dtype == torch.bfloat16
+        torch.testing.assert_close(value.float().cpu(), expected[key].to(torch.bfloat16).float(), rtol=0, atol=1e-2)
