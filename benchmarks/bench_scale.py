@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -163,7 +162,8 @@ def child(job: dict) -> dict:
         return {"seconds": time.perf_counter() - start, "bytes": total}
     tv = mm.TaskVectors.from_models(sources[0], sources[1:])
     tv.progress = False
-    coeffs = np.linspace(0.2, 0.6, tv.num_tasks)
+    # TIES with every c_i = 0.5 is mergekit's ties (equal weights, normalize) with lambda 0.5
+    coeffs = np.linspace(0.2, 0.6, tv.num_tasks) if job.get("method", "ta") == "ta" else np.full(tv.num_tasks, 0.5)
     method = {"ta": None, "ties": mm.Ties(k=job.get("k", 0.2), scope="tensor")}[job.get("method", "ta")]
     if kind == "merge_into":
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -192,7 +192,8 @@ def child(job: dict) -> dict:
     if kind == "save":
         start = time.perf_counter()
         tv.save_merged(job["out"], coeffs, method, max_shard_size="2GB")
-        return {"seconds": time.perf_counter() - start, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        # VmHWM, not ru_maxrss: Linux carries a forking parent's peak into ru_maxrss across exec
+        return {"seconds": time.perf_counter() - start, "peak_rss_bytes": _status("VmHWM")}
     raise ValueError(kind)
 
 
@@ -205,15 +206,15 @@ def run_mergekit(sources: list[Path], out: Path, method: str, k: float) -> dict 
     exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     if not Path(exe).exists():
         return None
-    coeffs = np.linspace(0.2, 0.6, len(sources) - 1)
+    coeffs = np.linspace(0.2, 0.6, len(sources) - 1)  # as the child jobs use for task arithmetic
     models = []
     for path, c in zip(sources[1:], coeffs):
         params = {"weight": float(c)} if method == "task_arithmetic" else {"weight": 1.0, "density": k}
         models.append({"model": str(path), "parameters": params})
     config = {"merge_method": method, "base_model": str(sources[0]), "models": models, "dtype": "float32", "out_dtype": "bfloat16",
               "parameters": {"normalize": method == "ties"}}
-    if method == "ties":  # weight 1 and normalize: the disjoint mean, scaled as ours by lambda = c
-        config["parameters"]["lambda"] = 1.0
+    if method == "ties":  # equal weights and normalize: the disjoint mean, times lambda = our c_i = 0.5
+        config["parameters"]["lambda"] = 0.5
     cfg = out.with_suffix(".yml")
     cfg.write_text(json.dumps(config))
     shutil.rmtree(out, ignore_errors=True)

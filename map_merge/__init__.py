@@ -20,11 +20,12 @@ from .search import nsga3_search, scalarization_search
 from .store import EvaluationStore
 from .surrogate import QuadraticSurrogate, SurrogateFitWarning
 from .task_vectors import LoraAdapter, TaskVectors, load_state_dict
+from .tasks import Classification, HeldOutLoss, LMEvalTask
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BayesianMAP", "Dare", "EvaluationStore", "Executor", "FunctionObjective", "LocalExecutor", "LoraAdapter", "MAP", "MAPResult",
+    "BayesianMAP", "Classification", "Dare", "EvaluationStore", "Executor", "FunctionObjective", "HeldOutLoss", "LMEvalTask", "LocalExecutor", "LoraAdapter", "MAP", "MAPResult",
     "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
     "SurrogateFitWarning", "Task", "TaskArithmetic", "TaskVectors", "Ties", "default_num_samples", "front_report", "gd",
     "grid_design", "hypervolume", "igd", "igd_plus", "lhs_design", "load_state_dict", "make_design", "map_design",

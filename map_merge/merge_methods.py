@@ -108,13 +108,6 @@ def _bits(magnitude: torch.Tensor) -> torch.Tensor:
     return magnitude.to(torch.float32).contiguous().view(torch.int32)
 
 
-def _row_bincount(values: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``(T, 65536)`` counts of ``values: (T, n)`` in [0, 65536) per row."""
-    offsets = torch.arange(num_rows, device=values.device, dtype=torch.int64)[:, None] * 65536
-    flat = (values.to(torch.int64) + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=num_rows * 65536).view(num_rows, 65536).cpu()
-
-
 def kth_largest_magnitude(passes: Callable[[], Iterator[torch.Tensor]], keep: torch.Tensor) -> torch.Tensor:
     """Exact ``keep[t]``-th largest ``|x|`` of each row ``t`` over data seen as chunks.
 
@@ -130,24 +123,21 @@ def kth_largest_magnitude(passes: Callable[[], Iterator[torch.Tensor]], keep: to
     num_rows = keep.shape[0]
     high = torch.zeros(num_rows, 65536, dtype=torch.int64)
     for chunk in passes():
-        high += _row_bincount(_bits(chunk.abs()) >> 16, num_rows)
+        bits = _bits(chunk.abs())
+        for row in range(num_rows):
+            high[row] += torch.bincount(bits[row] >> 16, minlength=65536).cpu()
     at_least = high.flip(1).cumsum(1).flip(1)  # at_least[t, b] = count of entries with high bits >= b
     rows = torch.arange(num_rows)
     hi = ((at_least >= keep[:, None]).to(torch.int64) * torch.arange(65536)).amax(1)  # largest such bin
     above = torch.where(hi < 65535, at_least[rows, (hi + 1).clamp_max(65535)], torch.zeros_like(hi))
     need = keep - above
     low = torch.zeros(num_rows, 65536, dtype=torch.int64)
-    hi_dev = None
     for chunk in passes():
-        if hi_dev is None or hi_dev.device != chunk.device:
-            hi_dev = hi.to(chunk.device)[:, None]
         bits = _bits(chunk.abs())
-        in_bin = (bits >> 16) == hi_dev
-        # entries outside the bin are counted in a dummy bin 65536, then dropped
-        lo = torch.where(in_bin, bits & 0xFFFF, torch.full_like(bits, 65536))
-        offsets = torch.arange(num_rows, device=chunk.device, dtype=torch.int64)[:, None] * 65537
-        counts = torch.bincount((lo.to(torch.int64) + offsets).reshape(-1), minlength=num_rows * 65537)
-        low += counts.view(num_rows, 65537)[:, :65536].cpu()
+        for row in range(num_rows):
+            in_bin = bits[row][(bits[row] >> 16) == int(hi[row])]
+            if in_bin.numel():
+                low[row] += torch.bincount(in_bin & 0xFFFF, minlength=65536).cpu()
     at_least_low = low.flip(1).cumsum(1).flip(1)
     lo = ((at_least_low >= need[:, None]).to(torch.int64) * torch.arange(65536)).amax(1)
     return ((hi << 16) | lo).to(torch.int32).view(torch.float32)
@@ -205,12 +195,17 @@ class Ties(MergeMethod):
             trimmed = deltas.clone()
         else:
             threshold = threshold.to(device=deltas.device, dtype=deltas.dtype)[:, None]
-            trimmed = torch.where(deltas.abs() >= threshold, deltas, torch.zeros((), dtype=deltas.dtype, device=deltas.device))
-        elected = torch.sign(trimmed.sum(dim=0, keepdim=True))
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
-        count = agree.sum(dim=0, keepdim=True).clamp_min(1).to(deltas.dtype)
-        trimmed.mul_(agree).div_(count)
-        return trimmed
+            trimmed = deltas * (deltas.abs() >= threshold)
+        # row by row: a reduction over the (short) task dimension is several times slower
+        total = trimmed[0].clone()
+        for row in trimmed[1:]:
+            total += row
+        agree = (trimmed * torch.sign(total)) > 0  # same sign as the elected one, and not trimmed
+        trimmed.mul_(agree)
+        count = agree[0].to(deltas.dtype)
+        for row in agree[1:]:
+            count += row
+        return trimmed.div_(count.clamp_min_(1))
 
 
 def _block_seed(seed: int, key: str, block: int) -> int:

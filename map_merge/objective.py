@@ -64,6 +64,14 @@ class Task:
     link: str | None = None
 
 
+def as_task(task: Any) -> Task:
+    """A :class:`Task` from a Task, a task adapter carrying ``sense`` / ``link`` (see
+    :mod:`map_merge.tasks`), or a bare ``metric(model)`` callable (sense ``"max"``)."""
+    if isinstance(task, Task):
+        return task
+    return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None))
+
+
 class Executor(Protocol):
     """Runs ``fn`` over ``items``; yields ``(index, result)`` as each finishes (any order).
 
@@ -257,7 +265,8 @@ class ModelObjective(Objective):
         model: a model of the pretrained architecture; its weights are overwritten in place
             (see :meth:`TaskVectors.merge_into`).
         task_vectors: the :class:`TaskVectors` to merge.
-        tasks: ``name -> Task`` (or ``name -> metric(model)`` callable, sense ``"max"``).
+        tasks: ``name -> Task``, a task adapter (:class:`~map_merge.HeldOutLoss`, :class:`~map_merge.LMEvalTask`,
+            ... carrying their sense and link), or a ``metric(model)`` callable (sense ``"max"``).
         method: merge method (``"task_arithmetic"``, ``"ties"``, ``"dare"`` or a ``MergeMethod``).
         store: where results persist (``None``: none).
         key: extra text mixed into the store fingerprint; change it when the data behind a
@@ -281,7 +290,7 @@ class ModelObjective(Objective):
         self.model = model
         self.task_vectors = task_vectors
         self.method = resolve_method(method)
-        self.tasks = {str(n): (t if isinstance(t, Task) else Task(metric=t)) for n, t in tasks.items()}
+        self.tasks = {str(n): as_task(t) for n, t in tasks.items()}
         for name, task in self.tasks.items():
             if not callable(task.metric):
                 raise TypeError(f"task {name!r}: metric must be callable as metric(model) -> float")
@@ -295,7 +304,9 @@ class ModelObjective(Objective):
         self.task_vectors.prepare(self.method)  # method statistics once, up front
 
     def fingerprint(self) -> str:
-        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key)
+        data = [getattr(task.metric, "fingerprint", None) for task in self.tasks.values()]  # task adapters' data
+        extra = (data,) if any(d is not None for d in data) else ()
+        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
         start = time.perf_counter()

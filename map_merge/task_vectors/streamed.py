@@ -51,11 +51,14 @@ class _Lora:
         self._on: dict[torch.device, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def factors_on(self, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale * left, right)`` of ``key`` in fp32 on ``device`` (cached)."""
+        """``(left, right)`` of ``key`` on ``device`` in their stored dtype (copied once per device;
+        no copy on the CPU). Callers cast the rows they use to fp32 and apply the scale."""
+        f = self.factors[key]
+        if f.left.device == device:
+            return f.left, f.right
         cache = self._on.setdefault(device, {})
         if key not in cache:
-            f = self.factors[key]
-            cache[key] = (f.left.to(device=device, dtype=torch.float32) * f.scale, f.right.to(device=device, dtype=torch.float32))
+            cache[key] = (f.left.to(device), f.right.to(device))
         return cache[key]
 
 
@@ -200,7 +203,8 @@ class StreamedTaskVectors(TaskVectors):
         left, right = lora.factors_on(key, device)
         cols = right.shape[1]
         row0, row1 = start // cols, -(-stop // cols)
-        return left[row0:row1] * scale, right, start - row0 * cols, cols
+        scale = scale * lora.factors[key].scale
+        return left[row0:row1].to(torch.float32) * scale, right.to(torch.float32), start - row0 * cols, cols
 
     def _delta(self, index: int, key: str, start: int, stop: int, base: torch.Tensor, device: torch.device) -> torch.Tensor | None:
         """Task ``index``'s delta chunk in fp32 on ``device`` (``None``: zero)."""
@@ -445,8 +449,8 @@ class StreamedTaskVectors(TaskVectors):
                 if key not in lora.factors:
                     continue
                 left, right = lora.factors_on(key, cpu)
-                lefts.append(left * float(weight))
-                rights.append(right)
+                lefts.append(left.to(torch.float32) * (lora.factors[key].scale * float(weight)))
+                rights.append(right.to(torch.float32))
                 module = lora.factors[key].module
                 embedding = embedding or lora.adapter.is_embedding(module)
             left, right = torch.cat(lefts, dim=1), torch.cat(rights, dim=0)
