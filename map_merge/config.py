@@ -16,6 +16,17 @@ Two kinds of run:
   ``loss(model, task) -> scalar tensor`` that draws one training batch, runs ``model`` on it
   and returns a differentiable loss, and optionally ``upcycle:`` (``mlp``, the default: each
   transformer block's MLP; ``all``; or a regular expression over module names).
+
+Language models need no Python at all: ``tasks:`` may map each fine-tuned task to a metric spec
+instead of listing names, and ``evaluator:`` is then not needed::
+
+    tasks:
+      code: {kind: loss, data: code_val.jsonl, max_length: 512}        # HeldOutLoss (min)
+      qa:   {kind: lm_eval, task: tasks/qa.yaml, limit: 200, metric: acc, num_fewshot: 0}
+    tokenizer: base/            # default: the pretrained folder
+    dtype: bfloat16             # the live model's dtype (default: the checkpoint's)
+
+The live model is then ``AutoModelForCausalLM`` of the pretrained folder.
 """
 
 from __future__ import annotations
@@ -34,11 +45,15 @@ FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
     "method": str, "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
-    "train_loss": str, "upcycle": str,
+    "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str,
+}
+TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 'tasks'
+    "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
+    "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
 }
 CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
-           "sense": ("max", "min")}
+           "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16")}
 
 
 class ConfigError(ValueError):
@@ -72,6 +87,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, value in config.items():
         if key not in FIELDS:
             raise ConfigError(f"{path}: unknown field {key!r}; known fields: {sorted(FIELDS)}")
+        if key == "tasks" and isinstance(value, dict):
+            continue  # metric specs, checked below
         if not isinstance(value, FIELDS[key]) or (FIELDS[key] is int and isinstance(value, bool)):
             raise fail(key, f"must be a {FIELDS[key].__name__}, got {value!r}")
     for key, choices in CHOICES.items():
@@ -86,15 +103,20 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     bounds = config.get("bounds", [0.0, 1.0])
     if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
         raise fail("bounds", f"must be [low, high] with low < high, got {bounds!r}")
+    specs = isinstance(config.get("tasks"), dict)
     if "tasks" in config and (not config["tasks"] or not all(isinstance(t, str) for t in config["tasks"])):
-        raise fail("tasks", f"must be a non-empty list of task names, got {config['tasks']!r}")
+        raise fail("tasks", f"must be a non-empty list of task names (or task -> metric spec), got {config['tasks']!r}")
+    if specs and "zoo" in config:
+        raise fail("tasks", "takes metric specs only on your own models; a zoo brings its own metrics")
+    if specs and "evaluator" in config:
+        raise fail("evaluator", "and metric specs under 'tasks' both say how to score; keep one")
 
     own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense", "train_loss", "upcycle") if key in config]
     if "zoo" in config:
         if own:
             raise fail(own[0], "belongs to a run on your own models; a run on a bundled zoo ('zoo') takes its models and metrics from the zoo")
         return {**config, "_path": str(path)}
-    missing = [key for key in ("pretrained", "finetuned", "evaluator") if key not in config]
+    missing = [key for key in ("pretrained", "finetuned") + (() if specs else ("evaluator",)) if key not in config]
     if missing:
         raise fail(missing[0], "is required: name a bundled 'zoo', or your own models with 'pretrained', 'finetuned' (task -> path) "
                                "and 'evaluator' ('module:function' called as evaluate(model, task) -> float)")
@@ -111,6 +133,10 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     unknown = [t for t in config.get("tasks", []) if t not in resolved["finetuned"]]
     if unknown:
         raise fail("tasks", f"names {unknown}, which 'finetuned' does not; it has {list(resolved['finetuned'])}")
+    if specs:
+        resolved["tasks"] = {name: _task_spec(folder, name, spec, fail) for name, spec in config["tasks"].items()}
+    if "tokenizer" in config:
+        resolved["tokenizer"] = _existing(folder, config["tokenizer"], "tokenizer", fail)
     for key in ("evaluator", "model", "train_loss"):
         if key in config and config[key].count(":") != 1:
             raise fail(key, f"must be 'module:function' or 'file.py:function', got {config[key]!r}")
@@ -119,6 +145,27 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
                                   "batch): PWE-MoE trains its routers on your tasks' training losses")
     return resolved
+
+
+def _task_spec(folder: Path, name: str, spec: Any, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
+    field = f"tasks.{name}"
+    if not isinstance(spec, dict) or spec.get("kind") not in TASK_KINDS:
+        raise fail(field, f"must be a mapping with 'kind' one of {sorted(TASK_KINDS)}, got {spec!r}")
+    required, optional = TASK_KINDS[spec["kind"]]
+    keys = set(spec) - {"kind"}
+    if required - keys:
+        raise fail(field, f"({spec['kind']}) needs {sorted(required - keys)}")
+    if keys - required - optional:
+        raise fail(field, f"({spec['kind']}) has unknown keys {sorted(keys - required - optional)}; allowed: {sorted(required | optional)}")
+    out = dict(spec)
+    if spec["kind"] == "loss":
+        out["data"] = _existing(folder, str(spec["data"]), f"{field}.data", fail)
+    elif str(spec["task"]).endswith((".yaml", ".yml")):
+        out["task"] = _existing(folder, str(spec["task"]), f"{field}.task", fail)
+    for key in ("max_length", "batch_size", "num_fewshot"):
+        if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < (0 if key == "num_fewshot" else 1)):
+            raise fail(f"{field}.{key}", f"must be a {'non-negative' if key == 'num_fewshot' else 'positive'} integer, got {spec[key]!r}")
+    return out
 
 
 def _relative(folder: str | os.PathLike, value: str) -> Path:
@@ -185,7 +232,8 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
         return zoo.objective(names, method=method, store=store, progress=progress), names, zoo
     folder = Path(config["_path"]).parent
     names = list(config.get("tasks", config["finetuned"]))
-    evaluate = resolve_callable(config["evaluator"], folder)
+    specs = config["tasks"] if isinstance(config.get("tasks"), dict) else None
+    dtype = getattr(torch, config["dtype"]) if "dtype" in config else None
     if "model" in config:
         model = resolve_callable(config["model"], folder)()
         if not isinstance(model, torch.nn.Module):
@@ -193,16 +241,47 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     else:
         if not Path(config["pretrained"]).is_dir():
             raise ConfigError(f"{config['_path']}: field 'model' is required when 'pretrained' is a weights file, not a Hugging Face folder")
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoModelForCausalLM
 
-        model = AutoModel.from_pretrained(config["pretrained"], local_files_only=True)
+        auto = AutoModelForCausalLM if specs else AutoModel
+        model = auto.from_pretrained(config["pretrained"], local_files_only=True, **({"dtype": dtype} if dtype else {}))
+    if dtype is not None:
+        model = model.to(dtype)
     tv = TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
+    if specs is not None:
+        tasks = _spec_tasks(config, specs)
+        key = json.dumps({"specs": specs, "dtype": config.get("dtype")}, sort_keys=True, default=str)
+        return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
+    evaluate = resolve_callable(config["evaluator"], folder)
     sense = config.get("sense", "max")
     link = config.get("link", "identity")
     tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link) for n in names}  # values checked by the objective
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
     return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
+
+
+def _spec_tasks(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Task adapters for metric specs: ``loss`` -> :class:`HeldOutLoss`, ``lm_eval`` -> :class:`LMEvalTask`."""
+    from transformers import AutoTokenizer
+
+    from .tasks import HeldOutLoss, LMEvalTask
+
+    source = config.get("tokenizer", config["pretrained"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - any loading failure: name the field
+        raise ConfigError(f"{config['_path']}: field 'tokenizer': no tokenizer could be loaded from {source} ({error})") from error
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tasks = {}
+    for name, spec in specs.items():
+        options = {k: v for k, v in spec.items() if k not in ("kind", "data", "task")}
+        if spec["kind"] == "loss":
+            tasks[name] = HeldOutLoss(spec["data"], tokenizer, **options)
+        else:
+            tasks[name] = LMEvalTask(spec["task"], tokenizer=tokenizer, **options)
+    return tasks
 
 
 def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint: str | os.PathLike | None = None,

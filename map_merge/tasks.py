@@ -278,6 +278,8 @@ class LMEvalTask:
             out = lm_eval.simple_evaluate(model=lm, tasks=[self.task], num_fewshot=self.num_fewshot, limit=self.limit,
                                           task_manager=manager, log_samples=False, random_seed=self.seed, numpy_random_seed=self.seed,
                                           torch_random_seed=self.seed, fewshot_random_seed=self.seed, bootstrap_iters=0)
+        except Exception as error:  # noqa: BLE001 - name the task: lm-eval's own errors rarely do
+            raise RuntimeError(f"lm-eval failed on task {self.task!r}: {type(error).__name__}: {error}") from error
         finally:
             model.train(was_training)
         results = (out or {}).get("results", {}).get(self.task)

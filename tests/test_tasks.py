@@ -21,16 +21,20 @@ def tokenizer():
 
 
 class Bigram(nn.Module):
-    """A causal LM whose logits at a position depend on that token only: a table row."""
+    """A causal LM whose logits at a position depend on that token only: ``E[x] @ W^T`` (low rank,
+    so a 30k vocabulary stays small)."""
 
     def __init__(self, vocab: int, seed: int = 0) -> None:
         super().__init__()
-        self.table = nn.Embedding(vocab, vocab)
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(vocab, 8)
+        self.out = nn.Linear(8, vocab, bias=False)
         with torch.no_grad():
-            self.table.weight.copy_(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
+            self.embed.weight.copy_(0.5 * torch.randn(vocab, 8, generator=generator))
+            self.out.weight.copy_(0.5 * torch.randn(vocab, 8, generator=generator))
 
     def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table(input_ids))
+        return SimpleNamespace(logits=self.out(self.embed(input_ids)))
 
 
 TEXTS = ["the cat sat on the mat", "a much longer sentence about dogs, cats and other animals", "ok"]
@@ -38,11 +42,11 @@ TEXTS = ["the cat sat on the mat", "a much longer sentence about dogs, cats and 
 
 def hand_loss(model, tokenizer, texts, max_length):
     nll, count = 0.0, 0
-    table = model.table.weight.detach().double()
+    embed, out = model.embed.weight.detach().double(), model.out.weight.detach().double()
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         for t in range(len(ids) - 1):
-            row = table[ids[t]]
+            row = out @ embed[ids[t]]
             nll += float(torch.logsumexp(row, 0) - row[ids[t + 1]])
             count += 1
     return nll / count
@@ -54,7 +58,7 @@ def test_held_out_loss_equals_hand_computation(tokenizer, max_length, batch_size
     expected = hand_loss(model, tokenizer, TEXTS, max_length)
     task = mm.HeldOutLoss(TEXTS, tokenizer, max_length=max_length, batch_size=batch_size)
     assert task(model) == pytest.approx(expected, rel=1e-6)
-    assert mm.HeldOutLoss(TEXTS, tokenizer, max_length=max_length, perplexity=True)(model) == pytest.approx(math.exp(expected), rel=1e-6)
+    assert mm.HeldOutLoss(TEXTS, tokenizer, max_length=max_length, perplexity=True)(model) == pytest.approx(math.exp(expected), rel=1e-5)
     assert task.sense == "min" and task.link == "softplus"
 
 
@@ -113,3 +117,128 @@ def test_classification_accuracy_and_loss_by_hand(tokenizer):
     with pytest.raises(ValueError, match="4 texts but labels of shape"):
         mm.Classification(texts, labels[:3], tokenizer, head)
     np.testing.assert_equal(task.labels.numpy(), labels)
+
+
+def _tiny_lm_folders(root, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    for i, name in enumerate(["a", "b"]):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 1)))
+        model.save_pretrained(root / name)
+    return LlamaForCausalLM
+
+
+def test_cli_scores_language_models_from_metric_specs(tmp_path, tokenizer, capsys):
+    import json
+
+    from map_merge.cli import main
+    from map_merge.config import ConfigError, load_config
+
+    model_class = _tiny_lm_folders(tmp_path, tokenizer)
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[:2]))
+    (tmp_path / "b.txt").write_text("some other text entirely\nand a second line of it\n")
+    fields = {"pretrained": "base", "finetuned": {"a": "a", "b": "b"}, "out": str(tmp_path / "out"), "num_samples": 8,
+              "tasks": {"a": {"kind": "loss", "data": "a.jsonl"}, "b": {"kind": "loss", "data": "b.txt", "max_length": 8}}}
+    (tmp_path / "run.yaml").write_text(json.dumps(fields))
+    assert main(["map", "--config", str(tmp_path / "run.yaml")]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    coeffs, metrics = np.asarray(result["samples"]["coeffs"]), np.asarray(result["samples"]["metrics"])
+    # ground truth: merge by hand (dense storage) and score with a fresh adapter
+    tv = mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "a", tmp_path / "b"], storage="dense")
+    live = model_class.from_pretrained(tmp_path / "base")
+    for row in (0, len(coeffs) - 1):
+        tv.merge_into(live, coeffs[row])
+        assert metrics[row, 0] == pytest.approx(mm.HeldOutLoss(TEXTS[:2], tokenizer)(live), rel=1e-5)
+        assert metrics[row, 1] == pytest.approx(
+            mm.HeldOutLoss(["some other text entirely", "and a second line of it"], tokenizer, max_length=8)(live), rel=1e-5)
+    assert len(summary["coeffs"]) == 2 and (tmp_path / "out" / "merged_for_preference.safetensors").exists()
+    bad = {**fields, "tasks": {"a": {"kind": "loss"}, "b": {"kind": "loss", "data": "b.txt"}}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"field 'tasks.a' \(loss\) needs \['data'\]"):
+        load_config(tmp_path / "bad.json")
+    bad["tasks"] = {"a": {"kind": "bleu"}, "b": {"kind": "loss", "data": "b.txt"}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"field 'tasks.a' must be a mapping with 'kind' one of \['lm_eval', 'loss'\]"):
+        load_config(tmp_path / "bad.json")
+
+
+def _write_lm_eval_tasks(folder):
+    import json
+
+    reviews = ["great film", "awful plot", "loved every minute", "boring and slow", "superb acting", "dull", "a joy",
+               "a mess", "wonderful cast", "tedious", "brilliant", "weak script"]
+    rows = [{"text": t, "label": (i + 1) % 2} for i, t in enumerate(reviews)]
+    data = folder / "reviews.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "mm_choice.yaml").write_text(f"""task: mm_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Review: {{{{text}}}}\\nSentiment:"
+doc_to_choice: ["negative", "positive"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    (folder / "mm_ppl.yaml").write_text(f"""task: mm_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""")
+    empty = folder / "empty.jsonl"
+    empty.write_text("")
+    (folder / "mm_empty.yaml").write_text((folder / "mm_ppl.yaml").read_text().replace("mm_ppl", "mm_empty").replace(str(data), str(empty)))
+
+
+def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_path, tokenizer, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tokenizer.bos_token, tokenizer.eos_token = "[CLS]", "[SEP]"  # lm-eval prefixes loglikelihoods with one of them
+    model_class = _tiny_lm_folders(tmp_path, tokenizer)
+    _write_lm_eval_tasks(tmp_path)
+    model = model_class.from_pretrained(tmp_path / "a").eval()
+    choice = mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=tokenizer, batch_size=4)
+    perplexity = mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="word_perplexity", batch_size=4)
+    assert perplexity.sense == "min" and choice.sense == "max"
+    live = {"acc": choice(model), "word_perplexity": perplexity(model)}
+    assert choice.metric == "acc"
+    # independent ground truth: lm-eval loading the same weights from disk itself
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'a'},tokenizer={tmp_path / 'base'},dtype=float32",
+                                  tasks=["mm_choice", "mm_ppl"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  batch_size=4, bootstrap_iters=0, device="cpu")
+    assert live["acc"] == pytest.approx(out["results"]["mm_choice"]["acc,none"])
+    assert live["word_perplexity"] == pytest.approx(out["results"]["mm_ppl"]["word_perplexity,none"], rel=1e-5)
+    with pytest.raises(ValueError, match="does not report metric 'f1'; it reports .*word_perplexity"):
+        mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="f1")(model)
+    with pytest.raises(ValueError, match="lm-eval has no task 'no_such_task'"):
+        mm.LMEvalTask("no_such_task", tokenizer=tokenizer, include_path=tmp_path)(model)
+    with pytest.raises((ValueError, RuntimeError), match="(?i)empty|no results|no documents|0 examples"):
+        mm.LMEvalTask(tmp_path / "mm_empty.yaml", tokenizer=tokenizer)(model)
