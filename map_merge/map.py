@@ -221,8 +221,9 @@ class MAP:
         num_samples: real evaluations K; ``None`` = ``(T+1)(T+2)``, twice the surrogate's
             ``P = (T+1)(T+2)/2`` parameters. Fewer than P is an error.
         bounds: the sampling box ``[low, high]^T`` for every coefficient.
-        link: surrogate link: ``"sigmoid"``, ``"softplus"``, ``"identity"``, ``"auto"`` (the
-            objective's ``links``, else sigmoid) or one per metric.
+        link: surrogate link: ``"auto"`` (default: the link each of the objective's tasks suggests,
+            e.g. softplus for a loss; sigmoid where none is given), ``"sigmoid"``, ``"softplus"``,
+            ``"identity"``, or one per metric.
         design: ``"map"`` (the authors'), ``"sobol"`` or ``"lhs"``.
         seed: seeds the design and the search.
         search: ``"scalarization"`` (default) or ``"nsga3"`` (the authors').
@@ -237,7 +238,7 @@ class MAP:
         self,
         num_samples: int | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
-        link: str | Sequence[str] = "sigmoid",
+        link: str | Sequence[str] = "auto",
         design: str = "map",
         seed: int = 0,
         search: str = "scalarization",
