@@ -340,3 +340,22 @@ def test_streamed_merge_into_a_cuda_model_merges_on_cuda(llama_zoo, adapters):
     for key, value in model.state_dict().items():
         assert value.device.type == "cuda" and value.dtype == torch.bfloat16
         torch.testing.assert_close(value.float().cpu(), expected[key].to(torch.bfloat16).float(), rtol=0, atol=1e-2)
+
+
+def test_merge_into_survives_tensors_put_in_under_inference_mode(tmp_path):
+    # transformers' tie_weights pads BERT's LM-head bias through .data; run by an evaluator under
+    # torch.inference_mode() it leaves an inference tensor in the model, which cannot be written in place
+    config = transformers.BertConfig(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, is_decoder=True)
+    torch.manual_seed(0)
+    transformers.BertLMHeadModel(config).save_pretrained(tmp_path / "base")
+    transformers.BertLMHeadModel(config).save_pretrained(tmp_path / "ft")
+    tv = mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft"])
+    live = transformers.BertLMHeadModel.from_pretrained(tmp_path / "base")
+    with torch.inference_mode():
+        live.cls.predictions.decoder.bias.data = torch.nn.functional.pad(live.cls.predictions.decoder.bias.data, (0, 0))
+    tv.merge_into(live, [0.5])
+    expected = tv.merge([0.5])
+    for key, value in live.state_dict().items():
+        assert not value.is_inference()
+        torch.testing.assert_close(value, expected[key], msg=key)

@@ -381,6 +381,19 @@ class StreamedTaskVectors(TaskVectors):
 
     def _targets(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = model.state_dict(keep_vars=True)
+        # a tensor that code under torch.inference_mode() put into the model (e.g. transformers'
+        # tie_weights padding a bias, called by an evaluator) cannot be written in place: give the
+        # model a normal copy, shared by every key that shared it
+        stale = {v.data_ptr(): v for v in state.values() if isinstance(v, torch.Tensor) and v.is_inference()}
+        if stale:
+            from .dense import _set_tensor
+
+            with torch.inference_mode(False):
+                fresh = {ptr: tensor.detach().clone() for ptr, tensor in stale.items()}
+            for key, value in state.items():
+                if value.data_ptr() in fresh and value.is_inference():
+                    _set_tensor(model, key, fresh[value.data_ptr()])
+            state = model.state_dict(keep_vars=True)
         missing = [k for k in self._keys if k not in state]
         if missing:
             raise ValueError(f"model {type(model).__name__} does not match the task vectors: missing keys {_preview(missing)}")
