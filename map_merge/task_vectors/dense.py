@@ -24,7 +24,7 @@ from torch import nn
 
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .sources import ModelSource, load_state_dict, warn_zero_tasks
+from .sources import ModelSource, check_finite, load_state_dict, preview, warn_zero_tasks
 
 __all__ = ["DenseTaskVectors"]
 
@@ -104,7 +104,7 @@ class DenseTaskVectors(TaskVectors):
             if key in aliases:
                 continue
             if tensor.dtype.is_floating_point:
-                _check_finite(tensor, key, "pretrained")
+                check_finite(tensor, key, "pretrained")
                 slots.append(_Slot(key, tuple(tensor.shape), offset, tensor.numel(), tensor.dtype))
                 offset += tensor.numel()
             elif tensor.dtype.is_complex:
@@ -130,9 +130,9 @@ class DenseTaskVectors(TaskVectors):
             if missing or extra:
                 parts = []
                 if missing:
-                    parts.append(f"missing keys {_preview(missing)}")
+                    parts.append(f"missing keys {preview(missing)}")
                 if extra:
-                    parts.append(f"unexpected keys {_preview(extra)}")
+                    parts.append(f"unexpected keys {preview(extra)}")
                 raise ValueError(f"fine-tuned model {name!r} does not match the pretrained model: " + "; ".join(parts))
             for key, frozen_tensor in frozen.items():
                 if key not in sd:
@@ -159,7 +159,7 @@ class DenseTaskVectors(TaskVectors):
                         f"tensor {slot.key!r} of fine-tuned model {name!r} has non-floating dtype {tensor.dtype} "
                         f"(pretrained: {slot.dtype})"
                     )
-                _check_finite(tensor, slot.key, f"fine-tuned model {name!r}")
+                check_finite(tensor, slot.key, f"fine-tuned model {name!r}")
                 vectors[row, slot.offset : slot.offset + slot.numel] = tensor.detach().reshape(-1).to(device=device, dtype=dtype)
             del sd
         vectors.sub_(base)
@@ -303,7 +303,7 @@ class DenseTaskVectors(TaskVectors):
         missing = sorted(expected - set(state))
         extra = sorted(k for k in set(state) - expected - set(self._frozen) if state[k].dtype.is_floating_point)
         if missing or extra:
-            parts = ([f"missing keys {_preview(missing)}"] if missing else []) + ([f"unexpected keys {_preview(extra)}"] if extra else [])
+            parts = ([f"missing keys {preview(missing)}"] if missing else []) + ([f"unexpected keys {preview(extra)}"] if extra else [])
             raise ValueError(f"model {type(model).__name__} does not match the task vectors: " + "; ".join(parts))
         for slot in self._slots:
             if tuple(state[slot.key].shape) != slot.shape:
@@ -370,12 +370,6 @@ def _find_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"tensor {key!r} of the {owner} has {bad} NaN/inf value(s)")
-
-
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -385,8 +379,3 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
     else:
         raise KeyError(f"{key!r} is neither a parameter nor a buffer of {type(model).__name__}")
-
-
-def _preview(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"

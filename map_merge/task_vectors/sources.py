@@ -72,6 +72,19 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         checkpoint.close()
 
 
+def check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
+    """Raise naming the key and its owner (``"fine-tuned model 'x'"``) when ``tensor`` has NaN/inf."""
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"tensor {key!r} of the {owner} has {bad} NaN/inf value(s)")
+
+
+def preview(keys: Sequence[str], limit: int = 5) -> str:
+    """``['a', 'b', ...] (N in all)`` for messages."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
+
 def warn_zero_tasks(names: Sequence[str], zero: Sequence[bool]) -> None:
     """Warn, naming them, about tasks whose task vector is zero (a fine-tune identical to the
     pretrained model, or an untrained adapter): merging them changes nothing."""

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 from .. import merge_methods
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .sources import (CheckpointWeights, LoraAdapter, LoraFactors, MemoryWeights, Weights, is_lora_adapter, open_weights,
-                      warn_zero_tasks)
+from .sources import (CheckpointWeights, LoraAdapter, LoraFactors, MemoryWeights, Weights, check_finite, is_lora_adapter,
+                      open_weights, preview, warn_zero_tasks)
 
 __all__ = ["StreamedTaskVectors"]
 
@@ -114,7 +114,7 @@ class StreamedTaskVectors(TaskVectors):
         if isinstance(base, MemoryWeights):
             for key, (tdtype, _) in base.tensors.items():
                 if tdtype.is_floating_point:
-                    _check_finite(base.tensor(key), key, base.owner)
+                    check_finite(base.tensor(key), key, base.owner.removeprefix('the '))
         tasks: list[Weights | _Lora] = []
         for name, model in zip(names, models):
             if is_lora_adapter(model):
@@ -130,7 +130,7 @@ class StreamedTaskVectors(TaskVectors):
             if isinstance(weights, MemoryWeights):
                 for key, (tdtype, _) in weights.tensors.items():
                     if tdtype.is_floating_point and key in base.tensors:
-                        _check_finite(weights.tensor(key), key, weights.owner)
+                        check_finite(weights.tensor(key), key, weights.owner.removeprefix('the '))
             tasks.append(weights)
         warn_zero_tasks(names, [_is_zero(base, task) for task in tasks])
         tv = cls(base, tasks, names, device, dtype)
@@ -396,11 +396,11 @@ class StreamedTaskVectors(TaskVectors):
             state = model.state_dict(keep_vars=True)
         missing = [k for k in self._keys if k not in state]
         if missing:
-            raise ValueError(f"model {type(model).__name__} does not match the task vectors: missing keys {_preview(missing)}")
+            raise ValueError(f"model {type(model).__name__} does not match the task vectors: missing keys {preview(missing)}")
         owned = {state[k].data_ptr() for k in self._keys}
         extra = [k for k, v in state.items() if k not in self._shapes and v.dtype.is_floating_point and v.data_ptr() not in owned]
         if extra:
-            raise ValueError(f"model {type(model).__name__} does not match the task vectors: unexpected keys {_preview(extra)}")
+            raise ValueError(f"model {type(model).__name__} does not match the task vectors: unexpected keys {preview(extra)}")
         out = {}
         for key in self._keys + self._frozen:
             if key not in state:
@@ -551,7 +551,7 @@ def _check_matches(base: Weights, other: Weights) -> None:
     missing = sorted(k for k in base.tensors if k not in other.tensors and k not in frozen)
     extra = sorted(k for k, (d, _) in other.tensors.items() if k not in base.tensors and d.is_floating_point)
     if missing or extra:
-        parts = ([f"missing keys {_preview(missing)}"] if missing else []) + ([f"unexpected keys {_preview(extra)}"] if extra else [])
+        parts = ([f"missing keys {preview(missing)}"] if missing else []) + ([f"unexpected keys {preview(extra)}"] if extra else [])
         where = other.checkpoint.path if isinstance(other, CheckpointWeights) else "memory"
         raise ValueError(f"{other.owner} ({where}) does not match the pretrained model: " + "; ".join(parts))
     for key, (dtype, shape) in base.tensors.items():
@@ -564,15 +564,3 @@ def _check_matches(base: Weights, other: Weights) -> None:
             raise ValueError(f"tensor {key!r} of {other.where(key)} has non-floating dtype {odtype} (pretrained: {dtype})")
         if not dtype.is_floating_point and odtype.is_floating_point:
             raise ValueError(f"tensor {key!r} is {dtype} in the pretrained model but {odtype} in {other.where(key)}")
-
-
-def _check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"tensor {key!r} of the {owner.removeprefix('the ')} has {bad} NaN/inf value(s)")
-
-
-def _preview(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
-
