@@ -162,10 +162,13 @@ def mobo_search(
     batch: int | None = None,
     bounds: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
+    asynchronous: bool | str = "auto",
 ) -> BaselineResult:
     """Multi-objective Bayesian optimisation on real evaluations: a Sobol start of ``initial``
     points (default ``2 (T + 1)``), then rounds of ``batch`` points (default ``T``) maximising
-    botorch's qLogNEHVI under one GP per task (inputs normalised, outcomes standardised)."""
+    botorch's qLogNEHVI under one GP per task (inputs normalised, outcomes standardised).
+    With an executor of ``W > 1`` workers (``asynchronous="auto"``) ``W`` evaluations stay in
+    flight and each finished one triggers one new point conditioned on the pending ones."""
     from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
     from botorch.fit import fit_gpytorch_mll
     from botorch.models import ModelListGP, SingleTaskGP
@@ -180,17 +183,18 @@ def mobo_search(
     batch = max(1, num_coeffs) if batch is None else int(batch)
     if initial < 2 or batch < 1:
         raise ValueError(f"mobo_search needs initial >= 2 and batch >= 1, got initial={initial}, batch={batch}")
+    if asynchronous not in ("auto", True, False):
+        raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
     start = time.perf_counter()
     sobol = qmc.Sobol(num_coeffs, scramble=True, seed=seed).random(2 ** math.ceil(math.log2(max(initial, 2))))[:initial]
     coeffs = low + (high - low) * sobol
-    metrics = call_objective(objective, coeffs)
-    senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
     dtype = torch.float64
     box = torch.tensor([[low] * num_coeffs, [high] * num_coeffs], dtype=dtype)
-    while len(coeffs) < budget:
-        size = min(batch, budget - len(coeffs))
-        x = torch.tensor(coeffs, dtype=dtype)
-        y = torch.tensor(orient(metrics, senses), dtype=dtype)
+    senses_of = lambda m: check_senses(getattr(objective, "senses", None), m)  # noqa: E731
+
+    def propose(done_x: np.ndarray, done_y: np.ndarray, size: int, pending: np.ndarray | None) -> np.ndarray:
+        x = torch.tensor(done_x, dtype=dtype)
+        y = torch.tensor(orient(done_y, senses_of(done_y.shape[1])), dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = ModelListGP(*[SingleTaskGP(x, y[:, j : j + 1], input_transform=Normalize(num_coeffs, bounds=box),
@@ -203,12 +207,24 @@ def mobo_search(
             ref_point = (y.min(0).values - 0.1 * (spread + 1e-9)).tolist()
             acquisition = qLogNoisyExpectedHypervolumeImprovement(
                 model=model, ref_point=ref_point, X_baseline=x, prune_baseline=True,
-                sampler=SobolQMCNormalSampler(torch.Size([64]), seed=seed + len(coeffs)))
+                sampler=SobolQMCNormalSampler(torch.Size([64]), seed=seed + len(done_x)),
+                X_pending=torch.tensor(pending, dtype=dtype) if pending is not None and len(pending) else None)
             with torch.random.fork_rng():
-                torch.manual_seed(seed + len(coeffs))
+                torch.manual_seed(seed + len(done_x))
                 candidates, _ = optimize_acqf(acquisition, bounds=box, q=size, num_restarts=4, raw_samples=128, sequential=True,
                                               options={"maxiter": 60})
-        new = candidates.detach().numpy().clip(low, high)
-        coeffs = np.concatenate([coeffs, new])
-        metrics = np.concatenate([metrics, call_objective(objective, new, metrics.shape[1])])
+        return candidates.detach().numpy().clip(low, high)
+
+    width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
+    if (width > 1 and asynchronous == "auto") or asynchronous is True:
+        from .executors import evaluate_async
+
+        trace = evaluate_async(objective, coeffs, lambda x, y, p: propose(x, y, 1, p)[0], budget)
+        coeffs, metrics = trace.coeffs, trace.metrics
+    else:
+        metrics = call_objective(objective, coeffs)
+        while len(coeffs) < budget:
+            new = propose(coeffs, metrics, min(batch, budget - len(coeffs)), None)
+            coeffs = np.concatenate([coeffs, new])
+            metrics = np.concatenate([metrics, call_objective(objective, new, metrics.shape[1])])
     return _result("qNEHVI (botorch)", objective, coeffs, metrics, start, {"budget": budget, "initial": initial, "batch": batch, "seed": seed})

@@ -150,6 +150,11 @@ class BayesianMAP(MAP):
         final_model: ``"gp"`` (default): the front is searched on the quadratic surrogates plus
             residual Gaussian processes (:class:`ResidualGPModel`), the model the acquisition uses;
             ``"quadratic"``: on the quadratic surrogates alone, as plain MAP.
+        asynchronous: ``"auto"`` (default): when the objective's executor runs ``W > 1``
+            evaluations at once (e.g. a :class:`~map_merge.RayExecutor`), keep ``W`` in flight:
+            the initial design is queued at once and each finished evaluation triggers a refit
+            and one new point proposed conditioned on the pending ones (qLogNEHVI's
+            ``X_pending``); ``batch`` is then unused. ``True`` / ``False`` force it.
         Other arguments as for :class:`~map_merge.map.MAP`.
     """
 
@@ -162,9 +167,13 @@ class BayesianMAP(MAP):
         prior: tuple[np.ndarray, np.ndarray] | None = None,
         temperature: float = 0.2,
         final_model: str = "gp",
+        asynchronous: bool | str = "auto",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if asynchronous not in ("auto", True, False):
+            raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
+        self.asynchronous = asynchronous
         if final_model not in ("gp", "quadratic"):
             raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
         self.final_model = final_model
@@ -197,32 +206,14 @@ class BayesianMAP(MAP):
             raise ValueError(f"batch must be at least 1, got {batch}")
         rng = np.random.default_rng(self.seed)
         timings = {"evaluate": 0.0, "acquire": 0.0}
-        start = time.perf_counter()
         coeffs = make_design(self.design, num_coeffs, initial, self.bounds, self.seed)
-        samples = Samples(coeffs, call_objective(objective, coeffs))
-        timings["evaluate"] += time.perf_counter() - start
-        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
-        links = resolve_links(self.link, objective, samples.metrics.shape[1])
-        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
-        round_index = 0
-        with tqdm(total=budget, initial=initial, desc="adaptive sampling", disable=not progress, leave=False) as bar:
-            while len(samples) < budget:
-                round_index += 1
-                size = min(batch, budget - len(samples))
-                fit_coeffs, fit_metrics = self._with_prior(samples)
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    surrogates = fit_surrogates(fit_coeffs, fit_metrics, links, names, self.ridge, -np.inf)
-                    if self.acquisition == "nehvi":
-                        new = self._nehvi(fit_coeffs, fit_metrics, surrogates, senses, size)
-                    else:
-                        new = self._binned(fit_coeffs, fit_metrics, surrogates, size, rng)
-                timings["acquire"] += time.perf_counter() - start
-                start = time.perf_counter()
-                samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), round_index)
-                timings["evaluate"] += time.perf_counter() - start
-                bar.update(size)
+        width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
+        asynchronous = width > 1 if self.asynchronous == "auto" else bool(self.asynchronous)
+        if asynchronous:
+            samples, senses, names, in_flight = self._fit_async(objective, coeffs, budget, names, rng, timings, progress)
+        else:
+            samples, senses, names = self._fit_rounds(objective, coeffs, budget, batch, names, rng, timings, progress)
+            in_flight = None
         fit_coeffs, fit_metrics = self._with_prior(samples)
         result = self.fit_samples(Samples(fit_coeffs, fit_metrics), objective=objective, task_names=names, senses=senses, timings=timings)
         if self.final_model == "gp":
@@ -235,8 +226,79 @@ class BayesianMAP(MAP):
             result.timings["search"] = time.perf_counter() - start
         result.samples = samples  # report only this run's evaluations; the prior was used in the fit
         result.settings.update({"strategy": "bayesian", "acquisition": self.acquisition, "budget": budget, "initial": initial,
-                                "batch": batch, "final_model": self.final_model})
+                                "batch": None if asynchronous else batch, "final_model": self.final_model,
+                                "asynchronous": asynchronous, "max_in_flight": in_flight})
         return result
+
+    def _fit_rounds(self, objective, coeffs, budget, batch, names, rng, timings, progress):
+        """Synchronous rounds: evaluate ``batch`` points, refit, propose the next batch."""
+        from tqdm.auto import tqdm
+
+        start = time.perf_counter()
+        samples = Samples(coeffs, call_objective(objective, coeffs))
+        timings["evaluate"] += time.perf_counter() - start
+        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
+        links = resolve_links(self.link, objective, samples.metrics.shape[1])
+        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
+        round_index = 0
+        with tqdm(total=budget, initial=len(coeffs), desc="adaptive sampling", disable=not progress, leave=False) as bar:
+            while len(samples) < budget:
+                round_index += 1
+                size = min(batch, budget - len(samples))
+                start = time.perf_counter()
+                new = self._propose(samples.coeffs, samples.metrics, senses, links, names, size, rng, None)
+                timings["acquire"] += time.perf_counter() - start
+                start = time.perf_counter()
+                samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), round_index)
+                timings["evaluate"] += time.perf_counter() - start
+                bar.update(size)
+        return samples, senses, names
+
+    def _fit_async(self, objective, coeffs, budget, names, rng, timings, progress):
+        """Keep the executor's W workers busy: one new point per finished evaluation."""
+        from tqdm.auto import tqdm
+
+        from .executors import evaluate_async
+
+        context: dict = {}
+        minimum = num_quadratic_params(coeffs.shape[1])
+        prior = 0 if self.prior is None else len(np.atleast_2d(self.prior[0]))
+        # while fewer results than a quadratic's parameters are back, workers get space-filling points
+        filler = iter(make_design("sobol", coeffs.shape[1], 2 * budget, self.bounds, self.seed + 1)[len(coeffs):])
+
+        def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray) -> np.ndarray:
+            if len(done_x) + prior <= minimum:
+                return next(filler)
+            if not context:
+                context["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
+                context["links"] = resolve_links(self.link, objective, done_y.shape[1])
+                context["names"] = tuple(names) if names is not None else tuple(f"task{j}" for j in range(done_y.shape[1]))
+            start = time.perf_counter()
+            point = self._propose(done_x, done_y, context["senses"], context["links"], context["names"], 1, rng, pending)[0]
+            timings["acquire"] += time.perf_counter() - start
+            return point
+
+        start = time.perf_counter()
+        with tqdm(total=budget, desc="adaptive sampling (async)", disable=not progress, leave=False) as bar:
+            trace = evaluate_async(objective, coeffs, propose, budget, on_result=lambda n: bar.update(1))
+        timings["evaluate"] += time.perf_counter() - start - timings["acquire"]
+        rounds = np.where(trace.order < len(coeffs), 0, trace.order - len(coeffs) + 1)
+        samples = Samples(trace.coeffs, trace.metrics, rounds.astype(int))
+        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
+        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
+        return samples, senses, names, trace.max_in_flight
+
+    def _propose(self, coeffs, metrics, senses, links, names, size, rng, pending) -> np.ndarray:
+        """``size`` new points ``(size, T)`` from the evaluations so far (plus the prior)."""
+        from .map import Samples as _Samples
+
+        fit_coeffs, fit_metrics = self._with_prior(_Samples(coeffs, metrics))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            surrogates = fit_surrogates(fit_coeffs, fit_metrics, links, names, self.ridge, -np.inf)
+            if self.acquisition == "nehvi":
+                return self._nehvi(fit_coeffs, fit_metrics, surrogates, senses, size, pending)
+            return self._binned(fit_coeffs, fit_metrics, surrogates, size, rng)
 
     def _with_prior(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
         if self.prior is None:
@@ -247,7 +309,7 @@ class BayesianMAP(MAP):
         return np.concatenate([coeffs, samples.coeffs]), np.concatenate([metrics, samples.metrics])
 
     # ------------------------------------------------------------------ acquisitions
-    def _nehvi(self, coeffs: np.ndarray, metrics: np.ndarray, surrogates, senses, size: int) -> np.ndarray:
+    def _nehvi(self, coeffs: np.ndarray, metrics: np.ndarray, surrogates, senses, size: int, pending: np.ndarray | None = None) -> np.ndarray:
         from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
         from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
         from botorch.optim import optimize_acqf
@@ -270,6 +332,7 @@ class BayesianMAP(MAP):
         acquisition = qLogNoisyExpectedHypervolumeImprovement(
             model=model, ref_point=ref_point, X_baseline=x, objective=GenericMCMultiOutputObjective(full),
             sampler=SobolQMCNormalSampler(torch.Size([64]), seed=int(self.seed)), prune_baseline=True,
+            X_pending=torch.tensor(pending, dtype=dtype) if pending is not None and len(pending) else None,
         )
         with torch.random.fork_rng():
             torch.manual_seed(self.seed + len(coeffs))

@@ -81,6 +81,7 @@ def nested_merge(
     similarity: np.ndarray | None = None,
     bounds: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
+    schedule: str = "sequential",
 ) -> NestedResult:
     """Merge ``num_tasks`` tasks pairwise in ``T - 1`` stages for one preference.
 
@@ -96,6 +97,12 @@ def nested_merge(
             neither drowns the other) or ``"similar_vectors"`` (highest mean cosine similarity
             between the members' tasks; needs ``similarity``, e.g. ``TaskVectors.cosine_similarity()``).
         bounds: the stage coefficients' box.
+        schedule: ``"sequential"`` (the authors': one pair at a time; the merged member may be
+            paired again at once) or ``"levels"``: each level pairs the pool's members into
+            disjoint pairs (greedily by ``pairing``; an odd one out waits for the next level),
+            as a balanced tree. On an executor with several workers (e.g. a
+            :class:`~map_merge.RayExecutor`) the pairs of a level run at the same time, as do the
+            ``T`` single-task evaluations at the start. Results do not depend on the executor.
     """
     if int(num_tasks) < 2:
         raise ValueError(f"nested merging needs at least 2 tasks, got {num_tasks}")
@@ -104,39 +111,44 @@ def nested_merge(
         raise ValueError(f"unknown pairing {pairing!r}; choose 'closest_score' or 'similar_vectors'")
     if pairing == "similar_vectors" and (similarity is None or np.shape(similarity) != (num_tasks, num_tasks)):
         raise ValueError(f"pairing='similar_vectors' needs similarity, a ({num_tasks}, {num_tasks}) matrix")
+    if schedule not in ("sequential", "levels"):
+        raise ValueError(f"unknown schedule {schedule!r}; choose 'sequential' or 'levels'")
     eye = np.eye(num_tasks)
+    # evaluations run concurrently only on an executor with several workers (never into one live model)
+    width = int(getattr(getattr(objective_for([0]), "executor", None), "num_workers", 1))
     # pool members: (task indices, coefficient vector over the original tasks, score)
-    pool: list[tuple[list[int], np.ndarray, float]] = []
     result = NestedResult(np.zeros(num_tasks), np.zeros(num_tasks), weights)
-    for i in range(num_tasks):
+
+    def single_score(i: int) -> float:
         single = objective_for([i])
-        score = float(call_objective(single, eye[i : i + 1], 1)[0, 0] * _signs(single, 1)[0])
-        result.num_evaluations += 1
-        result.task_evaluations += 1
-        pool.append(([i], eye[i].copy(), score))
+        return float(call_objective(single, eye[i : i + 1], 1)[0, 0] * _signs(single, 1)[0])
+
+    scores = _run_all(single_score, list(range(num_tasks)), width)
+    result.num_evaluations += num_tasks
+    result.task_evaluations += num_tasks
+    pool: list[tuple[list[int], np.ndarray, float]] = [([i], eye[i].copy(), scores[i]) for i in range(num_tasks)]
 
     def group_score(metrics: np.ndarray, tasks: list[int], columns: list[int]) -> np.ndarray:
         w = weights[tasks]
         w = w / w.sum() if w.sum() > 0 else np.full(len(tasks), 1.0 / len(tasks))
         return metrics[:, columns] @ w
 
-    stage_index = 0
-    while len(pool) > 1:
-        i, j = _pick_pair(pool, pairing, similarity)
-        (left, a, _), (right, b, _) = pool[i], pool[j]
+    def run_stage(job: tuple) -> tuple:
+        (left, a, _), (right, b, _), stage_index, snapshot = job
         tasks = left + right
         scorer = objective_for(tasks)
         left_cols, right_cols = list(range(len(left))), list(range(len(left), len(tasks)))
         spent = {"models": 0}
 
-        def stage_objective(xy: np.ndarray, scorer=scorer, a=a, b=b, left=left, right=right, lc=left_cols, rc=right_cols) -> np.ndarray:
+        def stage_objective(xy: np.ndarray) -> np.ndarray:
             full = xy[:, :1] * a + xy[:, 1:2] * b
-            metrics = call_objective(scorer, full, len(left) + len(right)) * _signs(scorer, len(left) + len(right))
+            metrics = call_objective(scorer, full, len(tasks)) * _signs(scorer, len(tasks))
             spent["models"] += len(xy)
-            return np.stack([group_score(metrics, left, lc), group_score(metrics, right, rc)], axis=1)
+            return np.stack([group_score(metrics, left, left_cols), group_score(metrics, right, right_cols)], axis=1)
 
         wrapped = FunctionObjective(stage_objective, 2, ["left", "right"], key=f"nested-stage-{stage_index}")
-        stage = MAP(num_samples=samples_per_stage, bounds=bounds, link=_stage_link(scorer, pool), design="sobol", seed=seed + stage_index).fit(wrapped, 2)
+        stage = MAP(num_samples=samples_per_stage, bounds=bounds, link=_stage_link(scorer, snapshot), design="sobol",
+                    seed=seed + stage_index).fit(wrapped, 2)
         p_left, p_right = weights[left].sum(), weights[right].sum()
         if p_left + p_right <= 0:
             p_left = p_right = 1.0
@@ -144,12 +156,23 @@ def nested_merge(
         merged = choice[0] * a + choice[1] * b
         real = stage_objective(choice[None])[0]
         combined = float((p_left * real[0] + p_right * real[1]) / (p_left + p_right))
-        result.num_evaluations += spent["models"]
-        result.task_evaluations += spent["models"] * len(tasks)
-        result.stages.append(NestedStage(left, right, stage, choice, merged, combined, spent["models"] * len(tasks)))
         log.info("nested stage %d: %s + %s -> c=%s (score %.4f)", stage_index, left, right, np.round(merged, 3).tolist(), combined)
-        pool = [m for k, m in enumerate(pool) if k not in (i, j)] + [(tasks, merged, combined)]
-        stage_index += 1
+        return NestedStage(left, right, stage, choice, merged, combined, spent["models"] * len(tasks)), spent["models"]
+
+    stage_index = 0
+    while len(pool) > 1:
+        pairs = [_pick_pair(pool, pairing, similarity)] if schedule == "sequential" else _disjoint_pairs(pool, pairing, similarity)
+        snapshot = list(pool)
+        jobs = [(pool[i], pool[j], stage_index + k, snapshot) for k, (i, j) in enumerate(pairs)]
+        outcomes = _run_all(run_stage, jobs, width)
+        used = {index for pair in pairs for index in pair}
+        pool = [m for k, m in enumerate(pool) if k not in used]
+        for stage, models in outcomes:
+            result.num_evaluations += models
+            result.task_evaluations += stage.task_evaluations
+            result.stages.append(stage)
+            pool.append((stage.left + stage.right, stage.coeffs, stage.score))
+        stage_index += len(pairs)
     result.coeffs = pool[0][1]
     everything = list(range(num_tasks))
     result.metrics = call_objective(objective_for(everything), result.coeffs[None], num_tasks)[0]
@@ -172,6 +195,28 @@ def _stage_link(scorer: Any, pool: list) -> str:
     if links and all(link is not None for link in links):
         return "sigmoid" if set(links) == {"sigmoid"} and (_signs(scorer, len(links)) > 0).all() else "identity"
     return "sigmoid" if all(0.0 <= member[2] <= 1.0 for member in pool) else "identity"
+
+
+def _run_all(fn: Callable[[Any], Any], jobs: list, width: int) -> list:
+    """``[fn(job) for job in jobs]``, in threads when the executor behind ``fn`` has several
+    workers (the threads only wait on it); results in the order of ``jobs``."""
+    if width <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(width, len(jobs)), thread_name_prefix="nested") as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _disjoint_pairs(pool, pairing: str, similarity: np.ndarray | None) -> list[tuple[int, int]]:
+    """Greedy disjoint pairs of pool indices, best pair first (by ``pairing``)."""
+    left = list(range(len(pool)))
+    pairs = []
+    while len(left) > 1:
+        i, j = _pick_pair([pool[k] for k in left], pairing, similarity)
+        pairs.append((left[i], left[j]))
+        left = [k for n, k in enumerate(left) if n not in (i, j)]
+    return pairs
 
 
 def _pick_pair(pool, pairing: str, similarity: np.ndarray | None) -> tuple[int, int]:

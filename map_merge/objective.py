@@ -16,21 +16,24 @@ import hashlib
 import json
 import logging
 import numbers
+import threading
 import time
+import concurrent.futures as cf
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .executors import Executor, LocalExecutor
 from .merge_methods import MergeMethod, resolve_method
 from .store import EvaluationStore, coeff_key
 from .task_vectors import TaskVectors
 
-__all__ = ["Task", "Objective", "FunctionObjective", "ModelObjective", "Executor", "LocalExecutor", "check_senses"]
+__all__ = ["Task", "Objective", "FunctionObjective", "ModelObjective", "Executor", "LocalExecutor", "check_senses", "submit_one"]
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +75,6 @@ def as_task(task: Any) -> Task:
     return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None))
 
 
-class Executor(Protocol):
-    """Runs ``fn`` over ``items``; yields ``(index, result)`` as each finishes (any order).
-
-    The default runs locally and sequentially; a distributed executor (for example on Ray)
-    can spread evaluations over machines without any change to the algorithms."""
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
-
-
-class LocalExecutor:
-    """Evaluates one item after another in this process."""
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
-        for index, item in enumerate(items):
-            yield index, fn(item)
-
-
 class Objective:
     """Base class: validation, store look-ups, persistence and progress for any objective.
 
@@ -113,6 +99,20 @@ class Objective:
         self.description = description
         self.num_evaluations = 0  # coefficient vectors actually evaluated (store hits excluded)
         self.num_cached = 0  # coefficient vectors answered by the store
+        self._lock = threading.Lock()
+        self._running: dict[bytes, cf.Future] = {}  # submitted, not finished: one evaluation per vector
+
+    def __getstate__(self) -> dict:
+        # what a worker needs to evaluate; the store, executor and bookkeeping stay with the driver
+        state = self.__dict__.copy()
+        for name in ("store", "executor", "_lock", "_running"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.store, self.executor = None, LocalExecutor()
+        self._lock, self._running = threading.Lock(), {}
 
     @property
     def num_tasks(self) -> int:
@@ -141,12 +141,82 @@ class Objective:
             raise ValueError("coefficients contain NaN or inf")
         return array
 
+    def _record(self, fingerprint: str | None, row: np.ndarray, metrics: Any) -> tuple[np.ndarray, str | None]:
+        """Validate one result, persist its finite metrics; returns ``(metrics (M,), failure or None)``."""
+        metrics = np.asarray(metrics, dtype=np.float64).reshape(-1)
+        if metrics.shape[0] != self.num_tasks:
+            raise ValueError(f"objective returned {metrics.shape[0]} metrics for {self.num_tasks} tasks {list(self.task_names)}")
+        finite = {t: float(v) for t, v in zip(self.task_names, metrics) if np.isfinite(v)}
+        failure = None
+        if len(finite) < self.num_tasks:
+            bad = [t for t, v in zip(self.task_names, metrics) if not np.isfinite(v)]
+            failure = f"coeffs {row.tolist()}: non-finite metric for task(s) {bad}"
+        if self.store is not None and finite:
+            self.store.put(fingerprint, row, finite)
+        with self._lock:
+            self.num_evaluations += 1
+        return metrics, failure
+
+    def submit(self, coeffs: Any) -> cf.Future:
+        """Queue one coefficient vector ``(T,)`` on the executor; the future gives its metrics
+        ``(M,)`` (NaN where a metric was not finite). A stored result comes back at once; the
+        result is stored by the driver the moment it arrives; a vector already in flight is not
+        evaluated twice."""
+        row = self.check_coeffs(coeffs)
+        if row.shape[0] != 1:
+            raise ValueError(f"submit takes one coefficient vector (T,), got shape {np.shape(coeffs)}")
+        row = row[0]
+        fingerprint = self.fingerprint() if self.store is not None else None
+        if self.store is not None:
+            stored = self.store.get(fingerprint, row[None], self.task_names)[0]
+            if not np.isnan(stored).any():
+                with self._lock:
+                    self.num_cached += 1
+                done: cf.Future = cf.Future()
+                done.set_running_or_notify_cancel()
+                done.set_result(stored)
+                return done
+        key = coeff_key(row)
+        with self._lock:
+            running = self._running.get(key)
+            if running is not None:
+                return running
+            out: cf.Future = cf.Future()
+            out.set_running_or_notify_cancel()
+            self._running[key] = out
+
+        def finished(inner: cf.Future) -> None:
+            with self._lock:
+                self._running.pop(key, None)
+            if inner.cancelled():
+                out.set_exception(cf.CancelledError(f"the evaluation of {row.tolist()} was cancelled"))
+                return
+            try:
+                metrics, _ = self._record(fingerprint, row, inner.result())
+            except BaseException as error:  # noqa: BLE001 - handed over through the future
+                out.set_exception(error)
+            else:
+                out.set_result(metrics)
+
+        submit = getattr(self.executor, "submit", None)
+        if submit is None:  # an executor with map only: evaluate now
+            inner: cf.Future = cf.Future()
+            inner.set_running_or_notify_cancel()
+            try:
+                inner.set_result(next(iter(self.executor.map(self.evaluate_one, [row])))[1])
+            except BaseException as error:  # noqa: BLE001
+                inner.set_exception(error)
+        else:
+            inner = submit(self.evaluate_one, row)
+        inner.add_done_callback(finished)
+        return out
+
     def __call__(self, coeffs: Any) -> np.ndarray:
         """Metrics ``(K, M)`` for ``coeffs: (K, T)`` (or ``(T,)``, giving ``(1, M)``)."""
         coeffs = self.check_coeffs(coeffs)
-        num_rows, num_tasks = coeffs.shape[0], self.num_tasks
+        num_rows = coeffs.shape[0]
         fingerprint = self.fingerprint() if self.store is not None else None
-        out = np.full((num_rows, num_tasks), np.nan)
+        out = np.full((num_rows, self.num_tasks), np.nan)
         if self.store is not None:
             out[:] = self.store.get(fingerprint, coeffs, self.task_names)
         # evaluate each distinct missing coefficient vector once
@@ -154,7 +224,8 @@ class Objective:
         for i in range(num_rows):
             if np.isnan(out[i]).any():
                 todo.setdefault(coeff_key(coeffs[i]), []).append(i)
-        self.num_cached += num_rows - sum(len(v) for v in todo.values())
+        with self._lock:
+            self.num_cached += num_rows - sum(len(v) for v in todo.values())
         if not todo:
             return out
         first_rows = [rows[0] for rows in todo.values()]
@@ -163,18 +234,10 @@ class Objective:
         bar = tqdm(total=len(first_rows), desc=self.description, disable=not self.progress or len(first_rows) < 2, leave=False)
         try:
             for index, metrics in self.evaluate_batch(pending):
-                metrics = np.asarray(metrics, dtype=np.float64).reshape(-1)
-                if metrics.shape[0] != num_tasks:
-                    raise ValueError(f"objective returned {metrics.shape[0]} metrics for {num_tasks} tasks {list(self.task_names)}")
-                rows = todo[coeff_key(pending[index])]
-                finite = {t: float(v) for t, v in zip(self.task_names, metrics) if np.isfinite(v)}
-                if len(finite) < num_tasks:
-                    bad = [t for t, v in zip(self.task_names, metrics) if not np.isfinite(v)]
-                    failures.append(f"coeffs {pending[index].tolist()}: non-finite metric for task(s) {bad}")
-                if self.store is not None and finite:
-                    self.store.put(fingerprint, pending[index], finite)
-                out[rows] = metrics
-                self.num_evaluations += 1
+                metrics, failure = self._record(fingerprint, pending[index], metrics)
+                if failure:
+                    failures.append(failure)
+                out[todo[coeff_key(pending[index])]] = metrics
                 bar.update(1)
         finally:
             bar.close()
@@ -183,6 +246,21 @@ class Objective:
                 "the objective produced non-finite metrics (finite results were stored): " + "; ".join(failures[:5])
             )
         return out
+
+
+def submit_one(objective: Callable[[np.ndarray], np.ndarray], coeffs: np.ndarray) -> cf.Future:
+    """``objective.submit(coeffs)`` for an :class:`Objective`; a plain callable is called now
+    and its ``(1, M)`` answer wrapped in a finished future."""
+    submit = getattr(objective, "submit", None)
+    if submit is not None:
+        return submit(coeffs)
+    future: cf.Future = cf.Future()
+    future.set_running_or_notify_cancel()
+    try:
+        future.set_result(np.asarray(objective(np.asarray(coeffs, dtype=np.float64)[None]), dtype=np.float64).reshape(-1))
+    except BaseException as error:  # noqa: BLE001
+        future.set_exception(error)
+    return future
 
 
 def metric_value(value: Any, task: str, coeffs: Any) -> float:
@@ -263,7 +341,10 @@ class ModelObjective(Objective):
 
     Args:
         model: a model of the pretrained architecture; its weights are overwritten in place
-            (see :meth:`TaskVectors.merge_into`).
+            (see :meth:`TaskVectors.merge_into`). Or a function of no arguments that builds it
+            (e.g. ``lambda: AutoModelForCausalLM.from_pretrained(path)``): then the model is
+            built on first use, where the evaluations run (each Ray worker builds its own; only
+            the function travels).
         task_vectors: the :class:`TaskVectors` to merge.
         tasks: ``name -> Task``, a task adapter (:class:`~map_merge.HeldOutLoss`, :class:`~map_merge.LMEvalTask`,
             ... carrying their sense and link), or a ``metric(model)`` callable (sense ``"max"``).
@@ -271,11 +352,14 @@ class ModelObjective(Objective):
         store: where results persist (``None``: none).
         key: extra text mixed into the store fingerprint; change it when the data behind a
             task's metric changes.
+        device: where the live model is evaluated: ``None`` where it is; ``"auto"``: on CUDA when
+            the process sees a GPU (a Ray worker given ``{"GPU": ...}``), else where it is; or a
+            device. The model is moved on first use.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | Callable[[], nn.Module],
         task_vectors: TaskVectors,
         tasks: Mapping[str, Task | Callable[[nn.Module], float]],
         method: str | MergeMethod | None = None,
@@ -283,11 +367,19 @@ class ModelObjective(Objective):
         executor: Executor | None = None,
         key: str = "",
         progress: bool = True,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__(store=store, executor=executor, progress=progress, description="evaluating merged models")
         if not tasks:
             raise ValueError("tasks is empty: give at least one name -> metric(model)")
-        self.model = model
+        if isinstance(model, nn.Module):
+            self._model, self._model_factory = model, None
+        elif callable(model):
+            self._model, self._model_factory = None, model
+        else:
+            raise TypeError(f"model must be an nn.Module or a function building one, got {type(model).__name__}")
+        self.device = device
+        self._placed = device is None
         self.task_vectors = task_vectors
         self.method = resolve_method(method)
         self.tasks = {str(n): as_task(t) for n, t in tasks.items()}
@@ -303,21 +395,46 @@ class ModelObjective(Objective):
         self.eval_seconds = 0.0
         self.task_vectors.prepare(self.method)  # method statistics once, up front
 
+    @property
+    def model(self) -> nn.Module:
+        """The live model (built by the factory, and moved to ``device``, on first use)."""
+        if self._model is None:
+            built = self._model_factory()
+            if not isinstance(built, nn.Module):
+                raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
+            self._model = built
+        if not self._placed:
+            target = self.device
+            if target == "auto":
+                target = "cuda" if torch.cuda.is_available() else None
+            if target is not None:
+                self._model.to(target)
+            self._placed = True
+        return self._model
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self._model_factory is not None:
+            state["_model"] = None  # rebuilt where it is used
+            state["_placed"] = self.device is None
+        return state
+
     def fingerprint(self) -> str:
         data = [getattr(task.metric, "fingerprint", None) for task in self.tasks.values()]  # task adapters' data
         extra = (data,) if any(d is not None for d in data) else ()
         return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
+        model = self.model
         start = time.perf_counter()
-        self.task_vectors.merge_into(self.model, coeffs, self.method)
-        device = next((p.device for p in self.model.parameters()), self.task_vectors.device)
+        self.task_vectors.merge_into(model, coeffs, self.method)
+        device = next((p.device for p in model.parameters()), self.task_vectors.device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         merged = time.perf_counter()
-        self.model.eval()
+        model.eval()
         with torch.inference_mode():
-            values = np.array([metric_value(task.metric(self.model), name, coeffs) for name, task in self.tasks.items()])
+            values = np.array([metric_value(task.metric(model), name, coeffs) for name, task in self.tasks.items()])
         self.merge_seconds += merged - start
         self.eval_seconds += time.perf_counter() - merged
         return values
@@ -328,5 +445,6 @@ class ModelObjective(Objective):
         unknown = [n for n in names if n not in self.tasks]
         if unknown or not names:
             raise ValueError(f"for_tasks needs a non-empty subset of {list(self.task_names)}, got {list(names)}")
-        return ModelObjective(self.model, self.task_vectors, {n: self.tasks[n] for n in names}, method=self.method,
-                              store=self.store, executor=self.executor, key=self.key, progress=False)
+        model = self._model_factory if self._model_factory is not None else self._model
+        return ModelObjective(model, self.task_vectors, {n: self.tasks[n] for n in names}, method=self.method,
+                              store=self.store, executor=self.executor, key=self.key, progress=False, device=self.device)

@@ -87,6 +87,16 @@ class DenseTaskVectors(TaskVectors):
         self._bound: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
         self._fingerprint: str | None = None
 
+    def __getstate__(self) -> dict:
+        # bindings to live models (weak references) stay behind; a copy binds its own models
+        state = self.__dict__.copy()
+        state["_bound"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bound = weakref.WeakKeyDictionary()
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def build(cls, pretrained: ModelSource, models: Sequence[ModelSource], names: Sequence[str], device: torch.device,
