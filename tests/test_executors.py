@@ -1,0 +1,274 @@
+"""Executors: the Ray work queue (local runtime, 2 CPUs), fault handling, asynchronous sampling.
+
+Ground truth: analytic objectives evaluated directly, the concurrency measured inside the
+evaluator, and the store's own rows."""
+
+import concurrent.futures as cf
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from map_merge import BayesianMAP, EvaluationError, EvaluationStore, FunctionObjective, ModelObjective, RayExecutor, TaskVectors, WorkerError, nested_merge
+from map_merge.baselines import mobo_search
+from map_merge.executors import LocalExecutor, evaluate_async
+
+ray = pytest.importorskip("ray")
+from ray import cloudpickle  # noqa: E402  (the copy Ray serialises with)
+
+for _module in (__name__, "conftest"):  # workers cannot import the test modules: ship their code by value
+    cloudpickle.register_pickle_by_value(sys.modules[_module])
+
+
+def three_quadratics(c: np.ndarray) -> np.ndarray:
+    c = np.asarray(c, dtype=np.float64)
+    targets = np.array([[1.0, 0.0, 0.2], [0.0, 1.0, 0.5], [0.3, 0.2, 1.0]])
+    return 1.0 - ((c[None, :] - targets) ** 2).sum(axis=1) / 3.0
+
+
+class KillOnce:
+    """Kills its worker process (``os._exit``) on the first call of the whole run; logs every call."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, c: np.ndarray) -> np.ndarray:
+        with open(os.path.join(self.folder, "calls.log"), "a") as log:
+            log.write(repr(np.asarray(c).tolist()) + "\n")
+        try:  # atomic: exactly one call of the run finds no marker
+            os.close(os.open(os.path.join(self.folder, "killed"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os._exit(1)
+        time.sleep(0.05)
+        return three_quadratics(c)
+
+
+def always_dies(c):
+    os._exit(3)
+
+
+def raises_inside(c):
+    def deep_helper(value):
+        raise ValueError(f"bad coefficient {value:.3f}")
+
+    return deep_helper(float(c[0]))
+
+
+@pytest.fixture(scope="module")
+def executor():
+    ex = RayExecutor(num_workers=2, init_kwargs={"num_cpus": 2, "object_store_memory": 100 * 2**20})
+    yield ex
+    ex.shutdown()
+
+
+pytestmark = pytest.mark.ray
+
+
+def test_ray_equals_local_on_a_model_objective(executor, tiny_models):
+    base, fts = tiny_models
+    tv = TaskVectors.from_models(base, fts)
+    probe = torch.tensor([0, 1, 2, 3, 4])
+
+    tasks = {"sum": lambda m: float(m(probe).sum()), "sq": lambda m: float((m(probe) ** 2).mean())}
+    coeffs = np.random.default_rng(0).uniform(0, 1, (7, 3))
+    import copy
+
+    local = ModelObjective(copy.deepcopy(base), tv, tasks, progress=False)(coeffs)
+    remote_obj = ModelObjective(copy.deepcopy(base), tv, tasks, progress=False, executor=executor)
+    remote = remote_obj(coeffs)
+    np.testing.assert_array_equal(remote, local)
+    # and both equal the merge done by hand
+    for c, row in zip(coeffs, local):
+        model = copy.deepcopy(base)
+        state = {k: v.clone() for k, v in base.state_dict().items()}
+        for ci, ft in zip(c, fts):
+            for k, v in ft.state_dict().items():
+                if v.dtype.is_floating_point:
+                    state[k] = state[k] + float(ci) * (v - base.state_dict()[k])
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            np.testing.assert_allclose(row, [tasks["sum"](model), tasks["sq"](model)], rtol=1e-5, atol=1e-5)
+    # futures: one at a time, in any order
+    futures = [remote_obj.submit(c) for c in coeffs[:3]]
+    np.testing.assert_array_equal(np.array([f.result() for f in futures]), local[:3])
+
+
+def test_map_yields_every_index_once_after_a_worker_is_killed(executor, tmp_path):
+    before = executor.deaths
+    store = EvaluationStore(tmp_path / "store.db")
+    objective = FunctionObjective(KillOnce(str(tmp_path)), 3, ["a", "b", "c"], batched=False, store=store, executor=executor, key="kill")
+    coeffs = np.random.default_rng(1).uniform(0, 1, (9, 3))
+    seen = []
+    for index, value in executor.map(KillOnce(str(tmp_path)), list(coeffs)):
+        seen.append(index)
+        np.testing.assert_allclose(value, three_quadratics(coeffs[index]))
+    assert sorted(seen) == list(range(9))  # each once, none lost
+    assert executor.deaths == before + 1
+    # through the objective and its store: every result once, no duplicate rows
+    (tmp_path / "killed").unlink()
+    out = objective(coeffs[::-1] + 0.01)
+    np.testing.assert_allclose(out, np.array([three_quadratics(c) for c in coeffs[::-1] + 0.01]))
+    rows = sqlite3.connect(tmp_path / "store.db").execute("SELECT COUNT(*), COUNT(DISTINCT coeffs || task) FROM evaluations").fetchone()
+    assert rows == (27, 27)
+    assert objective.num_evaluations == 9
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 9 + 1 + 9 + 1  # two runs of nine, each with one call lost to the kill
+    assert executor.deaths == before + 2
+
+
+def test_worker_that_keeps_dying_gives_a_clear_error(executor):
+    executor.num_workers  # the local runtime is up; this second executor joins it (zero CPUs: the first holds both)
+    with RayExecutor(num_workers=1, resources_per_worker={"CPU": 0}, max_retries=1) as ex:
+        with pytest.raises(WorkerError, match=r"evaluating \[0\.25, 0\.5\] failed: its worker died 2 times"):
+            list(ex.map(always_dies, [np.array([0.25, 0.5])]))
+
+
+def test_evaluator_exception_carries_the_worker_traceback(executor):
+    objective = FunctionObjective(raises_inside, 2, ["x"], batched=False, executor=executor)
+    with pytest.raises(EvaluationError) as info:
+        objective(np.array([[0.125, 0.5]]))
+    message = str(info.value)
+    assert "bad coefficient 0.125" in message and "deep_helper" in message and "[0.125, 0.5]" in message
+
+
+def test_async_bayesian_map_keeps_w_in_flight_and_spends_the_budget(executor):
+    lock = threading.Lock()
+    live = {"now": 0, "max": 0}
+
+    def watched(c):  # runs in the driver's threads: concurrency counted at the evaluator itself
+        with lock:
+            live["now"] += 1
+            live["max"] = max(live["max"], live["now"])
+        time.sleep(0.02)
+        with lock:
+            live["now"] -= 1
+        return three_quadratics(c)
+
+    class Threads:
+        num_workers = 2
+
+        def __init__(self):
+            self.pool = cf.ThreadPoolExecutor(2)
+
+        def submit(self, fn, item):
+            return self.pool.submit(fn, item)
+
+        def map(self, fn, items):
+            futures = {self.submit(fn, x): i for i, x in enumerate(items)}
+            for f in cf.as_completed(futures):
+                yield futures[f], f.result()
+
+    objective = FunctionObjective(watched, 3, ["a", "b", "c"], batched=False, executor=Threads(), links=["identity"] * 3)
+    result = BayesianMAP(budget=14, seed=0, link="identity").fit(objective, 3)
+    assert result.settings["asynchronous"] and result.settings["max_in_flight"] == 2
+    assert live["max"] == 2  # W in flight, never more
+    assert objective.num_evaluations == 14 and len(result.samples) == 14
+    np.testing.assert_allclose(result.samples.metrics, np.array([three_quadratics(c) for c in result.samples.coeffs]))
+    assert sorted(result.samples.round.tolist())[-1] == 14 - 12  # 12 initial points (P + 2), then one per proposal
+
+    # the same on Ray workers
+    ray_objective = FunctionObjective(three_quadratics, 3, ["a", "b", "c"], batched=False, executor=executor)
+    trace_result = mobo_search(ray_objective, 3, budget=10, initial=6)
+    assert ray_objective.num_evaluations == 10 and len(trace_result.coeffs) == 10
+
+
+def test_evaluate_async_bounds_in_flight_with_a_store_hit():
+    calls = []
+
+    def f(c):
+        calls.append(c.copy())
+        return three_quadratics(c)
+
+    store = EvaluationStore()
+    objective = FunctionObjective(f, 3, ["a", "b", "c"], batched=False, store=store)
+    objective(np.full((1, 3), 0.5))  # stored before: proposing it again costs nothing
+    proposals = iter([np.full(3, 0.5), np.full(3, 0.25), np.full(3, 0.75)])
+    trace = evaluate_async(objective, np.eye(3), lambda x, y, p: next(proposals), budget=6, num_workers=1)
+    assert len(trace.coeffs) == 6 and trace.max_in_flight == 1
+    assert len(calls) == 1 + 5  # the stored point was not evaluated again
+    np.testing.assert_allclose(trace.metrics, np.array([three_quadratics(c) for c in trace.coeffs]))
+
+
+def test_nested_levels_run_pairs_concurrently_and_match_local(executor):
+    def objective_for(executor_):
+        base = FunctionObjective(lambda c: np.stack([1 - (c[:, i] - 0.6) ** 2 - 0.2 * c.sum(1) ** 2 / 4 for i in range(4)], 1), 4,
+                                 ["a", "b", "c", "d"], key="nested-four")
+
+        def pick(indices):
+            cols = list(indices)
+            return FunctionObjective(lambda c, cols=cols: base.fn(np.atleast_2d(c))[0, cols], 4, [f"t{i}" for i in cols],
+                                     batched=False, executor=executor_, key=f"pick-{cols}")
+
+        return pick
+
+    local = nested_merge(objective_for(LocalExecutor()), 4, [1, 1, 1, 1], samples_per_stage=8, schedule="levels")
+    remote = nested_merge(objective_for(executor), 4, [1, 1, 1, 1], samples_per_stage=8, schedule="levels")
+    np.testing.assert_allclose(remote.coeffs, local.coeffs)
+    assert [(s.left, s.right) for s in remote.stages] == [(s.left, s.right) for s in local.stages]
+    assert len(local.stages) == 3 and len(local.stages[0].left + local.stages[0].right + local.stages[1].left + local.stages[1].right) == 4
+
+
+DRIVER = textwrap.dedent('''
+    import sys, time
+    import numpy as np
+    from map_merge import EvaluationStore, FunctionObjective, RayExecutor
+
+    LOG = sys.argv[2]  # read here: the function runs on workers with their own argv
+
+    def f(c):
+        with open(LOG, "a") as log:
+            log.write(repr(np.asarray(c).tolist()) + "\\n")
+        time.sleep(0.3)
+        return np.array([c.sum(), (c ** 2).sum()])
+
+    coeffs = np.linspace(0, 1, 24).reshape(12, 2)
+    with RayExecutor(num_workers=2, init_kwargs={"num_cpus": 2}) as ex:
+        objective = FunctionObjective(f, 2, ["s", "q"], batched=False, store=EvaluationStore(sys.argv[1]), executor=ex, key="driver")
+        objective(coeffs)
+        print("DONE", objective.num_evaluations, objective.num_cached, flush=True)
+''')
+
+
+def test_driver_killed_and_restarted_recomputes_nothing_stored(tmp_path):
+    script, db, log = tmp_path / "driver.py", tmp_path / "store.db", tmp_path / "calls.log"
+    script.write_text(DRIVER)
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    errors = open(tmp_path / "first.err", "w")
+    proc = subprocess.Popen([sys.executable, str(script), str(db), str(log)], start_new_session=True, env=env,
+                            stdout=subprocess.DEVNULL, stderr=errors)
+    stored: set = set()
+    deadline = time.time() + 180
+    while time.time() < deadline and len(stored) < 5:
+        time.sleep(0.05)
+        try:
+            stored = {r[0] for r in sqlite3.connect(db).execute("SELECT coeffs_json FROM evaluations")}
+        except sqlite3.Error:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray runtime it started
+    proc.wait()
+    errors.close()
+    assert log.exists(), (tmp_path / "first.err").read_text()[-3000:]
+    stored = {r[0] for r in sqlite3.connect(db).execute("SELECT coeffs_json FROM evaluations")}
+    assert 5 <= len(stored) < 12
+    calls_before = len(log.read_text().splitlines())
+    done = subprocess.run([sys.executable, str(script), str(db), str(log)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"DONE {12 - len(stored)} {len(stored)}" in done.stdout
+    second = [line for line in log.read_text().splitlines()[calls_before:]]
+    import json
+
+    assert not {json.dumps(json.loads(line)) for line in second} & {json.dumps(json.loads(s)) for s in stored}
+    rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT coeffs) FROM evaluations").fetchone()
+    assert rows == (24, 12)
