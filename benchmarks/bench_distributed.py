@@ -69,12 +69,12 @@ def throughput(zoo, label: str, num_coeffs: int, num_evals: int, workers: list[i
     return rows
 
 
-def bayes(zoo, num_coeffs: int, budget: int, seed: int = 0) -> list[dict]:
+def bayes(zoo, label: str, num_coeffs: int, budget: int, seed: int = 0, split: str = "val") -> list[dict]:
     names = list(zoo.task_names)[:num_coeffs]
     rows = []
     with mm.RayExecutor(num_workers=2) as executor:
         for mode in ("synchronous", "asynchronous"):
-            objective = zoo.objective(names, progress=False)
+            objective = zoo.objective(names, split=split, progress=False)
             objective.executor = executor
             executor.prepare(objective.evaluate_one)
             executor.reset_stats()
@@ -84,17 +84,17 @@ def bayes(zoo, num_coeffs: int, budget: int, seed: int = 0) -> list[dict]:
                 result = mm.BayesianMAP(budget=budget, seed=seed, batch=2, asynchronous=mode == "asynchronous").fit(objective, num_coeffs)
             wall = time.perf_counter() - start
             stats = executor.stats()
-            rows.append({"mode": mode, "budget": budget, "evaluations": objective.num_evaluations, "wall_s": wall,
+            rows.append({"zoo": label, "mode": mode, "budget": budget, "evaluations": objective.num_evaluations, "wall_s": wall,
                          "idle_share": stats["idle_share"], "acquire_s": result.timings["acquire"],
                          "max_in_flight": result.settings.get("max_in_flight") or 2, "metrics": result.samples.metrics.tolist()})
     ref = np.min([np.min(r["metrics"], axis=0) for r in rows], axis=0) - 0.1
     for row in rows:
         row["hv"] = front_hv(np.array(row.pop("metrics")), ref)
-    print(table(rows, ["mode", "evaluations", "wall_s", "idle_share", "acquire_s", "hv"]), flush=True)
+    print(table(rows, ["zoo", "mode", "evaluations", "wall_s", "idle_share", "acquire_s", "hv"]), flush=True)
     return rows
 
 
-def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float = 120.0, extra_rounds: int = 2) -> list[dict]:
+def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float = 120.0, extra_rounds: int = 4) -> list[dict]:
     """Virtual-clock model of the two loops, with real proposals on an analytic T = 3 problem."""
     num_coeffs = 3
     targets = np.array([[1.0, 0.0, 0.2], [0.0, 1.0, 0.5], [0.3, 0.2, 1.0]])
@@ -111,6 +111,8 @@ def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float 
         senses, links, names = check_senses(None, 3), resolve_links("identity", None, 3), ("a", "b", "c")
         rng = np.random.default_rng(seed)
         draw = np.random.default_rng(seed + width)
+        # as BayesianMAP: space-filling points while fewer results than a quadratic's parameters are back
+        filler = iter(make_design("sobol", num_coeffs, 2 * budget, (0.0, 1.0), seed + 1)[initial:])
         durations = draw.uniform(low, high, size=budget)
 
         def propose(x, y, size, pending):
@@ -148,7 +150,7 @@ def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float 
                 if queue:
                     point = queue.pop(0)
                 elif len(done_x) <= num_quadratic_params(num_coeffs):
-                    break
+                    point = next(filler)
                 else:
                     pending = np.array([item[2] for item in heap]) if heap else None
                     new, spent = propose(np.array(done_x), np.array(done_y), 1, pending)
@@ -185,11 +187,12 @@ def plot(payload: dict, path: Path) -> None:
     ax.legend()
     ax = axes[1]
     rows = payload["bayes"]
-    ax.bar([r["mode"] for r in rows], [r["idle_share"] for r in rows], color=["tab:gray", "tab:blue"])
+    ax.bar([f"{r['zoo']}\n{r['mode'][:5]}" for r in rows], [r["idle_share"] for r in rows],
+           color=["tab:gray" if r["mode"] == "synchronous" else "tab:blue" for r in rows])
     for i, r in enumerate(rows):
         ax.text(i, r["idle_share"], f"{r['wall_s']:.0f} s", ha="center", va="bottom")
     ax.set_ylabel("worker idle share")
-    ax.set_title("Bayesian MAP, 2 Ray workers, vision zoo")
+    ax.set_title("Bayesian MAP, 2 Ray workers (wall time on bars)")
     ax = axes[2]
     sim = payload["simulated"]
     for mode, style in (("synchronous", "s--"), ("asynchronous", "o-")):
@@ -223,14 +226,16 @@ def main() -> None:
     payload: dict = {"throughput": [], "bayes": [], "simulated": []}
     if args.quick:
         payload["throughput"] += throughput(vision, "vision", 3, 6, [1])
-        payload["bayes"] = bayes(vision, 2, 8)
+        payload["bayes"] = bayes(vision, "vision", 2, 8)
         payload["simulated"] = simulated([2], extra_rounds=1)
     else:
         payload["throughput"] += throughput(vision, "vision", 3, 48, [1, 2])
+        payload["bayes"] = bayes(vision, "vision", 3, 30)
         if not args.no_text:
             text = load_text_zoo(progress=False)
-            payload["throughput"] += throughput(text, "text", 3, 12, [1, 2], split=text.limit_split("val", 200))
-        payload["bayes"] = bayes(vision, 3, 30)
+            split = text.limit_split("val", 200)
+            payload["throughput"] += throughput(text, "text", 3, 12, [1, 2], split=split)
+            payload["bayes"] += bayes(text, "text", 3, 30, split=split)
         payload["simulated"] = simulated([4, 8, 16, 32])
     payload["rows"] = payload["throughput"] + payload["bayes"] + payload["simulated"]
     out = Path(args.out)

@@ -31,6 +31,12 @@ and the settings (all optional)::
     budget: 16                          # bayes: total real evaluations
     acquisition: nehvi                  # bayes: nehvi / binned
     samples_per_stage: 10               # nested: real evaluations per pairwise stage
+    schedule: levels                    # nested: sequential (one pair at a time) / levels (disjoint pairs at once)
+    ray:                                # evaluations on Ray workers (pip install 'map_merge[ray]'); omit to run here
+      address: auto                     # join a running cluster; omit for a local runtime
+      num_workers: 8                    # default: as many as the resources fit
+      resources_per_worker: {GPU: 1}    # or {GPU: 0.25}: four small models per GPU; {CPU: 1} by default
+      max_retries: 2                    # re-queues of an evaluation whose worker died
     moe_method: ls                      # moe: ls / epo
     moe_steps: 100                      # moe: router training steps
     train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
@@ -49,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, build_objective, fit_moe, load_config
+from .config import ConfigError, build_executor, build_objective, fit_moe, load_config
 
 __all__ = ["main", "load_config"]
 
@@ -94,6 +100,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
     objective, names, zoo = build_objective(config, store=store)
+    executor = build_executor(config)
+    if executor is not None:
+        objective.executor = executor  # evaluations on Ray workers; this process proposes and stores
+    try:
+        return _run_command(args, config, out, store, objective, names, zoo)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+
+def _run_command(args, config, out, store, objective, names, zoo) -> int:
     num = len(names)
     seed = config.get("seed", 0)
     bounds = tuple(config.get("bounds", (0.0, 1.0)))
@@ -122,7 +139,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         def objective_for(idx):
             return objective.for_tasks([names[i] for i in idx])
 
-        result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed)
+        result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed,
+                              schedule=config.get("schedule", "sequential"))
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
         summary.update(evaluations=result.num_evaluations, task_evaluations=result.task_evaluations, coeffs=result.coeffs.tolist(),
                        metrics=result.metrics.tolist())

@@ -33,27 +33,29 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import functools
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "fit_moe"]
+__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "build_executor", "fit_moe"]
 
 FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
     "method": str, "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
-    "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str,
+    "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str, "ray": dict, "schedule": str,
 }
+RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "max_retries": int}
 TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 'tasks'
     "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
     "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
 }
 CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
-           "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16")}
+           "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16"), "schedule": ("sequential", "levels")}
 
 
 class ConfigError(ValueError):
@@ -100,6 +102,14 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     if "preference" in config and (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in config["preference"])
                                    or any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0):
         raise fail("preference", f"must be non-negative numbers, not all zero, got {config['preference']!r}")
+    for key, value in config.get("ray", {}).items():
+        if key not in RAY_KEYS:
+            raise fail("ray", f"has unknown key {key!r}; allowed: {sorted(RAY_KEYS)}")
+        if not isinstance(value, RAY_KEYS[key]) or isinstance(value, bool):
+            raise fail(f"ray.{key}", f"must be a {RAY_KEYS[key].__name__}, got {value!r}")
+    for key, value in config.get("ray", {}).get("resources_per_worker", {}).items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise fail(f"ray.resources_per_worker.{key}", f"must be a non-negative number, got {value!r}")
     bounds = config.get("bounds", [0.0, 1.0])
     if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
         raise fail("bounds", f"must be [low, high] with low < high, got {bounds!r}")
@@ -233,32 +243,50 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     folder = Path(config["_path"]).parent
     names = list(config.get("tasks", config["finetuned"]))
     specs = config["tasks"] if isinstance(config.get("tasks"), dict) else None
-    dtype = getattr(torch, config["dtype"]) if "dtype" in config else None
-    if "model" in config:
-        model = resolve_callable(config["model"], folder)()
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(f"{config['_path']}: field 'model': {config['model']} returned a {type(model).__name__}, not an nn.Module")
-    else:
-        if not Path(config["pretrained"]).is_dir():
-            raise ConfigError(f"{config['_path']}: field 'model' is required when 'pretrained' is a weights file, not a Hugging Face folder")
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        auto = AutoModelForCausalLM if specs else AutoModel
-        model = auto.from_pretrained(config["pretrained"], local_files_only=True, **({"dtype": dtype} if dtype else {}))
-    if dtype is not None:
-        model = model.to(dtype)
+    build = functools.partial(_build_model, config["_path"], config.get("model"), config["pretrained"], bool(specs), config.get("dtype"))
+    # on Ray every worker builds its own model from the paths (only this recipe travels); locally: now
+    model = build if "ray" in config else build()
+    device = "auto" if "ray" in config else None  # a Ray worker given a GPU evaluates on it
     tv = TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
     if specs is not None:
         tasks = _spec_tasks(config, specs)
         key = json.dumps({"specs": specs, "dtype": config.get("dtype")}, sort_keys=True, default=str)
-        return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
+        return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device), names, None
     evaluate = resolve_callable(config["evaluator"], folder)
     sense = config.get("sense", "max")
     link = config.get("link", "identity")
     tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link) for n in names}  # values checked by the objective
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
-    return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress), names, None
+    return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device), names, None
+
+
+def _build_model(config_path: str, model_spec: str | None, pretrained: str, causal: bool, dtype_name: str | None):
+    """The live model of a config on your own models (``model:`` callable, else the HF folder)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    if model_spec is not None:
+        model = resolve_callable(model_spec, Path(config_path).parent)()
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"{config_path}: field 'model': {model_spec} returned a {type(model).__name__}, not an nn.Module")
+    else:
+        if not Path(pretrained).is_dir():
+            raise ConfigError(f"{config_path}: field 'model' is required when 'pretrained' is a weights file, not a Hugging Face folder")
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        auto = AutoModelForCausalLM if causal else AutoModel
+        model = auto.from_pretrained(pretrained, local_files_only=True, **({"dtype": dtype} if dtype else {}))
+    return model.to(dtype) if dtype is not None else model
+
+
+def build_executor(config: dict[str, Any]):
+    """The :class:`~map_merge.RayExecutor` of a config's ``ray:`` field, or ``None``."""
+    if "ray" not in config:
+        return None
+    from .executors import RayExecutor
+
+    return RayExecutor(**config["ray"])
 
 
 def _spec_tasks(config: dict[str, Any], specs: dict[str, dict[str, Any]]) -> dict[str, Any]:

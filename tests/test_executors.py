@@ -272,3 +272,37 @@ def test_driver_killed_and_restarted_recomputes_nothing_stored(tmp_path):
     assert not {json.dumps(json.loads(line)) for line in second} & {json.dumps(json.loads(s)) for s in stored}
     rows = sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT coeffs) FROM evaluations").fetchone()
     assert rows == (24, 12)
+
+
+@pytest.mark.parametrize("command, preference, expected", [("map", [1, 3], [0.25, 0.75]), ("nested", [3, 1], [0.75, 0.25])])
+def test_cli_with_a_ray_field_runs_on_workers_and_finds_the_analytic_optimum(executor, tmp_path, capsys, command, preference, expected):
+    import json
+
+    from map_merge.cli import main
+    from test_plots_cli import _own_models
+
+    executor.num_workers  # runtime up; the run's executor joins it with zero-CPU workers (the fixture's hold both CPUs)
+    fields = {**_own_models(tmp_path), "out": str(tmp_path / "out"), "preference": preference, "schedule": "levels",
+              "ray": {"num_workers": 2, "resources_per_worker": {"CPU": 0}}}
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps(fields))
+    assert main([command, "--config", str(config)]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\npreference")[0].split("\nwrote")[0])
+    np.testing.assert_allclose(summary["coeffs"], expected, atol=0.03)  # c = p / sum(p) for 1 - |w - e_i|^2
+    rows = sqlite3.connect(tmp_path / "out" / "evaluations.sqlite").execute("SELECT COUNT(*), COUNT(DISTINCT coeffs || task) FROM evaluations").fetchone()
+    assert rows[0] == rows[1] > 0
+
+
+def test_ray_field_errors_name_the_key(tmp_path):
+    import json
+
+    from map_merge.config import ConfigError, load_config
+    from test_plots_cli import _own_models
+
+    for ray_field, message in [({"workers": 2}, "field 'ray' has unknown key 'workers'"),
+                               ({"num_workers": "2"}, "field 'ray.num_workers' must be a int"),
+                               ({"resources_per_worker": {"GPU": -1}}, "field 'ray.resources_per_worker.GPU' must be a non-negative number")]:
+        config = tmp_path / "run.yaml"
+        config.write_text(json.dumps({**_own_models(tmp_path), "ray": ray_field}))
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_config(config)
