@@ -73,7 +73,7 @@ def bayes(zoo, label: str, num_coeffs: int, budget: int, seed: int = 0, split: s
     names = list(zoo.task_names)[:num_coeffs]
     rows = []
     with mm.RayExecutor(num_workers=2) as executor:
-        for mode in ("synchronous", "asynchronous"):
+        for mode in ("synchronous", "asynchronous", "async+lookahead"):
             objective = zoo.objective(names, split=split, progress=False)
             objective.executor = executor
             executor.prepare(objective.evaluate_one)
@@ -81,7 +81,8 @@ def bayes(zoo, label: str, num_coeffs: int, budget: int, seed: int = 0, split: s
             start = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                result = mm.BayesianMAP(budget=budget, seed=seed, batch=2, asynchronous=mode == "asynchronous").fit(objective, num_coeffs)
+                result = mm.BayesianMAP(budget=budget, seed=seed, batch=2, asynchronous=mode != "synchronous",
+                                        lookahead=mode == "async+lookahead").fit(objective, num_coeffs)
             wall = time.perf_counter() - start
             stats = executor.stats()
             rows.append({"zoo": label, "mode": mode, "budget": budget, "evaluations": objective.num_evaluations, "wall_s": wall,
@@ -111,8 +112,6 @@ def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float 
         senses, links, names = check_senses(None, 3), resolve_links("identity", None, 3), ("a", "b", "c")
         rng = np.random.default_rng(seed)
         draw = np.random.default_rng(seed + width)
-        # as BayesianMAP: space-filling points while fewer results than a quadratic's parameters are back
-        filler = iter(make_design("sobol", num_coeffs, 2 * budget, (0.0, 1.0), seed + 1)[initial:])
         durations = draw.uniform(low, high, size=budget)
 
         def propose(x, y, size, pending):
@@ -142,32 +141,54 @@ def simulated(workers: list[int], seed: int = 0, low: float = 30.0, high: float 
             x, y = np.concatenate([x, new]), np.concatenate([y, f(new)])
         rows.append({"workers": width, "mode": "synchronous", "budget": budget, "total_s": clock, "proposal_s": proposal_s,
                      "idle_share": 1.0 - busy / (width * clock)})
-        # asynchronous queue: whenever one finishes, one new point conditioned on the pending ones
-        clock, busy, proposal_s = 0.0, 0.0, 0.0
-        queue, heap, done_x, done_y, submitted = list(design), [], [], [], 0
-        while submitted < budget or heap:
-            while submitted < budget and len(heap) < width:
-                if queue:
-                    point = queue.pop(0)
-                elif len(done_x) <= num_quadratic_params(num_coeffs):
-                    point = next(filler)
-                else:
-                    pending = np.array([item[2] for item in heap]) if heap else None
-                    new, spent = propose(np.array(done_x), np.array(done_y), 1, pending)
-                    clock += spent
-                    proposal_s += spent
-                    point = new[0]
-                heapq.heappush(heap, (clock + durations[submitted], submitted, point))
-                busy += durations[submitted]
-                submitted += 1
-            finish, _, point = heapq.heappop(heap)
-            clock = max(clock, finish)
-            done_x.append(point)
-            done_y.append(f(point)[0])
-        rows.append({"workers": width, "mode": "asynchronous", "budget": budget, "total_s": clock, "proposal_s": proposal_s,
-                     "idle_share": 1.0 - busy / (width * clock)})
-        print(table(rows[-2:], ["workers", "mode", "budget", "total_s", "proposal_s", "idle_share"]), flush=True)
+        for lookahead in (False, True):
+            rows.append(simulate_async(width, budget, design, durations, f, propose, lookahead))
+        print(table(rows[-3:], ["workers", "mode", "budget", "total_s", "proposal_s", "idle_share"]), flush=True)
     return rows
+
+
+def simulate_async(width, budget, design, durations, f, propose, lookahead: bool) -> dict:
+    """The asynchronous queue on a virtual clock: whenever one evaluation finishes, one new point
+    conditioned on the pending ones; with ``lookahead`` the next point is proposed while every
+    worker is busy (its time overlaps the evaluations) and submitted when a worker frees up."""
+    num_coeffs = design.shape[1]
+    minimum = num_quadratic_params(num_coeffs)
+    filler = iter(make_design("sobol", num_coeffs, 2 * budget, (0.0, 1.0), 1)[len(design):])
+    clock, busy, proposal_s = 0.0, 0.0, 0.0
+    queue, heap, done_x, done_y, submitted = list(design), [], [], [], 0
+    ready, ready_at = None, 0.0
+
+    def next_point():
+        nonlocal proposal_s
+        if len(done_x) <= minimum:  # as BayesianMAP: space-filling points until a quadratic can be fitted
+            return next(filler), 0.0
+        pending = np.array([item[2] for item in heap]) if heap else None
+        new, spent = propose(np.array(done_x), np.array(done_y), 1, pending)
+        proposal_s += spent
+        return new[0], spent
+
+    while submitted < budget or heap:
+        while submitted < budget and len(heap) < width:
+            if queue:
+                point = queue.pop(0)
+            elif ready is not None:
+                point, ready = ready, None
+                clock = max(clock, ready_at)
+            else:
+                point, spent = next_point()
+                clock += spent
+            heapq.heappush(heap, (clock + durations[submitted], submitted, point))
+            busy += durations[submitted]
+            submitted += 1
+        if lookahead and ready is None and not queue and submitted < budget and done_x:
+            ready, spent = next_point()
+            ready_at = clock + spent  # computed while the workers run
+        finish, _, point = heapq.heappop(heap)
+        clock = max(clock, finish)
+        done_x.append(point)
+        done_y.append(f(point)[0])
+    return {"workers": width, "mode": "async+lookahead" if lookahead else "asynchronous", "budget": budget, "total_s": clock,
+            "proposal_s": proposal_s, "idle_share": 1.0 - busy / (width * clock)}
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -187,15 +208,16 @@ def plot(payload: dict, path: Path) -> None:
     ax.legend()
     ax = axes[1]
     rows = payload["bayes"]
-    ax.bar([f"{r['zoo']}\n{r['mode'][:5]}" for r in rows], [r["idle_share"] for r in rows],
-           color=["tab:gray" if r["mode"] == "synchronous" else "tab:blue" for r in rows])
+    colors = {"synchronous": "tab:gray", "asynchronous": "tab:blue", "async+lookahead": "tab:green"}
+    ax.bar([f"{r['zoo']}\n{r['mode'].replace('async+lookahead', 'lookahead')[:9]}" for r in rows], [r["idle_share"] for r in rows],
+           color=[colors[r["mode"]] for r in rows])
     for i, r in enumerate(rows):
         ax.text(i, r["idle_share"], f"{r['wall_s']:.0f} s", ha="center", va="bottom")
     ax.set_ylabel("worker idle share")
     ax.set_title("Bayesian MAP, 2 Ray workers (wall time on bars)")
     ax = axes[2]
     sim = payload["simulated"]
-    for mode, style in (("synchronous", "s--"), ("asynchronous", "o-")):
+    for mode, style in (("synchronous", "s--"), ("asynchronous", "o-"), ("async+lookahead", "^-")):
         rows = [r for r in sim if r["mode"] == mode]
         ax.plot([r["workers"] for r in rows], [r["idle_share"] for r in rows], style, label=f"{mode}: idle share")
     ax.set_xscale("log", base=2)
@@ -203,7 +225,7 @@ def plot(payload: dict, path: Path) -> None:
     ax.set_ylabel("worker idle share")
     ax.set_title("simulated scale, real proposals")
     twin = ax.twinx()
-    for mode, style in (("synchronous", "s:"), ("asynchronous", "o:")):
+    for mode, style in (("synchronous", "s:"), ("asynchronous", "o:"), ("async+lookahead", "^:")):
         rows = [r for r in sim if r["mode"] == mode]
         twin.plot([r["workers"] for r in rows], [r["total_s"] / 60 for r in rows], style, color="gray", alpha=0.7)
     twin.set_ylabel("total minutes (dotted)")

@@ -155,6 +155,8 @@ class BayesianMAP(MAP):
             the initial design is queued at once and each finished evaluation triggers a refit
             and one new point proposed conditioned on the pending ones (qLogNEHVI's
             ``X_pending``); ``batch`` is then unused. ``True`` / ``False`` force it.
+        lookahead: in asynchronous mode, propose the next point while every worker is busy and
+            hand it to the first one that frees up (hides the proposal's time; default ``True``).
         Other arguments as for :class:`~map_merge.map.MAP`.
     """
 
@@ -168,8 +170,10 @@ class BayesianMAP(MAP):
         temperature: float = 0.2,
         final_model: str = "gp",
         asynchronous: bool | str = "auto",
+        lookahead: bool = True,
         **kwargs,
     ) -> None:
+        self.lookahead = bool(lookahead)
         super().__init__(**kwargs)
         if asynchronous not in ("auto", True, False):
             raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
@@ -216,14 +220,7 @@ class BayesianMAP(MAP):
             in_flight = None
         fit_coeffs, fit_metrics = self._with_prior(samples)
         result = self.fit_samples(Samples(fit_coeffs, fit_metrics), objective=objective, task_names=names, senses=senses, timings=timings)
-        if self.final_model == "gp":
-            from .map import surrogate_front
-
-            start = time.perf_counter()
-            model = ResidualGPModel(result.surrogates, fit_coeffs, fit_metrics, self.bounds)
-            result.front = surrogate_front(model, senses, names, self._search_box(), self.search, self.seed, self.max_front_points)
-            result.model = model
-            result.timings["search"] = time.perf_counter() - start
+        # fit_samples searched the front on the model final_model names (quadratic + residual GP by default)
         result.samples = samples  # report only this run's evaluations; the prior was used in the fit
         result.settings.update({"strategy": "bayesian", "acquisition": self.acquisition, "budget": budget, "initial": initial,
                                 "batch": None if asynchronous else batch, "final_model": self.final_model,
@@ -280,7 +277,7 @@ class BayesianMAP(MAP):
 
         start = time.perf_counter()
         with tqdm(total=budget, desc="adaptive sampling (async)", disable=not progress, leave=False) as bar:
-            trace = evaluate_async(objective, coeffs, propose, budget, on_result=lambda n: bar.update(1))
+            trace = evaluate_async(objective, coeffs, propose, budget, on_result=lambda n: bar.update(1), lookahead=self.lookahead)
         timings["evaluate"] += time.perf_counter() - start - timings["acquire"]
         rounds = np.where(trace.order < len(coeffs), 0, trace.order - len(coeffs) + 1)
         samples = Samples(trace.coeffs, trace.metrics, rounds.astype(int))

@@ -513,6 +513,7 @@ def evaluate_async(
     budget: int,
     num_workers: int | None = None,
     on_result: Callable[[int], None] | None = None,
+    lookahead: bool = True,
 ) -> AsyncTrace:
     """Spend exactly ``budget`` evaluations with at most ``W`` in flight.
 
@@ -520,6 +521,10 @@ def evaluate_async(
     ``propose(coeffs_done (N, T), metrics_done (N, M), pending (P, T)) -> (T,)`` gives the next
     point (conditioned on the pending ones), until ``budget`` points were submitted; then the
     rest is drained. ``W`` defaults to the objective's ``executor.num_workers``.
+
+    With ``lookahead`` (default) the next point is proposed while all ``W`` workers are busy
+    (conditioned on all ``W`` as pending) and handed to the first worker that frees up, so a
+    proposal's own time is hidden behind the evaluations instead of idling a worker.
     """
     from .objective import submit_one
 
@@ -535,19 +540,28 @@ def evaluate_async(
     done_y: list[np.ndarray] = []
     trace_in_flight: list[int] = []
     submitted = 0
+    ready: np.ndarray | None = None
+
+    def next_point() -> np.ndarray:
+        pend = np.array([p for _, p in pending.values()]) if pending else np.zeros((0, initial.shape[1]))
+        return np.asarray(propose(np.array(done_x), np.array(done_y), pend), dtype=np.float64).reshape(-1)
+
     try:
         while submitted < budget or pending:
             while submitted < budget and len(pending) < width:
                 if queue:
                     x = queue.pop(0)
+                elif ready is not None:
+                    x, ready = ready, None
+                elif done_x:
+                    x = next_point()
                 else:
-                    if not done_x:
-                        break  # nothing finished yet to condition on: wait for the design
-                    pend = np.array([p for _, p in pending.values()]) if pending else np.zeros((0, initial.shape[1]))
-                    x = np.asarray(propose(np.array(done_x), np.array(done_y), pend), dtype=np.float64).reshape(-1)
+                    break  # nothing finished yet to condition on: wait for the design
                 pending[submit_one(objective, x)] = (submitted, x)
                 submitted += 1
                 trace_in_flight.append(len(pending))
+            if lookahead and width > 1 and ready is None and not queue and done_x and submitted < budget and not any(f.done() for f in pending):
+                ready = next_point()  # computed while every worker is busy
             finished, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
             for future in finished:
                 index, x = pending.pop(future)

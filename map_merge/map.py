@@ -20,7 +20,7 @@ import torch
 
 from .designs import default_num_samples, make_design, num_quadratic_params
 from .objective import check_senses
-from .pareto import ParetoFront
+from .pareto import ParetoFront, orient
 from .search import nsga3_search, scalarization_search, thin_front
 from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet
 
@@ -75,6 +75,7 @@ class MAPResult:
     timings: dict[str, float] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the predictive model the front was searched on (None: the quadratic surrogates)
+    fitter: Any = field(default=None, repr=False)  # the MAP that made this result (refine refits with it)
 
     @property
     def num_evaluations(self) -> int:
@@ -109,6 +110,63 @@ class MAPResult:
         metrics = call_objective(objective, chosen.coeffs, len(self.task_names))
         self.real_front = ParetoFront(chosen.coeffs, metrics, self.task_names, self.senses, label="MAP real")
         return self.real_front
+
+    def refine(self, objective: Callable[[np.ndarray], np.ndarray], reevaluations: int = 30, rounds: int = 2) -> "MAPResult":
+        """Spend ``reevaluations`` real evaluations of front points in ``rounds``: each round
+        re-evaluates well-spread points of the current predicted front, refits the surrogates on
+        every real evaluation so far and searches again. Returns the refitted result: its
+        ``samples`` hold the original samples and the earlier rounds' re-evaluations (``round``
+        1, 2, ...), its ``real_front`` the last round's."""
+        if self.fitter is None:
+            raise ValueError("refine needs the result of MAP.fit / fit_samples (it refits with the same settings)")
+        if int(rounds) < 1 or int(reevaluations) < int(rounds):
+            raise ValueError(f"refine needs rounds >= 1 and at least one re-evaluation per round; got {reevaluations} for {rounds} rounds")
+        sizes = [len(part) for part in np.array_split(np.arange(int(reevaluations)), int(rounds))]
+        current, samples = self, self.samples
+        for index, size in enumerate(sizes):
+            real = current.reevaluate(objective, max_points=size)
+            if index == len(sizes) - 1:
+                break
+            samples = samples.append(real.coeffs, real.metrics, int(samples.round.max()) + 1)
+            current = self.fitter.fit_samples(samples, objective=objective, task_names=self.task_names, senses=self.senses,
+                                              timings=self.timings)
+        current.settings["refine"] = {"reevaluations": int(reevaluations), "rounds": int(rounds)}
+        return current
+
+    def preference_regret(self, objective: Callable[[np.ndarray], np.ndarray], reference: np.ndarray | None = None,
+                          preferences: np.ndarray | None = None) -> dict[str, Any]:
+        """Evaluate the model :meth:`select` picks for each preference for real and score it.
+
+        Args:
+            objective: the real objective (picks already evaluated come from its store).
+            reference: metrics ``(N, M)`` in the objective's own units and senses of the best
+                known models, e.g. a dense grid of real evaluations; default: every real model
+                this run evaluated plus the picks (regret against what the run itself found).
+            preferences: ``(P, M)`` non-negative weights (default: about 20 spread over the
+                simplex, :func:`~map_merge.preference_grid`); each row is normalised to sum 1.
+
+        Returns ``{"preferences" (P, M), "coeffs" (P, T), "metrics" (P, M), "regret" (P,),
+        "mean", "max"}``: regret = best weighted score ``w . z`` over the reference minus the
+        pick's real one, in metric units (oriented so that higher is better; 0 is perfect)."""
+        from .front_metrics import preference_grid
+
+        num = len(self.task_names)
+        prefs = preference_grid(num) if preferences is None else np.atleast_2d(np.asarray(preferences, dtype=np.float64))
+        if prefs.shape[1] != num or (prefs < 0).any() or not (prefs.sum(axis=1) > 0).all():
+            raise ValueError(f"preferences must be (P, {num}) non-negative rows, none all zero; got shape {prefs.shape}")
+        prefs = prefs / prefs.sum(axis=1, keepdims=True)
+        picks = np.array([self.select(w) for w in prefs])
+        real = call_objective(objective, picks, num)
+        oriented = orient(real, self.senses)
+        if reference is None:
+            reference = np.concatenate([self.evaluated_front().metrics, real])
+        reference = np.atleast_2d(np.asarray(reference, dtype=np.float64))
+        if reference.ndim != 2 or reference.shape[1] != num or len(reference) == 0:
+            raise ValueError(f"reference must be metrics (N, {num}) with N >= 1, got shape {reference.shape}")
+        best = (orient(reference, self.senses) @ prefs.T).max(axis=0)
+        regret = best - np.einsum("pm,pm->p", oriented, prefs)
+        return {"preferences": prefs, "coeffs": picks, "metrics": real, "regret": regret,
+                "mean": float(regret.mean()), "max": float(regret.max())}
 
     def evaluated_front(self) -> ParetoFront:
         """Non-dominated set of every real evaluation made: the samples and the re-evaluated
@@ -181,6 +239,25 @@ def fit_surrogates(
     ]
 
 
+def loo_surrogates(
+    coeffs: np.ndarray, metrics: np.ndarray, suggested: Sequence[str], task_names: Sequence[str], ridge: float = 0.0, r2_warn: float = 0.5
+) -> list[QuadraticSurrogate]:
+    """Per metric, the surrogate with the lower leave-one-out RMSE (in metric units) between the
+    suggested link and ``"identity"`` (a NaN error, e.g. as many samples as weights, loses)."""
+    out = []
+    for j in range(metrics.shape[1]):
+        candidates = []
+        for link in dict.fromkeys((suggested[j], "identity")):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fitted = QuadraticSurrogate(link=link, ridge=ridge, r2_warn=-np.inf, name=task_names[j]).fit(coeffs, metrics[:, j])
+            error = fitted.diagnostics.loo_rmse
+            candidates.append((error if np.isfinite(error) else np.inf, link))
+        best = min(candidates)[1]
+        out.append(QuadraticSurrogate(link=best, ridge=ridge, r2_warn=r2_warn, name=task_names[j]).fit(coeffs, metrics[:, j]))
+    return out
+
+
 def surrogate_front(
     model: Sequence[QuadraticSurrogate] | Any,
     senses: Sequence[str],
@@ -222,8 +299,9 @@ class MAP:
             ``P = (T+1)(T+2)/2`` parameters. Fewer than P is an error.
         bounds: the sampling box ``[low, high]^T`` for every coefficient.
         link: surrogate link: ``"auto"`` (default: the link each of the objective's tasks suggests,
-            e.g. softplus for a loss; sigmoid where none is given), ``"sigmoid"``, ``"softplus"``,
-            ``"identity"``, or one per metric.
+            e.g. softplus for a loss; sigmoid where none is given), ``"loo"`` (per task, that
+            suggestion or ``"identity"``, whichever has the lower leave-one-out error),
+            ``"sigmoid"``, ``"softplus"``, ``"identity"``, or one per metric.
         design: ``"map"`` (the authors'), ``"sobol"`` or ``"lhs"``.
         seed: seeds the design and the search.
         search: ``"scalarization"`` (default) or ``"nsga3"`` (the authors').
@@ -232,6 +310,9 @@ class MAP:
         ridge: L2 penalty of the surrogate fit.
         r2_warn: warn when a surrogate's R^2 falls below this.
         max_front_points: cap on the predicted front's size.
+        final_model: ``"quadratic"`` (default) searches the front on the quadratic surrogates;
+            ``"gp"`` on the quadratic plus a Gaussian process on its residuals
+            (:class:`~map_merge.bayes.ResidualGPModel`), which bends the surface through the samples.
     """
 
     def __init__(
@@ -246,7 +327,11 @@ class MAP:
         ridge: float = 0.0,
         r2_warn: float = 0.5,
         max_front_points: int | None = None,
+        final_model: str = "quadratic",
     ) -> None:
+        if final_model not in ("gp", "quadratic"):
+            raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
+        self.final_model = final_model
         self.num_samples = num_samples
         self.bounds = (float(bounds[0]), float(bounds[1]))
         if not self.bounds[0] < self.bounds[1]:
@@ -318,16 +403,29 @@ class MAP:
         if len(names) != num_metrics:
             raise ValueError(f"got {len(names)} task names for {num_metrics} metrics")
         senses = check_senses(senses if senses is not None else getattr(objective, "senses", None), num_metrics)
-        links = resolve_links(self.link, objective, num_metrics)
         timings = dict(timings or {})
         start = time.perf_counter()
-        surrogates = fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn)
+        if self.link == "loo":
+            surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge, self.r2_warn)
+            links = tuple(s.link for s in surrogates)
+        else:
+            links = resolve_links(self.link, objective, num_metrics)
+            surrogates = fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn)
+        model = None
+        if self.final_model == "gp":
+            from .bayes import ResidualGPModel
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds)
         timings["fit"] = time.perf_counter() - start
         start = time.perf_counter()
-        front = surrogate_front(surrogates, senses, names, self._search_box(), self.search, self.seed, self.max_front_points)
+        front = surrogate_front(model if model is not None else surrogates, senses, names, self._search_box(), self.search, self.seed,
+                                self.max_front_points)
         timings["search"] = time.perf_counter() - start
         settings = {
             "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links), "design": self.design,
-            "seed": self.seed, "search": self.search, "ridge": self.ridge,
+            "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
         }
-        return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings)
+        return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings, model=model,
+                         fitter=self)

@@ -79,3 +79,79 @@ def test_map_errors():
         mm.MAP().fit(lambda c: np.full((len(c), 2), np.nan), 2)
     with pytest.raises(ValueError, match="expected \\(K, M\\)"):
         mm.MAP().fit(lambda c: np.zeros(len(c)), 2)
+
+
+def _unit_quadratics(c):
+    """f_i(c) = 1 - |c - e_i|^2 (T = 2): for preference (a, 1 - a) the best weighted score is
+    1 - 2 a (1 - a), reached at c = (a, 1 - a)."""
+    c = np.atleast_2d(c)
+    return np.stack([1 - ((c - e) ** 2).sum(1) for e in np.eye(2)], axis=1)
+
+
+def test_preference_regret_of_picks_against_the_analytic_optimum():
+    objective = mm.FunctionObjective(_unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    result = mm.MAP(link="identity", seed=0).fit(objective, 2)
+    prefs = np.column_stack([np.linspace(0, 1, 21), 1 - np.linspace(0, 1, 21)])
+    a = prefs[:, 0]
+    optimum = 1 - 2 * a * (1 - a)  # hand-derived best weighted score per preference
+    # the reference: the exact optimal models (their metrics), one per preference
+    reference = _unit_quadratics(prefs)
+    np.testing.assert_allclose((reference * prefs).sum(1), optimum, atol=1e-12)
+    report = result.preference_regret(objective, reference=reference, preferences=prefs)
+    assert report["regret"].shape == (21,) and report["coeffs"].shape == (21, 2)
+    np.testing.assert_allclose(report["metrics"], _unit_quadratics(report["coeffs"]))  # evaluated for real
+    assert report["regret"].min() > -1e-9  # nothing beats the optimum
+    assert report["mean"] < 2e-3 and report["max"] < 1e-2  # exact quadratic surrogates: picks at the optimum
+    # a run whose front is one point (c = (1, 0)): regret is the optimum minus that model's weighted score, by hand
+    result.front = result.front.subset([int(np.argmax(result.front.metrics[:, 0]))])
+    result.front.coeffs[:] = [1.0, 0.0]
+    report = result.preference_regret(objective, reference=reference, preferences=prefs)
+    np.testing.assert_allclose(report["regret"], optimum - (a * 1.0 + (1 - a) * (1 - 2.0)), atol=1e-12)
+    assert report["max"] == pytest.approx(2.0)  # preference (0, 1): optimum 1, the pick scores -1
+    with pytest.raises(ValueError, match="preferences must be"):
+        result.preference_regret(objective, preferences=[[1.0, -1.0]])
+
+
+def test_refine_spends_exactly_its_reevaluations_and_refits_on_them():
+    objective = mm.FunctionObjective(_unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    result = mm.MAP(link="identity", seed=0).fit(objective, 2)
+    spent = objective.num_evaluations
+    refined = result.refine(objective, reevaluations=9, rounds=3)
+    assert objective.num_evaluations + objective.num_cached - spent == 9
+    assert len(refined.samples) == 12 + 3 + 3 and refined.samples.round.max() == 2  # rounds 1, 2 joined the fit
+    assert len(refined.real_front) == 3
+    assert refined.surrogates[0].diagnostics.num_samples == 18
+    np.testing.assert_allclose(refined.samples.metrics, _unit_quadratics(refined.samples.coeffs))
+    with pytest.raises(ValueError, match="at least one re-evaluation per round"):
+        result.refine(objective, reevaluations=1, rounds=2)
+
+
+def test_loo_link_picks_the_link_that_generalises():
+    def exact_quadratic(c):  # in [0, 1] but exactly quadratic: identity is exact, a sigmoid is not
+        c = np.atleast_2d(c)
+        return np.stack([0.5 + 0.4 * c[:, 0] - 0.3 * c[:, 0] ** 2 + 0.1 * c[:, 1], 0.9 - 0.5 * c[:, 1] ** 2], axis=1)
+
+    def sigmoid_of_quadratic(c):  # a sigmoid of a quadratic with a wide range: the sigmoid link is exact
+        c = np.atleast_2d(c)
+        return 1 / (1 + np.exp(-np.stack([6 * c[:, 0] - 5 * c[:, 1] ** 2 - 1, 8 * c[:, 1] - 4 * c[:, 0] - 2], axis=1)))
+
+    for fn, expected in ((exact_quadratic, "identity"), (sigmoid_of_quadratic, "sigmoid")):
+        objective = mm.FunctionObjective(fn, 2, ["a", "b"])
+        result = mm.MAP(link="loo", seed=0).fit(objective, 2)
+        assert result.settings["links"] == [expected, expected]
+
+
+def test_gp_final_model_passes_closer_to_the_samples_than_the_quadratic():
+    def bumpy(c):
+        c = np.atleast_2d(c)
+        return np.stack([np.sin(4 * c[:, 0]) + c[:, 1] ** 3, np.cos(3 * c[:, 1]) * c[:, 0]], axis=1)
+
+    objective = mm.FunctionObjective(bumpy, 2, ["a", "b"])
+    quad = mm.MAP(link="identity", seed=0, num_samples=16).fit(objective, 2)
+    gp = mm.MAP(link="identity", seed=0, num_samples=16, final_model="gp").fit(objective, 2)
+    test = np.random.default_rng(5).uniform(0, 1, (200, 2))
+    err_quad = np.sqrt(np.mean((quad.predict(test) - bumpy(test)) ** 2))
+    err_gp = np.sqrt(np.mean((gp.predict(test) - bumpy(test)) ** 2))
+    assert gp.model is not None and err_gp < 0.7 * err_quad
+    with pytest.raises(ValueError, match="final_model"):
+        mm.MAP(final_model="spline")

@@ -236,6 +236,10 @@ def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_pa
                                   batch_size=4, bootstrap_iters=0, device="cpu")
     assert live["acc"] == pytest.approx(out["results"]["mm_choice"]["acc,none"])
     assert live["word_perplexity"] == pytest.approx(out["results"]["mm_ppl"]["word_perplexity,none"], rel=1e-5)
+    # a used task travels to a Ray worker by pickling and scores the same there
+    import pickle
+
+    assert pickle.loads(pickle.dumps(choice))(model) == live["acc"]
     with pytest.raises(ValueError, match="does not report metric 'f1'; it reports .*word_perplexity"):
         mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="f1")(model)
     with pytest.raises(ValueError, match="lm-eval has no task 'no_such_task'"):

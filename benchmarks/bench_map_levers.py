@@ -1,0 +1,143 @@
+"""MAP at T = 3 and 4 against a dense grid of real evaluations: which levers lift the front.
+
+Budget: (T+1)(T+2) samples plus at most R = 30 re-evaluations. A variant's front is the
+non-dominated set of all its real evaluations. Reference: the non-dominated set of the grid and of
+every evaluation of every variant; hypervolume ratio at two reference points, "tight" (the
+reference front's nadir minus 0.1) and "worst" (the grid's worst value per task). Also the mean and
+worst preference regret of the model each variant picks for 21 preferences (``MAPResult.preference_regret``,
+picks evaluated for real, not charged to the budget).
+
+Variants:
+- ``default``: MAP as shipped, then R re-evaluations spread evenly over the predicted front.
+- ``gp-final``: the front searched on the quadratic plus residual-GP model (``final_model="gp"``).
+- ``two-rounds``: R/2 re-evaluations, refit on samples + re-evaluations, search again, R/2 more
+  re-evaluations of new front points (``MAP.refine``).
+- ``loo-link``: per task the surrogate link with the lower leave-one-out error (``link="loo"``).
+
+Task sets: ``tune`` (rotated, inverted, mirrored_parity; levers chosen on it) and ``held-out``
+(inverted, mirrored_parity, shifted_mod3; only looked at after), T = 4 all four. Seeds 0-4.
+
+    python benchmarks/bench_map_levers.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import parser, table, write  # noqa: E402
+
+import map_merge as mm  # noqa: E402
+
+SETS = {"tune": ["rotated", "inverted", "mirrored_parity"], "held-out": ["inverted", "mirrored_parity", "shifted_mod3"],
+        "T4": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"]}
+GRID = {3: 9, 4: 6}
+
+
+def run_variant(name: str, objective, num: int, seed: int, reevals: int):
+    if name == "default":
+        result = mm.MAP(seed=seed).fit(objective, num)
+        result.reevaluate(objective, max_points=reevals)
+    elif name == "gp-final":
+        result = mm.MAP(seed=seed, final_model="gp").fit(objective, num)
+        result.reevaluate(objective, max_points=reevals)
+    elif name == "two-rounds":
+        result = mm.MAP(seed=seed).fit(objective, num)
+        result = result.refine(objective, reevaluations=reevals)
+    elif name == "loo-link":
+        result = mm.MAP(seed=seed, link="loo").fit(objective, num)
+        result.reevaluate(objective, max_points=reevals)
+    else:
+        raise ValueError(name)
+    return result
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0], "benchmarks/results")
+    args.add_argument("--sets", default="tune,held-out,T4")
+    args.add_argument("--variants", default="default,gp-final,two-rounds,loo-link")
+    args.add_argument("--seeds", type=int, default=5)
+    args = args.parse_args()
+    from map_merge.zoo import load_vision_zoo
+
+    zoo = load_vision_zoo(progress=False)
+    sets = args.sets.split(",")
+    variants = args.variants.split(",")
+    seeds = range(2 if args.quick else args.seeds)
+    reevals = 6 if args.quick else 30
+    rows, summary = [], []
+    for set_name in sets:
+        names = SETS[set_name][: 2 if args.quick else None]
+        num = len(names)
+        store = mm.EvaluationStore()
+        objective = zoo.objective(names, store=store, progress=False)
+        grid = mm.grid_design(num, 5 if args.quick else GRID.get(num, 5))
+        grid_metrics = objective(grid)
+        results = {}
+        for variant in variants:
+            for seed in seeds:
+                before = objective.num_evaluations + objective.num_cached
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    result = run_variant(variant, objective, num, seed, reevals)
+                points = result.evaluated_front().metrics
+                spent = len(result.samples) + (0 if result.real_front is None else len(result.real_front))
+                results[(variant, seed)] = (result, points, spent)
+        everything = np.concatenate([grid_metrics] + [p for _, p, _ in results.values()])
+        reference = everything[mm.pareto_mask(everything)]
+        refs = {"tight": reference.min(axis=0) - 0.1, "worst": grid_metrics.min(axis=0)}
+        hv_ref = {k: mm.hypervolume(reference, r) for k, r in refs.items()}
+        prefs = mm.preference_grid(num)
+        for (variant, seed), (result, points, spent) in results.items():
+            regret = result.preference_regret(objective, reference=reference, preferences=prefs)
+            rows.append({"set": set_name, "T": num, "variant": variant, "seed": seed, "evaluations": spent,
+                         "hv_tight": mm.hypervolume(points, refs["tight"]) / hv_ref["tight"],
+                         "hv_worst": mm.hypervolume(points, refs["worst"]) / hv_ref["worst"],
+                         "regret_mean": regret["mean"], "regret_max": regret["max"]})
+        for variant in variants:
+            mine = [r for r in rows if r["set"] == set_name and r["variant"] == variant]
+            summary.append({"set": set_name, "T": num, "variant": variant, "evaluations": float(np.mean([r["evaluations"] for r in mine])),
+                            **{k: float(np.mean([r[k] for r in mine])) for k in ("hv_tight", "hv_worst", "regret_mean", "regret_max")},
+                            "hv_tight_min": float(np.min([r["hv_tight"] for r in mine]))})
+        print(table([s for s in summary if s["set"] == set_name],
+                    ["set", "T", "variant", "evaluations", "hv_tight", "hv_tight_min", "hv_worst", "regret_mean", "regret_max"]), flush=True)
+    out = Path(args.out)
+    write(out, "map_levers", {"rows": rows, "summary": summary, "sets": {k: SETS[k] for k in sets}, "reevaluations": reevals})
+    plot(summary, out / "map_levers.png")
+    print("wrote", out / "map_levers.json")
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(s["set"] for s in summary))
+    variants = list(dict.fromkeys(s["variant"] for s in summary))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / len(variants)
+    for k, variant in enumerate(variants):
+        rows = [next(s for s in summary if s["set"] == name and s["variant"] == variant) for name in sets]
+        x = np.arange(len(sets)) + k * width
+        axes[0].bar(x, [r["hv_tight"] for r in rows], width, label=variant)
+        axes[1].bar(x, [r["regret_mean"] for r in rows], width, label=variant)
+    for ax, label in zip(axes, ["hypervolume ratio (tight reference)", "mean preference regret (picks, real)"]):
+        ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
+        ax.set_xticklabels(sets)
+        ax.set_ylabel(label)
+    axes[0].axhline(0.98, color="k", lw=0.8, ls="--")
+    axes[0].set_ylim(0.5, 1.01)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MAP levers on the vision zoo: (T+1)(T+2) samples + 30 re-evaluations, 5 seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
