@@ -12,6 +12,7 @@ Variants:
 - ``gp-final``: the front searched on the quadratic plus residual-GP model (``final_model="gp"``).
 - ``two-rounds``: R/2 re-evaluations, refit on samples + re-evaluations, search again, R/2 more
   re-evaluations of new front points (``MAP.refine``).
+- ``gp-two-rounds``: both.
 - ``loo-link``: per task the surrogate link with the lower leave-one-out error (``link="loo"``).
 
 Task sets: ``tune`` (rotated, inverted, mirrored_parity; levers chosen on it) and ``held-out``
@@ -48,6 +49,9 @@ def run_variant(name: str, objective, num: int, seed: int, reevals: int):
     elif name == "two-rounds":
         result = mm.MAP(seed=seed).fit(objective, num)
         result = result.refine(objective, reevaluations=reevals)
+    elif name == "gp-two-rounds":
+        result = mm.MAP(seed=seed, final_model="gp").fit(objective, num)
+        result = result.refine(objective, reevaluations=reevals)
     elif name == "loo-link":
         result = mm.MAP(seed=seed, link="loo").fit(objective, num)
         result.reevaluate(objective, max_points=reevals)
@@ -59,7 +63,7 @@ def run_variant(name: str, objective, num: int, seed: int, reevals: int):
 def main() -> None:
     args = parser(__doc__.splitlines()[0], "benchmarks/results")
     args.add_argument("--sets", default="tune,held-out,T4")
-    args.add_argument("--variants", default="default,gp-final,two-rounds,loo-link")
+    args.add_argument("--variants", default="default,gp-final,two-rounds,gp-two-rounds,loo-link")
     args.add_argument("--seeds", type=int, default=5)
     args = args.parse_args()
     from map_merge.zoo import load_vision_zoo

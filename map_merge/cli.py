@@ -127,7 +127,7 @@ def _run_command(args, config, out, store, objective, names, zoo) -> int:
             result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, num)
         else:
             result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, num, progress=True)
-        result.reevaluate(objective, max_points=10)
+        result = result.refine(objective, reevaluations=10, rounds=2)  # 5 front points, refit, 5 more
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
         _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
                      names, out / "front.png")

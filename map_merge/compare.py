@@ -92,7 +92,11 @@ def run_method(
             else:
                 initial = min(samples, needed + 2)
                 result = BayesianMAP(budget=samples, initial=initial, batch=num_coeffs, link=link, seed=seed).fit(objective, num_coeffs, progress=progress)
-            real = result.reevaluate(objective, max_points=reevaluations)
+            if reevaluations >= 2:  # two rounds: re-evaluate half, refit on them, re-evaluate the new front's points
+                result = result.refine(objective, reevaluations=reevaluations, rounds=2)
+                real = result.real_front
+            else:
+                real = result.reevaluate(objective, max_points=reevaluations)
             inputs = np.concatenate([result.samples.coeffs, real.coeffs])
             metrics = np.concatenate([result.samples.metrics, real.metrics])
         else:

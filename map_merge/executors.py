@@ -227,6 +227,7 @@ class RayExecutor:
         self._window_start = time.time()
         self._latency: list[float] = []  # per evaluation: round trip seen by the driver minus the worker's time
         self.deaths = 0
+        self._broken: BaseException | None = None
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -346,6 +347,8 @@ class RayExecutor:
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> cf.Future:
         self._start()
+        if self._broken is not None:
+            raise RuntimeError(f"this RayExecutor's dispatcher failed ({type(self._broken).__name__}: {self._broken}); create a new one")
         token, boxed = self._function_ref(fn)
         future: cf.Future = cf.Future()
         with self._lock:
@@ -380,16 +383,36 @@ class RayExecutor:
     def _dispatch_loop(self) -> None:
         ray = self._ray
         while not self._stop.is_set():
-            with self._lock:
-                self._assign()
-                refs = list(self._in_flight)
-            if not refs:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
-            for ref in ready:
-                self._finish(ref)
+            try:
+                with self._lock:
+                    self._assign()
+                    refs = list(self._in_flight)
+                if not refs:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
+                for ref in ready:
+                    self._finish(ref)
+            except BaseException as error:  # noqa: BLE001 - never leave futures hanging on a dead dispatcher
+                log.exception("RayExecutor dispatcher failed")
+                self._fail_all(error)
+                return
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            jobs = list(self._queue) + [slot.job for slot in self._in_flight.values() if slot.job is not None]
+            self._queue.clear()
+            self._in_flight.clear()
+            for slot in self._slots:
+                slot.job = None
+            self._broken = error
+        for job in jobs:
+            if not job.future.done():
+                if not job.future.running():
+                    job.future.set_running_or_notify_cancel()
+                job.future.set_exception(RuntimeError(f"the Ray dispatcher failed while {_shown(job.item)} was queued: "
+                                                      f"{type(error).__name__}: {error}"))
 
     def _assign(self) -> None:
         for slot in self._slots:
@@ -424,6 +447,10 @@ class RayExecutor:
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
                 ray.exceptions.OutOfMemoryError) as error:
             self._replace(slot, job, error)
+            return
+        except Exception as error:  # noqa: BLE001 - any other Ray failure is this item's, reported with it
+            job.future.set_exception(EvaluationError(f"evaluating {_shown(job.item)} on worker {slot.info.get('index')} failed in Ray: "
+                                                     f"{type(error).__name__}: {error}"))
             return
         now = time.time()
         slot.evaluations += 1

@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_map_vs_moe.py", ["--zoo", "vision"], ["map_vs_moe_vision.json", "map_vs_moe_vision_pairs.png", "map_vs_moe_vision_3d.png"]),
         ("bench_nested.py", [], ["nested.json"]),
         ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
+        ("bench_distributed.py", [], ["distributed.json", "distributed.png"]),
+        ("bench_map_levers.py", ["--sets", "tune"], ["map_levers.json", "map_levers.png"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):

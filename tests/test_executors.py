@@ -67,7 +67,8 @@ def raises_inside(c):
 
 @pytest.fixture(scope="module")
 def executor():
-    ex = RayExecutor(num_workers=2, init_kwargs={"num_cpus": 2, "object_store_memory": 100 * 2**20})
+    # "accel": a custom resource standing in for a GPU (one unit), to test fractional placement without one
+    ex = RayExecutor(num_workers=2, init_kwargs={"num_cpus": 2, "object_store_memory": 100 * 2**20, "resources": {"accel": 1}})
     yield ex
     ex.shutdown()
 
@@ -133,6 +134,36 @@ def test_worker_that_keeps_dying_gives_a_clear_error(executor):
     with RayExecutor(num_workers=1, resources_per_worker={"CPU": 0}, max_retries=1) as ex:
         with pytest.raises(WorkerError, match=r"evaluating \[0\.25, 0\.5\] failed: its worker died 2 times"):
             list(ex.map(always_dies, [np.array([0.25, 0.5])]))
+
+
+def pid_after_nap(c):
+    time.sleep(0.5)
+    return os.getpid()
+
+
+def test_fractional_resources_place_several_workers_on_one_device(executor):
+    executor.num_workers
+    with RayExecutor(resources_per_worker={"accel": 0.25, "CPU": 0}) as quarter:  # four per unit, counted from the cluster
+        assert quarter.num_workers == 4
+        start = time.time()
+        pids = [value for _, value in quarter.map(pid_after_nap, list(range(4)))]
+        assert len(set(pids)) == 4 and time.time() - start < 4 * 0.5  # all four ran at once
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_workers_evaluate_on_their_gpu(tiny_models):
+    base, fts = tiny_models
+    tv = TaskVectors.from_models(base, fts)
+    probe = torch.tensor([0, 1, 2, 3, 4])
+    tasks = {"device": lambda m: float(next(m.parameters()).is_cuda), "sum": lambda m: float(m(probe.to(next(m.parameters()).device)).sum())}
+    import copy
+
+    local = ModelObjective(copy.deepcopy(base), tv, tasks, progress=False)(np.full((2, 3), 0.3))
+    with RayExecutor(resources_per_worker={"GPU": 0.5, "CPU": 0}) as ex:
+        remote = ModelObjective(copy.deepcopy(base), tv, tasks, progress=False, executor=ex, device="auto")(np.full((2, 3), 0.3))
+    assert (remote[:, 0] == 1).all()
+    np.testing.assert_allclose(remote[:, 1], local[:, 1], rtol=1e-4)
 
 
 def test_evaluator_exception_carries_the_worker_traceback(executor):
