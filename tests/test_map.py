@@ -147,7 +147,7 @@ def test_gp_final_model_passes_closer_to_the_samples_than_the_quadratic():
         return np.stack([np.sin(4 * c[:, 0]) + c[:, 1] ** 3, np.cos(3 * c[:, 1]) * c[:, 0]], axis=1)
 
     objective = mm.FunctionObjective(bumpy, 2, ["a", "b"])
-    quad = mm.MAP(link="identity", seed=0, num_samples=16).fit(objective, 2)
+    quad = mm.MAP(link="identity", seed=0, num_samples=16, final_model="quadratic").fit(objective, 2)
     gp = mm.MAP(link="identity", seed=0, num_samples=16, final_model="gp").fit(objective, 2)
     test = np.random.default_rng(5).uniform(0, 1, (200, 2))
     err_quad = np.sqrt(np.mean((quad.predict(test) - bumpy(test)) ** 2))

@@ -53,7 +53,9 @@ def test_cli_map_on_vision_zoo(tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({"zoo": "vision", "tasks": ["rotated", "mirrored_parity"], "out": str(tmp_path / "out"), "preference": [1, 1]}))
     assert main(["map", "--config", str(config)]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert result["num_evaluations"] == 12 and len(result["real_front"]["coeffs"]) == 10
+    # 12 samples, then 10 re-evaluations in two rounds: 5 join the refit (samples), 5 form the real front
+    assert result["num_evaluations"] == 12 + 5 and len(result["real_front"]["coeffs"]) == 5
+    assert result["samples"]["round"].count(1) == 5 and result["settings"]["refine"] == {"reevaluations": 10, "rounds": 2}
     assert (tmp_path / "out" / "front.png").exists()
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     assert len(summary["coeffs"]) == 2 and summary["evaluations"] == 22
@@ -72,7 +74,7 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({**base, "budget": 14}))
     assert main(["bayes", "--config", str(config)]) == 0
-    assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 14
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 14 + 5  # + the first refit round
     capsys.readouterr()
     config.write_text(json.dumps({**base, "samples_per_stage": 6}))
     assert main(["nested", "--config", str(config)]) == 0
