@@ -202,14 +202,17 @@ def plot(payload: dict, path: Path) -> None:
     for zoo in sorted({r["zoo"] for r in payload["throughput"]}):
         rows = [r for r in payload["throughput"] if r["zoo"] == zoo]
         labels = [f"{r['executor']}\n{r['workers']}w" for r in rows]
-        ax.plot(labels, [r["evals_per_s"] for r in rows], "o-", label=f"{zoo} zoo")
-    ax.set_ylabel("evaluations per second")
+        local = rows[0]["evals_per_s"]
+        ax.plot(labels, [r["evals_per_s"] / local for r in rows], "o-",
+                label=f"{zoo} zoo (local: {local:.3g}/s, {1e3 * rows[0]['eval_s']:.0f} ms each)")
+    ax.set_ylabel("evaluations per second / local")
     ax.set_title("throughput (this machine: 2 CPU cores)")
     ax.legend()
     ax = axes[1]
     rows = payload["bayes"]
     colors = {"synchronous": "tab:gray", "asynchronous": "tab:blue", "async+lookahead": "tab:green"}
-    ax.bar([f"{r['zoo']}\n{r['mode'].replace('async+lookahead', 'lookahead')[:9]}" for r in rows], [r["idle_share"] for r in rows],
+    short = {"synchronous": "sync", "asynchronous": "async", "async+lookahead": "look-\nahead"}
+    ax.bar([f"{r['zoo']}\n{short[r['mode']]}" for r in rows], [r["idle_share"] for r in rows],
            color=[colors[r["mode"]] for r in rows])
     for i, r in enumerate(rows):
         ax.text(i, r["idle_share"], f"{r['wall_s']:.0f} s", ha="center", va="bottom")
