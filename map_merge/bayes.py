@@ -287,9 +287,7 @@ class BayesianMAP(MAP):
 
     def _propose(self, coeffs, metrics, senses, links, names, size, rng, pending) -> np.ndarray:
         """``size`` new points ``(size, T)`` from the evaluations so far (plus the prior)."""
-        from .map import Samples as _Samples
-
-        fit_coeffs, fit_metrics = self._with_prior(_Samples(coeffs, metrics))
+        fit_coeffs, fit_metrics = self._with_prior(Samples(coeffs, metrics))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             surrogates = fit_surrogates(fit_coeffs, fit_metrics, links, names, self.ridge, -np.inf)

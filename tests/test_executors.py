@@ -136,18 +136,23 @@ def test_worker_that_keeps_dying_gives_a_clear_error(executor):
             list(ex.map(always_dies, [np.array([0.25, 0.5])]))
 
 
-def pid_after_nap(c):
-    time.sleep(0.5)
-    return os.getpid()
+def rendezvous(folder):
+    """Check in, then wait until four calls have checked in: only calls running at the same time
+    all get past this (a call that waited in vain returns -1)."""
+    os.close(os.open(os.path.join(folder, str(os.getpid())), os.O_CREAT))
+    for _ in range(600):
+        if len(os.listdir(folder)) >= 4:
+            return os.getpid()
+        time.sleep(0.05)
+    return -1
 
 
-def test_fractional_resources_place_several_workers_on_one_device(executor):
+def test_fractional_resources_place_several_workers_on_one_device(executor, tmp_path):
     executor.num_workers
     with RayExecutor(resources_per_worker={"accel": 0.25, "CPU": 0}) as quarter:  # four per unit, counted from the cluster
         assert quarter.num_workers == 4
-        start = time.time()
-        pids = [value for _, value in quarter.map(pid_after_nap, list(range(4)))]
-        assert len(set(pids)) == 4 and time.time() - start < 4 * 0.5  # all four ran at once
+        pids = [value for _, value in quarter.map(rendezvous, [str(tmp_path)] * 4)]
+        assert -1 not in pids and len(set(pids)) == 4  # all four ran at once, in four processes
 
 
 @pytest.mark.gpu
