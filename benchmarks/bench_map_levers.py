@@ -14,6 +14,10 @@ Variants:
   re-evaluations of new front points (``MAP.refine``).
 - ``gp-two-rounds``: both.
 - ``loo-link``: per task the surrogate link with the lower leave-one-out error (``link="loo"``).
+- ``bayes``: :class:`BayesianMAP` spending the (T+1)(T+2) samples adaptively (P + 2 initial, then
+  T per round), then the same R re-evaluations in two rounds: equal total evaluations.
+- ``bayes-more``: as ``bayes`` with 20 of the R re-evaluations moved to adaptive sampling
+  ((T+1)(T+2) + 20 samples, R - 20 re-evaluations).
 
 Task sets: ``tune`` (rotated, inverted, mirrored_parity; levers chosen on it) and ``held-out``
 (inverted, mirrored_parity, shifted_mod3; only looked at after), T = 4 all four. Seeds 0-4.
@@ -52,6 +56,11 @@ def run_variant(name: str, objective, num: int, seed: int, reevals: int):
     elif name == "gp-two-rounds":
         result = mm.MAP(seed=seed, final_model="gp").fit(objective, num)
         result = result.refine(objective, reevaluations=reevals)
+    elif name in ("bayes", "bayes-more"):
+        extra = min(20, reevals - 2) if name == "bayes-more" else 0
+        samples = (num + 1) * (num + 2) + extra
+        result = mm.BayesianMAP(budget=samples, initial=mm.num_quadratic_params(num) + 2, batch=num, seed=seed).fit(objective, num)
+        result = result.refine(objective, reevaluations=reevals - extra)
     elif name == "loo-link":
         result = mm.MAP(seed=seed, link="loo").fit(objective, num)
         result.reevaluate(objective, max_points=reevals)
@@ -63,7 +72,7 @@ def run_variant(name: str, objective, num: int, seed: int, reevals: int):
 def main() -> None:
     args = parser(__doc__.splitlines()[0], "benchmarks/results")
     args.add_argument("--sets", default="tune,held-out,T4")
-    args.add_argument("--variants", default="default,gp-final,two-rounds,gp-two-rounds,loo-link")
+    args.add_argument("--variants", default="default,gp-final,two-rounds,gp-two-rounds,loo-link,bayes,bayes-more")
     args.add_argument("--seeds", type=int, default=5)
     args = args.parse_args()
     from map_merge.zoo import load_vision_zoo

@@ -339,7 +339,9 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
         moe = ParetoMoE(objective.model, objective.task_vectors, upcycle=upcycle, seed=seed)
     except ValueError as error:
         raise ConfigError(f"{config['_path']}: field 'upcycle' ({upcycle!r}): {error}") from error
-    settings = [objective.task_vectors.fingerprint(), method, steps, seed, upcycle, config["train_loss"], _source_digest(loss)]
+    from .moe.pareto_moe import CORNERS
+
+    settings = [objective.task_vectors.fingerprint(), method, steps, seed, upcycle, config["train_loss"], _source_digest(loss), CORNERS]
     key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
     path = Path(checkpoint) / f"moe_routers_{key}.pt" if checkpoint is not None else None
     losses = {n: (lambda model, n=n: loss(model, n)) for n in names}

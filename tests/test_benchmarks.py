@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
         ("bench_distributed.py", [], ["distributed.json", "distributed.png"]),
         ("bench_map_levers.py", ["--sets", "tune"], ["map_levers.json", "map_levers.png"]),
+        ("bench_moe_convergence.py", [], ["moe_convergence.json", "moe_convergence.png"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):

@@ -190,3 +190,61 @@ def test_router_checkpoints_are_never_unpickled_unsafely(bert_models, tmp_path, 
     assert "cannot be loaded safely" in caplog.text
     again = ParetoMoE(base, tv).fit_or_load({"a": loss, "b": loss, "c": loss}, path, steps=2)
     assert again["cached"] is True and not marker.exists()
+
+
+@pytest.mark.parametrize("gram_sign", [1.0, -1.0])
+def test_epo_weights_ignore_tasks_the_preference_does_not_weight(gram_sign):
+    # At a corner only the preferred task may be descended, whatever the other gradients are
+    # (conflicting or aligned). Hand-computed: alpha = e_i.
+    grads = np.array([[1.0, 0.0], [gram_sign * 0.5, 1.0], [0.0, -1.0]])
+    for task in range(3):
+        alpha, ok = epo_weights(grads, np.array([1.0, 2.0, 3.0]), np.eye(3)[task])
+        assert ok
+        np.testing.assert_allclose(alpha, np.eye(3)[task], atol=1e-12)
+    # on a face: EPO over the weighted tasks, the unweighted one gets 0. C restricted to tasks
+    # 0 and 2 is I; l = [2, ., 1], r = [1/2, 0, 1/2]: task 0 carries more weighted loss -> all on it
+    alpha, ok = epo_weights(np.array([[1.0, 0.0], [5.0, 5.0], [0.0, 1.0]]), np.array([2.0, 9.0, 1.0]), np.array([0.5, 0.0, 0.5]))
+    assert ok
+    np.testing.assert_allclose(alpha, [1.0, 0.0, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match="non-negative"):
+        epo_weights(np.eye(2), np.ones(2), np.array([-0.5, 1.5]))
+
+
+def _toy_losses(tv, inputs):
+    """Three task losses that pull the last hidden state towards different targets."""
+    targets = torch.linspace(-1.0, 1.0, 3)
+    return {name: (lambda model, t=targets[i]: (model(**inputs).last_hidden_state - t).pow(2).mean()) for i, name in enumerate(tv.names)}
+
+
+def test_fit_samples_corners_and_calls_back(bert_models):
+    base, tv, inputs = bert_models
+    steps_seen = []
+    moe = ParetoMoE(base, tv, seed=0)
+    history = moe.fit(_toy_losses(tv, inputs), steps=40, corners=0.5, seed=3, progress=False, callback=steps_seen.append)
+    assert steps_seen == list(range(1, 41))
+    prefs = np.array(history.preferences)
+    one_hot = np.isclose(prefs.max(axis=1), 1.0)
+    # the share of corner draws is binomial(40, 0.5): 20 +- 3.2 (a 4.5 sd band)
+    assert 6 <= one_hot.sum() <= 34
+    assert (prefs[one_hot].sum(axis=1) == 1).all() and set(prefs[one_hot].argmax(axis=1)) == {0, 1, 2}
+    assert np.isclose(prefs.sum(axis=1), 1).all() and (prefs[~one_hot].min(axis=1) > 0).all()
+    history = ParetoMoE(base, tv, seed=0).fit(_toy_losses(tv, inputs), steps=10, corners=0.0, seed=3, progress=False)
+    assert not np.isclose(np.array(history.preferences).max(axis=1), 1.0).any()
+    with pytest.raises(ValueError, match="corners"):
+        moe.fit(_toy_losses(tv, inputs), steps=2, corners=1.5, progress=False)
+
+
+def test_epo_at_the_corners_trains_exactly_like_linear_scalarisation(bert_models):
+    # At a one-task preference EPO must descend that task alone: alpha = e_i, loss = T * L_i.
+    # Adam is invariant to the loss's constant scale (up to its eps), so with every preference a
+    # corner, EPO and LS take the same steps and see the same per-task losses.
+    base, tv, inputs = bert_models
+    runs = {}
+    for method in ("ls", "epo"):
+        moe = ParetoMoE(base, tv, seed=0)
+        runs[method] = moe.fit(_toy_losses(tv, inputs), steps=12, method=method, corners=1.0, seed=5, lr=5e-2, progress=False)
+    assert runs["epo"].lp_ok == [True] * 12
+    np.testing.assert_allclose(runs["epo"].losses, runs["ls"].losses, rtol=1e-4)
+    np.testing.assert_allclose(runs["epo"].total, 3 * np.array(runs["ls"].total), rtol=1e-4)
+    # and the routers did move (the comparison is not between two idle runs)
+    assert abs(runs["ls"].losses[-1][0] - runs["ls"].losses[0][0]) > 1e-4 or abs(runs["ls"].losses[-1][2] - runs["ls"].losses[0][2]) > 1e-4

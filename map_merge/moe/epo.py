@@ -5,6 +5,11 @@ preference ``r: (T,)``, EPO chooses weights ``alpha`` on the simplex so that a s
 ``sum_i alpha_i grad L_i`` moves the losses towards the ray where ``r * l`` is balanced (when off
 it) or decreases every loss (when on it). The LP is solved with ``scipy.optimize.linprog``; if it
 fails, ``alpha = r / sum(r)`` (linear scalarisation).
+
+EPO's ray is defined by the tasks the preference weights: a task with ``r_i = 0`` gets
+``alpha_i = 0`` and the LP runs over the others (at a corner of the simplex, ``alpha = r``: the
+one preferred task alone). Without this, a zero entry makes every ``r * l`` ratio unbalanced and
+the LP's objective vanish, and any feasible alpha (possibly another task's) would be returned.
 """
 
 from __future__ import annotations
@@ -30,6 +35,18 @@ def epo_weights(grads: np.ndarray, losses: np.ndarray, preference: np.ndarray, e
     grads = np.asarray(grads, dtype=np.float64)
     losses = np.asarray(losses, dtype=np.float64)
     r = np.asarray(preference, dtype=np.float64)
+    if np.any(r < 0) or not r.sum() > 0:
+        raise ValueError(f"preference must be non-negative with a positive sum, got {r.tolist()}")
+    support = r > 0
+    if not support.all():
+        # EPO over the preferred tasks only; the others get weight 0
+        alpha = np.zeros_like(r)
+        if support.sum() == 1:
+            alpha[support] = 1.0
+            return alpha, True
+        sub, ok = epo_weights(grads[support], losses[support], r[support], eps)
+        alpha[support] = sub
+        return alpha, ok
     num = len(losses)
     fallback = r / r.sum()
     gram = grads @ grads.T

@@ -35,6 +35,9 @@ __all__ = ["ParetoMoE", "Router", "find_mlp_groups", "FitHistory"]
 
 log = logging.getLogger(__name__)
 
+#: default share of router-training steps whose preference is a corner of the simplex
+CORNERS = 0.25
+
 
 class Router(nn.Module):
     """``Linear(T, 2T) -> ReLU -> Linear(2T, T)``: preference ``(T,)`` to expert weights ``(T,)``."""
@@ -253,15 +256,22 @@ class ParetoMoE(nn.Module):
         method: str = "ls",
         lr: float = 1e-2,
         alpha: float = 1.0,
+        corners: float = CORNERS,
         seed: int = 0,
         progress: bool = True,
+        callback: Callable[[int], None] | None = None,
     ) -> FitHistory:
         """Train the routers only.
 
-        Each step draws ``r ~ Dirichlet(alpha)``, routes by it, computes each task's loss with
-        ``task_losses[name](self)`` (which draws its own batch) and minimises ``sum_i r_i L_i``
-        (``method="ls"``) or the EPO-weighted ``sum_i T alpha_i L_i`` (``method="epo"``). Adam,
-        cosine schedule from ``lr`` to ``lr / 10``.
+        Each step draws a preference ``r``: with probability ``corners`` a corner of the simplex
+        (one task, uniformly), else ``r ~ Dirichlet(alpha)``; routes by it, computes each task's
+        loss with ``task_losses[name](self)`` (which draws its own batch) and minimises
+        ``sum_i r_i L_i`` (``method="ls"``) or the EPO-weighted ``sum_i T alpha_i L_i``
+        (``method="epo"``). Adam, cosine schedule from ``lr`` to ``lr / 10``. Dirichlet draws
+        almost never come near the corners at ``T >= 3``, so without corner draws the routers do not
+        learn the single-task ends of the front (see ``benchmarks/bench_moe_convergence.py``).
+        ``callback(step)`` is called after every optimizer step (``step`` from 1), e.g. to score
+        the unloaded models along the way.
         """
         import time
 
@@ -274,6 +284,8 @@ class ParetoMoE(nn.Module):
             raise ValueError(f"task_losses must be given for the tasks {list(self.task_names)} in that order, got {names}")
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if not 0.0 <= corners <= 1.0:
+            raise ValueError(f"corners is the share of steps with a one-task preference, in [0, 1]; got {corners}")
         params = list(self.routers.parameters())
         optimizer = torch.optim.Adam(params, lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=lr / 10)
@@ -282,8 +294,11 @@ class ParetoMoE(nn.Module):
         start = time.perf_counter()
         self.eval()  # only the routers train; dropout in the wrapped model stays off
         with tqdm(range(steps), desc=f"training routers ({method})", disable=not progress, leave=False) as bar:
-            for _ in bar:
-                r = rng.dirichlet(np.full(self.num_tasks, alpha))
+            for step in bar:
+                if corners > 0 and rng.random() < corners:
+                    r = np.eye(self.num_tasks)[rng.integers(self.num_tasks)]
+                else:
+                    r = rng.dirichlet(np.full(self.num_tasks, alpha))
                 self.set_preference(r)
                 losses = [_check_loss(task_losses[n](self), n) for n in names]
                 stacked = torch.stack(losses)
@@ -307,6 +322,8 @@ class ParetoMoE(nn.Module):
                 history.total.append(float(total.detach()))
                 history.lp_ok.append(ok)
                 bar.set_postfix(loss=f"{history.total[-1]:.3f}")
+                if callback is not None:
+                    callback(step + 1)
         self.eval()
         history.seconds = time.perf_counter() - start
         return history

@@ -174,24 +174,29 @@ class Zoo:
         seed: int = 0,
         checkpoint: str | os.PathLike | None = None,
         progress: bool = True,
+        corners: float | None = None,
     ):
         """Build a :class:`~map_merge.moe.ParetoMoE` over the named tasks and train its routers
         (``method`` ``"ls"`` or ``"epo"``) on training minibatches. With ``checkpoint`` (a folder),
         trained routers are saved there under a key of every setting and re-used on the next call.
 
         Returns ``(moe, info)``; ``info`` as :meth:`ParetoMoE.fit_or_load`, plus the batch size
-        and the settings' key."""
+        and the settings' key. ``corners``: share of steps at a one-task preference (default
+        :data:`~map_merge.moe.pareto_moe.CORNERS`)."""
         from ..moe import ParetoMoE
+        from ..moe.pareto_moe import CORNERS
+
+        corners = CORNERS if corners is None else float(corners)
 
         names = self._names(names)
         tv = self.task_vectors(names)
         moe = ParetoMoE(self.pretrained, tv, upcycle=self.upcycle, init_lambda=init_lambda, seed=seed)
-        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, self.upcycle]
+        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, self.upcycle, corners]
         key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
         path = Path(checkpoint) / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
         generator = torch.Generator().manual_seed(seed)
         losses = {n: self.train_loss(n, batch_size, generator) for n in names}
-        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, progress=progress)
+        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
         return moe, {**info, "batch_per_task": batch_size, "key": key}
 
     def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
