@@ -20,7 +20,11 @@ Variants:
   ((T+1)(T+2) + 20 samples, R - 20 re-evaluations).
 
 Task sets: ``tune`` (rotated, inverted, mirrored_parity; levers chosen on it) and ``held-out``
-(inverted, mirrored_parity, shifted_mod3; only looked at after), T = 4 all four. Seeds 0-4.
+(inverted, mirrored_parity, shifted_mod3; only looked at after), T = 4 all four digits tasks.
+Added after the levers were chosen, never tuned on: ``new`` (rotated, shifted_mod3 and MNIST at
+8x8: a task from other data) and ``text-T4`` (the four MiniLM text fine-tunes: sentiment, tweet
+source, MedMCQA subject, StereoSet bias type; first 100 validation texts per task, 4^4 grid: each
+evaluation costs seconds, so run it with ``--variants gp-two-rounds,bayes --seeds 3``). Seeds 0-4.
 
     python benchmarks/bench_map_levers.py --out benchmarks/results
 """
@@ -39,8 +43,27 @@ from _common import parser, table, write  # noqa: E402
 import map_merge as mm  # noqa: E402
 
 SETS = {"tune": ["rotated", "inverted", "mirrored_parity"], "held-out": ["inverted", "mirrored_parity", "shifted_mod3"],
-        "T4": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"]}
+        "T4": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"], "new": ["rotated", "shifted_mod3", "mnist"],
+        "text-T4": ["sentiment", "tweet_source", "med_subject", "bias_type"]}
 GRID = {3: 9, 4: 6}
+TEXT = {"grid": 4, "val_examples": 100}
+
+
+def set_objective(set_name: str, quick: bool, zoos: dict):
+    """``(objective, grid per axis, task names)`` of a task set, the zoo loaded once."""
+    names = SETS[set_name][: 2 if quick else None]
+    from map_merge.zoo import load_zoo
+
+    if set_name.startswith("text"):
+        if "text" not in zoos:
+            zoos["text"] = load_zoo("text", SETS["text-T4"], progress=False)
+        zoo = zoos["text"]
+        split = zoo.limit_split("val", 20 if quick else TEXT["val_examples"])
+        return zoo.objective(names, split=split, store=mm.EvaluationStore(), progress=False), 3 if quick else TEXT["grid"], names
+    kind = "vision5" if "mnist" in SETS[set_name] else "vision"
+    if kind not in zoos:
+        zoos[kind] = load_zoo("vision", None if kind == "vision" else ["rotated", "inverted", "mirrored_parity", "shifted_mod3", "mnist"], progress=False)
+    return zoos[kind].objective(names, store=mm.EvaluationStore(), progress=False), 5 if quick else GRID.get(len(names), 5), names
 
 
 def run_variant(name: str, objective, num: int, seed: int, reevals: int):
@@ -74,21 +97,18 @@ def main() -> None:
     args.add_argument("--sets", default="tune,held-out,T4")
     args.add_argument("--variants", default="default,gp-final,two-rounds,gp-two-rounds,loo-link,bayes,bayes-more")
     args.add_argument("--seeds", type=int, default=5)
+    args.add_argument("--name", default="map_levers", help="name of the JSON and PNG written")
     args = args.parse_args()
-    from map_merge.zoo import load_vision_zoo
-
-    zoo = load_vision_zoo(progress=False)
+    zoos: dict = {}
     sets = args.sets.split(",")
     variants = args.variants.split(",")
     seeds = range(2 if args.quick else args.seeds)
     reevals = 6 if args.quick else 30
     rows, summary = [], []
     for set_name in sets:
-        names = SETS[set_name][: 2 if args.quick else None]
+        objective, per_axis, names = set_objective(set_name, args.quick, zoos)
         num = len(names)
-        store = mm.EvaluationStore()
-        objective = zoo.objective(names, store=store, progress=False)
-        grid = mm.grid_design(num, 5 if args.quick else GRID.get(num, 5))
+        grid = mm.grid_design(num, per_axis)
         grid_metrics = objective(grid)
         results = {}
         for variant in variants:
@@ -119,12 +139,12 @@ def main() -> None:
         print(table([s for s in summary if s["set"] == set_name],
                     ["set", "T", "variant", "evaluations", "hv_tight", "hv_tight_min", "hv_worst", "regret_mean", "regret_max"]), flush=True)
     out = Path(args.out)
-    write(out, "map_levers", {"rows": rows, "summary": summary, "sets": {k: SETS[k] for k in sets}, "reevaluations": reevals})
-    plot(summary, out / "map_levers.png")
-    print("wrote", out / "map_levers.json")
+    write(out, args.name, {"rows": rows, "summary": summary, "sets": {k: SETS[k] for k in sets}, "reevaluations": reevals})
+    plot(summary, out / f"{args.name}.png", len(seeds))
+    print("wrote", out / f"{args.name}.json")
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,10 +155,10 @@ def plot(summary: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(variants)
     for k, variant in enumerate(variants):
-        rows = [next(s for s in summary if s["set"] == name and s["variant"] == variant) for name in sets]
+        rows = [next((s for s in summary if s["set"] == name and s["variant"] == variant), None) for name in sets]
         x = np.arange(len(sets)) + k * width
-        axes[0].bar(x, [r["hv_tight"] for r in rows], width, label=variant)
-        axes[1].bar(x, [r["regret_mean"] for r in rows], width, label=variant)
+        axes[0].bar(x, [np.nan if r is None else r["hv_tight"] for r in rows], width, label=variant)
+        axes[1].bar(x, [np.nan if r is None else r["regret_mean"] for r in rows], width, label=variant)
     for ax, label in zip(axes, ["hypervolume ratio (tight reference)", "mean preference regret (picks, real)"]):
         ax.set_xticks(np.arange(len(sets)) + 0.4 - width / 2)
         ax.set_xticklabels(sets)
@@ -146,7 +166,7 @@ def plot(summary: list[dict], path: Path) -> None:
     axes[0].axhline(0.98, color="k", lw=0.8, ls="--")
     axes[0].set_ylim(0.5, 1.01)
     axes[0].legend(fontsize=8)
-    fig.suptitle("MAP levers on the vision zoo: (T+1)(T+2) samples + 30 re-evaluations, 5 seeds")
+    fig.suptitle(f"MAP levers: (T+1)(T+2) samples + 30 re-evaluations, mean over {seeds} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

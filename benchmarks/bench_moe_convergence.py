@@ -177,7 +177,7 @@ def plot(summary: list[dict], path: Path) -> None:
     for s in maps:
         axes[2].annotate(f"{s['evaluations']:.0f} evals", (s["seconds"], s["hv_tight"]), fontsize=7, xytext=(3, -10), textcoords="offset points")
     axes[0].set(xscale="log", xlabel="router steps (circles: one run's curve; squares: shorter runs)", ylabel="HV ratio of the unloaded lattice models (tight ref)")
-    axes[1].set(xscale="log", xlabel="router steps", ylabel="corner gap: fine-tuned minus corner model accuracy (max over tasks)")
+    axes[1].set(xscale="log", xlabel="router steps", ylabel="corner gap (fine-tuned - corner model acc.)")
     axes[2].set(xscale="log", xlabel="wall seconds (training + scoring)", ylabel="HV ratio (tight ref)", title="equal wall time")
     for ax in axes:
         ax.grid(alpha=0.3)

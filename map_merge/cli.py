@@ -38,7 +38,7 @@ and the settings (all optional)::
       resources_per_worker: {GPU: 1}    # or {GPU: 0.25}: four small models per GPU; {CPU: 1} by default
       max_retries: 2                    # re-queues of an evaluation whose worker died
     moe_method: ls                      # moe: ls / epo
-    moe_steps: 100                      # moe: router training steps
+    moe_steps: 2000                     # moe: router training steps (the default: the plateau on the vision zoo)
     train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
     upcycle: mlp                        # moe on own models: mlp / all / a regex over module names
 """

@@ -325,7 +325,9 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
     from .moe import ParetoMoE
 
     names = list(objective.task_names)
-    method, steps, seed = config.get("moe_method", "ls"), config.get("moe_steps", 100), config.get("seed", 0)
+    from .moe.pareto_moe import CORNERS, ROUTER_STEPS
+
+    method, steps, seed = config.get("moe_method", "ls"), config.get("moe_steps", ROUTER_STEPS), config.get("seed", 0)
     if zoo is not None:
         moe, info = zoo.fit_moe(names, method=method, steps=steps, seed=seed, checkpoint=checkpoint, progress=progress)
         return moe, info, zoo.moe_objective(moe, names, store=store, progress=progress)
@@ -339,8 +341,6 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
         moe = ParetoMoE(objective.model, objective.task_vectors, upcycle=upcycle, seed=seed)
     except ValueError as error:
         raise ConfigError(f"{config['_path']}: field 'upcycle' ({upcycle!r}): {error}") from error
-    from .moe.pareto_moe import CORNERS
-
     settings = [objective.task_vectors.fingerprint(), method, steps, seed, upcycle, config["train_loss"], _source_digest(loss), CORNERS]
     key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
     path = Path(checkpoint) / f"moe_routers_{key}.pt" if checkpoint is not None else None

@@ -35,8 +35,14 @@ __all__ = ["ParetoMoE", "Router", "find_mlp_groups", "FitHistory"]
 
 log = logging.getLogger(__name__)
 
-#: default share of router-training steps whose preference is a corner of the simplex
-CORNERS = 0.25
+#: default router-training steps: where the unloaded fronts' hypervolume stops rising on the
+#: vision zoo (``benchmarks/bench_moe_convergence.py``: 0.60-0.64 at 2000 steps, 0.61-0.63 at 4000)
+ROUTER_STEPS = 2000
+#: default share of router-training steps whose preference is a corner of the simplex: 0, the
+#: paper's Dirichlet(1) draws. Corner draws (0.25, 0.5) did not bring the corner models closer to
+#: the fine-tuned ones on the vision zoo and cost interior accuracy on an analytic problem
+#: (``benchmarks/bench_moe_convergence.py``, README "PWE-MoE trained to its plateau").
+CORNERS = 0.0
 
 
 class Router(nn.Module):
@@ -252,7 +258,7 @@ class ParetoMoE(nn.Module):
     def fit(
         self,
         task_losses: Mapping[str, Callable[[nn.Module], torch.Tensor]],
-        steps: int = 200,
+        steps: int = ROUTER_STEPS,
         method: str = "ls",
         lr: float = 1e-2,
         alpha: float = 1.0,
@@ -268,8 +274,8 @@ class ParetoMoE(nn.Module):
         loss with ``task_losses[name](self)`` (which draws its own batch) and minimises
         ``sum_i r_i L_i`` (``method="ls"``) or the EPO-weighted ``sum_i T alpha_i L_i``
         (``method="epo"``). Adam, cosine schedule from ``lr`` to ``lr / 10``. Dirichlet draws
-        almost never come near the corners at ``T >= 3``, so without corner draws the routers do not
-        learn the single-task ends of the front (see ``benchmarks/bench_moe_convergence.py``).
+        rarely come near the corners at ``T >= 3``; ``corners > 0`` adds corner draws (measured in
+        ``benchmarks/bench_moe_convergence.py``: no closer corners, so the default is 0).
         ``callback(step)`` is called after every optimizer step (``step`` from 1), e.g. to score
         the unloaded models along the way.
         """

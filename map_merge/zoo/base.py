@@ -167,7 +167,7 @@ class Zoo:
         self,
         names: Sequence[str] | None = None,
         method: str = "ls",
-        steps: int = 100,
+        steps: int | None = None,
         batch_size: int = 8,
         lr: float = 1e-2,
         init_lambda: float = 0.3,
@@ -181,12 +181,13 @@ class Zoo:
         trained routers are saved there under a key of every setting and re-used on the next call.
 
         Returns ``(moe, info)``; ``info`` as :meth:`ParetoMoE.fit_or_load`, plus the batch size
-        and the settings' key. ``corners``: share of steps at a one-task preference (default
-        :data:`~map_merge.moe.pareto_moe.CORNERS`)."""
+        and the settings' key. ``steps`` defaults to :data:`~map_merge.moe.pareto_moe.ROUTER_STEPS`,
+        ``corners`` (share of steps at a one-task preference) to :data:`~map_merge.moe.pareto_moe.CORNERS`."""
         from ..moe import ParetoMoE
-        from ..moe.pareto_moe import CORNERS
+        from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 
         corners = CORNERS if corners is None else float(corners)
+        steps = ROUTER_STEPS if steps is None else int(steps)
 
         names = self._names(names)
         tv = self.task_vectors(names)
