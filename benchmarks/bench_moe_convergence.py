@@ -21,6 +21,8 @@ rounds (the default); wall time counts every evaluation (no store), as PWE-MoE's
 training and its 66 evaluations.
 
     python benchmarks/bench_moe_convergence.py --out benchmarks/results
+    python benchmarks/bench_moe_convergence.py --methods ls --corners 0,0.25,0.5 --steps 2000 \
+        --checkpoints 500,1000,2000 --short "" --map-samples 20 --name moe_corners --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def main() -> None:
     p.add_argument("--map-samples", default="20,36,100,300")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--name", default="moe_convergence", help="name of the JSON and PNG written")
     p.add_argument("--lattice-step", type=float, default=0.1, help="preference lattice the unloaded models are scored on")
     args = p.parse_args()
     if args.quick:
@@ -145,12 +148,12 @@ def main() -> None:
                 entry[k] = float(np.mean([r[k] for r in sub]))
         summary.append(entry)
     out = Path(args.out)
-    path = write(out, "moe_convergence", {
+    path = write(out, args.name, {
         "tasks": NAMES, "steps": args.steps, "checkpoints": checkpoints, "lr": args.lr, "batch_per_task": args.batch,
         "lattice": len(lattice), "grid_points": len(grid_metrics), "reference_points": len(reference), "finetuned_accuracy": finetuned.tolist(),
         "ref_points": {k: v.tolist() for k, v in refs.items()}, "rows": rows, "summary": summary})
     print(table(summary, ["method", "corners", "run_steps", "step", "samples", "evaluations", "hv_tight", "hv_worst", "corner_gap", "seconds"]))
-    plot(summary, out / "moe_convergence.png")
+    plot(summary, out / f"{args.name}.png")
     print("wrote", path)
 
 
