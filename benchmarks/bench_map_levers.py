@@ -101,7 +101,7 @@ def main() -> None:
     args = args.parse_args()
     zoos: dict = {}
     sets = args.sets.split(",")
-    variants = args.variants.split(",")
+    variants = args.variants.split(",") if not args.quick else ["gp-two-rounds", "bayes"]
     seeds = range(2 if args.quick else args.seeds)
     reevals = 6 if args.quick else 30
     rows, summary = [], []
