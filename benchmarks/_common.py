@@ -42,3 +42,14 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def hv_ratios(reference, grid_metrics):
+    """The two reference points of the front-quality benchmarks, ``tight`` (the reference front's
+    nadir minus 0.1) and ``worst`` (the grid's worst value per task), and a function
+    ``points (N, M) -> {"hv_tight": ..., "hv_worst": ...}``: hypervolume ratios to ``reference``."""
+    import map_merge as mm
+
+    refs = {"tight": reference.min(axis=0) - 0.1, "worst": grid_metrics.min(axis=0)}
+    full = {k: mm.hypervolume(reference, r) for k, r in refs.items()}
+    return refs, lambda points: {f"hv_{k}": mm.hypervolume(points, r) / full[k] for k, r in refs.items()}

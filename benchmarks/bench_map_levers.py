@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, table, write  # noqa: E402
+from _common import hv_ratios, parser, table, write  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 
@@ -62,7 +62,9 @@ def set_objective(set_name: str, quick: bool, zoos: dict):
         return zoo.objective(names, split=split, store=mm.EvaluationStore(), progress=False), 3 if quick else TEXT["grid"], names
     kind = "vision5" if "mnist" in SETS[set_name] else "vision"
     if kind not in zoos:
-        zoos[kind] = load_zoo("vision", None if kind == "vision" else ["rotated", "inverted", "mirrored_parity", "shifted_mod3", "mnist"], progress=False)
+        from map_merge.zoo.vision import VISION_TASKS
+
+        zoos[kind] = load_zoo("vision", None if kind == "vision" else VISION_TASKS, progress=False)
     return zoos[kind].objective(names, store=mm.EvaluationStore(), progress=False), 5 if quick else GRID.get(len(names), 5), names
 
 
@@ -122,14 +124,12 @@ def main() -> None:
                 results[(variant, seed)] = (result, points, spent)
         everything = np.concatenate([grid_metrics] + [p for _, p, _ in results.values()])
         reference = everything[mm.pareto_mask(everything)]
-        refs = {"tight": reference.min(axis=0) - 0.1, "worst": grid_metrics.min(axis=0)}
-        hv_ref = {k: mm.hypervolume(reference, r) for k, r in refs.items()}
+        _, ratios = hv_ratios(reference, grid_metrics)
         prefs = mm.preference_grid(num)
         for (variant, seed), (result, points, spent) in results.items():
             regret = result.preference_regret(objective, reference=reference, preferences=prefs)
             rows.append({"set": set_name, "T": num, "variant": variant, "seed": seed, "evaluations": spent,
-                         "hv_tight": mm.hypervolume(points, refs["tight"]) / hv_ref["tight"],
-                         "hv_worst": mm.hypervolume(points, refs["worst"]) / hv_ref["worst"],
+                         **ratios(points),
                          "regret_mean": regret["mean"], "regret_max": regret["max"]})
         for variant in variants:
             mine = [r for r in rows if r["set"] == set_name and r["variant"] == variant]

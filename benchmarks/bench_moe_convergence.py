@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, table, write  # noqa: E402
+from _common import hv_ratios, parser, table, write  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 from map_merge.moe import ParetoMoE, simplex_lattice  # noqa: E402
@@ -47,8 +47,9 @@ NAMES = ["rotated", "inverted", "mirrored_parity"]
 
 def train_and_track(zoo, method: str, corners: float, steps: int, checkpoints: list[int], seed: int, lattice: np.ndarray,
                     batch_size: int, lr: float) -> list[dict]:
-    """Train one PWE-MoE; return one record per checkpoint: step, training seconds so far, the
-    lattice's real metrics (L, T), and the seconds one scoring of the lattice took."""
+    """Train one PWE-MoE; return one record per checkpoint (0 in ``checkpoints``: before training;
+    the last step always): step, training seconds so far, the lattice's real metrics (L, T), and
+    the seconds one scoring of the lattice took."""
     moe = ParetoMoE(zoo.pretrained, zoo.task_vectors(NAMES), upcycle=zoo.upcycle, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     losses = {n: zoo.train_loss(n, batch_size, generator) for n in NAMES}
@@ -62,8 +63,9 @@ def train_and_track(zoo, method: str, corners: float, steps: int, checkpoints: l
         records.append({"step": step, "train_seconds": clock["train"], "eval_seconds": time.perf_counter() - start, "metrics": metrics})
         clock["since"] = time.perf_counter()
 
-    score(0)
     wanted = set(checkpoints)
+    if 0 in wanted:
+        score(0)
     moe.fit(losses, steps=steps, method=method, lr=lr, corners=corners, seed=seed, progress=False,
             callback=lambda step: score(step) if step in wanted or step == steps else None)
     return records
@@ -95,7 +97,7 @@ def main() -> None:
     finetuned = np.array([objective(np.eye(num)[[i]])[0, i] for i in range(num)])
     lattice = simplex_lattice(num, args.lattice_step)
     corner_rows = [int(np.flatnonzero((lattice == np.eye(num)[i]).all(axis=1))[0]) for i in range(num)]
-    checkpoints = [int(c) for c in args.checkpoints.split(",") if int(c) <= args.steps]
+    checkpoints = [0] + [int(c) for c in args.checkpoints.split(",") if int(c) <= args.steps]
     seeds = range(args.seeds)
 
     moe_runs = []  # (method, corners, steps of the run, seed, records)
@@ -105,7 +107,7 @@ def main() -> None:
                          train_and_track(zoo, method, corners, args.steps, checkpoints, seed, lattice, args.batch, args.lr)))
         for short in [int(s) for s in args.short.split(",") if s]:
             records = train_and_track(zoo, method, corners, short, [], seed, lattice, args.batch, args.lr)
-            moe_runs.append((method, corners, short, seed, records[-1:]))
+            moe_runs.append((method, corners, short, seed, records))
 
     map_runs = []  # (samples, seed, wall seconds, metrics of every evaluation)
     for samples in tqdm([int(s) for s in args.map_samples.split(",")], desc="MAP runs"):
@@ -121,11 +123,7 @@ def main() -> None:
 
     everything = np.concatenate([grid_metrics] + [r["metrics"] for *_, records in moe_runs for r in records] + [m for *_, m in map_runs])
     reference = everything[mm.pareto_mask(everything)]
-    refs = {"tight": reference.min(axis=0) - 0.1, "worst": grid_metrics.min(axis=0)}
-    hv_ref = {k: mm.hypervolume(reference, r) for k, r in refs.items()}
-
-    def ratios(points: np.ndarray) -> dict:
-        return {f"hv_{k}": mm.hypervolume(points, r) / hv_ref[k] for k, r in refs.items()}
+    refs, ratios = hv_ratios(reference, grid_metrics)
 
     rows = []
     for method, corners, run_steps, seed, records in moe_runs:

@@ -323,10 +323,9 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
     import hashlib
 
     from .moe import ParetoMoE
-
-    names = list(objective.task_names)
     from .moe.pareto_moe import CORNERS, ROUTER_STEPS
 
+    names = list(objective.task_names)
     method, steps, seed = config.get("moe_method", "ls"), config.get("moe_steps", ROUTER_STEPS), config.get("seed", 0)
     if zoo is not None:
         moe, info = zoo.fit_moe(names, method=method, steps=steps, seed=seed, checkpoint=checkpoint, progress=progress)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..merge_methods import MergeMethod
+from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective, Task
 from ..store import EvaluationStore
 from ..task_vectors import TaskVectors
@@ -167,27 +168,22 @@ class Zoo:
         self,
         names: Sequence[str] | None = None,
         method: str = "ls",
-        steps: int | None = None,
+        steps: int = ROUTER_STEPS,
         batch_size: int = 8,
         lr: float = 1e-2,
         init_lambda: float = 0.3,
         seed: int = 0,
         checkpoint: str | os.PathLike | None = None,
         progress: bool = True,
-        corners: float | None = None,
+        corners: float = CORNERS,
     ):
         """Build a :class:`~map_merge.moe.ParetoMoE` over the named tasks and train its routers
         (``method`` ``"ls"`` or ``"epo"``) on training minibatches. With ``checkpoint`` (a folder),
         trained routers are saved there under a key of every setting and re-used on the next call.
 
         Returns ``(moe, info)``; ``info`` as :meth:`ParetoMoE.fit_or_load`, plus the batch size
-        and the settings' key. ``steps`` defaults to :data:`~map_merge.moe.pareto_moe.ROUTER_STEPS`,
-        ``corners`` (share of steps at a one-task preference) to :data:`~map_merge.moe.pareto_moe.CORNERS`."""
+        and the settings' key. ``corners``: share of steps at a one-task preference."""
         from ..moe import ParetoMoE
-        from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
-
-        corners = CORNERS if corners is None else float(corners)
-        steps = ROUTER_STEPS if steps is None else int(steps)
 
         names = self._names(names)
         tv = self.task_vectors(names)
