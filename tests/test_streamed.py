@@ -71,7 +71,7 @@ def test_streamed_equals_dense(llama_zoo, small_chunks, method):
     streamed = mm.TaskVectors.from_models(base, fts)
     dense = mm.TaskVectors.from_models(base, fts, storage="dense")
     c = [0.7, -0.3, 1.2]
-    a, b = streamed.merge(c, method), dense.merge(c, method)
+    a, b = streamed.merge(c, method, dtype=torch.float32), dense.merge(c, method)
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -81,7 +81,7 @@ def test_task_arithmetic_hand_computed_from_the_files(llama_zoo):
     _, base, fts = llama_zoo
     tv = mm.TaskVectors.from_models(base, fts)
     c = [0.5, 0.25, -1.0]
-    merged = tv.merge(c)
+    merged = tv.merge(c, dtype=torch.float32)
     b = load(base, torch.float32).state_dict()
     models = [load(p, torch.float32).state_dict() for p in fts]
     for key in ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]:
@@ -112,7 +112,7 @@ def test_ties_global_trims_by_the_whole_model_threshold(llama_zoo, small_chunks)
     sign = torch.sign(trimmed.sum(0))
     agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
     expected = dense.base + (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1) * 0.8  # every c_i = 0.8
-    got = tv.merge([0.8] * 3, mm.Ties(k=0.1))
+    got = tv.merge([0.8] * 3, mm.Ties(k=0.1), dtype=torch.float32)
     flat = torch.cat([got[k].reshape(-1) for k in dense.keys])
     torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-6)
 
@@ -151,7 +151,8 @@ def test_saved_folder_round_trips_through_from_pretrained(llama_zoo, tmp_path):
     single = tv.save_merged(tmp_path / "one.safetensors", c)
     again = mm.TaskVectors.from_models(base, [single], names=["m"]).merge([1.0])
     for key, value in tv.merge(c).items():
-        torch.testing.assert_close(again[key], value.to(torch.bfloat16).float())
+        assert value.dtype == torch.bfloat16, key  # merge() keeps the checkpoint's dtype
+        torch.testing.assert_close(again[key], value)
 
 
 def test_bad_inputs_name_the_file_and_key(llama_zoo, tmp_path):
@@ -230,7 +231,7 @@ def test_lora_task_vectors_equal_peft_merge_and_unload(llama_zoo, adapters):
     for i, name in enumerate(names):
         c = [0.0] * len(names)
         c[i] = 1.0
-        ours = tv.merge(c)
+        ours = tv.merge(c, dtype=torch.float32)
         for key, value in merged[name].items():
             torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=f"{name}: {key}")
 
@@ -243,14 +244,14 @@ def test_mixed_lora_and_full_finetunes(llama_zoo, adapters, small_chunks):
     b = load(base, torch.float32).state_dict()
     full = load(fts[0], torch.float32).state_dict()
     c = [0.6, 1.5, -0.4]
-    ours = tv.merge(c)
+    ours = tv.merge(c, dtype=torch.float32)
     for key in b:
         expected = b[key] + c[0] * (full[key] - b[key]) + c[1] * (merged["rslora"][key] - b[key]) + c[2] * (merged["save"][key] - b[key])
         torch.testing.assert_close(ours[key], expected, rtol=1e-5, atol=1e-5, msg=key)
     # TIES over adapters densifies per chunk: same as the dense storage built from the same inputs
     dense = mm.TaskVectors.from_models(base, {"full": fts[0], "lora": root / "rslora", "save": root / "save"}, storage="dense")
     assert dense.storage == "dense"
-    a, d = tv.merge(c, mm.Ties(k=0.3)), dense.merge(c, mm.Ties(k=0.3))
+    a, d = tv.merge(c, mm.Ties(k=0.3), dtype=torch.float32), dense.merge(c, mm.Ties(k=0.3))
     for key in a:
         torch.testing.assert_close(a[key], d[key], rtol=1e-5, atol=1e-6)
 
@@ -319,7 +320,7 @@ def test_merged_adapter_is_exact_and_loads_in_peft(llama_zoo, adapters, tmp_path
     c = [0.7, -0.5, 1.3]
     folder = tv.save_merged_adapter(tmp_path / "merged-adapter", c)
     model = peft.PeftModel.from_pretrained(load(base, torch.float32), folder).merge_and_unload()
-    expected = tv.merge(c)
+    expected = tv.merge(c, dtype=torch.float32)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-5, msg=key)
     mixed = mm.TaskVectors.from_models(base, {"full": fts[0], "lora": root / "plain"})

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,15 +31,14 @@ from torch import nn
 from .. import merge_methods
 from ..merge_methods import MergeMethod, resolve_method
 from .safetensors_io import plan_shards, write_safetensors
-from .sources import ModelSource, is_lora_adapter, is_on_disk
+from .saving import atomic_path, check_destination, write_side_files
+from .sources import ModelSource, Weights, is_lora_adapter, is_on_disk
 
 __all__ = ["TaskVectors", "STORAGES"]
 
 log = logging.getLogger(__name__)
 
 STORAGES = ("auto", "dense", "streamed")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "map_merge.json")
 
 
 def chunk_ranges(shape: Sequence[int]) -> list[tuple[int, int]]:
@@ -80,6 +78,12 @@ class TaskVectors:
 
     storage: str = "abstract"
     names: tuple[str, ...]
+    _kinds: ClassVar[dict[str, type["TaskVectors"]]] = {}  # "dense" / "streamed" -> the class building it
+
+    def __init_subclass__(cls, kind: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if kind is not None:
+            TaskVectors._kinds[kind] = cls
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,12 +141,8 @@ class TaskVectors:
             on_disk = is_on_disk(pretrained) and all(is_on_disk(m) or is_lora_adapter(m) for m in models)
             storage = "streamed" if any_lora or on_disk else "dense"
         if storage == "dense" and not any_lora:
-            from .dense import DenseTaskVectors
-
-            return DenseTaskVectors.build(pretrained, models, names, device=device, dtype=dtype)
-        from .streamed import StreamedTaskVectors
-
-        streamed = StreamedTaskVectors.build(pretrained, models, names, device=device, dtype=dtype)
+            return cls._kinds["dense"].build(pretrained, models, names, device=device, dtype=dtype)
+        streamed = cls._kinds["streamed"].build(pretrained, models, names, device=device, dtype=dtype)
         return streamed.to_dense() if storage == "dense" else streamed
 
     # ------------------------------------------------------------------ to implement
@@ -167,8 +167,10 @@ class TaskVectors:
         """A hash identifying the pretrained weights, the task vectors and the names."""
         raise NotImplementedError
 
-    def merge(self, coeffs: Any, method: str | MergeMethod | None = None) -> dict[str, torch.Tensor]:
-        """The merged state dict for ``coeffs: (T,)`` (all of it in memory, on :attr:`device`)."""
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The merged state dict for ``coeffs: (T,)`` in the checkpoint layout (all of it in memory,
+        on :attr:`device`), in ``dtype`` (default: dense storage's :attr:`dtype`; streamed storage's
+        pretrained dtypes, so a bf16 checkpoint stays bf16)."""
         raise NotImplementedError
 
     def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
@@ -198,13 +200,17 @@ class TaskVectors:
         """``(key, piece)`` of the merged model in :meth:`_output_entries` order and dtypes."""
         raise NotImplementedError
 
-    def _source_folder(self) -> Path | None:
-        """The pretrained model's Hugging Face folder, if it came from one."""
-        return None
+    def _base_weights(self) -> Weights:
+        """The pretrained model's weights (folder, configs, live keys)."""
+        raise NotImplementedError
 
-    def _source_config(self) -> Any:
-        """The pretrained module's Hugging Face config, if it came as such a module."""
-        return None
+    def source_paths(self) -> list[Path]:
+        """Every file and folder the task vectors are read from (saves never write there)."""
+        raise NotImplementedError
+
+    def _source_identities(self) -> list[Any]:
+        """JSON-able identities of the pretrained model and each task's source, for ``map_merge.json``."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
     @property
@@ -249,68 +255,53 @@ class TaskVectors:
         model: nn.Module | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         max_shard_size: int | str = "5GB",
+        overwrite: bool = False,
     ) -> Path:
         """Save the merged model for ``coeffs: (T,)``, streamed tensor by tensor.
 
         ``path`` ending in ``.safetensors``: one file, coefficients and method in its metadata.
         Otherwise a Hugging Face folder that ``AutoModel*.from_pretrained`` loads: safetensors
         shards of at most ``max_shard_size`` (with ``model.safetensors.index.json`` when there are
-        several), the pretrained folder's config and tokenizer files (or ``model.config`` /
-        the pretrained module's config), and ``map_merge.json`` with the coefficients and method.
-        Tensors keep the pretrained model's dtypes."""
+        several) in the checkpoint layout (tied weights once, as ``save_pretrained`` writes them),
+        the pretrained model's ``config.json``, ``generation_config.json`` and tokenizer files
+        (from its folder, or its module's configs, or ``model``'s), and ``map_merge.json``
+        (coefficients, method, the sources' identities). Tensors keep the pretrained dtypes.
+
+        Never loses data: a destination that is, holds or lies inside a source of these task
+        vectors is refused; an existing non-empty one unless ``overwrite=True``; everything is
+        written beside it and renamed into place at the end (a crash leaves the old one or nothing).
+        Raises ValueError / FileExistsError naming the destination."""
         method = resolve_method(method)
         c = self.check_coeffs(coeffs)
+        target = check_destination(path, self.source_paths(), overwrite)
         meta = {"coefficients": dict(zip(self.names, c.tolist())), "method": method.spec, "task_vectors": self.fingerprint(),
-                "storage": self.storage}
+                "storage": self.storage, "sources": self._source_identities()}
         meta.update(extra_metadata or {})
-        path = Path(path)
         entries = self._output_entries()
-        pieces = self._output_pieces(c, method)
-        header_meta = {"format": "pt", "map_merge": json.dumps(meta)}
-        if path.suffix == ".safetensors":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(path, entries, pieces, header_meta)
-            return path
-        path.mkdir(parents=True, exist_ok=True)
-        sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
-        shards = plan_shards(sizes, parse_size(max_shard_size))
-        by_key = {key: (dtype, shape) for key, dtype, shape in entries}
-        pieces = _Peekable(pieces)
-        weight_map: dict[str, str] = {}
-        for number, shard in enumerate(shards, 1):
-            name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            members = set(shard)
-            write_safetensors(path / name, [(k, *by_key[k]) for k in shard], pieces.while_in(members), header_meta)
-            weight_map.update(dict.fromkeys(shard, name))
-        stale = path / "model.safetensors.index.json"
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
-            stale.write_text(json.dumps(index, indent=2))
-        elif stale.exists():
-            stale.unlink()
-        self._write_side_files(path, model)
-        (path / "map_merge.json").write_text(json.dumps(meta, indent=2))
-        return path
-
-    def _write_side_files(self, folder: Path, model: nn.Module | None) -> None:
-        source = self._source_folder()
-        if source is not None and source.resolve() != folder.resolve():
-            for item in source.iterdir():
-                if item.is_file() and not item.name.endswith(_WEIGHT_SUFFIXES) and item.name not in _WEIGHT_INDEXES:
-                    shutil.copy2(item, folder / item.name)
-            return
-        config = getattr(model, "config", None) if model is not None else self._source_config()
-        if config is not None and hasattr(config, "save_pretrained"):
-            config.save_pretrained(str(folder))
-            generation = getattr(model, "generation_config", None) if model is not None else None
-            if generation is not None and hasattr(generation, "save_pretrained"):
-                try:
-                    generation.save_pretrained(str(folder))
-                except Exception:  # a default generation config may refuse to save; the weights do not need it
-                    log.debug("generation config not saved", exc_info=True)
-        else:
-            log.warning("saved merged weights to %s without a config.json (pass model= a Hugging Face model, or build the "
-                        "task vectors from a Hugging Face folder) - from_pretrained needs one", folder)
+        header_meta = {"format": "pt", "map_merge": json.dumps(meta, default=str)}
+        if target.suffix == ".safetensors":
+            with atomic_path(target, folder=False) as temp:
+                write_safetensors(temp, entries, self._output_pieces(c, method), header_meta)
+            return Path(path)
+        with atomic_path(target, folder=True) as temp:
+            sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
+            shards = plan_shards(sizes, parse_size(max_shard_size))
+            by_key = {key: (dtype, shape) for key, dtype, shape in entries}
+            pieces = _Peekable(self._output_pieces(c, method))
+            weight_map: dict[str, str] = {}
+            for number, shard in enumerate(shards, 1):
+                name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(temp / name, [(k, *by_key[k]) for k in shard], pieces.while_in(set(shard)), header_meta)
+                weight_map.update(dict.fromkeys(shard, name))
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
+                (temp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            base = self._base_weights()
+            config = base.config if base.config is not None else getattr(model, "config", None)
+            generation = base.generation_config if base.config is not None else getattr(model, "generation_config", None)
+            write_side_files(temp, base.folder, config, generation)
+            (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+        return Path(path)
 
     def __repr__(self) -> str:
         return (f"TaskVectors(storage={self.storage!r}, tasks={list(self.names)}, params={self.num_params:,}, "

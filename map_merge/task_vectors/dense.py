@@ -24,7 +24,9 @@ from torch import nn
 
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .sources import ModelSource, check_finite, load_state_dict, preview, warn_zero_tasks
+from .binding import LiveWriter, set_tensor, writable_state
+from .keymap import LivePlan
+from .sources import MemoryWeights, ModelSource, SourceInfo, Weights, check_finite, open_weights, preview, tensor_bytes, warn_zero_tasks
 
 __all__ = ["DenseTaskVectors"]
 
@@ -48,10 +50,12 @@ class _Binding:
 
     buffer: torch.Tensor | None  # None: the model mixes dtypes/devices; tensors are written one by one
     scratch: torch.Tensor | None  # fp32 result when it cannot be written into buffer directly
-    targets: dict[str, torch.Tensor]
+    targets: dict[str, torch.Tensor]  # checkpoint key -> live tensor (buffer None only)
+    plan: LivePlan
+    views: dict[str, int]  # live key -> element offset of its view in buffer
 
 
-class DenseTaskVectors(TaskVectors):
+class DenseTaskVectors(TaskVectors, kind="dense"):
     """Pretrained weights plus stacked task vectors in memory.
 
     Attributes (besides :class:`TaskVectors`'):
@@ -68,8 +72,8 @@ class DenseTaskVectors(TaskVectors):
         names: Sequence[str],
         aliases: Mapping[str, str] | None = None,
         frozen: Mapping[str, torch.Tensor] | None = None,
-        folder: Path | None = None,
-        config: Any = None,
+        base_weights: Weights | None = None,
+        sources: Sequence[Any] = (),
     ) -> None:
         if vectors.ndim != 2 or base.ndim != 1 or vectors.shape[1] != base.shape[0]:
             raise ValueError(f"vectors must be (T, P) and base (P,); got {tuple(vectors.shape)} and {tuple(base.shape)}")
@@ -81,11 +85,12 @@ class DenseTaskVectors(TaskVectors):
         self._slots = tuple(slots)
         self._aliases = dict(aliases or {})  # alias key -> key stored in a slot
         self._frozen = dict(frozen or {})  # non-floating tensors copied from the pretrained model
-        self._folder = folder
-        self._config = config
+        self._base_source = base_weights if base_weights is not None else MemoryWeights({}, "the pretrained model")
+        self._sources = list(sources)  # Weights / adapters each task came from (paths and identities)
         self._prepared: tuple[str, torch.Tensor] | None = None  # one-entry cache: (method key, V')
         self._bound: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
         self._fingerprint: str | None = None
+        self._slot_of: dict[str, _Slot] | None = None
 
     def __getstate__(self) -> dict:
         # bindings to live models (weak references) stay behind; a copy binds its own models
@@ -103,18 +108,16 @@ class DenseTaskVectors(TaskVectors):
               dtype: torch.dtype) -> "DenseTaskVectors":
         """Load every model into memory and stack the task vectors (validated: keys, shapes,
         dtypes, finite values; messages name the key and the model)."""
-        base_sd = load_state_dict(pretrained)
+        base_weights = open_weights(pretrained, "the pretrained model", stream=False)
+        base_sd = {k: base_weights.tensor(k) for k in base_weights.tensors}
         if not base_sd:
             raise ValueError("the pretrained model has no tensors")
-        aliases = _find_aliases(base_sd)
         slots: list[_Slot] = []
         frozen: dict[str, torch.Tensor] = {}
         offset = 0
         for key, tensor in base_sd.items():
-            if key in aliases:
-                continue
             if tensor.dtype.is_floating_point:
-                check_finite(tensor, key, "pretrained")
+                check_finite(tensor, key, "pretrained model")
                 slots.append(_Slot(key, tuple(tensor.shape), offset, tensor.numel(), tensor.dtype))
                 offset += tensor.numel()
             elif tensor.dtype.is_complex:
@@ -130,12 +133,13 @@ class DenseTaskVectors(TaskVectors):
 
         vectors = torch.empty(len(models), num_params, device=device, dtype=dtype)
         expected = set(base_sd)
+        sources = []
         for row, (name, model) in enumerate(zip(names, models)):
-            sd = load_state_dict(model)
+            weights = open_weights(model, f"fine-tuned model {name!r}", stream=False)
+            sd = {k: weights.tensor(k) for k in weights.tensors}
             keys = set(sd)
-            # tied keys may be absent from a saved file (HF drops them), and integer buffers are
-            # copied from the pretrained model anyway (non-persistent in some versions): accept both
-            missing = sorted(k for k in expected - keys if k not in aliases and k not in frozen)
+            # integer buffers are copied from the pretrained model anyway (non-persistent in some versions)
+            missing = sorted(k for k in expected - keys if k not in frozen)
             extra = sorted(k for k in keys - expected if sd[k].dtype.is_floating_point)
             if missing or extra:
                 parts = []
@@ -171,13 +175,13 @@ class DenseTaskVectors(TaskVectors):
                     )
                 check_finite(tensor, slot.key, f"fine-tuned model {name!r}")
                 vectors[row, slot.offset : slot.offset + slot.numel] = tensor.detach().reshape(-1).to(device=device, dtype=dtype)
-            del sd
+            sources.append(SourceInfo.of(weights))
+            del sd, weights
         vectors.sub_(base)
         warn_zero_tasks(names, [not bool(row.any()) for row in vectors])
         log.info("task vectors: %d tasks x %d entries on %s (%s)", len(models), num_params, device, dtype)
-        folder = Path(pretrained) if isinstance(pretrained, (str, Path)) and Path(pretrained).is_dir() else None
-        config = getattr(pretrained, "config", None) if isinstance(pretrained, nn.Module) else None
-        return cls(base, vectors, slots, names, aliases=aliases, frozen=frozen, folder=folder, config=config)
+        return cls(base, vectors, slots, names, aliases=base_weights.aliases, frozen=frozen, base_weights=SourceInfo.of(base_weights),
+                   sources=sources)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -207,8 +211,7 @@ class DenseTaskVectors(TaskVectors):
             layout = [(s.key, s.shape) for s in self._slots]
             digest.update(json.dumps([layout, list(self.names), sorted(self._aliases.items())]).encode())
             for tensor in (self.base, self.vectors):
-                array = tensor.detach().to("cpu").contiguous().numpy()
-                digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+                digest.update(tensor_bytes(tensor))  # raw bytes: bf16 / fp16 storage too
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -218,11 +221,14 @@ class DenseTaskVectors(TaskVectors):
         norms = gram.diagonal().clamp_min(1e-300).sqrt()
         return (gram / norms[:, None] / norms[None, :]).cpu().numpy()
 
-    def _source_folder(self) -> Path | None:
-        return self._folder
+    def _base_weights(self) -> Weights:
+        return self._base_source
 
-    def _source_config(self) -> Any:
-        return self._config
+    def source_paths(self) -> list[Path]:
+        return [p for w in [self._base_source, *self._sources] for p in w.paths()]
+
+    def _source_identities(self) -> list[Any]:
+        return [{"pretrained": self._base_source.describe()}] + [{n: w.describe()} for n, w in zip(self.names, self._sources)]
 
     # ------------------------------------------------------------------ chunks
     def delta_chunks(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -270,11 +276,14 @@ class DenseTaskVectors(TaskVectors):
         c = self._coeffs(coeffs)
         return torch.addmv(self.base, self.prepared(method).T, c, out=out)
 
-    def merge(self, coeffs: Any, method: str | MergeMethod | None = None) -> dict[str, torch.Tensor]:
-        """Merged state dict for ``coeffs: (T,)`` (tensors are views of one new flat buffer).
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Merged state dict for ``coeffs: (T,)`` in the checkpoint layout: views of one new flat
+        buffer in :attr:`dtype` (or in ``dtype``, when given).
 
         Tied keys map to the same tensor; integer buffers are copies of the pretrained ones."""
         flat = self.merge_flat(coeffs, method)
+        if dtype is not None:
+            flat = flat.to(dtype)
         state: dict[str, torch.Tensor] = {}
         for slot in self._slots:
             state[slot.key] = flat[slot.offset : slot.offset + slot.numel].view(slot.shape)
@@ -291,64 +300,82 @@ class DenseTaskVectors(TaskVectors):
         the model's own dtype on its own device (a bf16 model stays bf16). Each call is then one
         fused ``addmv`` on the task vectors' device: straight into that buffer when the model is
         in the vectors' dtype and device (no allocation), else into an fp32 scratch vector that is
-        copied (and cast) into it."""
+        copied (and cast) into it. Keys are matched through :class:`~map_merge.task_vectors.keymap.LivePlan`
+        (renames, tied weights once); fused tensors (stacked MoE experts) are converted from the
+        buffer after each merge by transformers' own operations."""
         binding = self._bound.get(model)
         if binding is None or not self._still_bound(model, binding):
             binding = self._bind(model)
         if binding.scratch is None:
             self.merge_flat(coeffs, method, out=binding.buffer)
-            return model
-        self.merge_flat(coeffs, method, out=binding.scratch)
-        with torch.no_grad():
-            if binding.buffer is not None:
-                binding.buffer.copy_(binding.scratch)
-            else:
-                for slot in self._slots:
-                    binding.targets[slot.key].copy_(binding.scratch[slot.offset : slot.offset + slot.numel].view(slot.shape))
+        else:
+            self.merge_flat(coeffs, method, out=binding.scratch)
+            with torch.no_grad():
+                if binding.buffer is not None:
+                    binding.buffer.copy_(binding.scratch)
+                else:
+                    for key, target in binding.targets.items():
+                        slot = self._slot(key)
+                        target.copy_(binding.scratch[slot.offset : slot.offset + slot.numel].view(slot.shape))
+        if binding.plan.has_groups:
+            flat = binding.buffer if binding.buffer is not None else binding.scratch
+            writer = LiveWriter(model, binding.plan, {s.key: s.numel for s in self._slots})
+            with torch.no_grad():
+                for group in binding.plan.groups:
+                    for key in group.sources:
+                        slot = self._slot(key)
+                        writer.write(key, 0, flat[slot.offset : slot.offset + slot.numel])
         return model
 
+    def _slot(self, key: str) -> _Slot:
+        if not hasattr(self, "_slot_of") or self._slot_of is None:
+            self._slot_of = {s.key: s for s in self._slots}
+        return self._slot_of[key]
+
     def _bind(self, model: nn.Module) -> _Binding:
-        state = model.state_dict(keep_vars=True)
-        expected = set(self.keys) | set(self._aliases)
-        missing = sorted(expected - set(state))
-        extra = sorted(k for k in set(state) - expected - set(self._frozen) if state[k].dtype.is_floating_point)
-        if missing or extra:
-            parts = ([f"missing keys {preview(missing)}"] if missing else []) + ([f"unexpected keys {preview(extra)}"] if extra else [])
-            raise ValueError(f"model {type(model).__name__} does not match the task vectors: " + "; ".join(parts))
-        for slot in self._slots:
-            if tuple(state[slot.key].shape) != slot.shape:
-                raise ValueError(f"shape mismatch for {slot.key!r}: model {tuple(state[slot.key].shape)}, task vectors {slot.shape}")
-            if not state[slot.key].dtype.is_floating_point:
-                raise ValueError(f"tensor {slot.key!r} of the model is {state[slot.key].dtype}, not floating point")
-        kinds = {(state[s.key].dtype, state[s.key].device) for s in self._slots}
+        shapes = {s.key: s.shape for s in self._slots}
+        shapes.update({k: tuple(t.shape) for k, t in self._frozen.items()})
+        plan = LivePlan(model, shapes, [s.key for s in self._slots])
+        state = writable_state(model)
         with torch.no_grad():
-            for key, tensor in self._frozen.items():
-                if key in state:
-                    _set_tensor(model, key, tensor.to(state[key].device, copy=True))
-            if len(kinds) > 1:  # mixed dtypes or devices: keep the model's tensors, write each one
-                targets = {s.key: state[s.key].data if isinstance(state[s.key], nn.Parameter) else state[s.key] for s in self._slots}
-                binding = _Binding(None, torch.empty_like(self.base), targets)
-            else:
-                dtype, device = kinds.pop()
-                buffer = torch.empty(self.num_params, dtype=dtype, device=device)
-                by_key = {slot.key: slot for slot in self._slots}
-                for key in list(by_key) + list(self._aliases):
-                    slot = by_key[self._aliases.get(key, key)]
-                    _set_tensor(model, key, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
-                direct = dtype == self.dtype and device == self.device
-                binding = _Binding(buffer, None if direct else torch.empty_like(self.base), {})
+            for key, live in plan.frozen.items():
+                set_tensor(model, live, self._frozen[key].to(state[live].device, copy=True))
+        state = model.state_dict(keep_vars=True)
+        direct = [s for s in self._slots if s.key in plan.direct]
+        kinds = {(state[plan.direct[s.key]].dtype, state[plan.direct[s.key]].device) for s in direct}
+        kinds |= {(state[t].dtype, state[t].device) for g in plan.groups for t in g.targets}
+        if len(kinds) > 1:  # mixed dtypes or devices: keep the model's tensors, write each one
+            targets = {s.key: _data(state[plan.direct[s.key]]) for s in direct}
+            binding = _Binding(None, torch.empty_like(self.base), targets, plan, {})
+        else:
+            dtype, device = kinds.pop()
+            buffer = torch.empty(self.num_params, dtype=dtype, device=device)
+            views: dict[str, int] = {}
+            with torch.no_grad():
+                for slot in direct:
+                    live = plan.direct[slot.key]
+                    set_tensor(model, live, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
+                    views[live] = slot.offset
+                for alias, holder in plan.aliases.items():
+                    if holder in views:
+                        slot = self._slot(plan.checkpoint_of(holder))
+                        set_tensor(model, alias, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
+                        views[alias] = slot.offset
+            direct_write = dtype == self.dtype and device == self.device
+            binding = _Binding(buffer, None if direct_write else torch.empty_like(self.base), {}, plan, views)
         self._bound[model] = binding
         return binding
 
     def _still_bound(self, model: nn.Module, binding: _Binding) -> bool:
         state = model.state_dict(keep_vars=True)
         if binding.buffer is None:
-            return all(state.get(s.key) is not None and state[s.key].data_ptr() == binding.targets[s.key].data_ptr() for s in self._slots)
+            return all(state.get(binding.plan.direct[k]) is not None and state[binding.plan.direct[k]].data_ptr() == t.data_ptr()
+                       for k, t in binding.targets.items())
         base_ptr = binding.buffer.data_ptr()
         size = binding.buffer.element_size()
-        for slot in self._slots:
-            tensor = state.get(slot.key)
-            if tensor is None or tensor.data_ptr() != base_ptr + slot.offset * size:
+        for live, offset in binding.views.items():
+            tensor = state.get(live)
+            if tensor is None or tensor.data_ptr() != base_ptr + offset * size:
                 return False
         return True
 
@@ -365,27 +392,5 @@ class DenseTaskVectors(TaskVectors):
             yield key, tensor
 
 
-def _find_aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Keys whose tensor shares storage, shape and strides with an earlier key (tied weights)."""
-    seen: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for key, tensor in state.items():
-        if tensor.numel() == 0 or tensor.device.type == "meta":
-            continue
-        ident = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
-        if ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-    return aliases
-
-
-def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
-    module_name, _, attr = key.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    if attr in module._parameters and module._parameters[attr] is not None:
-        module._parameters[attr].data = value
-    elif attr in module._buffers:
-        module._buffers[attr] = value
-    else:
-        raise KeyError(f"{key!r} is neither a parameter nor a buffer of {type(model).__name__}")
+def _data(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.data if isinstance(tensor, nn.Parameter) else tensor

@@ -1,30 +1,30 @@
 """Where weights come from: modules and state dicts in memory, safetensors checkpoints on disk
-(read lazily, one range at a time), and PEFT LoRA adapters (kept as factors).
+(read lazily, one range at a time). PEFT LoRA adapters are in :mod:`.lora`.
 
-Each source answers the same questions: which tensors it has (``dtype``, ``shape``), and the
-elements ``[start, stop)`` of one flattened tensor. Messages name the file a tensor lives in.
+Each source answers the same questions, in the checkpoint layout of :mod:`.keymap` (tied weights
+once, fused tensors split as ``save_pretrained`` writes them): which tensors it has (``dtype``,
+``shape``), and the elements ``[start, stop)`` of one flattened tensor. Messages name the file a
+tensor lives in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 
+from .keymap import aliases_by_storage, check_materialized, checkpoint_state, skeleton
 from .safetensors_io import SafetensorsCheckpoint
 
-__all__ = ["ModelSource", "load_state_dict", "Weights", "MemoryWeights", "CheckpointWeights", "LoraAdapter", "open_weights",
-           "is_lora_adapter", "is_on_disk"]
+__all__ = ["ModelSource", "load_state_dict", "Weights", "MemoryWeights", "CheckpointWeights", "open_weights",
+           "is_lora_adapter", "is_on_disk", "check_finite", "preview", "warn_zero_tasks", "tensor_bytes", "SourceInfo"]
 
 ModelSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 
@@ -72,6 +72,12 @@ def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         checkpoint.close()
 
 
+def tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The raw bytes of a tensor (any dtype, bf16 included), for hashing."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(data.view(torch.uint8).numpy()) if data.numel() else b""
+
+
 def check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
     """Raise naming the key and its owner (``"fine-tuned model 'x'"``) when ``tensor`` has NaN/inf."""
     if not bool(torch.isfinite(tensor).all()):
@@ -96,6 +102,8 @@ def warn_zero_tasks(names: Sequence[str], zero: Sequence[bool]) -> None:
 
 def is_lora_adapter(source: Any) -> bool:
     """Whether ``source`` is a PEFT adapter folder (``adapter_config.json`` inside)."""
+    from .lora import LoraAdapter
+
     return isinstance(source, LoraAdapter) or (
         isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / "adapter_config.json").exists()
     )
@@ -110,10 +118,20 @@ def is_on_disk(source: Any) -> bool:
 
 
 class Weights:
-    """A set of named tensors, readable one flat element range at a time."""
+    """A set of named tensors in the checkpoint layout, readable one flat element range at a time.
 
-    owner: str  # for messages: "the pretrained model", "fine-tuned model 'x'"
+    Attributes:
+        owner: for messages (``"the pretrained model"``, ``"fine-tuned model 'x'"``).
+        tensors: ``key -> (dtype, shape)``.
+        aliases: live keys of tied weights left out of ``tensors`` ``-> the key holding them``.
+        config / generation_config: a module's Hugging Face configs (saved beside a merged model).
+    """
+
+    owner: str
     tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    aliases: dict[str, str] = {}
+    config: Any = None
+    generation_config: Any = None
 
     def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``[start, stop)`` of the flattened tensor, in its stored dtype (``buffer``: a
@@ -133,15 +151,42 @@ class Weights:
         """The Hugging Face folder these weights came from, if any (config and tokenizer files)."""
         return None
 
+    def paths(self) -> list[Path]:
+        """Files and folders these weights are read from (never written to)."""
+        return []
+
+    def describe(self) -> Any:
+        """A short JSON-able description of where these weights come from (``map_merge.json``)."""
+        paths = self.paths()
+        return str(paths[0].resolve()) if paths else "in memory"
+
+    def live_model(self) -> nn.Module | None:
+        """A model whose live keys adapters name: the module itself, or a meta-device skeleton of
+        the folder's architecture (``None``: the tensors' own keys are the live keys)."""
+        return None
+
 
 class MemoryWeights(Weights):
-    """Tensors already in memory (a module's state dict or a mapping); reads are views."""
+    """Tensors already in memory (a module, in its checkpoint layout, or a mapping); reads are views."""
 
-    def __init__(self, state: Mapping[str, torch.Tensor], owner: str) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], owner: str, module: nn.Module | None = None,
+                 aliases: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> None:
         self.owner = owner
+        self._path = Path(path) if path is not None else None
+        self._skeleton: Any = False
+        check_materialized(state, owner)
         self._state = dict(state)
+        self.aliases = dict(aliases or {})
         self.tensors = {k: (v.dtype, tuple(v.shape)) for k, v in self._state.items()}
         self._identity: str | None = None
+        self._module = module
+        self.config = getattr(module, "config", None)
+        self.generation_config = getattr(module, "generation_config", None)
+
+    @classmethod
+    def of_module(cls, module: nn.Module, owner: str) -> "MemoryWeights":
+        state, aliases = checkpoint_state(module)
+        return cls(state, owner, module=module, aliases=aliases)
 
     def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[key].detach().reshape(-1)[start:stop]
@@ -154,10 +199,29 @@ class MemoryWeights(Weights):
             digest = hashlib.blake2b(digest_size=16)
             for key, value in self._state.items():
                 digest.update(key.encode())
-                array = value.detach().to("cpu").contiguous()
-                digest.update(memoryview(array.view(torch.uint8).numpy().reshape(-1)) if array.numel() else b"")
+                digest.update(tensor_bytes(value))
             self._identity = digest.hexdigest()
         return ["memory", self._identity]
+
+    @property
+    def folder(self) -> Path | None:
+        return self._path if self._path is not None and self._path.is_dir() else None
+
+    def paths(self) -> list[Path]:
+        return [self._path] if self._path is not None else []
+
+    def live_model(self) -> nn.Module | None:
+        if self._module is not None:
+            return self._module
+        if self._skeleton is False:
+            self._skeleton = skeleton(self.folder) if self.folder is not None else None
+        return self._skeleton
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_module"] = None  # the tensors travel; the module they came from does not
+        state["_skeleton"] = False
+        return state
 
 
 class CheckpointWeights(Weights):
@@ -167,6 +231,7 @@ class CheckpointWeights(Weights):
         self.owner = owner
         self.checkpoint = SafetensorsCheckpoint(path)
         self.tensors = {k: (i.dtype, i.shape) for k, i in self.checkpoint.tensors.items()}
+        self._skeleton: Any = False  # not looked for yet
 
     def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self.checkpoint.read(key, start, stop, buffer)
@@ -184,190 +249,70 @@ class CheckpointWeights(Weights):
         path = self.checkpoint.path
         return path if path.is_dir() else None
 
+    def paths(self) -> list[Path]:
+        return [self.checkpoint.path, *self.checkpoint.files]
+
+    def live_model(self) -> nn.Module | None:
+        if self._skeleton is False:
+            self._skeleton = skeleton(self.folder) if self.folder is not None else None
+        return self._skeleton
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_skeleton"] = False  # rebuilt where needed
+        return state
+
 
 def open_weights(source: ModelSource, owner: str, stream: bool) -> Weights:
     """:class:`CheckpointWeights` for safetensors on disk when ``stream``, else
-    :class:`MemoryWeights` (files are loaded)."""
+    :class:`MemoryWeights` (modules in their checkpoint layout; files are loaded)."""
     if stream and is_on_disk(source):
         return CheckpointWeights(source, owner)
-    return MemoryWeights(load_state_dict(source), owner)
+    if isinstance(source, nn.Module):
+        return MemoryWeights.of_module(source, owner)
+    path = source if isinstance(source, (str, os.PathLike)) else None
+    state = load_state_dict(source)
+    aliases = aliases_by_storage(state)  # a state dict of tied weights: each tensor once
+    return MemoryWeights({k: v for k, v in state.items() if k not in aliases}, owner, path=path, aliases=aliases)
 
 
-# ---------------------------------------------------------------------- LoRA
-@dataclass(frozen=True)
-class LoraFactors:
-    """``delta = scale * left @ right`` for one weight: ``left: (rows, r)``, ``right: (r, cols)``
-    with ``rows * cols`` the weight's size in its stored layout."""
+class SourceInfo(Weights):
+    """What a storage keeps of a source after copying its tensors: where it came from (paths,
+    folder, a short description) and its Hugging Face configs; no tensors."""
 
-    module: str
-    left: torch.Tensor
-    right: torch.Tensor
-    scale: float
+    def __init__(self, owner: str, paths: Sequence[Path], folder: Path | None, description: Any, config: Any = None,
+                 generation_config: Any = None, aliases: Mapping[str, str] | None = None) -> None:
+        self.owner = owner
+        self.tensors = {}
+        self._paths = list(paths)
+        self._folder = folder
+        self._description = description
+        self.config = config
+        self.generation_config = generation_config
+        self.aliases = dict(aliases or {})
+        self._skeleton: Any = False
 
-    @property
-    def rank(self) -> int:
-        return self.left.shape[1]
-
-
-_PREFIX = "base_model.model."
-
-
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module override: the first pattern that matches the module's dotted path end."""
-    for pattern, value in patterns.items():
-        if pattern == module or re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-class LoraAdapter:
-    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) as a
-    task vector: ``tau = scaling * B @ A`` per target module, kept as factors.
-
-    ``scaling`` is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with PEFT's
-    ``rank_pattern`` / ``alpha_pattern`` overrides; layers stored transposed (``fan_in_fan_out``,
-    GPT-2's Conv1D) and embeddings (``lora_embedding_A/B``) are handled as PEFT merges them.
-    Tensors the adapter saves whole (``modules_to_save``, trained biases, an adapted embedding's
-    ``base_layer``) replace the base's: their task vector is ``saved - pretrained`` (plus the LoRA
-    product where the module also has factors).
-
-    Args:
-        path: the adapter folder.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        config_file = self.path / "adapter_config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{self.path} is not a PEFT adapter folder: no adapter_config.json")
-        self.config = json.loads(config_file.read_text())
-        weights = self.path / "adapter_model.safetensors"
-        if not weights.exists():
-            if (self.path / "adapter_model.bin").exists():
-                raise ValueError(f"{self.path}: only adapter_model.safetensors is read; re-save the adapter with safe_serialization=True")
-            raise FileNotFoundError(f"{self.path}: adapter_config.json but no adapter_model.safetensors")
-        self.file = weights
-        peft_type = str(self.config.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
-            raise ValueError(f"{config_file}: peft_type {peft_type} is not a LoRA adapter")
-        for flag in ("use_dora", "lora_bias", "use_qalora"):
-            if self.config.get(flag):
-                raise ValueError(f"{config_file}: '{flag}' adapters are not supported (their update is not scale * B @ A)")
-        if self.config.get("trainable_token_indices"):
-            raise ValueError(f"{config_file}: 'trainable_token_indices' adapters are not supported")
-        self.r = int(self.config.get("r", 8))
-        self.alpha = float(self.config.get("lora_alpha", self.r))
-        self.use_rslora = bool(self.config.get("use_rslora", False))
-        self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        self.base_model = self.config.get("base_model_name_or_path")
-        state = _load_checkpoint(weights)
-        self._lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": , "B": , "kind": }
-        self.full: dict[str, torch.Tensor] = {}  # adapter key (module path + param) -> whole tensor
-        for key, value in state.items():
-            if not key.startswith(_PREFIX):
-                raise ValueError(f"{weights}: key {key!r} does not start with {_PREFIX!r}; not a PEFT LoRA adapter file")
-            name = key[len(_PREFIX):]
-            match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)", name)
-            if match:
-                module = match.group(1) or match.group(3)
-                part = match.group(2) or match.group(4)
-                entry = self._lora.setdefault(module, {})
-                entry[part[-1]] = value
-                entry["kind"] = "embedding" if "embedding" in part else "linear"
-            elif ".lora_" in name:
-                raise ValueError(f"{weights}: LoRA tensor {key!r} is of a kind map_merge does not merge")
-            else:
-                self.full[name.replace(".base_layer.", ".")] = value
-        for module, entry in self._lora.items():
-            if "A" not in entry or "B" not in entry:
-                raise ValueError(f"{weights}: LoRA module {module!r} has only one of its two factors")
-            if entry["A"].ndim != 2 or entry["B"].ndim != 2:
-                raise ValueError(f"{weights}: LoRA module {module!r} is not a linear or embedding layer (factors of shape "
-                                 f"{tuple(entry['A'].shape)}, {tuple(entry['B'].shape)}); convolution LoRA is not supported")
-        if not self._lora and not self.full:
-            raise ValueError(f"{weights} holds no LoRA tensors")
-        self._identity = hashlib.blake2b(json.dumps([self.config, sorted((k, list(v.shape)) for k, v in state.items())],
-                                                    sort_keys=True, default=str).encode(), digest_size=16)
-        for value in state.values():
-            self._identity.update(memoryview(value.contiguous().view(torch.uint8).numpy().reshape(-1)))
+    @classmethod
+    def of(cls, weights: Weights) -> "SourceInfo":
+        return cls(weights.owner, weights.paths(), weights.folder, weights.describe(), weights.config, weights.generation_config,
+                   weights.aliases)
 
     @property
-    def modules(self) -> tuple[str, ...]:
-        """LoRA-adapted module paths as PEFT names them (inside the wrapped model)."""
-        return tuple(self._lora)
+    def folder(self) -> Path | None:
+        return self._folder
 
-    def is_embedding(self, module: str) -> bool:
-        """Whether the module's factors are an embedding's (``lora_embedding_A/B``)."""
-        return self._lora[module]["kind"] == "embedding"
+    def paths(self) -> list[Path]:
+        return list(self._paths)
 
-    def scaling(self, module: str, rank: int) -> float:
-        """``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA), honouring per-module patterns."""
-        alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, module, self.alpha))
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+    def describe(self) -> Any:
+        return self._description
 
-    def resolve(self, base: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> tuple[dict[str, LoraFactors], dict[str, torch.Tensor]]:
-        """Match the adapter to the pretrained tensors ``key -> (dtype, shape)``.
+    def live_model(self) -> nn.Module | None:
+        if self._skeleton is False:
+            self._skeleton = skeleton(self._folder) if self._folder is not None else None
+        return self._skeleton
 
-        Returns ``(weight key -> factors, weight key -> whole saved tensor)``.
-        Raises ValueError naming the module when it is absent from the base or its shape does not fit
-        (an adapter trained on another base)."""
-        factors: dict[str, LoraFactors] = {}
-        for module, entry in self._lora.items():
-            key = _match_key(module + ".weight", base)
-            if key is None:
-                raise ValueError(f"LoRA module {module!r} of adapter {self.path} matches no weight of the pretrained model "
-                                 f"(adapter for another base {self.base_model!r}?)")
-            a, b = entry["A"], entry["B"]
-            rank = a.shape[0]
-            if b.shape[1] != rank:
-                raise ValueError(f"LoRA module {module!r} of adapter {self.path}: lora_A has rank {rank} but lora_B {b.shape[1]}")
-            if entry["kind"] == "embedding" or self.fan_in_fan_out:
-                left, right = a.T, b.T  # the weight stores the transpose of B @ A
-            else:
-                left, right = b, a
-            shape = base[key][1]
-            rows, cols = shape[0] if shape else 1, math.prod(shape[1:]) if len(shape) > 1 else 1
-            if len(shape) != 2 or (left.shape[0], right.shape[1]) != (rows, cols):
-                raise ValueError(
-                    f"LoRA module {module!r} of adapter {self.path} gives a delta of shape {(left.shape[0], right.shape[1])} "
-                    f"but the pretrained weight {key!r} has shape {tuple(shape)} (adapter for another base {self.base_model!r}?)"
-                )
-            factors[key] = LoraFactors(module, left.contiguous(), right.contiguous(), self.scaling(module, rank))
-        full: dict[str, torch.Tensor] = {}
-        for name, tensor in self.full.items():
-            key = _match_key(name, base)
-            if key is None:
-                raise ValueError(f"tensor {name!r} saved whole in adapter {self.path} (modules_to_save or a bias) matches no tensor "
-                                 "of the pretrained model (adapter for another base, or a tied weight?)")
-            if tuple(tensor.shape) != tuple(base[key][1]):
-                raise ValueError(f"tensor {name!r} saved whole in adapter {self.path} has shape {tuple(tensor.shape)}, the "
-                                 f"pretrained {key!r} {tuple(base[key][1])}")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"tensor {name!r} of adapter {self.file} has NaN/inf values")
-            full[key] = tensor
-        for key, f in factors.items():
-            for name, t in (("lora_A/B", f.left), ("lora_A/B", f.right)):
-                if not torch.isfinite(t).all():
-                    raise ValueError(f"LoRA factors {name} of module {f.module!r} in {self.file} have NaN/inf values")
-        return factors, full
-
-    def identity(self) -> Any:
-        return ["lora", str(self.path.resolve()), self._identity.hexdigest()]
-
-    def __repr__(self) -> str:
-        return f"LoraAdapter({str(self.path)!r}, modules={len(self._lora)}, r={self.r}, alpha={self.alpha:g})"
-
-
-def _match_key(name: str, base: Mapping[str, Any]) -> str | None:
-    """The base key a PEFT module path names: exact, or with leading components dropped (an
-    adapter trained on ``XForCausalLM`` over a bare ``XModel``), or as the unique suffix."""
-    if name in base:
-        return name
-    parts = name.split(".")
-    for i in range(1, len(parts) - 1):
-        candidate = ".".join(parts[i:])
-        if candidate in base:
-            return candidate
-    suffix = [k for k in base if k.endswith("." + name)]
-    return suffix[0] if len(suffix) == 1 else None
-
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_skeleton"] = False
+        return state

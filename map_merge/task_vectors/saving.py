@@ -1,0 +1,123 @@
+"""Saving merged models without ever losing data.
+
+Rules, for every storage and the command line:
+
+- a destination that is, holds or lies inside a source of the task vectors (the pretrained model,
+  a fine-tune, an adapter) is refused, always;
+- an existing non-empty destination is refused unless ``overwrite=True``;
+- everything is written beside the destination under a temporary name and renamed into place at
+  the end, so a crash leaves the old folder (or nothing), never a mix of old and new files, and
+  never stale shards of an earlier save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_destination", "atomic_path", "write_side_files", "WEIGHT_SUFFIXES"]
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "map_merge.json")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLike], overwrite: bool) -> Path:
+    """Validate a save destination; returns it resolved.
+
+    Raises:
+        ValueError: the destination is, holds or lies inside one of ``sources`` (files or folders
+            the task vectors are read from), whatever ``overwrite`` says.
+        FileExistsError: it exists (a file, or a non-empty folder) and ``overwrite`` is False.
+    """
+    target = Path(path).expanduser().resolve()
+    for source in sources:
+        src = Path(source).expanduser().resolve()
+        if _inside(target, src) or _inside(src, target):
+            relation = "is" if target == src else ("lies inside" if _inside(target, src) else "holds")
+            raise ValueError(f"refusing to save into {Path(path)}: it {relation} "
+                             f"{src}, a source of these task vectors (saving there would destroy the weights being merged)")
+    if target.exists() and not overwrite:
+        if target.is_dir() and not any(target.iterdir()):
+            return target
+        raise FileExistsError(f"{Path(path)} already exists; pass overwrite=True (command line: --overwrite) to replace it")
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (a new folder when ``folder``, else a file path) to
+    write into; on success rename it into place (replacing what was there), on error remove it.
+
+    Call :func:`check_destination` first: this replaces an existing ``path``."""
+    target = Path(path).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    temp = target.with_name(f".{target.name}.partial-{tag}")
+    if folder:
+        temp.mkdir()
+    try:
+        yield temp
+    except BaseException:
+        _remove(temp)
+        raise
+    if not target.exists():
+        os.replace(temp, target)
+        return
+    if not folder and not target.is_dir():
+        os.replace(temp, target)  # a file replaced atomically
+        return
+    old = target.with_name(f".{target.name}.old-{tag}")
+    os.replace(target, old)
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        os.replace(old, target)  # put the old one back
+        _remove(temp)
+        raise
+    _remove(old)
+
+
+def write_side_files(folder: Path, source_folder: Path | None, config: Any = None, generation_config: Any = None) -> None:
+    """The non-weight files of the pretrained model: ``config.json``, ``generation_config.json``,
+    tokenizer files... copied from its folder, or written from a module's configs."""
+    if source_folder is not None and source_folder.is_dir():
+        for item in source_folder.iterdir():
+            if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in _WEIGHT_INDEXES \
+                    and not item.name.startswith("."):
+                shutil.copy2(item, folder / item.name)
+        if (folder / "config.json").exists():
+            return
+    if config is not None and hasattr(config, "save_pretrained"):
+        config.save_pretrained(str(folder))
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            try:
+                generation_config.save_pretrained(str(folder))
+            except Exception:  # noqa: BLE001 - a default generation config may refuse to save; weights do not need it
+                log.debug("generation config not saved", exc_info=True)
+        return
+    log.warning("saved merged weights to %s without a config.json (the pretrained model is neither a Hugging Face folder nor a "
+                "Hugging Face module; pass model= one) - from_pretrained needs one", folder)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
