@@ -1,46 +1,70 @@
 """Command line: ``map-merge {demo, zoo, map, bayes, nested, moe, save}``.
 
-``map-merge map --config merge.yaml`` runs MAP (``bayes``: Bayesian MAP, ``nested``: nested
-merging for the config's preference, ``moe``: PWE-MoE) on the models a small YAML/JSON file
-describes, and saves the merged model for the config's preference. Your own models::
+``map-merge map --config run.yaml`` runs MAP (``bayes``: Bayesian MAP, ``nested``: nested
+merging for the config's preference, ``moe``: PWE-MoE) on the models a YAML or JSON file
+describes, and writes to the config's ``out`` folder: ``result.json``, ``front.png`` and the
+model picked for the config's preference as a Hugging Face folder, ``merged/``, that
+``AutoModelForCausalLM`` / ``AutoModel.from_pretrained`` loads. Results of an earlier run there
+are never replaced without ``--overwrite``; the evaluation store (``evaluations.sqlite``) is kept,
+so an interrupted run resumes. The whole config is checked before any model is loaded, and a
+config error creates nothing.
 
-    pretrained: base/                   # HF folder, .safetensors, .bin or .pt (paths relative to this file;
-                                        # 'out' and 'store' relative to the working directory)
-    finetuned:                          # task -> fine-tuned model
+Your own models (paths relative to the config; ``out`` and ``store`` to the working directory)::
+
+    pretrained: base/                   # HF folder, .safetensors, .bin or .pt
+    finetuned:                          # task -> fine-tuned model: HF folder, file, or PEFT LoRA adapter folder
       task_a: a/
-      task_b: b/
+      task_b: b-lora/
     evaluator: my_eval.py:evaluate      # evaluate(model, task) -> float, or "package.module:function"
-    model: my_eval.py:build             # optional: build() -> nn.Module (default: AutoModel of 'pretrained')
-    sense: max                          # or min (a loss)
+    model: my_eval.py:build             # optional: build() -> nn.Module (default: AutoModel of 'pretrained',
+                                        #   AutoModelForCausalLM with metric specs under 'tasks')
+    sense: max                          # or min (the evaluator's score is a loss)
+    link: identity                      # surrogate link: sigmoid / softplus / identity
 
-or a bundled zoo (models, data and metrics from the zoo)::
+Language models need no Python: ``tasks`` maps each task to a metric spec (then no 'evaluator')::
+
+    tasks:
+      code: {kind: loss, data: code_val.jsonl, max_length: 512, batch_size: 8, perplexity: false}
+      qa:   {kind: lm_eval, task: tasks/qa.yaml, limit: 200, metric: acc, num_fewshot: 0, batch_size: 8}
+    tokenizer: base/                    # default: the pretrained folder
+    dtype: bfloat16                     # float32 / bfloat16 / float16: the live model's dtype
+
+Held-out data for ``kind: loss``: a ``.jsonl`` file with one JSON object per line holding the text
+under ``"text"`` (``{"text": "def f(x): ..."}``), a ``.txt`` file with one text per line, or a
+``.json`` list of such objects. ``kind: lm_eval``: a registered lm-evaluation-harness task name
+or a local task YAML (``dataset_path: json`` with local ``data_files``: how it runs offline).
+
+Or a bundled zoo (models, data and metrics come with it)::
 
     zoo: text                           # or vision
-    tasks: [sentiment, med_subject]
+    tasks: [sentiment, med_subject]     # default: the zoo's tasks
 
-and the settings (all optional)::
+Settings (all optional)::
 
     method: task_arithmetic             # ties / dare
-    num_samples: 12                     # map: real evaluations for the surrogates
-    bounds: [0.0, 1.0]
+    preference: [1, 1]                  # the model to pick and save (nested merging's target); one weight per task
     seed: 0
-    store: outputs/evals.sqlite         # evaluation store (resumes an interrupted run)
-    out: outputs/map
-    link: sigmoid                       # surrogate link (zoo: sigmoid; own models: identity)
-    preference: [1, 1]                  # the model to pick and save (and nested merging's target)
+    bounds: [0.0, 1.0]                  # the coefficient box searched
+    out: outputs/map                    # result.json, front.png, merged/ (default outputs/<command>)
+    store: outputs/map/evaluations.sqlite   # evaluation store (default out/evaluations.sqlite; resumes a run)
+    num_samples: 12                     # map: real evaluations for the surrogates (default (T+1)(T+2))
+    design: map                         # map / sobol / lhs: how the samples are placed
     budget: 16                          # bayes: total real evaluations
     acquisition: nehvi                  # bayes: nehvi / binned
     samples_per_stage: 10               # nested: real evaluations per pairwise stage
-    schedule: levels                    # nested: sequential (one pair at a time) / levels (disjoint pairs at once)
+    schedule: sequential                # nested: sequential (one pair at a time) / levels (disjoint pairs at once)
+    moe_method: ls                      # moe: ls / epo
+    moe_steps: 2000                     # moe: router training steps
+    train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
+    upcycle: mlp                        # moe on own models: mlp / all / a regex over module names
     ray:                                # evaluations on Ray workers (pip install 'map_merge[ray]'); omit to run here
       address: auto                     # join a running cluster; omit for a local runtime
       num_workers: 8                    # default: as many as the resources fit
       resources_per_worker: {GPU: 1}    # or {GPU: 0.25}: four small models per GPU; {CPU: 1} by default
       max_retries: 2                    # re-queues of an evaluation whose worker died
-    moe_method: ls                      # moe: ls / epo
-    moe_steps: 2000                     # moe: router training steps (the default: the plateau on the vision zoo)
-    train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
-    upcycle: mlp                        # moe on own models: mlp / all / a regex over module names
+
+``map-merge save --config run.yaml --coeffs 0.3,0.5`` writes the merge for given coefficients
+(``--preference 1,2``: the point a finished map/bayes run's front picks for that preference).
 """
 
 from __future__ import annotations
@@ -55,9 +79,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, build_executor, build_objective, fit_moe, load_config
+from .config import ConfigError, build_executor, build_objective, fit_moe, load_config, source_paths
 
 __all__ = ["main", "load_config"]
+
+_RESULTS = ("result.json", "front.png", "merged")  # what a run writes into 'out' (the store stays)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -82,13 +108,41 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _atomic_write(path: Path, write) -> None:
+    """``write(temporary path)`` then rename into place (a crash leaves the old file or none)."""
+    temp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
 def _plot_fronts(fronts: dict, names, path: Path) -> None:
     from . import plots
 
-    if len(names) == 2:
-        plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, path=path)
-    else:
-        plots.plot_pairwise(fronts, names, path=path)
+    def write(temp: Path) -> None:
+        if len(names) == 2:
+            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, path=temp)
+        else:
+            plots.plot_pairwise(fronts, names, path=temp)
+
+    _atomic_write(path, write)
+
+
+def _check_out(config: dict[str, Any], out: Path, overwrite: bool) -> None:
+    """Refuse an 'out' that is or lies in a model source, or holds an earlier run's results (unless
+    ``overwrite``); nothing is created here."""
+    from .task_vectors.saving import check_destination
+
+    check_destination(out / "merged", source_paths(config), overwrite=True)
+    if overwrite:
+        return
+    earlier = [name for name in _RESULTS if (out / name).exists()]
+    if earlier:
+        raise FileExistsError(f"{out} holds the results of an earlier run ({', '.join(earlier)}); pass --overwrite to replace "
+                              "them (the evaluation store is kept and reused either way), or choose another 'out'")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -97,27 +151,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     out = Path(config.get("out", f"outputs/{args.command}"))
+    _check_out(config, out, args.overwrite)
+    objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
+    preference = config.get("preference", [1.0] * len(names))
+    if len(preference) != len(names):
+        raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {len(names)} tasks {names}")
     out.mkdir(parents=True, exist_ok=True)
-    store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
-    objective, names, zoo = build_objective(config, store=store)
+    objective.store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
     executor = build_executor(config)
     if executor is not None:
         objective.executor = executor  # evaluations on Ray workers; this process proposes and stores
     try:
-        return _run_command(args, config, out, store, objective, names, zoo)
+        return _run_command(args, config, out, objective, names, zoo, preference)
     finally:
         if executor is not None:
             executor.shutdown()
 
 
-def _run_command(args, config, out, store, objective, names, zoo) -> int:
+def _run_command(args, config, out: Path, objective, names: list[str], zoo, preference) -> int:
     num = len(names)
     seed = config.get("seed", 0)
     bounds = tuple(config.get("bounds", (0.0, 1.0)))
-    preference = config.get("preference", [1.0] * num)
-    if len(preference) != num:
-        raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {num} tasks {names}")
     summary: dict[str, Any] = {"command": args.command, "tasks": names}
+    payload: dict[str, Any]
     if args.command in ("map", "bayes"):
         from .bayes import BayesianMAP
         from .map import MAP
@@ -128,11 +184,13 @@ def _run_command(args, config, out, store, objective, names, zoo) -> int:
         else:
             result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, num, progress=True)
         result = result.refine(objective, reevaluations=10, rounds=2)  # 5 front points, refit, 5 more
-        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        payload = result.to_dict()
         _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
                      names, out / "front.png")
         chosen = result.select(preference)
-        summary.update(evaluations=result.num_evaluations + len(result.real_front), diagnostics=result.diagnostics(), coeffs=chosen.tolist())
+        used = np.concatenate([result.samples.coeffs, result.real_front.coeffs])
+        summary.update(samples=len(result.samples), reevaluated=len(result.real_front), diagnostics=result.diagnostics(),
+                       coeffs=chosen.tolist(), evaluations=len(np.unique(used, axis=0)))
     elif args.command == "nested":
         from .nested import nested_merge
 
@@ -141,46 +199,111 @@ def _run_command(args, config, out, store, objective, names, zoo) -> int:
 
         result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed,
                               schedule=config.get("schedule", "sequential"))
-        (out / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
+        payload = result.to_dict()
         summary.update(evaluations=result.num_evaluations, task_evaluations=result.task_evaluations, coeffs=result.coeffs.tolist(),
                        metrics=result.metrics.tolist())
     else:  # moe
         from .moe import simplex_lattice
+        from .task_vectors.saving import save_module
 
-        moe, info, moe_objective = fit_moe(config, objective, zoo, checkpoint=out, store=store)
+        moe, info, moe_objective = fit_moe(config, objective, zoo, checkpoint=out, store=objective.store)
         preferences = simplex_lattice(num, 0.1 if num == 2 else 0.25)
         metrics = moe_objective(preferences)
         _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png")
         weights = np.asarray(preference, dtype=float) / float(np.sum(preference))
-        path = out / "merged_for_preference.safetensors"
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in moe.unload(weights).state_dict().items()}, str(path),
-                  metadata={"preference": json.dumps(weights.tolist()), "tasks": json.dumps(names)})
-        (out / "result.json").write_text(json.dumps({"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, indent=1))
-        summary.update(fit=info, saved=str(path), coefficients={g: w.tolist() for g, w in moe.coefficients(weights).items()})
+        coefficients = {g: w.tolist() for g, w in moe.coefficients(weights).items()}
+        meta = {"preference": dict(zip(names, weights.tolist())), "method": f"PWE-MoE ({info['method']})", "coefficients": coefficients}
+        tv = objective.task_vectors
+        base = tv._base_weights()
+        saved = save_module(moe.unload(weights), out / "merged", tv.source_paths(), overwrite=True, source_folder=base.folder,
+                            metadata=meta)
+        payload = {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}
+        summary.update(fit=info, evaluations=len(preferences), coefficients=coefficients, saved=str(saved))
+    summary.update(models_evaluated=objective.num_evaluations, from_store=objective.num_cached)
     if args.command != "moe":
-        path = out / "merged_for_preference.safetensors"
-        objective.task_vectors.save_merged(path, summary["coeffs"], method=objective.method)
-        summary["saved"] = str(path)
+        summary["saved"] = str(_save_pick(objective, zoo, summary["coeffs"], out / "merged"))
+    payload = {**payload, "summary": summary}
+    _atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(payload, indent=1, default=float)))
     print(json.dumps(summary, indent=1, default=float))
     print(f"preference {preference}; wrote {out}/result.json, {out}/front.png and {summary['saved']}" if args.command != "nested"
           else f"wrote {out}/result.json and {summary['saved']}")
     return 0
 
 
-def _cmd_save(args: argparse.Namespace) -> int:
-    from .zoo import load_zoo
+def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
+    """The merged model for ``coeffs`` as a Hugging Face folder (replacing an earlier run's)."""
+    model = zoo.new_encoder() if zoo is not None and hasattr(zoo, "new_encoder") else objective._model
+    return objective.task_vectors.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True)
 
-    zoo = load_zoo(args.zoo, args.tasks)
-    tv = zoo.task_vectors()
-    coeffs = [float(x) for x in args.coeffs.split(",")]
-    if args.out.endswith(".safetensors"):
-        path = tv.save_merged(args.out, coeffs, method=args.method)
+
+def _parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    from .task_vectors.saving import check_destination
+
+    if (args.config is None) == (args.zoo is None):
+        raise ValueError("save needs either a bundled zoo (map-merge save text ...) or --config run.yaml")
+    if (args.coeffs is None) == (args.preference is None):
+        raise ValueError("save needs --coeffs c1,c2,... or --preference w1,w2,... (the latter picks from a finished map/bayes run)")
+    model = None
+    if args.config is not None:
+        config = load_config(args.config)
+        run_out = Path(config.get("out", "outputs/map"))
+        out = Path(args.out) if args.out else run_out / "merged"
+        check_destination(out, source_paths(config), args.overwrite)
+        coeffs = _coeffs_for(args, run_out)
+        method = args.method or config.get("method")
+        if "zoo" in config:
+            from .zoo import load_zoo
+
+            zoo = load_zoo(config["zoo"], config.get("tasks"))
+            tv, model = zoo.task_vectors(), (zoo.new_encoder() if hasattr(zoo, "new_encoder") else None)
+        else:
+            from .config import _build_model, build_task_vectors
+
+            tv = build_task_vectors(config)
+            if not Path(config["pretrained"]).is_dir() and "model" in config:  # a weights file: the config comes from the model
+                model = _build_model(config["_path"], config["model"], config["pretrained"], False, None)
     else:
-        path = tv.save_merged(args.out, coeffs, method=args.method, model=zoo.new_encoder())
+        if not args.out:
+            raise ValueError("save on a bundled zoo needs --out (a .safetensors file or a folder)")
+        from .zoo import load_zoo
+
+        out = Path(args.out)
+        coeffs = _coeffs_for(args, None)
+        zoo = load_zoo(args.zoo, args.tasks)
+        tv, method = zoo.task_vectors(), args.method
+        model = None if out.suffix == ".safetensors" else zoo.new_encoder()
+    path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite)
     print(f"saved merged model to {path}")
     return 0
+
+
+def _coeffs_for(args: argparse.Namespace, run_out: Path | None) -> list[float]:
+    if args.coeffs is not None:
+        return _parse_floats(args.coeffs, "--coeffs")
+    if run_out is None:
+        raise ValueError("--preference picks from a finished run: give --config run.yaml")
+    from .pareto import ParetoFront
+
+    result_file = run_out / "result.json"
+    if not result_file.exists():
+        raise FileNotFoundError(f"--preference picks from the front of a finished map/bayes run, but {result_file} does not exist")
+    result = json.loads(result_file.read_text())
+    if "front" not in result:
+        raise ValueError(f"{result_file} holds no front (a {result.get('summary', {}).get('command', 'nested/moe')} run); use --coeffs")
+    front = result["front"]
+    names = front["task_names"]
+    weights = _parse_floats(args.preference, "--preference")
+    if len(weights) != len(names):
+        raise ValueError(f"--preference has {len(weights)} weights for {len(names)} tasks {names}")
+    pf = ParetoFront(np.asarray(front["coeffs"]), np.asarray(front["metrics"]), names, front["senses"])
+    return pf.select(weights).tolist()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,13 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
         run = sub.add_parser(command, help=text + " (models and settings in a YAML/JSON config)", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         run.add_argument("--config", required=True, help="YAML or JSON file (fields above)")
+        run.add_argument("--overwrite", action="store_true", help="replace result.json, front.png and merged/ of an earlier run in 'out'")
         run.set_defaults(fn=_cmd_run)
-    save = sub.add_parser("save", help="save a merged zoo model for given coefficients")
-    save.add_argument("zoo", choices=["text", "vision"])
-    save.add_argument("--coeffs", required=True, help="comma-separated, one per task")
-    save.add_argument("--tasks", nargs="*", default=None)
-    save.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties", "dare"])
-    save.add_argument("--out", required=True, help="a .safetensors file or a folder")
+    save = sub.add_parser("save", help="save a merged model for given coefficients (or a preference) as a Hugging Face folder",
+                          description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    save.add_argument("zoo", nargs="?", choices=["text", "vision"], default=None, help="a bundled zoo (or use --config)")
+    save.add_argument("--config", default=None, help="a run's YAML/JSON config: its models (and, for --preference, its result)")
+    save.add_argument("--coeffs", default=None, help="comma-separated, one per task")
+    save.add_argument("--preference", default=None, help="comma-separated weights: pick from the front of the config's map/bayes run")
+    save.add_argument("--tasks", nargs="*", default=None, help="zoo tasks (with a bundled zoo)")
+    save.add_argument("--method", default=None, choices=["task_arithmetic", "ties", "dare"])
+    save.add_argument("--out", default=None, help="a folder (or a .safetensors file); default with --config: <out>/merged")
+    save.add_argument("--overwrite", action="store_true", help="replace an existing output")
     save.set_defaults(fn=_cmd_save)
     return parser
 
@@ -237,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         return args.fn(args)
-    except (ValueError, ImportError, FileNotFoundError) as error:
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as error:
         print(f"map-merge {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "build_executor", "fit_moe"]
+__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "build_executor", "fit_moe", "task_names_of",
+           "source_paths", "build_task_vectors"]
 
 FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
@@ -125,6 +126,7 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     if "zoo" in config:
         if own:
             raise fail(own[0], "belongs to a run on your own models; a run on a bundled zoo ('zoo') takes its models and metrics from the zoo")
+        _check_preference(config, fail)
         return {**config, "_path": str(path)}
     missing = [key for key in ("pretrained", "finetuned") + (() if specs else ("evaluator",)) if key not in config]
     if missing:
@@ -150,11 +152,38 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("evaluator", "model", "train_loss"):
         if key in config and config[key].count(":") != 1:
             raise fail(key, f"must be 'module:function' or 'file.py:function', got {config[key]!r}")
+    _check_preference(resolved, fail)
     moe_fields = [key for key in ("moe_method", "moe_steps", "upcycle") if key in config]
     if moe_fields and "train_loss" not in config:
         raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
                                   "batch): PWE-MoE trains its routers on your tasks' training losses")
     return resolved
+
+
+def task_names_of(config: dict[str, Any]) -> list[str] | None:
+    """The task names a config runs on (``None``: a zoo's defaults, known once it is loaded)."""
+    if "tasks" in config:
+        return list(config["tasks"])
+    if "finetuned" in config:
+        return list(config["finetuned"])
+    return None
+
+
+def _check_preference(config: dict[str, Any], fail: Callable[[str, str], ConfigError]) -> None:
+    names = task_names_of(config)
+    if "zoo" in config and names is None:
+        from .zoo import default_tasks
+
+        names = list(default_tasks(config["zoo"]))
+    if "preference" in config and names is not None and len(config["preference"]) != len(names):
+        raise fail("preference", f"has {len(config['preference'])} weights for {len(names)} tasks {names}")
+
+
+def source_paths(config: dict[str, Any]) -> list[str]:
+    """The model files and folders a config reads (outputs never go there)."""
+    if "zoo" in config:
+        return []
+    return [config["pretrained"], *config["finetuned"].values()]
 
 
 def _task_spec(folder: Path, name: str, spec: Any, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:
@@ -247,7 +276,7 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     # on Ray every worker builds its own model from the paths (only this recipe travels); locally: now
     model = build if "ray" in config else build()
     device = "auto" if "ray" in config else None  # a Ray worker given a GPU evaluates on it
-    tv = TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
+    tv = build_task_vectors(config)
     if specs is not None:
         tasks = _spec_tasks(config, specs)
         key = json.dumps({"specs": specs, "dtype": config.get("dtype")}, sort_keys=True, default=str)
@@ -259,6 +288,14 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
     return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device), names, None
+
+
+def build_task_vectors(config: dict[str, Any]):
+    """The task vectors of a validated config on your own models (the tasks it names)."""
+    from .task_vectors import TaskVectors
+
+    names = task_names_of(config)
+    return TaskVectors.from_models(config["pretrained"], {n: config["finetuned"][n] for n in names})
 
 
 def _build_model(config_path: str, model_spec: str | None, pretrained: str, causal: bool, dtype_name: str | None):

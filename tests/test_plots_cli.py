@@ -58,7 +58,9 @@ def test_cli_map_on_vision_zoo(tmp_path, monkeypatch, capsys):
     assert result["samples"]["round"].count(1) == 5 and result["settings"]["refine"] == {"reevaluations": 10, "rounds": 2}
     assert (tmp_path / "out" / "front.png").exists()
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
-    assert len(summary["coeffs"]) == 2 and summary["evaluations"] == 22
+    assert summary == result["summary"]  # what is printed is what is written
+    used = np.concatenate([result["samples"]["coeffs"], result["real_front"]["coeffs"]])
+    assert len(summary["coeffs"]) == 2 and summary["evaluations"] == len(np.unique(used, axis=0)) == summary["models_evaluated"]
     assert main(["map", "--config", str(tmp_path / "missing.yaml")]) == 2
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -88,7 +90,7 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     zoo = load_vision_zoo(tasks[:2], progress=False)
     moe, _ = zoo.fit_moe(tasks[:2], steps=5, checkpoint=tmp_path / "out")
     expected = moe.unload([0.75, 0.25]).state_dict()
-    saved = load_file(summary["saved"])
+    saved = load_file(f"{summary['saved']}/model.safetensors")
     assert set(saved) == set(expected) and all(np.allclose(saved[k].numpy(), expected[k].numpy()) for k in saved)
     config.write_text(json.dumps({**base, "preference": [1, 1]}))
     assert main(["nested", "--config", str(config)]) == 2  # two weights for three tasks
@@ -154,7 +156,7 @@ def test_cli_on_own_models_finds_the_analytic_optimum(tmp_path, capsys, command,
     assert main([command, "--config", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0].split("\nwrote")[0])
     np.testing.assert_allclose(summary["coeffs"], expected, atol=0.03)
-    saved = load_file(summary["saved"])["weight"].numpy().reshape(-1)
+    saved = load_file(f"{summary['saved']}/model.safetensors")["weight"].numpy().reshape(-1)
     np.testing.assert_allclose(saved, summary["coeffs"], atol=1e-6)  # the saved model is the merge of the pick
     assert (tmp_path / "out" / "evaluations.sqlite").exists()
 
@@ -202,7 +204,8 @@ def test_cli_moe_on_own_models_routes_to_the_analytic_optimum(tmp_path, capsys, 
     assert main(["moe", "--config", str(config)]) == 0
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     # the saved dense model for [3, 1]: LS w = (0.75, 0.25), EPO w = (0.634, 0.366)
-    np.testing.assert_allclose(load_file(summary["saved"])["weight"].numpy().reshape(-1), _segment_point([3, 1], method), atol=0.05)
+    np.testing.assert_allclose(load_file(f"{summary['saved']}/model.safetensors")["weight"].numpy().reshape(-1),
+                               _segment_point([3, 1], method), atol=0.05)
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     # the unloaded front, scored by the evaluator 1 - |w - e_i|^2 (the routers see the simplex's
     # corners rarely, so the test holds them to interior preferences)
@@ -212,7 +215,7 @@ def test_cli_moe_on_own_models_routes_to_the_analytic_optimum(tmp_path, capsys, 
     truth = 1.0 - np.stack([((w - np.eye(2)[i]) ** 2).sum(-1) for i in range(2)], -1)
     np.testing.assert_allclose(metrics[inner], truth, atol=0.08)
     # a second run reuses the trained routers
-    assert main(["moe", "--config", str(config)]) == 0
+    assert main(["moe", "--config", str(config), "--overwrite"]) == 0
     assert json.loads(capsys.readouterr().out.split("\npreference")[0])["fit"]["cached"] is True
 
 

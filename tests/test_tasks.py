@@ -162,7 +162,16 @@ def test_cli_scores_language_models_from_metric_specs(tmp_path, tokenizer, capsy
         assert metrics[row, 0] == pytest.approx(mm.HeldOutLoss(TEXTS[:2], tokenizer)(live), rel=1e-5)
         assert metrics[row, 1] == pytest.approx(
             mm.HeldOutLoss(["some other text entirely", "and a second line of it"], tokenizer, max_length=8)(live), rel=1e-5)
-    assert len(summary["coeffs"]) == 2 and (tmp_path / "out" / "merged_for_preference.safetensors").exists()
+    assert len(summary["coeffs"]) == 2
+    # the pick is a Hugging Face folder that from_pretrained loads: the merge of the chosen coefficients
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+    tv.merge_into(live, summary["coeffs"])
+    tokens = torch.tensor([[5, 17, 9, 30, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved(tokens).logits, live(tokens).logits, rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "out" / "merged" / "tokenizer_config.json").exists()
     bad = {**fields, "tasks": {"a": {"kind": "loss"}, "b": {"kind": "loss", "data": "b.txt"}}}
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match=r"field 'tasks.a' \(loss\) needs \['data'\]"):

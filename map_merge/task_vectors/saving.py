@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_destination", "atomic_path", "write_side_files", "WEIGHT_SUFFIXES"]
+__all__ = ["check_destination", "atomic_path", "write_side_files", "save_module", "write_json", "WEIGHT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,29 @@ def write_side_files(folder: Path, source_folder: Path | None, config: Any = Non
 
 def write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def save_module(module: Any, path: str | os.PathLike, sources: Iterable[str | os.PathLike] = (), overwrite: bool = False,
+                source_folder: Path | None = None, metadata: Any = None) -> Path:
+    """Save a live module as a folder under the same rules: ``save_pretrained`` for a Hugging Face
+    model (``model.safetensors`` of its checkpoint-layout tensors otherwise), the pretrained folder's
+    tokenizer and other non-weight files, and ``map_merge.json`` (``metadata``)."""
+    from safetensors.torch import save_file
+
+    from .keymap import checkpoint_state
+
+    target = check_destination(path, sources, overwrite)
+    with atomic_path(target, folder=True) as temp:
+        if hasattr(module, "save_pretrained"):
+            module.save_pretrained(str(temp))
+        else:
+            state, _ = checkpoint_state(module)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(temp / "model.safetensors"), metadata={"format": "pt"})
+        if source_folder is not None:
+            for item in Path(source_folder).iterdir():
+                if item.is_file() and not (temp / item.name).exists() and not item.name.endswith(WEIGHT_SUFFIXES) \
+                        and item.name not in _WEIGHT_INDEXES and not item.name.startswith("."):
+                    shutil.copy2(item, temp / item.name)
+        if metadata is not None:
+            write_json(temp / "map_merge.json", metadata)
+    return Path(path)
