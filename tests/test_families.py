@@ -226,3 +226,27 @@ def test_meta_parameters_get_an_error_naming_them():
         tv = mm.TaskVectors.from_models(base, [perturb(copy.deepcopy(base), 1)], storage=storage)
         with pytest.raises(ValueError, match=r"meta device"):
             tv.merge_into(offloaded, [1.0])
+
+
+def test_live_deltas_and_pwe_moe_see_fused_and_renamed_tensors(tmp_path):
+    from map_merge.moe import ParetoMoE
+
+    cls, config, _, _ = family("mixtral")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "base")
+    for i in range(2):
+        perturb(cls.from_pretrained(tmp_path / "base"), i + 1).save_pretrained(tmp_path / f"ft{i}")
+    tv = mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"])
+    model = cls.from_pretrained(tmp_path / "base")
+    keys = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj", "model.layers.0.mlp.gate.weight"]
+    found = tv.live_deltas(model, keys)
+    base = model.state_dict()
+    for i in range(2):
+        ft = cls.from_pretrained(tmp_path / f"ft{i}", dtype=torch.float32).state_dict()
+        for key in keys:
+            torch.testing.assert_close(found[key][0], base[key].float())
+            torch.testing.assert_close(found[key][1][i], ft[key] - base[key].float())
+    moe = ParetoMoE(model, tv, upcycle=r"mlp\.experts$")
+    assert sorted(moe.groups) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert set(moe.groups["model.layers.0.mlp.experts"]) == {"model.layers.0.mlp.experts.gate_up_proj",
+                                                             "model.layers.0.mlp.experts.down_proj"}

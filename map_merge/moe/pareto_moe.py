@@ -136,7 +136,6 @@ class ParetoMoE(nn.Module):
             groups = _pattern_groups(model, upcycle)
             if not groups:
                 raise ValueError(f"upcycle pattern {upcycle!r} matches no module with parameters in {type(model).__name__}")
-        merged_keys = set(task_vectors.keys)
         # everything merged by task arithmetic with init_lambda first
         task_vectors.merge_into(model, [self.init_lambda] * self.num_tasks)
         model = copy.deepcopy(model)  # detach the model from the task vectors' shared buffer
@@ -144,14 +143,17 @@ class ParetoMoE(nn.Module):
         self.groups: dict[str, list[str]] = {}
         self._bases: dict[str, torch.Tensor] = {}
         self._experts: dict[str, torch.Tensor] = {}
-        for group, modules in groups.items():
-            keys = [f"{m}.{p}" if m else p for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)]
-            keys = [k for k in keys if k in merged_keys]
+        wanted = {group: [f"{m}.{p}" if m else p for m in modules for p, _ in model.get_submodule(m).named_parameters(recurse=False)]
+                  for group, modules in groups.items()}
+        # the experts of each live parameter, through the key map (renamed, tied and fused tensors)
+        found = task_vectors.live_deltas(model, [k for keys in wanted.values() for k in keys])
+        for group, keys in wanted.items():
+            keys = [k for k in keys if k in found]
             if not keys:
                 continue
             self.groups[group] = keys
             for key in keys:
-                base, experts = task_vectors.deltas(key)
+                base, experts = found[key]
                 self._bases[key] = base.clone()
                 self._experts[key] = experts.clone()
                 state[key].requires_grad_(False)

@@ -238,6 +238,35 @@ class TaskVectors:
         pieces = [d for _, _, d in self.delta_chunks([key], self.device)]
         return base, torch.cat(pieces, dim=1).reshape((self.num_tasks,) + tuple(base.shape))
 
+    def live_deltas(self, model: nn.Module, live_keys: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``live key -> (base (*shape), deltas (T, *shape))`` for tensors of a live ``model`` named as
+        the model names them: renamed and tied keys map to their checkpoint tensor, fused ones (stacked
+        experts) are converted from their sources by transformers' operations (linear, so converting
+        each task's delta is exact). Keys nothing maps to are left out. In :attr:`dtype` on :attr:`device`."""
+        from .keymap import LivePlan
+
+        plan = LivePlan(model, self.tensor_shapes, self.keys)
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for live in live_keys:
+            key = plan.checkpoint_of(live)
+            if key is not None and key in set(self.keys):
+                out[live] = self.deltas(key)
+                continue
+            group = next((g for g in plan.groups if plan.aliases.get(live, live) in g.targets), None)
+            if group is None:
+                continue
+            parts = {k: self.deltas(k) for k in group.sources}
+            base = group.convert({k: b for k, (b, _) in parts.items()}, model)
+            per_task = [group.convert({k: d[t] for k, (_, d) in parts.items()}, model) for t in range(self.num_tasks)]
+            target = plan.aliases.get(live, live)
+            out[live] = (base[target], torch.stack([p[target] for p in per_task]))
+        return out
+
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``checkpoint key -> shape`` of every tensor of the pretrained model (merged or copied)."""
+        raise NotImplementedError
+
     def cosine_similarity(self) -> np.ndarray:
         """``(T, T)`` cosine similarities between task vectors (one pass over the weights)."""
         gram = torch.zeros(self.num_tasks, self.num_tasks, dtype=torch.float64)

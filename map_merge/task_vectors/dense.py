@@ -200,6 +200,10 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
     def keys(self) -> tuple[str, ...]:
         return tuple(s.key for s in self._slots)
 
+    @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {**{s.key: s.shape for s in self._slots}, **{k: tuple(t.shape) for k, t in self._frozen.items()}}
+
     def slices(self) -> dict[str, tuple[slice, tuple[int, ...]]]:
         """``key -> (slice into the flat vector, shape)`` for each stored tensor."""
         return {s.key: (slice(s.offset, s.offset + s.numel), s.shape) for s in self._slots}

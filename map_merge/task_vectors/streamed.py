@@ -136,6 +136,10 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         return self._keys
 
     @property
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    @property
     def device(self) -> torch.device:
         return self._device
 
