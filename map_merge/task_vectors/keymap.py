@@ -193,7 +193,8 @@ class LivePlan:
         for key in natural_order(shapes):
             live, pattern = _rename(key, renamings, converters, prefix, state)
             if live not in state:
-                unexpected.append(key)
+                if key in floating:  # an integer buffer the model does not keep (position ids) is no loss
+                    unexpected.append(key)
                 continue
             if pattern is None:
                 (self.direct if key in floating else self.frozen)[key] = live
