@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import merge_methods
+from ..groups import Groups, as_matrix
 from ..merge_methods import MergeMethod, resolve_method
 from .safetensors_io import plan_shards, write_safetensors
 from .saving import atomic_path, check_destination, write_side_files
@@ -167,15 +168,17 @@ class TaskVectors:
         """A hash identifying the pretrained weights, the task vectors and the names."""
         raise NotImplementedError
 
-    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None,
+              groups: Groups | None = None) -> dict[str, torch.Tensor]:
         """The merged state dict for ``coeffs: (T,)`` in the checkpoint layout (all of it in memory,
         on :attr:`device`), in ``dtype`` (default: dense storage's :attr:`dtype`; streamed storage's
         pretrained dtypes, so a bf16 checkpoint stays bf16)."""
         raise NotImplementedError
 
-    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
-        """Write the merged weights for ``coeffs: (T,)`` into ``model`` in place and return it.
-        The model keeps its device and dtype (a bf16 model stays bf16); arithmetic is fp32."""
+    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None, groups: Groups | None = None) -> nn.Module:
+        """Write the merged weights for ``coeffs: (T,)`` (or ``T x G`` with ``groups``) into ``model``
+        in place and return it. The model keeps its device and dtype (a bf16 model stays bf16);
+        arithmetic is fp32."""
         raise NotImplementedError
 
     def prepare(self, method: str | MergeMethod | None = None) -> None:
@@ -196,8 +199,8 @@ class TaskVectors:
         """``(key, dtype, shape)`` of every tensor a saved merged model holds, in order."""
         raise NotImplementedError
 
-    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, piece)`` of the merged model in :meth:`_output_entries` order and dtypes."""
+    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod, groups: Groups | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, piece)`` of the merged model for ``coeffs: (T, G)`` in :meth:`_output_entries` order and dtypes."""
         raise NotImplementedError
 
     def _base_weights(self) -> Weights:
@@ -229,6 +232,18 @@ class TaskVectors:
         if not np.isfinite(c).all():
             raise ValueError(f"coefficients must be finite, got {c.tolist()}")
         return c
+
+    def coefficients_by_key(self, coeffs: Any, groups: Groups | None = None, keys: Sequence[str] | None = None
+                            ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """``(C (T, G), key -> c_k (T,))`` for a coefficient vector of ``T x G`` entries (task-major,
+        or shape ``(T, G)``); the mapping is ``None`` without groups (every key merges with ``C[:, 0]``)."""
+        matrix = as_matrix(coeffs, self.num_tasks, groups)
+        if groups is None:
+            return matrix, None
+        keys = list(self.keys if keys is None else keys)
+        weights = groups.weights(keys)
+        per_key = matrix @ weights.T  # (T, K)
+        return matrix, {key: per_key[:, j] for j, key in enumerate(keys)}
 
     def deltas(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(base (*shape), deltas (T, *shape))`` of one tensor, in :attr:`dtype` on :attr:`device`."""
@@ -285,6 +300,7 @@ class TaskVectors:
         extra_metadata: Mapping[str, Any] | None = None,
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
+        groups: Groups | None = None,
     ) -> Path:
         """Save the merged model for ``coeffs: (T,)``, streamed tensor by tensor.
 
@@ -296,27 +312,34 @@ class TaskVectors:
         (from its folder, or its module's configs, or ``model``'s), and ``map_merge.json``
         (coefficients, method, the sources' identities). Tensors keep the pretrained dtypes.
 
+        ``groups``: coefficient groups (:class:`~map_merge.Groups`); ``coeffs`` then has ``T x G``
+        entries (task-major) or shape ``(T, G)``.
+
         Never loses data: a destination that is, holds or lies inside a source of these task
         vectors is refused; an existing non-empty one unless ``overwrite=True``; everything is
         written beside it and renamed into place at the end (a crash leaves the old one or nothing).
         Raises ValueError / FileExistsError naming the destination."""
         method = resolve_method(method)
-        c = self.check_coeffs(coeffs)
+        matrix, _ = self.coefficients_by_key(coeffs, groups)
         target = check_destination(path, self.source_paths(), overwrite)
-        meta = {"coefficients": dict(zip(self.names, c.tolist())), "method": method.spec, "task_vectors": self.fingerprint(),
-                "storage": self.storage, "sources": self._source_identities()}
+        from ..groups import coefficient_names
+
+        meta = {"coefficients": dict(zip(coefficient_names(self.names, groups), matrix.reshape(-1).tolist())), "method": method.spec,
+                "task_vectors": self.fingerprint(), "storage": self.storage, "sources": self._source_identities()}
+        if groups is not None:
+            meta["groups"] = groups.spec
         meta.update(extra_metadata or {})
         entries = self._output_entries()
         header_meta = {"format": "pt", "map_merge": json.dumps(meta, default=str)}
         if target.suffix == ".safetensors":
             with atomic_path(target, folder=False) as temp:
-                write_safetensors(temp, entries, self._output_pieces(c, method), header_meta)
+                write_safetensors(temp, entries, self._output_pieces(matrix, method, groups), header_meta)
             return Path(path)
         with atomic_path(target, folder=True) as temp:
             sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
             shards = plan_shards(sizes, parse_size(max_shard_size))
             by_key = {key: (dtype, shape) for key, dtype, shape in entries}
-            pieces = _Peekable(self._output_pieces(c, method))
+            pieces = _Peekable(self._output_pieces(matrix, method, groups))
             weight_map: dict[str, str] = {}
             for number, shard in enumerate(shards, 1):
                 name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"

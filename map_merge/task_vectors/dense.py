@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
 from .binding import LiveWriter, set_tensor, writable_state
@@ -272,20 +273,39 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
     def prepare(self, method: str | MergeMethod | None = None) -> None:
         self.prepared(method)
 
-    def _coeffs(self, coeffs: Any) -> torch.Tensor:
-        return torch.as_tensor(self.check_coeffs(coeffs)).to(device=self.device, dtype=self.dtype)
+    def merge_flat(self, coeffs: Any, method: str | MergeMethod | None = None, out: torch.Tensor | None = None,
+                   groups: Groups | None = None) -> torch.Tensor:
+        """Merged weights as a flat ``(P,)`` vector: ``base + V'^T c`` in one fused op. With ``groups``,
+        one fused op per run of consecutive tensors that share their coefficients."""
+        prepared = self.prepared(method)
+        matrix, per_key = self.coefficients_by_key(coeffs, groups)
+        if per_key is None or np.allclose(matrix, matrix[:, :1]):  # one coefficient per task everywhere
+            c = torch.as_tensor(matrix[:, 0]).to(device=self.device, dtype=self.dtype)
+            return torch.addmv(self.base, prepared.T, c, out=out)
+        out = torch.empty_like(self.base) if out is None else out
+        for start, stop, c in self._runs(per_key):
+            c = torch.as_tensor(c).to(device=self.device, dtype=self.dtype)
+            torch.addmv(self.base[start:stop], prepared[:, start:stop].T, c, out=out[start:stop])
+        return out
 
-    def merge_flat(self, coeffs: Any, method: str | MergeMethod | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Merged weights as a flat ``(P,)`` vector: ``base + V'^T c`` in one fused op."""
-        c = self._coeffs(coeffs)
-        return torch.addmv(self.base, self.prepared(method).T, c, out=out)
+    def _runs(self, per_key: dict[str, np.ndarray]) -> list[tuple[int, int, np.ndarray]]:
+        """``(start, stop, c (T,))`` over maximal runs of consecutive slots with the same coefficients."""
+        runs: list[tuple[int, int, np.ndarray]] = []
+        for slot in self._slots:
+            c = per_key[slot.key]
+            if runs and runs[-1][1] == slot.offset and np.array_equal(runs[-1][2], c):
+                runs[-1] = (runs[-1][0], slot.offset + slot.numel, c)
+            else:
+                runs.append((slot.offset, slot.offset + slot.numel, c))
+        return runs
 
-    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None,
+              groups: Groups | None = None) -> dict[str, torch.Tensor]:
         """Merged state dict for ``coeffs: (T,)`` in the checkpoint layout: views of one new flat
         buffer in :attr:`dtype` (or in ``dtype``, when given).
 
         Tied keys map to the same tensor; integer buffers are copies of the pretrained ones."""
-        flat = self.merge_flat(coeffs, method)
+        flat = self.merge_flat(coeffs, method, groups=groups)
         if dtype is not None:
             flat = flat.to(dtype)
         state: dict[str, torch.Tensor] = {}
@@ -297,7 +317,7 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
             state[key] = tensor.clone()
         return state
 
-    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
+    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None, groups: Groups | None = None) -> nn.Module:
         """Write the merged weights for ``coeffs: (T,)`` into ``model`` in place and return it.
 
         On first use the model's merged tensors are re-pointed to views of one flat buffer of
@@ -311,9 +331,9 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         if binding is None or not self._still_bound(model, binding):
             binding = self._bind(model)
         if binding.scratch is None:
-            self.merge_flat(coeffs, method, out=binding.buffer)
+            self.merge_flat(coeffs, method, out=binding.buffer, groups=groups)
         else:
-            self.merge_flat(coeffs, method, out=binding.scratch)
+            self.merge_flat(coeffs, method, out=binding.scratch, groups=groups)
             with torch.no_grad():
                 if binding.buffer is not None:
                     binding.buffer.copy_(binding.scratch)
@@ -388,8 +408,8 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         entries = [(s.key, s.dtype, s.shape) for s in self._slots]
         return entries + [(k, t.dtype, tuple(t.shape)) for k, t in self._frozen.items()]
 
-    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod) -> Iterator[tuple[str, torch.Tensor]]:
-        flat = self.merge_flat(coeffs, method)
+    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod, groups: Groups | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        flat = self.merge_flat(coeffs, method, groups=groups)
         for slot in self._slots:
             yield slot.key, flat[slot.offset : slot.offset + slot.numel].to(slot.dtype)
         for key, tensor in self._frozen.items():

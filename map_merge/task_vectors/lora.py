@@ -259,14 +259,15 @@ class MatchedLora:
                                     for k, t in self.full.items())
 
 
-def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: np.ndarray, keys: Sequence[str],
+def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: Mapping[str, np.ndarray], keys: Sequence[str],
                            shapes: Mapping[str, tuple[int, ...]], read_base: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The exact task-arithmetic merge of adapters as one PEFT adapter: ``(tensors, adapter_config)``.
 
     ``sum_i c_i s_i B_i A_i = [c_1 s_1 B_1 | ... | c_T s_T B_T] @ [A_1; ...; A_T]``: factors are
     concatenated (rank = the sum of the ranks, zero-padded to one rank for all modules, ``lora_alpha
     = r`` so the scaling is 1); tensors saved whole (``modules_to_save``) are merged and saved whole.
-    ``keys``: checkpoint keys in order; ``read_base(key)``: the pretrained tensor, flat."""
+    ``coeffs``: checkpoint key -> its per-task coefficients ``(T,)`` (coefficient groups may differ
+    per key); ``keys``: checkpoint keys in order; ``read_base(key)``: the pretrained tensor, flat."""
     fan = {bool(lora.adapter.fan_in_fan_out) for lora in adapters}
     if len(fan) > 1:
         raise ValueError("the adapters disagree on fan_in_fan_out; they cannot be saved as one adapter")
@@ -277,7 +278,7 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: np.ndarray, 
     cpu = torch.device("cpu")
     for key in adapted:
         lefts, rights, module, embedding = [], [], None, False
-        for lora, weight in zip(adapters, coeffs):
+        for lora, weight in zip(adapters, coeffs[key]):
             if key not in lora.factors:
                 continue
             left, right = lora.factors_on(key, cpu)
@@ -305,7 +306,7 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: np.ndarray, 
     for key in whole:
         base = read_base(key).to(torch.float32)
         merged = base.clone()
-        for lora, weight in zip(adapters, coeffs):
+        for lora, weight in zip(adapters, coeffs[key]):
             if key in lora.full:
                 merged.add_(lora.full[key].reshape(-1).to(torch.float32) - base, alpha=float(weight))
         if key in adapted:  # an adapted module's base_layer: the adapter's own base must be the pretrained one

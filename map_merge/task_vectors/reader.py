@@ -9,7 +9,7 @@ overlap, and resident memory stays at two sets of chunk buffers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -62,23 +62,24 @@ class ChunkReader:
         whole += [(float(c[i]), lora.full[key].reshape(-1)[start:stop]) for i, lora in self.lora if key in lora.full and c[i] != 0]
         return base, whole
 
-    def ahead(self, work: Sequence[tuple[str, int, int]], c: np.ndarray) -> Iterator[RawChunks]:
-        """The raw chunks of each ``(key, start, stop)`` of ``work`` in order, each read in a thread
-        while the previous one is being used (a yielded chunk is valid until the next is asked for)."""
+    def ahead(self, work: Sequence[tuple[str, int, int]], c_of: Callable[[str], np.ndarray]) -> Iterator[RawChunks]:
+        """The raw chunks of each ``(key, start, stop)`` of ``work`` in order (``c_of(key)``: that
+        tensor's coefficients ``(T,)``), each read in a thread while the previous one is being used
+        (a yielded chunk is valid until the next is asked for)."""
         if len(work) < 2:
             for key, start, stop in work:
-                yield self.read(key, start, stop, c)
+                yield self.read(key, start, stop, c_of(key))
             return
         slots = self._buffers()
         pool = ThreadPoolExecutor(1)
         try:
             turn = 0
-            pending = pool.submit(self.read, *work[0], c, slots[turn])
+            pending = pool.submit(self.read, *work[0], c_of(work[0][0]), slots[turn])
             for index in range(len(work)):
                 raw = pending.result()
                 if index + 1 < len(work):
                     turn = 1 - turn  # the other slot: the chunk in hand is still being used from this one
-                    pending = pool.submit(self.read, *work[index + 1], c, slots[turn])
+                    pending = pool.submit(self.read, *work[index + 1], c_of(work[index + 1][0]), slots[turn])
                 yield raw
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import merge_methods
+from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
 from .binding import LiveWriter
@@ -249,36 +250,8 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             self._raise_nonfinite(key, start, stop, c)
         return out
 
-    # ------------------------------------------------------------------ merging
-    def prepare(self, method: str | MergeMethod | None = None) -> None:
-        self._fitted(resolve_method(method))
-
-    def _fitted(self, method: MergeMethod) -> Any:
-        key = json.dumps(method.spec, sort_keys=True)
-        if self._state is None or self._state[0] != key:
-            self._state = None
-            sizes = {k: self._numel[k] for k in self._keys}
-            chunks = lambda keys=None: ((k, s, d.float()) for k, s, d in self.delta_chunks(keys, self._device))  # noqa: E731
-            self._state = (key, method.fit(chunks, sizes))
-        return self._state[1]
-
-    def _merged_chunk(self, key: str, start: int, stop: int, c: np.ndarray, method: MergeMethod, state: Any,
-                      device: torch.device, raw: Any = None) -> torch.Tensor:
-        """The merged chunk ``[start, stop)`` of ``key`` in fp32 on ``device`` (``raw``: the chunks
-        task arithmetic reads, when already read ahead)."""
-        if method.is_identity:
-            out = self._task_arithmetic_chunk(key, start, stop, c, device, raw)
-        else:
-            base, deltas = self._delta_block(key, start, stop, device)
-            prepared = method.transform(key, start, deltas, state)
-            out = torch.addmv(base, prepared.T, torch.as_tensor(c, dtype=torch.float32, device=device))
-        # NaN/inf anywhere makes the sum non-finite (a sum is ~50x cheaper than isfinite().all())
-        if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
-            self._raise_nonfinite(key, start, stop, c)
-        return out
-
     def _task_arithmetic_chunk(self, key: str, start: int, stop: int, c: np.ndarray, device: torch.device,
-                               raw: tuple[torch.Tensor, list[tuple[float, torch.Tensor]]] | None = None) -> torch.Tensor:
+                               raw: RawChunks | None = None) -> torch.Tensor:
         """``(1 - sum_i c_i) theta_0 + sum_i c_i theta_i`` over whole tensors (full fine-tunes and
         tensors an adapter saves whole) plus one product over every adapter's factors."""
         base_raw, whole = raw if raw is not None else self._reader.read(key, start, stop, c)
@@ -310,24 +283,24 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
                 raise ValueError(f"tensor {key!r} of {weights.where(key)} has NaN/inf value(s)")
         raise ValueError(f"merging tensor {key!r} with coefficients {c.tolist()} overflowed to NaN/inf")
 
-    def _raise_nonfinite(self, key: str, start: int, stop: int, c: np.ndarray) -> None:
-        for weights in [self._base] + [w for _, w in self._full]:
-            if not bool(torch.isfinite(weights.read(key, start, stop)).all()):
-                raise ValueError(f"tensor {key!r} of {weights.where(key)} has NaN/inf value(s)")
-        raise ValueError(f"merging tensor {key!r} with coefficients {c.tolist()} overflowed to NaN/inf")
+    def _pieces(self, coeffs: np.ndarray, method: MergeMethod, desc: str, device_of: Mapping[str, torch.device] | None = None,
+                keys: Sequence[str] | None = None, groups: Groups | None = None) -> Iterator[tuple[str, int, int, torch.Tensor | None]]:
+        """``(key, start, stop, merged fp32 chunk)`` for ``coeffs: (T,)`` or ``(T, G)`` over ``keys``
+        (default: all, file order); frozen (integer) tensors come as ``(key, 0, numel, None)``. Chunks
+        are computed on ``device_of[key]`` (default: :attr:`device`); task arithmetic reads the next
+        chunk while this one is computed."""
+        matrix, per_key = self.coefficients_by_key(coeffs, groups)
+        shared = matrix[:, 0]
 
-    def _pieces(self, c: np.ndarray, method: MergeMethod, desc: str, device_of: Mapping[str, torch.device] | None = None,
-                keys: Sequence[str] | None = None) -> Iterator[tuple[str, int, int, torch.Tensor | None]]:
-        """``(key, start, stop, merged fp32 chunk)`` over ``keys`` (default: all, file order);
-        frozen (integer) tensors come as ``(key, 0, numel, None)``. Chunks are computed on
-        ``device_of[key]`` (default: :attr:`device`); task arithmetic reads the next chunk while
-        this one is computed."""
+        def c_of(key: str) -> np.ndarray:
+            return shared if per_key is None else per_key[key]
+
         state = self._fitted(method)
         show = self.progress if self.progress is not None else self.nbytes >= _PROGRESS_BYTES
         frozen = set(self._frozen)
         keys = list(self._keys if keys is None else keys)
         work = [(key, start, stop) for key in keys if key not in frozen for start, stop in chunk_ranges(self._shapes[key])]
-        raws = self._reader.ahead(work, c) if method.is_identity else None
+        raws = self._reader.ahead(work, c_of) if method.is_identity else None
         bar = tqdm(total=len(keys), desc=desc, disable=not show, leave=False, unit="tensor")
         try:
             for key in keys:
@@ -338,20 +311,21 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
                 device = device_of.get(key, self._device) if device_of is not None else self._device
                 for start, stop in chunk_ranges(self._shapes[key]):
                     raw = next(raws) if raws is not None else None
-                    yield key, start, stop, self._merged_chunk(key, start, stop, c, method, state, device, raw)
+                    yield key, start, stop, self._merged_chunk(key, start, stop, c_of(key), method, state, device, raw)
         finally:
             bar.close()
             if raws is not None:
                 raws.close()
 
-    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def merge(self, coeffs: Any, method: str | MergeMethod | None = None, dtype: torch.dtype | None = None,
+              groups: Groups | None = None) -> dict[str, torch.Tensor]:
         """The merged state dict for ``coeffs: (T,)`` in the checkpoint layout on :attr:`device`, each
         tensor in ``dtype`` (default: its pretrained dtype, so a bf16 checkpoint gives bf16 tensors;
         arithmetic is fp32 per chunk). The whole model is built in memory: at scale use
         :meth:`merge_into` or :meth:`save_merged`."""
-        c, method = self.check_coeffs(coeffs), resolve_method(method)
+        method = resolve_method(method)
         state: dict[str, torch.Tensor] = {}
-        for key, start, stop, piece in self._pieces(c, method, "merging"):
+        for key, start, stop, piece in self._pieces(coeffs, method, "merging", groups=groups):
             if piece is None:
                 state[key] = self._base.read(key).to(self._device, copy=True)
                 continue
@@ -364,20 +338,21 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
                 state[alias] = state[holder]
         return state
 
-    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None) -> nn.Module:
+    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None, groups: Groups | None = None) -> nn.Module:
         """Write the merged weights for ``coeffs: (T,)`` into ``model``'s own tensors, chunk by chunk,
         computed on their device and written in their dtype (fp32 arithmetic). Keys are matched through
         :class:`~map_merge.task_vectors.keymap.LivePlan`: renamed tensors are written in place, fused ones
         (stacked MoE experts) converted by transformers' operations once their sources are merged,
         tied ones written once. Statistics of TIES are computed once per method on :attr:`device`."""
-        c, method = self.check_coeffs(coeffs), resolve_method(method)
+        method = resolve_method(method)
+        self.coefficients_by_key(coeffs, groups)  # validated before the model is touched
         writer = LiveWriter(model, self._plan(model), self._numel)
         devices = {key: writer.device_of(key) for key in self._keys}
         with torch.no_grad():
             for key in self._frozen:
                 if key in writer.plan.frozen:
                     writer.write_whole(key, self._base.read(key))
-            for key, start, stop, piece in self._pieces(c, method, "merging", devices):
+            for key, start, stop, piece in self._pieces(coeffs, method, "merging", devices, groups=groups):
                 if piece is not None:
                     writer.write(key, start, piece)
             writer.finish()
@@ -406,11 +381,11 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
     def _output_entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(k, self._base.tensors[k][0], self._shapes[k]) for k in self._order]
 
-    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod) -> Iterator[tuple[str, torch.Tensor]]:
-        for key, _, _, piece in self._pieces(coeffs, method, "saving", keys=self._order):
+    def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod, groups: Groups | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, _, _, piece in self._pieces(coeffs, method, "saving", keys=self._order, groups=groups):
             yield key, (self._base.read(key) if piece is None else piece.to(self._base.tensors[key][0]))
 
-    def save_merged_adapter(self, path: str | os.PathLike, coeffs: Any, overwrite: bool = False) -> Path:
+    def save_merged_adapter(self, path: str | os.PathLike, coeffs: Any, overwrite: bool = False, groups: Groups | None = None) -> Path:
         """Save the task-arithmetic merge of LoRA adapters as one PEFT LoRA adapter (exact).
 
         ``sum_i c_i s_i B_i A_i = [c_1 s_1 B_1 | ... | c_T s_T B_T] @ [A_1; ...; A_T]``: the factors
@@ -423,11 +398,15 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         if self.storage != "lora":
             raise ValueError(f"a merged adapter needs every task to be a LoRA adapter (storage 'lora', not {self.storage!r}); "
                              "use save_merged for the full merged model")
-        c = self.check_coeffs(coeffs)
+        matrix, per_key = self.coefficients_by_key(coeffs, groups)
         target = check_destination(path, self.source_paths(), overwrite)
         adapters = [lora for _, lora in self._lora]
-        tensors, config = merged_adapter_tensors(adapters, c, self._keys, self._shapes, self._base.read)
-        meta = {"coefficients": dict(zip(self.names, c.tolist())), "method": {"name": "task_arithmetic"},
+        c_of = {k: (matrix[:, 0] if per_key is None else per_key[k]) for k in self._keys}
+        tensors, config = merged_adapter_tensors(adapters, c_of, self._keys, self._shapes, self._base.read)
+        from ..groups import coefficient_names
+
+        meta = {"coefficients": dict(zip(coefficient_names(self.names, groups), matrix.reshape(-1).tolist())),
+                "method": {"name": "task_arithmetic"}, **({"groups": groups.spec} if groups is not None else {}),
                 "task_vectors": self.fingerprint(), "storage": self.storage, "sources": self._source_identities()}
         with atomic_path(target, folder=True) as temp:
             write_safetensors(temp / "adapter_model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
