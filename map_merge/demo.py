@@ -138,11 +138,13 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     if grid_per_axis:
         grid_coeffs = grid_design(num, grid_per_axis)
         grid = objective(grid_coeffs)
+    senses = tuple(objective.senses)
+    sign = np.array([1.0 if s == "max" else -1.0 for s in senses])  # oriented: higher is better for every task
     pooled = np.concatenate([r.metrics for r in runs.values()] + ([grid] if grid is not None else []))
-    reference = pooled[pareto_mask(pooled)]
-    ref_point = pooled.min(axis=0)
+    reference = pooled[pareto_mask(pooled * sign)]
+    ref_point = (pooled * sign).min(axis=0) * sign  # the worst value per task, in its own units
     preferences = preference_grid(num)
-    scores = score_runs(runs, reference, ref_point, preferences=preferences, baseline="task arithmetic")
+    scores = score_runs(runs, reference, ref_point, preferences=preferences, baseline="task arithmetic", senses=senses)
     for name, run in runs.items():
         scores[name].pop("example_coefficients", None)
     if "nested merging" in scores:
@@ -150,21 +152,21 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
         for key in ("hv_ratio", "hypervolume", "igd", "igd_plus", "gd", "regret_mean", "regret_max", "win_rate_vs_baseline"):
             scores["nested merging"].pop(key, None)
     equal = np.full(num, 1.0 / num)
-    best_equal = float((reference @ equal).max())
+    best_equal = float(((reference * sign) @ equal).max())
     for name, run in runs.items():
-        scores[name]["regret_equal_preference"] = best_equal - float((run.metrics @ equal).max())
+        scores[name]["regret_equal_preference"] = best_equal - float(((run.metrics * sign) @ equal).max())
 
     map_result = runs["MAP"].result
     chosen = {"MAP (surrogate pick)": map_result.select(equal)}
     ta = runs["task arithmetic"]
-    chosen["best uniform task arithmetic"] = ta.inputs[int(np.argmax(ta.metrics.mean(axis=1)))]
+    chosen["best uniform task arithmetic"] = ta.inputs[int(np.argmax((ta.metrics * sign).mean(axis=1)))]
     if "nested merging" in runs:
         chosen["nested merging"] = runs["nested merging"].inputs[0]
     test = {name: zoo.evaluate_coeffs(c[None], names, split="test")[0] for name, c in chosen.items()}
     for m in moe_methods if moe_steps > 0 else ():
         moe = runs[f"PWE-MoE ({m.upper()})"].result
         dense = moe.unload(equal)
-        test[f"PWE-MoE ({m.upper()}) unloaded"] = np.array([zoo.accuracy(dense, n, "test") for n in names])
+        test[f"PWE-MoE ({m.upper()}) unloaded"] = zoo.evaluate_model(dense, names, "test")
 
     fronts = {name: run.metrics for name, run in runs.items()}
     fronts = {"MAP predicted": map_result.front, **fronts}
@@ -188,7 +190,8 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
                       "ref_point": ref_point.tolist(), "front": reference.tolist()},
         "preferences": len(preferences),
         "scores": scores,
-        "equal_preference_test_accuracy": {name: acc.tolist() for name, acc in test.items()},
+        "senses": list(senses),
+        "equal_preference_test": {name: acc.tolist() for name, acc in test.items()},
         "map": {"diagnostics": map_result.diagnostics(), "timings": map_result.timings, "result": map_result.to_dict()},
         "nested": runs["nested merging"].result.to_dict() if "nested merging" in runs else None,
         "runs": {name: {"inputs": run.inputs.tolist(), "metrics": run.metrics.tolist(), "extra": run.extra} for name, run in runs.items()},
@@ -220,7 +223,8 @@ def _markdown(report: dict[str, Any]) -> str:
                   f"Scored on `{exp['split']}`. Reference front: the non-dominated set of all {ref['pooled_evaluations']} real evaluations of every method"
                   + (f" and a {ref['grid_points']}-point grid" if ref["grid_points"] else "")
                   + f" ({ref['points']} points); hypervolume reference point: their worst value per task. Budgeted methods get {exp['budget_per_method']} "
-                  f"real evaluations each. Regret: best weighted accuracy on the reference minus the method's best among its own evaluations, "
+                  f"real evaluations each. Regret: best weighted score on the reference minus the method's best among its own evaluations "
+                  f"(senses: {', '.join(exp.get('senses', ['max'] * len(exp['tasks'])))}), "
                   f"mean over {exp['preferences']} preferences; win rate: share of the task-arithmetic sweep's front dominated.", "",
                   "| method | real evaluations | HV ratio | IGD+ | mean regret | regret, equal preference | win rate vs TA | seconds |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -228,8 +232,8 @@ def _markdown(report: dict[str, Any]) -> str:
             extra = f" (+{m['training_steps']} training steps)" if "training_steps" in m else ""
             lines.append(f"| {name} | {m['evaluations']}{extra} | {_fmt(m.get('hv_ratio'))} | {_fmt(m.get('igd_plus'), 4)} | {_fmt(m.get('regret_mean'), 4)} | "
                          f"{_fmt(m.get('regret_equal_preference'), 4)} | {_fmt(m.get('win_rate_vs_baseline'), 2)} | {m['seconds']:.0f} |")
-        lines += ["", "Equal preference, test accuracy of the chosen model:", ""]
-        for name, acc in exp["equal_preference_test_accuracy"].items():
+        lines += ["", "Equal preference, test metrics of the chosen model:", ""]
+        for name, acc in exp["equal_preference_test"].items():
             lines.append(f"- {name}: {np.round(acc, 3).tolist()} (mean {np.mean(acc):.3f})")
         r2 = ", ".join(f"{k}: R²={v['r2']:.3f}, LOO RMSE={v['loo_rmse']:.3f}" for k, v in exp["map"]["diagnostics"].items())
         lines += ["", f"MAP surrogate fit: {r2}.", ""]

@@ -125,6 +125,10 @@ class Zoo:
         correct = sum(int((logits.argmax(-1) == labels).sum()) for logits, labels in self._logits(encoder, task, split))
         return correct / len(self.tasks[task].splits[split])
 
+    def evaluate_model(self, encoder: nn.Module, names: Sequence[str] | None = None, split: str = "test") -> np.ndarray:
+        """``(len(names),)`` metrics of one model (the zoo's objective metric: accuracy here)."""
+        return np.array([self.accuracy(encoder, n, split) for n in self._names(names)])
+
     def loss(self, encoder: nn.Module, task: str, split: str = "val") -> float:
         """Mean cross-entropy of ``encoder`` with ``task``'s head on one split."""
         total = sum(float(nn.functional.cross_entropy(logits, labels, reduction="sum")) for logits, labels in self._logits(encoder, task, split))
