@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("zoo", choices=["text", "vision"])
     save.add_argument("--coeffs", required=True, help="comma-separated, one per task")
     save.add_argument("--tasks", nargs="*", default=None)
-    save.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties", "dare"])
+    save.add_argument("--method", default="task_arithmetic", choices=["task_arithmetic", "ties", "dare", "breadcrumbs", "della"])
     save.add_argument("--out", required=True, help="a .safetensors file or a folder")
     save.set_defaults(fn=_cmd_save)
     return parser

@@ -250,7 +250,7 @@ class StreamedTaskVectors(TaskVectors):
             self._state = None
             sizes = {k: self._numel[k] for k in self._keys}
             chunks = lambda keys=None: ((k, s, d.float()) for k, s, d in self.delta_chunks(keys, self._device))  # noqa: E731
-            self._state = (key, method.fit(chunks, sizes))
+            self._state = (key, method.fit(chunks, sizes, {k: self._shapes[k] for k in self._keys}))
         return self._state[1]
 
     def _merged_chunk(self, key: str, start: int, stop: int, c: np.ndarray, method: MergeMethod, state: Any,

@@ -1,0 +1,98 @@
+"""The operator protocol: whole-model statistics (:meth:`MergeMethod.fit`) and a per-chunk map
+(:meth:`MergeMethod.transform`), plus plain task arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES"]
+
+ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
+"""``chunks(keys)`` yields ``(key, start, deltas (T, n) fp32)`` over the given keys (``None``: all),
+a fresh pass on every call."""
+
+SCOPES = ("global", "tensor")
+"""Where magnitude statistics are taken: over each whole task vector, or per tensor."""
+
+
+class MergeMethod:
+    """Base class of merge operators. Subclasses implement :meth:`transform` (and :meth:`fit`
+    when they need statistics of the whole model)."""
+
+    name: str = "base"
+
+    def fit(self, chunks: ChunkSource, sizes: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
+        """Statistics of all task vectors the transform needs (default: none).
+
+        Args:
+            chunks: a fresh pass over every chunk per call (see :data:`ChunkSource`).
+            sizes: ``key -> number of elements`` of every tensor, in order.
+            shapes: ``key -> shape`` of every tensor (operators that work per row need it;
+                storages pass it).
+        """
+        return None
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        """Prepared deltas ``(T, n)`` of one chunk ``deltas: (T, n)`` (may return the input, never
+        modifies it: a dense storage passes views of its task vectors)."""
+        raise NotImplementedError
+
+    def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Prepared ``(T, P)`` of a whole ``(T, P)`` matrix, taken as a single tensor (one row)."""
+        if vectors.ndim != 2:
+            raise ValueError(f"{type(self).__name__}.prepare expects task vectors of shape (T, P); got {tuple(vectors.shape)}")
+        state = self.fit(lambda keys=None: iter([("", 0, vectors)]), {"": vectors.shape[1]}, {"": (vectors.shape[1],)})
+        return self.transform("", 0, vectors, state)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-serialisable description: name and settings (used in fingerprints and metadata)."""
+        settings = asdict(self) if hasattr(self, "__dataclass_fields__") else {}
+        for key, value in list(settings.items()):
+            if isinstance(value, MergeMethod):
+                settings[key] = value.spec
+            elif isinstance(getattr(self, key), MergeMethod):
+                settings[key] = getattr(self, key).spec
+        return {"name": self.name, **settings}
+
+    @property
+    def is_identity(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+    """Plain task arithmetic: the task vectors are used as they are."""
+
+    name = "task_arithmetic"
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return deltas
+
+    @property
+    def is_identity(self) -> bool:
+        return True
+
+
+def check_scope(owner: str, scope: str) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"{owner}.scope must be 'global' or 'tensor', got {scope!r}")
+
+
+def scope_units(scope: str, sizes: Mapping[str, int]) -> list[tuple[str | None, list[str] | None, int]]:
+    """``(unit name, keys, number of elements)`` per unit of statistics: one unit ``None`` over
+    every key (``scope="global"``), or one per tensor."""
+    if scope == "global":
+        return [(None, None, int(sum(sizes.values())))]
+    return [(key, [key], int(size)) for key, size in sizes.items()]
+
+
+def num_tasks_of(chunks: ChunkSource, keys: Sequence[str] | None) -> int | None:
+    """T from the first chunk of ``keys`` (``None`` when there is none)."""
+    for _, _, deltas in chunks(keys):
+        return int(deltas.shape[0])
+    return None
