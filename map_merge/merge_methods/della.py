@@ -158,7 +158,7 @@ class Della(MergeMethod):
             else:
                 raise ValueError(f"Della ranks whole rows: chunk [{start}, {start + num}) of {key!r} cuts a row of {row} entries")
         # mergekit's order of operations: (density - epsilon) + rank_norm * 2 * epsilon, in fp32
-        return rank_norm.mul_(2).mul_(self.epsilon).add_(self.density - self.epsilon)
+        return rank_norm.mul(2).mul_(self.epsilon).add_(self.density - self.epsilon)  # rank_norm may be state
 
     def _keep(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(keep mask (T, n), keep probabilities (T, n))`` of a chunk."""

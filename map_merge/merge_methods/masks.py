@@ -4,7 +4,7 @@ index)``, computed with vectorised int32 operations on whatever device the chunk
 The random 32-bit word of element ``i`` (flat index within tensor ``key``) of task ``t`` is::
 
     s = blake2b(seed, stream, key, t, i >> 31)[:4]          (a 32-bit seed, host side, per tensor)
-    x = (i mod 2**31) + s                                     (mod 2**32)
+    x = (i mod 2**31) * 0x9e3779b9 + s                        (mod 2**32)
     x ^= x >> 16;  x *= 0x7feb352d;  x ^= x >> 15;  x *= 0x846ca68b   (mod 2**32, logical shifts)
 
 (the first four steps of Chris Wellons' ``lowbias32`` integer hash; the masks read its top bits).
@@ -25,6 +25,7 @@ __all__ = ["random_words", "uniform24"]
 
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B - (1 << 32)  # as a signed int32
+_GOLDEN = 0x9E3779B9 - (1 << 32)  # odd: spreads consecutive indices over all 32 bits
 _WINDOW = 1 << 31  # element indices per seed window (int32 holds the index within a window)
 
 
@@ -57,7 +58,7 @@ def random_words(seed: int, stream: str, key: str, start: int, num: int, num_tas
         window = position // _WINDOW
         end = min(stop, (window + 1) * _WINDOW)
         seeds = torch.tensor([_seed32(int(seed), stream, key, task, window) for task in range(num_tasks)], dtype=torch.int32)
-        local = torch.arange(position - window * _WINDOW, end - window * _WINDOW, dtype=torch.int32, device=device)
+        local = torch.arange(position - window * _WINDOW, end - window * _WINDOW, dtype=torch.int32, device=device).mul_(_GOLDEN)
         block = out[:, position - start : end - start]
         torch.add(local[None, :], seeds.to(local.device)[:, None], out=block)
         if block.is_contiguous():

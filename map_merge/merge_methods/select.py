@@ -38,6 +38,12 @@ def magnitude_histogram(passes: Callable[[], Iterator[torch.Tensor]]) -> torch.T
     return None if counts is None else counts.view(-1, BINS)
 
 
+def _compact(device: torch.device) -> bool:
+    """Count a bin's entries by selecting them (CPU) rather than through a sentinel bin (other
+    devices: no host synchronisation)."""
+    return device.type == "cpu"
+
+
 def _largest_bin(at_least: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     """Per ``(t, k)``: the largest bin ``b`` with ``at_least[t, b] >= ranks[t, k]`` (``at_least``
     is non-increasing along bins, so that is the number of such bins minus one)."""
@@ -83,7 +89,7 @@ def kth_largest_magnitude(passes: Callable[[], Iterator[torch.Tensor]], keep: to
         bottom = bits.bitwise_and(BINS - 1)
         for k in range(num_ranks):
             in_bin = top == hi32[:, k : k + 1]
-            if device.type == "cpu":  # few entries fall in the bin: count just those
+            if _compact(device):  # few entries fall in the bin: count just those
                 index = (bottom + offsets[:, k : k + 1])[in_bin]
             else:  # no host synchronisation: entries outside the bin go to a sentinel bin
                 index = torch.where(in_bin, bottom + offsets[:, k : k + 1], sentinel).reshape(-1)
