@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .workspace import Workspace
+
 __all__ = ["ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES"]
 
 ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
@@ -40,6 +42,24 @@ class MergeMethod:
         """Prepared deltas ``(T, n)`` of one chunk ``deltas: (T, n)`` (may return the input, never
         modifies it: a dense storage passes views of its task vectors)."""
         raise NotImplementedError
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        """:meth:`transform` for a caller whose ``deltas`` are scratch: the operator may overwrite
+        them and return them (the built-in operators do: no new chunk-sized tensor per call)."""
+        return self.transform(key, start, deltas, state)
+
+    def _scratch(self) -> Workspace:
+        """This operator's reusable temporaries (created on first use; not pickled)."""
+        work = self.__dict__.get("_workspace")
+        if work is None:
+            work = Workspace()
+            object.__setattr__(self, "_workspace", work)  # frozen dataclasses too
+        return work
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_workspace", None)
+        return state
 
     def prepare(self, vectors: torch.Tensor) -> torch.Tensor:
         """Prepared ``(T, P)`` of a whole ``(T, P)`` matrix, taken as a single tensor (one row)."""

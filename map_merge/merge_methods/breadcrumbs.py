@@ -94,15 +94,19 @@ class Breadcrumbs(MergeMethod):
                 state[unit] = (low, high, scale)
         return state
 
-    @staticmethod
-    def _keep(unit_state: tuple[torch.Tensor, torch.Tensor, Any], deltas: torch.Tensor) -> torch.Tensor:
+    def _keep(self, unit_state: tuple[torch.Tensor, torch.Tensor, Any], deltas: torch.Tensor) -> torch.Tensor:
+        """``(T, n)`` 1.0 where ``low <= |x| < high``, else 0.0 (in this operator's scratch)."""
         low, high, _ = unit_state
-        magnitude = deltas.abs()
-        low = low.to(device=deltas.device, dtype=deltas.dtype)[:, None]
-        high = high.to(device=deltas.device, dtype=deltas.dtype)[:, None]
-        return (magnitude >= low) & (magnitude < high)
+        work = self._scratch()
+        magnitude = torch.abs(deltas, out=work.get("breadcrumbs_magnitude", deltas.shape, deltas.dtype, deltas.device))
+        keep = torch.ge(magnitude, low.to(device=deltas.device, dtype=deltas.dtype)[:, None],
+                        out=work.get("breadcrumbs_keep", deltas.shape, deltas.dtype, deltas.device))
+        return keep.mul_(torch.lt(magnitude, high.to(device=deltas.device, dtype=deltas.dtype)[:, None], out=magnitude))
 
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         if deltas.ndim != 2:
             raise ValueError(f"Breadcrumbs expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
         if state is None:
@@ -111,12 +115,10 @@ class Breadcrumbs(MergeMethod):
         if name not in state:
             raise KeyError(f"Breadcrumbs was fitted without tensor {key!r}; fit it on the same task vectors")
         unit = state[name]
-        if unit is None:
-            out = deltas.clone()
-        else:
-            out = deltas * self._keep(unit, deltas)
+        if unit is not None:
+            deltas.mul_(self._keep(unit, deltas))
             if unit[2] is not None:
-                out.mul_(unit[2].to(device=deltas.device, dtype=deltas.dtype)[:, None])
+                deltas.mul_(unit[2].to(device=deltas.device, dtype=deltas.dtype)[:, None])
         if self.consensus is not None:
-            sign_consensus_(out, normalize=self.normalize, zero_elects_positive=True)
-        return out
+            sign_consensus_(deltas, normalize=self.normalize, zero_elects_positive=True, work=self._scratch())
+        return deltas

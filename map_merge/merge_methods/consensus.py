@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .workspace import Workspace
+
 __all__ = ["CONSENSUS", "check_consensus", "sign_consensus_"]
 
 CONSENSUS = (None, "sum")
@@ -25,24 +27,33 @@ def check_consensus(owner: str, consensus: str | None, normalize: bool) -> None:
                          "without consensus, normalising is a choice of coefficients (c_i / sum_j c_j)")
 
 
-def sign_consensus_(vectors: torch.Tensor, normalize: bool, zero_elects_positive: bool) -> torch.Tensor:
+def sign_consensus_(vectors: torch.Tensor, normalize: bool, zero_elects_positive: bool, work: Workspace | None = None) -> torch.Tensor:
     """Keep the entries of ``vectors: (T, n)`` whose sign agrees with the sign of their sum over
     tasks (in place; returned), divided by the number of agreeing tasks when ``normalize``.
 
     ``zero_elects_positive``: a zero sum elects ``+`` (mergekit's ``sum`` consensus) instead of no
-    sign (the TIES paper's ``sgn(0) = 0``: nothing agrees). Zero entries never agree."""
+    sign (the TIES paper's ``sgn(0) = 0``: nothing agrees). Zero entries never agree.
+    ``work``: where the temporaries live (new tensors without one)."""
+    num_tasks, num = vectors.shape
+    dtype, device = vectors.dtype, vectors.device
+
+    def scratch(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return work.get(name, shape, dtype, device) if work is not None else torch.empty(shape, dtype=dtype, device=device)
+
     # row by row: a reduction over the (short) task dimension is several times slower
-    total = vectors[0].clone()
+    total = scratch("consensus_total", (num,)).copy_(vectors[0])
     for row in vectors[1:]:
         total += row
+    sign = scratch("consensus_sign", (num,))
     if zero_elects_positive:
-        sign = torch.where(total >= 0, 1.0, -1.0).to(vectors.dtype)
+        torch.ge(total, 0, out=sign).mul_(2).sub_(1)
     else:
-        sign = torch.sign(total)
-    agree = (vectors * sign) > 0
+        torch.sign(total, out=sign)
+    agree = torch.mul(vectors, sign, out=scratch("consensus_agree", (num_tasks, num)))
+    torch.gt(agree, 0, out=agree)  # 1.0 where the entry has the elected sign (and is not zero)
     vectors.mul_(agree)
     if normalize:
-        count = agree[0].to(vectors.dtype)
+        count = total.copy_(agree[0])
         for row in agree[1:]:
             count += row
         vectors.div_(count.clamp_min_(1))

@@ -56,18 +56,23 @@ class Dare(MergeMethod):
         """``(T, num)`` bool mask of kept entries for elements ``[start, start + num)`` of ``key``."""
         return random_words(self.seed, "dare", key, start, num, num_tasks, device) >= self._threshold
 
-    def _drop(self, key: str, start: int, deltas: torch.Tensor) -> torch.Tensor:
-        out = torch.div(deltas, 1.0 - self.p)
+    def _drop_(self, key: str, start: int, deltas: torch.Tensor) -> torch.Tensor:
+        """Dropped and rescaled ``deltas``, in place."""
         if self.p > 0:
-            dropped = random_words(self.seed, "dare", key, start, deltas.shape[1], deltas.shape[0], deltas.device) < self._threshold
-            out.masked_fill_(dropped, 0.0)
-        return out
+            work = self._scratch()
+            words = random_words(self.seed, "dare", key, start, deltas.shape[1], deltas.shape[0], deltas.device, work)
+            keep = torch.ge(words, self._threshold, out=work.get("dare_keep", deltas.shape, deltas.dtype, deltas.device))
+            deltas.mul_(keep)  # 1.0 for kept entries: they are exactly x / (1 - p) below
+        return deltas.div_(1.0 - self.p)
 
     def fit(self, chunks: ChunkSource, sizes: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
         if self.ties is None:
             return None
-        return self.ties.fit(lambda keys=None: ((k, s, self._drop(k, s, d)) for k, s, d in chunks(keys)), sizes, shapes)
+        return self.ties.fit(lambda keys=None: ((k, s, self._drop_(k, s, d.clone())) for k, s, d in chunks(keys)), sizes, shapes)
 
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        out = self._drop(key, start, deltas)
-        return self.ties.transform(key, start, out, state) if self.ties is not None else out
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        out = self._drop_(key, start, deltas)
+        return self.ties.transform_(key, start, out, state) if self.ties is not None else out

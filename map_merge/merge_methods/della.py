@@ -161,28 +161,33 @@ class Della(MergeMethod):
         return rank_norm.mul(2).mul_(self.epsilon).add_(self.density - self.epsilon)  # rank_norm may be state
 
     def _keep(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(keep mask (T, n), keep probabilities (T, n))`` of a chunk."""
+        """``(keep (T, n): 1.0 kept / 0.0 dropped, keep probabilities (T, n))`` of a chunk."""
         probabilities = self.keep_probabilities(key, start, deltas, state)
         if self.density >= 1:
-            return torch.ones_like(probabilities, dtype=torch.bool), probabilities
-        words = random_words(self.seed, "della", key, start, deltas.shape[1], deltas.shape[0], deltas.device)
-        return uniform24(words) < probabilities * float(1 << 24), probabilities
+            return torch.ones_like(probabilities), probabilities
+        work = self._scratch()
+        words = random_words(self.seed, "della", key, start, deltas.shape[1], deltas.shape[0], deltas.device, work)
+        bound = probabilities * float(1 << 24)  # u < p  <=>  u * 2**24 < p * 2**24 (both exact in fp32)
+        return torch.lt(uniform24(words), bound, out=bound), probabilities
 
     # ------------------------------------------------------------------ the map
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         if deltas.ndim != 2:
             raise ValueError(f"Della expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
         if state is None:
             raise ValueError("Della.transform needs the state from Della.fit")
         keep, probabilities = self._keep(key, start, deltas, state)
-        out = deltas * keep
+        deltas.mul_(keep)
         if self.density < 1:
             if self.rescale == "l1":
                 scale = state["scale"].get(None if self.scope == "global" else key)
                 if scale is not None:
-                    out.mul_(scale.to(device=deltas.device, dtype=deltas.dtype)[:, None])
+                    deltas.mul_(scale.to(device=deltas.device, dtype=deltas.dtype)[:, None])
             elif self.rescale == "inverse":
-                out.div_(probabilities.to(deltas.dtype))
+                deltas.div_(probabilities.to(deltas.dtype))
         if self.consensus is not None:
-            sign_consensus_(out, normalize=self.normalize, zero_elects_positive=True)
-        return out
+            sign_consensus_(deltas, normalize=self.normalize, zero_elects_positive=True, work=self._scratch())
+        return deltas

@@ -21,6 +21,8 @@ import hashlib
 
 import torch
 
+from .workspace import Workspace
+
 __all__ = ["random_words", "uniform24"]
 
 _MUL1 = 0x7FEB352D
@@ -34,9 +36,9 @@ def _seed32(seed: int, stream: str, key: str, task: int, window: int) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _mix_(words: torch.Tensor) -> torch.Tensor:
+def _mix_(words: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """The hash steps on int32 ``words`` in place (logical shifts: arithmetic shift, then mask)."""
-    scratch = torch.empty_like(words)
+    scratch = torch.empty_like(words) if scratch is None else scratch
     torch.bitwise_right_shift(words, 16, out=scratch)
     words.bitwise_xor_(scratch.bitwise_and_(0xFFFF))
     words.mul_(_MUL1)
@@ -46,27 +48,45 @@ def _mix_(words: torch.Tensor) -> torch.Tensor:
 
 
 def random_words(seed: int, stream: str, key: str, start: int, num: int, num_tasks: int,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+                 device: torch.device | str | None = None, work: Workspace | None = None) -> torch.Tensor:
     """``(T, num)`` int32 random words for elements ``[start, start + num)`` of tensor ``key``.
 
     Each word is uniform over the 2**32 int32 values; words of different elements, tasks, keys,
     seeds or streams are (pseudo-)independent. ``stream`` separates the uses of one seed (DARE's
-    masks, DELLA's masks)."""
-    out = torch.empty(num_tasks, num, dtype=torch.int32, device=device)
+    masks, DELLA's masks). ``work``: a :class:`Workspace` whose buffers hold the words (valid
+    until its next use) instead of new tensors."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    shape = (num_tasks, num)
+    out = work.get("words", shape, torch.int32, device) if work is not None else torch.empty(shape, dtype=torch.int32, device=device)
+    scratch = work.get("words_scratch", shape, torch.int32, device) if work is not None else None
     position, stop = start, start + num
     while position < stop:
         window = position // _WINDOW
         end = min(stop, (window + 1) * _WINDOW)
-        seeds = torch.tensor([_seed32(int(seed), stream, key, task, window) for task in range(num_tasks)], dtype=torch.int32)
-        local = torch.arange(position - window * _WINDOW, end - window * _WINDOW, dtype=torch.int32, device=device).mul_(_GOLDEN)
+        first, count = position - window * _WINDOW, end - position
+        steps = _golden_steps(count, device, work)[:count]  # j * golden for j < count
+        for task in range(num_tasks):  # (first + j) * golden + s = j * golden + (first * golden + s), mod 2**32
+            offset = _int32(first * (_GOLDEN % 2**32) + _seed32(int(seed), stream, key, task, window))
+            torch.add(steps, offset, out=out[task, position - start : end - start])
         block = out[:, position - start : end - start]
-        torch.add(local[None, :], seeds.to(local.device)[:, None], out=block)
-        if block.is_contiguous():
-            _mix_(block)
+        if count == num:
+            _mix_(block, scratch)
         else:  # a chunk that crosses a window boundary (tensors of more than 2**31 entries)
             block.copy_(_mix_(block.contiguous()))
         position = end
     return out
+
+
+def _int32(value: int) -> int:
+    """``value`` modulo 2**32 as a signed int32."""
+    value %= 1 << 32
+    return value - (1 << 32) if value >> 31 else value
+
+
+def _golden_steps(count: int, device: torch.device, work: Workspace | None) -> torch.Tensor:
+    """``arange(count) * golden`` (int32, wrapping); kept in ``work`` (its contents never change)."""
+    make = lambda size: torch.arange(size, dtype=torch.int32, device=device).mul_(_GOLDEN)  # noqa: E731
+    return work.constant("golden-steps", count, device, make) if work is not None else make(count)
 
 
 def uniform24(words: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,18 @@ def magnitude_histogram(passes: Callable[[], Iterator[torch.Tensor]]) -> torch.T
         if counts is None:
             counts = torch.zeros(rows * BINS, dtype=torch.int64, device=bits.device)
             offsets = torch.arange(rows, dtype=torch.int32, device=bits.device)[:, None] * BINS
-        counts += torch.bincount((bits.bitwise_right_shift(16) + offsets).reshape(-1), minlength=rows * BINS)
+        _count_into(counts, (bits.bitwise_right_shift(16) + offsets).reshape(-1))
     return None if counts is None else counts.view(-1, BINS)
+
+
+def _count_into(counts: torch.Tensor, index: torch.Tensor) -> None:
+    """``counts[i] += (index == i).sum()`` for every ``i``: a ``bincount`` for large chunks, a
+    scatter for small ones (whose cost would be the length of ``counts``)."""
+    if index.numel() >= counts.numel() // 4:
+        counts += torch.bincount(index, minlength=counts.numel())
+    else:
+        counts.index_put_((index.to(torch.int64),), torch.ones((), dtype=counts.dtype, device=counts.device).expand(index.shape),
+                          accumulate=True)
 
 
 def _compact(device: torch.device) -> bool:
@@ -93,7 +103,7 @@ def kth_largest_magnitude(passes: Callable[[], Iterator[torch.Tensor]], keep: to
                 index = (bottom + offsets[:, k : k + 1])[in_bin]
             else:  # no host synchronisation: entries outside the bin go to a sentinel bin
                 index = torch.where(in_bin, bottom + offsets[:, k : k + 1], sentinel).reshape(-1)
-            low += torch.bincount(index, minlength=sentinel + 1)
+            _count_into(low, index)
     at_least_low = low[:-1].view(rows, num_ranks, BINS).flip(2).cumsum(2).flip(2)
     lo = (at_least_low >= need[:, :, None]).sum(-1) - 1
     result = ((hi << 16) | lo).to(torch.int32).view(torch.float32).cpu()

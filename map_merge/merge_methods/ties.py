@@ -59,12 +59,15 @@ class Ties(MergeMethod):
         return thresholds[None] if self.scope == "global" else thresholds
 
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         if deltas.ndim != 2:
             raise ValueError(f"Ties expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
         threshold = state.get(key) if isinstance(state, dict) else state
-        if threshold is None:
-            trimmed = deltas.clone()
-        else:
+        work = self._scratch()
+        if threshold is not None:
             threshold = threshold.to(device=deltas.device, dtype=deltas.dtype)[:, None]
-            trimmed = deltas * (deltas.abs() >= threshold)
-        return sign_consensus_(trimmed, normalize=True, zero_elects_positive=False)
+            keep = torch.abs(deltas, out=work.get("ties_keep", deltas.shape, deltas.dtype, deltas.device))
+            deltas.mul_(torch.ge(keep, threshold, out=keep))  # 1.0 where |x| >= threshold
+        return sign_consensus_(deltas, normalize=True, zero_elects_positive=False, work=work)

@@ -97,6 +97,7 @@ class StreamedTaskVectors(TaskVectors):
         self._fingerprint: str | None = None
         self.progress: bool | None = None  # None: a bar for models of 1 GB or more
         self._work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._blocks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._slots: list[list[torch.Tensor]] = []
 
     # ------------------------------------------------------------------ construction
@@ -182,6 +183,17 @@ class StreamedTaskVectors(TaskVectors):
             self._work[device] = buffers
         return buffers[0][:numel], buffers[1][:numel]
 
+    def _block_buffers(self, device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(base (numel,), deltas (T, numel))`` on ``device``, allocated once per device and
+        reused by merges with an operator (a chunk's deltas are consumed before the next is read)."""
+        size = merge_methods.CHUNK
+        buffers = self._blocks.get(device)
+        if buffers is None or buffers[0].numel() < size:
+            buffers = (torch.empty(size, dtype=torch.float32, device=device),
+                       torch.empty(self.num_tasks * size, dtype=torch.float32, device=device))
+            self._blocks[device] = buffers
+        return buffers[0][:numel], buffers[1][: self.num_tasks * numel].view(self.num_tasks, numel)
+
     def _read_slots(self) -> list[list[torch.Tensor]]:
         """Two sets (double buffering) of one byte buffer per checkpoint, for chunk reads."""
         itemsize = max(torch.empty((), dtype=w.tensors[k][0]).element_size() for w in [self._base] + [w for _, w in self._full]
@@ -221,13 +233,25 @@ class StreamedTaskVectors(TaskVectors):
             out = product if out is None else out.add_(product)
         return out
 
-    def _delta_block(self, key: str, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self._read_base(key, start, stop, device)
-        deltas = torch.zeros(self.num_tasks, stop - start, dtype=torch.float32, device=device)
-        for index in range(self.num_tasks):
+    def _delta_block(self, key: str, start: int, stop: int, device: torch.device, raw: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, deltas (T, n))`` in fp32 on ``device``: new tensors, or (``raw``: the chunks
+        :meth:`_read_whole` read ahead for every task) the reused :meth:`_block_buffers`."""
+        if raw is None:
+            base = self._read_base(key, start, stop, device)
+            deltas = torch.zeros(self.num_tasks, stop - start, dtype=torch.float32, device=device)
+        else:
+            base, deltas = self._block_buffers(device, stop - start)
+            base.copy_(raw[0])
+            for (index, _), (_, chunk) in zip(self._full, raw[1]):  # full fine-tunes come first, in order
+                deltas[index].copy_(chunk).sub_(base)
+        for index, task in enumerate(self._tasks):
+            if raw is not None and isinstance(task, Weights):
+                continue
             delta = self._delta(index, key, start, stop, base, device)
             if delta is not None:
                 deltas[index] = delta
+            elif raw is not None:
+                deltas[index].zero_()
         return base, deltas
 
     def delta_chunks(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -259,10 +283,11 @@ class StreamedTaskVectors(TaskVectors):
         task arithmetic reads, when already read ahead)."""
         if method.is_identity:
             out = self._task_arithmetic_chunk(key, start, stop, c, device, raw)
-        else:
-            base, deltas = self._delta_block(key, start, stop, device)
-            prepared = method.transform(key, start, deltas, state)
-            out = torch.addmv(base, prepared.T, torch.as_tensor(c, dtype=torch.float32, device=device))
+        else:  # raw: every task's chunk, read ahead; deltas are scratch the operator may overwrite
+            base, deltas = self._delta_block(key, start, stop, device, raw)
+            prepared = method.transform_(key, start, deltas, state) if raw is not None else method.transform(key, start, deltas, state)
+            out = torch.addmv(base, prepared.T, torch.as_tensor(c, dtype=torch.float32, device=device),
+                              out=self._work_buffers(device, stop - start)[0])
         # NaN/inf anywhere makes the sum non-finite (a sum is ~50x cheaper than isfinite().all())
         if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             self._raise_nonfinite(key, start, stop, c)
@@ -324,12 +349,13 @@ class StreamedTaskVectors(TaskVectors):
         keys = list(self._keys if keys is None else keys)
         work = [(key, start, stop) for key in keys if key not in frozen for start, stop in chunk_ranges(self._shapes[key])]
         ahead = iter(work)
-        # task arithmetic reads the next chunk in a thread while this one is computed (pread
-        # releases the GIL): reading and arithmetic overlap
-        pool = ThreadPoolExecutor(1) if method.is_identity and len(work) > 1 else None
+        # the next chunk is read in a thread while this one is computed (pread releases the GIL):
+        # reading and arithmetic overlap. Task arithmetic reads the tasks with c_i != 0, operators all
+        reads = c if method.is_identity else np.ones_like(c)
+        pool = ThreadPoolExecutor(1) if len(work) > 1 else None
         slots = self._read_slots() if pool is not None else None
         turn = 0
-        pending = pool.submit(self._read_whole, *next(ahead), c, slots[0]) if pool is not None else None
+        pending = pool.submit(self._read_whole, *next(ahead), reads, slots[0]) if pool is not None else None
         bar = tqdm(total=len(keys), desc=desc, disable=not show, leave=False, unit="tensor")
         try:
             for key in keys:
@@ -344,7 +370,7 @@ class StreamedTaskVectors(TaskVectors):
                         raw = pending.result()
                         following = next(ahead, None)
                         turn = 1 - turn  # the other slot: the chunk in hand is still being computed from this one
-                        pending = pool.submit(self._read_whole, *following, c, slots[turn]) if following is not None else None
+                        pending = pool.submit(self._read_whole, *following, reads, slots[turn]) if following is not None else None
                     yield key, start, stop, self._merged_chunk(key, start, stop, c, method, state, device, raw)
         finally:
             bar.close()
