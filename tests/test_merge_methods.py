@@ -64,6 +64,21 @@ def test_dare_drops_at_the_stated_threshold_and_rescales():
     assert mm.Dare(p=0.5).spec["draw"] == "index-hash-v1"
 
 
+@pytest.mark.parametrize("method", [mm.Dare(p=0.4, seed=2), mm.Dare(p=0.3, seed=1, ties=mm.Ties(k=0.3)), mm.Ties(k=0.25),
+                                    mm.Breadcrumbs(0.6, 0.1, rescale="l1", consensus="sum", normalize=True)],
+                         ids=["dare", "dare-ties", "ties", "breadcrumbs"])
+def test_cache_sized_tiles_change_nothing(monkeypatch, method):
+    from map_merge.merge_methods import base
+
+    v = torch.randn(3, 10_000)
+    whole = method.prepare(v)
+    monkeypatch.setattr(base, "TILE_ELEMENTS", 3000)  # tiles of 1024 columns, the last one partial
+    assert torch.equal(method.prepare(v), whole)
+    scratch = v.clone()
+    state = method.fit(lambda keys=None: iter([("", 0, v)]), {"": 10_000}, {"": (10_000,)})
+    assert method.transform_("", 0, scratch, state) is scratch and torch.equal(scratch, whole)  # in place
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_masks_and_operators_are_the_same_on_cuda():

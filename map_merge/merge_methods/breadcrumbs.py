@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units
+from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units, tiled_
 from .consensus import check_consensus, sign_consensus_
 from .rescale import l1_match_scales
 from .select import kth_largest_magnitude
@@ -115,10 +115,15 @@ class Breadcrumbs(MergeMethod):
         if name not in state:
             raise KeyError(f"Breadcrumbs was fitted without tensor {key!r}; fit it on the same task vectors")
         unit = state[name]
-        if unit is not None:
-            deltas.mul_(self._keep(unit, deltas))
-            if unit[2] is not None:
-                deltas.mul_(unit[2].to(device=deltas.device, dtype=deltas.dtype)[:, None])
-        if self.consensus is not None:
-            sign_consensus_(deltas, normalize=self.normalize, zero_elects_positive=True, work=self._scratch())
-        return deltas
+        scale = unit[2].to(device=deltas.device, dtype=deltas.dtype)[:, None] if unit is not None and unit[2] is not None else None
+
+        def apply(key: str, start: int, tile: torch.Tensor) -> torch.Tensor:
+            if unit is not None:
+                tile.mul_(self._keep(unit, tile))
+                if scale is not None:
+                    tile.mul_(scale)
+            if self.consensus is not None:
+                sign_consensus_(tile, normalize=self.normalize, zero_elects_positive=True, work=self._scratch())
+            return tile
+
+        return tiled_(apply, key, start, deltas)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod
+from .base import ChunkSource, MergeMethod, tiled_
 from .masks import random_words
 from .ties import Ties
 
@@ -65,14 +65,22 @@ class Dare(MergeMethod):
             deltas.mul_(keep)  # 1.0 for kept entries: they are exactly x / (1 - p) below
         return deltas.div_(1.0 - self.p)
 
+    def _drop_tiles_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        def apply(key: str, start: int, tile: torch.Tensor) -> torch.Tensor:
+            out = self._drop_(key, start, tile)
+            return self.ties.transform_(key, start, out, state) if self.ties is not None else out  # a tile: applied at once
+
+        return tiled_(apply, key, start, deltas)
+
     def fit(self, chunks: ChunkSource, sizes: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
         if self.ties is None:
             return None
-        return self.ties.fit(lambda keys=None: ((k, s, self._drop_(k, s, d.clone())) for k, s, d in chunks(keys)), sizes, shapes)
+        return self.ties.fit(lambda keys=None: ((k, s, tiled_(self._drop_, k, s, d.clone())) for k, s, d in chunks(keys)), sizes, shapes)
 
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         return self.transform_(key, start, deltas.clone(), state)
 
     def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        out = self._drop_(key, start, deltas)
-        return self.ties.transform_(key, start, out, state) if self.ties is not None else out
+        if deltas.ndim != 2:
+            raise ValueError(f"Dare expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+        return self._drop_tiles_(key, start, deltas, state)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units
+from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units, tiled_
 from .consensus import sign_consensus_
 from .select import kth_largest_magnitude
 
@@ -65,9 +65,14 @@ class Ties(MergeMethod):
         if deltas.ndim != 2:
             raise ValueError(f"Ties expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
         threshold = state.get(key) if isinstance(state, dict) else state
-        work = self._scratch()
         if threshold is not None:
             threshold = threshold.to(device=deltas.device, dtype=deltas.dtype)[:, None]
-            keep = torch.abs(deltas, out=work.get("ties_keep", deltas.shape, deltas.dtype, deltas.device))
-            deltas.mul_(torch.ge(keep, threshold, out=keep))  # 1.0 where |x| >= threshold
-        return sign_consensus_(deltas, normalize=True, zero_elects_positive=False, work=work)
+        work = self._scratch()
+
+        def apply(key: str, start: int, tile: torch.Tensor) -> torch.Tensor:
+            if threshold is not None:
+                keep = torch.abs(tile, out=work.get("ties_keep", tile.shape, tile.dtype, tile.device))
+                tile.mul_(torch.ge(keep, threshold, out=keep))  # 1.0 where |x| >= threshold
+            return sign_consensus_(tile, normalize=True, zero_elects_positive=False, work=work)
+
+        return tiled_(apply, key, start, deltas)
