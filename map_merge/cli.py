@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--coeffs", default=None, help="comma-separated, one per task")
     save.add_argument("--preference", default=None, help="comma-separated weights: pick from the front of the config's map/bayes run")
     save.add_argument("--tasks", nargs="*", default=None, help="zoo tasks (with a bundled zoo)")
-    save.add_argument("--method", default=None, choices=["task_arithmetic", "ties", "dare"])
+    save.add_argument("--method", default=None, choices=["task_arithmetic", "ties", "dare", "breadcrumbs", "della"])
     save.add_argument("--out", default=None, help="a folder (or a .safetensors file); default with --config: <out>/merged")
     save.add_argument("--overwrite", action="store_true", help="replace an existing output")
     save.set_defaults(fn=_cmd_save)

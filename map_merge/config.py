@@ -54,7 +54,7 @@ TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 
     "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
     "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
 }
-CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare"), "acquisition": ("nehvi", "binned"),
+CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare", "breadcrumbs", "della"), "acquisition": ("nehvi", "binned"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
            "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16"), "schedule": ("sequential", "levels")}
 

@@ -64,8 +64,16 @@ def test_storage_is_chosen_by_input_and_shown(llama_zoo):
         mm.TaskVectors.from_models(base, fts, storage="magic")
 
 
+NEW_OPERATORS = [mm.Breadcrumbs(density=0.6, gamma=0.1),
+                 mm.Breadcrumbs(density=0.5, gamma=0.05, scope="global", rescale="l1", consensus="sum", normalize=True),
+                 mm.Della(density=0.6, epsilon=0.2, seed=2),
+                 mm.Della(density=0.5, epsilon=0.1, seed=1, scope="global", rescale="inverse", consensus=None, normalize=False)]
+NEW_IDS = ["breadcrumbs", "breadcrumbs-global-ties", "della", "della-global-linear"]
+
+
 @pytest.mark.parametrize("method", [None, mm.Ties(k=0.3), mm.Ties(k=0.2, scope="tensor"), mm.Dare(p=0.4, seed=3),
-                                    mm.Dare(p=0.3, seed=1, ties=mm.Ties(k=0.5))], ids=["ta", "ties", "ties-tensor", "dare", "dare-ties"])
+                                    mm.Dare(p=0.3, seed=1, ties=mm.Ties(k=0.5))] + NEW_OPERATORS,
+                         ids=["ta", "ties", "ties-tensor", "dare", "dare-ties"] + NEW_IDS)
 def test_streamed_equals_dense(llama_zoo, small_chunks, method):
     _, base, fts = llama_zoo
     streamed = mm.TaskVectors.from_models(base, fts)
@@ -254,6 +262,27 @@ def test_mixed_lora_and_full_finetunes(llama_zoo, adapters, small_chunks):
     a, d = tv.merge(c, mm.Ties(k=0.3), dtype=torch.float32), dense.merge(c, mm.Ties(k=0.3))
     for key in a:
         torch.testing.assert_close(a[key], d[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", NEW_OPERATORS, ids=NEW_IDS)
+def test_new_operators_on_lora_storage_equal_dense(llama_zoo, adapters, monkeypatch, method):
+    # chunks of 24 entries: rows of 16 stay whole, rows of 32 and 48 (Della) are cut and ranked in fit
+    monkeypatch.setattr(merge_methods, "CHUNK", 24)
+    _, base, _ = llama_zoo
+    root, _ = adapters
+    sources = {n: root / n for n in ["plain", "rslora", "save"]}
+    lora = mm.TaskVectors.from_models(base, sources)
+    dense = mm.TaskVectors.from_models(base, sources, storage="dense")
+    assert lora.storage == "lora" and dense.storage == "dense"
+    c = [0.9, -0.4, 0.6]
+    a, b = lora.merge(c, method, dtype=torch.float32), dense.merge(c, method)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the prepared vectors do not depend on the chunking: the dense merge with whole-tensor chunks
+    monkeypatch.setattr(merge_methods, "CHUNK", 1 << 20)
+    whole = mm.TaskVectors.from_models(base, sources, storage="dense").merge(c, method)
+    for key in a:
+        torch.testing.assert_close(whole[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_lora_on_a_model_in_memory_and_gpt2_conv1d(tmp_path):

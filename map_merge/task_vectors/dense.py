@@ -262,7 +262,7 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = None  # free the old one first
             sizes = {s.key: s.numel for s in self._slots}
-            state = method.fit(lambda keys=None: self.delta_chunks(keys), sizes)
+            state = method.fit(lambda keys=None: self.delta_chunks(keys), sizes, {s.key: s.shape for s in self._slots})
             out = torch.empty_like(self.vectors)
             offsets = {s.key: s.offset for s in self._slots}
             for key_, start, chunk in self.delta_chunks():

@@ -87,6 +87,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         self._work: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._reader = ChunkReader(base, self._full, self._lora, self._keys)
         self._plans: dict[tuple, LivePlan] = {}
+        self._blocks: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -188,6 +189,17 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             self._work[device] = buffers
         return buffers[0][:numel], buffers[1][:numel]
 
+    def _block_buffers(self, device: torch.device, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 ``(base (numel,), deltas (T, numel))`` on ``device``, allocated once per device and
+        reused by merges with an operator (a chunk's deltas are consumed before the next is read)."""
+        size = merge_methods.CHUNK
+        buffers = self._blocks.get(device)
+        if buffers is None or buffers[0].numel() < size:
+            buffers = (torch.empty(size, dtype=torch.float32, device=device),
+                       torch.empty(self.num_tasks * size, dtype=torch.float32, device=device))
+            self._blocks[device] = buffers
+        return buffers[0][:numel], buffers[1][: self.num_tasks * numel].view(self.num_tasks, numel)
+
     def _read_base(self, key: str, start: int, stop: int, device: torch.device) -> torch.Tensor:
         """The pretrained chunk as a new fp32 tensor on ``device`` (safe to modify)."""
         raw = self._base.read(key, start, stop)
@@ -203,13 +215,25 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             return out.sub_(base)
         return task.delta(key, start, stop, base, device)
 
-    def _delta_block(self, key: str, start: int, stop: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        base = self._read_base(key, start, stop, device)
-        deltas = torch.zeros(self.num_tasks, stop - start, dtype=torch.float32, device=device)
-        for index in range(self.num_tasks):
+    def _delta_block(self, key: str, start: int, stop: int, device: torch.device, raw: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(base, deltas (T, n))`` in fp32 on ``device``: new tensors, or (``raw``: the chunks
+        the reader read ahead for every task) the reused :meth:`_block_buffers`."""
+        if raw is None:
+            base = self._read_base(key, start, stop, device)
+            deltas = torch.zeros(self.num_tasks, stop - start, dtype=torch.float32, device=device)
+        else:
+            base, deltas = self._block_buffers(device, stop - start)
+            base.copy_(raw[0])
+            for (index, _), (_, chunk) in zip(self._full, raw[1]):  # full fine-tunes come first, in order
+                deltas[index].copy_(chunk).sub_(base)
+        for index, task in enumerate(self._tasks):
+            if raw is not None and isinstance(task, Weights):
+                continue
             delta = self._delta(index, key, start, stop, base, device)
             if delta is not None:
                 deltas[index] = delta
+            elif raw is not None:
+                deltas[index].zero_()
         return base, deltas
 
     def delta_chunks(self, keys: Sequence[str] | None = None, device: torch.device | None = None) -> Iterator[tuple[str, int, torch.Tensor]]:
@@ -232,7 +256,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             self._state = None
             sizes = {k: self._numel[k] for k in self._keys}
             chunks = lambda keys=None: ((k, s, d.float()) for k, s, d in self.delta_chunks(keys, self._device))  # noqa: E731
-            self._state = (key, method.fit(chunks, sizes))
+            self._state = (key, method.fit(chunks, sizes, {k: self._shapes[k] for k in self._keys}))
         return self._state[1]
 
     def _merged_chunk(self, key: str, start: int, stop: int, c: np.ndarray, method: MergeMethod, state: Any,
@@ -241,10 +265,13 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         task arithmetic reads, when already read ahead)."""
         if method.is_identity:
             out = self._task_arithmetic_chunk(key, start, stop, c, device, raw)
-        else:
-            base, deltas = self._delta_block(key, start, stop, device)
-            prepared = method.transform(key, start, deltas, state)
-            out = torch.addmv(base, prepared.T, torch.as_tensor(c, dtype=torch.float32, device=device))
+        else:  # raw: every task's chunk, read ahead; deltas are scratch the operator may overwrite
+            base, deltas = self._delta_block(key, start, stop, device, raw)
+            prepared = method.transform_(key, start, deltas, state) if raw is not None else method.transform(key, start, deltas, state)
+            out = self._work_buffers(device, stop - start)[0].copy_(base)
+            for weight, row in zip(c.tolist(), prepared):  # row by row: addmv with a (n, T) matrix is several times slower
+                if weight != 0:
+                    out.add_(row, alpha=weight)
         # NaN/inf anywhere makes the sum non-finite (a sum is ~50x cheaper than isfinite().all())
         if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             self._raise_nonfinite(key, start, stop, c)
@@ -300,7 +327,10 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         frozen = set(self._frozen)
         keys = list(self._keys if keys is None else keys)
         work = [(key, start, stop) for key in keys if key not in frozen for start, stop in chunk_ranges(self._shapes[key])]
-        raws = self._reader.ahead(work, c_of) if method.is_identity else None
+        # the next chunk is read in a thread while this one is computed (pread releases the GIL):
+        # reading and arithmetic overlap. Task arithmetic reads the tasks with c_i != 0, operators all
+        every = np.ones(self.num_tasks)
+        raws = self._reader.ahead(work, c_of if method.is_identity else (lambda key: every))
         bar = tqdm(total=len(keys), desc=desc, disable=not show, leave=False, unit="tensor")
         try:
             for key in keys:
