@@ -184,7 +184,7 @@ class BayesianMAP(MAP):
         """Keep the executor's W workers busy: one new point per finished evaluation."""
         from tqdm.auto import tqdm
 
-        from .executors import evaluate_async
+        from .asynchronous import evaluate_async
 
         context: dict = {}
         minimum = num_quadratic_params(coeffs.shape[1])
