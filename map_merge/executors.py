@@ -705,7 +705,7 @@ class RayExecutor:
         deaths = job.attempts - job.timeouts
         what = ("its worker died" if job.timeouts == 0 else
                 f"it timed out (timeout_s={self.timeout_s:g})" if deaths == 0 else "its worker died or timed out")
-        _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: {what} {job.attempts} times "
+        _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: {what} {job.attempts} time{'s' * (job.attempts != 1)} "
                                               f"(max_retries={self.max_retries}): " + "; ".join(job.failures)))
 
     def _lose(self, slot: _Slot, reason: str) -> None:
