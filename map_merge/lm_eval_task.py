@@ -179,6 +179,7 @@ class LMEvalTask:
                     requests[instance.request_type].extend([instance] * instance.repeats)
                     instances.append(instance)
                 by_doc[name] = {doc_id: sorted(group, key=lambda x: x.idx) for doc_id, group in grouped.items()}
+                _remember_per_document(item)
                 data.append((name, item.OUTPUT_TYPE, str(item.VERSION), [inst.arguments for inst in item.instances],
                              [doc for _, doc in docs[name]]))
         ordered: list[Any] = []
@@ -348,6 +349,28 @@ class LMEvalTask:
     def __repr__(self) -> str:
         return (f"LMEvalTask({self.task!r}, limit={self.limit}, num_fewshot={self.num_fewshot}, metric={self.metric_key!r}, "
                 f"sense={self.sense!r})")
+
+
+def _remember_per_document(item: Any) -> None:
+    """Cache what ``process_results`` derives from a document alone (its target, choices, text:
+    lm-eval renders each from its Jinja template, compiling the template on every call) for the
+    task's own document objects, so that an evaluation pays for the model's answers only."""
+    for name in ("doc_to_target", "doc_to_choice", "doc_to_text"):
+        method = getattr(item, name, None)
+        if method is None:
+            continue
+        cache: dict[int, tuple[Any, Any]] = {}
+
+        def remembered(doc: Any, *args: Any, _method: Any = method, _cache: dict = cache, **kwargs: Any) -> Any:
+            if args or kwargs:
+                return _method(doc, *args, **kwargs)
+            hit = _cache.get(id(doc))
+            if hit is None or hit[0] is not doc:
+                hit = _cache[id(doc)] = (doc, _method(doc))  # the document is kept: its id stays its own
+            value = hit[1]
+            return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+
+        setattr(item, name, remembered)
 
 
 def _yaml_task_name(path: Path) -> str:
