@@ -494,8 +494,9 @@ class RayExecutor:
         starts = time.time()
         refs = [slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box) for slot in slots]
         seconds = []
+        bound = None if self.load_timeout_s is None else self.load_timeout_s + (self.placement_timeout_s or 0.0)
         for slot, ref in zip(slots, refs):
-            held = self._ray.get(ref, timeout=self.load_timeout_s)
+            held = self._ray.get(ref, timeout=bound)
             seconds.append(time.time() - starts)
             with self._lock:
                 slot.loaded = frozenset(held)

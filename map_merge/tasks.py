@@ -170,6 +170,8 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_siz
         target = target[keep]
         picked = chunk.gather(1, target[:, None]).squeeze(1).float()
         work = chunk.float()  # the one fp32 chunk
+        if work.data_ptr() == chunk.data_ptr():
+            work = work.clone()  # fp32 logits: reduce a copy, never the model's output in place
         peak = work.amax(dim=1, keepdim=True)
         lse = work.sub_(peak).exp_().sum(dim=1).log_() + peak.squeeze(1)
         total += (lse - picked).sum(dtype=torch.float64)
