@@ -59,9 +59,6 @@ class Executor(Protocol):
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
 
 
-_SAME = object()  # "identify by the part itself"
-
-
 class Recipe:
     """An evaluator in two parts: ``recipe(item) == run(base, parts, item)``.
 
@@ -69,9 +66,9 @@ class Recipe:
         run: ``run(base, parts, item) -> result``; a module-level function (pickled by name).
         base: the heavy part, e.g. a live model with its task vectors and merge method.
         parts: the light part bound to it, e.g. the tasks.
-        base_id: picklable content that identifies ``base`` (default: ``base`` itself); recipes
-            with equal ``base_id`` share one base on a worker.
-        parts_id: likewise for ``parts``.
+        ids: ``ids() -> (base_id, parts_id)``: picklable content that identifies ``base`` and
+            ``parts`` (default: the parts themselves). Recipes with equal ``base_id`` share one
+            base on a worker. Called only when the recipe is shipped, once.
         setup: ``setup(base)``, run once where a base arrives, before its first evaluation
             (e.g. builds the model); ``None``: nothing.
 
@@ -79,11 +76,9 @@ class Recipe:
     ``parts`` separately, each once, keyed by a hash of the pickled ids (:meth:`keys`).
     """
 
-    def __init__(self, run: Callable[[Any, Any, Any], Any], base: Any, parts: Any = None, base_id: Any = _SAME,
-                 parts_id: Any = _SAME, setup: Callable[[Any], Any] | None = None) -> None:
-        self.run, self.base, self.parts, self.setup = run, base, parts, setup
-        self.base_id = base if base_id is _SAME else base_id
-        self.parts_id = parts if parts_id is _SAME else parts_id
+    def __init__(self, run: Callable[[Any, Any, Any], Any], base: Any, parts: Any = None,
+                 ids: Callable[[], tuple[Any, Any]] | None = None, setup: Callable[[Any], Any] | None = None) -> None:
+        self.run, self.base, self.parts, self.ids, self.setup = run, base, parts, ids, setup
         self._keys: tuple[str, str] | None = None
 
     def __call__(self, item: Any) -> Any:
@@ -91,12 +86,13 @@ class Recipe:
 
     def keys(self) -> tuple[str, str]:
         """``(base_key, key)``: content fingerprints of the base, and of the whole recipe (base,
-        parts and run). Computed once per recipe object."""
+        parts, run and setup). Computed once per recipe object."""
         if self._keys is None:
             dumps = _dumps()
-            base_key = hashlib.blake2b(dumps(("base", self.base_id)), digest_size=16).hexdigest()
+            base_id, parts_id = self.ids() if self.ids is not None else (self.base, self.parts)
+            base_key = hashlib.blake2b(dumps(("base", base_id)), digest_size=16).hexdigest()
             whole = hashlib.blake2b(digest_size=16)
-            for part in (base_key.encode(), dumps(self.run), dumps(self.setup), dumps(self.parts_id)):
+            for part in (base_key.encode(), dumps(self.run), dumps(self.setup), dumps(parts_id)):
                 whole.update(len(part).to_bytes(8, "little"))
                 whole.update(part)
             self._keys = (base_key, whole.hexdigest())
@@ -319,6 +315,8 @@ class RayExecutor:
             queued item fails with :class:`WorkerError` saying so.
         init_kwargs: extra arguments for ``ray.init`` (e.g. ``runtime_env``, ``num_cpus``).
 
+    The settings are read at each dispatch: changing ``timeout_s`` or ``max_retries`` on a running
+    executor applies to the next evaluations, changing ``resources`` to the next workers started.
     Use as a context manager (or call :meth:`shutdown`) to stop the actors. Results do not
     depend on the executor: the same objective gives the same metrics as with
     :class:`LocalExecutor`.
@@ -351,53 +349,42 @@ class RayExecutor:
         self._requested = None if num_workers is None else int(num_workers)
         self._ray = None
         self._owns_runtime = False
-        self._slots: list[_Slot] = []
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._in_flight: dict[Any, _Slot] = {}
-        self._shipped: collections.OrderedDict[str, Any] = collections.OrderedDict()  # content key -> object ref
-        self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._worker_count = 0
-        self._window_start = time.time()
-        self._latency: list[float] = []  # per evaluation: round trip seen by the driver minus the worker's time
-        self.deaths = 0
-        self.timeouts = 0
-        self._broken: BaseException | None = None
+        self._pool: _Pool | None = None
+        self._lock = threading.Lock()
+        self._deaths = self._timeouts = 0  # of pools already shut down
 
     # ------------------------------------------------------------------ life cycle
     @property
     def num_workers(self) -> int:
-        self._start()
-        return sum(slot.state != "gone" for slot in self._slots)
+        return self._start().live_workers()
 
-    def _start(self) -> None:
-        if self._thread is not None:
-            return
+    @property
+    def deaths(self) -> int:
+        """Workers that died under an evaluation (since this executor was created)."""
+        return self._deaths + (self._pool.deaths if self._pool is not None else 0)
+
+    @property
+    def timeouts(self) -> int:
+        """Evaluations (or set-ups) timed out (since this executor was created)."""
+        return self._timeouts + (self._pool.timeouts if self._pool is not None else 0)
+
+    def _start(self) -> "_Pool":
         with self._lock:
-            if self._thread is not None:
-                return
+            if self._pool is not None:
+                return self._pool
             ray = _import_ray()
             if not ray.is_initialized():
                 kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False, **self.init_kwargs}
                 ray.init(address=self.address, **kwargs)
                 self._owns_runtime = True
             self._ray = ray
-            self._remote = ray.remote(_Worker)
             count = self._requested if self._requested is not None else self._fit_workers()
             if count < 1:
                 raise RuntimeError(f"the Ray cluster has room for no worker with resources {self.resources} "
                                    f"(cluster: {ray.cluster_resources()})")
-            self._slots = []
-            for index in range(count):
-                slot = _Slot(index, None)
-                self._launch(slot)
-                self._slots.append(slot)
-            self._window_start = time.time()
-            self._thread = threading.Thread(target=self._dispatch_loop, name="map_merge-ray-dispatcher", daemon=True)
-            self._thread.start()
+            self._pool = _Pool(self, ray, count)
             log.info("RayExecutor: %d workers with %s each", count, self.resources)
+            return self._pool
 
     def _fit_workers(self) -> int:
         total = self._ray.cluster_resources()
@@ -407,58 +394,20 @@ class RayExecutor:
                 counts.append(int(total.get(key, 0.0) / amount + 1e-9))
         return min(counts) if counts else 1
 
-    def _launch(self, slot: _Slot) -> None:
-        """A new actor in ``slot``, being placed: its ``describe`` call is in flight with the
-        placement deadline."""
-        options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
-        resources = dict(self.resources)
-        options["num_cpus"] = resources.pop("CPU", 0.0 if "GPU" in resources else 1.0)
-        if "GPU" in resources:
-            options["num_gpus"] = resources.pop("GPU")
-        if "memory" in resources:
-            options["memory"] = resources.pop("memory")
-        if resources:
-            options["resources"] = resources
-        self._worker_count += 1
-        slot.actor = self._remote.options(**options).remote(self._worker_count - 1)
-        slot.state, slot.loaded, slot.info, slot.started = "starting", frozenset(), {"index": slot.index, "pid": "?", "host": "?"}, time.time()
-        self._send(slot, "start", slot.actor.describe.remote(), self.placement_timeout_s)
-
-    def _send(self, slot: _Slot, phase: str, ref: Any, timeout: float | None) -> None:
-        slot.phase, slot.ref = phase, ref
-        slot.deadline = None if timeout is None else time.time() + timeout
-        self._in_flight[ref] = slot
-
     def shutdown(self) -> None:
         """Stop the dispatcher and the actors (and the local Ray runtime this executor started),
         within seconds whatever is running or queued. Every unfinished future is resolved: queued
         items are cancelled, running and re-queued ones fail with a ``CancelledError``."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
         with self._lock:
-            jobs = list(self._queue) + [slot.job for slot in self._slots if slot.job is not None]
-            self._queue.clear()
-            for slot in self._slots:
-                slot.job = None
-                try:
-                    if slot.actor is not None:
-                        self._ray.kill(slot.actor)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-            self._slots = []
-            self._in_flight.clear()
-            self._shipped.clear()
-        for job in jobs:
-            if not job.future.cancel():
-                _settle(job.future, error=cf.CancelledError(f"the executor was shut down while {_shown(job.item)} was running"))
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            self._deaths += pool.deaths
+            self._timeouts += pool.timeouts
         with self._lock:
             if self._owns_runtime and self._ray is not None:
                 self._ray.shutdown()
                 self._owns_runtime = False
-            self._thread = None
-            self._stop.clear()
 
     def __enter__(self) -> "RayExecutor":
         self._start()
@@ -468,54 +417,13 @@ class RayExecutor:
         self.shutdown()
 
     # ------------------------------------------------------------------ work
-    def _ship(self, recipe: Recipe) -> _Shipment:
-        """Put a recipe's base and parts into Ray's object store, each once per content key."""
-        base_key, key = recipe.keys()
-        with self._lock:
-            base_ref = self._shipped.get(base_key)
-            if base_ref is None:
-                base_ref = self._shipped[base_key] = self._ray.put((recipe.base, recipe.setup))
-            parts_ref = self._shipped.get(key)
-            if parts_ref is None:
-                parts_ref = self._shipped[key] = self._ray.put((recipe.run, recipe.parts))
-            for used in (base_key, key):
-                self._shipped.move_to_end(used)
-            while len(self._shipped) > 64:  # refs in queued jobs keep their objects alive
-                self._shipped.popitem(last=False)
-        return _Shipment(base_key, [base_ref], key, [parts_ref])
-
     def prepare(self, fn: Callable) -> list[float]:
         """Ship ``fn`` (a :class:`Recipe`, e.g. ``objective.recipe()``, or any callable) to every
         worker and set it up there now; returns each worker's seconds."""
-        self._start()
-        ship = self._ship(as_recipe(fn))
-        with self._lock:
-            slots = [slot for slot in self._slots if slot.state != "gone"]
-        starts = time.time()
-        refs = [slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box) for slot in slots]
-        seconds = []
-        bound = None if self.load_timeout_s is None else self.load_timeout_s + (self.placement_timeout_s or 0.0)
-        for slot, ref in zip(slots, refs):
-            held = self._ray.get(ref, timeout=bound)
-            seconds.append(time.time() - starts)
-            with self._lock:
-                slot.loaded = frozenset(held)
-        return seconds
+        return self._start().prepare(as_recipe(fn))
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> cf.Future:
-        self._start()
-        if self._broken is not None:
-            raise RuntimeError(f"this RayExecutor's dispatcher failed ({type(self._broken).__name__}: {self._broken}); create a new one")
-        ship = self._ship(as_recipe(fn))
-        future: cf.Future = cf.Future()
-        with self._lock:
-            if self._no_worker_left():
-                _settle(future, error=WorkerError(f"evaluating {_shown(item)} failed: no worker is left to run it (every "
-                                                  f"worker could not be placed within placement_timeout_s={self.placement_timeout_s:g} s)"))
-                return future
-            self._queue.append(_Job(ship, item, future))
-        self._wake.set()
-        return future
+        return self._start().submit(as_recipe(fn), item)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, result)`` as results arrive. If one item fails, items not yet started
@@ -541,48 +449,189 @@ class RayExecutor:
         if error is not None:
             raise error
 
+    # ------------------------------------------------------------------ statistics
+    def reset_stats(self) -> None:
+        """Start a new measurement window for :meth:`stats`."""
+        self._start().reset_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Since :meth:`reset_stats` (or start): evaluations, busy seconds and idle share per
+        worker and overall, and the driver's overhead per evaluation (round trip minus the
+        worker's own time), in seconds; deaths and timeouts since the executor was created."""
+        return {**self._start().stats(), "deaths": self.deaths, "timeouts": self.timeouts}
+
+    def __repr__(self) -> str:
+        state = f"{len(self._pool.slots)} workers" if self._pool is not None else "not started"
+        return f"RayExecutor({state}, resources_per_worker={self.resources}, address={self.address!r}, timeout_s={self.timeout_s})"
+
+
+class _Pool:
+    """The workers of a started :class:`RayExecutor` and the dispatcher thread that feeds them.
+
+    Each slot's one call in flight moves it through phases: ``start`` (being placed, bounded by
+    ``placement_timeout_s``), ``load`` (first use of a recipe, ``load_timeout_s``) and ``run``
+    (one evaluation, ``timeout_s``). A slot past its deadline, or whose actor died, is handled
+    here: its worker replaced and its item re-queued, or the slot dropped."""
+
+    def __init__(self, settings: RayExecutor, ray: Any, count: int) -> None:
+        self.settings, self.ray = settings, ray
+        self.remote = ray.remote(_Worker)
+        self.slots: list[_Slot] = []
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.in_flight: dict[Any, _Slot] = {}
+        self.shipped: collections.OrderedDict[str, Any] = collections.OrderedDict()  # content key -> object ref
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.worker_count = 0
+        self.window_start = time.time()
+        self.latency: list[float] = []  # per evaluation: round trip seen by the driver minus the worker's time
+        self.deaths = self.timeouts = 0
+        self.broken: BaseException | None = None
+        with self.lock:
+            for index in range(count):
+                slot = _Slot(index, None)
+                self._launch(slot)
+                self.slots.append(slot)
+        self.thread = threading.Thread(target=self._dispatch_loop, name="map_merge-ray-dispatcher", daemon=True)
+        self.thread.start()
+
+    def live_workers(self) -> int:
+        return sum(slot.state != "gone" for slot in self.slots)
+
+    def _no_worker_left(self) -> bool:
+        return bool(self.slots) and all(slot.state == "gone" for slot in self.slots)
+
+    def _launch(self, slot: _Slot) -> None:
+        """A new actor in ``slot``, being placed: its ``describe`` call is in flight with the
+        placement deadline."""
+        options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+        resources = dict(self.settings.resources)
+        options["num_cpus"] = resources.pop("CPU", 0.0 if "GPU" in resources else 1.0)
+        if "GPU" in resources:
+            options["num_gpus"] = resources.pop("GPU")
+        if "memory" in resources:
+            options["memory"] = resources.pop("memory")
+        if resources:
+            options["resources"] = resources
+        self.worker_count += 1
+        slot.actor = self.remote.options(**options).remote(self.worker_count - 1)
+        slot.state, slot.loaded, slot.info, slot.started = "starting", frozenset(), {"index": slot.index, "pid": "?", "host": "?"}, time.time()
+        self._send(slot, "start", slot.actor.describe.remote(), self.settings.placement_timeout_s)
+
+    def _send(self, slot: _Slot, phase: str, ref: Any, timeout: float | None) -> None:
+        slot.phase, slot.ref = phase, ref
+        slot.deadline = None if timeout is None else time.time() + timeout
+        self.in_flight[ref] = slot
+
+    def close(self) -> None:
+        """Stop the dispatcher, kill the actors and resolve every unfinished future."""
+        self.stop.set()
+        self.wake.set()
+        self.thread.join(timeout=5)
+        with self.lock:
+            jobs = list(self.queue) + [slot.job for slot in self.slots if slot.job is not None]
+            self.queue.clear()
+            for slot in self.slots:
+                slot.job = None
+                try:
+                    self.ray.kill(slot.actor)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            self.in_flight.clear()
+            self.shipped.clear()
+        for job in jobs:
+            if not job.future.cancel():
+                _settle(job.future, error=cf.CancelledError(f"the executor was shut down while {_shown(job.item)} was running"))
+
+    # ------------------------------------------------------------------ work
+    def _ship(self, recipe: Recipe) -> _Shipment:
+        """Put a recipe's base and parts into Ray's object store, each once per content key."""
+        base_key, key = recipe.keys()
+        with self.lock:
+            base_ref = self.shipped.get(base_key)
+            if base_ref is None:
+                base_ref = self.shipped[base_key] = self.ray.put((recipe.base, recipe.setup))
+            parts_ref = self.shipped.get(key)
+            if parts_ref is None:
+                parts_ref = self.shipped[key] = self.ray.put((recipe.run, recipe.parts))
+            for used in (base_key, key):
+                self.shipped.move_to_end(used)
+            while len(self.shipped) > 64:  # refs in queued jobs keep their objects alive
+                self.shipped.popitem(last=False)
+        return _Shipment(base_key, [base_ref], key, [parts_ref])
+
+    def prepare(self, recipe: Recipe) -> list[float]:
+        ship = self._ship(recipe)
+        with self.lock:
+            slots = [slot for slot in self.slots if slot.state != "gone"]
+        starts = time.time()
+        refs = [slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box) for slot in slots]
+        load, place = self.settings.load_timeout_s, self.settings.placement_timeout_s
+        bound = None if load is None else load + (place or 0.0)
+        seconds = []
+        for slot, ref in zip(slots, refs):
+            held = self.ray.get(ref, timeout=bound)
+            seconds.append(time.time() - starts)
+            with self.lock:
+                slot.loaded = frozenset(held)
+        return seconds
+
+    def submit(self, recipe: Recipe, item: Any) -> cf.Future:
+        if self.broken is not None:
+            raise RuntimeError(f"this RayExecutor's dispatcher failed ({type(self.broken).__name__}: {self.broken}); create a new one")
+        ship = self._ship(recipe)
+        future: cf.Future = cf.Future()
+        with self.lock:
+            if self._no_worker_left():
+                _settle(future, error=WorkerError(f"evaluating {_shown(item)} failed: no worker is left to run it (every worker "
+                                                  f"could not be placed within placement_timeout_s={self.settings.placement_timeout_s:g} s)"))
+                return future
+            self.queue.append(_Job(ship, item, future))
+        self.wake.set()
+        return future
+
     # ------------------------------------------------------------------ dispatcher
     def _dispatch_loop(self) -> None:
-        ray = self._ray
-        while not self._stop.is_set():
+        while not self.stop.is_set():
             try:
-                self._wake.clear()
-                with self._lock:
+                self.wake.clear()
+                with self.lock:
                     self._assign()
-                    refs = list(self._in_flight)
+                    refs = list(self.in_flight)
                 if not refs:
-                    self._wake.wait(timeout=0.5)
+                    self.wake.wait(timeout=0.5)
                     continue
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.05, fetch_local=False)
+                ready, _ = self.ray.wait(refs, num_returns=1, timeout=0.05, fetch_local=False)
                 for ref in ready:
                     self._complete(ref)
                 self._check_deadlines()
             except BaseException as error:  # noqa: BLE001 - never leave futures hanging on a dead dispatcher
-                if self._stop.is_set():
+                if self.stop.is_set():
                     return
                 log.exception("RayExecutor dispatcher failed")
                 self._fail_all(error)
                 return
 
     def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            jobs = list(self._queue) + [slot.job for slot in self._slots if slot.job is not None]
-            self._queue.clear()
-            self._in_flight.clear()
-            for slot in self._slots:
+        with self.lock:
+            jobs = list(self.queue) + [slot.job for slot in self.slots if slot.job is not None]
+            self.queue.clear()
+            self.in_flight.clear()
+            for slot in self.slots:
                 slot.job = None
-            self._broken = error
+            self.broken = error
         for job in jobs:
             _settle(job.future, error=RuntimeError(f"the Ray dispatcher failed while {_shown(job.item)} was queued: "
                                                   f"{type(error).__name__}: {error}"))
 
     def _assign(self) -> None:
-        for slot in self._slots:
+        for slot in self.slots:
             if slot.state != "ready" or slot.job is not None:
                 continue
             job = None
-            while self._queue:
-                candidate = self._queue.popleft()
+            while self.queue:
+                candidate = self.queue.popleft()
                 # a re-queued job is already running; a fresh one may have been cancelled meanwhile
                 if candidate.attempts > 0 or candidate.future.set_running_or_notify_cancel():
                     job = candidate
@@ -595,30 +644,30 @@ class RayExecutor:
                 self._run(slot)
             else:  # the worker's first use of this recipe: set up (build the model), not timed as an evaluation
                 self._send(slot, "load", slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box),
-                           self.load_timeout_s)
+                           self.settings.load_timeout_s)
 
     def _run(self, slot: _Slot) -> None:
         job, ship = slot.job, slot.job.ship
         job.dispatched = time.time()
-        self._send(slot, "run", slot.actor.run.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box, job.item), self.timeout_s)
+        self._send(slot, "run", slot.actor.run.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box, job.item),
+                   self.settings.timeout_s)
 
     def _worker_name(self, slot: _Slot) -> str:
         return f"worker {slot.info.get('index', slot.index)} (pid {slot.info.get('pid')}, {slot.info.get('host')})"
 
     def _complete(self, ref: Any) -> None:
-        ray = self._ray
-        with self._lock:
-            slot = self._in_flight.pop(ref, None)
+        with self.lock:
+            slot = self.in_flight.pop(ref, None)
             if slot is None or slot.ref is not ref:
                 return  # a call of a worker already replaced
             phase, job = slot.phase, slot.job
             slot.phase = slot.ref = slot.deadline = None
         try:
-            value = ray.get(ref)
+            value = self.ray.get(ref)
         except Exception as error:  # noqa: BLE001 - sorted out below; never left unreported
             self._failed(slot, phase, job, error)
             return
-        with self._lock:
+        with self.lock:
             if phase == "start":
                 slot.info, slot.state, slot.started = value, "ready", time.time()
                 return
@@ -629,13 +678,13 @@ class RayExecutor:
             result, started, finished = value
             now = time.time()
             slot.evaluations += 1
-            slot.busy += finished - max(started, self._window_start)
-            self._latency.append(max(0.0, (now - job.dispatched) - (finished - started)))
+            slot.busy += finished - max(started, self.window_start)
+            self.latency.append(max(0.0, (now - job.dispatched) - (finished - started)))
             slot.job = None
         _settle(job.future, result=result)
 
     def _failed(self, slot: _Slot, phase: str | None, job: _Job | None, error: BaseException) -> None:
-        ray = self._ray
+        ray = self.ray
         if phase == "start":  # a worker that fails to start is dropped, whatever the failure
             self._lose(slot, f"it could not be started: {type(error).__name__}: {_first_line(error)}")
             return
@@ -650,45 +699,44 @@ class RayExecutor:
         else:  # any other Ray failure is this item's, reported with it
             failure = EvaluationError(f"evaluating {_shown(job.item) if job else '?'} on {self._worker_name(slot)} failed in Ray: "
                                       f"{type(error).__name__}: {error}")
-        self._release(slot)
+        with self.lock:
+            slot.job = None
         if job is not None:
             _settle(job.future, error=failure)
 
-    def _release(self, slot: _Slot) -> None:
-        with self._lock:
-            slot.job = None
-
     def _check_deadlines(self) -> None:
         now = time.time()
-        with self._lock:
-            late = [slot for slot in self._slots if slot.deadline is not None and now > slot.deadline]
+        with self.lock:
+            late = [slot for slot in self.slots if slot.deadline is not None and now > slot.deadline]
+        settings = self.settings
         for slot in late:
             if slot.phase == "start":
-                self._lose(slot, f"it could not be placed within placement_timeout_s={self.placement_timeout_s:g} s "
-                                 f"(resources per worker {self.resources}; free in the cluster: {self._free_resources()})")
+                self._lose(slot, f"it could not be placed within placement_timeout_s={settings.placement_timeout_s:g} s "
+                                 f"(resources per worker {settings.resources}; free in the cluster: {self._free_resources()})")
             elif slot.phase == "load":
-                self._replace(slot, slot.job, f"setting up the objective took over load_timeout_s={self.load_timeout_s:g} s",
+                self._replace(slot, slot.job, f"setting up the objective took over load_timeout_s={settings.load_timeout_s:g} s",
                               timed_out=True)
             elif slot.phase == "run":
-                self._replace(slot, slot.job, f"timed out after timeout_s={self.timeout_s:g} s", timed_out=True)
+                self._replace(slot, slot.job, f"timed out after timeout_s={settings.timeout_s:g} s", timed_out=True)
 
     def _free_resources(self) -> dict:
         try:
-            return {k: round(v, 3) for k, v in self._ray.available_resources().items() if not k.startswith("node:")}
+            return {k: round(v, 3) for k, v in self.ray.available_resources().items() if not k.startswith("node:")}
         except Exception:  # noqa: BLE001 - only for the message
             return {}
 
     def _replace(self, slot: _Slot, job: _Job | None, reason: str, timed_out: bool) -> None:
         """Kill the worker in ``slot``, start a fresh one there and re-queue (or fail) its job."""
         name = self._worker_name(slot)
-        with self._lock:
-            self._in_flight.pop(slot.ref, None)
+        retries = self.settings.max_retries
+        with self.lock:
+            self.in_flight.pop(slot.ref, None)
             if timed_out:
                 self.timeouts += 1
             else:
                 self.deaths += 1
             try:
-                self._ray.kill(slot.actor)
+                self.ray.kill(slot.actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
             slot.job = None
@@ -699,69 +747,56 @@ class RayExecutor:
             job.timeouts += int(timed_out)
             job.failures.append(f"{name}: {reason}")
             log.warning("%s %s while evaluating %s; re-queued (attempt %d of %d)", name, "timed out" if timed_out else "died",
-                        _shown(job.item), job.attempts, self.max_retries + 1)
-            if job.attempts <= self.max_retries:
-                self._queue.appendleft(job)
+                        _shown(job.item), job.attempts, retries + 1)
+            if job.attempts <= retries:
+                self.queue.appendleft(job)
                 return
         deaths = job.attempts - job.timeouts
         what = ("its worker died" if job.timeouts == 0 else
-                f"it timed out (timeout_s={self.timeout_s:g})" if deaths == 0 else "its worker died or timed out")
+                f"it timed out (timeout_s={self.settings.timeout_s:g})" if deaths == 0 else "its worker died or timed out")
         _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: {what} {job.attempts} time{'s' * (job.attempts != 1)} "
-                                              f"(max_retries={self.max_retries}): " + "; ".join(job.failures)))
+                                              f"(max_retries={retries}): " + "; ".join(job.failures)))
 
     def _lose(self, slot: _Slot, reason: str) -> None:
         """Drop a worker that could not be placed; with none left, fail every queued item."""
-        with self._lock:
-            self._in_flight.pop(slot.ref, None)
+        with self.lock:
+            self.in_flight.pop(slot.ref, None)
             try:
-                self._ray.kill(slot.actor)
+                self.ray.kill(slot.actor)
             except Exception:  # noqa: BLE001 - never started
                 pass
             slot.state, slot.phase, slot.ref, slot.deadline = "gone", None, None, None
             log.warning("RayExecutor worker slot %d dropped: %s", slot.index, reason)
-            if any(s.state != "gone" for s in self._slots):
+            if any(s.state != "gone" for s in self.slots):
                 return
-            jobs = list(self._queue)
-            self._queue.clear()
+            jobs = list(self.queue)
+            self.queue.clear()
         for job in jobs:
             _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: no worker is left to run it; the last "
                                                   f"one was dropped because {reason}"
                                                   + (f"; earlier: {'; '.join(job.failures)}" if job.failures else "")))
 
-    def _no_worker_left(self) -> bool:
-        return bool(self._slots) and all(slot.state == "gone" for slot in self._slots)
-
     # ------------------------------------------------------------------ statistics
     def reset_stats(self) -> None:
-        """Start a new measurement window for :meth:`stats`."""
-        self._start()
-        with self._lock:
-            self._window_start = time.time()
-            self._latency = []
-            for slot in self._slots:
+        with self.lock:
+            self.window_start = time.time()
+            self.latency = []
+            for slot in self.slots:
                 slot.evaluations, slot.busy = 0, 0.0
 
     def stats(self) -> dict[str, Any]:
-        """Since :meth:`reset_stats` (or start): evaluations, busy seconds and idle share per
-        worker and overall, and the driver's overhead per evaluation (round trip minus the
-        worker's own time), in seconds; deaths and timeouts since the executor started."""
-        with self._lock:
-            window = max(time.time() - self._window_start, 1e-9)
-            live = [s for s in self._slots if s.state != "gone"]
+        with self.lock:
+            window = max(time.time() - self.window_start, 1e-9)
+            live = [s for s in self.slots if s.state != "gone"]
             workers = [{"index": s.index, "pid": s.info.get("pid"), "host": s.info.get("host"), "evaluations": s.evaluations,
                         "busy_s": s.busy, "idle_share": 1.0 - min(s.busy / window, 1.0)} for s in live]
             busy = sum(s.busy for s in live)
-            latency = list(self._latency)
+            latency = list(self.latency)
         return {
             "num_workers": len(workers), "window_s": window, "evaluations": sum(w["evaluations"] for w in workers),
             "idle_share": 1.0 - min(busy / (window * max(len(workers), 1)), 1.0),
-            "overhead_per_eval_s": float(np.mean(latency)) if latency else 0.0, "deaths": self.deaths, "timeouts": self.timeouts,
-            "workers": workers,
+            "overhead_per_eval_s": float(np.mean(latency)) if latency else 0.0, "workers": workers,
         }
-
-    def __repr__(self) -> str:
-        state = f"{len(self._slots)} workers" if self._slots else "not started"
-        return f"RayExecutor({state}, resources_per_worker={self.resources}, address={self.address!r}, timeout_s={self.timeout_s})"
 
 
 def _first_line(error: BaseException) -> str:

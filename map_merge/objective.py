@@ -12,6 +12,7 @@ per task whether higher (``"max"``) or lower (``"min"``) is better.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -444,6 +445,10 @@ def _evaluate_tasks(live: LiveModel, tasks: Mapping[str, Task], coeffs: np.ndarr
     return values
 
 
+def _recipe_ids(live: LiveModel, tasks: Mapping[str, Task]) -> tuple[tuple, tuple]:
+    return live.identity(), _tasks_identity(tasks)
+
+
 def _tasks_identity(tasks: Mapping[str, Task]) -> tuple:
     """Tasks as content: an adapter by its type and data fingerprint, a bare metric by itself."""
     out = []
@@ -547,8 +552,8 @@ class ModelObjective(Objective):
         tasks: a :class:`~map_merge.RayExecutor` worker builds one model per distinct live model
         and binds each objective's tasks to it."""
         if self._recipe is None:
-            self._recipe = Recipe(_evaluate_tasks, self.live, self.tasks, base_id=self.live.identity(),
-                                  parts_id=_tasks_identity(self.tasks), setup=_build)
+            self._recipe = Recipe(_evaluate_tasks, self.live, self.tasks, ids=functools.partial(_recipe_ids, self.live, self.tasks),
+                                  setup=_build)
         return self._recipe
 
     def for_tasks(self, names: Sequence[str]) -> "ModelObjective":

@@ -386,9 +386,9 @@ def test_replacement_that_cannot_be_placed_fails_its_job(executor):
     with RayExecutor(num_workers=1, resources_per_worker={"CPU": 0}) as ex:
         assert list(ex.map(three_quadratics, [np.full(3, 0.5)]))[0][0] == 0  # placed and working
         ex.resources = {"CPU": 0, "a_node_that_is_gone": 1}  # replacements now ask for what no node has
-        ex.placement_timeout_s = 3.0
+        ex.placement_timeout_s = 2.0
         with pytest.raises(WorkerError, match=r"evaluating \[0\.25, 0\.5\] failed: no worker is left to run it.*"
-                                              r"could not be placed within placement_timeout_s=3 s"):
+                                              r"could not be placed within placement_timeout_s=2 s"):
             list(ex.map(always_dies, [np.array([0.25, 0.5])]))
         with pytest.raises(WorkerError, match="no worker is left"):
             ex.submit(three_quadratics, np.full(3, 0.5)).result(timeout=10)
