@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .executors import Executor, LocalExecutor, Recipe
+from .executors import Executor, LocalExecutor, Recipe, as_recipe
 from .fingerprint import content_digest
 from .merge_methods import MergeMethod, resolve_method
 from .store import EvaluationStore, coeff_key
@@ -105,11 +105,12 @@ class Objective:
         self._lock = threading.Lock()
         self._running: dict[bytes, cf.Future] = {}  # submitted, not finished: one evaluation per vector
         self._recipe: Recipe | None = None
+        self._recipe_version: str | None = None
 
     def __getstate__(self) -> dict:
         # what a worker needs to evaluate; the store, executor and bookkeeping stay with the driver
         state = self.__dict__.copy()
-        for name in ("store", "executor", "_lock", "_running", "_recipe"):
+        for name in ("store", "executor", "_lock", "_running", "_recipe", "num_evaluations", "num_cached"):
             state.pop(name, None)
         return state
 
@@ -117,6 +118,7 @@ class Objective:
         self.__dict__.update(state)
         self.store, self.executor = None, LocalExecutor()
         self._lock, self._running, self._recipe = threading.Lock(), {}, None
+        self.num_evaluations = self.num_cached = 0
 
     @property
     def num_tasks(self) -> int:
@@ -129,12 +131,19 @@ class Objective:
         """Metrics ``(M,)`` of one coefficient vector ``(T,)``."""
         raise NotImplementedError
 
-    def recipe(self) -> Callable[[np.ndarray], np.ndarray]:
-        """What the executor runs for one coefficient vector: ``recipe(coeffs (T,)) -> (M,)``.
-        Default: the bound :meth:`evaluate_one`; subclasses return a :class:`~map_merge.executors.Recipe`
-        (what builds their model plus their tasks), which a :class:`~map_merge.RayExecutor`
-        ships to each worker once."""
-        return self.evaluate_one
+    def recipe(self) -> Recipe:
+        """What the executor runs for one coefficient vector: ``recipe(coeffs (T,)) -> (M,)``, a
+        :class:`~map_merge.executors.Recipe` that a :class:`~map_merge.RayExecutor` ships to each
+        worker once. Default: the bound :meth:`evaluate_one` (the whole objective, less the
+        driver's store, executor and counters), made anew when :meth:`fingerprint` changes;
+        subclasses ship less (a model objective: what builds its model, plus its tasks)."""
+        try:
+            version = self.fingerprint()
+        except NotImplementedError:  # no fingerprint: shipped (and keyed by content) at each submit
+            return as_recipe(self.evaluate_one)
+        if self._recipe is None or self._recipe_version != version:
+            self._recipe, self._recipe_version = as_recipe(self.evaluate_one), version
+        return self._recipe
 
     def evaluate_batch(self, coeffs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row, metrics (M,))`` for ``coeffs: (K, T)``; default: through the executor."""
