@@ -54,7 +54,7 @@ def throughput(zoo, label: str, num_coeffs: int, num_evals: int, workers: list[i
         with mm.RayExecutor(num_workers=count) as executor:
             remote = zoo.objective(names, split=split, progress=False)
             remote.executor = executor
-            load = executor.prepare(remote.evaluate_one)
+            load = executor.prepare(remote.recipe())
             remote(coeffs[:count] + 1e-3)  # warm each worker
             executor.reset_stats()
             start = time.perf_counter()
@@ -76,7 +76,7 @@ def bayes(zoo, label: str, num_coeffs: int, budget: int, seed: int = 0, split: s
         for mode in ("synchronous", "asynchronous", "async+lookahead"):
             objective = zoo.objective(names, split=split, progress=False)
             objective.executor = executor
-            executor.prepare(objective.evaluate_one)
+            executor.prepare(objective.recipe())
             executor.reset_stats()
             start = time.perf_counter()
             with warnings.catch_warnings():

@@ -8,8 +8,9 @@ surrogates, front search and front metrics; :mod:`map_merge.baselines` and
 """
 
 from . import plots
+from .asynchronous import AsyncTrace, evaluate_async
 from .bayes import BayesianMAP
-from .executors import AsyncTrace, EvaluationError, RayExecutor, WorkerError, evaluate_async
+from .executors import EvaluationError, RayExecutor, Recipe, WorkerError
 from .designs import default_num_samples, grid_design, lhs_design, make_design, map_design, num_quadratic_params, sobol_design
 from .groups import Groups
 from .front_metrics import front_report, gd, hypervolume, igd, igd_plus, preference_grid, preference_regret, win_rate
@@ -27,7 +28,7 @@ from .tasks import Classification, HeldOutLoss, LMEvalTask
 __version__ = "0.1.0"
 
 __all__ = [
-    "AsyncTrace", "BayesianMAP", "Breadcrumbs", "Classification", "Dare", "Della", "EvaluationError", "EvaluationStore", "Executor", "RayExecutor", "WorkerError", "evaluate_async", "FunctionObjective", "Groups", "HeldOutLoss", "LMEvalTask", "LocalExecutor", "LoraAdapter", "MAP", "MAPResult",
+    "AsyncTrace", "BayesianMAP", "Breadcrumbs", "Classification", "Dare", "Della", "EvaluationError", "EvaluationStore", "Executor", "RayExecutor", "Recipe", "WorkerError", "evaluate_async", "FunctionObjective", "Groups", "HeldOutLoss", "LMEvalTask", "LocalExecutor", "LoraAdapter", "MAP", "MAPResult",
     "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
     "SurrogateFitWarning", "Task", "TaskArithmetic", "TaskVectors", "Ties", "default_num_samples", "front_report", "gd",
     "grid_design", "hypervolume", "igd", "igd_plus", "lhs_design", "load_state_dict", "make_design", "map_design",

@@ -217,7 +217,7 @@ def mobo_search(
 
     width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
     if (width > 1 and asynchronous == "auto") or asynchronous is True:
-        from .executors import evaluate_async
+        from .asynchronous import evaluate_async
 
         trace = evaluate_async(objective, coeffs, lambda x, y, p: propose(x, y, 1, p)[0], budget)
         coeffs, metrics = trace.coeffs, trace.metrics

@@ -61,7 +61,10 @@ Settings (all optional)::
       address: auto                     # join a running cluster; omit for a local runtime
       num_workers: 8                    # default: as many as the resources fit
       resources_per_worker: {GPU: 1}    # or {GPU: 0.25}: four small models per GPU; {CPU: 1} by default
-      max_retries: 2                    # re-queues of an evaluation whose worker died
+      max_retries: 2                    # re-queues of an evaluation whose worker died or timed out
+      timeout_s: 3600                   # an evaluation running longer has its worker killed and is re-queued
+      load_timeout_s: 1800              # bound on a worker's first set-up of a model (not counted in timeout_s)
+      placement_timeout_s: 300          # a worker Ray cannot place in this time is dropped (an error when none is left)
 
 ``map-merge save --config run.yaml --coeffs 0.3,0.5`` writes the merge for given coefficients
 (``--preference 1,2``: the point a finished map/bayes run's front picks for that preference).

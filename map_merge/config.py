@@ -49,7 +49,8 @@ FIELDS: dict[str, type] = {
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
     "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str, "ray": dict, "schedule": str,
 }
-RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "max_retries": int}
+RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "max_retries": int,
+            "timeout_s": (int, float), "load_timeout_s": (int, float), "placement_timeout_s": (int, float)}
 TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 'tasks'
     "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
     "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
@@ -106,8 +107,9 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, value in config.get("ray", {}).items():
         if key not in RAY_KEYS:
             raise fail("ray", f"has unknown key {key!r}; allowed: {sorted(RAY_KEYS)}")
-        if not isinstance(value, RAY_KEYS[key]) or isinstance(value, bool):
-            raise fail(f"ray.{key}", f"must be a {RAY_KEYS[key].__name__}, got {value!r}")
+        kind = RAY_KEYS[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind == (int, float) and value <= 0):
+            raise fail(f"ray.{key}", f"must be a {'positive number of seconds' if kind == (int, float) else kind.__name__}, got {value!r}")
     for key, value in config.get("ray", {}).get("resources_per_worker", {}).items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise fail(f"ray.resources_per_worker.{key}", f"must be a non-negative number, got {value!r}")

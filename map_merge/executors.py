@@ -2,26 +2,26 @@
 
 An executor takes work as ``submit(fn, item) -> concurrent.futures.Future`` and offers
 ``map(fn, items) -> Iterator[(index, result)]`` (results in the order they finish). Objectives
-(:class:`~map_merge.objective.Objective`) send their ``evaluate_one`` through it and write each
-result to their store the moment it comes back, in the driver; workers never touch the store.
+(:class:`~map_merge.objective.Objective`) send their evaluator through it and write each result
+to their store the moment it comes back, in the driver; workers never touch the store.
 
-:class:`RayExecutor` keeps one long-lived actor per worker. The function (an objective's bound
-``evaluate_one``, with its model and task vectors) is put into Ray's object store once and
-loaded once per actor; each evaluation then sends only a coefficient vector. A dispatcher thread
-hands the next queued item to whichever worker is free. A worker that dies has its in-flight
-item re-queued on a fresh worker (``max_retries`` times, then :class:`WorkerError` naming the
-item); an exception raised by the evaluator comes back as :class:`EvaluationError` carrying the
-worker's traceback.
-
-:func:`evaluate_async` keeps ``W`` evaluations in flight for a sequential proposer (Bayesian
-sampling): whenever one finishes, the proposer is asked for the next point given everything
-finished and everything still pending.
+An objective's evaluator is a :class:`Recipe`: a heavy ``base`` (what builds the live model, its
+task vectors and merge method) and light ``parts`` bound to it (the tasks). Locally a recipe is
+just called. :class:`RayExecutor` keeps one long-lived actor per worker and ships each base and
+each set of parts once, keyed by a content fingerprint; a worker holds one base (one model) per
+distinct key, so objectives that differ only in their tasks (``for_tasks`` subsets) share it.
+Each evaluation then sends only a coefficient vector. A dispatcher thread hands the next queued
+item to whichever worker is free. A worker that dies, or whose evaluation runs past
+``timeout_s``, is killed and replaced and its item re-queued (``max_retries`` times, then
+:class:`WorkerError` naming the item); an exception raised by the evaluator comes back as
+:class:`EvaluationError` carrying the worker's traceback.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import hashlib
 import logging
 import os
 import threading
@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "EvaluationError", "WorkerError", "evaluate_async", "AsyncTrace"]
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "Recipe", "EvaluationError", "WorkerError"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ class EvaluationError(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """A worker died (killed, out of memory) on the same item more often than the retries allow."""
+    """An item's worker died or timed out more often than the retries allow, or no worker could
+    be placed to run it."""
 
 
 class Executor(Protocol):
@@ -56,6 +57,71 @@ class Executor(Protocol):
     def submit(self, fn: Callable[[Any], Any], item: Any) -> cf.Future: ...
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
+
+
+class Recipe:
+    """An evaluator in two parts: ``recipe(item) == run(base, parts, item)``.
+
+    Args:
+        run: ``run(base, parts, item) -> result``; a module-level function (pickled by name).
+        base: the heavy part, e.g. a live model with its task vectors and merge method.
+        parts: the light part bound to it, e.g. the tasks.
+        ids: ``ids() -> (base_id, parts_id)``: picklable content that identifies ``base`` and
+            ``parts`` (default: the parts themselves). Recipes with equal ``base_id`` share one
+            base on a worker. Called only when the recipe is shipped, once.
+        setup: ``setup(base)``, run once where a base arrives, before its first evaluation
+            (e.g. builds the model); ``None``: nothing.
+
+    Executors that run in this process just call it. :class:`RayExecutor` ships ``base`` and
+    ``parts`` separately, each once, keyed by a hash of the pickled ids (:meth:`keys`).
+    """
+
+    def __init__(self, run: Callable[[Any, Any, Any], Any], base: Any, parts: Any = None,
+                 ids: Callable[[], tuple[Any, Any]] | None = None, setup: Callable[[Any], Any] | None = None) -> None:
+        self.run, self.base, self.parts, self.ids, self.setup = run, base, parts, ids, setup
+        self._keys: tuple[str, str] | None = None
+
+    def __call__(self, item: Any) -> Any:
+        return self.run(self.base, self.parts, item)
+
+    def keys(self) -> tuple[str, str]:
+        """``(base_key, key)``: content fingerprints of the base, and of the whole recipe (base,
+        parts, run and setup). Computed once per recipe object."""
+        if self._keys is None:
+            dumps = _dumps()
+            base_id, parts_id = self.ids() if self.ids is not None else (self.base, self.parts)
+            base_key = hashlib.blake2b(dumps(("base", base_id)), digest_size=16).hexdigest()
+            whole = hashlib.blake2b(digest_size=16)
+            for part in (base_key.encode(), dumps(self.run), dumps(self.setup), dumps(parts_id)):
+                whole.update(len(part).to_bytes(8, "little"))
+                whole.update(part)
+            self._keys = (base_key, whole.hexdigest())
+        return self._keys
+
+    def __repr__(self) -> str:
+        return f"Recipe({getattr(self.run, '__qualname__', self.run)!r}, base={type(self.base).__name__})"
+
+
+def _dumps() -> Callable[[Any], bytes]:
+    try:
+        from ray import cloudpickle
+    except ImportError:
+        try:
+            import cloudpickle
+        except ImportError:
+            import pickle
+
+            return pickle.dumps
+    return cloudpickle.dumps
+
+
+def _call(fn: Callable[[Any], Any], _parts: Any, item: Any) -> Any:
+    return fn(item)
+
+
+def as_recipe(fn: Callable[[Any], Any]) -> Recipe:
+    """``fn`` itself if it is a :class:`Recipe`, else a recipe whose base is ``fn``."""
+    return fn if isinstance(fn, Recipe) else Recipe(_call, fn)
 
 
 class LocalExecutor:
@@ -84,6 +150,20 @@ def _shown(item: Any) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _settle(future: cf.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve ``future`` unless something else already did (the dispatcher and ``shutdown`` race)."""
+    try:
+        if not future.running() and not future.done():
+            if not future.set_running_or_notify_cancel():
+                return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except (cf.InvalidStateError, RuntimeError):
+        pass
+
+
 # --------------------------------------------------------------------------- Ray
 def _import_ray():
     try:
@@ -94,12 +174,13 @@ def _import_ray():
 
 
 class _Worker:
-    """The actor body (wrapped by ``ray.remote`` at start-up): caches loaded functions by token."""
+    """The actor body (wrapped by ``ray.remote`` at start-up): holds recipe bases and parts by key."""
 
-    def __init__(self, index: int, cache_size: int = 4) -> None:
+    def __init__(self, index: int, bases_kept: int = 2, parts_kept: int = 64) -> None:
         self.index = index
-        self.cache_size = cache_size
-        self.functions: collections.OrderedDict[Any, Callable] = collections.OrderedDict()
+        self.bases_kept, self.parts_kept = bases_kept, parts_kept
+        self.bases: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.parts: collections.OrderedDict[str, tuple[str, Callable, Any]] = collections.OrderedDict()
         self.created = time.time()
 
     def describe(self) -> dict:
@@ -108,37 +189,56 @@ class _Worker:
         return {"index": self.index, "pid": os.getpid(), "host": socket.gethostname(), "created": self.created,
                 "gpus": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
-    def _function(self, token: Any, boxed: list) -> Callable:
-        fn = self.functions.get(token)
-        if fn is None:
-            import ray
+    def _evaluator(self, base_key: str, base_box: list, key: str, parts_box: list) -> tuple[Any, Callable, Any]:
+        import ray
 
-            fn = ray.get(boxed[0])  # loaded once per worker, never once per evaluation
-            self.functions[token] = fn
-            while len(self.functions) > self.cache_size:
-                self.functions.popitem(last=False)
+        base = self.bases.get(base_key)
+        if base is None:
+            base, setup = ray.get(base_box[0])  # fetched once per worker, never once per evaluation
+            if setup is not None:
+                setup(base)
+            self.bases[base_key] = base
+            while len(self.bases) > self.bases_kept:
+                self.bases.popitem(last=False)
                 _free_accelerator_memory()
-        self.functions.move_to_end(token)
-        return fn
+        self.bases.move_to_end(base_key)
+        entry = self.parts.get(key)
+        if entry is None:
+            run, parts = ray.get(parts_box[0])
+            entry = self.parts[key] = (base_key, run, parts)
+            while len(self.parts) > self.parts_kept:
+                self.parts.popitem(last=False)
+        self.parts.move_to_end(key)
+        return base, entry[1], entry[2]
 
-    def load(self, token: Any, boxed: list) -> float:
-        start = time.time()
-        self._function(token, boxed)
-        return time.time() - start
+    def _held(self) -> list[str]:
+        return [key for key, (base_key, _, _) in self.parts.items() if base_key in self.bases]
 
-    def run(self, token: Any, boxed: list, item: Any) -> tuple[Any, float, float]:
-        fn = self._function(token, boxed)
+    def load(self, base_key: str, base_box: list, key: str, parts_box: list) -> list[str]:
+        """Fetch and set up a recipe now; returns the recipe keys this worker holds."""
+        try:
+            self._evaluator(base_key, base_box, key, parts_box)
+        except BaseException as error:  # noqa: BLE001 - sent back with the traceback
+            raise _worker_error(self.index, "setting up the objective", error) from None
+        return self._held()
+
+    def run(self, base_key: str, base_box: list, key: str, parts_box: list, item: Any) -> tuple[Any, float, float]:
+        base, run, parts = self._evaluator(base_key, base_box, key, parts_box)
         if isinstance(item, np.ndarray):
             item = item.copy()  # Ray hands arrays over read-only
         start = time.time()
         try:
-            value = fn(item)
+            value = run(base, parts, item)
         except BaseException as error:  # noqa: BLE001 - sent back with the traceback, never swallowed
-            import traceback
-
-            raise EvaluationError(f"{type(error).__name__}: {error}\n--- worker {self.index} (pid {os.getpid()}) traceback ---\n"
-                                  + "".join(traceback.format_exception(error))) from None
+            raise _worker_error(self.index, "evaluating", error) from None
         return value, start, time.time()
+
+
+def _worker_error(index: int, what: str, error: BaseException) -> EvaluationError:
+    import traceback
+
+    return EvaluationError(f"{type(error).__name__}: {error}\n--- worker {index} (pid {os.getpid()}) traceback, {what} ---\n"
+                           + "".join(traceback.format_exception(error)))
 
 
 def _free_accelerator_memory() -> None:
@@ -155,13 +255,24 @@ def _free_accelerator_memory() -> None:
 
 
 @dataclass
+class _Shipment:
+    """A recipe in Ray's object store: its keys and boxed references (a list stops Ray from
+    resolving the reference before the worker asks for it)."""
+
+    base_key: str
+    base_box: list
+    key: str
+    parts_box: list
+
+
+@dataclass
 class _Job:
-    fn_token: Any
-    boxed: list
+    ship: _Shipment
     item: Any
     future: cf.Future
     attempts: int = 0
     failures: list[str] = field(default_factory=list)
+    timeouts: int = 0
     dispatched: float = 0.0
 
 
@@ -169,7 +280,12 @@ class _Job:
 class _Slot:
     index: int
     actor: Any
+    state: str = "starting"  # "starting" (being placed), "ready", "gone" (could not be placed)
     job: _Job | None = None
+    phase: str | None = None  # what its in-flight call does: "start", "load" or "run"
+    ref: Any = None
+    deadline: float | None = None
+    loaded: frozenset = frozenset()  # recipe keys the worker holds (its answer to the last load)
     evaluations: int = 0
     busy: float = 0.0
     started: float = field(default_factory=time.time)
@@ -188,16 +304,28 @@ class RayExecutor:
         address: ``None`` starts a local Ray runtime; ``"auto"`` or ``"ray://host:10001"`` joins
             a running cluster (``ray start --head`` on one machine, ``ray start --address=...``
             on the others).
-        max_retries: re-queues of an item whose worker died before the run fails.
+        max_retries: re-queues of an item whose worker died or timed out before the run fails.
+        timeout_s: seconds one evaluation may run on a worker (``None``: no bound). Past it the
+            worker is killed (``ray.kill``) and replaced, and the item re-queued; a worker's
+            first use of an objective (fetching it, building its model) is not counted.
+        load_timeout_s: seconds a worker may take to fetch and set up an objective (build its
+            model) before it is treated like a hung evaluation (``None``: no bound).
+        placement_timeout_s: seconds a new or replacement worker may take to be placed and
+            started. One that is not is dropped from the pool; when no worker is left, every
+            queued item fails with :class:`WorkerError` saying so.
         init_kwargs: extra arguments for ``ray.init`` (e.g. ``runtime_env``, ``num_cpus``).
 
+    The settings are read at each dispatch: changing ``timeout_s`` or ``max_retries`` on a running
+    executor applies to the next evaluations, changing ``resources`` to the next workers started.
     Use as a context manager (or call :meth:`shutdown`) to stop the actors. Results do not
     depend on the executor: the same objective gives the same metrics as with
     :class:`LocalExecutor`.
     """
 
     def __init__(self, num_workers: int | None = None, resources_per_worker: dict[str, float] | None = None,
-                 address: str | None = None, max_retries: int = 2, init_kwargs: dict[str, Any] | None = None) -> None:
+                 address: str | None = None, max_retries: int = 2, timeout_s: float | None = None,
+                 load_timeout_s: float | None = None, placement_timeout_s: float = 300.0,
+                 init_kwargs: dict[str, Any] | None = None) -> None:
         resources = dict(resources_per_worker) if resources_per_worker is not None else {"CPU": 1.0}
         for key, value in resources.items():
             if not isinstance(value, (int, float)) or value < 0:
@@ -208,59 +336,55 @@ class RayExecutor:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if int(max_retries) < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        for name, value in (("timeout_s", timeout_s), ("load_timeout_s", load_timeout_s), ("placement_timeout_s", placement_timeout_s)):
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
         self.resources = resources
         self.address = address
         self.max_retries = int(max_retries)
+        self.timeout_s = None if timeout_s is None else float(timeout_s)
+        self.load_timeout_s = None if load_timeout_s is None else float(load_timeout_s)
+        self.placement_timeout_s = None if placement_timeout_s is None else float(placement_timeout_s)
         self.init_kwargs = dict(init_kwargs or {})
         self._requested = None if num_workers is None else int(num_workers)
         self._ray = None
         self._owns_runtime = False
-        self._slots: list[_Slot] = []
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._in_flight: dict[Any, _Slot] = {}
-        self._functions: collections.OrderedDict[Any, tuple[Any, Any]] = collections.OrderedDict()
-        self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._worker_count = 0
-        self._window_start = time.time()
-        self._latency: list[float] = []  # per evaluation: round trip seen by the driver minus the worker's time
-        self.deaths = 0
-        self._broken: BaseException | None = None
+        self._pool: _Pool | None = None
+        self._lock = threading.Lock()
+        self._deaths = self._timeouts = 0  # of pools already shut down
 
     # ------------------------------------------------------------------ life cycle
     @property
     def num_workers(self) -> int:
-        self._start()
-        return len(self._slots)
+        return self._start().live_workers()
 
-    def _start(self) -> None:
-        if self._thread is not None:
-            return
+    @property
+    def deaths(self) -> int:
+        """Workers that died under an evaluation (since this executor was created)."""
+        return self._deaths + (self._pool.deaths if self._pool is not None else 0)
+
+    @property
+    def timeouts(self) -> int:
+        """Evaluations (or set-ups) timed out (since this executor was created)."""
+        return self._timeouts + (self._pool.timeouts if self._pool is not None else 0)
+
+    def _start(self) -> "_Pool":
         with self._lock:
-            if self._thread is not None:
-                return
+            if self._pool is not None:
+                return self._pool
             ray = _import_ray()
             if not ray.is_initialized():
                 kwargs = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False, **self.init_kwargs}
                 ray.init(address=self.address, **kwargs)
                 self._owns_runtime = True
             self._ray = ray
-            self._remote = ray.remote(_Worker)
             count = self._requested if self._requested is not None else self._fit_workers()
             if count < 1:
                 raise RuntimeError(f"the Ray cluster has room for no worker with resources {self.resources} "
                                    f"(cluster: {ray.cluster_resources()})")
-            self._slots = [self._new_slot(i) for i in range(count)]
-            infos = ray.get([slot.actor.describe.remote() for slot in self._slots])
-            for slot, info in zip(self._slots, infos):
-                slot.info = info
-                slot.started = time.time()
-            self._window_start = time.time()
-            self._thread = threading.Thread(target=self._dispatch_loop, name="map_merge-ray-dispatcher", daemon=True)
-            self._thread.start()
+            self._pool = _Pool(self, ray, count)
             log.info("RayExecutor: %d workers with %s each", count, self.resources)
+            return self._pool
 
     def _fit_workers(self) -> int:
         total = self._ray.cluster_resources()
@@ -270,45 +394,20 @@ class RayExecutor:
                 counts.append(int(total.get(key, 0.0) / amount + 1e-9))
         return min(counts) if counts else 1
 
-    def _new_slot(self, index: int) -> _Slot:
-        options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
-        resources = dict(self.resources)
-        options["num_cpus"] = resources.pop("CPU", 0.0 if "GPU" in resources else 1.0)
-        if "GPU" in resources:
-            options["num_gpus"] = resources.pop("GPU")
-        if "memory" in resources:
-            options["memory"] = resources.pop("memory")
-        if resources:
-            options["resources"] = resources
-        self._worker_count += 1
-        return _Slot(index, self._remote.options(**options).remote(self._worker_count - 1))
-
     def shutdown(self) -> None:
-        """Stop the dispatcher and the actors (and the local Ray runtime this executor started).
-        Queued items fail with a ``CancelledError``."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        """Stop the dispatcher and the actors (and the local Ray runtime this executor started),
+        within seconds whatever is running or queued. Every unfinished future is resolved: queued
+        items are cancelled, running and re-queued ones fail with a ``CancelledError``."""
         with self._lock:
-            for job in self._queue:
-                job.future.cancel()
-            self._queue.clear()
-            for slot in self._slots:
-                if slot.job is not None and not slot.job.future.done():
-                    slot.job.future.set_exception(cf.CancelledError("the executor was shut down"))
-                try:
-                    self._ray.kill(slot.actor)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
-            self._slots = []
-            self._in_flight.clear()
-            self._functions.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            self._deaths += pool.deaths
+            self._timeouts += pool.timeouts
+        with self._lock:
             if self._owns_runtime and self._ray is not None:
                 self._ray.shutdown()
                 self._owns_runtime = False
-            self._thread = None
-            self._stop.clear()
 
     def __enter__(self) -> "RayExecutor":
         self._start()
@@ -318,48 +417,19 @@ class RayExecutor:
         self.shutdown()
 
     # ------------------------------------------------------------------ work
-    def _function_ref(self, fn: Callable) -> tuple[Any, list]:
-        owner = getattr(fn, "__self__", None)
-        func = getattr(fn, "__func__", fn)
-        version = None
-        if owner is not None and callable(getattr(owner, "fingerprint", None)):
-            try:
-                version = owner.fingerprint()  # an objective that changed is shipped again
-            except Exception:  # noqa: BLE001 - no fingerprint: identity alone
-                version = None
-        key = (id(owner) if owner is not None else id(fn), getattr(func, "__qualname__", repr(func)), version)
-        with self._lock:
-            entry = self._functions.get(key)
-            if entry is None:
-                entry = (fn, self._ray.put(fn))  # keeps fn alive, so its id stays unique
-                self._functions[key] = entry
-                while len(self._functions) > 8:
-                    self._functions.popitem(last=False)
-            self._functions.move_to_end(key)
-        token = (key[0], key[1], key[2], entry[1].hex())
-        return token, [entry[1]]
-
     def prepare(self, fn: Callable) -> list[float]:
-        """Ship ``fn`` to every worker and load it there now; returns each worker's load seconds."""
-        self._start()
-        token, boxed = self._function_ref(fn)
-        return self._ray.get([slot.actor.load.remote(token, boxed) for slot in self._slots])
+        """Ship ``fn`` (a :class:`Recipe`, e.g. ``objective.recipe()``, or any callable) to every
+        worker and set it up there now; returns each worker's seconds."""
+        return self._start().prepare(as_recipe(fn))
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> cf.Future:
-        self._start()
-        if self._broken is not None:
-            raise RuntimeError(f"this RayExecutor's dispatcher failed ({type(self._broken).__name__}: {self._broken}); create a new one")
-        token, boxed = self._function_ref(fn)
-        future: cf.Future = cf.Future()
-        with self._lock:
-            self._queue.append(_Job(token, boxed, item, future))
-        self._wake.set()
-        return future
+        return self._start().submit(as_recipe(fn), item)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, result)`` as results arrive. If one item fails, items not yet started
         are cancelled, those in flight are still yielded, then the error is raised."""
-        futures = {self.submit(fn, item): index for index, item in enumerate(items)}
+        recipe = as_recipe(fn)
+        futures = {self.submit(recipe, item): index for index, item in enumerate(items)}
         error: BaseException | None = None
         try:
             for future in cf.as_completed(futures):
@@ -379,229 +449,356 @@ class RayExecutor:
         if error is not None:
             raise error
 
+    # ------------------------------------------------------------------ statistics
+    def reset_stats(self) -> None:
+        """Start a new measurement window for :meth:`stats`."""
+        self._start().reset_stats()
+
+    def stats(self) -> dict[str, Any]:
+        """Since :meth:`reset_stats` (or start): evaluations, busy seconds and idle share per
+        worker and overall, and the driver's overhead per evaluation (round trip minus the
+        worker's own time), in seconds; deaths and timeouts since the executor was created."""
+        return {**self._start().stats(), "deaths": self.deaths, "timeouts": self.timeouts}
+
+    def __repr__(self) -> str:
+        state = f"{len(self._pool.slots)} workers" if self._pool is not None else "not started"
+        return f"RayExecutor({state}, resources_per_worker={self.resources}, address={self.address!r}, timeout_s={self.timeout_s})"
+
+
+class _Pool:
+    """The workers of a started :class:`RayExecutor` and the dispatcher thread that feeds them.
+
+    Each slot's one call in flight moves it through phases: ``start`` (being placed, bounded by
+    ``placement_timeout_s``), ``load`` (first use of a recipe, ``load_timeout_s``) and ``run``
+    (one evaluation, ``timeout_s``). A slot past its deadline, or whose actor died, is handled
+    here: its worker replaced and its item re-queued, or the slot dropped."""
+
+    def __init__(self, settings: RayExecutor, ray: Any, count: int) -> None:
+        self.settings, self.ray = settings, ray
+        self.remote = ray.remote(_Worker)
+        self.slots: list[_Slot] = []
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.in_flight: dict[Any, _Slot] = {}
+        self.shipped: collections.OrderedDict[str, Any] = collections.OrderedDict()  # content key -> object ref
+        self.lock = threading.RLock()
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.worker_count = 0
+        self.window_start = time.time()
+        self.latency: list[float] = []  # per evaluation: round trip seen by the driver minus the worker's time
+        self.deaths = self.timeouts = 0
+        self.broken: BaseException | None = None
+        with self.lock:
+            for index in range(count):
+                slot = _Slot(index, None)
+                self._launch(slot)
+                self.slots.append(slot)
+        self.thread = threading.Thread(target=self._dispatch_loop, name="map_merge-ray-dispatcher", daemon=True)
+        self.thread.start()
+
+    def live_workers(self) -> int:
+        return sum(slot.state != "gone" for slot in self.slots)
+
+    def _no_worker_left(self) -> bool:
+        return bool(self.slots) and all(slot.state == "gone" for slot in self.slots)
+
+    def _launch(self, slot: _Slot) -> None:
+        """A new actor in ``slot``, being placed: its ``describe`` call is in flight with the
+        placement deadline."""
+        options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+        resources = dict(self.settings.resources)
+        options["num_cpus"] = resources.pop("CPU", 0.0 if "GPU" in resources else 1.0)
+        if "GPU" in resources:
+            options["num_gpus"] = resources.pop("GPU")
+        if "memory" in resources:
+            options["memory"] = resources.pop("memory")
+        if resources:
+            options["resources"] = resources
+        self.worker_count += 1
+        slot.actor = self.remote.options(**options).remote(self.worker_count - 1)
+        slot.state, slot.loaded, slot.info, slot.started = "starting", frozenset(), {"index": slot.index, "pid": "?", "host": "?"}, time.time()
+        self._send(slot, "start", slot.actor.describe.remote(), self.settings.placement_timeout_s)
+
+    def _send(self, slot: _Slot, phase: str, ref: Any, timeout: float | None) -> None:
+        slot.phase, slot.ref = phase, ref
+        slot.deadline = None if timeout is None else time.time() + timeout
+        self.in_flight[ref] = slot
+
+    def close(self) -> None:
+        """Stop the dispatcher, kill the actors and resolve every unfinished future."""
+        self.stop.set()
+        self.wake.set()
+        self.thread.join(timeout=5)
+        with self.lock:
+            jobs = list(self.queue) + [slot.job for slot in self.slots if slot.job is not None]
+            self.queue.clear()
+            for slot in self.slots:
+                slot.job = None
+                try:
+                    self.ray.kill(slot.actor)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+            self.in_flight.clear()
+            self.shipped.clear()
+        for job in jobs:
+            if not job.future.cancel():
+                _settle(job.future, error=cf.CancelledError(f"the executor was shut down while {_shown(job.item)} was running"))
+
+    # ------------------------------------------------------------------ work
+    def _ship(self, recipe: Recipe) -> _Shipment:
+        """Put a recipe's base and parts into Ray's object store, each once per content key."""
+        base_key, key = recipe.keys()
+        with self.lock:
+            base_ref = self.shipped.get(base_key)
+            if base_ref is None:
+                base_ref = self.shipped[base_key] = self.ray.put((recipe.base, recipe.setup))
+            parts_ref = self.shipped.get(key)
+            if parts_ref is None:
+                parts_ref = self.shipped[key] = self.ray.put((recipe.run, recipe.parts))
+            for used in (base_key, key):
+                self.shipped.move_to_end(used)
+            while len(self.shipped) > 64:  # refs in queued jobs keep their objects alive
+                self.shipped.popitem(last=False)
+        return _Shipment(base_key, [base_ref], key, [parts_ref])
+
+    def prepare(self, recipe: Recipe) -> list[float]:
+        ship = self._ship(recipe)
+        with self.lock:
+            slots = [slot for slot in self.slots if slot.state != "gone"]
+        starts = time.time()
+        refs = [slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box) for slot in slots]
+        load, place = self.settings.load_timeout_s, self.settings.placement_timeout_s
+        bound = None if load is None else load + (place or 0.0)
+        seconds = []
+        for slot, ref in zip(slots, refs):
+            held = self.ray.get(ref, timeout=bound)
+            seconds.append(time.time() - starts)
+            with self.lock:
+                slot.loaded = frozenset(held)
+        return seconds
+
+    def submit(self, recipe: Recipe, item: Any) -> cf.Future:
+        if self.broken is not None:
+            raise RuntimeError(f"this RayExecutor's dispatcher failed ({type(self.broken).__name__}: {self.broken}); create a new one")
+        ship = self._ship(recipe)
+        future: cf.Future = cf.Future()
+        with self.lock:
+            if self._no_worker_left():
+                _settle(future, error=WorkerError(f"evaluating {_shown(item)} failed: no worker is left to run it (every worker "
+                                                  f"could not be placed within placement_timeout_s={self.settings.placement_timeout_s:g} s)"))
+                return future
+            self.queue.append(_Job(ship, item, future))
+        self.wake.set()
+        return future
+
     # ------------------------------------------------------------------ dispatcher
     def _dispatch_loop(self) -> None:
-        ray = self._ray
-        while not self._stop.is_set():
+        while not self.stop.is_set():
             try:
-                with self._lock:
+                self.wake.clear()
+                with self.lock:
                     self._assign()
-                    refs = list(self._in_flight)
+                    refs = list(self.in_flight)
                 if not refs:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
+                    self.wake.wait(timeout=0.5)
                     continue
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
+                ready, _ = self.ray.wait(refs, num_returns=1, timeout=0.05, fetch_local=False)
                 for ref in ready:
-                    self._finish(ref)
+                    self._complete(ref)
+                self._check_deadlines()
             except BaseException as error:  # noqa: BLE001 - never leave futures hanging on a dead dispatcher
+                if self.stop.is_set():
+                    return
                 log.exception("RayExecutor dispatcher failed")
                 self._fail_all(error)
                 return
 
     def _fail_all(self, error: BaseException) -> None:
-        with self._lock:
-            jobs = list(self._queue) + [slot.job for slot in self._in_flight.values() if slot.job is not None]
-            self._queue.clear()
-            self._in_flight.clear()
-            for slot in self._slots:
+        with self.lock:
+            jobs = list(self.queue) + [slot.job for slot in self.slots if slot.job is not None]
+            self.queue.clear()
+            self.in_flight.clear()
+            for slot in self.slots:
                 slot.job = None
-            self._broken = error
+            self.broken = error
         for job in jobs:
-            if not job.future.done():
-                if not job.future.running():
-                    job.future.set_running_or_notify_cancel()
-                job.future.set_exception(RuntimeError(f"the Ray dispatcher failed while {_shown(job.item)} was queued: "
-                                                      f"{type(error).__name__}: {error}"))
+            _settle(job.future, error=RuntimeError(f"the Ray dispatcher failed while {_shown(job.item)} was queued: "
+                                                  f"{type(error).__name__}: {error}"))
 
     def _assign(self) -> None:
-        for slot in self._slots:
-            if slot.job is not None:
+        for slot in self.slots:
+            if slot.state != "ready" or slot.job is not None:
                 continue
             job = None
-            while self._queue:
-                candidate = self._queue.popleft()
+            while self.queue:
+                candidate = self.queue.popleft()
                 # a re-queued job is already running; a fresh one may have been cancelled meanwhile
                 if candidate.attempts > 0 or candidate.future.set_running_or_notify_cancel():
                     job = candidate
                     break
             if job is None:
                 return
-            job.dispatched = time.time()
             slot.job = job
-            self._in_flight[slot.actor.run.remote(job.fn_token, job.boxed, job.item)] = slot
+            ship = job.ship
+            if ship.key in slot.loaded:
+                self._run(slot)
+            else:  # the worker's first use of this recipe: set up (build the model), not timed as an evaluation
+                self._send(slot, "load", slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box),
+                           self.settings.load_timeout_s)
 
-    def _finish(self, ref: Any) -> None:
-        ray = self._ray
-        with self._lock:
-            slot = self._in_flight.pop(ref)
-            job, slot.job = slot.job, None
+    def _run(self, slot: _Slot) -> None:
+        job, ship = slot.job, slot.job.ship
+        job.dispatched = time.time()
+        self._send(slot, "run", slot.actor.run.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box, job.item),
+                   self.settings.timeout_s)
+
+    def _worker_name(self, slot: _Slot) -> str:
+        return f"worker {slot.info.get('index', slot.index)} (pid {slot.info.get('pid')}, {slot.info.get('host')})"
+
+    def _complete(self, ref: Any) -> None:
+        with self.lock:
+            slot = self.in_flight.pop(ref, None)
+            if slot is None or slot.ref is not ref:
+                return  # a call of a worker already replaced
+            phase, job = slot.phase, slot.job
+            slot.phase = slot.ref = slot.deadline = None
         try:
-            value, started, finished = ray.get(ref)
-        except ray.exceptions.RayTaskError as error:
+            value = self.ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - sorted out below; never left unreported
+            self._failed(slot, phase, job, error)
+            return
+        with self.lock:
+            if phase == "start":
+                slot.info, slot.state, slot.started = value, "ready", time.time()
+                return
+            if phase == "load":
+                slot.loaded = frozenset(value)
+                self._run(slot)
+                return
+            result, started, finished = value
+            now = time.time()
+            slot.evaluations += 1
+            slot.busy += finished - max(started, self.window_start)
+            self.latency.append(max(0.0, (now - job.dispatched) - (finished - started)))
+            slot.job = None
+        _settle(job.future, result=result)
+
+    def _failed(self, slot: _Slot, phase: str | None, job: _Job | None, error: BaseException) -> None:
+        ray = self.ray
+        if phase == "start":  # a worker that fails to start is dropped, whatever the failure
+            self._lose(slot, f"it could not be started: {type(error).__name__}: {_first_line(error)}")
+            return
+        if isinstance(error, ray.exceptions.RayTaskError):  # the evaluator (or the objective's set-up) raised
             cause = getattr(error, "cause", None)
             message = str(cause) if isinstance(cause, EvaluationError) else str(error)
-            job.future.set_exception(EvaluationError(f"evaluating {_shown(job.item)} failed on worker {slot.info.get('index')} "
-                                                     f"(pid {slot.info.get('pid')}, {slot.info.get('host')}): {message}"))
+            failure = EvaluationError(f"evaluating {_shown(job.item) if job else '?'} failed on {self._worker_name(slot)}: {message}")
+        elif isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+                                ray.exceptions.OutOfMemoryError)):  # the worker is gone: replace it, re-queue the item
+            self._replace(slot, job, f"{type(error).__name__}: {_first_line(error)}", timed_out=False)
             return
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
-                ray.exceptions.OutOfMemoryError) as error:
-            self._replace(slot, job, error)
-            return
-        except Exception as error:  # noqa: BLE001 - any other Ray failure is this item's, reported with it
-            job.future.set_exception(EvaluationError(f"evaluating {_shown(job.item)} on worker {slot.info.get('index')} failed in Ray: "
-                                                     f"{type(error).__name__}: {error}"))
-            return
+        else:  # any other Ray failure is this item's, reported with it
+            failure = EvaluationError(f"evaluating {_shown(job.item) if job else '?'} on {self._worker_name(slot)} failed in Ray: "
+                                      f"{type(error).__name__}: {error}")
+        with self.lock:
+            slot.job = None
+        if job is not None:
+            _settle(job.future, error=failure)
+
+    def _check_deadlines(self) -> None:
         now = time.time()
-        slot.evaluations += 1
-        slot.busy += finished - max(started, self._window_start)
-        self._latency.append(max(0.0, (now - job.dispatched) - (finished - started)))
-        job.future.set_result(value)
+        with self.lock:
+            late = [slot for slot in self.slots if slot.deadline is not None and now > slot.deadline]
+        settings = self.settings
+        for slot in late:
+            if slot.phase == "start":
+                self._lose(slot, f"it could not be placed within placement_timeout_s={settings.placement_timeout_s:g} s "
+                                 f"(resources per worker {settings.resources}; free in the cluster: {self._free_resources()})")
+            elif slot.phase == "load":
+                self._replace(slot, slot.job, f"setting up the objective took over load_timeout_s={settings.load_timeout_s:g} s",
+                              timed_out=True)
+            elif slot.phase == "run":
+                self._replace(slot, slot.job, f"timed out after timeout_s={settings.timeout_s:g} s", timed_out=True)
 
-    def _replace(self, slot: _Slot, job: _Job, error: BaseException) -> None:
-        self.deaths += 1
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        job.attempts += 1
-        job.failures.append(f"worker {slot.info.get('index')} (pid {slot.info.get('pid')}): {type(error).__name__}: {reason}")
-        log.warning("worker %s died while evaluating %s (%s); re-queued (attempt %d of %d)", slot.info.get("index"),
-                    _shown(job.item), reason, job.attempts, self.max_retries + 1)
+    def _free_resources(self) -> dict:
         try:
-            self._ray.kill(slot.actor)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        fresh = self._new_slot(slot.index)
-        with self._lock:
-            slot.actor, slot.info, slot.started = fresh.actor, {"index": slot.index, "pid": "?", "host": "?"}, time.time()
-            if job.attempts > self.max_retries:
-                job.future.set_exception(WorkerError(
-                    f"evaluating {_shown(job.item)} failed: its worker died {job.attempts} times "
-                    f"(max_retries={self.max_retries}): " + "; ".join(job.failures)))
+            return {k: round(v, 3) for k, v in self.ray.available_resources().items() if not k.startswith("node:")}
+        except Exception:  # noqa: BLE001 - only for the message
+            return {}
+
+    def _replace(self, slot: _Slot, job: _Job | None, reason: str, timed_out: bool) -> None:
+        """Kill the worker in ``slot``, start a fresh one there and re-queue (or fail) its job."""
+        name = self._worker_name(slot)
+        retries = self.settings.max_retries
+        with self.lock:
+            self.in_flight.pop(slot.ref, None)
+            if timed_out:
+                self.timeouts += 1
             else:
-                self._queue.appendleft(job)
-        threading.Thread(target=self._describe, args=(slot, fresh.actor), daemon=True).start()
+                self.deaths += 1
+            try:
+                self.ray.kill(slot.actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            slot.job = None
+            self._launch(slot)
+            if job is None:
+                return
+            job.attempts += 1
+            job.timeouts += int(timed_out)
+            job.failures.append(f"{name}: {reason}")
+            log.warning("%s %s while evaluating %s; re-queued (attempt %d of %d)", name, "timed out" if timed_out else "died",
+                        _shown(job.item), job.attempts, retries + 1)
+            if job.attempts <= retries:
+                self.queue.appendleft(job)
+                return
+        deaths = job.attempts - job.timeouts
+        what = ("its worker died" if job.timeouts == 0 else
+                f"it timed out (timeout_s={self.settings.timeout_s:g})" if deaths == 0 else "its worker died or timed out")
+        _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: {what} {job.attempts} time{'s' * (job.attempts != 1)} "
+                                              f"(max_retries={retries}): " + "; ".join(job.failures)))
 
-    def _describe(self, slot: _Slot, actor: Any) -> None:
-        try:
-            info = self._ray.get(actor.describe.remote(), timeout=120)
-        except Exception:  # noqa: BLE001 - the replacement died too; its failure is reported with its item
-            return
-        with self._lock:
-            if slot.actor is actor:
-                slot.info = info
+    def _lose(self, slot: _Slot, reason: str) -> None:
+        """Drop a worker that could not be placed; with none left, fail every queued item."""
+        with self.lock:
+            self.in_flight.pop(slot.ref, None)
+            try:
+                self.ray.kill(slot.actor)
+            except Exception:  # noqa: BLE001 - never started
+                pass
+            slot.state, slot.phase, slot.ref, slot.deadline = "gone", None, None, None
+            log.warning("RayExecutor worker slot %d dropped: %s", slot.index, reason)
+            if any(s.state != "gone" for s in self.slots):
+                return
+            jobs = list(self.queue)
+            self.queue.clear()
+        for job in jobs:
+            _settle(job.future, error=WorkerError(f"evaluating {_shown(job.item)} failed: no worker is left to run it; the last "
+                                                  f"one was dropped because {reason}"
+                                                  + (f"; earlier: {'; '.join(job.failures)}" if job.failures else "")))
 
     # ------------------------------------------------------------------ statistics
     def reset_stats(self) -> None:
-        """Start a new measurement window for :meth:`stats`."""
-        self._start()
-        with self._lock:
-            self._window_start = time.time()
-            self._latency = []
-            for slot in self._slots:
+        with self.lock:
+            self.window_start = time.time()
+            self.latency = []
+            for slot in self.slots:
                 slot.evaluations, slot.busy = 0, 0.0
 
     def stats(self) -> dict[str, Any]:
-        """Since :meth:`reset_stats` (or start): evaluations, busy seconds and idle share per
-        worker and overall, and the driver's overhead per evaluation (round trip minus the
-        worker's own time), in seconds."""
-        with self._lock:
-            window = max(time.time() - self._window_start, 1e-9)
+        with self.lock:
+            window = max(time.time() - self.window_start, 1e-9)
+            live = [s for s in self.slots if s.state != "gone"]
             workers = [{"index": s.index, "pid": s.info.get("pid"), "host": s.info.get("host"), "evaluations": s.evaluations,
-                        "busy_s": s.busy, "idle_share": 1.0 - min(s.busy / window, 1.0)} for s in self._slots]
-            busy = sum(s.busy for s in self._slots)
-            latency = list(self._latency)
+                        "busy_s": s.busy, "idle_share": 1.0 - min(s.busy / window, 1.0)} for s in live]
+            busy = sum(s.busy for s in live)
+            latency = list(self.latency)
         return {
             "num_workers": len(workers), "window_s": window, "evaluations": sum(w["evaluations"] for w in workers),
             "idle_share": 1.0 - min(busy / (window * max(len(workers), 1)), 1.0),
-            "overhead_per_eval_s": float(np.mean(latency)) if latency else 0.0, "deaths": self.deaths, "workers": workers,
+            "overhead_per_eval_s": float(np.mean(latency)) if latency else 0.0, "workers": workers,
         }
 
-    def __repr__(self) -> str:
-        state = f"{len(self._slots)} workers" if self._slots else "not started"
-        return f"RayExecutor({state}, resources_per_worker={self.resources}, address={self.address!r})"
 
-
-# --------------------------------------------------------------------------- asynchronous proposals
-@dataclass
-class AsyncTrace:
-    """What :func:`evaluate_async` did: the finished evaluations in completion order and, for
-    each, how many were in flight when it was proposed."""
-
-    coeffs: np.ndarray  # (N, T)
-    metrics: np.ndarray  # (N, M)
-    order: np.ndarray  # (N,) submission index of each finished evaluation (0..K0-1: the initial design)
-    in_flight: list[int]  # per submission: evaluations pending right after it (itself included)
-    max_in_flight: int = 0
-
-
-def evaluate_async(
-    objective: Any,
-    initial: np.ndarray,
-    propose: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-    budget: int,
-    num_workers: int | None = None,
-    on_result: Callable[[int], None] | None = None,
-    lookahead: bool = True,
-) -> AsyncTrace:
-    """Spend exactly ``budget`` evaluations with at most ``W`` in flight.
-
-    The ``initial (K0, T)`` design is queued first; whenever an evaluation finishes,
-    ``propose(coeffs_done (N, T), metrics_done (N, M), pending (P, T)) -> (T,)`` gives the next
-    point (conditioned on the pending ones), until ``budget`` points were submitted; then the
-    rest is drained. ``W`` defaults to the objective's ``executor.num_workers``.
-
-    With ``lookahead`` (default) the next point is proposed while all ``W`` workers are busy
-    (conditioned on all ``W`` as pending) and handed to the first worker that frees up, so a
-    proposal's own time is hidden behind the evaluations instead of idling a worker.
-    """
-    from .objective import submit_one
-
-    width = num_workers if num_workers is not None else int(getattr(getattr(objective, "executor", None), "num_workers", 1))
-    width = max(1, int(width))
-    initial = np.atleast_2d(np.asarray(initial, dtype=np.float64))
-    if budget < len(initial):
-        raise ValueError(f"budget={budget} is below the {len(initial)} points of the initial design")
-    queue = list(initial)
-    pending: dict[cf.Future, tuple[int, np.ndarray]] = {}
-    done_order: list[int] = []
-    done_x: list[np.ndarray] = []
-    done_y: list[np.ndarray] = []
-    trace_in_flight: list[int] = []
-    submitted = 0
-    ready: np.ndarray | None = None
-
-    def next_point() -> np.ndarray:
-        pend = np.array([p for _, p in pending.values()]) if pending else np.zeros((0, initial.shape[1]))
-        return np.asarray(propose(np.array(done_x), np.array(done_y), pend), dtype=np.float64).reshape(-1)
-
-    try:
-        while submitted < budget or pending:
-            while submitted < budget and len(pending) < width:
-                if queue:
-                    x = queue.pop(0)
-                elif ready is not None:
-                    x, ready = ready, None
-                elif done_x:
-                    x = next_point()
-                else:
-                    break  # nothing finished yet to condition on: wait for the design
-                pending[submit_one(objective, x)] = (submitted, x)
-                submitted += 1
-                trace_in_flight.append(len(pending))
-            if lookahead and width > 1 and ready is None and not queue and done_x and submitted < budget and not any(f.done() for f in pending):
-                ready = next_point()  # computed while every worker is busy
-            finished, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                index, x = pending.pop(future)
-                done_order.append(index)
-                done_x.append(x)
-                done_y.append(np.asarray(future.result(), dtype=np.float64).reshape(-1))
-                if on_result is not None:
-                    on_result(len(done_x))
-    finally:
-        for future in pending:
-            future.cancel()
-    metrics = np.array(done_y)
-    bad = ~np.isfinite(metrics).all(axis=1)
-    if bad.any():
-        raise ValueError(f"the objective returned NaN/inf metrics for coefficient vectors {np.array(done_x)[bad][:5].tolist()}")
-    return AsyncTrace(np.array(done_x), metrics, np.array(done_order, dtype=int), trace_in_flight, max(trace_in_flight, default=0))
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

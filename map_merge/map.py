@@ -23,6 +23,7 @@ import torch
 from .designs import default_num_samples, make_design, num_quadratic_params
 from .objective import check_senses
 from .pareto import ParetoFront, orient
+from .residual_gp import ResidualGPModel
 from .search import nsga3_search, scalarization_search, thin_front
 from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet
 
@@ -313,7 +314,7 @@ class MAP:
         r2_warn: warn when a surrogate's R^2 falls below this.
         max_front_points: cap on the predicted front's size.
         final_model: ``"gp"`` (default) searches the front on the quadratic surrogates plus a
-            Gaussian process on their residuals (:class:`~map_merge.bayes.ResidualGPModel`), which
+            Gaussian process on their residuals (:class:`~map_merge.residual_gp.ResidualGPModel`), which
             bends the surface through the samples; ``"quadratic"`` on the quadratic surrogates
             alone (the authors'; before version 0.2 the default). On held-out vision-zoo tasks
             at T = 3 the GP lowers the mean preference regret of the picks 2x (with
@@ -418,8 +419,6 @@ class MAP:
             surrogates = fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn)
         model = None
         if self.final_model == "gp":
-            from .bayes import ResidualGPModel
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds)

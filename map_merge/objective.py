@@ -12,6 +12,7 @@ per task whether higher (``"max"``) or lower (``"min"``) is better.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,12 +29,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .executors import Executor, LocalExecutor
+from .executors import Executor, LocalExecutor, Recipe, as_recipe
+from .fingerprint import content_digest
 from .merge_methods import MergeMethod, resolve_method
 from .store import EvaluationStore, coeff_key
 from .task_vectors import TaskVectors
 
-__all__ = ["Task", "Objective", "FunctionObjective", "ModelObjective", "Executor", "LocalExecutor", "check_senses", "submit_one"]
+__all__ = ["Task", "Objective", "FunctionObjective", "ModelObjective", "LiveModel", "Executor", "LocalExecutor", "Recipe", "check_senses",
+           "submit_one"]
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +104,21 @@ class Objective:
         self.num_cached = 0  # coefficient vectors answered by the store
         self._lock = threading.Lock()
         self._running: dict[bytes, cf.Future] = {}  # submitted, not finished: one evaluation per vector
+        self._recipe: Recipe | None = None
+        self._recipe_version: str | None = None
 
     def __getstate__(self) -> dict:
         # what a worker needs to evaluate; the store, executor and bookkeeping stay with the driver
         state = self.__dict__.copy()
-        for name in ("store", "executor", "_lock", "_running"):
+        for name in ("store", "executor", "_lock", "_running", "_recipe", "num_evaluations", "num_cached"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.store, self.executor = None, LocalExecutor()
-        self._lock, self._running = threading.Lock(), {}
+        self._lock, self._running, self._recipe = threading.Lock(), {}, None
+        self.num_evaluations = self.num_cached = 0
 
     @property
     def num_tasks(self) -> int:
@@ -125,9 +131,23 @@ class Objective:
         """Metrics ``(M,)`` of one coefficient vector ``(T,)``."""
         raise NotImplementedError
 
+    def recipe(self) -> Recipe:
+        """What the executor runs for one coefficient vector: ``recipe(coeffs (T,)) -> (M,)``, a
+        :class:`~map_merge.executors.Recipe` that a :class:`~map_merge.RayExecutor` ships to each
+        worker once. Default: the bound :meth:`evaluate_one` (the whole objective, less the
+        driver's store, executor and counters), made anew when :meth:`fingerprint` changes;
+        subclasses ship less (a model objective: what builds its model, plus its tasks)."""
+        try:
+            version = self.fingerprint()
+        except NotImplementedError:  # no fingerprint: shipped (and keyed by content) at each submit
+            return as_recipe(self.evaluate_one)
+        if self._recipe is None or self._recipe_version != version:
+            self._recipe, self._recipe_version = as_recipe(self.evaluate_one), version
+        return self._recipe
+
     def evaluate_batch(self, coeffs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(row, metrics (M,))`` for ``coeffs: (K, T)``; default: through the executor."""
-        return self.executor.map(self.evaluate_one, list(coeffs))
+        return self.executor.map(self.recipe(), list(coeffs))
 
     def check_coeffs(self, coeffs: Any) -> np.ndarray:
         array = np.asarray(coeffs, dtype=np.float64)
@@ -203,11 +223,11 @@ class Objective:
             inner: cf.Future = cf.Future()
             inner.set_running_or_notify_cancel()
             try:
-                inner.set_result(next(iter(self.executor.map(self.evaluate_one, [row])))[1])
+                inner.set_result(next(iter(self.executor.map(self.recipe(), [row])))[1])
             except BaseException as error:  # noqa: BLE001
                 inner.set_exception(error)
         else:
-            inner = submit(self.evaluate_one, row)
+            inner = submit(self.recipe(), row)
         inner.add_done_callback(finished)
         return out
 
@@ -284,6 +304,12 @@ def _hash(*parts: Any) -> str:
     return digest.hexdigest()
 
 
+def _call_function(fn: Callable[[np.ndarray], Any], batched: bool, coeffs: np.ndarray) -> np.ndarray:
+    if batched:
+        return np.asarray(fn(np.asarray(coeffs)[None, :]), dtype=np.float64).reshape(-1)
+    return np.asarray(fn(np.asarray(coeffs)), dtype=np.float64).reshape(-1)
+
+
 class FunctionObjective(Objective):
     """Wrap a function as an objective.
 
@@ -323,9 +349,13 @@ class FunctionObjective(Objective):
         return _hash("function", self.key, self.num_coeffs, self.task_names)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
-        if self.batched:
-            return np.asarray(self.fn(np.asarray(coeffs)[None, :]), dtype=np.float64).reshape(-1)
-        return np.asarray(self.fn(np.asarray(coeffs)), dtype=np.float64).reshape(-1)
+        return _call_function(self.fn, self.batched, coeffs)
+
+    def recipe(self) -> Recipe:
+        """The function alone (keyed by its pickled content), not the objective around it."""
+        if self._recipe is None:
+            self._recipe = Recipe(_call_function, self.fn, self.batched)
+        return self._recipe
 
     def evaluate_batch(self, coeffs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         if not self.batched:
@@ -336,6 +366,108 @@ class FunctionObjective(Objective):
         return iter(enumerate(values))
 
 
+class LiveModel:
+    """The one live model a :class:`ModelObjective` merges into, and how: the model (or the
+    function that builds it), the task vectors, the merge method and the device.
+
+    Objectives made by :meth:`ModelObjective.for_tasks` share it, so they share one model; a
+    Ray worker holds one per distinct :meth:`identity`. Pickling drops a model the factory can
+    rebuild.
+    """
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], task_vectors: TaskVectors, method: str | MergeMethod | None = None,
+                 device: str | torch.device | None = None) -> None:
+        if isinstance(model, nn.Module):
+            self._model, self.factory = model, None
+        elif callable(model):
+            self._model, self.factory = None, model
+        else:
+            raise TypeError(f"model must be an nn.Module or a function building one, got {type(model).__name__}")
+        self.task_vectors = task_vectors
+        self.method = resolve_method(method)
+        self.device = device
+        self._placed = device is None
+        self._weights: str | None = None  # content digest of a given module, once asked for
+        self.merge_seconds = 0.0
+        self.eval_seconds = 0.0
+
+    @property
+    def model(self) -> nn.Module:
+        """The live model (built by the factory, and moved to ``device``, on first use)."""
+        if self._model is None:
+            built = self.factory()
+            if not isinstance(built, nn.Module):
+                raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
+            self._model = built
+        if not self._placed:
+            target = self.device
+            if target == "auto":
+                target = "cuda" if torch.cuda.is_available() else None
+            if target is not None:
+                self._model.to(target)
+            self._placed = True
+        return self._model
+
+    def merge(self, coeffs: np.ndarray) -> nn.Module:
+        """Write the merge for ``coeffs (T,)`` into the live model and return it."""
+        model = self.model
+        start = time.perf_counter()
+        self.task_vectors.merge_into(model, coeffs, self.method)
+        device = next((p.device for p in model.parameters()), self.task_vectors.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.merge_seconds += time.perf_counter() - start
+        return model
+
+    def identity(self) -> tuple:
+        """What makes this live model what it is, as content: the factory (pickled where it is
+        used) or a digest of the given module's weights, the task vectors' fingerprint, the
+        method and the device."""
+        if self.factory is not None:
+            model: Any = ("factory", self.factory)
+        else:
+            if self._weights is None:
+                self._weights = content_digest(self._model, size=16)
+            model = ("module", type(self._model).__qualname__, self._weights)
+        return (model, self.task_vectors.fingerprint(), self.method.spec, str(self.device))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.factory is not None:
+            state["_model"] = None  # rebuilt where it is used
+            state["_placed"] = self.device is None
+        return state
+
+
+def _build(live: LiveModel) -> None:
+    live.model  # noqa: B018 - builds and places it
+
+
+def _evaluate_tasks(live: LiveModel, tasks: Mapping[str, Task], coeffs: np.ndarray) -> np.ndarray:
+    """Metrics ``(M,)`` of the merge for ``coeffs (T,)``: merge into the live model, score each task."""
+    model = live.merge(coeffs)
+    model.eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        values = np.array([metric_value(task.metric(model), name, coeffs) for name, task in tasks.items()])
+    live.eval_seconds += time.perf_counter() - start
+    return values
+
+
+def _recipe_ids(live: LiveModel, tasks: Mapping[str, Task]) -> tuple[tuple, tuple]:
+    return live.identity(), _tasks_identity(tasks)
+
+
+def _tasks_identity(tasks: Mapping[str, Task]) -> tuple:
+    """Tasks as content: an adapter by its type and data fingerprint, a bare metric by itself."""
+    out = []
+    for name, task in tasks.items():
+        data = getattr(task.metric, "fingerprint", None)
+        metric = (type(task.metric).__qualname__, data) if isinstance(data, str) else task.metric
+        out.append((name, metric, task.sense, task.link))
+    return tuple(out)
+
+
 class ModelObjective(Objective):
     """Merge into one live model per coefficient vector and evaluate every task on it.
 
@@ -343,8 +475,8 @@ class ModelObjective(Objective):
         model: a model of the pretrained architecture; its weights are overwritten in place
             (see :meth:`TaskVectors.merge_into`). Or a function of no arguments that builds it
             (e.g. ``lambda: AutoModelForCausalLM.from_pretrained(path)``): then the model is
-            built on first use, where the evaluations run (each Ray worker builds its own; only
-            the function travels).
+            built on first use, where the evaluations run (each Ray worker builds its own, once;
+            only the function travels).
         task_vectors: the :class:`TaskVectors` to merge.
         tasks: ``name -> Task``, a task adapter (:class:`~map_merge.HeldOutLoss`, :class:`~map_merge.LMEvalTask`,
             ... carrying their sense and link), or a ``metric(model)`` callable (sense ``"max"``).
@@ -369,19 +501,16 @@ class ModelObjective(Objective):
         progress: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
+        live = LiveModel(model, task_vectors, method, device)
+        self._setup(live, tasks, store, executor, key, progress)
+        task_vectors.prepare(live.method)  # method statistics once, up front
+
+    def _setup(self, live: LiveModel, tasks: Mapping[str, Any], store: EvaluationStore | None, executor: Executor | None,
+               key: str, progress: bool) -> None:
         super().__init__(store=store, executor=executor, progress=progress, description="evaluating merged models")
         if not tasks:
             raise ValueError("tasks is empty: give at least one name -> metric(model)")
-        if isinstance(model, nn.Module):
-            self._model, self._model_factory = model, None
-        elif callable(model):
-            self._model, self._model_factory = None, model
-        else:
-            raise TypeError(f"model must be an nn.Module or a function building one, got {type(model).__name__}")
-        self.device = device
-        self._placed = device is None
-        self.task_vectors = task_vectors
-        self.method = resolve_method(method)
+        self.live = live
         self.tasks = {str(n): as_task(t) for n, t in tasks.items()}
         for name, task in self.tasks.items():
             if not callable(task.metric):
@@ -389,35 +518,35 @@ class ModelObjective(Objective):
         self.task_names = tuple(self.tasks)
         self.senses = check_senses([t.sense for t in self.tasks.values()], len(self.tasks))
         self.links = tuple(t.link for t in self.tasks.values())
-        self.num_coeffs = task_vectors.num_tasks
+        self.num_coeffs = live.task_vectors.num_tasks
         self.key = key
-        self.merge_seconds = 0.0
-        self.eval_seconds = 0.0
-        self.task_vectors.prepare(self.method)  # method statistics once, up front
 
     @property
     def model(self) -> nn.Module:
         """The live model (built by the factory, and moved to ``device``, on first use)."""
-        if self._model is None:
-            built = self._model_factory()
-            if not isinstance(built, nn.Module):
-                raise TypeError(f"the model factory returned {type(built).__name__}, not an nn.Module")
-            self._model = built
-        if not self._placed:
-            target = self.device
-            if target == "auto":
-                target = "cuda" if torch.cuda.is_available() else None
-            if target is not None:
-                self._model.to(target)
-            self._placed = True
-        return self._model
+        return self.live.model
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        if self._model_factory is not None:
-            state["_model"] = None  # rebuilt where it is used
-            state["_placed"] = self.device is None
-        return state
+    @property
+    def task_vectors(self) -> TaskVectors:
+        return self.live.task_vectors
+
+    @property
+    def method(self) -> MergeMethod:
+        return self.live.method
+
+    @property
+    def device(self) -> str | torch.device | None:
+        return self.live.device
+
+    @property
+    def merge_seconds(self) -> float:
+        """Seconds spent merging in this process (shared by :meth:`for_tasks` subsets)."""
+        return self.live.merge_seconds
+
+    @property
+    def eval_seconds(self) -> float:
+        """Seconds spent scoring tasks in this process (shared by :meth:`for_tasks` subsets)."""
+        return self.live.eval_seconds
 
     def fingerprint(self) -> str:
         data = [getattr(task.metric, "fingerprint", None) for task in self.tasks.values()]  # task adapters' data
@@ -425,26 +554,24 @@ class ModelObjective(Objective):
         return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
-        model = self.model
-        start = time.perf_counter()
-        self.task_vectors.merge_into(model, coeffs, self.method)
-        device = next((p.device for p in model.parameters()), self.task_vectors.device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        merged = time.perf_counter()
-        model.eval()
-        with torch.inference_mode():
-            values = np.array([metric_value(task.metric(model), name, coeffs) for name, task in self.tasks.items()])
-        self.merge_seconds += merged - start
-        self.eval_seconds += time.perf_counter() - merged
-        return values
+        return _evaluate_tasks(self.live, self.tasks, coeffs)
+
+    def recipe(self) -> Recipe:
+        """The live model's recipe (model or factory, task vectors, method, device) plus the
+        tasks: a :class:`~map_merge.RayExecutor` worker builds one model per distinct live model
+        and binds each objective's tasks to it."""
+        if self._recipe is None:
+            self._recipe = Recipe(_evaluate_tasks, self.live, self.tasks, ids=functools.partial(_recipe_ids, self.live, self.tasks),
+                                  setup=_build)
+        return self._recipe
 
     def for_tasks(self, names: Sequence[str]) -> "ModelObjective":
-        """The same merge (model, task vectors, method, store) scoring only ``names``: what
-        :func:`~map_merge.nested_merge` asks for at each stage. Results share the store."""
+        """The same merge (one live model, task vectors, method, store, executor) scoring only
+        ``names``: what :func:`~map_merge.nested_merge` asks for at each stage. Results share the
+        store; the subsets share the model, here and on every worker."""
         unknown = [n for n in names if n not in self.tasks]
         if unknown or not names:
             raise ValueError(f"for_tasks needs a non-empty subset of {list(self.task_names)}, got {list(names)}")
-        model = self._model_factory if self._model_factory is not None else self._model
-        return ModelObjective(model, self.task_vectors, {n: self.tasks[n] for n in names}, method=self.method,
-                              store=self.store, executor=self.executor, key=self.key, progress=False, device=self.device)
+        subset = ModelObjective.__new__(ModelObjective)
+        subset._setup(self.live, {n: self.tasks[n] for n in names}, self.store, self.executor, self.key, progress=False)
+        return subset

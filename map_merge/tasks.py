@@ -7,7 +7,7 @@ them as the values of ``tasks``::
 
     objective = mm.ModelObjective(model, tv, {
         "code": mm.HeldOutLoss(code_texts, tokenizer, max_length=512),
-        "arc":  mm.LMEvalTask("arc_easy", limit=200),            # lm-evaluation-harness, live model
+        "arc":  mm.LMEvalTask("arc_easy", tokenizer=tokenizer, limit=200),  # lm-evaluation-harness, live model
     })
 
 Evaluation runs on the model's device, in inference mode, in batches; long evaluations show a
@@ -17,12 +17,15 @@ progress bar (``progress=True``).
 - :class:`Classification`: accuracy (or cross-entropy) of an encoder plus a fixed task head on
   labelled texts (what the bundled text zoo does).
 - :class:`LMEvalTask`: any lm-evaluation-harness task (a registered name or a local task YAML
-  with local data files, which is how it runs offline) on the merged model held in memory.
+  with local data files, which is how it runs offline) on the merged model held in memory
+  (:mod:`map_merge.lm_eval_task`).
+
+Fingerprints hash every byte of the data (token ids, labels, a head's parameters and buffers,
+lm-eval's documents and requests; :func:`~map_merge.fingerprint.content_digest`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,7 +38,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["HeldOutLoss", "Classification", "LMEvalTask", "load_texts"]
+from .fingerprint import content_digest
+from .lm_eval_task import LMEvalTask
+
+__all__ = ["HeldOutLoss", "Classification", "LMEvalTask", "chunked_cross_entropy", "load_texts"]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -68,22 +74,16 @@ def load_texts(source: str | os.PathLike | Sequence[str], field: str = "text") -
     return texts
 
 
-def _digest(*parts: Any) -> str:
-    digest = hashlib.blake2b(digest_size=12)
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
 class HeldOutLoss:
     """Mean token cross-entropy of a causal LM on held-out texts (sense ``"min"``).
 
     The texts are tokenized once (truncated to ``max_length`` tokens); each evaluation is forward
     passes only. The loss is the mean over all predicted tokens of all texts (token-weighted): the
     model's logits at position t score token t + 1; padding is never scored.
+
+    The cross-entropy is computed from the logits in the model's dtype, a chunk of positions at
+    a time, with fp32 arithmetic and float64 accumulation: besides the logits themselves, the
+    loss holds at most one chunk in fp32 (a batch's full ``B x L x V`` logits are never copied).
 
     Args:
         texts: strings, or a ``.txt`` / ``.jsonl`` / ``.json`` file (see :func:`load_texts`).
@@ -93,16 +93,20 @@ class HeldOutLoss:
         perplexity: report ``exp(loss)`` instead of the loss.
         link: surrogate link (``"softplus"`` for a positive loss, or ``"identity"``).
         progress: a progress bar over batches.
+        chunk_size: positions per fp32 chunk (default: as many as fit ``2**24`` logits, 64 MiB).
     """
 
     sense = "min"
 
     def __init__(self, texts: str | os.PathLike | Sequence[str], tokenizer: Any, max_length: int = 512, batch_size: int = 8,
-                 perplexity: bool = False, link: str = "softplus", progress: bool = False) -> None:
+                 perplexity: bool = False, link: str = "softplus", progress: bool = False, chunk_size: int | None = None) -> None:
         if int(max_length) < 2:
             raise ValueError(f"max_length must be at least 2 tokens (one to predict from, one to score), got {max_length}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be at least 1 position, got {chunk_size}")
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.texts = load_texts(texts)
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
@@ -127,7 +131,7 @@ class HeldOutLoss:
                 mask[row, : len(x)] = 1
             self._batches.append((input_ids, mask))
         self.num_tokens = scored
-        self.fingerprint = _digest("held_out_loss", ids, self.max_length, self.perplexity)
+        self.fingerprint = content_digest("held_out_loss", ids, self.max_length, self.perplexity)
 
     def __call__(self, model: nn.Module) -> float:
         device = _device_of(model)
@@ -135,15 +139,43 @@ class HeldOutLoss:
         with torch.inference_mode():
             for input_ids, mask in tqdm(self._batches, desc="held-out loss", disable=not self.progress, leave=False):
                 input_ids, mask = input_ids.to(device), mask.to(device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
-                targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                                     ignore_index=-100, reduction="sum").double()
+                logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, L, V), the model's dtype
+                # position t scores token t + 1; each row's last position and padding score nothing
+                targets = torch.full_like(input_ids, -1)
+                targets[:, :-1] = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
+                total += chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), self.chunk_size)
         loss = float(total) / self.num_tokens
         return math.exp(loss) if self.perplexity else loss
 
     def __repr__(self) -> str:
         return f"HeldOutLoss({len(self.texts)} texts, {self.num_tokens} scored tokens, max_length={self.max_length})"
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy ``sum_i logsumexp(logits_i) - logits_i[targets_i]`` over the rows whose
+    target is not negative, as a float64 scalar.
+
+    ``logits: (N, V)`` stay in their dtype (a contiguous view is never copied whole); each chunk of
+    ``chunk_size`` rows (default: ``2**24 // V``) is taken to fp32 once and reduced in place, so
+    the only fp32 copy alive is one chunk. ``targets: (N,)`` class indices, negative to skip."""
+    rows, vocab = logits.shape
+    step = max(1, (1 << 24) // max(vocab, 1)) if chunk_size is None else int(chunk_size)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for start in range(0, rows, step):
+        target = targets[start : start + step]
+        keep = target >= 0
+        if not bool(keep.any()):
+            continue
+        chunk = logits[start : start + step][keep] if not bool(keep.all()) else logits[start : start + step]
+        target = target[keep]
+        picked = chunk.gather(1, target[:, None]).squeeze(1).float()
+        work = chunk.float()  # the one fp32 chunk
+        if work.data_ptr() == chunk.data_ptr():
+            work = work.clone()  # fp32 logits: reduce a copy, never the model's output in place
+        peak = work.amax(dim=1, keepdim=True)
+        lse = work.sub_(peak).exp_().sum(dim=1).log_() + peak.squeeze(1)
+        total += (lse - picked).sum(dtype=torch.float64)
+    return total
 
 
 class Classification:
@@ -178,9 +210,9 @@ class Classification:
         self.batch_size, self.progress = int(batch_size), progress
         self.inputs = dict(tokenizer(texts, truncation=True, max_length=int(max_length), padding=True, return_tensors="pt"))
         self.labels = labels
-        self.fingerprint = _digest("classification", self.inputs["input_ids"], labels, metric,
-                                   pooling if isinstance(pooling, str) else getattr(pooling, "__qualname__", "callable"),
-                                   [p.detach() for p in head.parameters()])
+        pooled = pooling if isinstance(pooling, str) else f"{getattr(pooling, '__module__', '')}.{getattr(pooling, '__qualname__', 'callable')}"
+        # every byte of the inputs, labels and the head's parameters and buffers (never their repr)
+        self.fingerprint = content_digest("classification", self.inputs, labels, metric, pooled, head.state_dict())
 
     def _pool(self, encoder: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if callable(self.pooling):
@@ -206,110 +238,3 @@ class Classification:
                 correct += int((logits.argmax(-1) == labels).sum())
                 loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         return correct / count if self.metric == "accuracy" else loss / count
-
-
-_LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "bpb", "loss", "ter")
-_PREFERRED = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity", "perplexity", "bits_per_byte")
-
-
-class LMEvalTask:
-    """An lm-evaluation-harness task scored on the merged model in memory.
-
-    The live model is wrapped as lm-eval's ``HFLM(pretrained=model, tokenizer=...)`` at each
-    evaluation (never saved and reloaded). Offline, point ``task`` at a local task YAML whose
-    ``dataset_path: json`` reads local ``data_files``; its folder becomes lm-eval's
-    ``include_path``.
-
-    Args:
-        task: a registered task name, or the path of a task YAML (its ``task:`` field names it).
-        limit: score the first ``limit`` documents only (``None``: all).
-        num_fewshot: few-shot examples per prompt.
-        metric: the reported metric to return (``"acc"``, ``"acc_norm"``, ``"word_perplexity"``...;
-            default: the first of acc / acc_norm / exact_match / f1 / perplexities the task reports).
-        batch_size: lm-eval's batch size.  tokenizer: the model's tokenizer (required).
-        include_path: extra folder(s) of task YAMLs.
-        sense: ``"max"`` / ``"min"``; default from the metric (perplexities, bits per byte: min).
-    """
-
-    def __init__(self, task: str | os.PathLike, tokenizer: Any = None, limit: int | float | None = None, num_fewshot: int = 0,
-                 metric: str | None = None, batch_size: int = 8, include_path: str | os.PathLike | Sequence | None = None,
-                 sense: str | None = None, seed: int = 0) -> None:
-        if tokenizer is None:
-            raise ValueError("LMEvalTask needs the model's tokenizer (tokenizer=...)")
-        paths = [] if include_path is None else [str(p) for p in ([include_path] if isinstance(include_path, (str, os.PathLike)) else include_path)]
-        path = Path(task)
-        if str(task).endswith((".yaml", ".yml")):
-            if not path.exists():
-                raise FileNotFoundError(f"task YAML {path} does not exist")
-            name = _yaml_task_name(path)
-            paths.append(str(path.parent.resolve()))
-            self.yaml_text = path.read_text()
-        else:
-            name, self.yaml_text = str(task), None
-        self.task, self.tokenizer, self.limit, self.num_fewshot = name, tokenizer, limit, int(num_fewshot)
-        self.metric, self.batch_size, self.include_path, self.seed = metric, batch_size, paths or None, seed
-        self._sense = sense
-        self.link = "identity"
-        self.last_results: dict[str, Any] | None = None
-        self.fingerprint = _digest("lm_eval", name, self.yaml_text, limit, self.num_fewshot, metric)
-
-    @property
-    def sense(self) -> str:
-        if self._sense is not None:
-            return self._sense
-        return "min" if self.metric and any(word in self.metric for word in _LOWER_IS_BETTER) else "max"
-
-    def __call__(self, model: nn.Module) -> float:
-        try:
-            import lm_eval
-            from lm_eval.models.huggingface import HFLM
-        except ImportError:
-            raise ImportError("LMEvalTask needs lm-evaluation-harness: pip install 'map_merge[lm]' (or lm-eval)") from None
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager(include_path=self.include_path)
-        if self.task not in manager.all_tasks:
-            close = [t for t in manager.all_tasks if self.task.split("_")[0] in t][:5]
-            raise ValueError(f"lm-eval has no task {self.task!r}" + (f" (similar: {close})" if close else "")
-                             + ("" if self.include_path else "; pass a task YAML path for a local task"))
-        was_training = model.training
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, device=str(_device_of(model)))
-        try:
-            out = lm_eval.simple_evaluate(model=lm, tasks=[self.task], num_fewshot=self.num_fewshot, limit=self.limit,
-                                          task_manager=manager, log_samples=False, random_seed=self.seed, numpy_random_seed=self.seed,
-                                          torch_random_seed=self.seed, fewshot_random_seed=self.seed, bootstrap_iters=0)
-        except Exception as error:  # noqa: BLE001 - name the task: lm-eval's own errors rarely do
-            raise RuntimeError(f"lm-eval failed on task {self.task!r}: {type(error).__name__}: {error}") from error
-        finally:
-            model.train(was_training)
-        results = (out or {}).get("results", {}).get(self.task)
-        if not results:
-            raise ValueError(f"lm-eval returned no results for task {self.task!r} (is its dataset empty?)")
-        self.last_results = results
-        reported = {key.split(",")[0]: value for key, value in results.items() if "," in key and not key.split(",")[0].endswith("_stderr")}
-        name = self.metric or next((m for m in _PREFERRED if m in reported), None)
-        if name is None or name not in reported:
-            raise ValueError(f"task {self.task!r} does not report metric {name!r}; it reports {sorted(reported)}")
-        if self.metric is None:
-            self.metric = name
-        value = reported[name]
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"metric {name!r} of task {self.task!r} is {value!r}, not a number")
-        return float(value)
-
-    def __repr__(self) -> str:
-        return f"LMEvalTask({self.task!r}, limit={self.limit}, num_fewshot={self.num_fewshot}, metric={self.metric!r})"
-
-
-def _yaml_task_name(path: Path) -> str:
-    import yaml
-
-    class _Loader(yaml.SafeLoader):  # lm-eval YAMLs use !function tags: read the name, not the functions
-        pass
-
-    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
-    config = yaml.load(path.read_text(), Loader=_Loader) or {}
-    name = config.get("task") if isinstance(config, dict) else None
-    if not name:
-        raise ValueError(f"task YAML {path} has no 'task:' field naming the task")
-    return str(name)

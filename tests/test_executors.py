@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TinyNet
 
 from map_merge import BayesianMAP, EvaluationError, EvaluationStore, FunctionObjective, ModelObjective, RayExecutor, TaskVectors, WorkerError, nested_merge
 from map_merge.baselines import mobo_search
-from map_merge.executors import LocalExecutor, evaluate_async
+from map_merge import evaluate_async
+from map_merge.executors import LocalExecutor
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402  (the copy Ray serialises with)
@@ -56,6 +58,59 @@ class KillOnce:
 
 def always_dies(c):
     os._exit(3)
+
+
+class HangOnce:
+    """Hangs (an hour) on the first call of the whole run, as a stuck data loader would; logs every call."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, c: np.ndarray) -> np.ndarray:
+        with open(os.path.join(self.folder, "calls.log"), "a") as log:
+            log.write(repr(np.asarray(c).tolist()) + "\n")
+        try:
+            os.close(os.open(os.path.join(self.folder, "hung"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return three_quadratics(c)
+        time.sleep(3600)
+
+
+def always_hangs(c):
+    time.sleep(3600)
+
+
+class KillThenHang:
+    """Kills its worker on the first call of the run, hangs on every later one."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def __call__(self, c: np.ndarray) -> np.ndarray:
+        try:
+            os.close(os.open(os.path.join(self.folder, "killed"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(3600)
+        os._exit(1)
+
+
+def counted_tiny_net(log_path: str):
+    """A model factory that logs each build with its process id."""
+    with open(log_path, "a") as log:
+        log.write(f"{os.getpid()}\n")
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+class Readout:
+    """Task ``i`` of a TinyNet: a concave score of its output's column ``i`` on a fixed probe."""
+
+    def __init__(self, column: int) -> None:
+        self.column = column
+
+    def __call__(self, model) -> float:
+        out = model(torch.tensor([0, 1, 2, 3, 4]))[:, self.column]
+        return float(1.0 - ((out - 0.5) ** 2).mean())
 
 
 def raises_inside(c):
@@ -235,6 +290,128 @@ def test_evaluate_async_bounds_in_flight_with_a_store_hit():
     assert len(trace.coeffs) == 6 and trace.max_in_flight == 1
     assert len(calls) == 1 + 5  # the stored point was not evaluated again
     np.testing.assert_allclose(trace.metrics, np.array([three_quadratics(c) for c in trace.coeffs]))
+
+
+class _Threads:
+    """Two evaluations at once in driver threads."""
+
+    num_workers = 2
+
+    def __init__(self):
+        self.pool = cf.ThreadPoolExecutor(2)
+
+    def submit(self, fn, item):
+        return self.pool.submit(fn, item)
+
+    def map(self, fn, items):
+        futures = {self.submit(fn, x): i for i, x in enumerate(items)}
+        for f in cf.as_completed(futures):
+            yield futures[f], f.result()
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_evaluate_async_spends_the_budget_with_a_repeating_proposer(width):
+    calls = []
+
+    def f(c):
+        calls.append(c.copy())
+        time.sleep(0.01)
+        return three_quadratics(c)
+
+    executor = LocalExecutor() if width == 1 else _Threads()
+    objective = FunctionObjective(f, 3, ["a", "b", "c"], batched=False, executor=executor)
+    same = np.array([0.5, 0.25, 0.75])
+    trace = evaluate_async(objective, np.eye(3), lambda x, y, p: same, budget=8, num_workers=width)
+    # a repeated point is submitted again and counted: eight rows, submissions 0..7 each once
+    assert len(trace.coeffs) == 8 and sorted(trace.order.tolist()) == list(range(8))
+    assert sum(np.array_equal(c, same) for c in trace.coeffs) == 5
+    np.testing.assert_allclose(trace.metrics, np.array([three_quadratics(c) for c in trace.coeffs]))
+    assert len(trace.in_flight) == 8 and trace.max_in_flight <= width
+    assert 3 + 1 <= len(calls) <= 8  # a repeat is answered by the evaluation in flight, or evaluated again
+
+
+def test_evaluate_async_names_task_and_vector_of_a_non_finite_metric_at_once():
+    calls = []
+
+    def f(c):
+        calls.append(c.copy())
+        return np.array([np.nan if c[0] > 0.9 else 1.0, 2.0])
+
+    objective = FunctionObjective(f, 2, ["loss", "acc"], batched=False)
+    proposals = iter([np.array([0.95, 0.5])] + [np.array([0.1 * i, 0.2]) for i in range(9)])
+    with pytest.raises(ValueError, match=r"non-finite metric for task\(s\) \{'loss': nan\} at coefficient vector \[0\.95, 0\.5\]"):
+        evaluate_async(objective, np.array([[0.0, 0.0]]), lambda x, y, p: next(proposals), budget=10, num_workers=1)
+    assert len(calls) == 2  # raised when the bad result came back, not at the end of the budget
+
+
+def test_hung_evaluation_is_timed_out_requeued_and_finishes(executor, tmp_path):
+    coeffs = np.random.default_rng(3).uniform(0, 1, (4, 3))
+    before = (executor.timeouts, executor.deaths)
+    executor.timeout_s, executor.max_retries = 2.0, 1  # read at each dispatch: this test's bound
+    try:
+        out = FunctionObjective(HangOnce(str(tmp_path)), 3, ["a", "b", "c"], batched=False, executor=executor)(coeffs)
+        assert (executor.timeouts, executor.deaths) == (before[0] + 1, before[1])
+        executor.max_retries = 0
+        with pytest.raises(WorkerError, match=r"evaluating \[0\.25, 0\.5\] failed: it timed out \(timeout_s=2\) 1 time \(max_retries=0\)"
+                                              r": worker .*: timed out after timeout_s=2 s"):
+            list(executor.map(always_hangs, [np.array([0.25, 0.5])]))
+    finally:
+        executor.timeout_s, executor.max_retries = None, 2
+    np.testing.assert_array_equal(out, FunctionObjective(three_quadratics, 3, ["a", "b", "c"], batched=False)(coeffs))  # as a local run
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 5 and calls.count(calls[0]) == 2  # the hung vector ran again, every other once
+
+
+def test_shutdown_resolves_every_future_within_seconds(executor, tmp_path):
+    executor.num_workers
+    ex = RayExecutor(num_workers=2, resources_per_worker={"CPU": 0}, max_retries=5)
+    hung = ex.submit(always_hangs, np.array([0.1]))
+    requeued = ex.submit(KillThenHang(str(tmp_path)), np.array([0.2]))
+    queued = [ex.submit(three_quadratics, np.full(3, 0.1 * i)) for i in range(2)]
+    deadline = time.time() + 120
+    while ex.deaths < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert ex.deaths == 1  # the second job's worker died: it is re-queued (running, not cancellable)
+    start = time.time()
+    ex.shutdown()
+    assert time.time() - start < 30
+    for future in [hung, requeued, *queued]:
+        assert future.done()
+        assert future.cancelled() or isinstance(future.exception(), cf.CancelledError)
+    assert all(f.cancelled() for f in queued)
+
+
+def test_replacement_that_cannot_be_placed_fails_its_job(executor):
+    executor.num_workers
+    with RayExecutor(num_workers=1, resources_per_worker={"CPU": 0}) as ex:
+        assert list(ex.map(three_quadratics, [np.full(3, 0.5)]))[0][0] == 0  # placed and working
+        ex.resources = {"CPU": 0, "a_node_that_is_gone": 1}  # replacements now ask for what no node has
+        ex.placement_timeout_s = 2.0
+        with pytest.raises(WorkerError, match=r"evaluating \[0\.25, 0\.5\] failed: no worker is left to run it.*"
+                                              r"could not be placed within placement_timeout_s=2 s"):
+            list(ex.map(always_dies, [np.array([0.25, 0.5])]))
+        with pytest.raises(WorkerError, match="no worker is left"):
+            ex.submit(three_quadratics, np.full(3, 0.5)).result(timeout=10)
+
+
+def test_nested_merging_on_ray_builds_each_workers_model_once(executor, tiny_models, tmp_path):
+    import functools
+
+    base, fts = tiny_models
+    tv = TaskVectors.from_models(base, fts[:2])
+    builds = tmp_path / "builds.log"
+    factory = functools.partial(counted_tiny_net, str(builds))
+    tasks = {"t0": Readout(0), "t1": Readout(3)}
+    objective = ModelObjective(factory, tv, tasks, progress=False, executor=executor)
+    names = list(tasks)
+    # subsets [t0] and [t1] (at once, on both workers), then [t0, t1]: three objectives, one live model
+    result = nested_merge(lambda idx: objective.for_tasks([names[i] for i in idx]), 2, [1, 2], samples_per_stage=6,
+                          schedule="levels")
+    pids = builds.read_text().split()
+    assert 1 <= len(pids) <= executor.num_workers and len(set(pids)) == len(pids)  # one model per worker, shared by every subset
+    assert str(os.getpid()) not in pids  # and none in the driver
+    local = ModelObjective(factory, tv, tasks, progress=False)
+    np.testing.assert_allclose(result.metrics, local(result.coeffs)[0], rtol=1e-6)
 
 
 def test_nested_levels_run_pairs_concurrently_and_match_local(executor):

@@ -235,23 +235,134 @@ def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_pa
     _write_lm_eval_tasks(tmp_path)
     model = model_class.from_pretrained(tmp_path / "a").eval()
     choice = mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=tokenizer, batch_size=4)
-    perplexity = mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="word_perplexity", batch_size=4)
-    assert perplexity.sense == "min" and choice.sense == "max"
+    perplexity = mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, batch_size=4)  # metric from lm-eval's defaults
+    # metric and sense are known before any call: what the objective fixes at construction
+    assert (perplexity.metric, perplexity.sense) == ("word_perplexity", "min") and (choice.metric, choice.sense) == ("acc", "max")
+    assert mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="bits_per_byte").sense == "min"
     live = {"acc": choice(model), "word_perplexity": perplexity(model)}
-    assert choice.metric == "acc"
     # independent ground truth: lm-eval loading the same weights from disk itself
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tmp_path / 'a'},tokenizer={tmp_path / 'base'},dtype=float32",
-                                  tasks=["mm_choice", "mm_ppl"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  tasks=["mm_choice", "mm_ppl"], task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
                                   batch_size=4, bootstrap_iters=0, device="cpu")
     assert live["acc"] == pytest.approx(out["results"]["mm_choice"]["acc,none"])
     assert live["word_perplexity"] == pytest.approx(out["results"]["mm_ppl"]["word_perplexity,none"], rel=1e-5)
-    # a used task travels to a Ray worker by pickling and scores the same there
+    assert perplexity.last_results["bits_per_byte,none"] == pytest.approx(out["results"]["mm_ppl"]["bits_per_byte,none"], rel=1e-5)
+    # the same model object with other weights (what a merge does): the reused lm-eval wrapper reads them
+    other = model_class.from_pretrained(tmp_path / "b").eval()
+    model.load_state_dict(other.state_dict())
+    fresh = mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, batch_size=4)
+    assert perplexity(model) == pytest.approx(fresh(other), rel=1e-9) and perplexity(model) != pytest.approx(live["word_perplexity"])
+    # a task travels to a Ray worker by pickling: settings kept, lm-eval's objects rebuilt there, same value
     import pickle
 
-    assert pickle.loads(pickle.dumps(choice))(model) == live["acc"]
+    copy = pickle.loads(pickle.dumps(choice))
+    assert (copy.fingerprint, copy.sense, copy.metric) == (choice.fingerprint, choice.sense, choice.metric)
+    assert copy(model) == choice(model)
     with pytest.raises(ValueError, match="does not report metric 'f1'; it reports .*word_perplexity"):
-        mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="f1")(model)
+        mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="f1")
     with pytest.raises(ValueError, match="lm-eval has no task 'no_such_task'"):
-        mm.LMEvalTask("no_such_task", tokenizer=tokenizer, include_path=tmp_path)(model)
+        mm.LMEvalTask("no_such_task", tokenizer=tokenizer, include_path=tmp_path)
     with pytest.raises((ValueError, RuntimeError), match="(?i)empty|no results|no documents|0 examples"):
-        mm.LMEvalTask(tmp_path / "mm_empty.yaml", tokenizer=tokenizer)(model)
+        mm.LMEvalTask(tmp_path / "mm_empty.yaml", tokenizer=tokenizer)
+    # the fingerprint hashes the documents and requests: the same in another process, another with other data
+    script = (f"import map_merge as mm; from transformers import AutoTokenizer; "
+              f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'base')!r}); "
+              f"print(mm.LMEvalTask({str(tmp_path / 'mm_choice.yaml')!r}, tokenizer=t).fingerprint)")
+    assert _in_subprocess(script) == choice.fingerprint
+    assert mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=tokenizer, limit=5).fingerprint != choice.fingerprint
+
+
+def test_model_objective_minimises_a_perplexity_task_from_the_start(tmp_path, tokenizer, monkeypatch):
+    """The objective fixes the senses at construction: a perplexity task must say "min" then, and
+    MAP on an analytic stand-in with those senses finds its minimum (not the maximum)."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    _write_lm_eval_tasks(tmp_path)
+    perplexity = mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer)
+    model = Bigram(50)
+    tv = mm.TaskVectors.from_models(model, [Bigram(50, seed=1), Bigram(50, seed=2)])
+    objective = mm.ModelObjective(model, tv, {"ppl": perplexity}, progress=False)
+    assert objective.senses == ("min",)  # before any evaluation
+    optimum = np.array([0.3, 0.7])
+
+    def stand_in(c):  # a perplexity-like bowl, lowest at the optimum
+        return (2.0 + 5.0 * ((np.atleast_2d(c) - optimum) ** 2).sum(axis=1))[:, None]
+
+    analytic = mm.FunctionObjective(stand_in, 2, ["ppl"], senses=objective.senses, links=["identity"])
+    result = mm.MAP(final_model="quadratic", seed=0).fit(analytic, 2)
+    np.testing.assert_allclose(result.select([1.0]), optimum, atol=0.02)
+
+
+def _in_subprocess(script: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_fingerprints_hash_every_byte_and_agree_across_processes(tokenizer, tmp_path):
+    texts, labels = ["good film", "bad", "fine enough movie"], [0, 1, 2]
+    torch.manual_seed(0)
+    head = nn.Linear(384, 3)
+    twin = nn.Linear(384, 3)
+    twin.load_state_dict(head.state_dict())
+    base = mm.Classification(texts, labels, tokenizer, head)
+    assert mm.Classification(texts, labels, tokenizer, twin).fingerprint == base.fingerprint
+    with torch.no_grad():
+        twin.weight[1, 200] += 1e-3  # one element: torch's repr of the weight does not show it
+    assert repr(twin.weight) == repr(head.weight)
+    assert mm.Classification(texts, labels, tokenizer, twin).fingerprint != base.fingerprint
+    assert mm.Classification(texts, [0, 1, 1], tokenizer, head).fingerprint != base.fingerprint
+    with_buffer = nn.Sequential(nn.Linear(384, 3), nn.BatchNorm1d(3))
+    stats = mm.Classification(texts, labels, tokenizer, with_buffer).fingerprint
+    with torch.no_grad():
+        with_buffer[1].running_mean[2] += 1.0  # buffers are data too
+    assert mm.Classification(texts, labels, tokenizer, with_buffer).fingerprint != stats
+    loss = mm.HeldOutLoss(TEXTS, tokenizer, max_length=16)
+    assert mm.HeldOutLoss(TEXTS, tokenizer, max_length=16).fingerprint == loss.fingerprint
+    assert mm.HeldOutLoss(TEXTS[:1] + ["the cat sat on the hat"] + TEXTS[2:], tokenizer, max_length=16).fingerprint != loss.fingerprint
+    # equal inputs, another process: the same fingerprints
+    torch.save(head.state_dict(), tmp_path / "head.pt")
+    script = (f"import torch; from torch import nn; import map_merge as mm; from transformers import AutoTokenizer; "
+              f"t = AutoTokenizer.from_pretrained({tokenizer.name_or_path!r}); h = nn.Linear(384, 3); "
+              f"h.load_state_dict(torch.load({str(tmp_path / 'head.pt')!r})); "
+              f"print(mm.Classification({texts!r}, {labels!r}, t, h).fingerprint + ' ' + mm.HeldOutLoss({TEXTS!r}, t, max_length=16).fingerprint)")
+    assert _in_subprocess(script) == f"{base.fingerprint} {loss.fingerprint}"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_held_out_loss_in_chunks_from_low_precision_logits_equals_hand_computation(tokenizer, chunk_size):
+    model = Bigram(tokenizer.vocab_size).to(torch.bfloat16)
+    nll, count = 0.0, 0
+    for text in TEXTS:  # by hand: the model's own bf16 logits, in float64
+        ids = torch.tensor(tokenizer(text, truncation=True, max_length=64)["input_ids"])
+        with torch.no_grad():
+            logits = model(ids[None]).logits[0].double()
+        nll += float((torch.logsumexp(logits[:-1], dim=-1) - logits[:-1].gather(1, ids[1:, None]).squeeze(1)).sum())
+        count += len(ids) - 1
+    task = mm.HeldOutLoss(TEXTS, tokenizer, max_length=64, batch_size=2, chunk_size=chunk_size)
+    assert task(model) == pytest.approx(nll / count, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_held_out_loss_holds_at_most_one_fp32_chunk_on_the_gpu(tokenizer):
+    vocab, length = 131072, 512
+    model = Bigram(vocab).to("cuda", torch.bfloat16)
+    task = mm.HeldOutLoss(["word " * 2 * length] * 2, tokenizer, max_length=length, batch_size=2)
+    expected = mm.HeldOutLoss(["word " * 2 * length] * 2, tokenizer, max_length=length, batch_size=1, chunk_size=64)(model)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    value = task(model)
+    peak = torch.cuda.max_memory_allocated() - before
+    logits_bytes = 2 * length * vocab * 2  # the forward's own bf16 logits
+    chunk_bytes = ((1 << 24) // vocab) * vocab * 4
+    assert peak < logits_bytes + 3 * chunk_bytes  # a whole fp32 copy would add 2 * logits_bytes
+    assert value == pytest.approx(expected, rel=1e-5)
