@@ -57,6 +57,10 @@ Settings (all optional)::
     moe_steps: 2000                     # moe: router training steps
     train_loss: my_eval.py:loss         # moe on own models: loss(model, task) -> scalar tensor on a training batch
     upcycle: mlp                        # moe on own models: mlp / all / a regex over module names
+    groups:                             # coefficient groups: a coefficient per task and group (T x G, task-major,
+      attn: self_attn                   #   named task/group); regexes over tensor names, first match wins,
+      mlp: "\\.mlp\\."                     #   every tensor in exactly one group (end with a catch-all);
+      rest: ".*"                        #   or {knots: 3}: depth knots interpolated over the layers (a mergekit gradient)
     ray:                                # evaluations on Ray workers (pip install 'map_merge[ray]'); omit to run here
       address: auto                     # join a running cluster; omit for a local runtime
       num_workers: 8                    # default: as many as the resources fit
@@ -153,6 +157,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .store import EvaluationStore
 
     config = load_config(args.config)
+    if args.command == "moe" and "groups" in config:
+        raise ConfigError(f"{args.config}: field 'groups' does not apply to 'moe' (PWE-MoE routes whole task vectors per module)")
     out = Path(config.get("out", f"outputs/{args.command}"))
     _check_out(config, out, args.overwrite)
     objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
@@ -182,10 +188,11 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         from .map import MAP
 
         options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "auto"), seed=seed)
+        dims = objective.num_coeffs  # T, or T x G with coefficient groups
         if args.command == "map":
-            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, num)
+            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, dims)
         else:
-            result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, num, progress=True)
+            result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, dims, progress=True)
         result = result.refine(objective, reevaluations=10, rounds=2)  # 5 front points, refit, 5 more
         payload = result.to_dict()
         _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
@@ -194,6 +201,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         used = np.concatenate([result.samples.coeffs, result.real_front.coeffs])
         summary.update(samples=len(result.samples), reevaluated=len(result.real_front), diagnostics=result.diagnostics(),
                        coeffs=chosen.tolist(), evaluations=len(np.unique(used, axis=0)))
+        if objective.coeff_names is not None and len(objective.coeff_names) != num:
+            summary["coefficients"] = dict(zip(objective.coeff_names, chosen.tolist()))
     elif args.command == "nested":
         from .nested import nested_merge
 
@@ -235,8 +244,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
 
 def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
     """The merged model for ``coeffs`` as a Hugging Face folder (replacing an earlier run's)."""
-    model = zoo.new_encoder() if zoo is not None and hasattr(zoo, "new_encoder") else objective._model
-    return objective.task_vectors.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True)
+    model = zoo.new_encoder() if zoo is not None and hasattr(zoo, "new_encoder") else objective.live._model
+    return objective.task_vectors.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True, groups=objective.groups)
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -282,7 +291,10 @@ def _cmd_save(args: argparse.Namespace) -> int:
         zoo = load_zoo(args.zoo, args.tasks)
         tv, method = zoo.task_vectors(), args.method
         model = None if out.suffix == ".safetensors" else zoo.new_encoder()
-    path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite)
+    from .config import parse_groups
+
+    groups = parse_groups(config.get("groups")) if args.config is not None else None
+    path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
     print(f"saved merged model to {path}")
     return 0
 
@@ -344,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     save.add_argument("zoo", nargs="?", choices=["text", "vision"], default=None, help="a bundled zoo (or use --config)")
     save.add_argument("--config", default=None, help="a run's YAML/JSON config: its models (and, for --preference, its result)")
-    save.add_argument("--coeffs", default=None, help="comma-separated, one per task")
+    save.add_argument("--coeffs", default=None, help="comma-separated, one per task (T x G, task-major, with the config's groups)")
     save.add_argument("--preference", default=None, help="comma-separated weights: pick from the front of the config's map/bayes run")
     save.add_argument("--tasks", nargs="*", default=None, help="zoo tasks (with a bundled zoo)")
     save.add_argument("--method", default=None, choices=["task_arithmetic", "ties", "dare", "breadcrumbs", "della"])

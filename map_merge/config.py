@@ -40,14 +40,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config", "resolve_callable", "build_objective", "build_executor", "fit_moe", "task_names_of",
+__all__ = ["ConfigError", "load_config", "parse_groups", "resolve_callable", "build_objective", "build_executor", "fit_moe", "task_names_of",
            "source_paths", "build_task_vectors"]
 
 FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
     "method": str, "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
-    "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str, "ray": dict, "schedule": str,
+    "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str, "ray": dict, "schedule": str, "groups": dict,
 }
 RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "max_retries": int,
             "timeout_s": (int, float), "load_timeout_s": (int, float), "placement_timeout_s": (int, float)}
@@ -113,6 +113,11 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, value in config.get("ray", {}).get("resources_per_worker", {}).items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise fail(f"ray.resources_per_worker.{key}", f"must be a non-negative number, got {value!r}")
+    if "groups" in config:
+        try:
+            parse_groups(config["groups"])
+        except (ValueError, TypeError) as error:
+            raise fail("groups", f"{error}") from None
     bounds = config.get("bounds", [0.0, 1.0])
     if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
         raise fail("bounds", f"must be [low, high] with low < high, got {bounds!r}")
@@ -160,6 +165,25 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
                                   "batch): PWE-MoE trains its routers on your tasks' training losses")
     return resolved
+
+
+def parse_groups(spec: Any):
+    """The :class:`~map_merge.Groups` of a config's ``groups:`` field: ``{name: regex, ...}`` (first match
+    wins; end with a catch-all such as ``rest: ".*"``) or ``{knots: K}`` (depth knots over the layers)."""
+    from .groups import Groups
+
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"must be a mapping of group name -> regex, or {{knots: K}}; got {spec!r}")
+    if "knots" in spec:
+        extra = set(spec) - {"knots", "layer_pattern"}
+        if extra or not isinstance(spec["knots"], int) or isinstance(spec["knots"], bool) or spec["knots"] < 1:
+            raise ValueError(f"with 'knots' takes a positive integer (and optionally 'layer_pattern'), got {spec!r}")
+        return Groups.by_depth(spec["knots"], **({"layer_pattern": spec["layer_pattern"]} if "layer_pattern" in spec else {}))
+    if not all(isinstance(v, str) for v in spec.values()):
+        raise ValueError(f"maps each group to a regular expression (a string), got {spec!r}")
+    return Groups(spec)
 
 
 def task_names_of(config: dict[str, Any]) -> list[str] | None:
@@ -265,12 +289,13 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     from .task_vectors import TaskVectors
 
     method = config.get("method")
+    groups = parse_groups(config.get("groups"))
     if "zoo" in config:
         from .zoo import load_zoo
 
         zoo = load_zoo(config["zoo"], config.get("tasks"), progress=progress)
         names = list(zoo.task_names)
-        return zoo.objective(names, method=method, store=store, progress=progress), names, zoo
+        return zoo.objective(names, method=method, store=store, progress=progress, groups=groups), names, zoo
     folder = Path(config["_path"]).parent
     names = list(config.get("tasks", config["finetuned"]))
     specs = config["tasks"] if isinstance(config.get("tasks"), dict) else None
@@ -282,14 +307,14 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     if specs is not None:
         tasks = _spec_tasks(config, specs)
         key = json.dumps({"specs": specs, "dtype": config.get("dtype")}, sort_keys=True, default=str)
-        return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device), names, None
+        return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device, groups=groups), names, None
     evaluate = resolve_callable(config["evaluator"], folder)
     sense = config.get("sense", "max")
     link = config.get("link", "identity")
     tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link) for n in names}  # values checked by the objective
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
-    return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device), names, None
+    return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device, groups=groups), names, None
 
 
 def build_task_vectors(config: dict[str, Any]):

@@ -38,8 +38,8 @@ class NestedStage:
     left: list[int]
     right: list[int]
     result: MAPResult
-    choice: np.ndarray  # (2,) stage coefficients (x, y)
-    coeffs: np.ndarray  # (T,) the merged member over the original tasks
+    choice: np.ndarray  # (2,) stage coefficients (x, y); (2G,) with G coefficient groups
+    coeffs: np.ndarray  # (T,) the merged member over the original tasks ((T*G,) with groups)
     score: float  # real preference-weighted score of the merged member on its tasks
     task_evaluations: int
 
@@ -49,7 +49,7 @@ class NestedResult:
     """Outcome of :func:`nested_merge`.
 
     Attributes:
-        coeffs: ``(T,)`` task-arithmetic coefficients of the final model.
+        coeffs: ``(T,)`` task-arithmetic coefficients of the final model (``(T*G,)`` with groups).
         metrics: ``(T,)`` its real metrics on every task (one last full evaluation).
         stages: the tree of stages in order.
         num_evaluations: merged models evaluated (stages, choices and the final check).
@@ -82,6 +82,7 @@ def nested_merge(
     bounds: tuple[float, float] = (0.0, 1.0),
     seed: int = 0,
     schedule: str = "sequential",
+    num_groups: int | None = None,
 ) -> NestedResult:
     """Merge ``num_tasks`` tasks pairwise in ``T - 1`` stages for one preference.
 
@@ -103,6 +104,11 @@ def nested_merge(
             as a balanced tree. On an executor with several workers (e.g. a
             :class:`~map_merge.RayExecutor`) the pairs of a level run at the same time, as do the
             ``T`` single-task evaluations at the start. Results do not depend on the executor.
+        num_groups: G, the coefficient groups per task (:class:`~map_merge.Groups`): coefficient
+            vectors have ``T x G`` entries, task-major; a member is such a vector, and a stage scales
+            each member's group ``g`` by its own coefficient (a ``2G``-coefficient stage MAP, so
+            ``samples_per_stage`` must be at least ``(2G+1)(2G+2)/2``). Default: the objectives'
+            ``num_coeffs / T`` (1 without groups).
     """
     if int(num_tasks) < 2:
         raise ValueError(f"nested merging needs at least 2 tasks, got {num_tasks}")
@@ -113,11 +119,18 @@ def nested_merge(
         raise ValueError(f"pairing='similar_vectors' needs similarity, a ({num_tasks}, {num_tasks}) matrix")
     if schedule not in ("sequential", "levels"):
         raise ValueError(f"unknown schedule {schedule!r}; choose 'sequential' or 'levels'")
-    eye = np.eye(num_tasks)
+    probe = objective_for([0])
+    if num_groups is None:
+        num_groups = int(getattr(probe, "num_coeffs", num_tasks)) // num_tasks
+    groups = int(num_groups)
+    if groups < 1:
+        raise ValueError(f"num_groups must be at least 1, got {num_groups}")
+    stage_dim = 2 * groups
+    eye = np.kron(np.eye(num_tasks), np.ones(groups))  # (T, T*G): task i's coefficient 1 in each of its groups
     # evaluations run concurrently only on an executor with several workers (never into one live model)
-    width = int(getattr(getattr(objective_for([0]), "executor", None), "num_workers", 1))
+    width = int(getattr(getattr(probe, "executor", None), "num_workers", 1))
     # pool members: (task indices, coefficient vector over the original tasks, score)
-    result = NestedResult(np.zeros(num_tasks), np.zeros(num_tasks), weights)
+    result = NestedResult(np.zeros(num_tasks * groups), np.zeros(num_tasks), weights)
 
     def single_score(i: int) -> float:
         single = objective_for([i])
@@ -140,20 +153,25 @@ def nested_merge(
         left_cols, right_cols = list(range(len(left))), list(range(len(left), len(tasks)))
         spent = {"models": 0}
 
+        def scaled(xy: np.ndarray) -> np.ndarray:
+            """Full coefficient vectors: member a's group g scaled by xy[:, g], b's by xy[:, G + g]."""
+            x, y = np.tile(xy[:, :groups], num_tasks), np.tile(xy[:, groups:], num_tasks)
+            return x * a + y * b
+
         def stage_objective(xy: np.ndarray) -> np.ndarray:
-            full = xy[:, :1] * a + xy[:, 1:2] * b
+            full = scaled(xy)
             metrics = call_objective(scorer, full, len(tasks)) * _signs(scorer, len(tasks))
             spent["models"] += len(xy)
             return np.stack([group_score(metrics, left, left_cols), group_score(metrics, right, right_cols)], axis=1)
 
-        wrapped = FunctionObjective(stage_objective, 2, ["left", "right"], key=f"nested-stage-{stage_index}")
+        wrapped = FunctionObjective(stage_objective, stage_dim, ["left", "right"], key=f"nested-stage-{stage_index}")
         stage = MAP(num_samples=samples_per_stage, bounds=bounds, link=_stage_link(scorer, snapshot), design="sobol",
-                    seed=seed + stage_index).fit(wrapped, 2)
+                    seed=seed + stage_index).fit(wrapped, stage_dim)
         p_left, p_right = weights[left].sum(), weights[right].sum()
         if p_left + p_right <= 0:
             p_left = p_right = 1.0
         choice = stage.front.select([p_left, p_right])
-        merged = choice[0] * a + choice[1] * b
+        merged = scaled(choice[None])[0]
         real = stage_objective(choice[None])[0]
         combined = float((p_left * real[0] + p_right * real[1]) / (p_left + p_right))
         log.info("nested stage %d: %s + %s -> c=%s (score %.4f)", stage_index, left, right, np.round(merged, 3).tolist(), combined)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .executors import Executor, LocalExecutor, Recipe, as_recipe
 from .fingerprint import content_digest
+from .groups import Groups, coefficient_names
 from .merge_methods import MergeMethod, resolve_method
 from .store import EvaluationStore, coeff_key
 from .task_vectors import TaskVectors
@@ -88,6 +89,7 @@ class Objective:
     senses: tuple[str, ...]
     links: tuple[str | None, ...]
     num_coeffs: int
+    coeff_names: tuple[str, ...] | None = None  # names of the coefficients (``task/group`` with groups)
 
     def __init__(
         self,
@@ -376,7 +378,7 @@ class LiveModel:
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], task_vectors: TaskVectors, method: str | MergeMethod | None = None,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, groups: Groups | None = None) -> None:
         if isinstance(model, nn.Module):
             self._model, self.factory = model, None
         elif callable(model):
@@ -386,6 +388,7 @@ class LiveModel:
         self.task_vectors = task_vectors
         self.method = resolve_method(method)
         self.device = device
+        self.groups = groups
         self._placed = device is None
         self._weights: str | None = None  # content digest of a given module, once asked for
         self.merge_seconds = 0.0
@@ -409,10 +412,10 @@ class LiveModel:
         return self._model
 
     def merge(self, coeffs: np.ndarray) -> nn.Module:
-        """Write the merge for ``coeffs (T,)`` into the live model and return it."""
+        """Write the merge for ``coeffs (T,)`` (``T x G`` with groups) into the live model and return it."""
         model = self.model
         start = time.perf_counter()
-        self.task_vectors.merge_into(model, coeffs, self.method)
+        self.task_vectors.merge_into(model, coeffs, self.method, groups=self.groups)
         device = next((p.device for p in model.parameters()), self.task_vectors.device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -429,7 +432,8 @@ class LiveModel:
             if self._weights is None:
                 self._weights = content_digest(self._model, size=16)
             model = ("module", type(self._model).__qualname__, self._weights)
-        return (model, self.task_vectors.fingerprint(), self.method.spec, str(self.device))
+        grouped = () if self.groups is None else (json.dumps(self.groups.spec, sort_keys=True),)
+        return (model, self.task_vectors.fingerprint(), self.method.spec, str(self.device), *grouped)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -487,6 +491,9 @@ class ModelObjective(Objective):
         device: where the live model is evaluated: ``None`` where it is; ``"auto"``: on CUDA when
             the process sees a GPU (a Ray worker given ``{"GPU": ...}``), else where it is; or a
             device. The model is moved on first use.
+        groups: coefficient groups (:class:`~map_merge.Groups`): a coefficient vector then has
+            ``T x G`` entries, task-major, named ``task/group`` (:attr:`coeff_names`); MAP's
+            quadratic has ``(TG+1)(TG+2)/2`` parameters.
     """
 
     def __init__(
@@ -500,8 +507,9 @@ class ModelObjective(Objective):
         key: str = "",
         progress: bool = True,
         device: str | torch.device | None = None,
+        groups: Groups | None = None,
     ) -> None:
-        live = LiveModel(model, task_vectors, method, device)
+        live = LiveModel(model, task_vectors, method, device, groups)
         self._setup(live, tasks, store, executor, key, progress)
         task_vectors.prepare(live.method)  # method statistics once, up front
 
@@ -518,7 +526,10 @@ class ModelObjective(Objective):
         self.task_names = tuple(self.tasks)
         self.senses = check_senses([t.sense for t in self.tasks.values()], len(self.tasks))
         self.links = tuple(t.link for t in self.tasks.values())
-        self.num_coeffs = live.task_vectors.num_tasks
+        self.coeff_names = coefficient_names(live.task_vectors.names, live.groups)
+        self.num_coeffs = len(self.coeff_names)
+        if live.groups is not None:
+            live.groups.weights(live.task_vectors.keys)  # every tensor in exactly one group, checked now
         self.key = key
 
     @property
@@ -533,6 +544,10 @@ class ModelObjective(Objective):
     @property
     def method(self) -> MergeMethod:
         return self.live.method
+
+    @property
+    def groups(self) -> Groups | None:
+        return self.live.groups
 
     @property
     def device(self) -> str | torch.device | None:
@@ -551,7 +566,8 @@ class ModelObjective(Objective):
     def fingerprint(self) -> str:
         data = [getattr(task.metric, "fingerprint", None) for task in self.tasks.values()]  # task adapters' data
         extra = (data,) if any(d is not None for d in data) else ()
-        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra)
+        grouped = () if self.groups is None else ({"groups": self.groups.spec},)  # ungrouped keys stay as they were
+        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra, *grouped)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
         return _evaluate_tasks(self.live, self.tasks, coeffs)

@@ -125,3 +125,20 @@ def test_save_for_coefficients_or_a_preference(own, capsys):
     np.testing.assert_allclose(pick, [0.25, 0.75], atol=0.05)  # the analytic optimum p / sum(p)
     assert main(["save", "--config", str(config), "--coeffs", "1", "--overwrite"]) == 2
     assert "expected 2 coefficients" in capsys.readouterr().err
+
+
+def test_groups_in_a_config(own, capsys):
+    folder, config, base = own
+    config.write_text(json.dumps({**base, "groups": {"w": "weight"}, "num_samples": 8}))
+    assert main(["map", "--config", str(config)]) == 0
+    summary = _summary(capsys)
+    merged = load_file(str(folder / "out" / "merged" / "model.safetensors"))["weight"].numpy().reshape(-1)
+    np.testing.assert_allclose(merged, summary["coeffs"], atol=1e-6)  # one group: the ungrouped merge
+    meta = json.loads((folder / "out" / "merged" / "map_merge.json").read_text())
+    assert set(meta["coefficients"]) == {"a/w", "b/w"} and meta["groups"] == {"patterns": {"w": "weight"}}
+    config.write_text(json.dumps({**base, "groups": {"b": "bias"}, "out": str(folder / "out2")}))
+    assert main(["map", "--config", str(config)]) == 2
+    assert "match no group" in capsys.readouterr().err and not (folder / "out2").exists()
+    config.write_text(json.dumps({**base, "groups": {"knots": 0}}))
+    assert main(["map", "--config", str(config)]) == 2
+    assert "field 'groups'" in capsys.readouterr().err

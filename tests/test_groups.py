@@ -110,3 +110,43 @@ def test_saved_grouped_merge_names_task_group_coefficients(llama, tmp_path):
     expected = tv.merge(np.arange(6) / 10, groups=groups)
     for key, value in reloaded.items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_objective_with_groups_merges_and_names_task_group(llama):
+    root, states = llama
+    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"], storage="dense")
+    groups = mm.Groups(ATTN_MLP)
+    probe = "model.layers.1.mlp.up_proj.weight"
+    objective = mm.ModelObjective(transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32), tv,
+                                  {"up": lambda m: float(m.state_dict()[probe].sum())}, groups=groups, progress=False)
+    assert objective.num_coeffs == 6 and objective.coeff_names[:3] == ("task0/attn", "task0/mlp", "task0/rest")
+    c = np.array([0.1, 0.7, 0.3, -0.2, 0.4, 0.9])
+    value = objective(c[None])[0, 0]
+    base, a, b = (states[n][probe] for n in ("base", "ft0", "ft1"))
+    assert value == pytest.approx(float((base + 0.7 * (a - base) + 0.4 * (b - base)).sum()), rel=1e-5)  # the mlp group's
+    plain = mm.ModelObjective(transformers.LlamaForCausalLM.from_pretrained(root / "base", dtype=torch.float32), tv,
+                              {"up": lambda m: 0.0}, progress=False)
+    assert plain.fingerprint() != objective.fingerprint() and plain.coeff_names == ("task0", "task1")
+    with pytest.raises(ValueError, match="match no group"):
+        mm.ModelObjective(transformers.LlamaForCausalLM.from_pretrained(root / "base"), tv, {"up": lambda m: 0.0},
+                          groups=mm.Groups({"attn": "self_attn"}))
+
+
+def test_nested_merging_with_groups_recovers_the_analytic_optimum():
+    # T = 2 tasks, G = 2 groups: one stage scales each member's groups, so it searches all four
+    # coefficients; each task's metric is exactly quadratic, the equal-preference optimum their midpoint
+    targets = np.array([[0.8, 0.2, 0.1, 0.3], [0.2, 0.6, 0.7, 0.9]])
+
+    def fn(c):
+        c = np.atleast_2d(c)
+        return np.stack([1 - ((c - t) ** 2).sum(1) for t in targets], 1)
+
+    full = mm.FunctionObjective(fn, 4, ["a", "b"])
+
+    def objective_for(idx):
+        return mm.FunctionObjective(lambda c: fn(c)[:, idx], 4, [["a", "b"][i] for i in idx], links=["identity"] * len(idx))
+
+    result = mm.nested_merge(objective_for, 2, [1, 1], samples_per_stage=30, num_groups=2, seed=0)
+    assert result.coeffs.shape == (4,) and result.stages[0].choice.shape == (4,)
+    np.testing.assert_allclose(result.coeffs, targets.mean(0), atol=0.05)
+    np.testing.assert_allclose(result.metrics, full(result.coeffs[None])[0])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective, Task
@@ -222,10 +223,11 @@ class Zoo:
         device: str | torch.device | None = None,
         progress: bool = True,
         scored: Sequence[str] | None = None,
+        groups: Groups | None = None,
     ) -> ModelObjective:
         """A :class:`ModelObjective` merging the named tasks' vectors and scoring ``scored`` (default:
         the same tasks): accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``,
-        with results kept in ``store`` (a path or a store)."""
+        with results kept in ``store`` (a path or a store); ``groups``: coefficient groups."""
         names = self._names(names)
         scored_names = self._names(scored) if scored is not None else names
         if metric not in ("accuracy", "loss"):
@@ -242,16 +244,17 @@ class Zoo:
         if store is not None and not isinstance(store, EvaluationStore):
             store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
-        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=store, key=key, progress=progress)
+        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=store, key=key, progress=progress, groups=groups)
 
-    def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test", method: str | MergeMethod | None = None) -> np.ndarray:
+    def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test", method: str | MergeMethod | None = None,
+                        groups: Groups | None = None) -> np.ndarray:
         """Accuracies ``(K, M)`` of merged encoders on a split (no store; e.g. test-set reports)."""
         names = self._names(names)
         tv = self.task_vectors(names)
         encoder = self.new_encoder()
         out = np.zeros((len(np.atleast_2d(coeffs)), len(names)))
         for i, c in enumerate(np.atleast_2d(coeffs)):
-            tv.merge_into(encoder, c, method)
+            tv.merge_into(encoder, c, method, groups=groups)
             encoder.eval()
             out[i] = [self.accuracy(encoder, n, split) for n in names]
         return out
