@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .designs import make_design, num_quadratic_params
+from .designs import make_design, num_quadratic_params, with_points
 from .map import MAP, MAPResult, Samples, call_objective, fit_surrogates, resolve_links
 from .objective import check_senses
 from .pareto import orient
@@ -119,9 +119,11 @@ class BayesianMAP(MAP):
         self.prior = prior
         self.temperature = float(temperature)
 
-    def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None, progress: bool = False) -> MAPResult:
+    def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None, progress: bool = False,
+            include: np.ndarray | None = None) -> MAPResult:
         """Run adaptive MAP on ``objective(coeffs (K, T)) -> metrics (K, M)``; ``samples.round``
-        records the round of each evaluation (0 = initial design)."""
+        records the round of each evaluation (0 = initial design); ``include``: ``(J, T)`` points
+        placed first in the initial design (a recipe's starting point)."""
         from tqdm.auto import tqdm
 
         num_coeffs, names = self._setup(objective, num_tasks, task_names)
@@ -139,7 +141,7 @@ class BayesianMAP(MAP):
             raise ValueError(f"batch must be at least 1, got {batch}")
         rng = np.random.default_rng(self.seed)
         timings = {"evaluate": 0.0, "acquire": 0.0}
-        coeffs = make_design(self.design, num_coeffs, initial, self.bounds, self.seed)
+        coeffs = with_points(make_design(self.design, num_coeffs, initial, self.bounds, self.seed), include, initial)
         width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
         asynchronous = width > 1 if self.asynchronous == "auto" else bool(self.asynchronous)
         if asynchronous:

@@ -16,7 +16,7 @@ Your own models (paths relative to the config; ``out`` and ``store`` to the work
       task_a: a/
       task_b: b-lora/
     evaluator: my_eval.py:evaluate      # evaluate(model, task) -> float, or "package.module:function"
-    model: my_eval.py:build             # optional: build() -> nn.Module (default: AutoModel of 'pretrained',
+    model: my_eval.py:build             # optional: build() -> nn.Module (default: the class config.json names, else AutoModel,
                                         #   AutoModelForCausalLM with metric specs under 'tasks')
     sense: max                          # or min (the evaluator's score is a loss)
     link: identity                      # surrogate link: sigmoid / softplus / identity
@@ -90,7 +90,7 @@ from .config import ConfigError, build_executor, build_objective, fit_moe, load_
 
 __all__ = ["main", "load_config"]
 
-_RESULTS = ("result.json", "front.png", "merged")  # what a run writes into 'out' (the store stays)
+_RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml")  # what a run writes into 'out' (the store stays)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -156,7 +156,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     """map / bayes / nested / moe on a config."""
     from .store import EvaluationStore
 
-    config = load_config(args.config)
+    config = load_config(args.config, mergekit=args.mergekit)
     if args.command == "moe" and "groups" in config:
         raise ConfigError(f"{args.config}: field 'groups' does not apply to 'moe' (PWE-MoE routes whole task vectors per module)")
     out = Path(config.get("out", f"outputs/{args.command}"))
@@ -189,10 +189,12 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
 
         options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "auto"), seed=seed)
         dims = objective.num_coeffs  # T, or T x G with coefficient groups
+        start = config["_recipe"].flat_coeffs[None] if "_recipe" in config else None  # a recipe's weights: evaluated first
         if args.command == "map":
-            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, dims)
+            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, dims, include=start)
         else:
-            result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(objective, dims, progress=True)
+            result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(
+                objective, dims, progress=True, include=start)
         result = result.refine(objective, reevaluations=10, rounds=2)  # 5 front points, refit, 5 more
         payload = result.to_dict()
         _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
@@ -234,6 +236,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
     summary.update(models_evaluated=objective.num_evaluations, from_store=objective.num_cached)
     if args.command != "moe":
         summary["saved"] = str(_save_pick(objective, zoo, summary["coeffs"], out / "merged"))
+        if args.emit_mergekit:
+            summary["mergekit"] = str(_emit_mergekit(objective, summary["coeffs"], out / "mergekit.yaml"))
     payload = {**payload, "summary": summary}
     _atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(payload, indent=1, default=float)))
     print(json.dumps(summary, indent=1, default=float))
@@ -246,6 +250,15 @@ def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
     """The merged model for ``coeffs`` as a Hugging Face folder (replacing an earlier run's)."""
     model = zoo.new_encoder() if zoo is not None and hasattr(zoo, "new_encoder") else objective.live._model
     return objective.task_vectors.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True, groups=objective.groups)
+
+
+def _emit_mergekit(objective, coeffs, path: Path) -> Path:
+    """The pick as a mergekit recipe (``mergekit-yaml path out/`` reproduces ``merged/``)."""
+    import yaml
+
+    config = objective.task_vectors.mergekit_config(coeffs, objective.method, objective.groups)
+    _atomic_write(path, lambda temp: temp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    return path
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
@@ -264,7 +277,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         raise ValueError("save needs --coeffs c1,c2,... or --preference w1,w2,... (the latter picks from a finished map/bayes run)")
     model = None
     if args.config is not None:
-        config = load_config(args.config)
+        config = load_config(args.config, mergekit=args.mergekit)
         run_out = Path(config.get("out", "outputs/map"))
         out = Path(args.out) if args.out else run_out / "merged"
         check_destination(out, source_paths(config), args.overwrite)
@@ -294,8 +307,18 @@ def _cmd_save(args: argparse.Namespace) -> int:
     from .config import parse_groups
 
     groups = parse_groups(config.get("groups")) if args.config is not None else None
+    if args.config is not None and "_recipe" in config:
+        method = args.method or config["_recipe"].method
     path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
     print(f"saved merged model to {path}")
+    if args.emit_mergekit:
+        import yaml
+
+        from .merge_methods import resolve_method
+
+        recipe = tv.mergekit_config(coeffs, resolve_method(method), groups)
+        _atomic_write(Path(args.emit_mergekit), lambda temp: temp.write_text(yaml.safe_dump(recipe, sort_keys=False)))
+        print(f"wrote the mergekit recipe {args.emit_mergekit}")
     return 0
 
 
@@ -351,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         run.add_argument("--config", required=True, help="YAML or JSON file (fields above)")
         run.add_argument("--overwrite", action="store_true", help="replace result.json, front.png and merged/ of an earlier run in 'out'")
+        run.add_argument("--mergekit", default=None, metavar="RECIPE",
+                         help="a mergekit recipe (YAML) supplying pretrained, finetuned (task names: the model folders' names), the "
+                              "merge method, per-layer or filtered weights (coefficient groups) and the starting point of the search")
+        run.add_argument("--emit-mergekit", action="store_true",
+                         help="also write out/mergekit.yaml: the pick as a mergekit recipe (mergekit-yaml reproduces merged/)")
         run.set_defaults(fn=_cmd_run)
     save = sub.add_parser("save", help="save a merged model for given coefficients (or a preference) as a Hugging Face folder",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -362,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("--method", default=None, choices=["task_arithmetic", "ties", "dare", "breadcrumbs", "della"])
     save.add_argument("--out", default=None, help="a folder (or a .safetensors file); default with --config: <out>/merged")
     save.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    save.add_argument("--mergekit", default=None, metavar="RECIPE", help="with --config: models, method and groups from a mergekit recipe")
+    save.add_argument("--emit-mergekit", default=None, metavar="YAML", help="also write the merge as a mergekit recipe to this file")
     save.set_defaults(fn=_cmd_save)
     return parser
 

@@ -64,11 +64,14 @@ class ConfigError(ValueError):
     """A config file field is missing or wrong."""
 
 
-def load_config(path: str | os.PathLike) -> dict[str, Any]:
+def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read and validate a YAML or JSON run description; errors name the offending field.
 
     Relative model and evaluator paths are resolved against the config's folder; the returned
-    mapping holds them absolute, plus ``"_path"`` (the config file)."""
+    mapping holds them absolute, plus ``"_path"`` (the config file). ``mergekit``: a mergekit recipe
+    that supplies ``pretrained``, ``finetuned`` (task names from the model folders' names), the
+    operator, the coefficient groups and the starting point (``"_recipe"``); the config must then
+    not name them itself."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -87,6 +90,18 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
     def fail(field: str, message: str) -> ConfigError:
         return ConfigError(f"{path}: field {field!r} {message}")
+
+    recipe = None
+    if mergekit is not None:
+        from .mergekit_config import from_mergekit
+
+        clash = [k for k in ("pretrained", "finetuned", "method", "groups", "zoo") if k in config]
+        if clash:
+            raise fail(clash[0], f"comes from the mergekit recipe {mergekit}; leave it out of the config")
+        recipe = from_mergekit(mergekit)
+        config = {**config, "pretrained": recipe.base_model, "finetuned": dict(recipe.models)}
+        if recipe.groups is not None:
+            config["groups"] = dict(recipe.groups.patterns) if recipe.groups.knots is None else {"knots": recipe.groups.knots}
 
     for key, value in config.items():
         if key not in FIELDS:
@@ -160,6 +175,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         if key in config and config[key].count(":") != 1:
             raise fail(key, f"must be 'module:function' or 'file.py:function', got {config[key]!r}")
     _check_preference(resolved, fail)
+    if recipe is not None:
+        resolved["_recipe"] = recipe
     moe_fields = [key for key in ("moe_method", "moe_steps", "upcycle") if key in config]
     if moe_fields and "train_loss" not in config:
         raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
@@ -288,7 +305,7 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     from .objective import ModelObjective, Task
     from .task_vectors import TaskVectors
 
-    method = config.get("method")
+    method = config["_recipe"].method if "_recipe" in config else config.get("method")
     groups = parse_groups(config.get("groups"))
     if "zoo" in config:
         from .zoo import load_zoo
@@ -337,11 +354,22 @@ def _build_model(config_path: str, model_spec: str | None, pretrained: str, caus
     else:
         if not Path(pretrained).is_dir():
             raise ConfigError(f"{config_path}: field 'model' is required when 'pretrained' is a weights file, not a Hugging Face folder")
-        from transformers import AutoModel, AutoModelForCausalLM
+        import transformers
 
-        auto = AutoModelForCausalLM if causal else AutoModel
+        auto = transformers.AutoModelForCausalLM if causal else _architecture_class(pretrained) or transformers.AutoModel
         model = auto.from_pretrained(pretrained, local_files_only=True, **({"dtype": dtype} if dtype else {}))
     return model.to(dtype) if dtype is not None else model
+
+
+def _architecture_class(folder: str):
+    """The class a Hugging Face folder's ``config.json`` names in ``architectures`` (None if unknown)."""
+    import transformers
+
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        return None
+    names = json.loads(config_file.read_text()).get("architectures") or []
+    return next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
 
 
 def build_executor(config: dict[str, Any]):

@@ -151,3 +151,18 @@ def grid_design(num_tasks: int, per_axis: int, bounds: tuple[float, float] = (0.
     if per_axis < 2:
         raise ValueError(f"per_axis must be at least 2, got {per_axis}")
     return _grid(num_tasks, per_axis, low, high)
+
+
+def with_points(design: np.ndarray, include: np.ndarray | None, budget: int) -> np.ndarray:
+    """``design (K, T)`` with the rows of ``include (J, T)`` first (a recipe's starting point, say),
+    cut back to ``budget`` rows (the design's last rows give way)."""
+    if include is None:
+        return design
+    include = np.atleast_2d(np.asarray(include, dtype=np.float64))
+    if include.ndim != 2 or include.shape[1] != design.shape[1]:
+        raise ValueError(f"include must be points of shape (J, {design.shape[1]}), got {np.shape(include)}")
+    if not np.isfinite(include).all():
+        raise ValueError("include has NaN/inf coefficients")
+    if len(include) > budget:
+        raise ValueError(f"include has {len(include)} points but the budget is {budget}")
+    return np.concatenate([include, design[: budget - len(include)]])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .designs import default_num_samples, make_design, num_quadratic_params
+from .designs import default_num_samples, make_design, num_quadratic_params, with_points
 from .objective import check_senses
 from .pareto import ParetoFront, orient
 from .residual_gp import ResidualGPModel
@@ -372,13 +372,16 @@ class MAP:
             )
         return box
 
-    def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None) -> MAPResult:
+    def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None,
+            include: np.ndarray | None = None) -> MAPResult:
         """Run MAP on ``objective(coeffs (K, T)) -> metrics (K, M)``.
 
         Args:
             objective: the black-box objective (``senses`` and ``links`` attributes honoured).
-            num_tasks: T, the number of merging coefficients.
+            num_tasks: T, the number of merging coefficients (``T x G`` with coefficient groups).
             task_names: names of the M metrics (default: the objective's, else ``task0..``).
+            include: ``(J, T)`` points evaluated first as part of the samples (e.g. a mergekit
+                recipe's coefficients, the starting point of the search).
         """
         num_coeffs, names = self._setup(objective, num_tasks, task_names)
         minimum = num_quadratic_params(num_coeffs)
@@ -390,7 +393,7 @@ class MAP:
             )
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        coeffs = make_design(self.design, num_coeffs, budget, self.bounds, self.seed)
+        coeffs = with_points(make_design(self.design, num_coeffs, budget, self.bounds, self.seed), include, budget)
         metrics = call_objective(objective, coeffs)
         timings["evaluate"] = time.perf_counter() - start
         return self.fit_samples(Samples(coeffs, metrics), objective=objective, task_names=names, timings=timings)

@@ -215,6 +215,26 @@ class TaskVectors:
         """JSON-able identities of the pretrained model and each task's source, for ``map_merge.json``."""
         raise NotImplementedError
 
+    def _task_references(self) -> dict[str, str]:
+        """``task -> path`` of each task's source as mergekit names models (an adapter: ``base+adapter``)."""
+        raise NotImplementedError
+
+    def mergekit_config(self, coeffs: Any, method: str | MergeMethod | None = None, groups: Groups | None = None,
+                        dtype: str = "float32") -> dict[str, Any]:
+        """A mergekit config (``mergekit-yaml``) that reproduces the merge for ``coeffs`` (``T`` or
+        ``T x G`` entries with ``groups``): ``task_arithmetic``, ``breadcrumbs`` and ``della_linear``
+        with any coefficients, per-layer (depth knots) or filtered (substring groups) weights;
+        ``ties`` / ``breadcrumbs_ties`` / ``della`` with equal coefficients. Models must be on disk.
+        Raises :class:`~map_merge.mergekit_config.RecipeError` where mergekit has no counterpart."""
+        from ..mergekit_config import RecipeError, emit_recipe
+
+        matrix, _ = self.coefficients_by_key(coeffs, groups)
+        base = self._base_weights().paths()
+        if not base:
+            raise RecipeError("the pretrained model is in memory; mergekit reads models from disk (build the task vectors from folders)")
+        references = self._task_references()
+        return emit_recipe(str(Path(base[0]).resolve()), references, matrix, resolve_method(method), groups, dtype)
+
     # ------------------------------------------------------------------ shared
     @property
     def num_tasks(self) -> int:

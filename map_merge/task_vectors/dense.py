@@ -232,6 +232,24 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
     def source_paths(self) -> list[Path]:
         return [p for w in [self._base_source, *self._sources] for p in w.paths()]
 
+    def _task_references(self) -> dict[str, str]:
+        from ..mergekit_config import RecipeError
+
+        out = {}
+        for name, source in zip(self.names, self._sources):
+            paths = source.paths()
+            if not paths:
+                raise RecipeError(f"task {name!r} is in memory; mergekit reads models from disk")
+            path = Path(paths[0]).resolve()
+            if (path / "adapter_config.json").exists():  # an adapter on the base, as mergekit writes it
+                base = self._base_source.paths()
+                if not base:
+                    raise RecipeError("the pretrained model is in memory; mergekit reads models from disk")
+                out[name] = f"{Path(base[0]).resolve()}+{path}"
+            else:
+                out[name] = str(path)
+        return out
+
     def _source_identities(self) -> list[Any]:
         return [{"pretrained": self._base_source.describe()}] + [{n: w.describe()} for n, w in zip(self.names, self._sources)]
 

@@ -172,6 +172,23 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             paths += task.paths() if isinstance(task, Weights) else [task.adapter.path]
         return paths
 
+    def _task_references(self) -> dict[str, str]:
+        from ..mergekit_config import RecipeError
+
+        base = self._base.paths()
+        out = {}
+        for name, task in zip(self.names, self._tasks):
+            if isinstance(task, Weights):
+                paths = task.paths()
+                if not paths:
+                    raise RecipeError(f"task {name!r} is in memory; mergekit reads models from disk")
+                out[name] = str(Path(paths[0]).resolve())
+            else:
+                if not base:
+                    raise RecipeError("the pretrained model is in memory; mergekit reads models from disk")
+                out[name] = f"{Path(base[0]).resolve()}+{task.adapter.path.resolve()}"
+        return out
+
     def _source_identities(self) -> list[Any]:
         out: list[Any] = [{"pretrained": self._base.describe()}]
         for name, task in zip(self.names, self._tasks):

@@ -1,0 +1,391 @@
+"""mergekit recipes in and out, on plain data (no models are read here).
+
+:func:`parse_recipe` turns a mergekit config (the YAML users give ``mergekit-yaml``: ``models``,
+``base_model``, ``merge_method``, ``parameters``, ``dtype``) into a :class:`Recipe`: the model
+paths, our operator, the coefficient groups and the recipe's coefficients (the starting point of
+a search). :func:`emit_recipe` writes the config with which ``mergekit-yaml`` reproduces a merge.
+
+How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`` (mergekit 0.1.5):
+
+- ``task_arithmetic`` (and ``breadcrumbs``, ``della_linear``: no sign consensus): the merged delta
+  is ``lambda * sum_i w_i V'_i`` (``/ sum_i w_i`` with ``normalize: true``), so ``c_i = lambda w_i``
+  (``/ sum w``). Exact both ways, per tensor, also for per-layer weight lists and filtered weights.
+- ``ties``, ``breadcrumbs_ties``, ``della`` (sign consensus, ``normalize: true``): with every
+  weight equal, the merged delta is ``lambda`` times the mean of the agreeing pruned deltas, which
+  is our operator with every ``c_i = lambda`` (emitted as ``weight: 1, lambda: c``). mergekit
+  weights the deltas before the sign election, so unequal weights have no exact counterpart: read,
+  they give the starting point ``c_i = lambda w_i / mean(w)``; a merge with unequal coefficients is
+  not emitted for these methods.
+- ``linear``: a weighted average of the models, ``theta_0 + sum_i (w_i / sum w) tau_i``.
+- ``dare_linear`` / ``dare_ties`` are read (``Dare(p = 1 - density)``) but never emitted: mergekit
+  rescales DARE by an L1 norm match and draws other masks, so no config reproduces our merge.
+
+Weights may be scalars, per-layer lists (a gradient: :meth:`~map_merge.Groups.by_depth` with as
+many knots; non-layer tensors take the first, as in mergekit) or lists of ``{filter, value}``
+conditions (substring filters, first match wins: regex :class:`~map_merge.Groups` of the escaped
+filters, the unfiltered entry the catch-all ``rest``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .groups import LAYER_PATTERN, Groups
+from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
+
+__all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "read_recipe", "READ_METHODS", "EMIT_METHODS"]
+
+READ_METHODS = ("task_arithmetic", "linear", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "dare_linear", "dare_ties")
+EMIT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+_CONSENSUS = ("ties", "breadcrumbs_ties", "della", "dare_ties")
+_NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": True,
+                      "della": True, "della_linear": False, "dare_linear": False, "dare_ties": True}
+_TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer", "chat_template",
+             "out_dtype", "name"}
+
+
+class RecipeError(ValueError):
+    """A mergekit recipe this library cannot read or write; the message names the field."""
+
+
+@dataclass
+class Recipe:
+    """A mergekit recipe as task arithmetic.
+
+    Attributes:
+        base_model: the pretrained model's path.  models: ``task name -> model path`` (an adapter
+            on the base is ``base+adapter`` in mergekit; here its adapter folder).
+        method: the operator.  groups: coefficient groups (``None``: one coefficient per task).
+        coeffs: ``(T, G)`` the recipe's coefficients.  dtype: the recipe's ``dtype``.
+    """
+
+    base_model: str
+    models: dict[str, str]
+    method: MergeMethod
+    groups: Groups | None
+    coeffs: np.ndarray
+    merge_method: str = "task_arithmetic"
+    dtype: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flat_coeffs(self) -> np.ndarray:
+        """``(T * G,)`` task-major: the starting point of a search."""
+        return self.coeffs.reshape(-1)
+
+    def task_vectors(self, **options: Any):
+        """``TaskVectors.from_models(base_model, models, **options)`` (streamed for folders)."""
+        from .task_vectors import TaskVectors
+
+        return TaskVectors.from_models(self.base_model, dict(self.models), **options)
+
+
+def _fail(field: str, message: str) -> RecipeError:
+    return RecipeError(f"mergekit recipe: field {field!r} {message}")
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """A mergekit YAML file as a mapping (relative model paths made absolute against its folder)."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"mergekit recipe {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"mergekit recipe {path}: not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"mergekit recipe {path}: expected a mapping of fields, got {type(config).__name__}")
+    return _absolute(config, path.parent)
+
+
+def _absolute(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    def fix(ref: Any) -> Any:
+        if not isinstance(ref, str):
+            return ref
+        parts = [p if Path(p).is_absolute() or not (folder / p).exists() else str((folder / p).resolve()) for p in ref.split("+")]
+        return "+".join(parts)
+
+    out = dict(config)
+    if "base_model" in out:
+        out["base_model"] = fix(out["base_model"])
+    if isinstance(out.get("models"), list):
+        out["models"] = [({**m, "model": fix(m.get("model"))} if isinstance(m, dict) else m) for m in out["models"]]
+    return out
+
+
+def _task_name(path: str, taken: set[str]) -> str:
+    name = Path(path.split("+")[-1].rstrip("/")).name or "model"
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
+def _one(values: list[Any], field: str) -> Any:
+    distinct = {repr(v) for v in values}
+    if len(distinct) > 1:
+        raise _fail(field, f"differs between models ({sorted(distinct)}); map_merge's operators take one value for all tasks")
+    return values[0]
+
+
+def parse_recipe(config: Mapping[str, Any]) -> Recipe:
+    """A :class:`Recipe` from a mergekit config mapping (see the module docstring).
+
+    Raises RecipeError naming the field: an unknown or unsupported ``merge_method``, ``slices``,
+    no ``models``, a model without ``model``, no ``base_model``, weights of different lengths or
+    filters, a per-model density that differs between models."""
+    if not isinstance(config, Mapping):
+        raise RecipeError(f"mergekit recipe: expected a mapping, got {type(config).__name__}")
+    if "slices" in config:
+        raise _fail("slices", "is not supported (layer slicing and stacking is not task arithmetic); use 'models'")
+    unknown = sorted(set(config) - _TOP_KEYS)
+    if unknown:
+        raise _fail(unknown[0], f"is not a mergekit field map_merge reads; known: {sorted(_TOP_KEYS)}")
+    method_name = config.get("merge_method")
+    if method_name not in READ_METHODS:
+        raise _fail("merge_method", f"is {method_name!r}; map_merge reads {list(READ_METHODS)}")
+    models = config.get("models")
+    if not isinstance(models, list) or not models:
+        raise _fail("models", "must be a non-empty list of {model: path, parameters: {...}}")
+    base = config.get("base_model")
+    if not isinstance(base, str) or not base:
+        if method_name != "linear":
+            raise _fail("base_model", f"is required for {method_name!r} (the pretrained model the task vectors start from)")
+        raise _fail("base_model", "is required: map_merge merges task vectors against a pretrained model")
+    if "+" in base:
+        raise _fail("base_model", f"is {base!r}; a LoRA-on-base reference cannot be the pretrained model")
+    global_params = dict(config.get("parameters") or {})
+    entries: list[tuple[str, dict[str, Any]]] = []
+    names: list[str] = []
+    taken: set[str] = set()
+    for i, entry in enumerate(models):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+            raise _fail(f"models[{i}]", f"must be a mapping with a 'model' path, got {entry!r}")
+        path = entry["model"]
+        params = {**global_params, **dict(entry.get("parameters") or {})}
+        if path == base:
+            continue  # the base listed among the models carries no task vector
+        if "+" in path:
+            stem, adapter = path.split("+", 1)
+            if stem != base:
+                raise _fail(f"models[{i}].model", f"{path!r} puts an adapter on {stem!r}, not on base_model {base!r}")
+            path = adapter
+        names.append(_task_name(path, taken))
+        taken.add(names[-1])
+        if "weight" not in params:
+            raise _fail(f"models[{i}].parameters.weight", "is required (the model's coefficient)")
+        entries.append((path, params))
+    if not entries:
+        raise _fail("models", "lists only the base model; no task vector to merge")
+    groups, matrix = _weights([p["weight"] for _, p in entries])
+    normalize = bool(global_params.get("normalize", _NORMALIZE_DEFAULT[method_name]))
+    lam = float(global_params.get("lambda", 1.0))
+    notes: list[str] = []
+    if method_name in _CONSENSUS:
+        mean = matrix.mean(axis=0, keepdims=True)
+        if not np.allclose(matrix, mean):
+            notes.append(f"{method_name} with unequal weights: mergekit weights the deltas before the sign election; the starting "
+                         "point scales the weights to mean lambda")
+        coeffs = lam * matrix / np.where(mean == 0, 1.0, mean) if normalize else lam * matrix
+        if not normalize:
+            notes.append(f"{method_name} with normalize: false sums the agreeing deltas; the starting point is lambda * weight")
+    else:
+        total = matrix.sum(axis=0, keepdims=True)
+        coeffs = lam * matrix / np.where(np.abs(total) < 1e-8, 1.0, total) if normalize else lam * matrix
+    method = _method(method_name, entries, global_params)
+    return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _weights(weights: list[Any]) -> tuple[Groups | None, np.ndarray]:
+    """``(groups, (T, G) coefficients)`` of the models' ``weight`` settings."""
+    if all(_is_number(w) for w in weights):
+        return None, np.asarray(weights, dtype=np.float64)[:, None]
+    lists = [w for w in weights if isinstance(w, list) and w and all(_is_number(v) for v in w)]
+    conditions = [w for w in weights if isinstance(w, list) and w and all(isinstance(v, Mapping) for v in w)]
+    if lists and not conditions:
+        lengths = {len(w) for w in lists}
+        if len(lengths) > 1:
+            raise _fail("weight", f"gradients of different lengths {sorted(lengths)}; give every model the same number of knots")
+        knots = lengths.pop()
+        rows = []
+        for w in weights:
+            if _is_number(w):
+                rows.append([float(w)] * knots)
+            elif isinstance(w, list) and all(_is_number(v) for v in w):
+                rows.append([float(v) for v in w])
+            else:
+                raise _fail("weight", f"mixes a gradient with {w!r}")
+        return Groups.by_depth(knots), np.asarray(rows)
+    if conditions and not lists:
+        keys = [tuple(c.get("filter") for c in w) for w in conditions]
+        if len(set(keys)) > 1 or len(conditions) != len(weights):
+            raise _fail("weight", f"filters differ between models ({sorted({str(k) for k in keys})}); give every model the same filters")
+        filters = keys[0]
+        patterns: dict[str, str] = {}
+        for f in filters:
+            if f in (None, "*"):
+                patterns["rest"] = ".*"
+                break  # mergekit stops at the first unfiltered condition
+            patterns[re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}"] = re.escape(f)
+        rows = []
+        for w in conditions:
+            values = [c.get("value") for c in w][: len(patterns)]
+            if not all(_is_number(v) for v in values):
+                raise _fail("weight", f"filtered values must be numbers (a gradient inside a filter is not supported), got {values}")
+            rows.append([float(v) for v in values])
+        return Groups(patterns), np.asarray(rows)
+    raise _fail("weight", f"must be numbers, per-layer lists of numbers, or lists of {{filter, value}}; got {weights!r}")
+
+
+def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mapping[str, Any]) -> MergeMethod:
+    def shared(key: str, default: Any) -> Any:
+        values = [p.get(key, default) for _, p in entries]
+        if any(not _is_number(v) for v in values):
+            raise _fail(key, f"must be a number for {name!r} (per-layer or filtered densities are not supported), got {values}")
+        return _one(values, key)
+
+    rescale = params.get("rescale")
+    if name in ("task_arithmetic", "linear"):
+        return TaskArithmetic()
+    if name == "ties":
+        return Ties(k=float(shared("density", 1.0)), scope="tensor")
+    if name in ("breadcrumbs", "breadcrumbs_ties"):
+        consensus = name == "breadcrumbs_ties"
+        return Breadcrumbs(density=float(shared("density", 1.0)), gamma=float(shared("gamma", 0.01)), scope="tensor",
+                           rescale="l1" if (rescale if rescale is not None else False) else None,
+                           consensus="sum" if consensus else None, normalize=bool(params.get("normalize", consensus)))
+    if name in ("della", "della_linear"):
+        consensus = name == "della"
+        return Della(density=float(shared("density", 1.0)), epsilon=float(shared("epsilon", 0.15)), scope="tensor",
+                     rescale="l1" if (rescale if rescale is not None else True) else None, consensus="sum" if consensus else None,
+                     normalize=bool(params.get("normalize", consensus)))
+    density = float(shared("density", 1.0))
+    ties = Ties(k=1.0, scope="tensor") if name == "dare_ties" else None
+    return Dare(p=1.0 - density, ties=ties)
+
+
+def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, method: MergeMethod | None = None,
+                groups: Groups | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """The mergekit config reproducing ``theta_0 + sum_i c_i V'_i`` for ``coeffs: (T, G)``.
+
+    ``models``: task name -> path (an adapter folder is written ``base+adapter``). Raises
+    RecipeError when mergekit has no exact counterpart (see the module docstring)."""
+    method = method or TaskArithmetic()
+    matrix = np.asarray(coeffs, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[:, None]
+    if matrix.shape[0] != len(models):
+        raise RecipeError(f"{matrix.shape[0]} coefficient rows for {len(models)} models")
+    params: dict[str, Any] = {}
+    per_model: dict[str, Any] = {}
+    name = method.name
+    if isinstance(method, TaskArithmetic):
+        merge_method, consensus = "task_arithmetic", False
+        params["normalize"] = False
+    elif isinstance(method, Ties):
+        merge_method, consensus = "ties", True
+        _check_tensor_scope(method)
+        per_model["density"] = float(method.k)
+    elif isinstance(method, Breadcrumbs):
+        _check_tensor_scope(method)
+        consensus = method.consensus is not None
+        merge_method = "breadcrumbs_ties" if consensus else "breadcrumbs"
+        per_model.update(density=float(method.density), gamma=float(method.gamma))
+        params["rescale"] = method.rescale == "l1"
+        params["normalize"] = bool(method.normalize)
+        if method.rescale not in (None, "l1"):
+            raise RecipeError(f"Breadcrumbs rescale={method.rescale!r} has no mergekit counterpart")
+    elif isinstance(method, Della):
+        _check_tensor_scope(method)
+        consensus = method.consensus is not None
+        if consensus and not method.normalize:
+            raise RecipeError("Della with consensus but without normalize has no mergekit counterpart")
+        merge_method = "della" if consensus else "della_linear"
+        if method.rescale not in (None, "l1"):
+            raise RecipeError(f"Della rescale={method.rescale!r} has no mergekit counterpart (mergekit rescales by an L1 norm match)")
+        per_model.update(density=float(method.density), epsilon=float(method.epsilon))
+        params["rescale"] = method.rescale == "l1"
+        params["normalize"] = bool(method.normalize)
+    else:
+        raise RecipeError(f"merge method {name!r} cannot be written for mergekit (its random masks and rescaling differ); "
+                          f"map_merge writes {list(EMIT_METHODS)}")
+    if consensus:
+        if groups is not None and groups.size > 1 or not np.allclose(matrix, matrix.flat[0]):
+            raise RecipeError(f"{merge_method} with unequal coefficients (or groups) has no exact mergekit counterpart: mergekit "
+                              "weights the deltas before the sign election; use task_arithmetic, breadcrumbs or della_linear, or "
+                              "save_merged for the exact merge")
+        params["normalize"] = True
+        params["lambda"] = float(matrix.flat[0])
+        weights = {n: 1.0 for n in models}
+    else:
+        weights = {n: _weight_setting(row, groups) for n, row in zip(models, matrix)}
+    entries = []
+    for task, path in models.items():
+        entries.append({"model": path, "parameters": {"weight": weights[task], **per_model}})
+    out: dict[str, Any] = {"merge_method": merge_method, "base_model": base_model, "models": entries, "dtype": dtype}
+    if params:
+        out["parameters"] = params
+    return out
+
+
+def _check_tensor_scope(method: MergeMethod) -> None:
+    if getattr(method, "scope", "tensor") != "tensor":
+        raise RecipeError(f"{type(method).__name__}(scope={getattr(method, 'scope')!r}) trims over the whole model; mergekit trims per "
+                          "tensor: use scope='tensor' for a mergekit recipe")
+
+
+def _weight_setting(row: np.ndarray, groups: Groups | None) -> Any:
+    if groups is None or groups.size == 1 and groups.knots is not None:
+        if groups is None and row.shape[0] != 1:
+            raise RecipeError(f"{row.shape[0]} coefficients per model but no groups")
+        return float(row[0])
+    if groups.knots is not None:
+        if groups.layer_pattern != LAYER_PATTERN:
+            raise RecipeError("depth knots over a custom layer_pattern cannot be written for mergekit (it finds layers itself)")
+        return [float(v) for v in row]
+    conditions = []
+    for (name, pattern), value in zip(groups.patterns.items(), row):
+        literal = _literal(pattern)
+        if literal is None:
+            raise RecipeError(f"group {name!r} ({pattern!r}) is not a plain substring; mergekit filters match substrings "
+                              "(use a literal such as 'self_attn', or '.*' for the last, catch-all group)")
+        conditions.append({"value": float(value)} if literal == "" else {"filter": literal, "value": float(value)})
+    if "filter" in conditions[-1]:
+        raise RecipeError("the last group must be a catch-all ('.*') for a mergekit recipe (mergekit has no 'no match' error)")
+    return conditions
+
+
+def _literal(pattern: str) -> str | None:
+    """The substring a regex matches literally ('' for '.*'), or None when it is a real pattern."""
+    if pattern in (".*", ".+", ""):
+        return ""
+    unescaped = re.sub(r"\\(.)", r"\1", pattern)
+    return unescaped if re.escape(unescaped) == pattern or re.fullmatch(r"[\w]+", pattern) else None
+
+
+def from_mergekit(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
+    """Read a mergekit recipe (a YAML file or its mapping) as a :class:`Recipe`: its models as task
+    vectors (:meth:`Recipe.task_vectors`), its operator, coefficient groups and coefficients."""
+    config = recipe if isinstance(recipe, Mapping) else read_recipe(recipe)
+    return parse_recipe(config)
+
+
+def coefficients_of(recipe: Recipe) -> dict[str, Any]:
+    """For messages and reports: ``task/group -> coefficient``."""
+    from .groups import coefficient_names
+
+    return dict(zip(coefficient_names(list(recipe.models), recipe.groups), recipe.flat_coeffs.tolist()))

@@ -1,0 +1,151 @@
+"""mergekit recipes in and out: a round trip keeps models, method and weights; recipes merge as
+mergekit defines them; what mergekit cannot reproduce, or cannot be read, is refused naming the field."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import map_merge as mm
+from map_merge.mergekit_config import RecipeError, emit_recipe, parse_recipe
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mk")
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
+    for name, seed in (("code", 1), ("chat", 2)):
+        model = transformers.LlamaForCausalLM.from_pretrained(root / "base")
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        model.save_pretrained(root / name)
+    return root
+
+
+def _recipe(root, **overrides):
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(root / "base"), "dtype": "float32",
+              "models": [{"model": str(root / "code"), "parameters": {"weight": 0.7}},
+                         {"model": str(root / "chat"), "parameters": {"weight": 0.4}}]}
+    recipe.update(overrides)
+    return recipe
+
+
+@pytest.mark.parametrize("weights, groups", [
+    ((0.7, 0.4), None),
+    (([0.2, 0.5, 0.9], [1.0, 0.5, 0.0]), mm.Groups.by_depth(3)),
+    (([{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.8}, {"value": 0.5}],
+      [{"filter": "self_attn", "value": 0.6}, {"filter": "mlp", "value": 0.1}, {"value": 0.2}]), "filters"),
+])
+def test_round_trip_keeps_models_method_and_weights(folders, tmp_path, weights, groups):
+    recipe = _recipe(folders)
+    for entry, weight in zip(recipe["models"], weights):
+        entry["parameters"]["weight"] = weight
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    parsed = mm.from_mergekit(path)
+    assert list(parsed.models) == ["code", "chat"] and isinstance(parsed.method, mm.TaskArithmetic)
+    if groups == "filters":
+        assert parsed.groups.patterns == {"self_attn": "self_attn", "mlp": "mlp", "rest": ".*"}
+    else:
+        assert parsed.groups == groups
+    tv = parsed.task_vectors()
+    emitted = tv.mergekit_config(parsed.flat_coeffs, parsed.method, parsed.groups)
+    assert emitted["merge_method"] == "task_arithmetic" and emitted["base_model"] == str((folders / "base").resolve())
+    assert [m["model"] for m in emitted["models"]] == [str((folders / n).resolve()) for n in ("code", "chat")]
+    assert [m["parameters"]["weight"] for m in emitted["models"]] == list(weights)
+    again = parse_recipe(emitted)
+    np.testing.assert_allclose(again.coeffs, parsed.coeffs)
+
+
+def test_a_recipe_merges_as_mergekit_defines_it(folders):
+    # task_arithmetic: base + lambda * sum w_i tau_i; normalize divides by sum w
+    recipe = parse_recipe(_recipe(folders, parameters={"lambda": 0.5, "normalize": True}))
+    np.testing.assert_allclose(recipe.coeffs[:, 0], [0.5 * 0.7 / 1.1, 0.5 * 0.4 / 1.1])
+    merged = recipe.task_vectors().merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32)
+    states = {n: transformers.LlamaForCausalLM.from_pretrained(folders / n).state_dict() for n in ("base", "code", "chat")}
+    key = "model.layers.2.mlp.down_proj.weight"
+    expected = states["base"][key] + 0.5 * (0.7 * (states["code"][key] - states["base"][key]) + 0.4 * (states["chat"][key] - states["base"][key])) / 1.1
+    torch.testing.assert_close(merged[key], expected)
+    ties = parse_recipe(_recipe(folders, merge_method="ties", parameters={"lambda": 0.8},
+                                models=[{"model": str(folders / n), "parameters": {"weight": 1.0, "density": 0.3}} for n in ("code", "chat")]))
+    assert ties.method == mm.Ties(k=0.3, scope="tensor") and ties.coeffs[:, 0].tolist() == [0.8, 0.8]
+    assert parse_recipe(_recipe(folders, merge_method="della_linear")).method.consensus is None
+    linear = parse_recipe({**_recipe(folders, merge_method="linear"), "models": [
+        {"model": str(folders / "base"), "parameters": {"weight": 1.0}}, *_recipe(folders)["models"]]})
+    np.testing.assert_allclose(linear.coeffs[:, 0], [0.7 / 1.1, 0.4 / 1.1])  # the base listed among the models carries no vector
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"merge_method": "slerp"}, r"field 'merge_method' is 'slerp'"),
+    ({"models": []}, r"field 'models' must be a non-empty list"),
+    ({"base_model": None}, r"field 'base_model' is required"),
+    ({"slices": []}, r"field 'slices' is not supported"),
+    ({"models": [{"model": "a", "parameters": {"weight": [0.1, 0.2]}}, {"model": "b", "parameters": {"weight": [0.1, 0.2, 0.3]}}]},
+     r"field 'weight' gradients of different lengths \[2, 3\]"),
+    ({"models": [{"model": "a", "parameters": {}}]}, r"field 'models\[0\].parameters.weight' is required"),
+    ({"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 1, "density": 0.2}},
+                                         {"model": "b", "parameters": {"weight": 1, "density": 0.5}}]}, r"field 'density' differs"),
+])
+def test_bad_recipes_name_the_field(folders, change, message):
+    recipe = {**_recipe(folders), **change}
+    if recipe.get("base_model") is None:
+        recipe.pop("base_model")
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(recipe)
+
+
+def test_what_mergekit_cannot_reproduce_is_refused():
+    models = {"a": "/m/a", "b": "/m/b"}
+    with pytest.raises(RecipeError, match="unequal coefficients"):
+        emit_recipe("/m/base", models, np.array([0.3, 0.5]), mm.Ties(k=0.2, scope="tensor"))
+    with pytest.raises(RecipeError, match="scope='tensor'"):
+        emit_recipe("/m/base", models, np.array([0.3, 0.3]), mm.Ties(k=0.2))
+    with pytest.raises(RecipeError, match="random masks"):
+        emit_recipe("/m/base", models, np.array([0.3, 0.3]), mm.Dare(p=0.5))
+    with pytest.raises(RecipeError, match="not a plain substring"):
+        emit_recipe("/m/base", models, np.ones((2, 2)), None, mm.Groups({"attn": r"self_attn|mlp", "rest": ".*"}))
+    tied = emit_recipe("/m/base", models, np.array([0.6, 0.6]), mm.Ties(k=0.2, scope="tensor"))
+    assert tied["parameters"] == {"normalize": True, "lambda": 0.6} and tied["models"][0]["parameters"] == {"weight": 1.0, "density": 0.2}
+
+
+_EVAL = '''
+def evaluate(model, task):
+    # a smooth score of the merged final norm: each task prefers its own fine-tune's
+    import torch
+    target = {"code": 1.05, "chat": 0.95}[task]
+    return float(-((model.model.norm.weight.float() - target) ** 2).mean())
+'''
+
+
+def test_cli_runs_a_mergekit_recipe_and_emits_one(folders, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from map_merge.cli import main
+
+    (tmp_path / "user.py").write_text(_EVAL)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(_recipe(folders, models=[
+        {"model": str(folders / "code"), "parameters": {"weight": [0.2, 0.6]}},
+        {"model": str(folders / "chat"), "parameters": {"weight": [0.5, 0.1]}}])))
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"evaluator": "user.py:evaluate", "out": str(tmp_path / "out"), "num_samples": 16, "link": "identity"}))
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml"), "--emit-mergekit"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["samples"]["coeffs"][0] == [0.2, 0.6, 0.5, 0.1]  # the recipe's weights, evaluated first
+    assert set(summary["coefficients"]) == {"code/knot0", "code/knot1", "chat/knot0", "chat/knot1"}
+    emitted = yaml.safe_load((tmp_path / "out" / "mergekit.yaml").read_text())
+    assert [m["parameters"]["weight"] for m in emitted["models"]] == [summary["coeffs"][:2], summary["coeffs"][2:]]
+    saved = load_file(str(next((tmp_path / "out" / "merged").glob("*.safetensors"))))
+    assert "model.norm.weight" in saved or any(k.endswith("norm.weight") for k in saved)
+    config.write_text(json.dumps({"evaluator": "user.py:evaluate", "pretrained": str(folders / "base"), "finetuned": {}}))
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml")]) == 2
+    assert "field 'pretrained' comes from the mergekit recipe" in capsys.readouterr().err
