@@ -250,3 +250,26 @@ def test_live_deltas_and_pwe_moe_see_fused_and_renamed_tensors(tmp_path):
     assert sorted(moe.groups) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert set(moe.groups["model.layers.0.mlp.experts"]) == {"model.layers.0.mlp.experts.gate_up_proj",
                                                              "model.layers.0.mlp.experts.down_proj"}
+
+
+def test_a_bare_base_model_takes_the_merge_without_the_head(tmp_path):
+    """``AutoModel`` (the command line's default live model with an evaluator) over a
+    ``LlamaForCausalLM`` checkpoint: the renamed body is merged, the head it lacks is left out
+    (was: "unexpected keys ['lm_head.weight']")."""
+    cls, config, _, _ = family("llama")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "base")
+    perturb(cls.from_pretrained(tmp_path / "base"), 1).save_pretrained(tmp_path / "ft")
+    base = cls.from_pretrained(tmp_path / "base").model.state_dict()
+    ft = cls.from_pretrained(tmp_path / "ft").model.state_dict()
+    for storage in ("streamed", "dense"):
+        tv = mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft"], storage=storage)
+        bare = tv.merge_into(transformers.AutoModel.from_pretrained(tmp_path / "base"), [0.5])
+        assert type(bare) is transformers.LlamaModel
+        state = bare.state_dict()
+        assert set(state) == set(ft)
+        for key, value in ft.items():
+            torch.testing.assert_close(state[key], base[key] + 0.5 * (value - base[key]), msg=f"{storage}: {key}")
+    with pytest.raises(ValueError, match=r"unexpected keys \['lm_head.weight'\]"):  # a model with its own head still must match
+        mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft"]).merge_into(
+            transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**SMALL, num_labels=2)), [0.5])

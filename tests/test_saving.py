@@ -105,3 +105,49 @@ def test_a_crash_mid_save_leaves_the_old_folder_whole(folders, monkeypatch):
         tv.save_merged(folders / "new", [1.0, 1.0], max_shard_size="8KB")
     assert not (folders / "new").exists()
     assert not [p for p in folders.iterdir() if p.name.startswith(".")]
+
+
+def test_files_a_source_links_to_and_a_module_s_folder_are_sources_too(folders):
+    """A Hugging Face cache snapshot links each file into ``blobs/``; a module remembers the folder
+    ``from_pretrained`` loaded it from. Neither may be replaced, even with overwrite=True."""
+    import os
+    import shutil
+
+    def cache_like(source, name):
+        repo = folders / name
+        (repo / "blobs").mkdir(parents=True)
+        snapshot = repo / "snapshots" / "abc"
+        snapshot.mkdir(parents=True)
+        for file in source.iterdir():
+            shutil.copy(file, repo / "blobs" / file.name)
+            os.symlink(repo / "blobs" / file.name, snapshot / file.name)
+        return repo / "blobs", snapshot
+
+    (folders / "base" / "model.onnx").write_bytes(b"stale pretrained weights")
+    base_blobs, base = cache_like(folders / "base", "models--base")
+    lora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(base),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(folders / "adapter")
+    adapter_blobs, adapter = cache_like(folders / "adapter", "models--adapter")
+    before = {blobs: snapshot(blobs) for blobs in (base_blobs, adapter_blobs)}
+    for storage in ("auto", "dense"):
+        tv = mm.TaskVectors.from_models(base, [adapter], storage=storage)
+        for blobs in (base_blobs, adapter_blobs):
+            with pytest.raises(ValueError, match="holds .*a source of these task vectors"):
+                tv.save_merged(blobs, [1.0], overwrite=True)
+    dense = mm.TaskVectors.from_models(base, [folders / "ft0"], storage="dense")
+    with pytest.raises(ValueError, match="a source of these task vectors"):
+        dense.save_merged(base_blobs, [1.0], overwrite=True)
+    assert {blobs: snapshot(blobs) for blobs in before} == before
+    # a module loaded from a folder: that folder is a source
+    modules = mm.TaskVectors.from_models(transformers.LlamaForCausalLM.from_pretrained(folders / "base"),
+                                         [transformers.LlamaForCausalLM.from_pretrained(folders / "ft0")])
+    ft0 = snapshot(folders / "ft0")
+    with pytest.raises(ValueError, match=r"it is .*ft0, a source of these task vectors"):
+        modules.save_merged(folders / "ft0", [0.5], overwrite=True)
+    assert snapshot(folders / "ft0") == ft0
+    out = modules.save_merged(folders / "merged", [0.5])
+    assert json.loads((out / "map_merge.json").read_text())["sources"][0] == {"pretrained": "in memory"}
+    # weights of other formats in the pretrained folder are never copied beside the merged ones
+    out = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"]).save_merged(folders / "merged2", [0.5])
+    assert (out / "tokenizer_config.json").exists() and not (out / "model.onnx").exists()

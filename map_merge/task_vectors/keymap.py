@@ -169,6 +169,8 @@ class LivePlan:
         group_of: ``checkpoint key -> its Group``.
         aliases: live keys that share a written tensor's storage (tied), ``-> the live key written``.
         frozen: ``checkpoint key -> live key`` of non-floating buffers (copied from the base).
+        heads: checkpoint keys left out because ``model`` is the bare base model of the checkpoint's
+            architecture (``AutoModel`` over a ``...ForCausalLM`` checkpoint: ``lm_head.weight``).
     """
 
     def __init__(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], floating: Iterable[str],
@@ -186,14 +188,20 @@ class LivePlan:
         self.frozen: dict[str, str] = {}
         self.groups: list[Group] = []
         self.group_of: dict[str, Group] = {}
+        self.heads: list[str] = []
         renamings, converters = _conversions(model)
         by_target: dict[str, Group] = {}
         unexpected = []
         prefix = getattr(model, "base_model_prefix", None) if _is_hf(model) else None
+        # a bare base model (AutoModel) over a checkpoint of a model with a head (``model.*`` plus
+        # ``lm_head.*``): the head's tensors have no place in it and are not needed by it
+        bare = bool(prefix) and getattr(model, "base_model", None) is model and any(k.startswith(f"{prefix}.") for k in shapes)
         for key in natural_order(shapes):
             live, pattern = _rename(key, renamings, converters, prefix, state)
             if live not in state:
-                if key in floating:  # an integer buffer the model does not keep (position ids) is no loss
+                if bare and not key.startswith(f"{prefix}."):
+                    self.heads.append(key)
+                elif key in floating:  # an integer buffer the model does not keep (position ids) is no loss
                     unexpected.append(key)
                 continue
             if pattern is None:
@@ -242,6 +250,13 @@ class LivePlan:
             raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: missing keys {_preview(missing)} "
                              "(tensors of the model no checkpoint tensor writes)")
         self._checkpoint_of = {live: key for key, live in self.direct.items()}
+        if self.heads:
+            log.info("%s (%s) is a bare base model: the checkpoint's head tensors %s are not written", what, type(model).__name__,
+                     _preview(self.heads))
+
+    def writes(self, key: str) -> bool:
+        """Whether checkpoint tensor ``key`` has a place in the model (renamed or fused)."""
+        return key in self.direct or key in self.group_of
 
     @property
     def has_groups(self) -> bool:

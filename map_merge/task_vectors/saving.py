@@ -26,34 +26,52 @@ __all__ = ["check_destination", "atomic_path", "write_side_files", "save_module"
 
 log = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json", "map_merge.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".npz",
+                   ".tflite", ".mlmodel", ".index.json")
+"""Files of the pretrained folder that hold (or index) weights: never copied beside merged weights."""
+_WEIGHT_INDEXES = ("map_merge.json",)
 
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLike], overwrite: bool) -> Path:
+def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLike], overwrite: bool,
+                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Validate a save destination; returns it resolved.
+
+    ``inputs``: other files a run reads or keeps (a command line run's config, code, data, store),
+    protected like the sources.
 
     Raises:
         ValueError: the destination is, holds or lies inside one of ``sources`` (files or folders
-            the task vectors are read from), whatever ``overwrite`` says.
+            the task vectors are read from) or of ``inputs``, whatever ``overwrite`` says.
         FileExistsError: it exists (a file, or a non-empty folder) and ``overwrite`` is False.
     """
     target = Path(path).expanduser().resolve()
-    for source in sources:
-        src = Path(source).expanduser().resolve()
+    checks = [(src, "a source of these task vectors (saving there would destroy the weights being merged)") for src in _protected(sources)]
+    checks += [(src, "an input of this run (saving there would destroy it)") for src in _protected(inputs)]
+    for src, what in checks:
         if _inside(target, src) or _inside(src, target):
             relation = "is" if target == src else ("lies inside" if _inside(target, src) else "holds")
-            raise ValueError(f"refusing to save into {Path(path)}: it {relation} "
-                             f"{src}, a source of these task vectors (saving there would destroy the weights being merged)")
+            raise ValueError(f"refusing to save into {Path(path)}: it {relation} {src}, {what}")
     if target.exists() and not overwrite:
         if target.is_dir() and not any(target.iterdir()):
             return target
         raise FileExistsError(f"{Path(path)} already exists; pass overwrite=True (command line: --overwrite) to replace it")
     return target
+
+
+def _protected(sources: Iterable[str | os.PathLike]) -> list[Path]:
+    """Every source resolved, plus the resolved targets of the symlinks a source folder holds (a
+    Hugging Face cache snapshot links each file into ``blobs/``: those files are sources too)."""
+    out = []
+    for source in sources:
+        path = Path(source).expanduser()
+        out.append(path.resolve())
+        if path.is_dir():
+            out += [entry.resolve() for entry in path.iterdir() if entry.is_symlink()]
+    return out
 
 
 def _remove(path: Path) -> None:

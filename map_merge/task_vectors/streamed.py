@@ -377,12 +377,13 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         method = resolve_method(method)
         self.coefficients_by_key(coeffs, groups)  # validated before the model is touched
         writer = LiveWriter(model, self._plan(model), self._numel)
-        devices = {key: writer.device_of(key) for key in self._keys}
+        keys = [key for key in self._keys if writer.plan.writes(key)]  # all but a head a bare base model lacks
+        devices = {key: writer.device_of(key) for key in keys}
         with torch.no_grad():
             for key in self._frozen:
                 if key in writer.plan.frozen:
                     writer.write_whole(key, self._base.read(key))
-            for key, start, stop, piece in self._pieces(coeffs, method, "merging", devices, groups=groups):
+            for key, start, stop, piece in self._pieces(coeffs, method, "merging", devices, keys=keys, groups=groups):
                 if piece is not None:
                     writer.write(key, start, piece)
             writer.finish()
