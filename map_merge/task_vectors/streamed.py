@@ -110,11 +110,11 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         for name, model in zip(names, models):
             if is_lora_adapter(model):
                 adapter = model if isinstance(model, LoraAdapter) else LoraAdapter(model)
-                factors, full = adapter.resolve(base.tensors, plan)
+                factors, full, saved_as = adapter.match(base.tensors, plan)
                 for key, tensor in full.items():
                     if not tensor.dtype.is_floating_point or not base.tensors[key][0].is_floating_point:
                         raise ValueError(f"tensor {key!r} saved in adapter {adapter.path} for task {name!r} is not floating point")
-                tasks.append(MatchedLora(adapter, factors, full))
+                tasks.append(MatchedLora(adapter, factors, full, saved_as))
                 continue
             weights = open_weights(model, f"fine-tuned model {name!r}", stream=True)
             _check_matches(base, weights)
@@ -478,7 +478,8 @@ def _adapter_plan(base: Weights) -> LivePlan | None:
         return None
     floating = [k for k, (d, _) in base.tensors.items() if d.is_floating_point]
     try:
-        return LivePlan(model, {k: s for k, (_, s) in base.tensors.items()}, floating, what="the pretrained architecture")
+        return LivePlan(model, {k: s for k, (_, s) in base.tensors.items()}, floating, what="the pretrained architecture",
+                        names_only=True)
     except ValueError:  # the files do not match the architecture their config names: map by the keys alone
         log.debug("no key plan for the pretrained model", exc_info=True)
         return None
