@@ -151,3 +151,25 @@ def test_files_a_source_links_to_and_a_module_s_folder_are_sources_too(folders):
     # weights of other formats in the pretrained folder are never copied beside the merged ones
     out = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"]).save_merged(folders / "merged2", [0.5])
     assert (out / "tokenizer_config.json").exists() and not (out / "model.onnx").exists()
+
+
+def test_what_a_killed_save_left_is_reported(folders, caplog):
+    """A save killed between its two renames leaves the old folder under a hidden name, one killed
+    while writing a partial folder: the next save into that destination names both."""
+    import logging
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (folders / f".out.old-{dead}-0123abcd").mkdir()
+    (folders / f".out.old-{dead}-0123abcd" / "model.safetensors").write_bytes(b"the previous merge")
+    (folders / f".out.partial-{dead}-4567ef01").mkdir()
+    (folders / f".out.partial-{__import__('os').getpid()}-89abcdef").mkdir()  # a save under way in a live process: not reported
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    with caplog.at_level(logging.WARNING, logger="map_merge.task_vectors.saving"):
+        tv.save_merged(folders / "out", [0.5])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f".out.old-{dead}-0123abcd holds the previous contents of" in m for m in messages), messages
+    assert any(f".out.partial-{dead}-4567ef01 is an unfinished save" in m for m in messages), messages
+    assert len(messages) == 2
+    assert (folders / f".out.old-{dead}-0123abcd" / "model.safetensors").read_bytes() == b"the previous merge"  # never removed

@@ -13,6 +13,7 @@ Rules, for every storage and the command line:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLi
         if _inside(target, src) or _inside(src, target):
             relation = "is" if target == src else ("lies inside" if _inside(target, src) else "holds")
             raise ValueError(f"refusing to save into {Path(path)}: it {relation} {src}, {what}")
+    _warn_leftovers(target)
     if target.exists() and not overwrite:
         if target.is_dir() and not any(target.iterdir()):
             return target
@@ -72,6 +74,33 @@ def _protected(sources: Iterable[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             out += [entry.resolve() for entry in path.iterdir() if entry.is_symlink()]
     return out
+
+
+def _warn_leftovers(target: Path) -> None:
+    """Warn about what a save killed mid-way left beside ``target`` (by a process that is gone): a
+    partial new folder, or the old folder itself when the kill came between the two renames."""
+    if not target.parent.is_dir():
+        return
+    for item in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
+        kind, _, tag = item.name[len(target.name) + 2 :].partition("-")
+        pid = tag.partition("-")[0]
+        if kind not in ("old", "partial") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old":
+            log.warning("%s holds the previous contents of %s, left by a save that was killed between its two renames; "
+                        "rename it back (or delete it) by hand", item, target)
+        else:
+            log.warning("%s is an unfinished save into %s (the process was killed); delete it", item, target)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

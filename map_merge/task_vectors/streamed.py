@@ -105,7 +105,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             for key, (tdtype, _) in base.tensors.items():
                 if tdtype.is_floating_point:
                     check_finite(base.tensor(key), key, base.owner.removeprefix('the '))
-        plan = _adapter_plan(base)
+        plan = _adapter_plan(base) if any(is_lora_adapter(m) for m in models) else None
         tasks: list[Weights | MatchedLora] = []
         for name, model in zip(names, models):
             if is_lora_adapter(model):
@@ -480,7 +480,7 @@ def _adapter_plan(base: Weights) -> LivePlan | None:
     try:
         return LivePlan(model, {k: s for k, (_, s) in base.tensors.items()}, floating, what="the pretrained architecture",
                         names_only=True)
-    except ValueError:  # the files do not match the architecture their config names: map by the keys alone
+    except Exception:  # noqa: BLE001 - the files do not fit the architecture their config names: map by the keys alone
         log.debug("no key plan for the pretrained model", exc_info=True)
         return None
 
