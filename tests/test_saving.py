@@ -173,3 +173,37 @@ def test_what_a_killed_save_left_is_reported(folders, caplog):
     assert any(f".out.partial-{dead}-4567ef01 is an unfinished save" in m for m in messages), messages
     assert len(messages) == 2
     assert (folders / f".out.old-{dead}-0123abcd" / "model.safetensors").read_bytes() == b"the previous merge"  # never removed
+
+
+def test_an_empty_folder_is_filled_in_place_and_a_failed_rename_leaves_nothing(folders, monkeypatch):
+    """An existing empty folder (a volume mounted there, permissions set up for it) is kept: the save
+    fills it. A destination that cannot be renamed (a mount point: EBUSY) fails with the old folder
+    whole and no temporary copy of the model left beside it."""
+    import errno
+    import os
+
+    from map_merge.task_vectors import saving
+
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    (folders / "mount").mkdir()
+    os.chmod(folders / "mount", 0o750)
+    inode = os.stat(folders / "mount").st_ino
+    out = tv.save_merged(folders / "mount", [0.5], max_shard_size="8KB")
+    assert os.stat(out).st_ino == inode and (os.stat(out).st_mode & 0o777) == 0o750
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(out).state_dict()
+    for key, value in tv.merge([0.5]).items():
+        torch.testing.assert_close(reloaded[key], value)
+    before = snapshot(out)
+    real = os.replace
+
+    def busy(src, dst):
+        if os.path.abspath(src) == str(out.resolve()):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(saving.os, "replace", busy)
+    with pytest.raises(OSError, match="busy"):
+        tv.save_merged(out, [1.0], overwrite=True)
+    assert snapshot(out) == before
+    assert not [p for p in folders.iterdir() if p.name.startswith(".")]  # was: the whole new model left as .mount.partial-*

@@ -115,33 +115,43 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (a new folder when ``folder``, else a file path) to
     write into; on success rename it into place (replacing what was there), on error remove it.
 
-    Call :func:`check_destination` first: this replaces an existing ``path``."""
+    An existing *empty* folder is kept (its permissions, ownership, a volume mounted there): the
+    new files are written into a hidden folder inside it and moved up at the end, ``config.json``
+    last (a save killed mid-way is then no loadable model). Call :func:`check_destination` first:
+    this replaces an existing ``path``."""
     target = Path(path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temp = target.with_name(f".{target.name}.partial-{tag}")
+    into_empty = folder and target.is_dir() and not any(target.iterdir())
+    temp = target / f".partial-{tag}" if into_empty else target.with_name(f".{target.name}.partial-{tag}")
     if folder:
         temp.mkdir()
     try:
         yield temp
-    except BaseException:
-        _remove(temp)
-        raise
-    if not target.exists():
-        os.replace(temp, target)
-        return
-    if not folder and not target.is_dir():
-        os.replace(temp, target)  # a file replaced atomically
-        return
-    old = target.with_name(f".{target.name}.old-{tag}")
-    os.replace(target, old)
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        os.replace(old, target)  # put the old one back
-        _remove(temp)
-        raise
-    _remove(old)
+        if into_empty:
+            _move_up(temp, target)
+        elif not target.exists() or (not folder and not target.is_dir()):
+            os.replace(temp, target)  # a new path, or a file replaced atomically
+        else:
+            old = target.with_name(f".{target.name}.old-{tag}")
+            os.replace(target, old)
+            try:
+                os.replace(temp, target)
+            except BaseException:
+                os.replace(old, target)  # put the old one back
+                raise
+            _remove(old)
+    finally:
+        if temp.exists() or temp.is_symlink():
+            _remove(temp)
+
+
+def _move_up(temp: Path, target: Path) -> None:
+    """Move every entry of ``temp`` into ``target`` (same file system), ``config.json`` last."""
+    items = sorted(temp.iterdir(), key=lambda item: item.name == "config.json")
+    for item in items:
+        os.replace(item, target / item.name)
+    temp.rmdir()
 
 
 def write_side_files(folder: Path, source_folder: Path | None, config: Any = None, generation_config: Any = None) -> None:
