@@ -110,3 +110,14 @@ def test_saved_grouped_merge_names_task_group_coefficients(llama, tmp_path):
     expected = tv.merge(np.arange(6) / 10, groups=groups)
     for key, value in reloaded.items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_group_owning_no_tensor_is_an_error(llama):
+    """Patterns match checkpoint names; one that owns nothing (a live name of a renamed tensor, a
+    typo, a group shadowed by an earlier one) would give coefficients that change nothing."""
+    root, _ = llama
+    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"])
+    for patterns, empty in [({"experts": r"mlp\.experts", "rest": ".*"}, "experts"), ({"all": ".*", "attn": "self_attn"}, "attn")]:
+        with pytest.raises(ValueError, match=rf"group\(s\) \['{empty}'\] own no merged tensor .*e\.g\. 'model\.layers\."):
+            tv.merge([0.1] * 4, groups=mm.Groups(patterns))
+    assert tv.merge([0.1, 0.1, 0.2, 0.2], groups=mm.Groups({"attn": "self_attn", "rest": ".*"}))  # each group owns something
