@@ -357,7 +357,7 @@ class TaskVectors:
             base = self._base_weights()
             config = base.config if base.config is not None else getattr(model, "config", None)
             generation = base.generation_config if base.config is not None else getattr(model, "generation_config", None)
-            write_side_files(temp, base.folder, config, generation)
+            write_side_files(temp, base.folder, config, generation, destination=Path(path))
             (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
         return Path(path)
 

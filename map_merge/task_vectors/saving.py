@@ -65,14 +65,14 @@ def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLi
 
 
 def _protected(sources: Iterable[str | os.PathLike]) -> list[Path]:
-    """Every source resolved, plus the resolved targets of the symlinks a source folder holds (a
-    Hugging Face cache snapshot links each file into ``blobs/``: those files are sources too)."""
+    """Every source resolved, plus the resolved targets of the file symlinks a source folder holds
+    (a Hugging Face cache snapshot links each file into ``blobs/``: those files are sources too)."""
     out = []
     for source in sources:
         path = Path(source).expanduser()
         out.append(path.resolve())
         if path.is_dir():
-            out += [entry.resolve() for entry in path.iterdir() if entry.is_symlink()]
+            out += [entry.resolve() for entry in path.iterdir() if entry.is_symlink() and entry.is_file()]
     return out
 
 
@@ -154,9 +154,11 @@ def _move_up(temp: Path, target: Path) -> None:
     temp.rmdir()
 
 
-def write_side_files(folder: Path, source_folder: Path | None, config: Any = None, generation_config: Any = None) -> None:
+def write_side_files(folder: Path, source_folder: Path | None, config: Any = None, generation_config: Any = None,
+                     destination: Path | None = None) -> None:
     """The non-weight files of the pretrained model: ``config.json``, ``generation_config.json``,
-    tokenizer files... copied from its folder, or written from a module's configs."""
+    tokenizer files... copied from its folder, or written from a module's configs. ``destination``:
+    where ``folder`` is going (for messages)."""
     if source_folder is not None and source_folder.is_dir():
         for item in source_folder.iterdir():
             if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in _WEIGHT_INDEXES \
@@ -173,7 +175,7 @@ def write_side_files(folder: Path, source_folder: Path | None, config: Any = Non
                 log.debug("generation config not saved", exc_info=True)
         return
     log.warning("saved merged weights to %s without a config.json (the pretrained model is neither a Hugging Face folder nor a "
-                "Hugging Face module; pass model= one) - from_pretrained needs one", folder)
+                "Hugging Face module; pass model= one) - from_pretrained needs one", destination or folder)
 
 
 def write_json(path: Path, payload: Any) -> None:
