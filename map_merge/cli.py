@@ -86,7 +86,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError, build_executor, build_objective, fit_moe, load_config, source_paths
+from .config import ConfigError, build_executor, build_objective, check_run, fit_moe, load_config, run_inputs, source_paths
 
 __all__ = ["main", "load_config"]
 
@@ -139,11 +139,12 @@ def _plot_fronts(fronts: dict, names, path: Path) -> None:
 
 
 def _check_out(config: dict[str, Any], out: Path, overwrite: bool) -> None:
-    """Refuse an 'out' that is or lies in a model source, or holds an earlier run's results (unless
+    """Refuse an 'out' that is or lies in a model source, a 'merged/' that would replace an input
+    of the run (config, code, data, store), or an 'out' holding an earlier run's results (unless
     ``overwrite``); nothing is created here."""
     from .task_vectors.saving import check_destination
 
-    check_destination(out / "merged", source_paths(config), overwrite=True)
+    check_destination(out / "merged", source_paths(config), overwrite=True, inputs=run_inputs(config))
     if overwrite:
         return
     earlier = [name for name in _RESULTS if (out / name).exists()]
@@ -160,14 +161,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.command == "moe" and "groups" in config:
         raise ConfigError(f"{args.config}: field 'groups' does not apply to 'moe' (PWE-MoE routes whole task vectors per module)")
     out = Path(config.get("out", f"outputs/{args.command}"))
+    check_run(config, args.command)  # what the command needs, before any model loads
     _check_out(config, out, args.overwrite)
     objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
     preference = config.get("preference", [1.0] * len(names))
     if len(preference) != len(names):
         raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {len(names)} tasks {names}")
-    out.mkdir(parents=True, exist_ok=True)
-    objective.store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
     executor = build_executor(config)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        objective.store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
+    except BaseException:
+        if executor is not None:
+            executor.shutdown()
+        raise
     if executor is not None:
         objective.executor = executor  # evaluations on Ray workers; this process proposes and stores
     try:
@@ -248,8 +255,13 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
 
 def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
     """The merged model for ``coeffs`` as a Hugging Face folder (replacing an earlier run's)."""
-    model = zoo.new_encoder() if zoo is not None and hasattr(zoo, "new_encoder") else objective.live._model
-    return objective.task_vectors.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True, groups=objective.groups)
+    tv = objective.task_vectors
+    if zoo is not None and hasattr(zoo, "new_encoder"):
+        model = zoo.new_encoder()
+    else:  # the live model's configs only when the pretrained weights bring none (a bare weights file)
+        base = tv._base_weights()
+        model = objective.model if base.folder is None and base.config is None else None
+    return tv.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True, groups=objective.groups)
 
 
 def _emit_mergekit(objective, coeffs, path: Path) -> Path:
@@ -280,7 +292,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         config = load_config(args.config, mergekit=args.mergekit)
         run_out = Path(config.get("out", "outputs/map"))
         out = Path(args.out) if args.out else run_out / "merged"
-        check_destination(out, source_paths(config), args.overwrite)
+        check_destination(out, source_paths(config), args.overwrite, inputs=run_inputs(config))
         coeffs = _coeffs_for(args, run_out)
         method = args.method or config.get("method")
         if "zoo" in config:

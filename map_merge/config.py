@@ -40,8 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "load_config", "parse_groups", "resolve_callable", "build_objective", "build_executor", "fit_moe", "task_names_of",
-           "source_paths", "build_task_vectors"]
+__all__ = ["ConfigError", "load_config", "parse_groups", "resolve_callable", "build_objective", "build_executor", "fit_moe",
+           "task_names_of", "source_paths", "run_inputs", "check_run", "build_task_vectors"]
 
 FIELDS: dict[str, type] = {
     "zoo": str, "tasks": list, "pretrained": str, "finetuned": dict, "evaluator": str, "model": str, "sense": str,
@@ -227,6 +227,62 @@ def source_paths(config: dict[str, Any]) -> list[str]:
     if "zoo" in config:
         return []
     return [config["pretrained"], *config["finetuned"].values()]
+
+
+def run_inputs(config: dict[str, Any]) -> list[str]:
+    """What else a run reads or keeps, which no output may replace: the config file, the Python
+    files it names, held-out data and lm-eval task files, the tokenizer and the evaluation store."""
+    paths = [config["_path"]] if "_path" in config else []
+    folder = Path(config.get("_path", ".")).parent
+    for key in ("evaluator", "model", "train_loss"):
+        module = str(config.get(key, "")).partition(":")[0]
+        if module.endswith(".py"):
+            paths.append(str(_relative(folder, module)))
+    if isinstance(config.get("tasks"), dict):
+        for spec in config["tasks"].values():
+            value = spec.get("data", spec.get("task"))
+            if isinstance(value, str) and Path(value).exists():
+                paths.append(value)
+    if "tokenizer" in config:
+        paths.append(config["tokenizer"])
+    if "store" in config:
+        paths.append(config["store"])
+    elif "out" in config:  # the default store of the config's runs
+        paths.append(str(Path(config["out"]) / "evaluations.sqlite"))
+    return paths
+
+
+def check_run(config: dict[str, Any], command: str) -> None:
+    """What a command needs of a validated config that can be checked without loading a model:
+    the Python files it names exist (or their modules can be found), ``moe`` on own models has
+    ``train_loss`` and a valid ``upcycle``, and Ray is installed when ``ray`` is set.
+
+    Raises ConfigError / ImportError naming the field."""
+    path = config.get("_path", "config")
+    folder = Path(config.get("_path", ".")).parent
+    for key in ("evaluator", "model", "train_loss"):
+        if key not in config:
+            continue
+        module = config[key].partition(":")[0]
+        if module.endswith(".py"):
+            if not _relative(folder, module).exists():
+                raise ConfigError(f"{path}: field {key!r} names {module}, which does not exist (looked for {_relative(folder, module)})")
+        elif importlib.util.find_spec(module.split(".")[0]) is None:
+            raise ConfigError(f"{path}: field {key!r} names module {module!r}, which cannot be imported")
+    if command == "moe" and "zoo" not in config:
+        if "train_loss" not in config:
+            raise ConfigError(f"{path}: field 'train_loss' is required by 'moe' on your own models: name a function "
+                              "loss(model, task) -> scalar tensor that draws a training batch and returns its differentiable loss")
+        upcycle = config.get("upcycle", "mlp")
+        if upcycle not in ("mlp", "all"):
+            import re
+
+            try:
+                re.compile(upcycle)
+            except re.error as error:
+                raise ConfigError(f"{path}: field 'upcycle' ({upcycle!r}) is neither 'mlp', 'all' nor a regular expression: {error}") from None
+    if "ray" in config and importlib.util.find_spec("ray") is None:
+        raise ImportError(f"{path}: field 'ray' needs Ray: pip install 'map_merge[ray]'")
 
 
 def _task_spec(folder: Path, name: str, spec: Any, fail: Callable[[str, str], ConfigError]) -> dict[str, Any]:

@@ -57,7 +57,11 @@ def test_help_lists_every_config_field_and_the_data_format(capsys):
     assert not missing, missing
     for key in ("kind: loss", "kind: lm_eval", '{"text":', ".jsonl", "--overwrite", "merged/"):
         assert key in text, key
-    assert "--preference" in build_parser().format_help() or True
+    with pytest.raises(SystemExit):
+        main(["save", "--help"])
+    text = capsys.readouterr().out
+    for key in ("--config", "--coeffs", "--preference", "--overwrite"):
+        assert key in text, key
 
 
 def test_counts_agree_and_outputs_need_overwrite(own, capsys):
@@ -94,6 +98,41 @@ def test_a_config_error_creates_nothing(own, capsys, fields, message):
     assert main(["map", "--config", str(config)]) == 2
     assert message in capsys.readouterr().err
     assert not (folder / "out").exists() and not (folder / "calls.txt").exists()
+
+
+@pytest.mark.parametrize("command, fields, message", [
+    ("moe", {}, "field 'train_loss' is required by 'moe'"),  # was: found after the models loaded, out/ and a store left behind
+    ("moe", {"train_loss": "user.py:evaluate", "upcycle": "mlp("}, "field 'upcycle'"),
+    ("map", {"evaluator": "missing.py:evaluate"}, "field 'evaluator' names missing.py, which does not exist"),
+])
+def test_command_needs_are_checked_before_any_model_loads(own, capsys, monkeypatch, command, fields, message):
+    import map_merge.config
+
+    folder, config, base = own
+    config.write_text(json.dumps({**base, **fields}))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config error was found")
+
+    monkeypatch.setattr(map_merge.config, "build_task_vectors", no_loading)
+    monkeypatch.setattr(map_merge.config, "_build_model", no_loading)
+    assert main([command, "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (folder / "out").exists()
+
+
+def test_save_never_replaces_the_run_s_own_files(own, capsys):
+    """Not the config, its code or data, nor the evaluation store, even with --overwrite."""
+    folder, config, base = own
+    (folder / "out").mkdir()
+    (folder / "out" / "evaluations.sqlite").write_bytes(b"hours of evaluations")
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for out, what in [(folder / "run.json", "is"), (folder / "user.py", "is"), (folder / "out", "holds")]:
+        assert main(["save", "--config", str(config), "--coeffs", "0.5,0.5", "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"it {what} {out.resolve() if what == 'is' else out.resolve() / 'evaluations.sqlite'}, an input of this run" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert (folder / "out" / "evaluations.sqlite").read_bytes() == b"hours of evaluations"
 
 
 def test_out_inside_a_source_is_refused(own, capsys, tmp_path):

@@ -250,3 +250,81 @@ def test_live_deltas_and_pwe_moe_see_fused_and_renamed_tensors(tmp_path):
     assert sorted(moe.groups) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     assert set(moe.groups["model.layers.0.mlp.experts"]) == {"model.layers.0.mlp.experts.gate_up_proj",
                                                              "model.layers.0.mlp.experts.down_proj"}
+
+
+def test_a_bare_base_model_takes_the_merge_without_the_head(tmp_path):
+    """``AutoModel`` (the command line's default live model with an evaluator) over a
+    ``LlamaForCausalLM`` checkpoint: the renamed body is merged, the head it lacks is left out
+    (was: "unexpected keys ['lm_head.weight']")."""
+    cls, config, _, _ = family("llama")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "base")
+    perturb(cls.from_pretrained(tmp_path / "base"), 1).save_pretrained(tmp_path / "ft")
+    base = cls.from_pretrained(tmp_path / "base").model.state_dict()
+    ft = cls.from_pretrained(tmp_path / "ft").model.state_dict()
+    for storage in ("streamed", "dense"):
+        tv = mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft"], storage=storage)
+        bare = tv.merge_into(transformers.AutoModel.from_pretrained(tmp_path / "base"), [0.5])
+        assert type(bare) is transformers.LlamaModel
+        state = bare.state_dict()
+        assert set(state) == set(ft)
+        for key, value in ft.items():
+            torch.testing.assert_close(state[key], base[key] + 0.5 * (value - base[key]), msg=f"{storage}: {key}")
+    with pytest.raises(ValueError, match=r"unexpected keys \['lm_head.weight'\]"):  # a model with its own head still must match
+        mm.TaskVectors.from_models(tmp_path / "base", [tmp_path / "ft"]).merge_into(
+            transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**SMALL, num_labels=2)), [0.5])
+
+
+def _peft_merge(cls, base, adapter, scale=1.0):
+    """The base folder with ``scale`` times the adapter's update, as PEFT itself merges it."""
+    model = peft.PeftModel.from_pretrained(cls.from_pretrained(base), adapter).merge_and_unload()
+    ref = cls.from_pretrained(base).state_dict()
+    return {k: ref[k] + scale * (v - ref[k]) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+
+
+def test_adapters_over_a_folder_are_placed_by_its_architecture(tmp_path):
+    """Over a pretrained folder the adapter plan comes from a meta-device skeleton (was: refused as
+    "on the meta device" and silently dropped, so renamed and tied modules were not found): PEFT's
+    per-layer transposition (Conv1D always, Linear never, whatever ``fan_in_fan_out`` the config
+    saved), renamed modules saved whole (Mixtral's router), exported under the names PEFT loads."""
+    cls, config, _, _ = family("gpt2")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "gpt2")
+    lora = peft.get_peft_model(cls.from_pretrained(tmp_path / "gpt2"),
+                               peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["attn.c_proj", "lm_head"]))
+    lora.save_pretrained(tmp_path / "gpt2-lora")  # PEFT saves fan_in_fan_out=False: the config of the last layer made
+    tv = mm.TaskVectors.from_models(tmp_path / "gpt2", [tmp_path / "gpt2-lora"])
+    live = tv.merge_into(cls.from_pretrained(tmp_path / "gpt2"), [0.5]).state_dict()
+    expected = _peft_merge(cls, tmp_path / "gpt2", tmp_path / "gpt2-lora", 0.5)
+    for key, value in expected.items():  # attn.c_proj is a square Conv1D: a wrong transposition fits its shape
+        torch.testing.assert_close(live[key], value, msg=key)
+    exported = tv.save_merged_adapter(tmp_path / "gpt2-merged", [0.5])
+    for key, value in _peft_merge(cls, tmp_path / "gpt2", exported).items():
+        torch.testing.assert_close(live[key], value, msg=key)
+    # saving a tied module whole unties it in PEFT: refused, naming the modules
+    whole = peft.get_peft_model(cls.from_pretrained(tmp_path / "gpt2"),
+                                peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    whole.save_pretrained(tmp_path / "gpt2-head")
+    with pytest.raises(ValueError, match=r"saves \['lm_head.weight'\] whole \(modules_to_save\), which PEFT unties from the tied \['transformer.wte.weight'\]"):
+        mm.TaskVectors.from_models(tmp_path / "gpt2", [tmp_path / "gpt2-head"])
+
+    cls, config, _, _ = family("mixtral")
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "mixtral")
+    router = peft.get_peft_model(cls.from_pretrained(tmp_path / "mixtral"),
+                                 peft.LoraConfig(r=2, init_lora_weights=False, target_modules=["q_proj"], modules_to_save=["model.layers.0.mlp.gate"]))
+    with torch.no_grad():
+        for name, p in router.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.5)
+    router.save_pretrained(tmp_path / "mixtral-lora")
+    tv = mm.TaskVectors.from_models(tmp_path / "mixtral", [tmp_path / "mixtral-lora"])
+    assert "model.layers.0.block_sparse_moe.gate.weight" in tv.keys  # the checkpoint's name of the live mlp.gate
+    live = tv.merge_into(cls.from_pretrained(tmp_path / "mixtral"), [1.0]).state_dict()
+    expected = _peft_merge(cls, tmp_path / "mixtral", tmp_path / "mixtral-lora")
+    assert not torch.equal(expected["model.layers.0.mlp.gate.weight"], cls.from_pretrained(tmp_path / "mixtral").state_dict()["model.layers.0.mlp.gate.weight"])
+    for key, value in expected.items():
+        torch.testing.assert_close(live[key], value, msg=key)
+    exported = tv.save_merged_adapter(tmp_path / "mixtral-merged", [1.0])
+    for key, value in _peft_merge(cls, tmp_path / "mixtral", exported).items():
+        torch.testing.assert_close(live[key], value, msg=key)

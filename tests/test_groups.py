@@ -150,3 +150,14 @@ def test_nested_merging_with_groups_recovers_the_analytic_optimum():
     assert result.coeffs.shape == (4,) and result.stages[0].choice.shape == (4,)
     np.testing.assert_allclose(result.coeffs, targets.mean(0), atol=0.05)
     np.testing.assert_allclose(result.metrics, full(result.coeffs[None])[0])
+
+
+def test_a_group_owning_no_tensor_is_an_error(llama):
+    """Patterns match checkpoint names; one that owns nothing (a live name of a renamed tensor, a
+    typo, a group shadowed by an earlier one) would give coefficients that change nothing."""
+    root, _ = llama
+    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"])
+    for patterns, empty in [({"experts": r"mlp\.experts", "rest": ".*"}, "experts"), ({"all": ".*", "attn": "self_attn"}, "attn")]:
+        with pytest.raises(ValueError, match=rf"group\(s\) \['{empty}'\] own no merged tensor .*e\.g\. 'model\.layers\."):
+            tv.merge([0.1] * 4, groups=mm.Groups(patterns))
+    assert tv.merge([0.1, 0.1, 0.2, 0.2], groups=mm.Groups({"attn": "self_attn", "rest": ".*"}))  # each group owns something

@@ -262,6 +262,12 @@ class TaskVectors:
             return matrix, None
         keys = list(self.keys if keys is None else keys)
         weights = groups.weights(keys)
+        if groups.knots is None:  # a pattern owning nothing is a silent no-op: name it (e.g. a live name of a renamed tensor)
+            empty = [name for name, owned in zip(groups.names, weights.any(axis=0)) if not owned]
+            if empty:
+                raise ValueError(f"group(s) {empty} own no merged tensor (their patterns match none, or an earlier group takes "
+                                 f"all they match): patterns match the checkpoint's tensor names (as save_pretrained writes them, e.g. {keys[len(keys) // 2]!r}; "
+                                 "tied weights under the name kept), not a live model's renamed or fused ones")
         per_key = matrix @ weights.T  # (T, K)
         return matrix, {key: per_key[:, j] for j, key in enumerate(keys)}
 
@@ -371,7 +377,7 @@ class TaskVectors:
             base = self._base_weights()
             config = base.config if base.config is not None else getattr(model, "config", None)
             generation = base.generation_config if base.config is not None else getattr(model, "generation_config", None)
-            write_side_files(temp, base.folder, config, generation)
+            write_side_files(temp, base.folder, config, generation, destination=Path(path))
             (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
         return Path(path)
 

@@ -169,31 +169,43 @@ class LivePlan:
         group_of: ``checkpoint key -> its Group``.
         aliases: live keys that share a written tensor's storage (tied), ``-> the live key written``.
         frozen: ``checkpoint key -> live key`` of non-floating buffers (copied from the base).
+        heads: checkpoint keys left out because ``model`` is the bare base model of the checkpoint's
+            architecture (``AutoModel`` over a ``...ForCausalLM`` checkpoint: ``lm_head.weight``).
     """
 
     def __init__(self, model: nn.Module, shapes: Mapping[str, tuple[int, ...]], floating: Iterable[str],
-                 what: str = "the model") -> None:
+                 what: str = "the model", names_only: bool = False) -> None:
         """Match checkpoint tensors ``shapes: key -> shape`` (``floating``: the keys that are merged;
         the others are copied) to ``model``'s live tensors.
+
+        ``names_only``: the plan only maps names (a meta-device skeleton of the architecture, used to
+        place adapters), so meta parameters are allowed; it must not be used to write.
 
         Raises ValueError naming keys: checkpoint tensors with no place in the model ("unexpected"),
         live floating tensors nothing writes ("missing"), shape mismatches, meta parameters."""
         state = model.state_dict(keep_vars=True)
-        check_materialized(state, f"{what} ({type(model).__name__})")
+        if not names_only:
+            check_materialized(state, f"{what} ({type(model).__name__})")
         floating = set(floating)
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.direct: dict[str, str] = {}
         self.frozen: dict[str, str] = {}
         self.groups: list[Group] = []
         self.group_of: dict[str, Group] = {}
+        self.heads: list[str] = []
         renamings, converters = _conversions(model)
         by_target: dict[str, Group] = {}
         unexpected = []
         prefix = getattr(model, "base_model_prefix", None) if _is_hf(model) else None
+        # a bare base model (AutoModel) over a checkpoint of a model with a head (``model.*`` plus
+        # ``lm_head.*``): the head's tensors have no place in it and are not needed by it
+        bare = bool(prefix) and getattr(model, "base_model", None) is model and any(k.startswith(f"{prefix}.") for k in shapes)
         for key in natural_order(shapes):
             live, pattern = _rename(key, renamings, converters, prefix, state)
             if live not in state:
-                if key in floating:  # an integer buffer the model does not keep (position ids) is no loss
+                if bare and not key.startswith(f"{prefix}."):
+                    self.heads.append(key)
+                elif key in floating:  # an integer buffer the model does not keep (position ids) is no loss
                     unexpected.append(key)
                 continue
             if pattern is None:
@@ -242,6 +254,28 @@ class LivePlan:
             raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: missing keys {_preview(missing)} "
                              "(tensors of the model no checkpoint tensor writes)")
         self._checkpoint_of = {live: key for key, live in self.direct.items()}
+        self._kinds = _layer_kinds(model)
+        if self.heads:
+            log.info("%s (%s) is a bare base model: the checkpoint's head tensors %s are not written", what, type(model).__name__,
+                     _preview(self.heads))
+
+    def module_kind(self, module: str, key: str | None = None) -> str | None:
+        """``"conv1d"`` (transformers' Conv1D: the weight is stored transposed) or ``"linear"`` for the
+        live module ``module`` (else the module holding checkpoint tensor ``key``), ``None`` otherwise."""
+        if module in self._kinds:
+            return self._kinds[module]
+        live = self.direct.get(key) if key is not None else None
+        return self._kinds.get(live.rpartition(".")[0]) if live is not None else None
+
+    def tied_names(self, key: str) -> list[str]:
+        """The live names of checkpoint tensor ``key`` when it is tied (its own and its aliases'), else ``[]``."""
+        live = self.direct.get(key)
+        aliases = [alias for alias, holder in self.aliases.items() if holder == live] if live is not None else []
+        return [live, *aliases] if aliases else []
+
+    def writes(self, key: str) -> bool:
+        """Whether checkpoint tensor ``key`` has a place in the model (renamed or fused)."""
+        return key in self.direct or key in self.group_of
 
     @property
     def has_groups(self) -> bool:
@@ -252,7 +286,24 @@ class LivePlan:
         return self._checkpoint_of.get(self.aliases.get(live, live))
 
 
+def _layer_kinds(model: nn.Module) -> dict[str, str]:
+    """``module path -> "conv1d" | "linear"`` for the model's Conv1D and ``nn.Linear`` layers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        Conv1D = ()  # noqa: N806
+    out = {}
+    for name, module in model.named_modules():
+        if Conv1D and isinstance(module, Conv1D):
+            out[name] = "conv1d"
+        elif isinstance(module, nn.Linear):
+            out[name] = "linear"
+    return out
+
+
 def _storage_id(tensor: torch.Tensor) -> tuple:
+    if tensor.device.type == "meta":  # meta storages have no address: tied parameters are one object
+        return ("meta", id(tensor))
     return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 

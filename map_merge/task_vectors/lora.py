@@ -46,6 +46,7 @@ class LoraFactors:
     left: torch.Tensor
     right: torch.Tensor
     scale: float
+    transposed: bool = False  # the weight stores (B @ A)^T (a Conv1D layer, or fan_in_fan_out without a known architecture)
 
     @property
     def rank(self) -> int:
@@ -103,6 +104,7 @@ class LoraAdapter:
         state = _load_checkpoint(weights)
         self._lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": , "B": , "kind": }
         self.full: dict[str, torch.Tensor] = {}  # adapter key (module path + param) -> whole tensor
+        self._base_layers: set[str] = set()  # keys of self.full saved as an adapted layer's base_layer
         for key, value in state.items():
             name = key.removeprefix(PEFT_PREFIX)  # transformers' save_pretrained(save_peft_format=False) writes none
             match = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight|(.+)\.(lora_embedding_A|lora_embedding_B)", name)
@@ -116,6 +118,8 @@ class LoraAdapter:
                 raise ValueError(f"{weights}: LoRA tensor {key!r} is of a kind map_merge does not merge")
             else:
                 self.full[name.replace(".base_layer.", ".")] = value
+                if ".base_layer." in name:  # an adapted layer's own weight (save_embedding_layers): loaded in place
+                    self._base_layers.add(name.replace(".base_layer.", "."))
         for module, entry in self._lora.items():
             if "A" not in entry or "B" not in entry:
                 raise ValueError(f"{weights}: LoRA module {module!r} has only one of its two factors")
@@ -145,11 +149,18 @@ class LoraAdapter:
 
     def resolve(self, base: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], plan: LivePlan | None = None
                 ) -> tuple[dict[str, "LoraFactors"], dict[str, torch.Tensor]]:
+        """``(weight key -> factors, weight key -> whole saved tensor)``: see :meth:`match`."""
+        factors, full, _ = self.match(base, plan)
+        return factors, full
+
+    def match(self, base: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], plan: LivePlan | None = None
+              ) -> tuple[dict[str, "LoraFactors"], dict[str, torch.Tensor], dict[str, list[str]]]:
         """Match the adapter to the pretrained tensors ``key -> (dtype, shape)`` (checkpoint layout).
 
         ``plan``: the base architecture's :class:`~map_merge.task_vectors.keymap.LivePlan`, which maps
         the live module paths the adapter names to checkpoint keys (renames, tied weights).
-        Returns ``(weight key -> factors, weight key -> whole saved tensor)``. Two adapted modules
+        Returns ``(weight key -> factors, weight key -> whole saved tensor, weight key -> the live
+        names the adapter saved that tensor under)``. Two adapted modules
         that are one tied tensor (an adapted embedding and LM head) add up on it.
         Raises ValueError naming the module when it is absent from the base or its shape does not fit
         (an adapter trained on another base)."""
@@ -163,7 +174,8 @@ class LoraAdapter:
             rank = a.shape[0]
             if b.shape[1] != rank:
                 raise ValueError(f"LoRA module {module!r} of adapter {self.path}: lora_A has rank {rank} but lora_B {b.shape[1]}")
-            if entry["kind"] == "embedding" or self.fan_in_fan_out:
+            transposed = entry["kind"] == "linear" and self._transposed(module, key, plan)
+            if entry["kind"] == "embedding" or transposed:
                 left, right = a.T, b.T  # the weight stores the transpose of B @ A
             else:
                 left, right = b, a
@@ -174,14 +186,15 @@ class LoraAdapter:
                     f"LoRA module {module!r} of adapter {self.path} gives a delta of shape {(left.shape[0], right.shape[1])} "
                     f"but the pretrained weight {key!r} has shape {tuple(shape)} (adapter for another base {self.base_model!r}?)"
                 )
-            found = LoraFactors(module, left.contiguous(), right.contiguous(), self.scaling(module, rank))
+            found = LoraFactors(module, left.contiguous(), right.contiguous(), self.scaling(module, rank), transposed)
             if key in factors:  # tied: both modules adapt one tensor
                 other = factors[key]
                 dtype = torch.promote_types(other.left.dtype, found.left.dtype)
                 found = LoraFactors(other.module, torch.cat([other.left.to(dtype) * other.scale, found.left.to(dtype) * found.scale], 1),
-                                    torch.cat([other.right.to(dtype), found.right.to(dtype)], 0), 1.0)
+                                    torch.cat([other.right.to(dtype), found.right.to(dtype)], 0), 1.0, other.transposed)
             factors[key] = found
         full: dict[str, torch.Tensor] = {}
+        names: dict[str, list[str]] = {}
         for name, tensor in self.full.items():
             module, _, suffix = name.rpartition(".")
             key = adapter_key(module, suffix, base, plan) if module else (name if name in base else None)
@@ -196,11 +209,26 @@ class LoraAdapter:
             if key in full and not torch.equal(full[key], tensor):
                 raise ValueError(f"adapter {self.path} saves two different tensors for the tied weight {key!r}")
             full[key] = tensor
+            names.setdefault(key, []).append(name)
+        for key, saved in names.items():  # PEFT copies a module it saves whole: saving one of tied modules unties them
+            tied = plan.tied_names(key) if plan is not None else []
+            if tied and not all(name in self._base_layers for name in saved) and len(saved) < len(tied):
+                raise ValueError(f"adapter {self.path} saves {saved} whole (modules_to_save), which PEFT unties from the "
+                                 f"tied {sorted(set(tied) - set(saved))}; task vectors keep tied weights as one tensor: save all of "
+                                 f"{sorted(tied)} in the adapter, or none")
         for key, f in factors.items():
             for t in (f.left, f.right):
                 if not torch.isfinite(t).all():
                     raise ValueError(f"LoRA factors of module {f.module!r} in {self.file} have NaN/inf values")
-        return factors, full
+        return factors, full, names
+
+    def _transposed(self, module: str, key: str, plan: LivePlan | None) -> bool:
+        """Whether a linear LoRA module's weight stores ``(B @ A)^T``. PEFT decides by the layer, not
+        by the config: a Conv1D (GPT-2) always, an ``nn.Linear`` never (it overrides a wrong
+        ``fan_in_fan_out``, with a warning, and saves the config of the last layer it created); the
+        config's ``fan_in_fan_out`` only when the architecture is unknown."""
+        kind = plan.module_kind(module.removeprefix(PEFT_PREFIX), key) if plan is not None else None
+        return kind == "conv1d" if kind is not None else self.fan_in_fan_out
 
     def identity(self) -> Any:
         return ["lora", str(self.path.resolve()), self._identity.hexdigest()]
@@ -210,13 +238,16 @@ class LoraAdapter:
 
 
 class MatchedLora:
-    """One adapter matched to the pretrained tensors: ``factors`` (checkpoint key -> LoRA factors)
-    and ``full`` (checkpoint key -> tensor the adapter saves whole)."""
+    """One adapter matched to the pretrained tensors: ``factors`` (checkpoint key -> LoRA factors),
+    ``full`` (checkpoint key -> tensor the adapter saves whole) and ``names`` (checkpoint key -> the
+    live names the adapter saved that tensor under, several for tied modules; default: the key)."""
 
-    def __init__(self, adapter: LoraAdapter, factors: dict[str, LoraFactors], full: dict[str, torch.Tensor]) -> None:
+    def __init__(self, adapter: LoraAdapter, factors: dict[str, LoraFactors], full: dict[str, torch.Tensor],
+                 names: Mapping[str, Sequence[str]] | None = None) -> None:
         self.adapter = adapter
         self.factors = factors
         self.full = full
+        self.names = {key: list((names or {}).get(key, [key])) for key in full}
         self._on: dict[torch.device, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def factors_on(self, key: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,9 +299,6 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: Mapping[str,
     = r`` so the scaling is 1); tensors saved whole (``modules_to_save``) are merged and saved whole.
     ``coeffs``: checkpoint key -> its per-task coefficients ``(T,)`` (coefficient groups may differ
     per key); ``keys``: checkpoint keys in order; ``read_base(key)``: the pretrained tensor, flat."""
-    fan = {bool(lora.adapter.fan_in_fan_out) for lora in adapters}
-    if len(fan) > 1:
-        raise ValueError("the adapters disagree on fan_in_fan_out; they cannot be saved as one adapter")
     adapted = [k for k in keys if any(k in lora.factors for lora in adapters)]
     rank = max(sum(lora.factors[k].rank for lora in adapters if k in lora.factors) for k in adapted) if adapted else 1
     tensors: dict[str, torch.Tensor] = {}
@@ -278,6 +306,9 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: Mapping[str,
     cpu = torch.device("cpu")
     for key in adapted:
         lefts, rights, module, embedding = [], [], None, False
+        transposed = {lora.factors[key].transposed for lora in adapters if key in lora.factors}
+        if len(transposed) > 1:
+            raise ValueError(f"the adapters disagree on fan_in_fan_out for {key!r}; they cannot be saved as one adapter")
         for lora, weight in zip(adapters, coeffs[key]):
             if key not in lora.factors:
                 continue
@@ -295,7 +326,7 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: Mapping[str,
         if embedding:
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_A"] = left.T.contiguous().to(dtype)
             tensors[f"{PEFT_PREFIX}{module}.lora_embedding_B"] = right.T.contiguous().to(dtype)
-        elif fan == {True}:
+        elif transposed == {True}:
             tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = left.T.contiguous().to(dtype)
             tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = right.T.contiguous().to(dtype)
         else:
@@ -314,8 +345,9 @@ def merged_adapter_tensors(adapters: Sequence[MatchedLora], coeffs: Mapping[str,
                 raise ValueError(f"adapters replace the base layer of LoRA module {key!r}; no single adapter holds that merge")
             continue
         dtype = next(lora.full[key].dtype for lora in adapters if key in lora.full)
-        tensors[f"{PEFT_PREFIX}{key}"] = merged.view(shapes[key]).to(dtype)
-        to_save.append(key.rsplit(".", 1)[0])
+        for name in next(lora.names[key] for lora in adapters if key in lora.full):  # the live names PEFT loads it under
+            tensors[f"{PEFT_PREFIX}{name}"] = merged.view(shapes[key]).to(dtype)
+            to_save.append(name.rsplit(".", 1)[0])
     config = dict(adapters[0].adapter.config)
     config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                    "target_modules": sorted(set(targets)),

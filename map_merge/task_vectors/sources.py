@@ -173,6 +173,7 @@ class MemoryWeights(Weights):
                  aliases: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> None:
         self.owner = owner
         self._path = Path(path) if path is not None else None
+        self._origin: Path | None = None  # a module's local from_pretrained folder (protected from saves)
         self._skeleton: Any = False
         check_materialized(state, owner)
         self._state = dict(state)
@@ -186,7 +187,9 @@ class MemoryWeights(Weights):
     @classmethod
     def of_module(cls, module: nn.Module, owner: str) -> "MemoryWeights":
         state, aliases = checkpoint_state(module)
-        return cls(state, owner, module=module, aliases=aliases)
+        weights = cls(state, owner, module=module, aliases=aliases)
+        weights._origin = _local_origin(module)
+        return weights
 
     def read(self, key: str, start: int = 0, stop: int | None = None, buffer: torch.Tensor | None = None) -> torch.Tensor:
         return self._state[key].detach().reshape(-1)[start:stop]
@@ -208,7 +211,12 @@ class MemoryWeights(Weights):
         return self._path if self._path is not None and self._path.is_dir() else None
 
     def paths(self) -> list[Path]:
-        return [self._path] if self._path is not None else []
+        """The file or folder loaded; for a module, the local folder ``from_pretrained`` loaded it
+        from (its ``name_or_path``), so that no save replaces that folder."""
+        return ([self._path] if self._path is not None else []) + ([self._origin] if self._origin is not None else [])
+
+    def describe(self) -> Any:
+        return str(self._path.resolve()) if self._path is not None else "in memory"
 
     def live_model(self) -> nn.Module | None:
         if self._module is not None:
@@ -222,6 +230,18 @@ class MemoryWeights(Weights):
         state["_module"] = None  # the tensors travel; the module they came from does not
         state["_skeleton"] = False
         return state
+
+
+def _local_origin(module: nn.Module) -> Path | None:
+    """The local folder a Hugging Face module was loaded from (``config._name_or_path``), if any."""
+    name = getattr(getattr(module, "config", None), "_name_or_path", None) or getattr(module, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        path = Path(name).expanduser()
+        return path if path.is_dir() else None
+    except (OSError, ValueError):
+        return None
 
 
 class CheckpointWeights(Weights):

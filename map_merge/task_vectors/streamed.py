@@ -105,16 +105,16 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             for key, (tdtype, _) in base.tensors.items():
                 if tdtype.is_floating_point:
                     check_finite(base.tensor(key), key, base.owner.removeprefix('the '))
-        plan = _adapter_plan(base)
+        plan = _adapter_plan(base) if any(is_lora_adapter(m) for m in models) else None
         tasks: list[Weights | MatchedLora] = []
         for name, model in zip(names, models):
             if is_lora_adapter(model):
                 adapter = model if isinstance(model, LoraAdapter) else LoraAdapter(model)
-                factors, full = adapter.resolve(base.tensors, plan)
+                factors, full, saved_as = adapter.match(base.tensors, plan)
                 for key, tensor in full.items():
                     if not tensor.dtype.is_floating_point or not base.tensors[key][0].is_floating_point:
                         raise ValueError(f"tensor {key!r} saved in adapter {adapter.path} for task {name!r} is not floating point")
-                tasks.append(MatchedLora(adapter, factors, full))
+                tasks.append(MatchedLora(adapter, factors, full, saved_as))
                 continue
             weights = open_weights(model, f"fine-tuned model {name!r}", stream=True)
             _check_matches(base, weights)
@@ -394,12 +394,13 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         method = resolve_method(method)
         self.coefficients_by_key(coeffs, groups)  # validated before the model is touched
         writer = LiveWriter(model, self._plan(model), self._numel)
-        devices = {key: writer.device_of(key) for key in self._keys}
+        keys = [key for key in self._keys if writer.plan.writes(key)]  # all but a head a bare base model lacks
+        devices = {key: writer.device_of(key) for key in keys}
         with torch.no_grad():
             for key in self._frozen:
                 if key in writer.plan.frozen:
                     writer.write_whole(key, self._base.read(key))
-            for key, start, stop, piece in self._pieces(coeffs, method, "merging", devices, groups=groups):
+            for key, start, stop, piece in self._pieces(coeffs, method, "merging", devices, keys=keys, groups=groups):
                 if piece is not None:
                     writer.write(key, start, piece)
             writer.finish()
@@ -494,8 +495,9 @@ def _adapter_plan(base: Weights) -> LivePlan | None:
         return None
     floating = [k for k, (d, _) in base.tensors.items() if d.is_floating_point]
     try:
-        return LivePlan(model, {k: s for k, (_, s) in base.tensors.items()}, floating, what="the pretrained architecture")
-    except ValueError:  # the files do not match the architecture their config names: map by the keys alone
+        return LivePlan(model, {k: s for k, (_, s) in base.tensors.items()}, floating, what="the pretrained architecture",
+                        names_only=True)
+    except Exception:  # noqa: BLE001 - the files do not fit the architecture their config names: map by the keys alone
         log.debug("no key plan for the pretrained model", exc_info=True)
         return None
 
