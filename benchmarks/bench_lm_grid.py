@@ -61,7 +61,7 @@ def front_stats(metrics: np.ndarray, coeffs: np.ndarray, names: list[str]) -> di
     return out
 
 
-def plot_pairs(results: list[dict], path: Path, title: str) -> None:
+def plot_pairs(results: list[dict], coeffs: np.ndarray, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,9 +71,10 @@ def plot_pairs(results: list[dict], path: Path, title: str) -> None:
     rows = (len(results) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.2 * rows), squeeze=False)
     for ax, res in zip(axes.flat, results):
-        m, c = np.asarray(res["metrics"]), np.asarray(res["coeffs"])
+        m, c = np.asarray(res["metrics"]), coeffs
         a, b = res["names"]
-        mask = np.asarray(res["front_mask"], dtype=bool)
+        mask = np.zeros(len(m), dtype=bool)
+        mask[res["front"]] = True
         ax.scatter(m[:, 0], m[:, 1], s=8, c="0.75", label=f"grid ({len(m)} merges)")
         order = np.argsort(m[mask, 0])
         ax.plot(m[mask][order, 0], m[mask][order, 1], "o-", ms=4, color="C3", label=f"non-dominated ({int(mask.sum())})")
@@ -101,7 +102,8 @@ def plot_triples(results: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(results), 3, figsize=(13.5, 4.0 * len(results)), squeeze=False)
     for row, res in enumerate(results):
         m = np.asarray(res["metrics"])
-        mask = np.asarray(res["front_mask"], dtype=bool)
+        mask = np.zeros(len(m), dtype=bool)
+        mask[res["front"]] = True
         for col, (i, j) in enumerate(itertools.combinations(range(3), 2)):
             ax = axes[row, col]
             ax.scatter(m[:, i], m[:, j], s=5, c="0.8", label=f"grid ({len(m)})")
@@ -207,10 +209,11 @@ def main() -> None:
     grid2 = mm.grid_design(2, per_axis)
     for pair in itertools.combinations(names, 2):
         t0 = time.perf_counter()
-        metrics = zoo.objective(list(pair), store=store, progress=True)(grid2)
+        objective = zoo.objective(list(pair), store=store, progress=True)
+        metrics = objective(grid2)
         stats = front_stats(metrics, grid2, list(pair))
-        stats.update(coeffs=grid2.tolist(), metrics=metrics.tolist(), front_mask=mm.pareto_mask(-metrics).tolist(),
-                     seconds=time.perf_counter() - t0)
+        stats.update(metrics=np.round(metrics, 5).tolist(), front=np.flatnonzero(mm.pareto_mask(-metrics)).tolist(),
+                     seconds=time.perf_counter() - t0, evaluated=objective.num_evaluations, from_store=objective.num_cached)
         pairs.append(stats)
         print(f"T=2 {pair}: {stats['num_nondominated']} non-dominated; range/gap "
               f"{[round(d['range_over_gap'], 2) for d in stats['domains'].values()]} ({stats['seconds']:.0f} s)", flush=True)
@@ -218,10 +221,11 @@ def main() -> None:
     chosen = list(itertools.combinations(names, 3))[: (args.triples or (1 if args.quick else None))]
     for triple in chosen:
         t0 = time.perf_counter()
-        metrics = zoo.objective(list(triple), store=store, progress=True)(grid3)
+        objective = zoo.objective(list(triple), store=store, progress=True)
+        metrics = objective(grid3)
         stats = front_stats(metrics, grid3, list(triple))
-        stats.update(coeffs=grid3.tolist(), metrics=metrics.tolist(), front_mask=mm.pareto_mask(-metrics).tolist(),
-                     seconds=time.perf_counter() - t0)
+        stats.update(metrics=np.round(metrics, 5).tolist(), front=np.flatnonzero(mm.pareto_mask(-metrics)).tolist(),
+                     seconds=time.perf_counter() - t0, evaluated=objective.num_evaluations, from_store=objective.num_cached)
         triples.append(stats)
         print(f"T=3 {triple}: {stats['num_nondominated']} non-dominated; range/gap "
               f"{[round(d['range_over_gap'], 2) for d in stats['domains'].values()]} ({stats['seconds']:.0f} s)", flush=True)
@@ -235,13 +239,14 @@ def main() -> None:
     }
     print("goals:", summary, flush=True)
     out = Path(args.out)
-    name = "lm_grid" + ("_quick" if args.quick else "")
+    name = "lm_grid"
     write(out, name, {"size": size, "zoo": {k: zoo.info.get(k) for k in ("key", "seconds", "seconds_data", "seconds_pretrain", "seconds_experts",
                                                                       "recipe", "sources", "train_tokens", "mix", "base_dtype", "expert_dtype",
                                                                       "threads")},
-                      "kinds": zoo.kinds, "table": rows, "cross_loss": cross, "timing": timing, "per_axis": per_axis, "per_axis_3": per_axis_3,
-                      "summary": summary, "pairs": pairs, "triples": triples})
-    plot_pairs(pairs, out / f"{name}_T2.png", f"LM zoo ({size}): held-out loss of {per_axis}x{per_axis} task-arithmetic merges per pair (validation)")
+                      "kinds": zoo.kinds, "rows": rows, "cross_loss": cross, "timing": timing, "per_axis": per_axis, "per_axis_3": per_axis_3,
+                      "grid_T2": "map_merge.grid_design(2, per_axis) (metrics rows in its order)",
+                      "grid_T3": "map_merge.grid_design(3, per_axis_3)", "summary": summary, "pairs": pairs, "triples": triples})
+    plot_pairs(pairs, grid2, out / f"{name}_T2.png", f"LM zoo ({size}): held-out loss of {per_axis}x{per_axis} task-arithmetic merges per pair (validation)")
     if triples:
         plot_triples(triples, out / f"{name}_T3.png", f"LM zoo ({size}): {per_axis_3}^3 merges per triple, pairwise views (validation)")
     plot_table(rows, cross, out / f"{name}_zoo.png", f"LM zoo ({size}): base and experts (test split)")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import map_merge as mm
 from map_merge.zoo import load_zoo
 from map_merge.zoo.lm import LM_SIZES, load_lm_zoo
 
@@ -146,10 +145,13 @@ def test_lm_eval_task_scores_the_live_model_as_by_hand(zoo, monkeypatch):
     for doc in docs:  # the right answer is the equation's result
         question = doc["context"].split("\n")[-1].rstrip("=")
         assert int(doc["choices"][doc["label"]]) == eval(question)  # noqa: S307 - our own generated digits
+    assert zoo.lm_eval_task("arithmetic", "val").sense == "max"
+    # through the zoo's objective (metric="lm_eval"): lm-eval scores the live merged model
+    objective = zoo.objective(["arithmetic"], metric="lm_eval", progress=False)
+    assert objective.senses == ("max",)
+    accuracy = objective(np.ones((1, 1)))[0, 0]
     expert = zoo.expert_model("arithmetic")
-    task = zoo.lm_eval_task("arithmetic", "val")
-    assert task.sense == "max"
-    assert task(expert) == pytest.approx(_choice_accuracy(expert, zoo.tokenizer, docs, zoo.recipe.max_length))
+    assert accuracy == pytest.approx(_choice_accuracy(expert, zoo.tokenizer, docs, zoo.recipe.max_length))
 
 
 def test_cached_reload_and_same_seed_same_weights(zoo, monkeypatch):

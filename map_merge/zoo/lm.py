@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class LMRecipe:
     test_texts: int = 128
     choice_val: int = 100
     choice_test: int = 300
-    shard_size: str = "1MB"
+    shard_size: str = "300KB"
 
 
 LM_SIZES: dict[str, LMRecipe] = {
@@ -92,10 +92,10 @@ LM_SIZES: dict[str, LMRecipe] = {
                      expert_steps=25, lora_rank=4, max_chars=60_000, tokenizer_chars=20_000, val_texts=6, test_texts=6,
                      choice_val=12, choice_test=12, shard_size="20KB"),
     "small": LMRecipe(vocab_size=2048, hidden=64, layers=4, heads=4, ffn=192, max_length=128, batch_size=16, pretrain_steps=640,
-                      expert_steps=120),
+                      expert_steps=120, shard_size="300KB"),
     "large": LMRecipe(vocab_size=8192, hidden=512, layers=8, heads=8, ffn=1376, max_length=256, batch_size=32, pretrain_steps=4000,
                       expert_steps=800, pretrain_lr=1e-3, expert_lr=2e-4, lora_lr=1e-3, max_chars=6_000_000, tokenizer_chars=1_000_000,
-                      val_texts=64, test_texts=256, choice_test=500, shard_size="100MB"),
+                      val_texts=64, test_texts=256, choice_test=500, shard_size="20MB"),
 }
 
 
