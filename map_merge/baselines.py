@@ -10,6 +10,8 @@ preference regret can be compared with MAP's at equal numbers of evaluations:
 - :func:`nsga2_search`: NSGA-II (pymoo) evolving coefficient vectors on real evaluations.
 - :func:`mobo_search`: multi-objective Bayesian optimisation (botorch: one GP per task,
   qLogNEHVI), the standard black-box optimiser for few expensive evaluations.
+- :func:`cma_search`: CMA-ES (the ``cma`` package) on one preference-weighted scalarisation
+  of the metrics, what mergekit's evolutionary merging (mergekit-evolve) runs.
 
 Every run is deterministic for a seed, and its first ``n`` evaluations do not depend on the
 budget, so with an evaluation store a longer run re-uses a shorter one's evaluations.
@@ -29,9 +31,9 @@ import torch
 
 from .map import call_objective
 from .objective import check_senses
-from .pareto import ParetoFront, orient
+from .pareto import ParetoFront, check_preference, orient
 
-__all__ = ["BaselineResult", "lambda_sweep", "random_search", "nsga2_search", "mobo_search"]
+__all__ = ["BaselineResult", "lambda_sweep", "random_search", "nsga2_search", "mobo_search", "cma_search"]
 
 Objective = Callable[[np.ndarray], np.ndarray]
 
@@ -228,3 +230,100 @@ def mobo_search(
             coeffs = np.concatenate([coeffs, new])
             metrics = np.concatenate([metrics, call_objective(objective, new, metrics.shape[1])])
     return _result("qNEHVI (botorch)", objective, coeffs, metrics, start, {"budget": budget, "initial": initial, "batch": batch, "seed": seed})
+
+
+class _OwnGlobalRandom:
+    """Run code that draws from numpy's global random state (``cma`` does) on a state of its own,
+    leaving the caller's global state as it was."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+
+    def __enter__(self) -> "_OwnGlobalRandom":
+        self._saved = np.random.get_state()
+        if self.state is not None:
+            np.random.set_state(self.state)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.state = np.random.get_state()
+        np.random.set_state(self._saved)
+
+
+def cma_search(
+    objective: Objective,
+    num_coeffs: int,
+    budget: int,
+    preference: Sequence[float] | None = None,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    sigma0: float = 0.25,
+    popsize: int | None = None,
+    seed: int = 0,
+) -> BaselineResult:
+    """CMA-ES on real evaluations, minimising one scalarisation of the metrics: the
+    ``preference``-weighted sum of the metrics oriented higher-is-better (``"min"`` metrics
+    negated), negated; equal weights by default. This is what mergekit-evolve runs (its weights
+    multiply the raw scores, so metrics on different scales weigh by their scale).
+
+    Starts at the centre of the box with step ``sigma0`` times its width; the ``cma`` package's
+    default population (``4 + 3 ln T``) unless ``popsize``; coefficients stay in ``bounds``
+    (cma's bound transform). Stops after exactly ``budget`` evaluations (the last generation is
+    cut short if needed). Every evaluation is returned; the best scalarisation is
+    ``settings["best"]``. Deterministic for a seed, prefix-stable in the budget, and numpy's
+    global random state is left as it was.
+
+    Raises:
+        ImportError: ``cma`` is not installed (``pip install 'map_merge[cma]'``).
+        ValueError: bad budget, bounds, ``sigma0`` or a preference of the wrong length."""
+    try:
+        import cma
+    except ImportError:
+        raise ImportError("cma_search needs the cma package: pip install 'map_merge[cma]' (or cma)") from None
+
+    low, high = _setup(objective, num_coeffs, budget, bounds)
+    if not (np.isfinite(sigma0) and sigma0 > 0):
+        raise ValueError(f"sigma0 must be a positive fraction of the box width, got {sigma0}")
+    if popsize is not None and int(popsize) < 2:
+        raise ValueError(f"popsize must be at least 2, got {popsize}")
+    known = getattr(objective, "task_names", None)
+    if preference is not None and known:
+        check_preference(preference, len(known))  # fail before the first evaluation
+    start = time.perf_counter()
+    options = {"bounds": [low, high], "seed": int(seed) + 1, "verbose": -9, "verb_log": 0, "verb_disp": 0, "verb_filenameprefix": None}
+    if popsize is not None:
+        options["popsize"] = int(popsize)
+    rng = _OwnGlobalRandom()
+    with rng, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        es = cma.CMAEvolutionStrategy([0.5 * (low + high)] * num_coeffs, float(sigma0) * (high - low), options)
+    coeffs_seen: list[np.ndarray] = []
+    metrics_seen: list[np.ndarray] = []
+    weights: np.ndarray | None = None
+    sign: np.ndarray | None = None
+    best = (math.inf, None)
+    spent = 0
+    while spent < budget:
+        with rng, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            asked = es.ask()
+        x = np.clip(np.asarray(asked, dtype=np.float64), low, high)[: budget - spent]
+        metrics = call_objective(objective, x, None if weights is None else len(weights))
+        if weights is None:
+            senses = check_senses(getattr(objective, "senses", None), metrics.shape[1])
+            sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
+            weights = check_preference(preference, metrics.shape[1]) if preference is not None else np.full(metrics.shape[1], 1.0 / metrics.shape[1])
+        scores = -(metrics * sign) @ weights  # CMA-ES minimises
+        coeffs_seen.append(x)
+        metrics_seen.append(metrics)
+        spent += len(x)
+        k = int(np.argmin(scores))
+        if scores[k] < best[0]:
+            best = (float(scores[k]), x[k].tolist())
+        if len(x) < len(asked):
+            break  # the budget cut this generation short: nothing more to learn from
+        with rng, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            es.tell(asked, scores.tolist())
+    return _result("CMA-ES", objective, np.concatenate(coeffs_seen), np.concatenate(metrics_seen), start,
+                   {"budget": budget, "seed": seed, "sigma0": sigma0, "popsize": es.popsize, "preference": weights.tolist(),
+                    "best": {"scalarisation": -best[0], "coeffs": best[1]}})

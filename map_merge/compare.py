@@ -8,7 +8,8 @@ real models it evaluated: each of them is a model a user can pick.
 
 Budgeted methods (``BUDGETED``): ``"MAP"`` and ``"Bayesian MAP"`` spend ``budget - reevaluations``
 on samples and the rest re-evaluating well-spread front points; ``"random search"``,
-``"NSGA-II"`` and ``"qNEHVI"`` spend the whole budget (see :mod:`map_merge.baselines`).
+``"NSGA-II"``, ``"qNEHVI"`` and ``"CMA-ES"`` (on the equal-preference scalarisation, as
+mergekit-evolve) spend the whole budget (see :mod:`map_merge.baselines`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .baselines import mobo_search, nsga2_search, random_search
+from .baselines import cma_search, mobo_search, nsga2_search, random_search
 from .bayes import BayesianMAP
 from .designs import num_quadratic_params
 from .front_metrics import front_report
@@ -31,7 +32,7 @@ from .pareto import orient, pareto_mask
 
 __all__ = ["BUDGETED", "MethodRun", "run_method", "score_runs"]
 
-BUDGETED = ("MAP", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI")
+BUDGETED = ("MAP", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI", "CMA-ES")
 
 
 @dataclass
@@ -104,6 +105,8 @@ def run_method(
                 result = random_search(objective, num_coeffs, budget, seed=seed)
             elif method == "NSGA-II":
                 result = nsga2_search(objective, num_coeffs, budget, pop_size=pop_size, seed=seed)
+            elif method == "CMA-ES":
+                result = cma_search(objective, num_coeffs, budget, popsize=pop_size, seed=seed)
             else:
                 result = mobo_search(objective, num_coeffs, budget, seed=seed)
             inputs, metrics = result.coeffs, result.metrics

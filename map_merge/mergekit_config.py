@@ -10,9 +10,10 @@ How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`
 - ``task_arithmetic`` (and ``breadcrumbs``, ``della_linear``: no sign consensus): the merged delta
   is ``lambda * sum_i w_i V'_i`` (``/ sum_i w_i`` with ``normalize: true``), so ``c_i = lambda w_i``
   (``/ sum w``). Exact both ways, per tensor, also for per-layer weight lists and filtered weights.
-- ``ties``, ``breadcrumbs_ties``, ``della`` (sign consensus, ``normalize: true``): with every
-  weight equal, the merged delta is ``lambda`` times the mean of the agreeing pruned deltas, which
-  is our operator with every ``c_i = lambda`` (emitted as ``weight: 1, lambda: c``). mergekit
+- ``ties``, ``breadcrumbs_ties``, ``della`` (sign consensus; ``normalize`` divides by the agreeing
+  weights): with every weight equal, the merged delta is ``lambda`` times the mean (or, without
+  ``normalize``, the sum) of the agreeing pruned deltas, which is our operator (with the same
+  ``normalize``) at every ``c_i = lambda`` (emitted as ``weight: 1, lambda: c``). mergekit
   weights the deltas before the sign election, so unequal weights have no exact counterpart: read,
   they give the starting point ``c_i = lambda w_i / mean(w)``; a merge with unequal coefficients is
   not emitted for these methods.
@@ -45,8 +46,8 @@ __all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recip
 READ_METHODS = ("task_arithmetic", "linear", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "dare_linear", "dare_ties")
 EMIT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 _CONSENSUS = ("ties", "breadcrumbs_ties", "della", "dare_ties")
-_NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": True,
-                      "della": True, "della_linear": False, "dare_linear": False, "dare_ties": True}
+_NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": False,
+                      "della": True, "della_linear": False, "dare_linear": False, "dare_ties": False}
 _TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer", "chat_template",
              "out_dtype", "name"}
 
@@ -328,7 +329,7 @@ def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, 
             raise RecipeError(f"{merge_method} with unequal coefficients (or groups) has no exact mergekit counterpart: mergekit "
                               "weights the deltas before the sign election; use task_arithmetic, breadcrumbs or della_linear, or "
                               "save_merged for the exact merge")
-        params["normalize"] = True
+        params["normalize"] = bool(getattr(method, "normalize", True))  # Ties: the disjoint mean
         params["lambda"] = float(matrix.flat[0])
         weights = {n: 1.0 for n in models}
     else:

@@ -104,3 +104,67 @@ def test_score_runs_against_hand_values():
     assert flipped["good"]["hv_ratio"] == pytest.approx(scores["good"]["hv_ratio"])
     with pytest.raises(ValueError, match="baseline 'x' is not one of the runs"):
         score_runs({"TA": ta}, reference, REF_POINT, baseline="x")
+
+
+def _bowls(optima, senses):
+    """Metrics ``-|c - p_j|^2`` (sense max) or ``|c - p_j|^2`` (sense min) for optima ``p_j``."""
+    optima = np.asarray(optima, dtype=float)
+
+    def fn(c):
+        d = ((np.atleast_2d(c)[:, None, :] - optima[None]) ** 2).sum(-1)
+        return np.where(np.array(senses) == "max", -d, d)
+
+    return mm.FunctionObjective(fn, optima.shape[1], [f"m{j}" for j in range(len(optima))], senses=senses, progress=False)
+
+
+def test_cma_search_finds_the_scalarised_optimum():
+    from map_merge.baselines import cma_search
+
+    a, b = np.array([0.7, 0.2, 0.4]), np.array([0.3, 0.6, 0.5])
+    # equal weights on two bowls of equal curvature: the optimum is their midpoint; weights
+    # (3, 1) move it to (3a + b) / 4; a "min" metric counts negated (same optimum as its "max" twin)
+    for senses, preference, optimum in ((["max", "max"], None, (a + b) / 2), (["min", "max"], [3, 1], (3 * a + b) / 4)):
+        result = cma_search(_bowls([a, b], senses), 3, 240, preference=preference, seed=1)
+        assert result.name == "CMA-ES" and result.coeffs.shape == (240, 3) and result.metrics.shape == (240, 2)
+        best = np.asarray(result.settings["best"]["coeffs"])
+        assert np.abs(best - optimum).max() < 0.02
+        w = np.asarray(result.settings["preference"])
+        sign = np.where(np.array(senses) == "max", 1.0, -1.0)
+        scal = (result.metrics * sign) @ w
+        assert result.settings["best"]["scalarisation"] == pytest.approx(scal.max())
+        assert np.allclose(result.coeffs[np.argmax(scal)], best)
+    # an optimum outside the box: the search stays inside and ends on its face
+    result = cma_search(_bowls([[1.4, 0.5]], ["max"]), 2, 120, seed=0)
+    assert (result.coeffs >= 0).all() and (result.coeffs <= 1).all()
+    assert np.allclose(result.settings["best"]["coeffs"], [1.0, 0.5], atol=0.02)
+
+
+def test_cma_search_is_deterministic_prefix_stable_and_leaves_numpy_alone():
+    from map_merge.baselines import cma_search
+
+    np.random.seed(123)
+    expected = np.random.rand()
+    np.random.seed(123)
+    short = cma_search(objective(), 2, 13, seed=4)
+    assert np.random.rand() == expected  # cma seeds numpy's global state; ours is restored
+    long = cma_search(objective(), 2, 30, seed=4)
+    assert len(short.coeffs) == 13 and len(long.coeffs) == 30
+    assert np.array_equal(short.coeffs, long.coeffs[:13])
+    assert np.allclose(short.metrics, two_bowls(short.coeffs))  # real evaluations
+    assert not np.array_equal(cma_search(objective(), 2, 13, seed=5).coeffs, short.coeffs)
+    run = run_method("CMA-ES", objective(), 2, 13, seed=4)
+    assert run.evaluations == 13 and np.array_equal(run.inputs, short.coeffs)
+    with pytest.raises(ValueError, match="preference has 3 weights but there are 2 tasks"):
+        cma_search(objective(), 2, 10, preference=[1, 1, 1])
+    with pytest.raises(ValueError, match="sigma0"):
+        cma_search(objective(), 2, 10, sigma0=0.0)
+
+
+def test_cma_search_names_its_extra_when_cma_is_missing(monkeypatch):
+    import sys
+
+    from map_merge.baselines import cma_search
+
+    monkeypatch.setitem(sys.modules, "cma", None)
+    with pytest.raises(ImportError, match=r"map_merge\[cma\]"):
+        cma_search(objective(), 2, 10)
