@@ -284,6 +284,26 @@ def test_new_operators_on_lora_storage_equal_dense(llama_zoo, adapters, monkeypa
         torch.testing.assert_close(whole[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("method", [mm.Dare(p=0.4, seed=3), mm.Ties(k=0.3), NEW_OPERATORS[1]], ids=["dare", "ties", "breadcrumbs"])
+def test_tiles_of_a_chunk_equal_the_dense_merge(llama_zoo, adapters, monkeypatch, method):
+    # chunks of up to 5000 entries cut into tiles of 1024 columns: deltas, operator and sum tile by tile,
+    # over full fine-tunes and an adapter at once
+    from map_merge.merge_methods import base as operators
+
+    monkeypatch.setattr(merge_methods, "CHUNK", 5000)
+    monkeypatch.setattr(operators, "TILE_ELEMENTS", 3000)
+    _, base, fts = llama_zoo
+    root, _ = adapters
+    sources = {"a": fts[0], "lora": root / "rslora", "b": fts[1]}
+    streamed = mm.TaskVectors.from_models(base, sources)
+    dense = mm.TaskVectors.from_models(base, sources, storage="dense")
+    assert streamed.storage == "mixed"
+    c = [0.5, -0.7, 1.1]
+    a, b = streamed.merge(c, method), dense.merge(c, method)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_lora_on_a_model_in_memory_and_gpt2_conv1d(tmp_path):
     config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     torch.manual_seed(0)
