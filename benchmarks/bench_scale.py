@@ -18,7 +18,7 @@ Every measurement runs in a fresh child process so its peak resident memory is i
   and Breadcrumbs' thresholds), peak extra memory.
 
     python benchmarks/bench_scale.py --out benchmarks/results            # ~30 min, ~30 GB of disk
-    python benchmarks/bench_scale.py --sweeps methods --sizes 4.1GB --work /tmp/scale   # the operator rows
+    python benchmarks/bench_scale.py --sweeps methods --sizes 4.1GB --threads 1 --name scale_methods --work /tmp/scale
     python benchmarks/bench_scale.py --quick --out /tmp/scale            # seconds (jobs run in-process)
 """
 
@@ -304,6 +304,7 @@ def main() -> None:
     p.add_argument("--no-mergekit", action="store_true")
     p.add_argument("--sweeps", default="tasks,size,lora,methods", help="which sweeps to run (comma-separated)")
     p.add_argument("--methods", default="ta,dare,ties,breadcrumbs", help="operators of the methods sweep (ta first)")
+    p.add_argument("--name", default="scale", help="name of the JSON and the plots (e.g. scale_methods for --sweeps methods)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the measuring processes (0: torch's default); "
                    "1 gives steadier numbers on cores other processes share")
     p.add_argument("--child", default=None, help=argparse_hidden())
@@ -369,22 +370,24 @@ def main() -> None:
             rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
 
-    write(args.out, "scale", {"rows": rows, "goals": {"peak_extra_share": 0.10, "merge_vs_read": 3.0, "merge_vs_ta": 2.0}})
+    write(args.out, args.name, {"rows": rows, "goals": {"peak_extra_share": 0.10, "merge_vs_read": 3.0, "merge_vs_ta": 2.0}})
     tasks_rows = [r for r in rows if r["sweep"] == "tasks"]
     size_rows = [r for r in rows if r["sweep"] == "size" and r["method"] == "ta"]
     method_rows = [r for r in rows if r["sweep"] == "methods"]
     if method_rows:
-        plot_methods(method_rows, Path(args.out) / "scale_methods.png")
-    plots.plot_curves({"merge_into / read": ([r["tasks"] for r in tasks_rows], [r["merge_vs_read"] for r in tasks_rows], None),
-                       "peak extra / model size": ([r["tasks"] for r in tasks_rows], [r["peak_extra_share"] for r in tasks_rows], None)},
-                      "task vectors T", "ratio", title=f"streamed merge_into, Llama {sizes[0]}, bf16, CPU",
-                      path=Path(args.out) / "scale_tasks.png")
-    plots.plot_curves({"merge_into (s)": ([r["model_GB"] for r in size_rows], [r["merge_into_s"] for r in size_rows], None),
-                       "read same bytes (s)": ([r["model_GB"] for r in size_rows], [r["read_s"] for r in size_rows], None),
-                       "save_merged (s)": ([r["model_GB"] for r in size_rows], [r["save_s"] for r in size_rows], None),
-                       **({"mergekit TA (s)": ([r["model_GB"] for r in size_rows], [r["mergekit_s"] for r in size_rows], None)}
-                          if all("mergekit_s" in r for r in size_rows) and size_rows else {})},
-                      "model size (GB, bf16)", "seconds", title="T = 2, streamed, CPU (2 cores)", path=Path(args.out) / "scale_size.png")
+        plot_methods(method_rows, Path(args.out) / f"{args.name}_methods.png")
+    if tasks_rows:
+        plots.plot_curves({"merge_into / read": ([r["tasks"] for r in tasks_rows], [r["merge_vs_read"] for r in tasks_rows], None),
+                           "peak extra / model size": ([r["tasks"] for r in tasks_rows], [r["peak_extra_share"] for r in tasks_rows], None)},
+                          "task vectors T", "ratio", title=f"streamed merge_into, Llama {sizes[0]}, bf16, CPU",
+                          path=Path(args.out) / f"{args.name}_tasks.png")
+    if size_rows:
+        plots.plot_curves({"merge_into (s)": ([r["model_GB"] for r in size_rows], [r["merge_into_s"] for r in size_rows], None),
+                           "read same bytes (s)": ([r["model_GB"] for r in size_rows], [r["read_s"] for r in size_rows], None),
+                           "save_merged (s)": ([r["model_GB"] for r in size_rows], [r["save_s"] for r in size_rows], None),
+                           **({"mergekit TA (s)": ([r["model_GB"] for r in size_rows], [r["mergekit_s"] for r in size_rows], None)}
+                              if all("mergekit_s" in r for r in size_rows) else {})},
+                          "model size (GB, bf16)", "seconds", title="T = 2, streamed, CPU (2 cores)", path=Path(args.out) / f"{args.name}_size.png")
     print(table(rows, ["sweep", "size", "tasks", "kind", "method", "model_GB", "prepare_s", "first_merge_s", "merge_into_s", "merge_vs_ta", "cpu_vs_ta", "read_s", "merge_vs_read",
                        "peak_extra_GB", "peak_extra_share", "save_s", "save_peak_rss_GB", "mergekit_s", "mergekit_peak_rss_GB",
                        "max_abs_diff"]))
