@@ -9,12 +9,17 @@ Every measurement runs in a fresh child process so its peak resident memory is i
   memory = peak RSS during the merge minus RSS before it; time against reading the same bytes
   (every tensor of the T + 1 checkpoints, chunk by chunk, same page-cache state);
 - ``save_merged``: the merged model streamed into a sharded HF folder (peak RSS of the process);
-- mergekit's ``task_arithmetic`` and ``ties`` on the same folders (``mergekit-yaml``, CPU): time,
-  peak RSS, and the largest difference of its merged tensors from ours;
-- LoRA adapters of rank 8/16/64 (all attention and MLP projections) against full fine-tunes.
+- mergekit's ``task_arithmetic`` and ``ties`` on the same folders (``mergekit-yaml``, CPU, from
+  its own virtual environment: ``benchmarks/_mergekit.py``): time, peak RSS, and the largest
+  difference of its merged tensors from ours;
+- LoRA adapters of rank 8/16/64 (all attention and MLP projections) against full fine-tunes;
+- the operators (DARE, TIES, Breadcrumbs) against task arithmetic at the largest size, T = 2:
+  ``merge_into`` time (warm) and its ratio to task arithmetic's, the one-off ``prepare`` (TIES's
+  and Breadcrumbs' thresholds), peak extra memory.
 
-    python benchmarks/bench_scale.py --out benchmarks/results            # ~25 min, ~30 GB of disk
-    python benchmarks/bench_scale.py --quick --out /tmp/scale            # seconds
+    python benchmarks/bench_scale.py --out benchmarks/results            # ~30 min, ~30 GB of disk
+    python benchmarks/bench_scale.py --sweeps methods --sizes 4.1GB --threads 1 --name scale_methods --work /tmp/scale
+    python benchmarks/bench_scale.py --quick --out /tmp/scale            # seconds (jobs run in-process)
 """
 
 from __future__ import annotations
@@ -144,6 +149,9 @@ def _reset_peak() -> None:
 
 def child(job: dict) -> dict:
     import map_merge as mm
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
     from map_merge.task_vectors.safetensors_io import SafetensorsCheckpoint
 
     kind = job["kind"]
@@ -163,8 +171,10 @@ def child(job: dict) -> dict:
     tv = mm.TaskVectors.from_models(sources[0], sources[1:])
     tv.progress = False
     # TIES with every c_i = 0.5 is mergekit's ties (equal weights, normalize) with lambda 0.5
-    coeffs = np.linspace(0.2, 0.6, tv.num_tasks) if job.get("method", "ta") == "ta" else np.full(tv.num_tasks, 0.5)
-    method = {"ta": None, "ties": mm.Ties(k=job.get("k", 0.2), scope="tensor")}[job.get("method", "ta")]
+    name = job.get("method", "ta")
+    coeffs = np.full(tv.num_tasks, 0.5) if name == "ties" else np.linspace(0.2, 0.6, tv.num_tasks)
+    method = {"ta": None, "ties": mm.Ties(k=job.get("k", 0.2), scope="tensor"), "dare": mm.Dare(p=0.5, seed=0),
+              "breadcrumbs": mm.Breadcrumbs(density=0.9, gamma=0.01)}[name]
     if kind == "merge_into":
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -183,12 +193,13 @@ def child(job: dict) -> dict:
         prepared = time.perf_counter()
         tv.merge_into(model, coeffs, method)
         first = time.perf_counter() - prepared
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         tv.merge_into(model, coeffs[::-1].copy(), method)  # warm: what each evaluation of an objective pays
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
         extra = max(0, _status("VmHWM") - before)
-        return {"seconds": seconds, "first_seconds": first, "prepare_seconds": prepared - t0, "peak_extra_bytes": extra, "model_bytes": model_bytes, "storage": tv.storage,
-                "dtype_after": str(next(model.parameters()).dtype)}
+        # CPU seconds (all threads) tell the work apart from waiting when other processes share the cores
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "first_seconds": first, "prepare_seconds": prepared - t0, "peak_extra_bytes": extra,
+                "model_bytes": model_bytes, "storage": tv.storage, "dtype_after": str(next(model.parameters()).dtype)}
     if kind == "save":
         start = time.perf_counter()
         tv.save_merged(job["out"], coeffs, method, max_shard_size="2GB")
@@ -197,15 +208,23 @@ def child(job: dict) -> dict:
     raise ValueError(kind)
 
 
+IN_PROCESS = {"on": False}  # --quick: jobs run in this process (the child entry point is still run once)
+
+
 def run_child(job: dict) -> dict:
+    if IN_PROCESS["on"]:
+        return child(job)
     out = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_mergekit(sources: list[Path], out: Path, method: str, k: float) -> dict | None:
-    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
-    if not Path(exe).exists():
-        return None
+    from _mergekit import mergekit_bin
+
+    try:
+        exe = str(mergekit_bin() / "mergekit-yaml")
+    except (OSError, subprocess.CalledProcessError) as error:
+        return {"error": f"no mergekit environment: {error}"}
     coeffs = np.linspace(0.2, 0.6, len(sources) - 1)  # as the child jobs use for task arithmetic
     models = []
     for path, c in zip(sources[1:], coeffs):
@@ -245,18 +264,25 @@ def max_difference(ours: Path, theirs: Path) -> dict:
 
 
 # ---------------------------------------------------------------------- the benchmark
-def measure(sources: list[Path], work: Path, label: dict, mergekit: bool, method: str = "ta") -> dict:
+THREADS = {"n": 0}
+
+
+def measure(sources: list[Path], work: Path, label: dict, mergekit: bool, method: str = "ta", save: bool = True) -> dict:
     os.sync()  # no write-back of freshly generated files during the timings
     run_child({"kind": "read", "sources": [str(p) for p in sources]})  # page cache as for a merge
     read = run_child({"kind": "read", "sources": [str(p) for p in sources]})
-    merge = run_child({"kind": "merge_into", "sources": [str(p) for p in sources], "method": method})
+    merge = run_child({"kind": "merge_into", "sources": [str(p) for p in sources], "method": method, "threads": THREADS["n"]})
+    row = {**label, "method": method, "model_GB": merge["model_bytes"] / 1e9, "read_s": read["seconds"], "read_GB": read["bytes"] / 1e9,
+           "prepare_s": merge["prepare_seconds"], "first_merge_s": merge["first_seconds"], "merge_into_s": merge["seconds"], "merge_into_cpu_s": merge["cpu_seconds"],
+           "merge_vs_read": merge["seconds"] / read["seconds"],
+           "peak_extra_GB": merge["peak_extra_bytes"] / 1e9, "peak_extra_share": merge["peak_extra_bytes"] / merge["model_bytes"],
+           "dtype_after": merge["dtype_after"]}
+    if not save:
+        return row
     out = work / "out_ours"
     shutil.rmtree(out, ignore_errors=True)
-    save = run_child({"kind": "save", "sources": [str(p) for p in sources], "out": str(out), "method": method})
-    row = {**label, "method": method, "model_GB": merge["model_bytes"] / 1e9, "read_s": read["seconds"], "read_GB": read["bytes"] / 1e9,
-           "prepare_s": merge["prepare_seconds"], "first_merge_s": merge["first_seconds"], "merge_into_s": merge["seconds"], "merge_vs_read": merge["seconds"] / read["seconds"],
-           "peak_extra_GB": merge["peak_extra_bytes"] / 1e9, "peak_extra_share": merge["peak_extra_bytes"] / merge["model_bytes"],
-           "save_s": save["seconds"], "save_peak_rss_GB": save["peak_rss_bytes"] / 1e9, "dtype_after": merge["dtype_after"]}
+    saved = run_child({"kind": "save", "sources": [str(p) for p in sources], "out": str(out), "method": method})
+    row.update({"save_s": saved["seconds"], "save_peak_rss_GB": saved["peak_rss_bytes"] / 1e9})
     if mergekit:
         theirs = work / "out_mergekit"
         mk = run_mergekit(sources, theirs, {"ta": "task_arithmetic", "ties": "ties"}[method], 0.2)
@@ -276,6 +302,11 @@ def main() -> None:
     p.add_argument("--tasks", default="1,2,4,8", help="T sweep at the smallest size")
     p.add_argument("--ranks", default="8,16,64")
     p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--sweeps", default="tasks,size,lora,methods", help="which sweeps to run (comma-separated)")
+    p.add_argument("--methods", default="ta,dare,ties,breadcrumbs", help="operators of the methods sweep (ta first)")
+    p.add_argument("--name", default="scale", help="name of the JSON and the plots (e.g. scale_methods for --sweeps methods)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the measuring processes (0: torch's default); "
+                   "1 gives steadier numbers on cores other processes share")
     p.add_argument("--child", default=None, help=argparse_hidden())
     args = p.parse_args()
     if args.child:
@@ -286,54 +317,105 @@ def main() -> None:
     sizes = ["tiny", "small"] if args.quick else args.sizes.split(",")
     task_counts = [1, 2] if args.quick else [int(t) for t in args.tasks.split(",")]
     ranks = [4] if args.quick else [int(r) for r in args.ranks.split(",")]
+    sweeps = set(args.sweeps.split(","))
+    THREADS["n"] = args.threads
     work = Path(args.work or tempfile.mkdtemp(prefix="map_merge_scale_"))
     use_mergekit = not args.no_mergekit and not args.quick
+    if args.quick:  # a smoke run: one job through the child entry point, the rest in this process
+        run_child({"kind": "read", "sources": [str(write_model(work / sizes[0] / "base", llama_config(sizes[0]), None))]})
+        IN_PROCESS["on"] = True
     rows = []
     # 1. against T at the smallest size
-    config = llama_config(sizes[0])
-    base = write_model(work / sizes[0] / "base", config, None)
-    for num in task_counts:
-        fts = [write_model(work / sizes[0] / f"ft{i}", config, i) for i in range(num)]
-        rows.append(measure([base] + fts, work, {"sweep": "tasks", "size": sizes[0], "tasks": num, "kind": "full"}, False))
-        print(table(rows[-1:], list(rows[-1])), flush=True)
+    if "tasks" in sweeps:
+        config = llama_config(sizes[0])
+        base = write_model(work / sizes[0] / "base", config, None)
+        for num in task_counts:
+            fts = [write_model(work / sizes[0] / f"ft{i}", config, i) for i in range(num)]
+            rows.append(measure([base] + fts, work, {"sweep": "tasks", "size": sizes[0], "tasks": num, "kind": "full"}, False))
+            print(table(rows[-1:], list(rows[-1])), flush=True)
     # 2. against model size at T = 2, with mergekit side by side (task arithmetic and TIES)
-    for size in sizes:
+    if "size" in sweeps:
+        for size in sizes:
+            config = llama_config(size)
+            folders = [write_model(work / size / "base", config, None)] + [write_model(work / size / f"ft{i}", config, i) for i in range(2)]
+            for method in ("ta", "ties"):
+                if method == "ties" and size != sizes[min(1, len(sizes) - 1)]:
+                    continue  # TIES once, at the middle size
+                rows.append(measure(folders, work, {"sweep": "size", "size": size, "tasks": 2, "kind": "full"}, use_mergekit, method))
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+    # 3. LoRA adapters against full fine-tunes, middle size, T = 2
+    if "lora" in sweeps:
+        size = sizes[min(1, len(sizes) - 1)]
+        config = llama_config(size)
+        base = write_model(work / size / "base", config, None)
+        for rank in ranks:
+            adapters = [write_adapter(work / size / f"lora_r{rank}_{i}", config, rank, seed=i) for i in range(2)]
+            row = measure([base] + adapters, work, {"sweep": "lora", "size": size, "tasks": 2, "kind": f"lora r={rank}"}, False)
+            row["adapter_MB"] = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 1e6
+            rows.append(row)
+            print(table(rows[-1:], list(rows[-1])), flush=True)
+    # 4. the operators against task arithmetic, largest size, T = 2 (merge_into only)
+    if "methods" in sweeps:
+        size = sizes[-1]
         config = llama_config(size)
         folders = [write_model(work / size / "base", config, None)] + [write_model(work / size / f"ft{i}", config, i) for i in range(2)]
-        for method in ("ta", "ties"):
-            if method == "ties" and size != sizes[min(1, len(sizes) - 1)]:
-                continue  # TIES once, at the middle size
-            rows.append(measure(folders, work, {"sweep": "size", "size": size, "tasks": 2, "kind": "full"}, use_mergekit, method))
+        ta = None
+        for method in args.methods.split(","):
+            row = measure(folders, work, {"sweep": "methods", "size": size, "tasks": 2, "kind": "full", "threads": args.threads or torch.get_num_threads()},
+                          False, method, save=False)
+            ta = row if method == "ta" else ta
+            if ta is not None:
+                row["merge_vs_ta"] = row["merge_into_s"] / ta["merge_into_s"]
+                row["cpu_vs_ta"] = row["merge_into_cpu_s"] / ta["merge_into_cpu_s"]
+            rows.append(row)
             print(table(rows[-1:], list(rows[-1])), flush=True)
-    # 3. LoRA adapters against full fine-tunes, middle size, T = 2
-    size = sizes[min(1, len(sizes) - 1)]
-    config = llama_config(size)
-    base = work / size / "base"
-    for rank in ranks:
-        adapters = [write_adapter(work / size / f"lora_r{rank}_{i}", config, rank, seed=i) for i in range(2)]
-        row = measure([base] + adapters, work, {"sweep": "lora", "size": size, "tasks": 2, "kind": f"lora r={rank}"}, False)
-        row["adapter_MB"] = sum((a / "adapter_model.safetensors").stat().st_size for a in adapters) / 1e6
-        rows.append(row)
-        print(table(rows[-1:], list(rows[-1])), flush=True)
 
-    write(args.out, "scale", {"rows": rows, "goals": {"peak_extra_share": 0.10, "merge_vs_read": 3.0}})
+    write(args.out, args.name, {"rows": rows, "goals": {"peak_extra_share": 0.10, "merge_vs_read": 3.0, "merge_vs_ta": 2.0}})
     tasks_rows = [r for r in rows if r["sweep"] == "tasks"]
     size_rows = [r for r in rows if r["sweep"] == "size" and r["method"] == "ta"]
-    plots.plot_curves({"merge_into / read": ([r["tasks"] for r in tasks_rows], [r["merge_vs_read"] for r in tasks_rows], None),
-                       "peak extra / model size": ([r["tasks"] for r in tasks_rows], [r["peak_extra_share"] for r in tasks_rows], None)},
-                      "task vectors T", "ratio", title=f"streamed merge_into, Llama {sizes[0]}, bf16, CPU",
-                      path=Path(args.out) / "scale_tasks.png")
-    plots.plot_curves({"merge_into (s)": ([r["model_GB"] for r in size_rows], [r["merge_into_s"] for r in size_rows], None),
-                       "read same bytes (s)": ([r["model_GB"] for r in size_rows], [r["read_s"] for r in size_rows], None),
-                       "save_merged (s)": ([r["model_GB"] for r in size_rows], [r["save_s"] for r in size_rows], None),
-                       **({"mergekit TA (s)": ([r["model_GB"] for r in size_rows], [r["mergekit_s"] for r in size_rows], None)}
-                          if all("mergekit_s" in r for r in size_rows) and size_rows else {})},
-                      "model size (GB, bf16)", "seconds", title="T = 2, streamed, CPU (2 cores)", path=Path(args.out) / "scale_size.png")
-    print(table(rows, ["sweep", "size", "tasks", "kind", "method", "model_GB", "prepare_s", "first_merge_s", "merge_into_s", "read_s", "merge_vs_read",
+    method_rows = [r for r in rows if r["sweep"] == "methods"]
+    if method_rows:
+        plot_methods(method_rows, Path(args.out) / f"{args.name}_methods.png")
+    if tasks_rows:
+        plots.plot_curves({"merge_into / read": ([r["tasks"] for r in tasks_rows], [r["merge_vs_read"] for r in tasks_rows], None),
+                           "peak extra / model size": ([r["tasks"] for r in tasks_rows], [r["peak_extra_share"] for r in tasks_rows], None)},
+                          "task vectors T", "ratio", title=f"streamed merge_into, Llama {sizes[0]}, bf16, CPU",
+                          path=Path(args.out) / f"{args.name}_tasks.png")
+    if size_rows:
+        plots.plot_curves({"merge_into (s)": ([r["model_GB"] for r in size_rows], [r["merge_into_s"] for r in size_rows], None),
+                           "read same bytes (s)": ([r["model_GB"] for r in size_rows], [r["read_s"] for r in size_rows], None),
+                           "save_merged (s)": ([r["model_GB"] for r in size_rows], [r["save_s"] for r in size_rows], None),
+                           **({"mergekit TA (s)": ([r["model_GB"] for r in size_rows], [r["mergekit_s"] for r in size_rows], None)}
+                              if all("mergekit_s" in r for r in size_rows) else {})},
+                          "model size (GB, bf16)", "seconds", title="T = 2, streamed, CPU (2 cores)", path=Path(args.out) / f"{args.name}_size.png")
+    print(table(rows, ["sweep", "size", "tasks", "kind", "method", "model_GB", "prepare_s", "first_merge_s", "merge_into_s", "merge_vs_ta", "cpu_vs_ta", "read_s", "merge_vs_read",
                        "peak_extra_GB", "peak_extra_share", "save_s", "save_peak_rss_GB", "mergekit_s", "mergekit_peak_rss_GB",
                        "max_abs_diff"]))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def plot_methods(rows: list[dict], path: Path) -> None:
+    """Bars: warm ``merge_into`` seconds per operator (ratio to task arithmetic on top), and the
+    one-off ``prepare`` seconds."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    names = [r["method"] for r in rows]
+    x = np.arange(len(rows))
+    merge = [r["merge_into_s"] for r in rows]
+    ax.bar(x - 0.2, merge, 0.4, label="merge_into (warm)")
+    ax.bar(x + 0.2, [r["prepare_s"] for r in rows], 0.4, label="prepare (once per operator)")
+    for xi, r in zip(x, rows):
+        if r.get("merge_vs_ta"):
+            ax.annotate(f"x{r['merge_vs_ta']:.2f} (cpu x{r['cpu_vs_ta']:.2f})", (xi - 0.2, r["merge_into_s"]), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("seconds")
+    ax.set_title(f"operators, Llama {rows[0]['size']}, bf16, T = 2, streamed, CPU", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def argparse_hidden():

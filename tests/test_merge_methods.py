@@ -241,6 +241,20 @@ def test_della_rows_longer_than_a_chunk(monkeypatch):
         della.transform("w", 3, flat[:, 3:19], {**whole, "ranks": {}})
 
 
+def test_operators_pickle_without_their_scratch_buffers():
+    import copy
+    import pickle
+
+    dare = mm.Dare(p=0.3, seed=2)
+    v = torch.randn(2, 5000)
+    out = dare.prepare(v)
+    assert dare.__dict__.get("_workspace") is not None  # scratch kept between calls
+    for clone in (pickle.loads(pickle.dumps(dare)), copy.deepcopy(dare)):
+        assert clone == dare and "_workspace" not in clone.__dict__
+        assert torch.equal(clone.prepare(v), out)
+    assert len(pickle.dumps(dare)) < 1000
+
+
 # ---------------------------------------------------------------------- names and validation
 def test_names_resolve_and_bad_settings_are_named():
     assert isinstance(merge_methods.resolve_method("breadcrumbs"), mm.Breadcrumbs)

@@ -285,6 +285,41 @@ def test_new_operators_on_lora_storage_equal_dense(llama_zoo, adapters, monkeypa
         torch.testing.assert_close(whole[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+class WideNet(torch.nn.Module):
+    """Tensors of thousands of entries, so a chunk is cut into several tiles."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(300, 40)
+        self.head = torch.nn.Linear(40, 130)
+
+
+@pytest.mark.parametrize("method", [mm.Dare(p=0.4, seed=3), mm.Ties(k=0.3), NEW_OPERATORS[1]], ids=["dare", "ties", "breadcrumbs"])
+def test_tiles_of_a_chunk_equal_the_dense_merge(tmp_path, monkeypatch, method):
+    # chunks of up to 5000 entries cut into tiles of 1024 columns (not whole rows): deltas,
+    # operator and sum tile by tile, over a full fine-tune and an adapter at once
+    from safetensors.torch import save_file
+
+    from map_merge.merge_methods import base as operators
+
+    monkeypatch.setattr(merge_methods, "CHUNK", 5000)
+    monkeypatch.setattr(operators, "TILE_ELEMENTS", 3000)
+    torch.manual_seed(0)
+    base = WideNet()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    save_file({k: v.contiguous() for k, v in perturbed(WideNet(), 1).state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    lora = peft.get_peft_model(_copy(base), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    sources = {"full": tmp_path / "ft.safetensors", "lora": tmp_path / "lora", "again": tmp_path / "ft.safetensors"}
+    streamed = mm.TaskVectors.from_models(tmp_path / "base.safetensors", sources)
+    dense = mm.TaskVectors.from_models(tmp_path / "base.safetensors", sources, storage="dense")
+    assert streamed.storage == "mixed" and max(merge_methods.tile_columns(3), 1024) < 40 * 300
+    c = [0.5, -0.7, 1.1]
+    a, b = streamed.merge(c, method), dense.merge(c, method)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_lora_on_a_model_in_memory_and_gpt2_conv1d(tmp_path):
     config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=16)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ onto this form as described in :mod:`.consensus`.
 
 from __future__ import annotations
 
-from .base import ChunkSource, MergeMethod, TaskArithmetic
+from .base import ChunkSource, MergeMethod, TaskArithmetic, tile_columns
 from .breadcrumbs import Breadcrumbs
 from .dare import Dare
 from .della import Della
@@ -41,7 +41,7 @@ from .select import kth_largest_magnitude
 from .ties import Ties
 
 __all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "Breadcrumbs", "Della", "resolve_method", "CHUNK", "ChunkSource",
-           "kth_largest_magnitude", "random_words", "METHOD_NAMES"]
+           "kth_largest_magnitude", "random_words", "tile_columns", "METHOD_NAMES"]
 
 CHUNK = 1 << 20
 """Elements per unit of streamed work: tensors are cut into flat ranges of whole rows of about

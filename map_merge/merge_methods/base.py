@@ -11,7 +11,7 @@ import torch
 
 from .workspace import Workspace
 
-__all__ = ["ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tiled_"]
+__all__ = ["ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
 
 ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
 """``chunks(keys)`` yields ``(key, start, deltas (T, n) fp32)`` over the given keys (``None``: all),
@@ -83,6 +83,12 @@ class MergeMethod:
     def is_identity(self) -> bool:
         return False
 
+    @property
+    def elementwise(self) -> bool:
+        """Whether :meth:`transform` maps each entry (column of ``deltas``) on its own, given the
+        state: a caller may then cut a chunk into any column ranges (tiles) and transform each."""
+        return False
+
 
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
@@ -97,17 +103,26 @@ class TaskArithmetic(MergeMethod):
     def is_identity(self) -> bool:
         return True
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
 
 TILE_ELEMENTS = 1 << 19
 """Entries (over all tasks) an elementwise operator maps at a time on the CPU: its temporaries then
 stay in the core's cache instead of streaming through memory once per step."""
 
 
+def tile_columns(num_tasks: int) -> int:
+    """Columns of a ``(T, n)`` chunk per CPU tile (see :data:`TILE_ELEMENTS`)."""
+    return max(1024, TILE_ELEMENTS // max(num_tasks, 1))
+
+
 def tiled_(apply: Callable[[str, int, torch.Tensor], torch.Tensor], key: str, start: int, deltas: torch.Tensor) -> torch.Tensor:
     """Apply an elementwise in-place map ``apply(key, start, deltas (T, n))`` to column tiles of
     ``deltas`` (on the CPU; in one go elsewhere) and return ``deltas``."""
     num_tasks, num = deltas.shape
-    step = max(1024, TILE_ELEMENTS // max(num_tasks, 1))
+    step = tile_columns(num_tasks)
     if deltas.device.type != "cpu" or num <= step:
         return apply(key, start, deltas)
     for offset in range(0, num, step):

@@ -103,6 +103,10 @@ class Breadcrumbs(MergeMethod):
                         out=work.get("breadcrumbs_keep", deltas.shape, deltas.dtype, deltas.device))
         return keep.mul_(torch.lt(magnitude, high.to(device=deltas.device, dtype=deltas.dtype)[:, None], out=magnitude))
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         return self.transform_(key, start, deltas.clone(), state)
 

@@ -77,6 +77,10 @@ class Dare(MergeMethod):
             return None
         return self.ties.fit(lambda keys=None: ((k, s, tiled_(self._drop_, k, s, d.clone())) for k, s, d in chunks(keys)), sizes, shapes)
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         return self.transform_(key, start, deltas.clone(), state)
 

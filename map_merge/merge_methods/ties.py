@@ -58,6 +58,10 @@ class Ties(MergeMethod):
             thresholds[unit] = kth_largest_magnitude(lambda keys=keys: (d for _, _, d in chunks(keys)), torch.full((num_tasks,), keep))
         return thresholds[None] if self.scope == "global" else thresholds
 
+    @property
+    def elementwise(self) -> bool:
+        return True
+
     def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
         return self.transform_(key, start, deltas.clone(), state)
 

@@ -282,13 +282,19 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         task arithmetic reads, when already read ahead)."""
         if method.is_identity:
             out = self._task_arithmetic_chunk(key, start, stop, c, device, raw)
-        else:  # raw: every task's chunk, read ahead; deltas are scratch the operator may overwrite
-            base, deltas = self._delta_block(key, start, stop, device, raw)
-            prepared = method.transform_(key, start, deltas, state) if raw is not None else method.transform(key, start, deltas, state)
-            out = self._work_buffers(device, stop - start)[0].copy_(base)
-            for weight, row in zip(c.tolist(), prepared):  # row by row: addmv with a (n, T) matrix is several times slower
-                if weight != 0:
-                    out.add_(row, alpha=weight)
+        else:  # raw: every task's chunk, read ahead; deltas are then scratch the operator may overwrite
+            out = self._work_buffers(device, stop - start)[0]
+            # an elementwise operator on the CPU goes tile by tile: deltas, operator and sum stay in cache
+            step = merge_methods.tile_columns(self.num_tasks) if raw is not None and method.elementwise and device.type == "cpu" else stop - start
+            for begin in range(0, stop - start, step):
+                end = min(begin + step, stop - start)
+                part = None if raw is None else (raw[0][begin:end], [(w, t[begin:end]) for w, t in raw[1]])
+                base, deltas = self._delta_block(key, start + begin, start + end, device, part)
+                prepared = method.transform(key, start + begin, deltas, state) if raw is None else method.transform_(key, start + begin, deltas, state)
+                piece = out[begin:end].copy_(base)
+                for weight, row in zip(c.tolist(), prepared):  # row by row: addmv with a (n, T) matrix is several times slower
+                    if weight != 0:
+                        piece.add_(row, alpha=weight)
         # NaN/inf anywhere makes the sum non-finite (a sum is ~50x cheaper than isfinite().all())
         if not bool(torch.isfinite(out.sum())) and not bool(torch.isfinite(out).all()):
             self._raise_nonfinite(key, start, stop, c)
