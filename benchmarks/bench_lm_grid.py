@@ -197,11 +197,11 @@ def main() -> None:
         objective = zoo.objective(group, progress=False)
         coeffs = np.random.default_rng(0).uniform(size=(4, len(group)))
         objective(coeffs[:1])  # warm-up
-        objective.merge_seconds = objective.eval_seconds = 0.0
+        merge0, eval0 = objective.merge_seconds, objective.eval_seconds
         t0 = time.perf_counter()
         objective(coeffs[1:])
-        timing[f"T{len(group)}"] = {"seconds_per_evaluation": (time.perf_counter() - t0) / 3, "merge": objective.merge_seconds / 3,
-                                    "eval": objective.eval_seconds / 3, "threads": torch.get_num_threads()}
+        timing[f"T{len(group)}"] = {"seconds_per_evaluation": (time.perf_counter() - t0) / 3, "merge": (objective.merge_seconds - merge0) / 3,
+                                    "eval": (objective.eval_seconds - eval0) / 3, "threads": torch.get_num_threads()}
     print("per evaluation:", timing, flush=True)
 
     store = mm.EvaluationStore(cache_root() / "lm_grid_store.sqlite")

@@ -79,12 +79,14 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 14 + 5  # + the first refit round
     capsys.readouterr()
     config.write_text(json.dumps({**base, "samples_per_stage": 6}))
-    assert main(["nested", "--config", str(config)]) == 0
+    assert main(["nested", "--config", str(config)]) == 2  # the earlier run's results are kept ...
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["nested", "--config", str(config), "--overwrite"]) == 0  # ... unless replaced on purpose
     nested = json.loads((tmp_path / "out" / "result.json").read_text())
     assert len(nested["stages"]) == 2 and len(nested["coeffs"]) == 3
     capsys.readouterr()
     config.write_text(json.dumps({**base, "moe_steps": 5, "tasks": tasks[:2], "preference": [3, 1]}))
-    assert main(["moe", "--config", str(config)]) == 0
+    assert main(["moe", "--config", str(config), "--overwrite"]) == 0
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     # the saved dense model is the MoE unloaded for the normalised preference (3/4, 1/4)
     zoo = load_vision_zoo(tasks[:2], progress=False)
@@ -201,7 +203,7 @@ def test_cli_moe_on_own_models_routes_to_the_analytic_optimum(tmp_path, capsys, 
     fields = {**_own_models(tmp_path), "out": str(tmp_path / "out"), "preference": [3, 1], "train_loss": "user.py:train_loss",
               "upcycle": "all", "moe_steps": 1000, "moe_method": method}
     config.write_text(json.dumps(fields))
-    assert main(["moe", "--config", str(config)]) == 0
+    assert main(["moe", "--config", str(config), "--overwrite"]) == 0
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     # the saved dense model for [3, 1]: LS w = (0.75, 0.25), EPO w = (0.634, 0.366)
     np.testing.assert_allclose(load_file(f"{summary['saved']}/model.safetensors")["weight"].numpy().reshape(-1),

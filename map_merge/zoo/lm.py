@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..groups import Groups
 from ..merge_methods import MergeMethod
+from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective
 from ..store import EvaluationStore
 from ..task_vectors import TaskVectors
@@ -134,6 +136,7 @@ class LMZoo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     eval_dtype: torch.dtype = torch.bfloat16
     name: str = "lm"
+    train_texts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _losses: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -222,11 +225,12 @@ class LMZoo:
         progress: bool = True,
         scored: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
+        groups: Groups | None = None,
     ) -> ModelObjective:
         """A :class:`~map_merge.ModelObjective` merging the named experts into one live model
         (:meth:`new_model`) and scoring ``scored`` (default: the same domains) on ``split``:
         ``metric="loss"`` held-out loss (min, softplus link) or ``"lm_eval"`` multiple-choice
-        accuracy (max). Results are kept in ``store`` (a path or a store)."""
+        accuracy (max). Results are kept in ``store`` (a path or a store); ``groups``: coefficient groups."""
         names = self._names(names)
         scored_names = self._names(scored) if scored is not None else names
         tv = task_vectors if task_vectors is not None else self.task_vectors(names)
@@ -237,10 +241,10 @@ class LMZoo:
             store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "key": self.info.get("key", ""), "split": split, "metric": metric,
                           "dtype": str(dtype or self.eval_dtype)})
-        return ModelObjective(self.new_model(device, dtype), tv, tasks, method=method, store=store, key=key, progress=progress)
+        return ModelObjective(self.new_model(device, dtype), tv, tasks, method=method, store=store, key=key, progress=progress, groups=groups)
 
     def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test",
-                        method: str | MergeMethod | None = None, metric: str = "loss") -> np.ndarray:
+                        method: str | MergeMethod | None = None, metric: str = "loss", groups: Groups | None = None) -> np.ndarray:
         """Metrics ``(K, M)`` (held-out loss, or lm-eval accuracy) of the merged models for
         ``coeffs: (K, T)`` on ``split`` (no store; e.g. test-set reports)."""
         names = self._names(names)
@@ -250,10 +254,80 @@ class LMZoo:
         tasks = self._tasks(names, self._split(split), metric)
         out = np.zeros((len(coeffs), len(names)))
         for i, c in enumerate(coeffs):
-            tv.merge_into(model, c, method)
+            tv.merge_into(model, c, method, groups=groups)
             model.eval()
             out[i] = [float(tasks[n](model)) for n in names]
         return out
+
+    def evaluate_model(self, model: nn.Module, names: Sequence[str] | None = None, split: str = "test", metric: str = "loss") -> np.ndarray:
+        """``(len(names),)`` metrics of one model (held-out loss, or lm-eval accuracy) on ``split``."""
+        tasks = self._tasks(self._names(names), self._split(split), metric)
+        model.eval()
+        with torch.inference_mode():
+            return np.array([float(task(model)) for task in tasks.values()])
+
+    def limit_split(self, split: str, num_examples: int | None) -> str:
+        """The split itself: the held-out sets are already small (``recipe.val_texts`` texts)."""
+        return self._split(split)
+
+    # ------------------------------------------------------------------ PWE-MoE
+    def train_loss(self, name: str, batch_size: int = 8, generator: torch.Generator | None = None):
+        """``loss(model) -> scalar``: mean token cross-entropy of a causal LM on ``batch_size``
+        random training texts of domain ``name`` per call (PWE-MoE router training)."""
+        name = self._names([name])[0]
+        texts = self.train_texts.get(name)
+        if not texts:
+            raise ValueError(f"the lm zoo keeps no training texts of {name!r}")
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.recipe.max_length, add_special_tokens=True)["input_ids"]
+        encoded = [ids for ids in encoded if len(ids) >= 2]
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+        def loss(model: nn.Module) -> torch.Tensor:
+            index = torch.randint(0, len(encoded), (batch_size,), generator=generator).tolist()
+            width = max(len(encoded[i]) for i in index)
+            ids = torch.full((batch_size, width), pad, dtype=torch.long)
+            mask = torch.zeros(batch_size, width, dtype=torch.long)
+            for row, i in enumerate(index):
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            device = next(p.device for p in model.parameters()) if any(True for _ in model.parameters()) else self.device
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+
+        return loss
+
+    def fit_moe(self, names: Sequence[str] | None = None, method: str = "ls", steps: int = ROUTER_STEPS, batch_size: int = 8,
+                lr: float = 1e-2, init_lambda: float = 0.3, seed: int = 0, checkpoint: str | os.PathLike | None = None,
+                progress: bool = True, corners: float = CORNERS):
+        """A :class:`~map_merge.moe.ParetoMoE` over the Llama's MLP blocks of the named experts, its
+        routers trained (``"ls"`` / ``"epo"``) on training texts; cached in ``checkpoint`` (a folder).
+        Returns ``(moe, info)``."""
+        from ..moe import ParetoMoE
+
+        names = self._names(names)
+        tv = self.task_vectors(names)
+        moe = ParetoMoE(self.new_model(dtype=torch.float32), tv, upcycle="mlp", init_lambda=init_lambda, seed=seed)
+        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, corners, self.info.get("key", "")]
+        key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+        path = Path(checkpoint) / f"moe_routers_lm_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
+        generator = torch.Generator().manual_seed(seed)
+        losses = {n: self.train_loss(n, batch_size, generator) for n in names}
+        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
+        return moe, {**info, "batch_per_task": batch_size, "key": key}
+
+    def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
+                      progress: bool = True):
+        """An objective over *preference vectors* ``(K, T)``: held-out losses ``(K, T)`` of the dense
+        models ``moe.unload(r)`` (sense min)."""
+        names = self._names(names)
+        if store is not None and not isinstance(store, EvaluationStore):
+            store = EvaluationStore(store)
+        key = json.dumps({"zoo": self.name, "key": self.info.get("key", ""), "split": split, "metric": "loss"})
+        tasks = {n: self.held_out_loss(n, self._split(split)) for n in names}
+        return moe.objective(tasks, senses=["min"] * len(names), key=key, store=store, progress=progress)
 
     def table(self, split: str = "test", lm_eval: bool = True) -> list[dict[str, Any]]:
         """Per domain: held-out loss of the base and of the domain's expert, and (``lm_eval``)
@@ -456,6 +530,7 @@ def load_lm_zoo(
     choice = _write_tasks(folder, recipe, texts, seed)
     held_out = {d: {"val": texts[d]["val"][: recipe.val_texts], "test": texts[d]["test"][: recipe.test_texts]} for d in names}
     kinds = dict(recipe.kinds)
+    train = {d: texts[d]["train"][:512] for d in names}  # what PWE-MoE's routers train on
     return LMZoo(folder=folder, base_path=folder / "base", experts={d: folder / "experts" / d for d in names},
                  kinds={d: kinds[d] for d in names}, texts=held_out, choice_tasks={d: choice[d] for d in names}, tokenizer=tokenizer,
-                 recipe=recipe, info=info, device=device, eval_dtype=eval_dtype or torch.bfloat16)
+                 recipe=recipe, info=info, device=device, eval_dtype=eval_dtype or torch.bfloat16, train_texts=train)
