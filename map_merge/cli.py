@@ -99,7 +99,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     report = run_demo(out=args.out, zoo=args.zoo, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
                       val_examples=None if args.val_examples == 0 else args.val_examples, all_baselines=args.all_baselines,
                       zoo_table_too=args.zoo_table,
-                      grid_per_axis=args.grid_per_axis)
+                      grid_per_axis=args.grid_per_axis, skip=args.skip)
     print((Path(args.out) / "report.md").read_text())
     print(f"\nwrote {args.out}/report.json, report.md and plots ({report['seconds']:.0f} s)")
     return 0
@@ -315,7 +315,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         coeffs = _coeffs_for(args, None)
         zoo = load_zoo(args.zoo, args.tasks)
         tv, method = zoo.task_vectors(), args.method
-        model = None if out.suffix == ".safetensors" else zoo.new_encoder()
+        model = None if out.suffix == ".safetensors" or not hasattr(zoo, "new_encoder") else zoo.new_encoder()
     from .config import parse_groups
 
     groups = parse_groups(config.get("groups")) if args.config is not None else None
@@ -360,21 +360,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="map-merge", description="Pareto fronts of merged models (MAP, Bayesian, nested, MoE).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the whole story on the offline text zoo; write report and plots")
+    demo = sub.add_parser("demo", help="run the whole story on a bundled offline zoo (default: the language-model zoo); write report and plots")
     demo.add_argument("--out", default="outputs/demo", help="output folder (holds the evaluation store too)")
-    demo.add_argument("--zoo", choices=["text", "vision"], default="text",
-                      help="the bundled zoo (text: the demo, about 9 minutes; vision: a one-minute preview)")
+    demo.add_argument("--zoo", choices=["lm", "text", "vision"], default="lm",
+                      help="the bundled zoo (lm: a Llama pretrained here and its domain experts, the demo; text: sentence "
+                           "classifiers on MiniLM; vision: a one-minute preview)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--val-examples", type=int, default=100, help="validation examples per task the methods are scored on (0: all 200)")
+    demo.add_argument("--val-examples", type=int, default=100,
+                      help="text/vision zoos: validation examples per task the methods are scored on (0: all 200)")
     demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")
     demo.add_argument("--moe-methods", nargs="+", default=["ls"], choices=["ls", "epo"], help="PWE-MoE training objectives")
     demo.add_argument("--all-baselines", action="store_true",
                       help="also random search and NSGA-II, and every baseline on the 3-task problem (about 5 minutes more)")
-    demo.add_argument("--zoo-table", action="store_true", help="add the zoo table (test accuracies; about 2 minutes more)")
+    demo.add_argument("--zoo-table", action="store_true", default=None,
+                      help="add the zoo table (always on the lm zoo; text zoo: test accuracies, about 2 minutes more)")
+    demo.add_argument("--skip", nargs="+", default=[], metavar="METHOD", help="methods to leave out, by their report names (e.g. qNEHVI)")
     demo.add_argument("--grid-per-axis", type=int, default=None, help="add a grid of real evaluations to the reference front")
     demo.set_defaults(fn=_cmd_demo)
     zoo = sub.add_parser("zoo", help="build (or load) a bundled model zoo and describe it")
-    zoo.add_argument("zoo", choices=["text", "vision"])
+    zoo.add_argument("zoo", choices=["lm", "text", "vision"])
     zoo.add_argument("--tasks", nargs="*", default=None)
     zoo.set_defaults(fn=_cmd_zoo)
     helps = {"map": "MAP: sample, fit quadratic surrogates, search the front, re-evaluate",
@@ -394,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.set_defaults(fn=_cmd_run)
     save = sub.add_parser("save", help="save a merged model for given coefficients (or a preference) as a Hugging Face folder",
                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    save.add_argument("zoo", nargs="?", choices=["text", "vision"], default=None, help="a bundled zoo (or use --config)")
+    save.add_argument("zoo", nargs="?", choices=["lm", "text", "vision"], default=None, help="a bundled zoo (or use --config)")
     save.add_argument("--config", default=None, help="a run's YAML/JSON config: its models (and, for --preference, its result)")
     save.add_argument("--coeffs", default=None, help="comma-separated, one per task (T x G, task-major, with the config's groups)")
     save.add_argument("--preference", default=None, help="comma-separated weights: pick from the front of the config's map/bayes run")

@@ -4,8 +4,8 @@ describes.
 
 Two kinds of run:
 
-- a bundled zoo (``zoo: text`` or ``zoo: vision``, ``tasks:`` a subset of its tasks): the zoo
-  supplies models, data and metrics;
+- a bundled zoo (``zoo: lm``, ``zoo: text`` or ``zoo: vision``, ``tasks:`` a subset of its
+  tasks): the zoo supplies models, data and metrics (``lm``: held-out losses, lower is better);
 - your own models: ``pretrained:`` and ``finetuned:`` (task -> path) name the weights (a
   Hugging Face folder, ``.safetensors``, ``.bin``/``.pt``), ``evaluator:`` names a Python
   function ``evaluate(model, task) -> float`` as ``"module:function"`` or ``"file.py:function"``
@@ -55,7 +55,7 @@ TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 
     "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
     "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
 }
-CHOICES = {"zoo": ("text", "vision"), "method": ("task_arithmetic", "ties", "dare", "breadcrumbs", "della"), "acquisition": ("nehvi", "binned"),
+CHOICES = {"zoo": ("lm", "text", "vision"), "method": ("task_arithmetic", "ties", "dare", "breadcrumbs", "della"), "acquisition": ("nehvi", "binned"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
            "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16"), "schedule": ("sequential", "levels")}
 

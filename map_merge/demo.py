@@ -1,12 +1,17 @@
-"""The demo: the whole story on the offline text zoo, written as a report and plots.
+"""The demo: the whole story on a bundled offline zoo, written as a report and plots.
 
-``map-merge demo --out outputs/demo`` (the README's main command) builds or loads the text zoo,
-and for a 2-task and a 3-task problem runs MAP, Bayesian MAP, nested merging (3 tasks), PWE-MoE
-and the baselines a user would otherwise run (task arithmetic, TIES and DARE sweeps, qNEHVI;
-random search and NSGA-II with ``all_baselines``), each budgeted method at the same number of
-real evaluations; ``zoo_table_too`` adds the zoo's table; ``zoo="vision"`` runs the same story on
-the vision zoo in about a minute (what the tests run). The
-reference front is the non-dominated set of every real evaluation made. Every real evaluation
+``map-merge demo --out outputs/demo`` (the README's main command) builds or loads the language-
+model zoo (a Llama pretrained here and its code / medical / legal / arithmetic experts, full
+fine-tunes and LoRA adapters; :mod:`map_merge.zoo.lm`), and for a 2-task and a 3-task problem
+runs MAP, Bayesian MAP, nested merging (3 tasks), PWE-MoE and the baselines a user would
+otherwise run (task arithmetic, TIES and DARE sweeps, qNEHVI, CMA-ES; random search and NSGA-II
+with ``all_baselines``), each budgeted method at the same number of real evaluations. On the LM
+zoo the objectives are held-out losses (lower is better), the report opens with the zoo table
+(losses and lm-eval accuracies of the base and each expert), and MAP's pick for the equal
+preference is saved as a Hugging Face folder which lm-eval then scores through its own loader,
+beside the same numbers computed in memory. ``zoo="text"`` runs the story on the text
+classification zoo, ``zoo="vision"`` on the vision zoo in about a minute (what the tests run).
+The reference front is the non-dominated set of every real evaluation made. Every real evaluation
 goes through one evaluation store in the output folder and trained routers are saved there, so
 a second run recomputes nothing.
 """
@@ -82,6 +87,18 @@ def zoo_table(zoo, store: EvaluationStore, out: Path, uniform: Sequence[float] =
     return rows
 
 
+def _lm_zoo_table(zoo, out: Path) -> list[dict[str, Any]]:
+    """The LM zoo's table (:meth:`~map_merge.zoo.lm.LMZoo.table` on the test split), cached in
+    ``out`` under the zoo's build key."""
+    cache = out / "zoo_table_cache.json"
+    key = f"lm:{zoo.info.get('key', '')}"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in cached:
+        cached[key] = zoo.table(split="test", lm_eval=True)
+        cache.write_text(json.dumps(cached))
+    return cached[key]
+
+
 def _moe_run(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, method: str, steps: int, seed: int, progress: bool) -> MethodRun:
     """Train PWE-MoE routers (cached in ``out``) and evaluate unloaded models on a preference lattice."""
     from .moe import simplex_lattice
@@ -100,8 +117,29 @@ def _moe_run(zoo, names: list[str], store: EvaluationStore, out: Path, split: st
     return run
 
 
+def _saved_pick(zoo, objective, names: list[str], coeffs: np.ndarray, out: Path, tag: str) -> dict[str, Any]:
+    """Save MAP's equal-preference pick as a Hugging Face folder ``out/picked_<tag>`` (the demo's
+    own output: replaced on a rerun) and score it on the test questions with lm-eval twice: the
+    live merged model in memory (:class:`~map_merge.LMEvalTask`) and the folder loaded by
+    lm-eval's own ``hf`` loader."""
+    folder = out / f"picked_{tag}"
+    tv = objective.task_vectors
+    start = time.perf_counter()
+    tv.save_merged(folder, coeffs, overwrite=True)
+    save_seconds = time.perf_counter() - start
+    model = zoo.new_model()
+    tv.merge_into(model, coeffs)
+    memory = np.array([zoo.accuracy(model, n, "test") for n in names])
+    start = time.perf_counter()
+    loaded = zoo.lm_eval_folder(folder, names, "test")
+    return {"folder": str(folder), "coeffs": np.asarray(coeffs).tolist(), "save_seconds": save_seconds,
+            "lm_eval_seconds": time.perf_counter() - start, "lm_eval_in_memory": memory.tolist(),
+            "lm_eval_from_folder": loaded.tolist(), "max_abs_diff": float(np.abs(memory - loaded).max())}
+
+
 def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split: str, seed: int, progress: bool, baselines: Sequence[str],
-                moe_methods: Sequence[str], moe_steps: int, reevaluations: int, grid_per_axis: int | None) -> dict[str, Any]:
+                moe_methods: Sequence[str], moe_steps: int, reevaluations: int, grid_per_axis: int | None,
+                skip: Sequence[str] = ()) -> dict[str, Any]:
     num = len(names)
     tag = f"T{num}"
     objective = zoo.objective(names, split=split, store=store, progress=progress)
@@ -112,6 +150,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     if num >= 3:
         steps.append("nested merging")
     steps += [f"PWE-MoE ({m.upper()})" for m in moe_methods] if moe_steps > 0 else []
+    steps = [step for step in steps if step not in skip]
     for step in tqdm(steps, desc=f"{tag} methods", disable=not progress):
         log.info("%s: %s", tag, step)
         start = time.perf_counter()
@@ -167,6 +206,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
         moe = runs[f"PWE-MoE ({m.upper()})"].result
         dense = moe.unload(equal)
         test[f"PWE-MoE ({m.upper()}) unloaded"] = zoo.evaluate_model(dense, names, "test")
+    saved = _saved_pick(zoo, objective, names, chosen["MAP (surrogate pick)"], out, tag) if hasattr(zoo, "lm_eval_folder") else None
 
     fronts = {name: run.metrics for name, run in runs.items()}
     fronts = {"MAP predicted": map_result.front, **fronts}
@@ -194,6 +234,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
         "equal_preference_test": {name: acc.tolist() for name, acc in test.items()},
         "map": {"diagnostics": map_result.diagnostics(), "timings": map_result.timings, "result": map_result.to_dict()},
         "nested": runs["nested merging"].result.to_dict() if "nested merging" in runs else None,
+        "saved_pick": saved,
         "runs": {name: {"inputs": run.inputs.tolist(), "metrics": run.metrics.tolist(), "extra": run.extra} for name, run in runs.items()},
     }
 
@@ -211,11 +252,17 @@ def _markdown(report: dict[str, Any]) -> str:
              f"(this run; cached evaluations and router checkpoints are re-used).", ""]
     table = report["zoo_table"]
     if table:
-        cols = [c for c in table[0] if c != "task"]
-        lines += ["## Zoo (test accuracy)", "", "TA all tasks c=u: task arithmetic of all the zoo's tasks with every coefficient u, each task scored with its own head.", "",
-                  "| task | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        first = next(iter(table[0]))
+        cols = [c for c in table[0] if c != first]
+        if first == "domain":  # the language-model zoo
+            lines += ["## Zoo (test split)", "", "Held-out loss in nats per token (lower is better) and lm-eval multiple-choice accuracy "
+                      "(with its standard error) of the pretrained base and of each domain's expert.", ""]
+        else:
+            lines += ["## Zoo (test accuracy)", "", "TA all tasks c=u: task arithmetic of all the zoo's tasks with every coefficient u, "
+                      "each task scored with its own head.", ""]
+        lines += [f"| {first} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for row in table:
-            lines.append(f"| {row['task']} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+            lines.append(f"| {row[first]} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
         lines.append("")
     for tag, exp in report["experiments"].items():
         ref = exp["reference"]
@@ -235,6 +282,12 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["", "Equal preference, test metrics of the chosen model:", ""]
         for name, acc in exp["equal_preference_test"].items():
             lines.append(f"- {name}: {np.round(acc, 3).tolist()} (mean {np.mean(acc):.3f})")
+        saved = exp.get("saved_pick")
+        if saved:
+            lines += ["", f"MAP's pick for the equal preference, saved as a Hugging Face folder `{saved['folder']}` in {saved['save_seconds']:.1f} s; "
+                      f"lm-eval test accuracy per task, in memory {np.round(saved['lm_eval_in_memory'], 4).tolist()}, "
+                      f"from the folder through lm-eval's own `hf` loader {np.round(saved['lm_eval_from_folder'], 4).tolist()} "
+                      f"(largest difference {saved['max_abs_diff']:.2g})."]
         r2 = ", ".join(f"{k}: R²={v['r2']:.3f}, LOO RMSE={v['loo_rmse']:.3f}" for k, v in exp["map"]["diagnostics"].items())
         lines += ["", f"MAP surrogate fit: {r2}.", ""]
         for name, m in exp["scores"].items():
@@ -246,6 +299,7 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 DEMO_TASKS = {
+    "lm": (("code", "medical"), ("code", "medical", "legal")),
     "text": (("sentiment", "med_subject"), ("sentiment", "med_subject", "bias_type")),
     "vision": (("rotated", "inverted"), ("rotated", "inverted", "mirrored_parity")),
 }
@@ -253,7 +307,7 @@ DEMO_TASKS = {
 
 def run_demo(
     out: str | Path = "outputs/demo",
-    zoo: str = "text",
+    zoo: str = "lm",
     tasks2: Sequence[str] | None = None,
     tasks3: Sequence[str] | None = None,
     val_examples: int | None = 100,
@@ -262,55 +316,73 @@ def run_demo(
     moe_methods: Sequence[str] = ("ls",),
     reevaluations: int = 4,
     all_baselines: bool = False,
-    zoo_table_too: bool = False,
+    zoo_table_too: bool | None = None,
     grid_per_axis: int | None = None,
     progress: bool = True,
+    zoo_options: dict[str, Any] | None = None,
+    skip: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the demo and write ``report.json``, ``report.md`` and PNG plots into ``out``.
 
     Args:
-        zoo: the bundled zoo, ``"text"`` (the demo) or ``"vision"`` (seconds; what the tests run).
+        zoo: the bundled zoo: ``"lm"`` (the demo: the language-model zoo; its first build takes
+            minutes), ``"text"`` or ``"vision"`` (seconds; what the tests run).
         tasks2, tasks3: the 2-task and 3-task problems (the zoo's task names; default
             ``DEMO_TASKS[zoo]``).
-        val_examples: validation examples per task the methods are scored on (``None``: all 200).
+        val_examples: validation examples per task the methods are scored on (``None``: all 200;
+            the LM zoo's held-out sets are small already and used whole).
         moe_steps: PWE-MoE router training steps (0 skips PWE-MoE); moe_methods: ``"ls"``, ``"epo"``.
         reevaluations: front points each MAP variant re-evaluates (part of its budget).
-        all_baselines: besides the TIES and DARE sweeps and qNEHVI on the 2-task problem (the
-            default), run random search and NSGA-II, and every baseline on the 3-task problem too
-            (``benchmarks/bench_fronts.py`` runs them all over seeds).
-        zoo_table_too: add the zoo table (test accuracy of majority class, linear probe,
-            pretrained, fine-tuned and task arithmetic; about 2 minutes more).
+        all_baselines: besides the TIES and DARE sweeps, qNEHVI and CMA-ES on the 2-task problem
+            (the default), run random search and NSGA-II, and every baseline on the 3-task problem
+            too (``benchmarks/bench_fronts.py`` runs them all over seeds).
+        zoo_table_too: add the zoo table (default: on the LM zoo only). LM zoo: held-out loss and
+            lm-eval accuracy of base and experts; text zoo: test accuracy of majority class, linear
+            probe, pretrained, fine-tuned and task arithmetic (about 2 minutes more).
         grid_per_axis: add a grid of real evaluations to the reference front (``per_axis ** T``).
+        zoo_options: options of the LM zoo's :func:`~map_merge.zoo.lm.load_lm_zoo` (e.g.
+            ``{"size": "tiny"}``: seconds; what the tests run).
+        skip: methods to leave out, by their report names (e.g. ``("qNEHVI",)``); task
+            arithmetic and MAP always run.
     """
     from .zoo import load_zoo
 
     if zoo not in DEMO_TASKS:
         raise ValueError(f"zoo must be one of {sorted(DEMO_TASKS)}, got {zoo!r}")
-    if zoo_table_too and zoo != "text":
-        raise ValueError("the zoo table (linear probes on the pretrained encoder's features) is built for the text zoo only")
+    zoo_table_too = (zoo == "lm") if zoo_table_too is None else zoo_table_too
+    if zoo_table_too and zoo == "vision":
+        raise ValueError("the zoo table is built for the text and lm zoos only")
+    kept = {"task arithmetic", "MAP"} & set(skip)
+    if kept:
+        raise ValueError(f"the demo cannot skip {sorted(kept)}: the report is built around them")
     tasks2 = DEMO_TASKS[zoo][0] if tasks2 is None else tasks2
     tasks3 = DEMO_TASKS[zoo][1] if tasks3 is None else tasks3
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     names = list(dict.fromkeys(list(tasks2) + list(tasks3)))
-    zoo = load_zoo(zoo, names, progress=progress)
+    zoo = load_zoo(zoo, names, progress=progress, **(zoo_options or {}))
     split = zoo.limit_split("val", val_examples)
     store = EvaluationStore(out / "evaluations.sqlite")
     report: dict[str, Any] = {"zoo": {"name": zoo.name, "model": zoo.info.get("model", ""), "tasks": list(zoo.task_names), "recipe": zoo.info.get("recipe", "")},
                               "settings": {"val_examples": val_examples, "seed": seed, "moe_steps": moe_steps, "moe_methods": list(moe_methods),
                                            "reevaluations": reevaluations, "grid_per_axis": grid_per_axis}}
-    report["zoo_table"] = zoo_table(zoo, store, out, progress=progress) if zoo_table_too else []
+    if not zoo_table_too:
+        report["zoo_table"] = []
+    elif zoo.name == "lm":
+        report["zoo_table"] = _lm_zoo_table(zoo, out)
+    else:
+        report["zoo_table"] = zoo_table(zoo, store, out, progress=progress)
     report["experiments"] = {}
     for tasks in (list(tasks2), list(tasks3)):
         if not tasks:
             continue
-        baselines = ["TIES", "DARE", "qNEHVI"] + (["random search", "NSGA-II"] if all_baselines else [])
+        baselines = ["TIES", "DARE", "qNEHVI", "CMA-ES"] + (["random search", "NSGA-II"] if all_baselines else [])
         if len(tasks) > 2 and not all_baselines:
             baselines = []
         report["experiments"][f"T{len(tasks)}"] = _experiment(zoo, tasks, store, out, split, seed, progress, baselines=baselines,
                                                             moe_methods=moe_methods, moe_steps=moe_steps, reevaluations=reevaluations,
-                                                            grid_per_axis=grid_per_axis)
+                                                            grid_per_axis=grid_per_axis, skip=skip)
         _write(out, report, start)
     _write(out, report, start)
     return report

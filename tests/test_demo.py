@@ -68,3 +68,36 @@ def test_demo_scores_match_a_recomputation_from_its_raw_runs(report):
     objective = zoo.objective(["rotated", "inverted"], split=zoo.limit_split("val", 100), progress=False)
     inputs = np.array(experiment["runs"]["MAP"]["inputs"][:3])
     np.testing.assert_allclose(objective(inputs), runs["MAP"][:3], atol=1e-12)
+
+
+def test_demo_on_the_tiny_language_model_zoo(tmp_path):
+    """The default demo's path (the LM zoo, at its tiny size): held-out losses are minimised, the
+    zoo table is written, and MAP's pick saved as a Hugging Face folder is the model evaluated in
+    memory: lm-eval's own loader gives the same accuracies, and the folder loaded by transformers
+    gives the report's test losses."""
+    pytest.importorskip("lm_eval")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from map_merge.zoo import load_zoo
+
+    out = tmp_path / "demo"
+    run_demo(out=out, zoo="lm", tasks2=("code", "medical"), tasks3=(), moe_steps=5, progress=False, zoo_options={"size": "tiny"},
+             skip=("Bayesian MAP", "qNEHVI", "DARE"))  # GP searches are covered on the vision zoo; seconds matter here
+    data = json.loads((out / "report.json").read_text())
+    markdown = (out / "report.md").read_text()
+    assert "## Zoo (test split)" in markdown and "| CMA-ES |" in markdown and "| PWE-MoE (LS) |" in markdown
+    assert [row["domain"] for row in data["zoo_table"]] == ["code", "medical"]
+    experiment = data["experiments"]["T2"]
+    assert experiment["senses"] == ["min", "min"]
+    # regret on losses: the best equal-weight loss on the reference front is never beaten by a method
+    assert all(score["regret_equal_preference"] >= -1e-12 for score in experiment["scores"].values())
+    saved = experiment["saved_pick"]
+    assert saved["lm_eval_from_folder"] == pytest.approx(saved["lm_eval_in_memory"], abs=1e-12)
+    zoo = load_zoo("lm", ["code", "medical"], progress=False, size="tiny")
+    model = AutoModelForCausalLM.from_pretrained(saved["folder"], dtype=torch.bfloat16).eval()
+    losses = [zoo.loss(model, name, "test") for name in ("code", "medical")]
+    assert losses == pytest.approx(experiment["equal_preference_test"]["MAP (surrogate pick)"], abs=1e-9)
+    # the pick differs from the pretrained model: its test losses are not the base's
+    base = [row["base_loss"] for row in data["zoo_table"][:2]]
+    assert not np.allclose(losses, base)

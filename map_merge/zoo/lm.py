@@ -206,6 +206,24 @@ class LMZoo:
         """lm-eval multiple-choice accuracy of ``model`` on domain ``name``."""
         return self.lm_eval_task(name, split, limit)(model)
 
+    def lm_eval_folder(self, folder: str | os.PathLike, names: Sequence[str] | None = None, split: str = "test",
+                       batch_size: int = 16, dtype: str = "bfloat16") -> np.ndarray:
+        """``(len(names),)`` multiple-choice accuracies of a model saved as a Hugging Face folder,
+        scored by lm-eval loading the folder itself (``simple_evaluate(model="hf",
+        model_args="pretrained=<folder>,...")``): the check that a saved merge is the model that
+        was evaluated in memory."""
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        names = self._names(names)
+        split = self._split(split)
+        paths = [self.choice_tasks[n][split] for n in names]
+        manager = TaskManager(include_path=str(paths[0].parent), include_defaults=False)
+        tasks = [p.stem for p in paths]
+        out = simple_evaluate(model="hf", model_args=f"pretrained={Path(folder)},tokenizer={self.base_path},dtype={dtype}", tasks=tasks,
+                              task_manager=manager, batch_size=batch_size, bootstrap_iters=0, device=str(self.device), log_samples=False)
+        return np.array([float(out["results"][t]["acc,none"]) for t in tasks])
+
     def _tasks(self, names: Sequence[str], split: str, metric: str) -> dict[str, Any]:
         if metric not in ("loss", "lm_eval"):
             raise ValueError(f"metric must be 'loss' (held-out loss) or 'lm_eval' (multiple-choice accuracy), got {metric!r}")
