@@ -324,6 +324,10 @@ def test_fingerprints_hash_every_byte_and_agree_across_processes(tokenizer, tmp_
     with torch.no_grad():
         with_buffer[1].running_mean[2] += 1.0  # buffers are data too
     assert mm.Classification(texts, labels, tokenizer, with_buffer).fingerprint != stats
+    # a pooling function is part of the task: two lambdas (one qualified name) differ, by content
+    first = mm.Classification(texts, labels, tokenizer, head, pooling=lambda enc, x: enc(**x).last_hidden_state[:, 0]).fingerprint
+    last = mm.Classification(texts, labels, tokenizer, head, pooling=lambda enc, x: enc(**x).last_hidden_state[:, -1]).fingerprint
+    assert first != last
     loss = mm.HeldOutLoss(TEXTS, tokenizer, max_length=16)
     assert mm.HeldOutLoss(TEXTS, tokenizer, max_length=16).fingerprint == loss.fingerprint
     assert mm.HeldOutLoss(TEXTS[:1] + ["the cat sat on the hat"] + TEXTS[2:], tokenizer, max_length=16).fingerprint != loss.fingerprint
