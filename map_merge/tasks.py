@@ -175,11 +175,12 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_siz
         keep = target >= 0
         if not bool(keep.any()):
             continue
-        chunk = logits[start : start + step][keep] if not bool(keep.all()) else logits[start : start + step]
+        view = bool(keep.all())
+        chunk = logits[start : start + step] if view else logits[start : start + step][keep]  # a view, or a copy of the kept rows
         target = target[keep]
         picked = chunk.gather(1, target[:, None]).squeeze(1).float()
-        work = chunk.float()  # the one fp32 chunk
-        if work.data_ptr() == chunk.data_ptr():
+        work = chunk.float()  # the one fp32 chunk (the copy itself when the logits are fp32 and rows were dropped)
+        if view and work.data_ptr() == chunk.data_ptr():
             work = work.clone()  # fp32 logits: reduce a copy, never the model's output in place
         peak = work.amax(dim=1, keepdim=True)
         lse = work.sub_(peak).exp_().sum(dim=1).log_() + peak.squeeze(1)
