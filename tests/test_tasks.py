@@ -270,6 +270,10 @@ def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_pa
               f"print(mm.LMEvalTask({str(tmp_path / 'mm_choice.yaml')!r}, tokenizer=t).fingerprint)")
     assert _in_subprocess(script) == choice.fingerprint
     assert mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=tokenizer, limit=5).fingerprint != choice.fingerprint
+    # the same task scored through another tokenizer (other special tokens: other tokens scored) is another task
+    other_tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other_tokenizer.bos_token, other_tokenizer.eos_token = "[SEP]", "[SEP]"
+    assert mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=other_tokenizer).fingerprint != choice.fingerprint
 
 
 def test_model_objective_minimises_a_perplexity_task_from_the_start(tmp_path, tokenizer, monkeypatch):
