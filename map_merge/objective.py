@@ -548,6 +548,7 @@ class ModelObjective(Objective):
         if live.groups is not None:
             live.groups.weights(live.task_vectors.keys)  # every tensor in exactly one group, checked now
         self.key = key
+        self._keyed_tasks = self.tasks  # whose data make the store key (a for_tasks subset: its parent's)
         self._task_data: list[str] | None = None
 
     @property
@@ -582,10 +583,14 @@ class ModelObjective(Objective):
         return self.live.eval_seconds
 
     def fingerprint(self) -> str:
+        """The store key: task vectors, method, ``key``, groups and the data of every task (an
+        adapter's data fingerprint, a plain metric function's content). :meth:`for_tasks` subsets
+        keep the key of the objective they came from, so they share its stored results."""
+        keyed = self._keyed_tasks
         if self._task_data is None:  # task adapters' data fingerprints; a plain metric function by its content, once
             self._task_data = [task.metric.fingerprint if isinstance(getattr(task.metric, "fingerprint", None), str)
                                else "fn:" + _content_of(task.metric, f"the metric of task {name!r}")
-                               for name, task in self.tasks.items()]
+                               for name, task in keyed.items()]
         grouped = () if self.groups is None else ({"groups": self.groups.spec},)  # ungrouped keys stay as they were
         return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, self._task_data, *grouped)
 
@@ -610,4 +615,5 @@ class ModelObjective(Objective):
             raise ValueError(f"for_tasks needs a non-empty subset of {list(self.task_names)}, got {list(names)}")
         subset = ModelObjective.__new__(ModelObjective)
         subset._setup(self.live, {n: self.tasks[n] for n in names}, self.store, self.executor, self.key, progress=False)
+        subset._keyed_tasks, subset._task_data = self._keyed_tasks, self._task_data  # the parent's store key: shared results
         return subset

@@ -192,3 +192,25 @@ def test_function_fingerprints_agree_across_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     changed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=root).stdout.split()
     assert changed[0] != runs[0][0] and changed[1:] == runs[0][1:]
+
+
+def test_for_tasks_subsets_share_the_parents_stored_results(tmp_path, tiny_models):
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    idx = torch.tensor([0, 1, 2, 3])
+    store = mm.EvaluationStore(tmp_path / "evals.sqlite")
+    class Probe:  # a task adapter: a metric carrying the fingerprint of its data
+        fingerprint, sense = "probe-0123", "max"
+
+        def __call__(self, model):
+            return model(idx).mean().item()
+
+    tasks = {"mean": Probe(), "norm": mm.Task(lambda m: m.lin.weight.norm().item(), sense="min")}
+    whole = mm.ModelObjective(TinyNet(), tv, tasks, store=store, progress=False)
+    point = np.array([[0.2, 0.3, 0.1]])
+    values = whole(point)
+    part = whole.for_tasks(["norm"])
+    assert part.fingerprint() == whole.fingerprint()
+    np.testing.assert_array_equal(part(point), values[:, 1:])  # read back, not evaluated again
+    assert part.num_evaluations == 0 and part.num_cached == 1
+    assert store.count() == 2  # one row per task and vector, never a second copy under another key
