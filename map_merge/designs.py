@@ -16,7 +16,7 @@ import math
 import numpy as np
 from scipy.stats import qmc
 
-__all__ = ["num_quadratic_params", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots", "grid_design"]
+__all__ = ["num_quadratic_params", "quadratic_features", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots", "grid_design"]
 
 
 def num_quadratic_params(num_tasks: int) -> int:
@@ -90,10 +90,16 @@ def map_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (
     return chosen[:num_samples]
 
 
+def quadratic_features(coeffs: np.ndarray) -> np.ndarray:
+    """Features ``(K, P)``: ``[1, c_1..c_T, c_i c_j for i <= j]`` for ``coeffs: (K, T)`` (the
+    surrogates' basis; ``P`` is :func:`num_quadratic_params`)."""
+    coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))
+    rows, cols = np.triu_indices(coeffs.shape[1])
+    return np.concatenate([np.ones((coeffs.shape[0], 1)), coeffs, coeffs[:, rows] * coeffs[:, cols]], axis=1)
+
+
 def _quadratic_rank(points: np.ndarray) -> int:
     """Rank of the full-quadratic feature matrix of ``points`` (the surrogate's features)."""
-    from .surrogate import quadratic_features  # surrogate imports this module at load time
-
     return int(np.linalg.matrix_rank(quadratic_features(points)))
 
 

@@ -222,8 +222,13 @@ class _Worker:
             raise _worker_error(self.index, "setting up the objective", error) from None
         return self._held()
 
-    def run(self, base_key: str, base_box: list, key: str, parts_box: list, item: Any) -> tuple[Any, float, float]:
-        base, run, parts = self._evaluator(base_key, base_box, key, parts_box)
+    def run(self, base_key: str, base_box: list, key: str, parts_box: list, item: Any) -> tuple[Any, float, float, list[str]]:
+        """``(result, start, end, recipe keys held)``: the keys tell the driver what this worker
+        still holds (a recipe set up here may have evicted another one)."""
+        try:
+            base, run, parts = self._evaluator(base_key, base_box, key, parts_box)
+        except BaseException as error:  # noqa: BLE001 - sent back with the traceback
+            raise _worker_error(self.index, "setting up the objective", error) from None
         if isinstance(item, np.ndarray):
             item = item.copy()  # Ray hands arrays over read-only
         start = time.time()
@@ -231,7 +236,7 @@ class _Worker:
             value = run(base, parts, item)
         except BaseException as error:  # noqa: BLE001 - sent back with the traceback, never swallowed
             raise _worker_error(self.index, "evaluating", error) from None
-        return value, start, time.time()
+        return value, start, time.time(), self._held()
 
 
 def _worker_error(index: int, what: str, error: BaseException) -> EvaluationError:
@@ -675,7 +680,8 @@ class _Pool:
                 slot.loaded = frozenset(value)
                 self._run(slot)
                 return
-            result, started, finished = value
+            result, started, finished, held = value
+            slot.loaded = frozenset(held)
             now = time.time()
             slot.evaluations += 1
             slot.busy += finished - max(started, self.window_start)
@@ -692,13 +698,10 @@ class _Pool:
             cause = getattr(error, "cause", None)
             message = str(cause) if isinstance(cause, EvaluationError) else str(error)
             failure = EvaluationError(f"evaluating {_shown(job.item) if job else '?'} failed on {self._worker_name(slot)}: {message}")
-        elif isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
-                                ray.exceptions.OutOfMemoryError)):  # the worker is gone: replace it, re-queue the item
+        else:  # any other failure is the worker's (died, its node died, unschedulable, out of memory, unreachable):
+            # replace it and re-queue the item, within max_retries; a worker left in the pool would take the next items
             self._replace(slot, job, f"{type(error).__name__}: {_first_line(error)}", timed_out=False)
             return
-        else:  # any other Ray failure is this item's, reported with it
-            failure = EvaluationError(f"evaluating {_shown(job.item) if job else '?'} on {self._worker_name(slot)} failed in Ray: "
-                                      f"{type(error).__name__}: {error}")
         with self.lock:
             slot.job = None
         if job is not None:

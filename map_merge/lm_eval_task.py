@@ -136,7 +136,8 @@ class LMEvalTask:
         self.metric, self.metric_key = self._choose_metric(metric)
         self.sense = sense or self._default_sense()
         self._data = self._prepared.data
-        self.fingerprint = content_digest("lm_eval", self.task, self.metric_key, self._data)
+        # the requests are text: the tokenizer that turns them into tokens is part of what is scored
+        self.fingerprint = content_digest("lm_eval", self.task, self.metric_key, self._data, _tokenizer_identity(tokenizer))
 
     # ------------------------------------------------------------------ preparation (once)
     def _manager(self):
@@ -371,6 +372,23 @@ def _remember_per_document(item: Any) -> None:
             return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
 
         setattr(item, name, remembered)
+
+
+def _tokenizer_identity(tokenizer: Any) -> str:
+    """Digest of what a tokenizer does: its class, its full definition (a fast tokenizer's JSON,
+    else its vocabulary), its special tokens and settings lm-eval reads."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        definition: Any = backend.to_str() if backend is not None else None
+    except Exception:  # noqa: BLE001 - fall back to the vocabulary
+        definition = None
+    if definition is None:
+        vocab = getattr(tokenizer, "get_vocab", None)
+        definition = sorted(vocab().items()) if callable(vocab) else type(tokenizer).__qualname__
+    special = {str(k): v for k, v in dict(getattr(tokenizer, "special_tokens_map", None) or {}).items()}
+    settings = [getattr(tokenizer, name, None) for name in ("padding_side", "truncation_side", "add_bos_token", "add_eos_token")]
+    return content_digest(type(tokenizer).__qualname__, definition, special, [s if isinstance(s, (str, bool)) else None for s in settings],
+                          size=16)
 
 
 def _yaml_task_name(path: Path) -> str:

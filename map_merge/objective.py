@@ -306,6 +306,16 @@ def _hash(*parts: Any) -> str:
     return digest.hexdigest()
 
 
+def _content_of(fn: Any, what: str) -> str:
+    """Content digest of a function or callable; one that cannot be hashed counts by its type and
+    name (logged), so a store still works."""
+    try:
+        return content_digest(fn, size=16)
+    except TypeError as error:
+        log.warning("%s %r cannot be fingerprinted by content (%s); stored results are keyed by its name only", what, fn, error)
+        return f"{type(fn).__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 def _call_function(fn: Callable[[np.ndarray], Any], batched: bool, coeffs: np.ndarray) -> np.ndarray:
     if batched:
         return np.asarray(fn(np.asarray(coeffs)[None, :]), dtype=np.float64).reshape(-1)
@@ -320,7 +330,11 @@ class FunctionObjective(Objective):
         num_coeffs: T.
         task_names: names of the M metrics.
         senses: per metric ``"max"`` (default) or ``"min"``.
-        key: identifies the function in the store (default: its qualified name).
+        key: identifies the function in the store. Default: its qualified name plus a digest of
+            its content (code, closure, defaults, the globals it reads; see
+            :func:`~map_merge.fingerprint.content_digest`), so two lambdas, or two closures over
+            other data, never share stored results. Pass a key to keep a store's results across
+            edits of the function.
     """
 
     def __init__(
@@ -345,10 +359,13 @@ class FunctionObjective(Objective):
         self.senses = check_senses(senses, len(self.task_names))
         self.links = tuple(links) if links is not None else (None,) * len(self.task_names)
         self.batched = batched
-        self.key = key or f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        self.key = key or f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        self._content: str | None = None if key is None else ""  # the function's content digest, once asked for
 
     def fingerprint(self) -> str:
-        return _hash("function", self.key, self.num_coeffs, self.task_names)
+        if self._content is None:  # no key given: the function's content is its identity
+            self._content = _content_of(self.fn, "the function")
+        return _hash("function", self.key, self.num_coeffs, self.task_names, *([self._content] if self._content else []))
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
         return _call_function(self.fn, self.batched, coeffs)
@@ -531,6 +548,8 @@ class ModelObjective(Objective):
         if live.groups is not None:
             live.groups.weights(live.task_vectors.keys)  # every tensor in exactly one group, checked now
         self.key = key
+        self._keyed_tasks = self.tasks  # whose data make the store key (a for_tasks subset: its parent's)
+        self._task_data: list[str] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -564,10 +583,16 @@ class ModelObjective(Objective):
         return self.live.eval_seconds
 
     def fingerprint(self) -> str:
-        data = [getattr(task.metric, "fingerprint", None) for task in self.tasks.values()]  # task adapters' data
-        extra = (data,) if any(d is not None for d in data) else ()
+        """The store key: task vectors, method, ``key``, groups and the data of every task (an
+        adapter's data fingerprint, a plain metric function's content). :meth:`for_tasks` subsets
+        keep the key of the objective they came from, so they share its stored results."""
+        keyed = self._keyed_tasks
+        if self._task_data is None:  # task adapters' data fingerprints; a plain metric function by its content, once
+            self._task_data = [task.metric.fingerprint if isinstance(getattr(task.metric, "fingerprint", None), str)
+                               else "fn:" + _content_of(task.metric, f"the metric of task {name!r}")
+                               for name, task in keyed.items()]
         grouped = () if self.groups is None else ({"groups": self.groups.spec},)  # ungrouped keys stay as they were
-        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, *extra, *grouped)
+        return _hash("model", self.task_vectors.fingerprint(), self.method.spec, self.key, self._task_data, *grouped)
 
     def evaluate_one(self, coeffs: np.ndarray) -> np.ndarray:
         return _evaluate_tasks(self.live, self.tasks, coeffs)
@@ -590,4 +615,5 @@ class ModelObjective(Objective):
             raise ValueError(f"for_tasks needs a non-empty subset of {list(self.task_names)}, got {list(names)}")
         subset = ModelObjective.__new__(ModelObjective)
         subset._setup(self.live, {n: self.tasks[n] for n in names}, self.store, self.executor, self.key, progress=False)
+        subset._keyed_tasks, subset._task_data = self._keyed_tasks, self._task_data  # the parent's store key: shared results
         return subset

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares
 
-from .designs import num_quadratic_params
+from .designs import num_quadratic_params, quadratic_features  # the basis lives with its size (no import circle)
 
 __all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all", "SurrogateSet"]
 
@@ -36,13 +36,6 @@ _EPS = {"sigmoid": 1e-3, "softplus": 1e-6, "identity": 0.0}
 
 class SurrogateFitWarning(UserWarning):
     """A surrogate fits its data badly (low R^2)."""
-
-
-def quadratic_features(coeffs: np.ndarray) -> np.ndarray:
-    """Features ``(K, P)``: ``[1, c_1..c_T, c_i c_j for i <= j]`` for ``coeffs: (K, T)``."""
-    coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))
-    rows, cols = np.triu_indices(coeffs.shape[1])
-    return np.concatenate([np.ones((coeffs.shape[0], 1)), coeffs, coeffs[:, rows] * coeffs[:, cols]], axis=1)
 
 
 def _torch_features(coeffs: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ lm-eval's documents and requests; :func:`~map_merge.fingerprint.content_digest`)
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -72,6 +73,14 @@ def load_texts(source: str | os.PathLike | Sequence[str], field: str = "text") -
     if not texts:
         raise ValueError(f"no texts to score in {source if isinstance(source, (str, os.PathLike)) else 'the given list'}")
     return texts
+
+
+def _callable_digest(fn: Callable) -> str:
+    try:
+        return content_digest("callable", fn)
+    except TypeError:  # not hashable by content: its name (logged)
+        logging.getLogger(__name__).warning("the pooling function %r cannot be fingerprinted by content; keyed by its name", fn)
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
 
 
 class HeldOutLoss:
@@ -166,11 +175,12 @@ def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_siz
         keep = target >= 0
         if not bool(keep.any()):
             continue
-        chunk = logits[start : start + step][keep] if not bool(keep.all()) else logits[start : start + step]
+        view = bool(keep.all())
+        chunk = logits[start : start + step] if view else logits[start : start + step][keep]  # a view, or a copy of the kept rows
         target = target[keep]
         picked = chunk.gather(1, target[:, None]).squeeze(1).float()
-        work = chunk.float()  # the one fp32 chunk
-        if work.data_ptr() == chunk.data_ptr():
+        work = chunk.float()  # the one fp32 chunk (the copy itself when the logits are fp32 and rows were dropped)
+        if view and work.data_ptr() == chunk.data_ptr():
             work = work.clone()  # fp32 logits: reduce a copy, never the model's output in place
         peak = work.amax(dim=1, keepdim=True)
         lse = work.sub_(peak).exp_().sum(dim=1).log_() + peak.squeeze(1)
@@ -210,7 +220,7 @@ class Classification:
         self.batch_size, self.progress = int(batch_size), progress
         self.inputs = dict(tokenizer(texts, truncation=True, max_length=int(max_length), padding=True, return_tensors="pt"))
         self.labels = labels
-        pooled = pooling if isinstance(pooling, str) else f"{getattr(pooling, '__module__', '')}.{getattr(pooling, '__qualname__', 'callable')}"
+        pooled = pooling if isinstance(pooling, str) else _callable_digest(pooling)  # a function by its content, not its name
         # every byte of the inputs, labels and the head's parameters and buffers (never their repr)
         self.fingerprint = content_digest("classification", self.inputs, labels, metric, pooled, head.state_dict())
 

@@ -1,7 +1,9 @@
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +127,90 @@ def test_metric_that_is_not_a_number_names_task_and_coefficients(tiny_models, ba
         objective([[0.1, 0.2, 0.3]])
     ok = mm.ModelObjective(TinyNet(), tv, {"t": lambda m: torch.tensor(0.25), "n": lambda m: np.float32(0.5)}, progress=False)
     np.testing.assert_allclose(ok([[0.1, 0.2, 0.3]]), [[0.25, 0.5]])
+
+
+def _closure(scale):
+    def metric(c):
+        return np.asarray(c, dtype=float) * scale
+
+    return metric
+
+
+def test_function_fingerprints_follow_content_not_names(tmp_path, tiny_models):
+    """Two lambdas (same qualified name ``<lambda>``) or two closures over other data must not
+    share stored results; a repeated identical function must."""
+    store = mm.EvaluationStore(tmp_path / "evals.sqlite")
+    first = mm.FunctionObjective(lambda c: c.sum(1, keepdims=True), 2, ["y"], store=store)
+    second = mm.FunctionObjective(lambda c: -c.sum(1, keepdims=True), 2, ["y"], store=store)
+    assert first.fingerprint() != second.fingerprint()
+    coeffs = np.array([[0.25, 0.5]])
+    assert first(coeffs)[0, 0] == pytest.approx(0.75)
+    assert second(coeffs)[0, 0] == pytest.approx(-0.75) and second.num_cached == 0  # its own result, not first's
+    assert mm.FunctionObjective(_closure(1.0), 1, ["y"], batched=False).fingerprint() != \
+        mm.FunctionObjective(_closure(2.0), 1, ["y"], batched=False).fingerprint()
+    assert mm.FunctionObjective(_closure(1.0), 1, ["y"], batched=False).fingerprint() == \
+        mm.FunctionObjective(_closure(1.0), 1, ["y"], batched=False).fingerprint()
+    # a model objective whose metrics are plain functions: the same task name, other functions
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    idx = torch.tensor([0, 1, 2, 3])
+    up = mm.ModelObjective(TinyNet(), tv, {"t": lambda m: m(idx).mean().item()}, store=store, progress=False)
+    down = mm.ModelObjective(TinyNet(), tv, {"t": lambda m: -m(idx).mean().item()}, store=store, progress=False)
+    assert up.fingerprint() != down.fingerprint()
+    point = np.array([[0.2, 0.3, 0.1]])
+    assert down(point)[0, 0] == pytest.approx(-up(point)[0, 0]) and down.num_cached == 0
+
+
+FUNCTIONS = textwrap.dedent('''
+    import sys
+    import numpy as np
+    import map_merge as mm
+
+    OFFSET = np.array([0.5, -0.25])
+
+    def shifted(c):
+        return (c + OFFSET).sum(1, keepdims=True)
+
+    objectives = [mm.FunctionObjective(shifted, 2, ["y"]), mm.FunctionObjective(lambda c: c.sum(1, keepdims=True), 2, ["y"]),
+                  mm.FunctionObjective(lambda c: c.prod(1, keepdims=True), 2, ["y"])]
+    print(" ".join(o.fingerprint() for o in objectives))
+''')
+
+
+def test_function_fingerprints_agree_across_processes(tmp_path):
+    script = tmp_path / "functions.py"
+    script.write_text(FUNCTIONS)
+    root = str(Path(__file__).resolve().parents[1])
+    runs = []
+    for seed in ("1", "2"):  # another process, another string-hash seed
+        env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(done.stdout.split())
+    assert runs[0] == runs[1] and len(set(runs[0])) == 3  # equal functions agree, different ones differ
+    script.write_text(FUNCTIONS.replace("[0.5, -0.25]", "[0.5, -0.5]"))  # the data a function reads is part of it
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    changed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=root).stdout.split()
+    assert changed[0] != runs[0][0] and changed[1:] == runs[0][1:]
+
+
+def test_for_tasks_subsets_share_the_parents_stored_results(tmp_path, tiny_models):
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts)
+    idx = torch.tensor([0, 1, 2, 3])
+    store = mm.EvaluationStore(tmp_path / "evals.sqlite")
+    class Probe:  # a task adapter: a metric carrying the fingerprint of its data
+        fingerprint, sense = "probe-0123", "max"
+
+        def __call__(self, model):
+            return model(idx).mean().item()
+
+    tasks = {"mean": Probe(), "norm": mm.Task(lambda m: m.lin.weight.norm().item(), sense="min")}
+    whole = mm.ModelObjective(TinyNet(), tv, tasks, store=store, progress=False)
+    point = np.array([[0.2, 0.3, 0.1]])
+    values = whole(point)
+    part = whole.for_tasks(["norm"])
+    assert part.fingerprint() == whole.fingerprint()
+    np.testing.assert_array_equal(part(point), values[:, 1:])  # read back, not evaluated again
+    assert part.num_evaluations == 0 and part.num_cached == 1
+    assert store.count() == 2  # one row per task and vector, never a second copy under another key

@@ -270,6 +270,10 @@ def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_pa
               f"print(mm.LMEvalTask({str(tmp_path / 'mm_choice.yaml')!r}, tokenizer=t).fingerprint)")
     assert _in_subprocess(script) == choice.fingerprint
     assert mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=tokenizer, limit=5).fingerprint != choice.fingerprint
+    # the same task scored through another tokenizer (other special tokens: other tokens scored) is another task
+    other_tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    other_tokenizer.bos_token, other_tokenizer.eos_token = "[SEP]", "[SEP]"
+    assert mm.LMEvalTask(tmp_path / "mm_choice.yaml", tokenizer=other_tokenizer).fingerprint != choice.fingerprint
 
 
 def test_model_objective_minimises_a_perplexity_task_from_the_start(tmp_path, tokenizer, monkeypatch):
@@ -324,6 +328,10 @@ def test_fingerprints_hash_every_byte_and_agree_across_processes(tokenizer, tmp_
     with torch.no_grad():
         with_buffer[1].running_mean[2] += 1.0  # buffers are data too
     assert mm.Classification(texts, labels, tokenizer, with_buffer).fingerprint != stats
+    # a pooling function is part of the task: two lambdas (one qualified name) differ, by content
+    first = mm.Classification(texts, labels, tokenizer, head, pooling=lambda enc, x: enc(**x).last_hidden_state[:, 0]).fingerprint
+    last = mm.Classification(texts, labels, tokenizer, head, pooling=lambda enc, x: enc(**x).last_hidden_state[:, -1]).fingerprint
+    assert first != last
     loss = mm.HeldOutLoss(TEXTS, tokenizer, max_length=16)
     assert mm.HeldOutLoss(TEXTS, tokenizer, max_length=16).fingerprint == loss.fingerprint
     assert mm.HeldOutLoss(TEXTS[:1] + ["the cat sat on the hat"] + TEXTS[2:], tokenizer, max_length=16).fingerprint != loss.fingerprint
@@ -366,3 +374,42 @@ def test_held_out_loss_holds_at_most_one_fp32_chunk_on_the_gpu(tokenizer):
     chunk_bytes = ((1 << 24) // vocab) * vocab * 4
     assert peak < logits_bytes + 3 * chunk_bytes  # a whole fp32 copy would add 2 * logits_bytes
     assert value == pytest.approx(expected, rel=1e-5)
+
+
+def test_held_out_loss_never_makes_an_fp32_tensor_larger_than_one_chunk(tokenizer):
+    """On the CPU: every fp32 tensor any operation makes while scoring (the model's logits are
+    bf16) holds at most one chunk of positions; a whole-logits fp32 copy would hold B x L x V."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from map_merge.tasks import chunked_cross_entropy
+
+    class LargestFloat32(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                    self.numel = max(self.numel, value.numel())
+            return out
+
+    vocab = tokenizer.vocab_size
+    model = Bigram(vocab).to(torch.bfloat16)
+    texts = ["the cat sat on the mat and looked at the dog for a while"] * 4
+    for chunk_size in (3, 7):
+        task = mm.HeldOutLoss(texts, tokenizer, batch_size=4, chunk_size=chunk_size)
+        with LargestFloat32() as seen:
+            value = task(model)
+        assert 0 < seen.numel <= chunk_size * vocab < task.num_tokens * vocab  # one chunk, far below the batch's logits
+        assert value == pytest.approx(mm.HeldOutLoss(texts, tokenizer, batch_size=1, chunk_size=1)(model), rel=1e-6)
+    # fp32 logits, rows skipped inside a chunk: by hand, and the caller's logits are left as they were
+    logits = torch.randn(6, 5)
+    kept = logits.clone()
+    targets = torch.tensor([1, -1, 3, 0, -1, 2])
+    expected = sum(float(torch.logsumexp(logits[i].double(), 0) - logits[i, t].double()) for i, t in enumerate(targets.tolist()) if t >= 0)
+    for chunk_size in (1, 4, 6):
+        assert float(chunked_cross_entropy(logits, targets, chunk_size=chunk_size)) == pytest.approx(expected, rel=1e-6)
+    assert torch.equal(logits, kept)
