@@ -245,10 +245,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+_ZOO_TITLES = {"lm": "Language-model", "text": "Text", "vision": "Vision"}
+
+
 def _markdown(report: dict[str, Any]) -> str:
     zoo = report["zoo"]
     model = f" ({zoo['model']})" if zoo.get("model") else ""
-    lines = ["# map_merge demo report", "", f"{zoo.get('name', 'text').capitalize()} zoo{model}, total wall time {report['seconds']:.0f} s "
+    lines = ["# map_merge demo report", "", f"{_ZOO_TITLES.get(zoo.get('name', 'text'), zoo.get('name', 'text'))} zoo{model}, total wall time {report['seconds']:.0f} s "
              f"(this run; cached evaluations and router checkpoints are re-used).", ""]
     table = report["zoo_table"]
     if table:
@@ -364,7 +367,7 @@ def run_demo(
     zoo = load_zoo(zoo, names, progress=progress, **(zoo_options or {}))
     split = zoo.limit_split("val", val_examples)
     store = EvaluationStore(out / "evaluations.sqlite")
-    report: dict[str, Any] = {"zoo": {"name": zoo.name, "model": zoo.info.get("model", ""), "tasks": list(zoo.task_names), "recipe": zoo.info.get("recipe", "")},
+    report: dict[str, Any] = {"zoo": {"name": zoo.name, "model": zoo.info.get("model", "") or getattr(zoo, "description", ""), "tasks": list(zoo.task_names), "recipe": zoo.info.get("recipe", "")},
                               "settings": {"val_examples": val_examples, "seed": seed, "moe_steps": moe_steps, "moe_methods": list(moe_methods),
                                            "reevaluations": reevaluations, "grid_per_axis": grid_per_axis}}
     if not zoo_table_too:

@@ -143,6 +143,13 @@ class LMZoo:
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.experts)
 
+    @property
+    def description(self) -> str:
+        """One line: the base model and the experts' kinds."""
+        experts = ", ".join(f"{n} ({'LoRA' if self.kinds[n] == 'lora' else 'full fine-tune'})" for n in self.experts)
+        return (f"a Llama pretrained here, {self.recipe.layers} layers, width {self.recipe.hidden}, vocabulary {self.recipe.vocab_size}; "
+                f"experts: {experts}")
+
     def _names(self, names: Sequence[str] | None) -> list[str]:
         names = list(self.experts) if names is None else [str(n) for n in names]
         unknown = [n for n in names if n not in self.experts]
