@@ -48,14 +48,20 @@ def main() -> None:
     p.add_argument("--budgets", default="16,32,64", help="real evaluations per run, comma-separated")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--grid", type=int, default=21, help="points per axis of the ungrouped reference grid")
+    p.add_argument("--size", default=None, help="lm zoo size (default: the zoo's default, small; --quick: tiny)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from map_merge.zoo import load_zoo
 
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds, grid_axis = args.seeds, args.grid
     if args.quick:
         budgets, seeds, grid_axis = [16], 1, 5
-    zoo = load_zoo(args.zoo, None, progress=False) if args.zoo != "lm" else load_zoo("lm", None, progress=False, **({"size": "tiny"} if args.quick else {}))
+    size = "tiny" if args.quick else args.size
+    zoo = load_zoo(args.zoo, None, progress=False) if args.zoo != "lm" else load_zoo("lm", None, progress=False, **({"size": size} if size else {}))
     names = list(args.tasks or zoo.task_names[:2])
     store = mm.EvaluationStore(Path(args.out) / f"groups_{args.zoo}_evals.sqlite") if not args.quick else None
     base = zoo.objective(names, split="val", store=store, progress=False)
