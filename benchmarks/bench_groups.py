@@ -59,7 +59,7 @@ def main() -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     seeds, grid_axis = args.seeds, args.grid
     if args.quick:
-        budgets, seeds, grid_axis = [16], 1, 5
+        budgets, seeds, grid_axis = [40], 1, 3  # 40: every variant has more samples than quadratic parameters
     size = "tiny" if args.quick else args.size
     zoo = load_zoo(args.zoo, None, progress=False) if args.zoo != "lm" else load_zoo("lm", None, progress=False, **({"size": size} if size else {}))
     names = list(args.tasks or zoo.task_names[:2])
