@@ -14,6 +14,16 @@ by ``TaskVectors.merge`` with the operator that mirrors the mergekit recipe:
   masks with its L1 rescale against ours (``rescale="l1"``), and ours (``"l1"`` and the paper's
   ``"inverse"``) against the unpruned task vectors.
 
+Emitted configs (the other direction): ``TaskVectors.mergekit_config(c, method, groups)`` written as
+YAML and run by ``mergekit-yaml`` as it is (``dtype: float32``), against ``save_merged``'s folder for
+the same coefficients: task arithmetic, TIES (``k = 0.6``: mergekit keeps ``int(k n)`` entries per
+tensor, we keep ``round(k n)``; ``k = 0.5``: both counts agree on every tensor), Breadcrumbs, task
+arithmetic with depth knots (``Groups.by_depth(3)``: per-layer weight lists) and with attention /
+MLP / rest substring groups (filtered weights), Breadcrumbs with depth knots. Per row: the largest
+difference, in absolute terms and in bf16 ulps of the entry's scale (``max(|base|, |merged|)``);
+the entries over one such ulp; the share of entries whose mergekit value rounded to the file's
+dtype differs from ours.
+
 Per recipe: the largest difference (over all entries, and over the entries whose keep/drop decision,
 ``merged != base``, is the same on both sides), the share of entries that differ, and the share
 whose keep/drop decision differs.
@@ -140,6 +150,146 @@ def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base
             "share_decisions_differing": decisions / total}
 
 
+# ---------------------------------------------------------------------- emitted configs
+def emitted_recipes() -> list[tuple[str, list, mm.MergeMethod | None, mm.Groups | None]]:
+    """``(label, our coefficients (T x G, task-major), operator, groups)`` written for mergekit."""
+    depth = mm.Groups.by_depth(3)
+    parts = mm.Groups({"attn": "self_attn", "mlp": "mlp", "rest": ".*"})
+    return [
+        ("task arithmetic", [0.3, 0.7], None, None),
+        ("TIES k=0.6", [0.5, 0.5], mm.Ties(k=DENSITY, scope="tensor"), None),
+        ("TIES k=0.5", [0.5, 0.5], mm.Ties(k=0.5, scope="tensor"), None),
+        ("Breadcrumbs", [0.6, 0.9], mm.Breadcrumbs(DENSITY, GAMMA), None),
+        ("task arithmetic, depth knots 3", [0.2, 0.5, 0.9, 0.8, 0.4, -0.1], None, depth),
+        ("task arithmetic, attn/mlp/rest", [0.7, 0.2, 0.5, 0.3, 0.9, 0.4], None, parts),
+        ("Breadcrumbs, depth knots 3", [0.2, 0.5, 0.9, 0.8, 0.4, -0.1], mm.Breadcrumbs(DENSITY, GAMMA), depth),
+    ]
+
+
+def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """One bfloat16 unit in the last place at ``|x|`` (8 significant bits; subnormals: 2^-133)."""
+    _, exponent = torch.frexp(x.float().abs())  # |x| = m 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), (exponent - 8).clamp_min(-133))
+
+
+def compare_files(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Largest difference, absolute and in bf16 ulps of the entry's scale ``max(|base|, |ours|,
+    |mergekit|)`` (fp32 arithmetic rounds relative to its operands: where the merge cancels to ~0
+    the result's own ulp would count fp32 noise of 1e-10 as hundreds of ulps); the share of entries
+    over one such ulp; the share whose mergekit value, rounded to ``dtype``, differs from ours."""
+    if set(ours) != set(theirs):
+        raise AssertionError(f"tensor names differ: ours only {sorted(set(ours) - set(theirs))[:5]}, mergekit only {sorted(set(theirs) - set(ours))[:5]}")
+    worst, worst_ulps, over, rounded_differ, total, worst_key = 0.0, 0.0, 0, 0, 0, None
+    for key, value in theirs.items():
+        mine = ours[key].float()
+        diff = (mine - value.float()).abs()
+        scale = torch.maximum(torch.maximum(mine.abs(), value.float().abs()), base[key].float().abs())
+        ulps = diff / bf16_ulp(scale)
+        if float(ulps.max()) > worst_ulps:
+            worst_ulps, worst_key = float(ulps.max()), key
+        worst = max(worst, float(diff.max()))
+        over += int((ulps > 1).sum())
+        rounded_differ += int((value.to(dtype) != ours[key].to(dtype)).sum())
+        total += value.numel()
+    return {"max_abs_diff": worst, "max_bf16_ulps": worst_ulps, "worst_tensor": worst_key, "share_over_one_ulp": over / total,
+            "entries_over_one_ulp": over, "share_differing_after_rounding": rounded_differ / total, "entries": total}
+
+
+def cut_ranks(method: mm.MergeMethod | None, n: int) -> list[int]:
+    """1-based magnitude ranks where ours or mergekit's trimming of an ``n``-entry tensor cuts."""
+    if isinstance(method, mm.Ties):
+        return sorted({max(1, int(method.k * n)), max(1, round(method.k * n))})  # mergekit int(k n), ours round(k n)
+    if isinstance(method, mm.Breadcrumbs):
+        from map_merge.merge_methods.breadcrumbs import breadcrumb_counts
+
+        top, kept = breadcrumb_counts(method.density, method.gamma, n)
+        return [r for r in (top, top + 1, top + kept, top + kept + 1) if 1 <= r <= n]
+    return []
+
+
+def explain(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], folders: list[Path], method: mm.MergeMethod | None) -> dict:
+    """Entries over one bf16 ulp, by cause: a task's ``|delta|`` equals a magnitude where either side
+    cuts (tied magnitudes split differently, or TIES' ``round`` against ``int`` count); else a zero
+    sum of the task vectors (mergekit's sign election picks ``+``, ours none); else unexplained."""
+    base, fts = load_raw(folders[0]), [load_raw(f) for f in folders[1:]]
+    counts = {"at_a_cut": 0, "zero_sign_sum": 0, "unexplained": 0}
+    for key, value in theirs.items():
+        mine, b0 = ours[key].float(), base[key].float()
+        scale = torch.maximum(torch.maximum(mine.abs(), value.float().abs()), b0.abs())
+        bad = ((mine - value.float()).abs() / bf16_ulp(scale) > 1).reshape(-1)
+        if not bad.any():
+            continue
+        deltas = [(f[key].float() - b0).reshape(-1) for f in fts]
+        at_cut = torch.zeros_like(bad)
+        for d in deltas:
+            ranked = d.abs().sort(descending=True).values
+            for rank in cut_ranks(method, d.numel()):
+                at_cut |= d.abs() == ranked[rank - 1]
+        zero = sum(deltas) == 0
+        counts["at_a_cut"] += int((bad & at_cut).sum())
+        counts["zero_sign_sum"] += int((bad & ~at_cut & zero).sum())
+        counts["unexplained"] += int((bad & ~at_cut & ~zero).sum())
+    return counts
+
+
+def load_raw(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def emitted_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype) -> list[dict]:
+    """Our emitted configs through ``mergekit-yaml`` against ``save_merged`` (see the module docstring)."""
+    import yaml
+
+    tv = mm.TaskVectors.from_models(folders[0], folders[1:])
+    exe = str(mergekit_bin() / "mergekit-yaml")
+    rows = []
+    for name, c, method, groups in emitted_recipes():
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+        config = tv.mergekit_config(c, method, groups=groups)
+        path = work / f"emitted_{slug}.yml"
+        theirs_folder = work / f"emitted_{slug}_mergekit"
+        text = yaml.safe_dump(config, sort_keys=False)
+        if not (path.exists() and path.read_text() == text and any(theirs_folder.glob("*.safetensors"))):  # else: reuse (--work)
+            path.write_text(text)
+            subprocess.run([exe, str(path), str(theirs_folder), "--quiet", "--no-copy-tokenizer", "--random-seed", "0"], check=True,
+                           capture_output=True, text=True)
+        ours_folder = tv.save_merged(work / f"emitted_{slug}_ours", c, method, groups=groups, overwrite=True)
+        ours, theirs = load_raw(ours_folder), load_raw(theirs_folder)
+        row = {"files": label, "recipe": name, "c": c, "groups": None if groups is None else groups.spec,
+               "ours": "task arithmetic" if method is None else json.dumps(method.spec), "config": config,
+               **compare_files(ours, theirs, load_raw(folders[0]), dtype)}
+        if row["entries_over_one_ulp"]:
+            row["over_one_ulp_by_cause"] = explain(ours, theirs, folders, method)
+        rows.append(row)
+        print(table([row], ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_differing_after_rounding"]), flush=True)
+    return rows
+
+
+def plot_emitted(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    labels = list(dict.fromkeys(r["recipe"] for r in rows))
+    files = list(dict.fromkeys(r["files"] for r in rows))
+    width = 0.8 / len(files)
+    for j, f in enumerate(files):
+        values = [next((max(r["max_bf16_ulps"], 1e-4) for r in rows if r["recipe"] == lab and r["files"] == f), np.nan) for lab in labels]
+        ax.bar(np.arange(len(labels)) + j * width, values, width, label=f"{f} files")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="one bf16 ulp")
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(labels)) + width * (len(files) - 1) / 2, labels, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("max |ours - mergekit| in bf16 ulps")
+    ax.set_title("save_merged vs mergekit-yaml on TaskVectors.mergekit_config (dtype: float32)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
 def recipes(num: int) -> list[tuple[str, str, list[float], dict, dict, mm.MergeMethod | None, list[float]]]:
     """``(label, mergekit method, weights, per-model parameters, shared parameters, our operator, our c)``."""
     lam = [LAMBDA] * num
@@ -240,7 +390,7 @@ def main() -> None:
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="map_merge_mergekit_"))
-    rows, della = [], {}
+    rows, della, emitted = [], {}, []
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
         folders = build_models(work / label, dtype)
@@ -256,14 +406,17 @@ def main() -> None:
                    "ours": "task arithmetic" if ours is None else json.dumps(ours.spec), "c": c, **compare(merged, theirs, base)}
             rows.append(row)
             print(table([row], ["files", "recipe", "max_abs_diff", "max_abs_diff_same_decisions", "share_differing", "share_decisions_differing"]), flush=True)
+        emitted += emitted_rows(folders, work / label, label, dtype)
         if dtype == torch.float32:
             della, samples = della_checks(folders, work / label)
             print(json.dumps(della, indent=1), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             plot(samples, Path(args.out) / "mergekit_conformance.png")
-    write(args.out, "mergekit_conformance", {"rows": rows, "della": della, "settings": {"density": DENSITY, "gamma": GAMMA, "epsilon": EPSILON,
+    plot_emitted(emitted, Path(args.out) / "mergekit_emitted.png")
+    write(args.out, "mergekit_conformance", {"rows": rows, "della": della, "emitted": emitted, "settings": {"density": DENSITY, "gamma": GAMMA, "epsilon": EPSILON,
                                                                                        "lambda": LAMBDA, "seeds": SEEDS, "mergekit": "0.1.5"}})
     print(table(rows, ["files", "recipe", "mergekit", "max_abs_diff", "max_abs_diff_same_decisions", "share_differing", "share_decisions_differing"]))
+    print(table(emitted, ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_over_one_ulp", "share_differing_after_rounding", "worst_tensor"]))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,12 +20,16 @@ __all__ = ["num_quadratic_params", "quadratic_features", "default_num_samples", 
 
 
 def num_quadratic_params(num_tasks: int) -> int:
-    """Parameters of a full quadratic in T variables: ``P = (T+1)(T+2)/2``."""
+    """Parameters of a full quadratic in T variables: ``P = (T+1)(T+2)/2``. With coefficient groups
+    the variables are the ``T x G`` coefficients: ``(TG+1)(TG+2)/2`` (T = 2: 6 at G = 1, 15 at
+    G = 2, 28 at G = 3)."""
     return (num_tasks + 1) * (num_tasks + 2) // 2
 
 
 def default_num_samples(num_tasks: int) -> int:
-    """The authors' budget, twice the surrogate's parameters: ``(T+1)(T+2)``."""
+    """The authors' budget, twice the surrogate's parameters: ``(T+1)(T+2)``; pass ``T x G`` with
+    coefficient groups: ``(TG+1)(TG+2)`` real evaluations (T = 2: 12, 30 and 56 at G = 1, 2, 3;
+    T = 4, G = 3: 182)."""
     return 2 * num_quadratic_params(num_tasks)
 
 

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_map_levers.py", ["--sets", "tune"], ["map_levers.json", "map_levers.png"]),
         ("bench_moe_convergence.py", [], ["moe_convergence.json", "moe_convergence.png"]),
         ("bench_lm_grid.py", ["--no-lm-eval"], ["lm_grid.json", "lm_grid_T2.png", "lm_grid_T3.png", "lm_grid_zoo.png"]),
+        ("bench_groups.py", ["--zoo", "lm"], ["groups_lm.json", "groups_lm.png"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):

@@ -86,11 +86,12 @@ def test_grouped_merge_equals_a_hand_computation_per_group(llama, monkeypatch, g
         torch.testing.assert_close(value, merged[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-@pytest.mark.parametrize("storage", ["streamed", "dense"])
+@pytest.mark.parametrize("storage", ["streamed", "dense", "lora"])
 def test_one_group_is_exactly_the_ungrouped_merge(llama, storage):
     root, _ = llama
-    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"], storage=storage)
-    for method in (None, mm.Ties(k=0.3), mm.Dare(p=0.3, seed=2)):
+    sources = [root / "ft0", root / "lora"] if storage == "lora" else [root / "ft0", root / "ft1"]
+    tv = mm.TaskVectors.from_models(root / "base", sources, storage="auto" if storage == "lora" else storage)
+    for method in (None, mm.Ties(k=0.3), mm.Dare(p=0.3, seed=2), mm.Breadcrumbs(0.6, 0.1), mm.Della(0.5, 0.2, seed=3)):
         plain = tv.merge([0.4, 0.8], method, dtype=torch.float32)
         for groups in (mm.Groups({"all": ".*"}), mm.Groups.by_depth(1)):
             grouped = tv.merge([0.4, 0.8], method, dtype=torch.float32, groups=groups)

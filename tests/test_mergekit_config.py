@@ -64,6 +64,26 @@ def test_round_trip_keeps_models_method_and_weights(folders, tmp_path, weights, 
     np.testing.assert_allclose(again.coeffs, parsed.coeffs)
 
 
+@pytest.mark.parametrize("method, weights, per_model, shared, operator", [
+    ("breadcrumbs", (0.7, 0.4), {"density": 0.6, "gamma": 0.05}, {}, mm.Breadcrumbs(0.6, 0.05)),
+    ("ties", (1.0, 1.0), {"density": 0.3}, {"lambda": 0.8}, mm.Ties(k=0.3, scope="tensor")),
+    ("della_linear", (0.5, 0.9), {"density": 0.5, "epsilon": 0.1}, {}, mm.Della(0.5, 0.1, rescale="l1", consensus=None, normalize=False)),
+])
+def test_round_trip_keeps_the_operator_and_its_settings(folders, tmp_path, method, weights, per_model, shared, operator):
+    recipe = _recipe(folders, merge_method=method, parameters=shared,
+                     models=[{"model": str(folders / n), "parameters": {"weight": w, **per_model}} for n, w in zip(("code", "chat"), weights)])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    parsed = mm.from_mergekit(path)
+    assert parsed.method == operator and parsed.groups is None
+    emitted = parsed.task_vectors().mergekit_config(parsed.flat_coeffs, parsed.method)
+    assert emitted["merge_method"] == method
+    assert [m["model"] for m in emitted["models"]] == [str((folders / n).resolve()) for n in ("code", "chat")]
+    assert [m["parameters"] for m in emitted["models"]] == [{"weight": w, **per_model} for w in weights]
+    assert emitted["parameters"].get("lambda", 1.0) == shared.get("lambda", 1.0)
+    np.testing.assert_allclose(parse_recipe(emitted).coeffs, parsed.coeffs)
+
+
 def test_a_recipe_merges_as_mergekit_defines_it(folders):
     # task_arithmetic: base + lambda * sum w_i tau_i; normalize divides by sum w
     recipe = parse_recipe(_recipe(folders, parameters={"lambda": 0.5, "normalize": True}))
