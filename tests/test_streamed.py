@@ -114,7 +114,7 @@ def test_ties_global_trims_by_the_whole_model_threshold(llama_zoo, small_chunks)
     tv = mm.TaskVectors.from_models(base, fts)
     dense = mm.TaskVectors.from_models(base, fts, storage="dense")
     vectors = dense.vectors
-    keep = round(0.1 * vectors.shape[1])
+    keep = int(0.1 * vectors.shape[1])
     threshold = vectors.abs().kthvalue(vectors.shape[1] - keep + 1, dim=1, keepdim=True).values
     trimmed = torch.where(vectors.abs() >= threshold, vectors, torch.zeros(()))
     sign = torch.sign(trimmed.sum(0))

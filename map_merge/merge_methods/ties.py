@@ -24,8 +24,8 @@ class Ties(MergeMethod):
     the threshold are all kept). A zero summed mass elects no sign (the paper's ``sgn(0) = 0``).
 
     Args:
-        k: fraction of entries kept per task vector, in (0, 1]: the top ``round(k * n)``. The TIES
-            paper's default is 0.2.
+        k: fraction of entries kept per task vector, in (0, 1]: the top ``int(k * n)`` (at least
+            one), the count mergekit and the TIES authors' code keep. The TIES paper's default is 0.2.
         scope: ``"global"`` (the top ``k`` of each task vector over the whole model, as in the
             TIES paper) or ``"tensor"`` (the top ``k`` of each tensor, as mergekit trims).
     """
@@ -50,7 +50,7 @@ class Ties(MergeMethod):
         """Thresholds ``(T,)`` (global) or ``{key: (T,) | None}`` (``None``: keep everything)."""
         thresholds = {}
         for unit, keys, total in scope_units(self.scope, sizes):
-            keep = max(1, int(round(self.k * total)))
+            keep = max(1, int(self.k * total))  # mergekit's (and the TIES authors') count: int(k * n)
             num_tasks = num_tasks_of(chunks, keys) if keep < total else None
             if num_tasks is None:
                 thresholds[unit] = None
