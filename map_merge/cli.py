@@ -96,6 +96,11 @@ _RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml")  # what a run
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
     report = run_demo(out=args.out, zoo=args.zoo, seed=args.seed, moe_steps=args.moe_steps, moe_methods=args.moe_methods,
                       val_examples=None if args.val_examples == 0 else args.val_examples, all_baselines=args.all_baselines,
                       zoo_table_too=args.zoo_table,
@@ -374,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also random search and NSGA-II, and every baseline on the 3-task problem (about 5 minutes more)")
     demo.add_argument("--zoo-table", action="store_true", default=None,
                       help="add the zoo table (always on the lm zoo; text zoo: test accuracies, about 2 minutes more)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch intra-op threads (default 1: the zoos' models are small, and on a busy machine two threads "
+                           "spin-waiting over small matrices ran up to 25x slower than one; 0: torch's default)")
     demo.add_argument("--skip", nargs="+", default=[], metavar="METHOD", help="methods to leave out, by their report names (e.g. qNEHVI)")
     demo.add_argument("--grid-per-axis", type=int, default=None, help="add a grid of real evaluations to the reference front")
     demo.set_defaults(fn=_cmd_demo)
