@@ -373,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--val-examples", type=int, default=100,
                       help="text/vision zoos: validation examples per task the methods are scored on (0: all 200)")
-    demo.add_argument("--moe-steps", type=int, default=100, help="PWE-MoE router training steps (0 skips MoE)")
+    demo.add_argument("--moe-steps", type=int, default=None,
+                      help="PWE-MoE router training steps (default 500 on the lm zoo, 100 on the others; 0 skips MoE)")
     demo.add_argument("--moe-methods", nargs="+", default=["ls"], choices=["ls", "epo"], help="PWE-MoE training objectives")
     demo.add_argument("--all-baselines", action="store_true",
                       help="also random search and NSGA-II, and every baseline on the 3-task problem (about 5 minutes more)")
