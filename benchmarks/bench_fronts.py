@@ -126,6 +126,9 @@ def main() -> None:
     p.add_argument("--no-picks", action="store_true", help="skip evaluating the surrogate's pick per preference (always skipped on text)")
     p.add_argument("--store", default=None, help="evaluation store (default: <out>/<problem>_evals.sqlite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--test-preferences", type=int, default=20, help="lm: about how many preferences the test regret averages over")
+    p.add_argument("--surrogate-test-picks", action="store_true", help="lm: also score the MAP surrogates' picks on test")
+    p.add_argument("--no-nested", action="store_true", help="skip nested merging (T >= 3)")
     args = p.parse_args()
     import torch
 
@@ -145,7 +148,7 @@ def main() -> None:
         extra = {"size": args.size or ("tiny" if args.quick else "small")} if lm else {}
         zoo = load_zoo(problem, TASKS[problem], progress=False, **extra)
         split = zoo.limit_split("val", args.val_examples)
-        store = mm.EvaluationStore(args.store or out / f"{problem}_evals.sqlite")
+        store = mm.EvaluationStore(args.store or out / f"{problem}{'_' + args.metric if lm else ''}_evals.sqlite")
         options = {"metric": args.metric} if lm else {}
         objective = zoo.objective(names, split=split, store=store, progress=False, **options)
     senses = check_senses(getattr(objective, "senses", None), num)
@@ -167,7 +170,7 @@ def main() -> None:
 
     runs: list[tuple[dict, MethodRun]] = []  # (row keys, run)
     picks: dict[tuple, np.ndarray] = {}  # (method, budget, seed) -> real metrics of the surrogate's picks (P, M)
-    surrogate_coeffs: dict[tuple, np.ndarray] = {}  # (method, budget, seed) -> the surrogate's picks (P, T)
+    surrogate_results: dict[tuple, object] = {}  # (method, budget, seed) -> the MAP variant's result
     sweep_methods = {} if zoo is None else {"task arithmetic": None, "TIES": mm.Ties(0.2), "DARE": mm.Dare(0.5, seed=0)}
     chosen_sweeps = ["task arithmetic"] if zoo is None else list(sweep_methods)
     if args.sweeps is not None:
@@ -188,11 +191,12 @@ def main() -> None:
         run.seconds -= timed.seconds
         run.extra["objective_seconds"] = timed.seconds
         runs.append(({"method": method, "seed": seed, "budget": budget}, run))
+        if method in ("MAP", "Bayesian MAP"):
+            surrogate_results[(method, budget, seed)] = run.result
         if method in ("MAP", "Bayesian MAP") and not args.no_picks and problem != "text":
             chosen = np.stack([run.result.select(w) for w in preferences])
-            surrogate_coeffs[(method, budget, seed)] = chosen
             picks[(method, budget, seed)] = objective(chosen)
-    for seed in seeds if num >= 3 else []:
+    for seed in seeds if num >= 3 and not args.no_nested else []:
         timed = Timed(objective)
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -230,19 +234,20 @@ def main() -> None:
 
         def weighted_test(merge, coeffs):
             metrics = unique_call(test_objective(merge), coeffs)
-            return np.einsum("pm,pm->p", sign * metrics, preferences)
+            return np.einsum("pm,pm->p", sign * metrics, test_preferences)
 
-        grid_pick = picks_of(grid, sign * grid_metrics, preferences)
+        test_preferences = preference_grid(num, about=args.test_preferences)
+        grid_pick = picks_of(grid, sign * grid_metrics, test_preferences)
         grid_test = weighted_test(None, grid_pick)
         for index, (keys, run) in enumerate(runs):
             if keys["method"].startswith("PWE-MoE") or keys["method"] == "nested merging":
                 continue
             merge = keys["method"] if keys["method"] in sweep_methods else None
-            test_scores[index] = weighted_test(merge, picks_of(run.inputs, sign * run.metrics, preferences))
-        for key, chosen in surrogate_coeffs.items():
-            surrogate_test[key] = weighted_test(None, chosen)
+            test_scores[index] = weighted_test(merge, picks_of(run.inputs, sign * run.metrics, test_preferences))
+        for key, result in surrogate_results.items() if args.surrogate_test_picks else ():
+            surrogate_test[key] = weighted_test(None, np.stack([result.select(w) for w in test_preferences]))
         best_test = np.max(np.stack([grid_test, *test_scores.values(), *surrogate_test.values()]), axis=0)
-        test_info = {"test_best_weighted": best_test.tolist(), "dense_grid_test_regret_mean": float((best_test - grid_test).mean()),
+        test_info = {"test_preferences": test_preferences.tolist(), "test_best_weighted": best_test.tolist(), "dense_grid_test_regret_mean": float((best_test - grid_test).mean()),
                      "test_seconds": time.perf_counter() - start,
                      "test_evaluations": int(sum(o.num_evaluations for o in test_objectives.values()))}
 
