@@ -320,7 +320,7 @@ def main() -> None:
     if num == 2:
         plots.plot_front_2d(example, list(objective.task_names), reference=reference[np.argsort(reference[:, 0])],
                             lines={k: k in chosen_sweeps or k.startswith("PWE") for k in example}, title=title,
-                            reference_label="reference front (grid + every run)", path=out / f"{name}_example.png")
+                            reference_label="reference front (grid + every run)", senses=senses, path=out / f"{name}_example.png")
     else:
         plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, path=out / f"{name}_example.png")
     columns = ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "hv_ratio_nadir_mean", "igd_plus_mean", "regret_mean_mean",
