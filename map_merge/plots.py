@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from .pareto import ParetoFront, pareto_mask
+from .objective import check_senses
+from .pareto import ParetoFront, orient, pareto_mask
 
 __all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "plot_front_3d", "save"]
 
@@ -30,9 +31,9 @@ def save(fig: Figure, path: str | os.PathLike | None) -> Figure:
     return fig
 
 
-def _front_line(ax, points: np.ndarray, i: int, j: int, label: str, style: dict, line: bool) -> None:
+def _front_line(ax, points: np.ndarray, i: int, j: int, label: str, style: dict, line: bool, senses: Sequence[str]) -> None:
     if line and len(points) > 1:
-        keep = pareto_mask(points[:, [i, j]])
+        keep = pareto_mask(orient(points[:, [i, j]], (senses[i], senses[j])))  # non-dominated in these two metrics
         sub = points[keep]
         order = np.argsort(sub[:, i])
         dashed = "predicted" in label.lower()  # a surrogate's claim, not measured
@@ -53,9 +54,13 @@ def plot_front_2d(
     zoom: bool = False,
     reference_label: str = "reference front (dense grid)",
     path: str | os.PathLike | None = None,
+    senses: Sequence[str] | None = None,
 ) -> Figure:
     """Two tasks' metrics: each front (line through its non-dominated points; dashed for labels
     containing "predicted"), the real samples, and the reference front.
+
+    ``senses``: per metric ``"max"`` / ``"min"`` for the arrays among ``fronts`` (default: all
+    ``"max"``); a :class:`ParetoFront` uses its own.
 
     ``fronts`` maps a label to a :class:`ParetoFront` or a ``(N, M)`` metric array. With ``zoom``
     (and a reference) a second panel zooms on the reference and the real (non-predicted) fronts."""
@@ -64,7 +69,7 @@ def plot_front_2d(
     fig = Figure(figsize=(6.0 * panels, 5.0))
     for panel in range(panels):
         ax = fig.add_subplot(1, panels, panel + 1)
-        _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label)
+        _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label, senses)
         if panel == 1:
             ref = np.asarray(reference)[:, [i, j]]
             low, high = ref.min(axis=0), ref.max(axis=0)
@@ -78,7 +83,7 @@ def plot_front_2d(
     return save(fig, path)
 
 
-def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label) -> None:
+def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, reference_label, senses=None) -> None:
     if reference is not None:
         ref = np.asarray(reference)
         order = np.argsort(ref[:, i])
@@ -91,7 +96,8 @@ def _draw_front_2d(ax, fronts, task_names, samples, reference, i, j, lines, refe
         if isinstance(front, ParetoFront):
             names = names or front.task_names
         draw_line = (lines or {}).get(label, len(points) > 12)
-        _front_line(ax, points, i, j, label, _STYLES[k % len(_STYLES)], draw_line)
+        own = front.senses if isinstance(front, ParetoFront) else check_senses(senses, points.shape[1])
+        _front_line(ax, points, i, j, label, _STYLES[k % len(_STYLES)], draw_line, own)
     names = names or [f"task{i}", f"task{j}"]
     ax.set_xlabel(names[i])
     ax.set_ylabel(names[j])

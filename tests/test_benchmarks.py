@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_map_speed.py", [], ["map_speed.json", "map_speed.png"]),
         ("bench_fronts.py", ["--problem", "analytic", "--tasks", "2"],
          ["fronts_analytic_T2.json", "fronts_analytic_T2.png", "fronts_analytic_T2_regret.png", "fronts_analytic_T2_example.png"]),
+        ("bench_fronts.py", ["--problem", "lm", "--tasks", "2", "--methods", "MAP,CMA-ES", "--sweeps", "task arithmetic", "--test-preferences", "3"],
+         ["fronts_lm_T2.json", "fronts_lm_T2.png", "fronts_lm_T2_regret.png", "fronts_lm_T2_test_regret.png", "fronts_lm_T2_example.png"]),
         ("bench_map_vs_moe.py", ["--zoo", "vision"], ["map_vs_moe_vision.json", "map_vs_moe_vision_pairs.png", "map_vs_moe_vision_3d.png"]),
         ("bench_nested.py", [], ["nested.json"]),
         ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
@@ -33,3 +35,8 @@ def test_benchmark_runs_quick(script, args, outputs, tmp_path):
         assert (tmp_path / name).stat().st_size > 100
     payload = json.loads((tmp_path / outputs[0]).read_text())
     assert payload["rows"] and "machine" in payload
+    if "lm" in args:  # losses are minimised: every score oriented by the senses, test regrets of the picks present
+        assert payload["senses"] == ["min", "min"]
+        regrets = [r["test_regret_mean"] for r in payload["rows"] if "test_regret_mean" in r]
+        assert len(regrets) >= 3 and min(regrets) >= 0.0
+        assert all(0.0 <= r["hv_ratio"] <= 1.0 + 1e-9 for r in payload["rows"] if "hv_ratio" in r)

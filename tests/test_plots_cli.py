@@ -243,3 +243,17 @@ def test_own_model_evaluator_that_does_not_exist_is_reported(tmp_path, capsys):
     path.write_text(json.dumps({**_own_models(tmp_path), "evaluator": "user.py:score"}))
     assert main(["map", "--config", str(path)]) == 2
     assert "has no callable 'score'" in capsys.readouterr().err
+
+
+def test_front_lines_follow_the_metrics_senses():
+    """A front of losses is drawn through its lowest points, an array's through the senses given."""
+    from map_merge.pareto import ParetoFront
+
+    points = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [3.0, 3.0], [2.5, 2.5]])  # (3, 3) is the worst, (2.5, 2.5) dominated
+    losses = ParetoFront(np.zeros((5, 2)), points, ["a", "b"], ("min", "min"))
+    for fronts, senses in (({"losses": losses}, None), ({"losses": points}, ["min", "min"]), ({"scores": points}, None)):
+        fig = plots.plot_front_2d(fronts, lines={k: True for k in fronts}, senses=senses)
+        line = fig.axes[0].get_lines()[0]
+        drawn = np.column_stack([line.get_xdata(), line.get_ydata()])
+        expected = points[:3] if senses or isinstance(next(iter(fronts.values())), ParetoFront) else points[[3]]
+        np.testing.assert_array_equal(drawn, expected)
