@@ -131,12 +131,12 @@ def _atomic_write(path: Path, write) -> None:
             temp.unlink()
 
 
-def _plot_fronts(fronts: dict, names, path: Path) -> None:
+def _plot_fronts(fronts: dict, names, path: Path, senses=None) -> None:
     from . import plots
 
     def write(temp: Path) -> None:
         if len(names) == 2:
-            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, path=temp)
+            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, senses=senses, path=temp)
         else:
             plots.plot_pairwise(fronts, names, path=temp)
 
@@ -235,7 +235,7 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         moe, info, moe_objective = fit_moe(config, objective, zoo, checkpoint=out, store=objective.store)
         preferences = simplex_lattice(num, 0.1 if num == 2 else 0.25)
         metrics = moe_objective(preferences)
-        _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png")
+        _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png", senses=objective.senses)
         weights = np.asarray(preference, dtype=float) / float(np.sum(preference))
         coefficients = {g: w.tolist() for g, w in moe.coefficients(weights).items()}
         meta = {"preference": dict(zip(names, weights.tolist())), "method": f"PWE-MoE ({info['method']})", "coefficients": coefficients}
