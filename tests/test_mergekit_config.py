@@ -243,3 +243,68 @@ def test_recipe_coefficients_follow_the_task_order_asked_for():
     np.testing.assert_allclose(recipe.coeffs_for(["b"]), [0.3, 0.4])
     with pytest.raises(RecipeError, match="'c'"):
         recipe.coeffs_for(["c"])
+
+
+def _cli_setup(folders, tmp_path, recipe, **config):
+    import json
+
+    (tmp_path / "user.py").write_text(_EVAL)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"evaluator": "user.py:evaluate", "out": str(tmp_path / "out"), "num_samples": 16, "link": "identity",
+                                **config}))
+    return path
+
+
+def test_cli_recipe_start_follows_the_configs_task_order(folders, tmp_path):
+    import json
+
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders, models=[
+        {"model": str(folders / "code"), "parameters": {"weight": [0.2, 0.6]}},
+        {"model": str(folders / "chat"), "parameters": {"weight": [0.5, 0.1]}}]), tasks=["chat", "code"])
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml")]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["summary"]["tasks"] == ["chat", "code"]
+    assert result["samples"]["coeffs"][0] == [0.5, 0.1, 0.2, 0.6]  # chat's knots first, as the task vectors are built
+
+
+def test_cli_run_whose_pick_mergekit_cannot_reproduce_keeps_its_results(folders, tmp_path, monkeypatch):
+    import json
+
+    from map_merge.cli import main
+    from map_merge.map import MAPResult
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders, merge_method="ties", models=[
+        {"model": str(folders / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("code", "chat")]))
+    monkeypatch.setattr(MAPResult, "select", lambda self, preference: np.array([0.2, 0.7]))  # a pick TIES cannot emit
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml"), "--emit-mergekit"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())  # written although no recipe could be
+    assert not (tmp_path / "out" / "mergekit.yaml").exists() and "unequal coefficients" in result["summary"]["mergekit"]
+    assert (tmp_path / "out" / "merged").is_dir()
+
+
+def test_cli_run_refuses_an_unwritable_recipe_before_evaluating(folders, tmp_path, capsys):
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders), pretrained=str(folders / "base"),
+                        finetuned={n: str(folders / n) for n in ("code", "chat")}, groups={"both": "self_attn|mlp", "rest": ".*"})
+    assert main(["map", "--config", str(config), "--emit-mergekit"]) == 2
+    assert "not a plain substring" in capsys.readouterr().err and not (tmp_path / "out" / "evaluations.sqlite").exists()
+
+
+def test_cli_save_never_writes_a_recipe_over_an_existing_file(folders, tmp_path, capsys):
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders))
+    (tmp_path / "kept.yaml").write_text("mine\n")
+    args = ["save", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml"), "--coeffs", "0.3,0.4"]
+    assert main([*args, "--out", str(tmp_path / "m1"), "--emit-mergekit", str(tmp_path / "kept.yaml")]) == 2
+    assert (tmp_path / "kept.yaml").read_text() == "mine\n" and not (tmp_path / "m1").exists()  # refused before any save
+    for protected in ("recipe.yaml", "run.json"):  # the run's own inputs: never, whatever --overwrite says
+        before = (tmp_path / protected).read_text()
+        assert main([*args, "--out", str(tmp_path / "m2"), "--overwrite", "--emit-mergekit", str(tmp_path / protected)]) == 2
+        assert (tmp_path / protected).read_text() == before
+    assert main([*args, "--out", str(tmp_path / "m3"), "--emit-mergekit", str(tmp_path / "new.yaml")]) == 0
+    assert [m["parameters"]["weight"] for m in yaml.safe_load((tmp_path / "new.yaml").read_text())["models"]] == [0.3, 0.4]
