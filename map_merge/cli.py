@@ -143,13 +143,15 @@ def _plot_fronts(fronts: dict, names, path: Path, senses=None) -> None:
     _atomic_write(path, write)
 
 
-def _check_out(config: dict[str, Any], out: Path, overwrite: bool) -> None:
+def _check_out(config: dict[str, Any], out: Path, overwrite: bool, emit_mergekit: bool = False) -> None:
     """Refuse an 'out' that is or lies in a model source, a 'merged/' that would replace an input
     of the run (config, code, data, store), or an 'out' holding an earlier run's results (unless
     ``overwrite``); nothing is created here."""
     from .task_vectors.saving import check_destination
 
     check_destination(out / "merged", source_paths(config), overwrite=True, inputs=run_inputs(config))
+    if emit_mergekit:  # out/mergekit.yaml may be the recipe this run reads (a rerun of an emitted pick)
+        check_destination(out / "mergekit.yaml", source_paths(config), overwrite=True, inputs=run_inputs(config))
     if overwrite:
         return
     earlier = [name for name in _RESULTS if (out / name).exists()]
@@ -165,10 +167,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, mergekit=args.mergekit)
     if args.command == "moe" and "groups" in config:
         raise ConfigError(f"{args.config}: field 'groups' does not apply to 'moe' (PWE-MoE routes whole task vectors per module)")
+    if args.command == "moe" and args.emit_mergekit:
+        raise ValueError("--emit-mergekit does not apply to 'moe' (PWE-MoE's unloaded model is no mergekit merge)")
     out = Path(config.get("out", f"outputs/{args.command}"))
     check_run(config, args.command)  # what the command needs, before any model loads
-    _check_out(config, out, args.overwrite)
+    _check_out(config, out, args.overwrite, args.emit_mergekit)
     objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
+    if args.emit_mergekit:  # what no pick can make a recipe of (operator, groups, models in memory): say so before evaluating
+        objective.task_vectors.mergekit_config(np.ones(objective.num_coeffs), objective.method, objective.groups)
     preference = config.get("preference", [1.0] * len(names))
     if len(preference) != len(names):
         raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {len(names)} tasks {names}")
@@ -201,7 +207,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
 
         options = dict(bounds=bounds, design=config.get("design", "map"), link=config.get("link", "auto"), seed=seed)
         dims = objective.num_coeffs  # T, or T x G with coefficient groups
-        start = config["_recipe"].flat_coeffs[None] if "_recipe" in config else None  # a recipe's weights: evaluated first
+        # a recipe's weights, evaluated first, in the task vectors' order (a config's 'tasks' may reorder or subset the recipe's)
+        start = config["_recipe"].coeffs_for(objective.task_vectors.names)[None] if "_recipe" in config else None
         if args.command == "map":
             result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, dims, include=start)
         else:
@@ -249,7 +256,13 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
     if args.command != "moe":
         summary["saved"] = str(_save_pick(objective, zoo, summary["coeffs"], out / "merged"))
         if args.emit_mergekit:
-            summary["mergekit"] = str(_emit_mergekit(objective, summary["coeffs"], out / "mergekit.yaml"))
+            from .mergekit_config import RecipeError
+
+            try:
+                summary["mergekit"] = str(_emit_mergekit(objective, summary["coeffs"], out / "mergekit.yaml"))
+            except RecipeError as error:  # the pick (unequal coefficients under a sign consensus): the results stay
+                summary["mergekit"] = f"not written: {error}"
+                logging.getLogger(__name__).warning("no mergekit recipe for the pick: %s", error)
     payload = {**payload, "summary": summary}
     _atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(payload, indent=1, default=float)))
     print(json.dumps(summary, indent=1, default=float))
@@ -326,15 +339,20 @@ def _cmd_save(args: argparse.Namespace) -> int:
     groups = parse_groups(config.get("groups")) if args.config is not None else None
     if args.config is not None and "_recipe" in config:
         method = args.method or config["_recipe"].method
-    path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
-    print(f"saved merged model to {path}")
-    if args.emit_mergekit:
-        import yaml
-
+    recipe = None
+    if args.emit_mergekit:  # checked and built before anything is written: a refused recipe saves nothing
         from .merge_methods import resolve_method
 
+        emit = Path(args.emit_mergekit)
+        inputs = run_inputs(config) if args.config is not None else []
+        check_destination(emit, tv.source_paths(), args.overwrite, inputs=[*inputs, out])
         recipe = tv.mergekit_config(coeffs, resolve_method(method), groups)
-        _atomic_write(Path(args.emit_mergekit), lambda temp: temp.write_text(yaml.safe_dump(recipe, sort_keys=False)))
+    path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
+    print(f"saved merged model to {path}")
+    if recipe is not None:
+        import yaml
+
+        _atomic_write(emit, lambda temp: temp.write_text(yaml.safe_dump(recipe, sort_keys=False)))
         print(f"wrote the mergekit recipe {args.emit_mergekit}")
     return 0
 

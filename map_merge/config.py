@@ -177,6 +177,7 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
     _check_preference(resolved, fail)
     if recipe is not None:
         resolved["_recipe"] = recipe
+        resolved["_mergekit"] = str(Path(mergekit).resolve())  # an input: no output may replace it
     moe_fields = [key for key in ("moe_method", "moe_steps", "upcycle") if key in config]
     if moe_fields and "train_loss" not in config:
         raise fail(moe_fields[0], "needs 'train_loss' ('module:function' called as loss(model, task) -> scalar tensor on a training "
@@ -233,6 +234,8 @@ def run_inputs(config: dict[str, Any]) -> list[str]:
     """What else a run reads or keeps, which no output may replace: the config file, the Python
     files it names, held-out data and lm-eval task files, the tokenizer and the evaluation store."""
     paths = [config["_path"]] if "_path" in config else []
+    if "_mergekit" in config:
+        paths.append(config["_mergekit"])
     folder = Path(config.get("_path", ".")).parent
     for key in ("evaluator", "model", "train_loss"):
         module = str(config.get(key, "")).partition(":")[0]

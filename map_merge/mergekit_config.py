@@ -9,7 +9,10 @@ How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`
 
 - ``task_arithmetic`` (and ``breadcrumbs``, ``della_linear``: no sign consensus): the merged delta
   is ``lambda * sum_i w_i V'_i`` (``/ sum_i w_i`` with ``normalize: true``), so ``c_i = lambda w_i``
-  (``/ sum w``). Exact both ways, per tensor, also for per-layer weight lists and filtered weights.
+  (``/ sum w``). Exact both ways, per tensor, also for per-layer weight lists and filtered weights;
+  except ``normalize: true`` over per-layer lists whose sum over the models varies with depth:
+  mergekit divides the interpolated weights per layer, which no knot interpolation reproduces (the
+  knots are then normalised one by one, and the recipe's ``notes`` say so).
 - ``ties``, ``breadcrumbs_ties``, ``della`` (sign consensus; ``normalize`` divides by the agreeing
   weights): with every weight equal, the merged delta is ``lambda`` times the mean (or, without
   ``normalize``, the sum) of the agreeing pruned deltas, which is our operator (with the same
@@ -17,7 +20,11 @@ How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`
   weights the deltas before the sign election, so unequal weights have no exact counterpart: read,
   they give the starting point ``c_i = lambda w_i / mean(w)``; a merge with unequal coefficients is
   not emitted for these methods.
-- ``linear``: a weighted average of the models, ``theta_0 + sum_i (w_i / sum w) tau_i``.
+- ``linear``: a weighted average of every listed model (the base too, when it is listed with a
+  weight): ``theta_0 + sum_i (w_i / sum_j w_j) tau_i``; with ``normalize: false`` only when the
+  weights sum to 1 (otherwise the base itself is scaled). ``lambda`` is not a ``linear`` setting.
+- ``ties`` with ``normalize: false`` sums the agreeing trimmed deltas: read as
+  ``Breadcrumbs(density, gamma=0, consensus="sum", normalize=False)``, the same trim.
 - ``dare_linear`` / ``dare_ties`` are read (``Dare(p = 1 - density)``) but never emitted: mergekit
   rescales DARE by an L1 norm match and draws other masks, so no config reproduces our merge.
 
@@ -29,6 +36,7 @@ filters, the unfiltered entry the catch-all ``rest``).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -42,6 +50,8 @@ from .groups import LAYER_PATTERN, Groups
 from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
 
 __all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "read_recipe", "READ_METHODS", "EMIT_METHODS"]
+
+log = logging.getLogger(__name__)
 
 READ_METHODS = ("task_arithmetic", "linear", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "dare_linear", "dare_ties")
 EMIT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
@@ -80,6 +90,15 @@ class Recipe:
     def flat_coeffs(self) -> np.ndarray:
         """``(T * G,)`` task-major: the starting point of a search."""
         return self.coeffs.reshape(-1)
+
+    def coeffs_for(self, names: Sequence[str]) -> np.ndarray:
+        """``(len(names) * G,)`` task-major coefficients of the tasks ``names`` in that order (task
+        vectors built in another order than the recipe's, or of a subset of its models)."""
+        order = list(self.models)
+        unknown = [n for n in names if n not in order]
+        if unknown:
+            raise RecipeError(f"mergekit recipe has no model named {unknown[0]!r}; its models are {order}")
+        return self.coeffs[[order.index(n) for n in names]].reshape(-1)
 
     def task_vectors(self, **options: Any):
         """``TaskVectors.from_models(base_model, models, **options)`` (streamed for folders)."""
@@ -169,13 +188,18 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
     entries: list[tuple[str, dict[str, Any]]] = []
     names: list[str] = []
     taken: set[str] = set()
+    base_weights: list[Any] = []  # linear: the base's weight, when listed, counts in the average
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
             raise _fail(f"models[{i}]", f"must be a mapping with a 'model' path, got {entry!r}")
         path = entry["model"]
         params = {**global_params, **dict(entry.get("parameters") or {})}
-        if path == base:
-            continue  # the base listed among the models carries no task vector
+        if path == base:  # the base listed among the models carries no task vector
+            if method_name == "linear":
+                if "weight" not in params:
+                    raise _fail(f"models[{i}].parameters.weight", "is required (linear averages every listed model, the base too)")
+                base_weights.append(params["weight"])
+            continue
         if "+" in path:
             stem, adapter = path.split("+", 1)
             if stem != base:
@@ -188,9 +212,10 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
         entries.append((path, params))
     if not entries:
         raise _fail("models", "lists only the base model; no task vector to merge")
-    groups, matrix = _weights([p["weight"] for _, p in entries])
+    groups, everything = _weights([p["weight"] for _, p in entries] + base_weights)
+    matrix = everything[: len(entries)]
     normalize = bool(global_params.get("normalize", _NORMALIZE_DEFAULT[method_name]))
-    lam = float(global_params.get("lambda", 1.0))
+    lam = 1.0 if method_name == "linear" else float(global_params.get("lambda", 1.0))  # linear has no lambda
     notes: list[str] = []
     if method_name in _CONSENSUS:
         mean = matrix.mean(axis=0, keepdims=True)
@@ -198,12 +223,26 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
             notes.append(f"{method_name} with unequal weights: mergekit weights the deltas before the sign election; the starting "
                          "point scales the weights to mean lambda")
         coeffs = lam * matrix / np.where(mean == 0, 1.0, mean) if normalize else lam * matrix
-        if not normalize:
-            notes.append(f"{method_name} with normalize: false sums the agreeing deltas; the starting point is lambda * weight")
+        if method_name == "dare_ties" and not normalize:
+            notes.append("dare_ties with normalize: false sums the agreeing deltas, map_merge's Dare(ties=...) takes their mean: "
+                         "the starting point is lambda * weight")
     else:
-        total = matrix.sum(axis=0, keepdims=True)
+        total = everything.sum(axis=0, keepdims=True)  # linear: the listed base's weight too
+        if method_name == "linear" and not normalize:
+            if not np.allclose(total, 1.0):
+                raise _fail("normalize", f"is false for 'linear' with weights summing to {total.ravel().tolist()}, not 1: the "
+                                         "pretrained weights themselves would be scaled, which is no task arithmetic")
+        elif normalize:
+            if groups is not None and groups.knots is not None and not np.allclose(total, total.flat[0]):
+                notes.append("normalize: true with per-layer weights whose sum over the models varies with depth: mergekit divides "
+                             "per layer, the coefficients here are normalised per knot (close, not exact)")
         coeffs = lam * matrix / np.where(np.abs(total) < 1e-8, 1.0, total) if normalize else lam * matrix
-    method = _method(method_name, entries, global_params)
+    method = _method(method_name, entries, global_params, normalize)
+    if method_name == "ties" and not normalize:  # Ties takes the disjoint mean; the same trim, summed
+        notes.append("ties with normalize: false sums the agreeing trimmed deltas: read as Breadcrumbs(density, gamma=0, "
+                     "consensus='sum', normalize=False)")
+    for note in notes:
+        log.warning("mergekit recipe: %s", note)
     return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes)
 
 
@@ -239,9 +278,11 @@ def _weights(weights: list[Any]) -> tuple[Groups | None, np.ndarray]:
         patterns: dict[str, str] = {}
         for f in filters:
             if f in (None, "*"):
-                patterns["rest"] = ".*"
+                patterns[_unique("rest", patterns)] = ".*"
                 break  # mergekit stops at the first unfiltered condition
-            patterns[re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}"] = re.escape(f)
+            if not isinstance(f, str):
+                raise _fail("weight", f"filter {f!r} must be a string (a substring of tensor names)")
+            patterns[_unique(re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}", patterns)] = re.escape(f)
         rows = []
         for w in conditions:
             values = [c.get("value") for c in w][: len(patterns)]
@@ -252,7 +293,18 @@ def _weights(weights: list[Any]) -> tuple[Groups | None, np.ndarray]:
     raise _fail("weight", f"must be numbers, per-layer lists of numbers, or lists of {{filter, value}}; got {weights!r}")
 
 
-def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mapping[str, Any]) -> MergeMethod:
+def _unique(name: str, taken: Mapping[str, Any]) -> str:
+    """``name``, or ``name_2``, ``name_3``... when a group already has it (filters ``self_attn`` and ``self.attn``)."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
+def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mapping[str, Any], normalize: bool) -> MergeMethod:
+    """Our operator for mergekit's ``name``; ``normalize``: the recipe's (mergekit's default filled
+    in). Without consensus normalising is a choice of coefficients, never the operator's."""
     def shared(key: str, default: Any) -> Any:
         values = [p.get(key, default) for _, p in entries]
         if any(not _is_number(v) for v in values):
@@ -263,17 +315,20 @@ def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mappin
     if name in ("task_arithmetic", "linear"):
         return TaskArithmetic()
     if name == "ties":
+        if not normalize:
+            return Breadcrumbs(density=float(shared("density", 1.0)), gamma=0.0, scope="tensor",
+                               rescale="l1" if rescale else None, consensus="sum", normalize=False)
         return Ties(k=float(shared("density", 1.0)), scope="tensor")
     if name in ("breadcrumbs", "breadcrumbs_ties"):
         consensus = name == "breadcrumbs_ties"
         return Breadcrumbs(density=float(shared("density", 1.0)), gamma=float(shared("gamma", 0.01)), scope="tensor",
                            rescale="l1" if (rescale if rescale is not None else False) else None,
-                           consensus="sum" if consensus else None, normalize=bool(params.get("normalize", consensus)))
+                           consensus="sum" if consensus else None, normalize=consensus and normalize)
     if name in ("della", "della_linear"):
         consensus = name == "della"
         return Della(density=float(shared("density", 1.0)), epsilon=float(shared("epsilon", 0.15)), scope="tensor",
                      rescale="l1" if (rescale if rescale is not None else True) else None, consensus="sum" if consensus else None,
-                     normalize=bool(params.get("normalize", consensus)))
+                     normalize=consensus and normalize)
     density = float(shared("density", 1.0))
     ties = Ties(k=1.0, scope="tensor") if name == "dare_ties" else None
     return Dare(p=1.0 - density, ties=ties)
@@ -313,8 +368,6 @@ def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, 
     elif isinstance(method, Della):
         _check_tensor_scope(method)
         consensus = method.consensus is not None
-        if consensus and not method.normalize:
-            raise RecipeError("Della with consensus but without normalize has no mergekit counterpart")
         merge_method = "della" if consensus else "della_linear"
         if method.rescale not in (None, "l1"):
             raise RecipeError(f"Della rescale={method.rescale!r} has no mergekit counterpart (mergekit rescales by an L1 norm match)")

@@ -121,7 +121,11 @@ def nested_merge(
         raise ValueError(f"unknown schedule {schedule!r}; choose 'sequential' or 'levels'")
     probe = objective_for([0])
     if num_groups is None:
-        num_groups = int(getattr(probe, "num_coeffs", num_tasks)) // num_tasks
+        coefficients = int(getattr(probe, "num_coeffs", num_tasks))
+        if coefficients % num_tasks:
+            raise ValueError(f"the objective takes {coefficients} coefficients for {num_tasks} tasks: not a whole number of "
+                             "coefficient groups per task (pass num_groups=, or an objective with T x G coefficients)")
+        num_groups = coefficients // num_tasks
     groups = int(num_groups)
     if groups < 1:
         raise ValueError(f"num_groups must be at least 1, got {num_groups}")

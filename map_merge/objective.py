@@ -545,8 +545,8 @@ class ModelObjective(Objective):
         self.links = tuple(t.link for t in self.tasks.values())
         self.coeff_names = coefficient_names(live.task_vectors.names, live.groups)
         self.num_coeffs = len(self.coeff_names)
-        if live.groups is not None:
-            live.groups.weights(live.task_vectors.keys)  # every tensor in exactly one group, checked now
+        if live.groups is not None:  # every tensor in exactly one group, and no group owning nothing: checked now
+            live.task_vectors.coefficients_by_key(np.zeros(self.num_coeffs), live.groups)
         self.key = key
         self._keyed_tasks = self.tasks  # whose data make the store key (a for_tasks subset: its parent's)
         self._task_data: list[str] | None = None

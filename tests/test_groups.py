@@ -162,3 +162,30 @@ def test_a_group_owning_no_tensor_is_an_error(llama):
         with pytest.raises(ValueError, match=rf"group\(s\) \['{empty}'\] own no merged tensor .*e\.g\. 'model\.layers\."):
             tv.merge([0.1] * 4, groups=mm.Groups(patterns))
     assert tv.merge([0.1, 0.1, 0.2, 0.2], groups=mm.Groups({"attn": "self_attn", "rest": ".*"}))  # each group owns something
+
+
+def test_dense_merge_uses_each_groups_own_coefficient_however_close(llama):
+    # coefficients within allclose's tolerance of each other are still different coefficients
+    root, states = llama
+    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"], dtype=torch.float64, storage="dense")
+    groups = mm.Groups({"attn": "self_attn", "rest": ".*"})
+    coeffs = np.array([[0.5, 0.5 + 2e-6], [0.25, 0.25]])
+    merged = tv.merge(coeffs, groups=groups)
+    key = "model.layers.1.mlp.up_proj.weight"  # 'rest'
+    base = states["base"][key].double()
+    expected = base + (0.5 + 2e-6) * (states["ft0"][key].double() - base) + 0.25 * (states["ft1"][key].double() - base)
+    torch.testing.assert_close(merged[key], expected, rtol=0, atol=1e-12)
+
+
+def test_objective_refuses_a_group_owning_nothing_when_built(llama):
+    root, _ = llama
+    tv = mm.TaskVectors.from_models(root / "base", [root / "ft0", root / "ft1"])
+    with pytest.raises(ValueError, match=r"group\(s\) \['experts'\] own no merged tensor"):
+        mm.ModelObjective(transformers.LlamaForCausalLM.from_pretrained(root / "base"), tv, {"up": lambda m: 0.0},
+                          groups=mm.Groups({"experts": r"mlp\.experts", "rest": ".*"}))
+
+
+def test_nested_merging_refuses_coefficients_that_are_no_whole_number_of_groups():
+    objective = mm.FunctionObjective(lambda c: np.atleast_2d(c)[:, :2], 3, ["a", "b"])
+    with pytest.raises(ValueError, match="3 coefficients for 2 tasks"):
+        mm.nested_merge(lambda idx: objective, 2, [1, 1], samples_per_stage=10)

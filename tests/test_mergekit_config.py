@@ -99,7 +99,8 @@ def test_a_recipe_merges_as_mergekit_defines_it(folders):
     assert parse_recipe(_recipe(folders, merge_method="della_linear")).method.consensus is None
     linear = parse_recipe({**_recipe(folders, merge_method="linear"), "models": [
         {"model": str(folders / "base"), "parameters": {"weight": 1.0}}, *_recipe(folders)["models"]]})
-    np.testing.assert_allclose(linear.coeffs[:, 0], [0.7 / 1.1, 0.4 / 1.1])  # the base listed among the models carries no vector
+    # the base listed among the models carries no vector, but its weight counts in mergekit's average
+    np.testing.assert_allclose(linear.coeffs[:, 0], [0.7 / 2.1, 0.4 / 2.1])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -169,3 +170,141 @@ def test_cli_runs_a_mergekit_recipe_and_emits_one(folders, tmp_path, capsys):
     config.write_text(json.dumps({"evaluator": "user.py:evaluate", "pretrained": str(folders / "base"), "finetuned": {}}))
     assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml")]) == 2
     assert "field 'pretrained' comes from the mergekit recipe" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- mergekit's defaults and semantics, read exactly
+def _two(method, weights=(0.7, 0.4), per_model=None, **shared):
+    models = [{"model": f"/m/{n}", "parameters": {"weight": w, **(per_model or {})}} for n, w in zip(("a", "b"), weights)]
+    return {"merge_method": method, "base_model": "/m/base", "models": models, **({"parameters": shared} if shared else {})}
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "della_linear", "dare_linear"])
+def test_normalize_without_consensus_divides_the_weights(method):
+    # mergekit: lambda * sum w_i V'_i / sum w_i; the operator itself has no consensus to normalise
+    recipe = parse_recipe(_two(method, per_model={"density": 0.5}, normalize=True, **{"lambda": 0.5}))
+    np.testing.assert_allclose(recipe.coeffs[:, 0], [0.5 * 0.7 / 1.1, 0.5 * 0.4 / 1.1])
+    assert getattr(recipe.method, "normalize", False) is False
+
+
+def test_breadcrumbs_ties_keeps_mergekits_default_normalize_false():
+    recipe = parse_recipe(_two("breadcrumbs_ties", weights=(1.0, 1.0), per_model={"density": 0.5, "gamma": 0.1}))
+    assert recipe.method.consensus == "sum" and recipe.method.normalize is False  # mergekit sums the agreeing deltas
+    emitted = emit_recipe("/m/base", {"a": "/m/a", "b": "/m/b"}, recipe.coeffs, recipe.method)
+    assert emitted["parameters"]["normalize"] is False
+    assert parse_recipe(emitted).method == recipe.method
+
+
+def test_ties_without_normalize_sums_the_agreeing_trimmed_deltas():
+    recipe = parse_recipe(_two("ties", weights=(1.0, 1.0), per_model={"density": 0.5}, normalize=False))
+    vectors = torch.tensor([[4.0, -1.0, 2.0, 0.5], [3.0, 2.0, -0.1, -6.0]])
+    # trim to the top 2 of each: [4, 0, 2, 0], [3, 0, 0, -6]; signs of the sums: +, +, +, -; sum of the agreeing
+    prepared = recipe.method.prepare(vectors)
+    np.testing.assert_allclose(prepared.sum(0).numpy(), [7.0, 0.0, 2.0, -6.0])
+    np.testing.assert_allclose(recipe.coeffs[:, 0], [1.0, 1.0])
+
+
+def test_linear_counts_the_base_models_weight():
+    # mergekit's linear: sum_j w_j theta_j / sum_j w_j over every listed model, the base included
+    config = {**_two("linear"), "models": [{"model": "/m/base", "parameters": {"weight": 1.0}}, *_two("linear")["models"]]}
+    np.testing.assert_allclose(parse_recipe(config).coeffs[:, 0], [0.7 / 2.1, 0.4 / 2.1])
+    np.testing.assert_allclose(parse_recipe(_two("linear")).coeffs[:, 0], [0.7 / 1.1, 0.4 / 1.1])
+    summed = {**config, "parameters": {"normalize": False}}
+    summed["models"][0]["parameters"]["weight"] = -0.1  # weights summing to 1: theta_0 + sum w_i tau_i
+    np.testing.assert_allclose(parse_recipe(summed).coeffs[:, 0], [0.7, 0.4])
+    with pytest.raises(RecipeError, match="field 'normalize'"):  # sum_j w_j != 1 scales the base: no task arithmetic
+        parse_recipe({**_two("linear"), "parameters": {"normalize": False}})
+
+
+def test_normalized_gradient_with_a_varying_total_is_noted():
+    # per layer mergekit divides interp(w_i) by interp(sum w): not a linear interpolation of knots
+    recipe = parse_recipe(_two("task_arithmetic", weights=([1.0, 1.0], [1.0, 3.0]), normalize=True))
+    assert any("normalize" in note for note in recipe.notes)
+    assert not parse_recipe(_two("task_arithmetic", weights=([1.0, 3.0], [3.0, 1.0]), normalize=True)).notes  # constant total: exact
+
+
+def test_della_without_normalize_is_emitted():
+    della = mm.Della(0.5, 0.1, consensus="sum", normalize=False)
+    emitted = emit_recipe("/m/base", {"a": "/m/a", "b": "/m/b"}, np.array([0.6, 0.6]), della)
+    assert emitted["merge_method"] == "della" and emitted["parameters"]["normalize"] is False
+    assert parse_recipe(emitted).method == della
+
+
+def test_filters_whose_names_collide_stay_separate_groups():
+    weights = [[{"filter": "self_attn", "value": 0.1}, {"filter": "self.attn", "value": 0.2}, {"value": 0.3}],
+               [{"filter": "self_attn", "value": 0.4}, {"filter": "self.attn", "value": 0.5}, {"value": 0.6}]]
+    recipe = parse_recipe(_two("task_arithmetic", weights=weights))
+    assert list(recipe.groups.patterns.values()) == ["self_attn", r"self\.attn", ".*"]
+    np.testing.assert_allclose(recipe.coeffs, [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+
+
+def test_recipe_coefficients_follow_the_task_order_asked_for():
+    recipe = parse_recipe(_two("task_arithmetic", weights=([0.1, 0.2], [0.3, 0.4])))
+    np.testing.assert_allclose(recipe.coeffs_for(["b", "a"]), [0.3, 0.4, 0.1, 0.2])
+    np.testing.assert_allclose(recipe.coeffs_for(["b"]), [0.3, 0.4])
+    with pytest.raises(RecipeError, match="'c'"):
+        recipe.coeffs_for(["c"])
+
+
+def _cli_setup(folders, tmp_path, recipe, **config):
+    import json
+
+    (tmp_path / "user.py").write_text(_EVAL)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"evaluator": "user.py:evaluate", "out": str(tmp_path / "out"), "num_samples": 16, "link": "identity",
+                                **config}))
+    return path
+
+
+def test_cli_recipe_start_follows_the_configs_task_order(folders, tmp_path):
+    import json
+
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders, models=[
+        {"model": str(folders / "code"), "parameters": {"weight": [0.2, 0.6]}},
+        {"model": str(folders / "chat"), "parameters": {"weight": [0.5, 0.1]}}]), tasks=["chat", "code"])
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml")]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["summary"]["tasks"] == ["chat", "code"]
+    assert result["samples"]["coeffs"][0] == [0.5, 0.1, 0.2, 0.6]  # chat's knots first, as the task vectors are built
+
+
+def test_cli_run_whose_pick_mergekit_cannot_reproduce_keeps_its_results(folders, tmp_path, monkeypatch):
+    import json
+
+    from map_merge.cli import main
+    from map_merge.map import MAPResult
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders, merge_method="ties", models=[
+        {"model": str(folders / n), "parameters": {"weight": 1.0, "density": 0.5}} for n in ("code", "chat")]))
+    monkeypatch.setattr(MAPResult, "select", lambda self, preference: np.array([0.2, 0.7]))  # a pick TIES cannot emit
+    assert main(["map", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml"), "--emit-mergekit"]) == 0
+    result = json.loads((tmp_path / "out" / "result.json").read_text())  # written although no recipe could be
+    assert not (tmp_path / "out" / "mergekit.yaml").exists() and "unequal coefficients" in result["summary"]["mergekit"]
+    assert (tmp_path / "out" / "merged").is_dir()
+
+
+def test_cli_run_refuses_an_unwritable_recipe_before_evaluating(folders, tmp_path, capsys):
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders), pretrained=str(folders / "base"),
+                        finetuned={n: str(folders / n) for n in ("code", "chat")}, groups={"both": "self_attn|mlp", "rest": ".*"})
+    assert main(["map", "--config", str(config), "--emit-mergekit"]) == 2
+    assert "not a plain substring" in capsys.readouterr().err and not (tmp_path / "out" / "evaluations.sqlite").exists()
+
+
+def test_cli_save_never_writes_a_recipe_over_an_existing_file(folders, tmp_path, capsys):
+    from map_merge.cli import main
+
+    config = _cli_setup(folders, tmp_path, _recipe(folders))
+    (tmp_path / "kept.yaml").write_text("mine\n")
+    args = ["save", "--config", str(config), "--mergekit", str(tmp_path / "recipe.yaml"), "--coeffs", "0.3,0.4"]
+    assert main([*args, "--out", str(tmp_path / "m1"), "--emit-mergekit", str(tmp_path / "kept.yaml")]) == 2
+    assert (tmp_path / "kept.yaml").read_text() == "mine\n" and not (tmp_path / "m1").exists()  # refused before any save
+    for protected in ("recipe.yaml", "run.json"):  # the run's own inputs: never, whatever --overwrite says
+        before = (tmp_path / protected).read_text()
+        assert main([*args, "--out", str(tmp_path / "m2"), "--overwrite", "--emit-mergekit", str(tmp_path / protected)]) == 2
+        assert (tmp_path / protected).read_text() == before
+    assert main([*args, "--out", str(tmp_path / "m3"), "--emit-mergekit", str(tmp_path / "new.yaml")]) == 0
+    assert [m["parameters"]["weight"] for m in yaml.safe_load((tmp_path / "new.yaml").read_text())["models"]] == [0.3, 0.4]

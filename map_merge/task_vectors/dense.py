@@ -297,7 +297,7 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         one fused op per run of consecutive tensors that share their coefficients."""
         prepared = self.prepared(method)
         matrix, per_key = self.coefficients_by_key(coeffs, groups)
-        if per_key is None or np.allclose(matrix, matrix[:, :1]):  # one coefficient per task everywhere
+        if per_key is None or np.array_equal(matrix, np.repeat(matrix[:, :1], matrix.shape[1], axis=1)):  # one per task everywhere
             c = torch.as_tensor(matrix[:, 0]).to(device=self.device, dtype=self.dtype)
             return torch.addmv(self.base, prepared.T, c, out=out)
         out = torch.empty_like(self.base) if out is None else out
