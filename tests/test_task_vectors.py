@@ -157,7 +157,7 @@ def test_load_from_safetensors_and_hf_folder(tmp_path):
     folder = tv.save_merged(tmp_path / "hf", [0.5], method=mm.Ties(k=0.5), model=BertModel(config))
     reloaded = BertModel.from_pretrained(folder)
     torch.testing.assert_close(reloaded.pooler.dense.weight, tv.merge([0.5], mm.Ties(k=0.5))["pooler.dense.weight"])
-    assert json.loads((folder / "map_merge.json").read_text())["method"] == {"name": "ties", "k": 0.5}
+    assert json.loads((folder / "map_merge.json").read_text())["method"] == {"name": "ties", "k": 0.5, "count": "int"}
 
 
 def test_fingerprint_changes_with_weights(tiny_models):

@@ -41,8 +41,10 @@ class Ties(MergeMethod):
 
     @property
     def spec(self) -> dict[str, Any]:
-        spec = {"name": self.name, "k": self.k}
-        if self.scope != "global":  # the default keeps the fingerprints of earlier results
+        # "count": the kept entries are int(k n), mergekit's count (round(k n) before): another merge, so
+        # results stored for the old count are never reused for the new one
+        spec = {"name": self.name, "k": self.k, "count": "int"}
+        if self.scope != "global":
             spec["scope"] = self.scope
         return spec
 
