@@ -36,8 +36,8 @@ or a local task YAML (``dataset_path: json`` with local ``data_files``: how it r
 
 Or a bundled zoo (models, data and metrics come with it)::
 
-    zoo: text                           # or vision
-    tasks: [sentiment, med_subject]     # default: the zoo's tasks
+    zoo: lm                             # the language-model zoo (held-out losses, lower is better); or text, vision
+    tasks: [code, medical]              # default: the zoo's tasks
 
 Settings (all optional)::
 

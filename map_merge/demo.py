@@ -89,9 +89,9 @@ def zoo_table(zoo, store: EvaluationStore, out: Path, uniform: Sequence[float] =
 
 def _lm_zoo_table(zoo, out: Path) -> list[dict[str, Any]]:
     """The LM zoo's table (:meth:`~map_merge.zoo.lm.LMZoo.table` on the test split), cached in
-    ``out`` under the zoo's build key."""
+    ``out`` under the zoo's build key and its domains."""
     cache = out / "zoo_table_cache.json"
-    key = f"lm:{zoo.info.get('key', '')}"
+    key = f"lm:{zoo.info.get('key', '')}:{','.join(zoo.task_names)}"
     cached = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in cached:
         cached[key] = zoo.table(split="test", lm_eval=True)

@@ -101,3 +101,25 @@ def test_demo_on_the_tiny_language_model_zoo(tmp_path):
     # the pick differs from the pretrained model: its test losses are not the base's
     base = [row["base_loss"] for row in data["zoo_table"][:2]]
     assert not np.allclose(losses, base)
+
+
+def test_lm_zoo_table_cache_is_per_task_set(tmp_path):
+    """The LM zoo table cached in a demo folder is reused only for the same zoo build and domains:
+    a rerun on other domains in the same folder gets their table, not the earlier run's."""
+    from types import SimpleNamespace
+
+    from map_merge.demo import _lm_zoo_table
+
+    calls = []
+
+    def zoo_of(names):
+        def table(split, lm_eval):
+            calls.append(tuple(names))
+            return [{"domain": n, "base_loss": 1.0} for n in names]
+
+        return SimpleNamespace(info={"key": "k1"}, task_names=tuple(names), table=table)
+
+    assert [r["domain"] for r in _lm_zoo_table(zoo_of(["code", "medical"]), tmp_path)] == ["code", "medical"]
+    assert [r["domain"] for r in _lm_zoo_table(zoo_of(["code", "legal", "arithmetic"]), tmp_path)] == ["code", "legal", "arithmetic"]
+    assert [r["domain"] for r in _lm_zoo_table(zoo_of(["code", "medical"]), tmp_path)] == ["code", "medical"]
+    assert calls == [("code", "medical"), ("code", "legal", "arithmetic")]  # the third came from the cache

@@ -180,3 +180,64 @@ def test_bad_settings_are_named():
         load_lm_zoo(size=replace(LM_SIZES["tiny"], kinds=(("code", "dense"),)))
     with pytest.raises(TypeError, match="takes no options"):
         load_zoo("vision", size="tiny")
+
+
+def test_a_zoo_another_process_finished_first_is_kept(zoo, tmp_path, monkeypatch):
+    """Two processes building the same zoo: the one finishing second must not move the first's
+    complete folder away (other processes may be reading its experts) but use it."""
+    import shutil
+
+    import map_merge.zoo.lm as lm
+
+    root = tmp_path / "cache"
+    real_build = lm._build
+    calls = []
+
+    def build_then_another_finishes(folder, *args, **kwargs):
+        calls.append(folder)
+        real_build(folder, *args, **kwargs)
+        shutil.copytree(zoo.folder, root / zoo.folder.name)  # meanwhile, another builder completed the same zoo
+        (root / zoo.folder.name / "in-use").write_text("a reader's file")
+
+    monkeypatch.setattr(lm, "_build", build_then_another_finishes)
+    loaded = load_lm_zoo(size="tiny", progress=False, cache_dir=root)
+    assert len(calls) == 1 and loaded.folder == root / zoo.folder.name
+    assert (loaded.folder / "in-use").exists()  # the finished folder was kept, ours dropped
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [zoo.folder.name]
+
+
+def test_concurrent_loads_build_once(zoo, tmp_path, monkeypatch):
+    """A second loader waits for the build in progress and reuses it (one build, not two), and a
+    killed build's leftover temporary folder is cleared."""
+    import threading
+
+    import map_merge.zoo.lm as lm
+
+    root = tmp_path / "cache"
+    (root / f"{zoo.folder.name}.tmp-999999").mkdir(parents=True)  # what a killed build left
+    real_build, calls, started = lm._build, [], threading.Event()
+
+    def slow_build(folder, *args, **kwargs):
+        calls.append(folder)
+        started.set()
+        real_build(folder, *args, **kwargs)
+
+    monkeypatch.setattr(lm, "_build", slow_build)
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(load_lm_zoo(size="tiny", progress=False, cache_dir=root, threads=None))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    first = threading.Thread(target=load)
+    first.start()
+    started.wait(timeout=300)
+    second = threading.Thread(target=load)
+    second.start()
+    first.join()
+    second.join()
+    assert not errors, errors
+    assert len(calls) == 1 and results[0].folder == results[1].folder == root / zoo.folder.name
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [zoo.folder.name]

@@ -19,13 +19,15 @@ seeded, and cached under ``$MAP_MERGE_CACHE``; ``"large"`` is meant for a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,6 +477,80 @@ def _build(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]
         del model
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (``fcntl.flock``; where there is none, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process building or loading the lm zoo %s", what)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (digits; anything else: no) still runs here."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return False  # our own earlier attempt
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
+                progress: bool, threads: int | None, key: str, data_hash: str, rebuild: bool) -> None:
+    """Build the zoo in a temporary folder beside ``folder`` and rename it into place (the caller
+    holds the zoo's lock). A complete ``folder`` that appeared meanwhile (a builder that took no
+    lock) is kept unless ``rebuild``: readers may be using its files."""
+    for stale in root.glob(f"{glob.escape(folder.name)}.tmp-*"):  # what a killed build left
+        if not _alive(stale.name.rpartition("-")[2]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f"{folder.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    info: dict[str, Any] = {"key": key, "data_hash": data_hash, "recipe": asdict(recipe), "seed": seed, "folder": str(folder),
+                            "device": str(device), "sources": SOURCES, "base_dtype": "bfloat16", "expert_dtype": "bfloat16",
+                            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+    previous = torch.get_num_threads()
+    try:
+        if threads is not None and device.type == "cpu":
+            torch.set_num_threads(int(threads))
+            info["threads"] = int(threads)
+        _build(tmp, recipe, texts, seed, device, progress, info)
+        info["seconds"] = time.perf_counter() - start
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        if (folder / "info.json").exists() and not rebuild:
+            log.info("the lm zoo %s was completed by another process meanwhile; using it", folder.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif folder.exists():
+            old = root / f"{folder.name}.old-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(previous)
+
+
 def load_lm_zoo(
     tasks: Sequence[str] | None = None,
     size: str | LMRecipe = "small",
@@ -520,39 +596,16 @@ def load_lm_zoo(
     label = size if isinstance(size, str) else "custom"
     root = cache_root() if cache_dir is None else Path(cache_dir)
     folder = root / f"lm-{_VERSION}-{label}-{key}"
-    if rebuild or not (folder / "info.json").exists():
-        tmp = root / f"{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        info: dict[str, Any] = {"key": key, "data_hash": data_hash, "recipe": asdict(recipe), "seed": seed, "folder": str(folder),
-                                "device": str(device), "sources": SOURCES, "base_dtype": "bfloat16", "expert_dtype": "bfloat16",
-                                "torch": torch.__version__, "threads": torch.get_num_threads()}
-        start = time.perf_counter()
-        previous = torch.get_num_threads()
-        try:
-            if threads is not None and device.type == "cpu":
-                torch.set_num_threads(int(threads))
-                info["threads"] = int(threads)
-            _build(tmp, recipe, texts, seed, device, progress, info)
-            info["seconds"] = time.perf_counter() - start
-            (tmp / "info.json").write_text(json.dumps(info, indent=2))
-            if folder.exists():
-                old = root / f"{folder.name}.old-{os.getpid()}"
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        finally:
-            torch.set_num_threads(previous)
-    info = json.loads((folder / "info.json").read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    # one builder at a time per zoo: a second process waits for the build in progress and reuses it
+    with _exclusive(root / f"{folder.name}.lock", folder.name):
+        if rebuild or not (folder / "info.json").exists():
+            _build_into(folder, root, recipe, texts, seed, device, progress, threads, key, data_hash, rebuild)
+        info = json.loads((folder / "info.json").read_text())
+        choice = _write_tasks(folder, recipe, texts, seed)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder / "base"))
-    choice = _write_tasks(folder, recipe, texts, seed)
     held_out = {d: {"val": texts[d]["val"][: recipe.val_texts], "test": texts[d]["test"][: recipe.test_texts]} for d in names}
     kinds = dict(recipe.kinds)
     train = {d: texts[d]["train"][:512] for d in names}  # what PWE-MoE's routers train on
