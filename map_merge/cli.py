@@ -227,8 +227,12 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
     elif args.command == "nested":
         from .nested import nested_merge
 
+        stages = []  # the stages' objectives: their counters are the run's models evaluated
+
         def objective_for(idx):
-            return objective.for_tasks([names[i] for i in idx])
+            stage = objective.for_tasks([names[i] for i in idx])
+            stages.append(stage)
+            return stage
 
         result = nested_merge(objective_for, num, preference, samples_per_stage=config.get("samples_per_stage", 10), bounds=bounds, seed=seed,
                               schedule=config.get("schedule", "sequential"))
@@ -252,7 +256,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
                             metadata=meta)
         payload = {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}
         summary.update(fit=info, evaluations=len(preferences), coefficients=coefficients, saved=str(saved))
-    summary.update(models_evaluated=objective.num_evaluations, from_store=objective.num_cached)
+    counted = [objective] + (stages if args.command == "nested" else [])
+    summary.update(models_evaluated=sum(o.num_evaluations for o in counted), from_store=sum(o.num_cached for o in counted))
     if args.command != "moe":
         summary["saved"] = str(_save_pick(objective, zoo, summary["coeffs"], out / "merged"))
         if args.emit_mergekit:

@@ -84,6 +84,9 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     assert main(["nested", "--config", str(config), "--overwrite"]) == 0  # ... unless replaced on purpose
     nested = json.loads((tmp_path / "out" / "result.json").read_text())
     assert len(nested["stages"]) == 2 and len(nested["coeffs"]) == 3
+    # every stage's model is counted (the stages evaluate on subset objectives, not the run's own)
+    counts = nested["summary"]
+    assert counts["models_evaluated"] > 0 and counts["models_evaluated"] + counts["from_store"] == counts["evaluations"]
     capsys.readouterr()
     config.write_text(json.dumps({**base, "moe_steps": 5, "tasks": tasks[:2], "preference": [3, 1]}))
     assert main(["moe", "--config", str(config), "--overwrite"]) == 0
