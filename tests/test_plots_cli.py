@@ -34,7 +34,7 @@ def test_plots_write_pngs(tmp_path):
     [
         ("zoo: vision\nnum_samples: many\n", "field 'num_samples' must be a int"),
         ("zoo: vision\ncoefs: [1]\n", "unknown field 'coefs'"),
-        ("zoo: audio\n", r"field 'zoo' must be one of \['text', 'vision'\]"),
+        ("zoo: audio\n", r"field 'zoo' must be one of \['lm', 'text', 'vision'\]"),
         ("zoo: vision\nbounds: [1, 0]\n", "field 'bounds'"),
         ("zoo: vision\nacquisition: ucb\n", "field 'acquisition' must be one of"),
         ("zoo: vision\nmoe_steps: 0\n", "field 'moe_steps' must be a positive integer"),
