@@ -188,18 +188,10 @@ class Zoo:
 
         Returns ``(moe, info)``; ``info`` as :meth:`ParetoMoE.fit_or_load`, plus the batch size
         and the settings' key. ``corners``: share of steps at a one-task preference."""
-        from ..moe import ParetoMoE
-
         names = self._names(names)
-        tv = self.task_vectors(names)
-        moe = ParetoMoE(self.pretrained, tv, upcycle=self.upcycle, init_lambda=init_lambda, seed=seed)
-        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, self.upcycle, corners]
-        key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
-        path = Path(checkpoint) / f"moe_routers_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
-        generator = torch.Generator().manual_seed(seed)
-        losses = {n: self.train_loss(n, batch_size, generator) for n in names}
-        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
-        return moe, {**info, "batch_per_task": batch_size, "key": key}
+        return fit_cached_moe(self.pretrained, self.task_vectors(names), names, self.train_loss, upcycle=self.upcycle, method=method,
+                              steps=steps, batch_size=batch_size, lr=lr, init_lambda=init_lambda, seed=seed, corners=corners,
+                              checkpoint=checkpoint, progress=progress, key_settings=[self.upcycle], prefix="moe_routers")
 
     def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
                       progress: bool = True):
@@ -258,6 +250,25 @@ class Zoo:
             encoder.eval()
             out[i] = [self.accuracy(encoder, n, split) for n in names]
         return out
+
+
+def fit_cached_moe(model: nn.Module, tv: TaskVectors, names: Sequence[str], train_loss: Callable[..., Callable], *, upcycle: Any,
+                   method: str, steps: int, batch_size: int, lr: float, init_lambda: float, seed: int, corners: float,
+                   checkpoint: str | os.PathLike | None, progress: bool, key_settings: Sequence[Any], prefix: str):
+    """A zoo's PWE-MoE: :class:`~map_merge.moe.ParetoMoE` over ``model`` and ``tv``, its routers
+    trained on ``train_loss(name, batch_size, generator)`` per task, or loaded from
+    ``checkpoint/<prefix>_<names>_<method>_<key>.pt`` where ``key`` hashes every setting (plus
+    ``key_settings``). Returns ``(moe, info)``."""
+    from ..moe import ParetoMoE
+
+    moe = ParetoMoE(model, tv, upcycle=upcycle, init_lambda=init_lambda, seed=seed)
+    settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, *key_settings, corners]
+    key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
+    path = Path(checkpoint) / f"{prefix}_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    losses = {n: train_loss(n, batch_size, generator) for n in names}
+    info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
+    return moe, {**info, "batch_per_task": batch_size, "key": key}
 
 
 def finetune(

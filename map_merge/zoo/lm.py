@@ -42,7 +42,7 @@ from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective
 from ..store import EvaluationStore
 from ..task_vectors import TaskVectors
-from .base import cache_root
+from .base import cache_root, fit_cached_moe
 from .lm_data import CORPORA, LM_DOMAINS, SOURCES, choice_docs, domain_texts, write_choice_task
 
 __all__ = ["LMRecipe", "LM_SIZES", "LMZoo", "load_lm_zoo"]
@@ -332,18 +332,10 @@ class LMZoo:
         """A :class:`~map_merge.moe.ParetoMoE` over the Llama's MLP blocks of the named experts, its
         routers trained (``"ls"`` / ``"epo"``) on training texts; cached in ``checkpoint`` (a folder).
         Returns ``(moe, info)``."""
-        from ..moe import ParetoMoE
-
         names = self._names(names)
-        tv = self.task_vectors(names)
-        moe = ParetoMoE(self.new_model(dtype=torch.float32), tv, upcycle="mlp", init_lambda=init_lambda, seed=seed)
-        settings = [tv.fingerprint(), method, steps, batch_size, lr, init_lambda, seed, corners, self.info.get("key", "")]
-        key = hashlib.blake2b(json.dumps(settings).encode(), digest_size=8).hexdigest()
-        path = Path(checkpoint) / f"moe_routers_lm_{'-'.join(names)}_{method}_{key}.pt" if checkpoint is not None else None
-        generator = torch.Generator().manual_seed(seed)
-        losses = {n: self.train_loss(n, batch_size, generator) for n in names}
-        info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
-        return moe, {**info, "batch_per_task": batch_size, "key": key}
+        return fit_cached_moe(self.new_model(dtype=torch.float32), self.task_vectors(names), names, self.train_loss, upcycle="mlp",
+                              method=method, steps=steps, batch_size=batch_size, lr=lr, init_lambda=init_lambda, seed=seed, corners=corners,
+                              checkpoint=checkpoint, progress=progress, key_settings=[self.info.get("key", "")], prefix="moe_routers_lm")
 
     def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
                       progress: bool = True):
