@@ -131,14 +131,7 @@ class HeldOutLoss:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: little padding
         self._batches = []
         for start in range(0, len(order), self.batch_size):
-            group = [ids[i] for i in order[start : start + self.batch_size]]
-            width = max(len(x) for x in group)
-            input_ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for row, x in enumerate(group):
-                input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-                mask[row, : len(x)] = 1
-            self._batches.append((input_ids, mask))
+            self._batches.append(pad_token_ids([ids[i] for i in order[start : start + self.batch_size]]))
         self.num_tokens = scored
         self.fingerprint = content_digest("held_out_loss", ids, self.max_length, self.perplexity)
 
@@ -158,6 +151,18 @@ class HeldOutLoss:
 
     def __repr__(self) -> str:
         return f"HeldOutLoss({len(self.texts)} texts, {self.num_tokens} scored tokens, max_length={self.max_length})"
+
+
+def pad_token_ids(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids: (B, L)`` and ``attention_mask: (B, L)`` (int64) of ``B`` token-id
+    lists, ``L`` the longest; padding holds ``pad_id`` and mask 0."""
+    width = max(len(x) for x in rows)
+    input_ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for row, x in enumerate(rows):
+        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
 
 
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

@@ -301,6 +301,8 @@ class LMZoo:
     def train_loss(self, name: str, batch_size: int = 8, generator: torch.Generator | None = None):
         """``loss(model) -> scalar``: mean token cross-entropy of a causal LM on ``batch_size``
         random training texts of domain ``name`` per call (PWE-MoE router training)."""
+        from ..tasks import pad_token_ids
+
         name = self._names([name])[0]
         texts = self.train_texts.get(name)
         if not texts:
@@ -312,13 +314,8 @@ class LMZoo:
 
         def loss(model: nn.Module) -> torch.Tensor:
             index = torch.randint(0, len(encoded), (batch_size,), generator=generator).tolist()
-            width = max(len(encoded[i]) for i in index)
-            ids = torch.full((batch_size, width), pad, dtype=torch.long)
-            mask = torch.zeros(batch_size, width, dtype=torch.long)
-            for row, i in enumerate(index):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            device = next(p.device for p in model.parameters()) if any(True for _ in model.parameters()) else self.device
+            ids, mask = pad_token_ids([encoded[i] for i in index], pad)
+            device = next((p.device for p in model.parameters()), self.device)
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
