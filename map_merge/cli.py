@@ -289,18 +289,20 @@ def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
 
 def _emit_mergekit(objective, coeffs, path: Path) -> Path:
     """The pick as a mergekit recipe (``mergekit-yaml path out/`` reproduces ``merged/``)."""
-    import yaml
+    from .mergekit_config import recipe_yaml
 
     config = objective.task_vectors.mergekit_config(coeffs, objective.method, objective.groups)
-    _atomic_write(path, lambda temp: temp.write_text(yaml.safe_dump(config, sort_keys=False)))
+    _atomic_write(path, lambda temp: temp.write_text(recipe_yaml(config)))
     return path
 
 
 def _parse_floats(text: str, what: str) -> list[float]:
+    from .numeric import parse_number
+
     try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+        return [parse_number(x) for x in text.split(",")]
+    except ValueError as error:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}: {error}") from None
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
@@ -355,9 +357,9 @@ def _cmd_save(args: argparse.Namespace) -> int:
     path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
     print(f"saved merged model to {path}")
     if recipe is not None:
-        import yaml
+        from .mergekit_config import recipe_yaml
 
-        _atomic_write(emit, lambda temp: temp.write_text(yaml.safe_dump(recipe, sort_keys=False)))
+        _atomic_write(emit, lambda temp: temp.write_text(recipe_yaml(recipe)))
         print(f"wrote the mergekit recipe {args.emit_mergekit}")
     return 0
 

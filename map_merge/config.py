@@ -40,6 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .numeric import parse_number
+
 __all__ = ["ConfigError", "load_config", "parse_groups", "resolve_callable", "build_objective", "build_executor", "fit_moe",
            "task_names_of", "source_paths", "run_inputs", "check_run", "build_task_vectors"]
 
@@ -101,7 +103,8 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
         recipe = from_mergekit(mergekit)
         config = {**config, "pretrained": recipe.base_model, "finetuned": dict(recipe.models)}
         if recipe.groups is not None:
-            config["groups"] = dict(recipe.groups.patterns) if recipe.groups.knots is None else {"knots": recipe.groups.knots}
+            spec = recipe.groups.spec
+            config["groups"] = spec["patterns"] if recipe.groups.knots is None else {k: spec[k] for k in ("patterns", "knots") if k in spec}
 
     for key, value in config.items():
         if key not in FIELDS:
@@ -116,9 +119,13 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
     for key in ("num_samples", "budget", "samples_per_stage", "moe_steps"):
         if key in config and config[key] < 1:
             raise fail(key, f"must be a positive integer, got {config[key]!r}")
-    if "preference" in config and (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in config["preference"])
-                                   or any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0):
-        raise fail("preference", f"must be non-negative numbers, not all zero, got {config['preference']!r}")
+    if "preference" in config:
+        try:  # '1e-1' is a string in YAML 1.1: read as the number it spells
+            config = {**config, "preference": [parse_number(v) for v in config["preference"]]}
+        except ValueError as error:
+            raise fail("preference", f"must be non-negative numbers, not all zero: {error} (in {config['preference']!r})") from None
+        if any(v < 0 for v in config["preference"]) or sum(config["preference"]) <= 0:
+            raise fail("preference", f"must be non-negative numbers, not all zero, got {config['preference']!r}")
     for key, value in config.get("ray", {}).items():
         if key not in RAY_KEYS:
             raise fail("ray", f"has unknown key {key!r}; allowed: {sorted(RAY_KEYS)}")
@@ -152,8 +159,9 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
         return {**config, "_path": str(path)}
     missing = [key for key in ("pretrained", "finetuned") + (() if specs else ("evaluator",)) if key not in config]
     if missing:
-        raise fail(missing[0], "is required: name a bundled 'zoo', or your own models with 'pretrained', 'finetuned' (task -> path) "
-                               "and 'evaluator' ('module:function' called as evaluate(model, task) -> float)")
+        scoring = ("(the metric specs under 'tasks' score them)" if specs else
+                   "and 'evaluator' ('module:function' called as evaluate(model, task) -> float, or metric specs under 'tasks')")
+        raise fail(missing[0], f"is required: name a bundled 'zoo', or your own models with 'pretrained', 'finetuned' (task -> path) {scoring}")
     if not config["finetuned"]:
         raise fail("finetuned", "must name at least one task -> fine-tuned model path")
     folder = path.parent
@@ -187,7 +195,8 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
 
 def parse_groups(spec: Any):
     """The :class:`~map_merge.Groups` of a config's ``groups:`` field: ``{name: regex, ...}`` (first match
-    wins; end with a catch-all such as ``rest: ".*"``) or ``{knots: K}`` (depth knots over the layers)."""
+    wins; end with a catch-all such as ``rest: ".*"``), ``{knots: K}`` (depth knots over the layers) or
+    ``{knots: K, patterns: {name: regex, ...}}`` (K depth knots per pattern)."""
     from .groups import Groups
 
     if spec is None:
@@ -195,10 +204,13 @@ def parse_groups(spec: Any):
     if not isinstance(spec, dict) or not spec:
         raise ValueError(f"must be a mapping of group name -> regex, or {{knots: K}}; got {spec!r}")
     if "knots" in spec:
-        extra = set(spec) - {"knots", "layer_pattern"}
+        extra = set(spec) - {"knots", "layer_pattern", "patterns"}
         if extra or not isinstance(spec["knots"], int) or isinstance(spec["knots"], bool) or spec["knots"] < 1:
-            raise ValueError(f"with 'knots' takes a positive integer (and optionally 'layer_pattern'), got {spec!r}")
-        return Groups.by_depth(spec["knots"], **({"layer_pattern": spec["layer_pattern"]} if "layer_pattern" in spec else {}))
+            raise ValueError(f"with 'knots' takes a positive integer (and optionally 'layer_pattern', 'patterns'), got {spec!r}")
+        patterns = spec.get("patterns")
+        if patterns is not None and (not isinstance(patterns, dict) or not all(isinstance(v, str) for v in patterns.values())):
+            raise ValueError(f"'patterns' maps each group to a regular expression (a string), got {patterns!r}")
+        return Groups(patterns, knots=spec["knots"], **({"layer_pattern": spec["layer_pattern"]} if "layer_pattern" in spec else {}))
     if not all(isinstance(v, str) for v in spec.values()):
         raise ValueError(f"maps each group to a regular expression (a string), got {spec!r}")
     return Groups(spec)

@@ -13,6 +13,11 @@ With ``G`` groups a coefficient vector has ``T x G`` entries, ordered task-major
   ``t = l / (L - 1)`` and takes the two nearest knots; tensors outside the layers (embeddings,
   final norm, head) take ``t = 0`` (the first knot), as mergekit does.
 
+- both (``Groups(patterns, knots=K)``): each pattern's tensors get their own ``K`` depth knots
+  (``G = P x K``, named ``group.knotj``), a mergekit filter whose value is a gradient
+  (``{filter: self_attn, value: [0.2, 0.8]}``): the first matching pattern picks the block of
+  columns, the tensor's depth ``t`` (over the whole model, as above) the interpolation within it.
+
 With one group, everything is exactly the ungrouped merge.
 """
 
@@ -36,11 +41,12 @@ class Groups:
     Args:
         patterns: ``group name -> regular expression`` in order; the first that matches a tensor's
             name (``re.search``) owns it.
+        knots: depth knots (:meth:`by_depth`); with ``patterns`` too, ``knots`` per pattern.
     """
 
     def __init__(self, patterns: Mapping[str, str] | None = None, *, knots: int | None = None, layer_pattern: str = LAYER_PATTERN) -> None:
-        if (patterns is None) == (knots is None):
-            raise ValueError("Groups takes either regex patterns (group -> pattern) or knots= (use Groups.by_depth)")
+        if patterns is None and knots is None:
+            raise ValueError("Groups takes regex patterns (group -> pattern), knots= (use Groups.by_depth), or both")
         self.patterns: dict[str, str] = {}
         self.knots = None if knots is None else int(knots)
         self.layer_pattern = layer_pattern
@@ -55,7 +61,7 @@ class Groups:
                 except re.error as error:
                     raise ValueError(f"group {name!r}: {pattern!r} is not a regular expression ({error})") from None
                 self.patterns[str(name)] = str(pattern)
-        elif self.knots < 1:
+        if self.knots is not None and self.knots < 1:
             raise ValueError(f"Groups.by_depth needs at least one knot, got {knots}")
         try:
             self._layer = re.compile(layer_pattern)
@@ -69,10 +75,11 @@ class Groups:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The G group names (``knot0`` ... for depth knots)."""
-        if self.knots is not None:
-            return tuple(f"knot{j}" for j in range(self.knots))
-        return tuple(self.patterns)
+        """The G group names (``knot0`` ... for depth knots; ``attn.knot0`` ... for both)."""
+        if self.knots is None:
+            return tuple(self.patterns)
+        knots = tuple(f"knot{j}" for j in range(self.knots))
+        return tuple(f"{p}.{k}" for p in self.patterns for k in knots) if self.patterns else knots
 
     @property
     def size(self) -> int:
@@ -87,41 +94,49 @@ class Groups:
         """``(len(keys), G)`` weights ``w_k`` (rows sum to 1). Raises ValueError naming a tensor no
         pattern matches."""
         keys = list(keys)
-        out = np.zeros((len(keys), self.size))
+        owner = self._owners(keys) if self.patterns else np.zeros(len(keys), dtype=int)
         if self.knots is None:
-            compiled = [re.compile(p) for p in self.patterns.values()]
-            unmatched = []
-            for row, key in enumerate(keys):
-                index = next((j for j, pattern in enumerate(compiled) if pattern.search(key)), None)
-                if index is None:
-                    unmatched.append(key)
-                else:
-                    out[row, index] = 1.0
-            if unmatched:
-                shown = ", ".join(repr(k) for k in unmatched[:5])
-                raise ValueError(f"tensor(s) [{shown}{', ...' if len(unmatched) > 5 else ''}] ({len(unmatched)} in all) match no group "
-                                 f"of {list(self.patterns)}; add a catch-all group such as {{'rest': '.*'}}")
+            out = np.zeros((len(keys), self.size))
+            out[np.arange(len(keys)), owner] = 1.0
             return out
+        out = np.zeros((len(keys), max(len(self.patterns), 1), self.knots))
         layers = [self.layer_of(k) for k in keys]
         count = max((l for l in layers if l is not None), default=-1) + 1
         for row, layer in enumerate(layers):
             t = 0.0 if layer is None else (layer / (count - 1) if count > 1 else 1.0)
-            out[row] = interpolation(t, self.size)
-        return out
+            out[row, owner[row]] = interpolation(t, self.knots)
+        return out.reshape(len(keys), self.size)
+
+    def _owners(self, keys: list[str]) -> np.ndarray:
+        """``(len(keys),)`` the index of the first pattern matching each key; ValueError naming unmatched ones."""
+        compiled = [re.compile(p) for p in self.patterns.values()]
+        owner = np.zeros(len(keys), dtype=int)
+        unmatched = []
+        for row, key in enumerate(keys):
+            index = next((j for j, pattern in enumerate(compiled) if pattern.search(key)), None)
+            if index is None:
+                unmatched.append(key)
+            else:
+                owner[row] = index
+        if unmatched:
+            shown = ", ".join(repr(k) for k in unmatched[:5])
+            raise ValueError(f"tensor(s) [{shown}{', ...' if len(unmatched) > 5 else ''}] ({len(unmatched)} in all) match no group "
+                             f"of {list(self.patterns)}; add a catch-all group such as {{'rest': '.*'}}")
+        return owner
 
     @property
     def spec(self) -> dict[str, Any]:
         """JSON-able description (fingerprints, ``map_merge.json``)."""
-        if self.knots is not None:
-            return {"knots": self.knots, "layer_pattern": self.layer_pattern}
-        return {"patterns": dict(self.patterns)}
+        if self.knots is None:
+            return {"patterns": dict(self.patterns)}
+        return {**({"patterns": dict(self.patterns)} if self.patterns else {}), "knots": self.knots, "layer_pattern": self.layer_pattern}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | None) -> "Groups | None":
         if spec is None:
             return None
         if "knots" in spec:
-            return cls.by_depth(int(spec["knots"]), spec.get("layer_pattern", LAYER_PATTERN))
+            return cls(spec.get("patterns"), knots=int(spec["knots"]), layer_pattern=spec.get("layer_pattern", LAYER_PATTERN))
         return cls(spec["patterns"])
 
     def __eq__(self, other: object) -> bool:
@@ -131,9 +146,9 @@ class Groups:
         return hash(repr(sorted(self.spec.items())))
 
     def __repr__(self) -> str:
-        if self.knots is not None:
-            return f"Groups.by_depth(knots={self.knots})"
-        return f"Groups({self.patterns!r})"
+        if self.knots is None:
+            return f"Groups({self.patterns!r})"
+        return f"Groups({self.patterns!r}, knots={self.knots})" if self.patterns else f"Groups.by_depth(knots={self.knots})"
 
 
 def interpolation(t: float, knots: int) -> np.ndarray:

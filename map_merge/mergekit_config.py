@@ -28,17 +28,22 @@ How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`
 - ``dare_linear`` / ``dare_ties`` are read (``Dare(p = 1 - density)``) but never emitted: mergekit
   rescales DARE by an L1 norm match and draws other masks, so no config reproduces our merge.
 
-Weights may be scalars, per-layer lists (a gradient: :meth:`~map_merge.Groups.by_depth` with as
-many knots; non-layer tensors take the first, as in mergekit) or lists of ``{filter, value}``
-conditions (substring filters, first match wins: regex :class:`~map_merge.Groups` of the escaped
-filters, the unfiltered entry the catch-all ``rest``).
+Weights may be numbers (numeric strings such as ``'1e-1'`` too), per-layer lists (a gradient:
+:meth:`~map_merge.Groups.by_depth` with as many knots; non-layer tensors take the first, as in
+mergekit) or lists of ``{filter, value}`` conditions (substring filters, first match wins: regex
+:class:`~map_merge.Groups` of the escaped filters, the unfiltered entry the catch-all ``rest``)
+whose values may be gradients; models may mix these forms (:mod:`map_merge.mergekit_weights`).
+
+A written recipe with a LoRA source (``base+adapter``) needs ``mergekit-yaml --lora-merge-cache
+DIR``: mergekit first merges each adapter into a copy of the base (in the base checkpoint's dtype,
+transformers' ``dtype="auto"``, unless ``--lora-merge-dtype`` says otherwise); :func:`recipe_yaml`
+says so in a comment at the top of the file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +51,13 @@ from typing import Any
 
 import numpy as np
 
-from .groups import LAYER_PATTERN, Groups
+from .groups import Groups
 from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
+from .mergekit_weights import per_knot_normalising_is_inexact, read_weights, weight_setting
+from .numeric import parse_number
 
-__all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "read_recipe", "READ_METHODS", "EMIT_METHODS"]
+__all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe", "READ_METHODS",
+           "EMIT_METHODS"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +117,13 @@ class Recipe:
 
 def _fail(field: str, message: str) -> RecipeError:
     return RecipeError(f"mergekit recipe: field {field!r} {message}")
+
+
+def _number(value: Any, field: str) -> float:
+    try:
+        return parse_number(value)
+    except ValueError as error:
+        raise _fail(field, f"must be a number: {error}") from None
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -212,10 +227,14 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
         entries.append((path, params))
     if not entries:
         raise _fail("models", "lists only the base model; no task vector to merge")
-    groups, everything = _weights([p["weight"] for _, p in entries] + base_weights)
+    try:
+        groups, everything = read_weights([p["weight"] for _, p in entries] + base_weights,
+                                          [p for p, _ in entries] + [f"the base {base}"] * len(base_weights))
+    except ValueError as error:
+        raise RecipeError(f"mergekit recipe: {error}") from None
     matrix = everything[: len(entries)]
     normalize = bool(global_params.get("normalize", _NORMALIZE_DEFAULT[method_name]))
-    lam = 1.0 if method_name == "linear" else float(global_params.get("lambda", 1.0))  # linear has no lambda
+    lam = 1.0 if method_name == "linear" else _number(global_params.get("lambda", 1.0), "lambda")  # linear has no lambda
     notes: list[str] = []
     if method_name in _CONSENSUS:
         mean = matrix.mean(axis=0, keepdims=True)
@@ -233,7 +252,7 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
                 raise _fail("normalize", f"is false for 'linear' with weights summing to {total.ravel().tolist()}, not 1: the "
                                          "pretrained weights themselves would be scaled, which is no task arithmetic")
         elif normalize:
-            if groups is not None and groups.knots is not None and not np.allclose(total, total.flat[0]):
+            if per_knot_normalising_is_inexact(groups, total.ravel()):
                 notes.append("normalize: true with per-layer weights whose sum over the models varies with depth: mergekit divides "
                              "per layer, the coefficients here are normalised per knot (close, not exact)")
         coeffs = lam * matrix / np.where(np.abs(total) < 1e-8, 1.0, total) if normalize else lam * matrix
@@ -246,69 +265,16 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
     return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _weights(weights: list[Any]) -> tuple[Groups | None, np.ndarray]:
-    """``(groups, (T, G) coefficients)`` of the models' ``weight`` settings."""
-    if all(_is_number(w) for w in weights):
-        return None, np.asarray(weights, dtype=np.float64)[:, None]
-    lists = [w for w in weights if isinstance(w, list) and w and all(_is_number(v) for v in w)]
-    conditions = [w for w in weights if isinstance(w, list) and w and all(isinstance(v, Mapping) for v in w)]
-    if lists and not conditions:
-        lengths = {len(w) for w in lists}
-        if len(lengths) > 1:
-            raise _fail("weight", f"gradients of different lengths {sorted(lengths)}; give every model the same number of knots")
-        knots = lengths.pop()
-        rows = []
-        for w in weights:
-            if _is_number(w):
-                rows.append([float(w)] * knots)
-            elif isinstance(w, list) and all(_is_number(v) for v in w):
-                rows.append([float(v) for v in w])
-            else:
-                raise _fail("weight", f"mixes a gradient with {w!r}")
-        return Groups.by_depth(knots), np.asarray(rows)
-    if conditions and not lists:
-        keys = [tuple(c.get("filter") for c in w) for w in conditions]
-        if len(set(keys)) > 1 or len(conditions) != len(weights):
-            raise _fail("weight", f"filters differ between models ({sorted({str(k) for k in keys})}); give every model the same filters")
-        filters = keys[0]
-        patterns: dict[str, str] = {}
-        for f in filters:
-            if f in (None, "*"):
-                patterns[_unique("rest", patterns)] = ".*"
-                break  # mergekit stops at the first unfiltered condition
-            if not isinstance(f, str):
-                raise _fail("weight", f"filter {f!r} must be a string (a substring of tensor names)")
-            patterns[_unique(re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}", patterns)] = re.escape(f)
-        rows = []
-        for w in conditions:
-            values = [c.get("value") for c in w][: len(patterns)]
-            if not all(_is_number(v) for v in values):
-                raise _fail("weight", f"filtered values must be numbers (a gradient inside a filter is not supported), got {values}")
-            rows.append([float(v) for v in values])
-        return Groups(patterns), np.asarray(rows)
-    raise _fail("weight", f"must be numbers, per-layer lists of numbers, or lists of {{filter, value}}; got {weights!r}")
-
-
-def _unique(name: str, taken: Mapping[str, Any]) -> str:
-    """``name``, or ``name_2``, ``name_3``... when a group already has it (filters ``self_attn`` and ``self.attn``)."""
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    return candidate
-
-
 def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mapping[str, Any], normalize: bool) -> MergeMethod:
     """Our operator for mergekit's ``name``; ``normalize``: the recipe's (mergekit's default filled
     in). Without consensus normalising is a choice of coefficients, never the operator's."""
-    def shared(key: str, default: Any) -> Any:
-        values = [p.get(key, default) for _, p in entries]
-        if any(not _is_number(v) for v in values):
-            raise _fail(key, f"must be a number for {name!r} (per-layer or filtered densities are not supported), got {values}")
+    def shared(key: str, default: Any) -> float:
+        raw = [p.get(key, default) for _, p in entries]
+        try:
+            values = [parse_number(v) for v in raw]
+        except ValueError as error:
+            raise _fail(key, f"must be a number for {name!r} (per-layer or filtered densities are not supported): {error} "
+                             f"(in {raw})") from None
         return _one(values, key)
 
     rescale = params.get("rescale")
@@ -386,7 +352,10 @@ def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, 
         params["lambda"] = float(matrix.flat[0])
         weights = {n: 1.0 for n in models}
     else:
-        weights = {n: _weight_setting(row, groups) for n, row in zip(models, matrix)}
+        try:
+            weights = {n: weight_setting(row, groups) for n, row in zip(models, matrix)}
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
     entries = []
     for task, path in models.items():
         entries.append({"model": path, "parameters": {"weight": weights[task], **per_model}})
@@ -402,33 +371,23 @@ def _check_tensor_scope(method: MergeMethod) -> None:
                           "tensor: use scope='tensor' for a mergekit recipe")
 
 
-def _weight_setting(row: np.ndarray, groups: Groups | None) -> Any:
-    if groups is None or groups.size == 1 and groups.knots is not None:
-        if groups is None and row.shape[0] != 1:
-            raise RecipeError(f"{row.shape[0]} coefficients per model but no groups")
-        return float(row[0])
-    if groups.knots is not None:
-        if groups.layer_pattern != LAYER_PATTERN:
-            raise RecipeError("depth knots over a custom layer_pattern cannot be written for mergekit (it finds layers itself)")
-        return [float(v) for v in row]
-    conditions = []
-    for (name, pattern), value in zip(groups.patterns.items(), row):
-        literal = _literal(pattern)
-        if literal is None:
-            raise RecipeError(f"group {name!r} ({pattern!r}) is not a plain substring; mergekit filters match substrings "
-                              "(use a literal such as 'self_attn', or '.*' for the last, catch-all group)")
-        conditions.append({"value": float(value)} if literal == "" else {"filter": literal, "value": float(value)})
-    if "filter" in conditions[-1]:
-        raise RecipeError("the last group must be a catch-all ('.*') for a mergekit recipe (mergekit has no 'no match' error)")
-    return conditions
+LORA_NOTE = """\
+# This recipe merges LoRA adapters (model: base+adapter). Run it with a cache folder for the merged
+# adapters:  mergekit-yaml THIS.yaml OUT --lora-merge-cache DIR --lora-merge-dtype float32
+# mergekit first merges each adapter into a copy of the base model in DIR, by default in the base
+# checkpoint's dtype (e.g. bfloat16, which rounds base + adapter); float32 merges as map_merge does.
+"""
 
 
-def _literal(pattern: str) -> str | None:
-    """The substring a regex matches literally ('' for '.*'), or None when it is a real pattern."""
-    if pattern in (".*", ".+", ""):
-        return ""
-    unescaped = re.sub(r"\\(.)", r"\1", pattern)
-    return unescaped if re.escape(unescaped) == pattern or re.fullmatch(r"[\w]+", pattern) else None
+def recipe_yaml(config: Mapping[str, Any]) -> str:
+    """``config`` (from :func:`emit_recipe`) as the YAML text of a file for ``mergekit-yaml``: with
+    a LoRA source (``base+adapter``), a comment at the top says the flags mergekit needs for it."""
+    import yaml
+
+    text = yaml.safe_dump(dict(config), sort_keys=False)
+    models = config.get("models") or []
+    lora = any(isinstance(m, Mapping) and "+" in str(m.get("model", "")) for m in models)
+    return LORA_NOTE + text if lora else text
 
 
 def from_mergekit(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:

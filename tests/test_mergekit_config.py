@@ -308,3 +308,141 @@ def test_cli_save_never_writes_a_recipe_over_an_existing_file(folders, tmp_path,
         assert (tmp_path / protected).read_text() == before
     assert main([*args, "--out", str(tmp_path / "m3"), "--emit-mergekit", str(tmp_path / "new.yaml")]) == 0
     assert [m["parameters"]["weight"] for m in yaml.safe_load((tmp_path / "new.yaml").read_text())["models"]] == [0.3, 0.4]
+
+
+# ---------------------------------------------------------------- what mergekit-yaml reads, read the same (issue 27)
+def _states(folders):
+    return {n: transformers.LlamaForCausalLM.from_pretrained(folders / n).state_dict() for n in ("base", "code", "chat")}
+
+
+def _by_hand(states, key, w_code, w_chat):
+    base = states["base"][key]
+    return base + w_code * (states["code"][key] - base) + w_chat * (states["chat"][key] - base)
+
+
+def _check_merge(folders, recipe, expected):
+    """The recipe's merge against mergekit's rule computed by hand: ``key -> (code's weight, chat's weight)``."""
+    tv = recipe.task_vectors()
+    merged = tv.merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32, groups=recipe.groups)
+    states = _states(folders)
+    for key, (w_code, w_chat) in expected.items():
+        torch.testing.assert_close(merged[key], _by_hand(states, key, w_code, w_chat), msg=key)
+    return tv
+
+
+def test_models_may_mix_weight_forms(folders):
+    # mergekit-yaml reads each model's weight on its own: a gradient for one, filters for another
+    gradient = [0.2, 0.5, 0.8]
+    filters = [{"filter": "self_attn", "value": 0.3}, {"value": 0.6}]
+    recipe = parse_recipe(_recipe(folders, models=[{"model": str(folders / "code"), "parameters": {"weight": gradient}},
+                                                   {"model": str(folders / "chat"), "parameters": {"weight": filters}}]))
+    # 3 layers: t = l / 2, so the gradient gives 0.2, 0.5, 0.8 at layers 0, 1, 2 and 0.2 outside the layers (t = 0)
+    tv = _check_merge(folders, recipe, {
+        "model.layers.0.self_attn.q_proj.weight": (0.2, 0.3), "model.layers.1.self_attn.v_proj.weight": (0.5, 0.3),
+        "model.layers.1.mlp.up_proj.weight": (0.5, 0.6), "model.layers.2.mlp.down_proj.weight": (0.8, 0.6),
+        "model.layers.2.input_layernorm.weight": (0.8, 0.6), "model.embed_tokens.weight": (0.2, 0.6), "model.norm.weight": (0.2, 0.6)})
+    emitted = tv.mergekit_config(recipe.flat_coeffs, recipe.method, recipe.groups)  # written back as it was read
+    assert [m["parameters"]["weight"] for m in emitted["models"]] == [gradient, filters]
+    np.testing.assert_allclose(parse_recipe(emitted).coeffs, recipe.coeffs)
+    # a number beside filters: the same in every group
+    mixed = parse_recipe(_recipe(folders, models=[{"model": str(folders / "code"), "parameters": {"weight": 0.7}},
+                                                  {"model": str(folders / "chat"), "parameters": {"weight": filters}}]))
+    np.testing.assert_allclose(mixed.coeffs, [[0.7, 0.7], [0.3, 0.6]])
+
+
+def test_a_gradient_inside_a_filter_interpolates_over_the_models_depth(folders):
+    # mergekit evaluates a filter's gradient at the tensor's t over the whole model (t = l / 2 here), not
+    # over the layers the filter matches
+    recipe = parse_recipe(_recipe(folders, models=[
+        {"model": str(folders / "code"), "parameters": {"weight": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}]}},
+        {"model": str(folders / "chat"), "parameters": {"weight": [{"filter": "self_attn", "value": 0.2}, {"value": [1.0, 0.0]}]}}]))
+    assert recipe.groups == mm.Groups({"self_attn": "self_attn", "rest": ".*"}, knots=2)
+    tv = _check_merge(folders, recipe, {
+        "model.layers.0.self_attn.q_proj.weight": (0.0, 0.2), "model.layers.1.self_attn.o_proj.weight": (0.5, 0.2),
+        "model.layers.2.self_attn.k_proj.weight": (1.0, 0.2), "model.layers.1.mlp.gate_proj.weight": (0.5, 0.5),
+        "model.layers.2.mlp.up_proj.weight": (0.5, 0.0), "model.embed_tokens.weight": (0.5, 1.0), "model.norm.weight": (0.5, 1.0)})
+    emitted = tv.mergekit_config(recipe.flat_coeffs, recipe.method, recipe.groups)
+    assert [m["parameters"]["weight"] for m in emitted["models"]] == [
+        [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.5}], [{"filter": "self_attn", "value": 0.2}, {"value": [1.0, 0.0]}]]
+    np.testing.assert_allclose(parse_recipe(emitted).coeffs, recipe.coeffs)
+
+
+def test_a_filter_gradient_normalised_with_a_varying_total_is_noted():
+    weights = ([{"filter": "mlp", "value": [1.0, 3.0]}, {"value": 1.0}], [{"filter": "mlp", "value": 1.0}, {"value": [1.0, 1.0]}])
+    assert any("normalize" in n for n in parse_recipe(_two("task_arithmetic", weights=weights, normalize=True)).notes)
+    constant = ([{"filter": "mlp", "value": [1.0, 3.0]}, {"value": 1.0}], [{"filter": "mlp", "value": [3.0, 1.0]}, {"value": 2.0}])
+    recipe = parse_recipe(_two("task_arithmetic", weights=constant, normalize=True))  # the total is 4 in mlp, 3 elsewhere: exact
+    assert not recipe.notes
+    np.testing.assert_allclose(recipe.coeffs, [[0.25, 0.75, 1 / 3, 1 / 3], [0.75, 0.25, 2 / 3, 2 / 3]])
+
+
+def test_numeric_strings_are_read_as_numbers(tmp_path):
+    # YAML 1.1 reads 1e-1 as the string '1e-1'; mergekit (pydantic) reads it as 0.1
+    path = tmp_path / "recipe.yaml"
+    path.write_text("merge_method: breadcrumbs\nbase_model: /m/base\nparameters: {lambda: 5e-1}\nmodels:\n"
+                    "  - model: /m/a\n    parameters: {weight: 1e-1, density: 5e-1, gamma: 1e-2}\n"
+                    "  - model: /m/b\n    parameters: {weight: [1e-1, 0.5, 2e-1], density: 5e-1, gamma: 1e-2}\n")
+    assert yaml.safe_load(path.read_text())["models"][0]["parameters"]["weight"] == "1e-1"
+    recipe = mm.from_mergekit(path)
+    np.testing.assert_allclose(recipe.coeffs, [[0.05, 0.05, 0.05], [0.05, 0.25, 0.1]])
+    assert recipe.method == mm.Breadcrumbs(0.5, 0.01)
+    filtered = parse_recipe(_two("task_arithmetic", weights=([{"filter": "mlp", "value": "1e-1"}, {"value": "2E-1"}], " .5 ")))
+    np.testing.assert_allclose(filtered.coeffs, [[0.1, 0.2], [0.5, 0.5]])
+    with pytest.raises(RecipeError, match=r"field 'weight' of /m/a must be .*the string 'a lot', which is not a number"):
+        parse_recipe(_two("task_arithmetic", weights=("a lot", 0.5)))
+    with pytest.raises(RecipeError, match=r"field 'weight' of /m/b: a gradient must be numbers: got the string 'x'"):
+        parse_recipe(_two("task_arithmetic", weights=(0.5, ["1e-1", "x"])))
+    with pytest.raises(RecipeError, match=r"field 'density' must be a number .*the string 'half'"):
+        parse_recipe(_two("ties", weights=(1.0, 1.0), per_model={"density": "half"}))
+
+
+def test_a_lora_recipe_says_it_needs_mergekits_lora_cache(folders, tmp_path):
+    from map_merge.mergekit_config import recipe_yaml
+
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(folders / "base"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    tv = mm.TaskVectors.from_models(folders / "base", {"adapter": tmp_path / "adapter", "code": folders / "code"})
+    config = tv.mergekit_config([0.5, 0.3])
+    assert config["models"][0]["model"] == f"{(folders / 'base').resolve()}+{(tmp_path / 'adapter').resolve()}"
+    text = recipe_yaml(config)
+    assert text.startswith("#") and "--lora-merge-cache" in text.split("\n\n")[0] and "--lora-merge-dtype float32" in text
+    assert yaml.safe_load(text) == config  # a comment, nothing else
+    plain = recipe_yaml(mm.TaskVectors.from_models(folders / "base", [folders / "code"]).mergekit_config([0.5]))
+    assert not plain.startswith("#") and "lora" not in plain
+
+
+def test_cli_save_writes_the_lora_note_into_the_recipe(folders, tmp_path):
+    import json
+
+    from map_merge.cli import main
+
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(folders / "base"),
+                               peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "user.py").write_text(_EVAL)
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"evaluator": "user.py:evaluate", "pretrained": str(folders / "base"),
+                                  "finetuned": {"adapter": str(tmp_path / "adapter")}}))
+    assert main(["save", "--config", str(config), "--coeffs", "0.5", "--out", str(tmp_path / "m"),
+                 "--emit-mergekit", str(tmp_path / "recipe.yaml")]) == 0
+    text = (tmp_path / "recipe.yaml").read_text()
+    assert text.startswith("#") and "--lora-merge-cache" in text
+    assert yaml.safe_load(text)["models"][0]["parameters"]["weight"] == 0.5
+
+
+def test_a_run_config_carries_a_recipes_filter_gradients(folders, tmp_path):
+    from map_merge.config import load_config, parse_groups
+
+    weights = [[{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}], 0.6]
+    config = _cli_setup(folders, tmp_path, _recipe(folders, models=[
+        {"model": str(folders / n), "parameters": {"weight": w}} for n, w in zip(("code", "chat"), weights)]))
+    loaded = load_config(config, mergekit=tmp_path / "recipe.yaml")
+    groups = parse_groups(loaded["groups"])
+    assert groups == loaded["_recipe"].groups and groups.names == ("mlp.knot0", "mlp.knot1", "rest.knot0", "rest.knot1")
+    # per tensor: the mlp block's knots interpolated at t = l / 2, the rest block's elsewhere
+    np.testing.assert_allclose(groups.weights(["model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight",
+                                               "model.norm.weight"]), [[0.5, 0.5, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+    assert mm.Groups.from_spec(groups.spec) == groups

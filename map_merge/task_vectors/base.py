@@ -262,8 +262,9 @@ class TaskVectors:
             return matrix, None
         keys = list(self.keys if keys is None else keys)
         weights = groups.weights(keys)
-        if groups.knots is None:  # a pattern owning nothing is a silent no-op: name it (e.g. a live name of a renamed tensor)
-            empty = [name for name, owned in zip(groups.names, weights.any(axis=0)) if not owned]
+        if groups.patterns:  # a pattern owning nothing is a silent no-op: name it (e.g. a live name of a renamed tensor)
+            owned = weights.reshape(len(keys), len(groups.patterns), -1).any(axis=(0, 2))
+            empty = [name for name, owns in zip(groups.patterns, owned) if not owns]
             if empty:
                 raise ValueError(f"group(s) {empty} own no merged tensor (their patterns match none, or an earlier group takes "
                                  f"all they match): patterns match the checkpoint's tensor names (as save_pretrained writes them, e.g. {keys[len(keys) // 2]!r}; "

@@ -1,0 +1,181 @@
+"""mergekit ``weight`` settings as coefficient groups, both ways (plain data; used by
+:mod:`map_merge.mergekit_config`).
+
+A model's ``weight`` in mergekit 0.1.5 (``mergekit/config.py``: ``evaluate_setting``) is one of
+
+- a number: the same everywhere;
+- a list of numbers, a gradient: at a tensor of layer ``l`` of ``L``, ``t = l / (L - 1)`` (tensors
+  outside the layers: ``t = 0``) and the value is the linear interpolation of the knots at ``t``;
+- a list of ``{filter, value}`` conditions (a single one alone too): the first whose ``filter`` is a
+  substring of the tensor's name (or is missing or ``"*"``) gives the value, itself a number or a
+  gradient evaluated at the tensor's ``t`` over the whole model (not over the layers it matches).
+
+Numbers may be numeric strings (``'1e-1'``: YAML 1.1 reads it as a string, mergekit as 0.1).
+Models of one recipe may use different forms. Read, they become one :class:`~map_merge.Groups`
+for all models: none (all numbers), depth knots (gradients), substring patterns (conditions), or
+both (``Groups(patterns, knots=K)``: conditions with a gradient anywhere); a number is then the
+same in every group, a gradient the same in every pattern. Exact: per tensor every model's value
+is mergekit's. Refused, naming the problem: gradients of different lengths, models whose
+conditions name different filters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Union
+
+import numpy as np
+
+from .groups import LAYER_PATTERN, Groups
+from .numeric import parse_number
+
+__all__ = ["read_weights", "weight_setting", "per_knot_normalising_is_inexact"]
+
+Value = Union[float, list]  # a number or a gradient (list of numbers)
+_FORMS = "a number, a per-layer list of numbers (a gradient), or a list of {filter, value}"
+
+
+def read_weights(weights: list[Any], labels: list[str]) -> tuple[Groups | None, np.ndarray]:
+    """``(groups, (T, G) coefficients)`` of the models' ``weight`` settings (``labels`` name the
+    models in messages). Raises ValueError starting ``field 'weight' ...``."""
+    settings = [_setting(w, label) for w, label in zip(weights, labels)]
+    lengths = sorted({len(v) for s in settings for v in _values(s) if isinstance(v, list)})
+    if len(lengths) > 1:
+        raise ValueError(f"field 'weight' gradients of different lengths {lengths}; give every model the same number of knots")
+    knots = lengths[0] if lengths else None
+    filters = {tuple(f for f, _ in s) for s in settings if isinstance(s, tuple)}
+    if len(filters) > 1:
+        shown = sorted(str(list(f)) for f in filters)
+        raise ValueError(f"field 'weight' filters differ between models ({shown}); give every model's conditions the same filters")
+    patterns = _patterns(filters.pop()) if filters else None
+    if patterns is None and knots is None:
+        return None, np.asarray([[s] for s in settings], dtype=np.float64)
+    groups = Groups(patterns, knots=knots)
+    rows = []
+    for s in settings:
+        per_pattern = [v for _, v in s] if isinstance(s, tuple) else [s] * max(len(patterns or ()), 1)
+        rows.append(np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.float64), (knots or 1,)) for v in per_pattern]))
+    return groups, np.stack(rows)
+
+
+def _setting(weight: Any, label: str) -> Value | tuple:
+    """A number, a gradient (list of 2+ numbers) or a tuple of ``(filter or None, number or gradient)``."""
+    if isinstance(weight, Mapping):
+        weight = [weight]  # one condition alone: mergekit 0.1.5 reads it as a list of one
+    if not isinstance(weight, list):
+        return _scalar(weight, label)
+    if not weight:
+        raise ValueError(f"field 'weight' of {label} is an empty list; expected {_FORMS}")
+    conditions = [isinstance(c, Mapping) for c in weight]
+    if not any(conditions):
+        return _gradient(weight, label)
+    if not all(conditions):
+        raise ValueError(f"field 'weight' of {label} mixes numbers and {{filter, value}} entries: {weight!r}; expected {_FORMS}")
+    out = []
+    for condition in weight:
+        unknown = sorted(set(condition) - {"filter", "value"})
+        if unknown or "value" not in condition:
+            raise ValueError(f"field 'weight' of {label}: condition {dict(condition)!r} needs 'value' (and optionally 'filter'), nothing else")
+        f = condition.get("filter")
+        if f is not None and not isinstance(f, str):
+            raise ValueError(f"field 'weight' of {label}: filter {f!r} must be a string (a substring of tensor names)")
+        value = condition["value"]
+        out.append((None if f in (None, "*") else f, _gradient(value, label) if isinstance(value, list) else _scalar(value, label)))
+        if out[-1][0] is None:
+            break  # mergekit stops at the first unfiltered condition
+    return tuple(out)
+
+
+def _scalar(value: Any, label: str) -> float:
+    try:
+        return parse_number(value)
+    except ValueError as error:
+        raise ValueError(f"field 'weight' of {label} must be {_FORMS}: {error}") from None
+
+
+def _gradient(values: list, label: str) -> Value:
+    try:
+        numbers = [parse_number(v) for v in values]
+    except ValueError as error:
+        raise ValueError(f"field 'weight' of {label}: a gradient must be numbers: {error} (in {values!r})") from None
+    if not numbers:
+        raise ValueError(f"field 'weight' of {label} has an empty gradient; expected {_FORMS}")
+    return numbers if len(numbers) > 1 else numbers[0]  # one knot: the same value everywhere
+
+
+def _values(setting: Value | tuple) -> list[Value]:
+    return [v for _, v in setting] if isinstance(setting, tuple) else [setting]
+
+
+def _patterns(filters: tuple) -> dict[str, str]:
+    """Regex groups of substring filters, in order (the unfiltered one: ``rest``, ``.*``)."""
+    patterns: dict[str, str] = {}
+    for f in filters:
+        if f is None:
+            patterns[_unique("rest", patterns)] = ".*"
+        else:
+            patterns[_unique(re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}", patterns)] = re.escape(f)
+    return patterns
+
+
+def _unique(name: str, taken: Mapping[str, Any]) -> str:
+    """``name``, or ``name_2``, ``name_3``... when a group already has it (filters ``self_attn`` and ``self.attn``)."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
+def per_knot_normalising_is_inexact(groups: Groups | None, total: np.ndarray) -> bool:
+    """Whether dividing by ``total: (G,)`` (the models' summed weights per group) knot by knot
+    differs from mergekit's per-tensor division: with depth knots, when the total varies over one
+    pattern's knots (interpolated weights over an interpolated total is no interpolation)."""
+    if groups is None or groups.knots is None:
+        return False
+    per_pattern = np.asarray(total, dtype=np.float64).reshape(-1, groups.knots)
+    return not np.allclose(per_pattern, per_pattern[:, :1])
+
+
+def weight_setting(row: np.ndarray, groups: Groups | None) -> Any:
+    """The ``weight`` mergekit reads as ``row: (G,)`` under ``groups``: a number, a gradient, or a list
+    of ``{filter, value}`` (values numbers or gradients). Raises ValueError where a group is no
+    substring filter or the last group no catch-all."""
+    row = np.asarray(row, dtype=np.float64)
+    if groups is None or groups.size == 1 and groups.knots is not None:
+        if groups is None and row.shape[0] != 1:
+            raise ValueError(f"{row.shape[0]} coefficients per model but no groups")
+        return float(row[0])
+    if groups.knots is not None and groups.layer_pattern != LAYER_PATTERN:
+        raise ValueError("depth knots over a custom layer_pattern cannot be written for mergekit (it finds layers itself)")
+    if not groups.patterns:
+        return [float(v) for v in row]
+    values = row.reshape(len(groups.patterns), groups.knots or 1)
+    if groups.knots is not None:  # patterns and knots: the simplest setting mergekit reads the same
+        if np.all(values == values[:1]):
+            return _compact(values[0])
+    conditions = []
+    for (name, pattern), value in zip(groups.patterns.items(), values):
+        literal = _literal(pattern)
+        if literal is None:
+            raise ValueError(f"group {name!r} ({pattern!r}) is not a plain substring; mergekit filters match substrings "
+                             "(use a literal such as 'self_attn', or '.*' for the last, catch-all group)")
+        setting = _compact(value) if groups.knots is not None else float(value[0])
+        conditions.append({"value": setting} if literal == "" else {"filter": literal, "value": setting})
+    if "filter" in conditions[-1]:
+        raise ValueError("the last group must be a catch-all ('.*') for a mergekit recipe (mergekit has no 'no match' error)")
+    return conditions
+
+
+def _compact(knots: np.ndarray) -> Value:
+    """A gradient, or one number when its knots are equal."""
+    return float(knots[0]) if np.all(knots == knots[0]) else [float(v) for v in knots]
+
+
+def _literal(pattern: str) -> str | None:
+    """The substring a regex matches literally ('' for '.*'), or None when it is a real pattern."""
+    if pattern in (".*", ".+", ""):
+        return ""
+    unescaped = re.sub(r"\\(.)", r"\1", pattern)
+    return unescaped if re.escape(unescaped) == pattern or re.fullmatch(r"[\w]+", pattern) else None
