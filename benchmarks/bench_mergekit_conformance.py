@@ -24,11 +24,18 @@ difference, in absolute terms and in bf16 ulps of the entry's scale (``max(|base
 the entries over one such ulp; the share of entries whose mergekit value rounded to the file's
 dtype differs from ours.
 
+Recipes as read (``mm.from_mergekit``, issue 27): mergekit configs written as YAML, run by
+``mergekit-yaml`` and read by ``from_mergekit``, merged by ``TaskVectors.merge`` with the recipe's
+operator, groups and coefficients, on a 4-layer variant of the models (so that gradients
+interpolate between knots): weight forms mixed across models (a gradient, filters), gradients
+inside filters (task arithmetic and Breadcrumbs), and ``1e-1`` weights (strings in YAML 1.1).
+
 Per recipe: the largest difference (over all entries, and over the entries whose keep/drop decision,
 ``merged != base``, is the same on both sides), the share of entries that differ, and the share
 whose keep/drop decision differs.
 
     python benchmarks/bench_mergekit_conformance.py --out benchmarks/results   # minutes; creates the venv once
+    python benchmarks/bench_mergekit_conformance.py --only read --out /tmp/mk   # the recipes as read only
 
 Not part of the test suite: it needs the package index (pip) for mergekit's environment.
 """
@@ -55,11 +62,11 @@ SEEDS = 200
 
 
 # ---------------------------------------------------------------------- models
-def build_models(root: Path, dtype: torch.dtype) -> list[Path]:
+def build_models(root: Path, dtype: torch.dtype, layers: int = 2) -> list[Path]:
     """A tiny Llama base and two fine-tunes as HF folders in ``dtype``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=2,
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=layers, num_attention_heads=2,
                          num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     folders = [root / name for name in ("base", "ft0", "ft1")]
     if all((f / "config.json").exists() for f in folders):
@@ -164,6 +171,56 @@ def emitted_recipes() -> list[tuple[str, list, mm.MergeMethod | None, mm.Groups 
         ("task arithmetic, attn/mlp/rest", [0.7, 0.2, 0.5, 0.3, 0.9, 0.4], None, parts),
         ("Breadcrumbs, depth knots 3", [0.2, 0.5, 0.9, 0.8, 0.4, -0.1], mm.Breadcrumbs(DENSITY, GAMMA), depth),
     ]
+
+
+# ---------------------------------------------------------------------- recipes as read
+def read_recipes() -> list[tuple[str, str, list, dict, dict]]:
+    """``(label, mergekit method, per-model weight settings, per-model parameters, shared parameters)``."""
+    in_filters = [[{"filter": "self_attn", "value": [0.1, 0.9, 0.4]}, {"filter": "mlp", "value": 0.6}, {"value": 0.5}],
+                  [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.7, 0.2, 0.6]}, {"value": [1.0, 0.5, 0.0]}]]
+    return [
+        ("mixed weight forms", "task_arithmetic", [[0.2, 0.5, 0.8], [{"filter": "self_attn", "value": 0.3},
+                                                                     {"filter": "mlp", "value": 0.8}, {"value": 0.5}]], {}, {}),
+        ("number beside filters", "task_arithmetic", [0.7, [{"filter": "mlp", "value": 0.2}, {"value": 0.9}]], {}, {"lambda": 0.8}),
+        ("gradient in a filter", "task_arithmetic", in_filters, {}, {}),
+        ("gradient in a filter, normalize", "task_arithmetic",  # every pattern's total constant over depth: exact
+         [[{"filter": "self_attn", "value": [0.1, 0.9, 0.4]}, {"filter": "mlp", "value": 0.6}, {"value": [0.0, 0.5, 1.0]}],
+          [{"filter": "self_attn", "value": [0.9, 0.1, 0.6]}, {"filter": "mlp", "value": 0.2}, {"value": [1.0, 0.5, 0.0]}]],
+         {}, {"normalize": True}),
+        ("Breadcrumbs, gradient in a filter", "breadcrumbs", in_filters, {"density": DENSITY, "gamma": GAMMA}, {}),
+        ("'1e-1' weight", "task_arithmetic", ["1e-1", 0.5], {}, {}),
+        ("'1e-1' in a gradient", "task_arithmetic", [["1e-1", "5e-1", 0.9], "2e-1"], {}, {"lambda": "1.5e0"}),
+    ]
+
+
+def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype) -> list[dict]:
+    """Each of :func:`read_recipes` through ``mergekit-yaml`` and through ``from_mergekit`` + ``merge``."""
+    import yaml
+
+    exe = str(mergekit_bin() / "mergekit-yaml")
+    rows = []
+    for name, method, weights, params, shared in read_recipes():
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+        config = {"merge_method": method, "base_model": str(folders[0]), "dtype": "float32", "out_dtype": "float32",
+                  "models": [{"model": str(f), "parameters": {"weight": w, **params}} for f, w in zip(folders[1:], weights)],
+                  **({"parameters": shared} if shared else {})}
+        path, theirs_folder = work / f"read_{slug}.yml", work / f"read_{slug}_mergekit"
+        text = yaml.safe_dump(config, sort_keys=False)
+        if not (path.exists() and path.read_text() == text and any(theirs_folder.glob("*.safetensors"))):  # else: reuse (--work)
+            path.write_text(text)
+            subprocess.run([exe, str(path), str(theirs_folder), "--quiet", "--no-copy-tokenizer", "--random-seed", "0"], check=True,
+                           capture_output=True, text=True)
+        recipe = mm.from_mergekit(path)  # the same file mergekit read
+        ours = recipe.task_vectors().merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32, groups=recipe.groups)
+        theirs = load_raw(theirs_folder)
+        row = {"files": label, "recipe": name, "mergekit": method, "weights": json.dumps(weights),
+               "groups": None if recipe.groups is None else recipe.groups.spec, "ours": json.dumps(recipe.method.spec),
+               "c": recipe.flat_coeffs.tolist(), "notes": recipe.notes, **compare_files(ours, theirs, load_raw(folders[0]), dtype)}
+        if row["entries_over_one_ulp"]:
+            row["over_one_ulp_by_cause"] = explain(ours, theirs, folders, recipe.method)
+        rows.append(row)
+        print(table([row], ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp"]), flush=True)
+    return rows
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -385,19 +442,29 @@ def plot(samples: dict, path: Path) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0], "benchmarks/results")
     p.add_argument("--work", default=None, help="folder for the models and mergekit's outputs (default: a temporary folder)")
+    sections = ("operators", "emitted", "della", "read")
+    p.add_argument("--only", default=",".join(sections), help=f"comma-separated sections to run, of {','.join(sections)} (default: all; "
+                                                              "a partial run writes mergekit_conformance_<sections>.json)")
     args = p.parse_args()
+    only = set(args.only.split(","))
+    if only - set(sections):
+        p.error(f"--only takes {sections}, got {args.only!r}")
     import shutil
     import tempfile
 
     work = Path(args.work or tempfile.mkdtemp(prefix="map_merge_mergekit_"))
-    rows, della, emitted = [], {}, []
+    rows, della, emitted, read = [], {}, [], []
     for dtype in (torch.float32, torch.bfloat16):
         label = str(dtype).removeprefix("torch.")
+        if "read" in only:
+            read += read_rows(build_models(work / label / "layers4", dtype, layers=4), work / label / "layers4", label, dtype)
+        if not only & {"operators", "emitted", "della"}:
+            continue
         folders = build_models(work / label, dtype)
         base = load(folders[0])
         tv = mm.TaskVectors.from_models(folders[0], folders[1:])
         one = mm.TaskVectors.from_models(folders[0], folders[1:2])
-        for name, method, weights, params, shared, ours, c in recipes(2):
+        for name, method, weights, params, shared, ours, c in (recipes(2) if "operators" in only else []):
             vectors = one if len(weights) == 1 else tv
             folders_used = folders[: 1 + len(weights)]
             theirs = run_mergekit_yaml(folders_used, work / label / f"mk_{method}_{len(weights)}", method, weights, params, shared)
@@ -406,17 +473,22 @@ def main() -> None:
                    "ours": "task arithmetic" if ours is None else json.dumps(ours.spec), "c": c, **compare(merged, theirs, base)}
             rows.append(row)
             print(table([row], ["files", "recipe", "max_abs_diff", "max_abs_diff_same_decisions", "share_differing", "share_decisions_differing"]), flush=True)
-        emitted += emitted_rows(folders, work / label, label, dtype)
-        if dtype == torch.float32:
+        if "emitted" in only:
+            emitted += emitted_rows(folders, work / label, label, dtype)
+        if dtype == torch.float32 and "della" in only:
             della, samples = della_checks(folders, work / label)
             print(json.dumps(della, indent=1), flush=True)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             plot(samples, Path(args.out) / "mergekit_conformance.png")
-    plot_emitted(emitted, Path(args.out) / "mergekit_emitted.png")
-    write(args.out, "mergekit_conformance", {"rows": rows, "della": della, "emitted": emitted, "settings": {"density": DENSITY, "gamma": GAMMA, "epsilon": EPSILON,
-                                                                                       "lambda": LAMBDA, "seeds": SEEDS, "mergekit": "0.1.5"}})
+    if emitted:
+        plot_emitted(emitted, Path(args.out) / "mergekit_emitted.png")
+    name = "mergekit_conformance" if only == set(sections) else "mergekit_conformance_" + "_".join(s for s in sections if s in only)
+    write(args.out, name, {"rows": rows, "della": della, "emitted": emitted, "read": read,
+                           "settings": {"density": DENSITY, "gamma": GAMMA, "epsilon": EPSILON, "lambda": LAMBDA, "seeds": SEEDS,
+                                        "mergekit": "0.1.5", "sections": sorted(only)}})
     print(table(rows, ["files", "recipe", "mergekit", "max_abs_diff", "max_abs_diff_same_decisions", "share_differing", "share_decisions_differing"]))
     print(table(emitted, ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_over_one_ulp", "share_differing_after_rounding", "worst_tensor"]))
+    print(table(read, ["files", "recipe", "mergekit", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_differing_after_rounding"]))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -40,6 +40,18 @@ def test_depth_knots_interpolate_like_a_mergekit_gradient():
         as_matrix([1, 2, 3], 2, groups)
 
 
+def test_patterns_with_knots_give_each_pattern_its_own_gradient():
+    # a mergekit filter whose value is a gradient: the first matching pattern picks the block, t = l / (L - 1) the knots
+    groups = mm.Groups({"attn": "self_attn", "rest": ".*"}, knots=2)
+    keys = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.o_proj.weight",
+            "model.layers.4.mlp.down_proj.weight", "model.embed_tokens.weight"]
+    np.testing.assert_allclose(groups.weights(keys), [[1, 0, 0, 0], [0, 0, 0.75, 0.25], [0.5, 0.5, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+    assert groups.names == ("attn.knot0", "attn.knot1", "rest.knot0", "rest.knot1") and groups.size == 4
+    assert mm.Groups.from_spec(groups.spec) == groups and groups != mm.Groups.by_depth(2)
+    with pytest.raises(ValueError, match="match no group"):
+        mm.Groups({"attn": "self_attn"}, knots=2).weights(keys)
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("groups")
