@@ -292,6 +292,28 @@ def test_evaluate_async_bounds_in_flight_with_a_store_hit():
     np.testing.assert_allclose(trace.metrics, np.array([three_quadratics(c) for c in trace.coeffs]))
 
 
+def test_evaluate_async_refuses_an_empty_design_instead_of_spinning():
+    import threading
+
+    objective = FunctionObjective(three_quadratics, 3, ["a", "b", "c"], batched=False)
+    outcome = []
+
+    def run():
+        try:
+            evaluate_async(objective, np.zeros((0, 3)), lambda x, y, p: np.full(3, 0.5), budget=3)
+        except ValueError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)  # the old loop spun forever at 100% CPU: bound the wait
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(outcome) == 1
+    assert "the initial design is empty (shape (0, 3))" in str(outcome[0]) and "at least one initial point" in str(outcome[0])
+    assert objective.num_evaluations == 0
+    trace = evaluate_async(objective, np.zeros((0, 3)), lambda x, y, p: np.full(3, 0.5), budget=0)  # nothing to spend: fine
+    assert len(trace.coeffs) == 0
+
+
 class _Threads:
     """Two evaluations at once in driver threads."""
 
