@@ -54,8 +54,9 @@ def evaluate_async(
     The ``initial (K0, T)`` design is queued first; whenever an evaluation finishes,
     ``propose(coeffs_done (N, T), metrics_done (N, M), pending (P, T)) -> (T,)`` gives the next
     point (conditioned on the pending ones), until ``budget`` points were submitted; then the
-    rest is drained. ``W`` defaults to the objective's ``executor.num_workers``. The trace holds
-    exactly ``budget`` rows, whatever the proposer returns.
+    rest is drained. The design needs a point (``ValueError`` otherwise: the proposer needs a
+    finished evaluation). ``W`` defaults to the objective's ``executor.num_workers``. The trace
+    holds exactly ``budget`` rows, whatever the proposer returns.
 
     A proposal equal to a point already pending or finished is **submitted again and counted**
     as one of the budget's evaluations (the trace holds that point twice, each row with its own
@@ -73,6 +74,10 @@ def evaluate_async(
     initial = np.atleast_2d(np.asarray(initial, dtype=np.float64))
     if budget < len(initial):
         raise ValueError(f"budget={budget} is below the {len(initial)} points of the initial design")
+    if budget > 0 and len(initial) == 0:
+        raise ValueError(f"the initial design is empty (shape {initial.shape}): the proposer conditions on finished "
+                         "evaluations, so evaluate_async needs at least one initial point (K0 >= 1) to spend a budget of "
+                         f"{budget}")
     queue = list(initial)
     pending: list[tuple[cf.Future, int, np.ndarray]] = []  # one entry per submission (futures may repeat)
     done_order: list[int] = []
@@ -103,6 +108,9 @@ def evaluate_async(
                 pending.append((submit_one(objective, x), submitted, x))
                 submitted += 1
                 trace_in_flight.append(len(pending))
+            if not pending:  # nothing to wait for and nothing to propose from: never spin
+                raise RuntimeError(f"evaluate_async has nothing in flight and nothing finished after {submitted} of {budget} "
+                                   "submissions")
             if (lookahead and width > 1 and ready is None and not queue and done_x and submitted < budget
                     and not any(f.done() for f, _, _ in pending)):
                 ready = next_point()  # computed while every worker is busy

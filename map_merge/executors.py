@@ -314,7 +314,8 @@ class RayExecutor:
             worker is killed (``ray.kill``) and replaced, and the item re-queued; a worker's
             first use of an objective (fetching it, building its model) is not counted.
         load_timeout_s: seconds a worker may take to fetch and set up an objective (build its
-            model) before it is treated like a hung evaluation (``None``: no bound).
+            model) before it is treated like a hung evaluation: killed and replaced (default an
+            hour; ``None``: no bound). It bounds :meth:`prepare` too.
         placement_timeout_s: seconds a new or replacement worker may take to be placed and
             started. One that is not is dropped from the pool; when no worker is left, every
             queued item fails with :class:`WorkerError` saying so.
@@ -329,7 +330,7 @@ class RayExecutor:
 
     def __init__(self, num_workers: int | None = None, resources_per_worker: dict[str, float] | None = None,
                  address: str | None = None, max_retries: int = 2, timeout_s: float | None = None,
-                 load_timeout_s: float | None = None, placement_timeout_s: float = 300.0,
+                 load_timeout_s: float | None = 3600.0, placement_timeout_s: float = 300.0,
                  init_kwargs: dict[str, Any] | None = None) -> None:
         resources = dict(resources_per_worker) if resources_per_worker is not None else {"CPU": 1.0}
         for key, value in resources.items():
@@ -424,7 +425,9 @@ class RayExecutor:
     # ------------------------------------------------------------------ work
     def prepare(self, fn: Callable) -> list[float]:
         """Ship ``fn`` (a :class:`Recipe`, e.g. ``objective.recipe()``, or any callable) to every
-        worker and set it up there now; returns each worker's seconds."""
+        worker and set it up there now; returns each worker's seconds. A worker that takes over
+        ``load_timeout_s`` (once placed and idle) or dies is killed and replaced, and
+        :class:`WorkerError` names it."""
         return self._start().prepare(as_recipe(fn))
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> cf.Future:
@@ -567,20 +570,71 @@ class _Pool:
         return _Shipment(base_key, [base_ref], key, [parts_ref])
 
     def prepare(self, recipe: Recipe) -> list[float]:
+        """Set ``recipe`` up on every live worker now; each worker's seconds, in slot order.
+
+        A worker's own clock starts once it is placed and idle (a call queued behind its placement or
+        an evaluation waits for them); past ``load_timeout_s`` the worker is killed and replaced, like
+        a hung set-up under :meth:`submit`, and :class:`WorkerError` names it. A worker that dies
+        meanwhile is replaced too (:class:`WorkerError`); one the dispatcher replaced or dropped
+        meanwhile is left out (its replacement sets the recipe up on first use)."""
         ship = self._ship(recipe)
+        load = self.settings.load_timeout_s
+        calls: dict[Any, tuple[_Slot, Any]] = {}
         with self.lock:
-            slots = [slot for slot in self.slots if slot.state != "gone"]
+            for slot in self.slots:
+                if slot.state != "gone":
+                    calls[slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box)] = (slot, slot.actor)
         starts = time.time()
-        refs = [slot.actor.load.remote(ship.base_key, ship.base_box, ship.key, ship.parts_box) for slot in slots]
-        load, place = self.settings.load_timeout_s, self.settings.placement_timeout_s
-        bound = None if load is None else load + (place or 0.0)
-        seconds = []
-        for slot, ref in zip(slots, refs):
-            held = self.ray.get(ref, timeout=bound)
-            seconds.append(time.time() - starts)
+        clock = dict.fromkeys(calls, starts)  # when each call's own wait began
+        seconds: dict[int, float] = {}
+        pending = list(calls)
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=len(pending), timeout=0.25, fetch_local=True)
+            for ref in ready:
+                slot, actor = calls[ref]
+                try:
+                    held = self.ray.get(ref)
+                except self.ray.exceptions.RayTaskError:
+                    raise  # the set-up raised: an EvaluationError with the worker's traceback
+                except Exception as error:  # noqa: BLE001 - the worker died (or was replaced by the dispatcher)
+                    if self._replace_idle(slot, actor, f"died while setting up the objective: {type(error).__name__}: "
+                                                          f"{_first_line(error)}", timed_out=False):
+                        raise WorkerError(f"preparing the objective failed: {self._worker_name(slot)} died while setting it "
+                                          f"up ({type(error).__name__}: {_first_line(error)}); it was replaced") from None
+                    continue
+                with self.lock:
+                    if slot.actor is actor:
+                        slot.loaded = frozenset(held)
+                        seconds[slot.index] = time.time() - starts
+            now = time.time()
+            late = []
             with self.lock:
-                slot.loaded = frozenset(held)
-        return seconds
+                for ref in list(pending):
+                    slot, actor = calls[ref]
+                    if slot.actor is not actor or slot.state == "gone":
+                        pending.remove(ref)  # replaced or dropped meanwhile: its call never finishes
+                    elif slot.state == "starting" or slot.phase is not None:
+                        clock[ref] = now  # queued behind the worker's placement or the dispatcher's call
+                    elif load is not None and now - clock[ref] > load:
+                        late.append((slot, actor))
+            if late:
+                names = [self._worker_name(slot) for slot, _ in late]
+                for slot, actor in late:
+                    self._replace_idle(slot, actor, f"setting up the objective took over load_timeout_s={load:g} s", timed_out=True)
+                raise WorkerError(f"preparing the objective failed: {', '.join(names)} did not finish setting it up within "
+                                  f"load_timeout_s={load:g} s; {'it was' if len(late) == 1 else 'they were'} killed and replaced "
+                                  "(a replacement sets the objective up on first use)")
+        return [seconds[slot.index] for slot, _ in calls.values() if slot.index in seconds]
+
+    def _replace_idle(self, slot: _Slot, actor: Any, reason: str, timed_out: bool) -> bool:
+        """Replace ``slot``'s worker if it is still ``actor``; whether it was (a job the dispatcher
+        gave it meanwhile is re-queued, within its retries)."""
+        with self.lock:  # held throughout (re-entrant): the dispatcher cannot replace it in between
+            if slot.actor is not actor or slot.state == "gone":
+                return False
+            log.warning("%s %s; killed and replaced", self._worker_name(slot), reason)
+            self._replace(slot, slot.job, reason, timed_out=timed_out)
+            return True
 
     def submit(self, recipe: Recipe, item: Any) -> cf.Future:
         if self.broken is not None:

@@ -22,7 +22,7 @@ from conftest import TinyNet
 from map_merge import BayesianMAP, EvaluationError, EvaluationStore, FunctionObjective, ModelObjective, RayExecutor, TaskVectors, WorkerError, nested_merge
 from map_merge.baselines import mobo_search
 from map_merge import evaluate_async
-from map_merge.executors import LocalExecutor
+from map_merge.executors import LocalExecutor, Recipe
 
 ray = pytest.importorskip("ray")
 from ray import cloudpickle  # noqa: E402  (the copy Ray serialises with)
@@ -78,6 +78,14 @@ class HangOnce:
 
 def always_hangs(c):
     time.sleep(3600)
+
+
+def hangs_in_setup(base):
+    time.sleep(3600)
+
+
+def run_base(base, parts, item):
+    return base(item)
 
 
 class KillThenHang:
@@ -292,6 +300,28 @@ def test_evaluate_async_bounds_in_flight_with_a_store_hit():
     np.testing.assert_allclose(trace.metrics, np.array([three_quadratics(c) for c in trace.coeffs]))
 
 
+def test_evaluate_async_refuses_an_empty_design_instead_of_spinning():
+    import threading
+
+    objective = FunctionObjective(three_quadratics, 3, ["a", "b", "c"], batched=False)
+    outcome = []
+
+    def run():
+        try:
+            evaluate_async(objective, np.zeros((0, 3)), lambda x, y, p: np.full(3, 0.5), budget=3)
+        except ValueError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)  # the old loop spun forever at 100% CPU: bound the wait
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and len(outcome) == 1
+    assert "the initial design is empty (shape (0, 3))" in str(outcome[0]) and "at least one initial point" in str(outcome[0])
+    assert objective.num_evaluations == 0
+    trace = evaluate_async(objective, np.zeros((0, 3)), lambda x, y, p: np.full(3, 0.5), budget=0)  # nothing to spend: fine
+    assert len(trace.coeffs) == 0
+
+
 class _Threads:
     """Two evaluations at once in driver threads."""
 
@@ -379,6 +409,21 @@ def test_shutdown_resolves_every_future_within_seconds(executor, tmp_path):
         assert future.done()
         assert future.cancelled() or isinstance(future.exception(), cf.CancelledError)
     assert all(f.cancelled() for f in queued)
+
+
+def test_prepare_with_a_hung_setup_replaces_the_worker_and_names_it(executor):
+    assert RayExecutor().load_timeout_s == 3600.0  # bounded by default
+    executor.num_workers
+    with RayExecutor(num_workers=1, resources_per_worker={"CPU": 0}, load_timeout_s=1.0, placement_timeout_s=60) as ex:
+        assert list(ex.map(three_quadratics, [np.full(3, 0.5)]))[0][0] == 0  # placed and working
+        start = time.time()
+        with pytest.raises(WorkerError, match=r"preparing the objective failed: worker 0 \(pid \d+, .*\) did not finish setting it "
+                                              r"up within load_timeout_s=1 s; it was killed and replaced"):
+            ex.prepare(Recipe(run_base, "a base whose set-up hangs", setup=hangs_in_setup))
+        assert time.time() - start < 30 and ex.timeouts == 1
+        assert list(ex.map(three_quadratics, [np.full(3, 0.5)]))[0][1] == pytest.approx(three_quadratics(np.full(3, 0.5)))  # a new worker
+        assert ex.stats()["workers"][0]["pid"] not in (None, "?") and ex.num_workers == 1
+        assert len(ex.prepare(Recipe(run_base, three_quadratics))) == 1  # a set-up that finishes
 
 
 def test_replacement_that_cannot_be_placed_fails_its_job(executor):

@@ -175,6 +175,34 @@ def test_della_keep_probabilities_by_hand():
     torch.testing.assert_close(della.keep_probabilities("w", 0, flat1, state1), torch.full((1, 2), 0.5))
 
 
+def test_della_ranks_3d_tensors_along_dimension_1_as_mergekit(monkeypatch):
+    # a (2, 3, 2) tensor: mergekit's della_magprune ranks entry [i, j, k] among [i, :, k] (argsort on dim 1),
+    # not among the 6 entries of x[i]. By hand, per (i, k) column of 3:
+    #   i=0 k=0 |0.1, 0.3, 0.2| -> 0, 1, .5   k=1 |5, 2, 1| -> 1, .5, 0
+    #   i=1 k=0 |4, 1, 2|       -> 1, 0, .5   k=1 |0, .5, .25| -> 0, 1, .5
+    x = torch.tensor([[[[0.1, -5.0], [0.3, 2.0], [-0.2, 1.0]], [[4.0, 0.0], [-1.0, 0.5], [2.0, -0.25]]]])
+    della = mm.Della(density=0.5, epsilon=0.2)
+    state, flat = fit_one(della, x)
+    rank_norm = torch.tensor([[0.0, 1.0, 1.0, 0.5, 0.5, 0.0, 1.0, 0.0, 0.0, 1.0, 0.5, 0.5]])
+    probs = della.keep_probabilities("w", 0, flat, state)
+    assert torch.equal(probs, (0.5 - 0.2) + rank_norm * 2 * 0.2)
+    # against mergekit's own expression on a random 3-d tensor: argsort(argsort(|x|, dim=1), dim=1) / (n1 - 1)
+    torch.manual_seed(8)
+    y = torch.randn(2, 3, 5, 4)
+    state, flat = fit_one(della, y)
+    expected = y.abs().argsort(dim=2).argsort(dim=2).float() / 4
+    assert torch.equal(della.keep_probabilities("w", 0, flat, state), (0.5 - 0.2) + expected.reshape(2, -1) * 2 * 0.2)
+    # rows of 20 cut into chunks of 8: ranked in fit, the same probabilities
+    monkeypatch.setattr(merge_methods, "CHUNK", 8)
+    pieces = [(s, flat[:, s : s + 8]) for s in range(0, 60, 8)]
+    cut = della.fit(lambda keys=None: iter([("w", s, d) for s, d in pieces]), {"w": 60}, {"w": (3, 5, 4)})
+    assert torch.equal(torch.cat([della.keep_probabilities("w", s, d, cut) for s, d in pieces], 1),
+                       (0.5 - 0.2) + expected.reshape(2, -1) * 2 * 0.2)
+    # a dimension 1 of size one: every entry alone, the mean probability (mergekit divides by zero there)
+    state1, flat1 = fit_one(della, torch.randn(1, 2, 1, 3))
+    torch.testing.assert_close(della.keep_probabilities("w", 0, flat1, state1), torch.full((1, 6), 0.5))
+
+
 def test_della_mask_is_seeded_and_rescaled():
     torch.manual_seed(3)
     x = torch.randn(2, 50, 40)

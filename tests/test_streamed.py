@@ -353,6 +353,53 @@ def test_adapter_for_another_base_is_refused(llama_zoo, tmp_path):
         mm.TaskVectors.from_models(base, [tmp_path / "other-lora"])
 
 
+def test_adapter_trained_on_another_base_of_the_same_shapes_is_merged_with_a_warning(llama_zoo, adapters, tmp_path):
+    import warnings
+
+    _, base, _ = llama_zoo
+    root, _ = adapters
+    torch.manual_seed(7)  # the same architecture and shapes, other weights: nothing but the name tells them apart
+    transformers.LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "other")
+    make_adapter(tmp_path / "other", tmp_path / "other-lora", 0)
+    assert json.loads((tmp_path / "other-lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "other")
+    with pytest.warns(UserWarning, match=r"LoRA adapter .*other-lora was trained on base model '.*other' .*but the pretrained "
+                                         r"model here is '.*base'"):
+        mm.TaskVectors.from_models(base, {"x": tmp_path / "other-lora"})
+    with warnings.catch_warnings():  # trained on this base (named by its path): no warning, whether given as a folder or a module
+        warnings.filterwarnings("error", message="LoRA adapter")
+        mm.TaskVectors.from_models(base, {"plain": root / "plain"})
+        mm.TaskVectors.from_models(load(base, torch.float32), {"plain": root / "plain"})
+
+
+def test_adapter_base_names_are_compared_sensibly(tmp_path):
+    import warnings
+
+    from map_merge.task_vectors.adapter_base import warn_if_other_base
+
+    folder = tmp_path / "Llama-2-7b-hf"
+    folder.mkdir()
+    cache = tmp_path / "hub" / "models--meta-llama--Llama-3-8B" / "snapshots" / "abc123"
+    cache.mkdir(parents=True)
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "org/renamed-base"}))
+
+    def warns(adapter_names, pretrained):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_other_base(tmp_path / "adapter", adapter_names, pretrained)
+        return any("LoRA adapter" in str(w.message) for w in caught)
+
+    assert not warns(str(folder), folder) and not warns(str(folder) + "/", str(folder / ".." / folder.name))  # resolved paths
+    assert not warns("meta-llama/Llama-2-7b-hf", folder)  # a hub name against the folder's name
+    assert warns("meta-llama/Llama-2-13b-hf", folder)
+    assert not warns("meta-llama/Llama-3-8B", cache) and warns("meta-llama/Llama-3-70B", cache)  # a cache snapshot
+    assert not warns("org/renamed-base", named) and warns("org/other", named)  # its config's _name_or_path
+    assert warns(str(named), folder) and warns(str(tmp_path / "gone" / "base"), folder)  # another local folder; a path gone
+    assert not warns(None, folder) and not warns("", folder)  # the adapter names nothing
+    assert not warns("org/x", {"w": torch.zeros(1)})  # a state dict: nothing to compare
+
+
 def test_objective_on_streamed_vectors_keeps_one_live_model(llama_zoo, tmp_path):
     _, base, fts = llama_zoo
     tv = mm.TaskVectors.from_models(base, fts[:2])

@@ -14,7 +14,7 @@ from .masks import random_words, uniform24
 from .rescale import l1_match_scales
 from .select import BINS, magnitude_bits, magnitude_histogram
 
-__all__ = ["Della", "row_length"]
+__all__ = ["Della", "row_length", "rank_stride"]
 
 RESCALES = (None, "l1", "inverse")
 
@@ -27,36 +27,51 @@ def row_length(shape: tuple[int, ...]) -> int:
     return size
 
 
+def rank_stride(shape: tuple[int, ...]) -> int:
+    """The distance between entries ranked together: mergekit ranks along dimension 1, so entry
+    ``[i, j, k...]`` is ranked among ``[i, :, k...]``, which lie ``prod(shape[2:])`` apart in a row
+    (1 for 0-d, 1-d and 2-d tensors)."""
+    size = 1
+    for dim in shape[2:]:
+        size *= int(dim)
+    return size
+
+
 def _chunk_elements() -> int:
     from .. import merge_methods  # read at call time: tests make chunks small
 
     return int(merge_methods.CHUNK)
 
 
-def row_rank_norm(deltas: torch.Tensor, row: int) -> torch.Tensor:
-    """``(T, n)`` normalised ranks ``(rank - 1) / (row - 1)`` of ``|x|`` within each row of ``row``
-    consecutive entries (rank 1 = the smallest; ties in index order); 0.5 for rows of one entry."""
+def row_rank_norm(deltas: torch.Tensor, row: int, stride: int = 1) -> torch.Tensor:
+    """``(T, n)`` normalised ranks ``(rank - 1) / (m - 1)`` of ``|x|`` within each row of ``row``
+    consecutive entries, among the ``m = row / stride`` entries ``stride`` apart (mergekit's ranks
+    along dimension 1 of a tensor; ``stride``: :func:`rank_stride`). Rank 1 = the smallest, ties in
+    index order; 0.5 where ``m`` is 1."""
     num_tasks, num = deltas.shape
-    if row == 1:
+    count = row // stride
+    if count == 1:
         return torch.full((num_tasks, num), 0.5, dtype=torch.float32, device=deltas.device)
-    magnitude = deltas.abs().reshape(num_tasks, num // row, row)
-    order = magnitude.sort(dim=-1, stable=True).indices
+    magnitude = deltas.abs().reshape(num_tasks, num // row, count, stride)
+    order = magnitude.sort(dim=2, stable=True).indices
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(row, device=deltas.device).expand_as(order))
+    ranks.scatter_(2, order, torch.arange(count, device=deltas.device).view(1, 1, count, 1).expand_as(order))
     # a tensor divisor: true division on every device (as mergekit's (ranks - min) / (max - min))
-    return ranks.to(torch.float32).div_(torch.tensor(float(row - 1), device=deltas.device)).reshape(num_tasks, num)
+    return ranks.to(torch.float32).div_(torch.tensor(float(count - 1), device=deltas.device)).reshape(num_tasks, num)
 
 
 @dataclass(frozen=True)
 class Della(MergeMethod):
     """DELLA-merging's MagPrune (Deep et al., 2024), as mergekit 0.1.5's ``della``.
 
-    Entries of each row of a task vector (a tensor's trailing dimensions; mergekit's
-    ``della_magprune`` ranks along dimension 1, the same for the 1-d and 2-d tensors of
-    transformer layers) are ranked by ``|x|``; entry ``i`` is kept with probability
+    Entries of a task vector are ranked by ``|x|`` along dimension 1 of their tensor, as mergekit's
+    ``della_magprune`` does (entry ``[i, j, k...]`` among ``[i, :, k...]``: a row of a 2-d weight,
+    the whole of a 1-d tensor, a column of each expert's matrix in a 3-d tensor ``(E, rows,
+    cols)``); entry ``i`` is kept with probability
     ``(density - epsilon) + rank_norm_i * 2 * epsilon`` (``rank_norm`` from 0 for the smallest to
-    1 for the largest of its row; 0.5 for a row of one entry, where mergekit fails), by a seeded
-    mask (:mod:`map_merge.merge_methods.masks`: the same on every device, storage and chunking).
+    1 for the largest of those it is ranked among; 0.5 where that is one entry, where mergekit
+    fails), by a seeded mask (:mod:`map_merge.merge_methods.masks`: the same on every device,
+    storage and chunking).
     ``scope="global"`` ranks over each whole task vector instead (``rank_norm`` from a histogram of
     65536 magnitude bins, interpolated within a bin).
 
@@ -101,7 +116,7 @@ class Della(MergeMethod):
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {**super().spec, "draw": "index-hash-v1"}
+        return {**super().spec, "draw": "index-hash-v1", "rank": "dim1"}  # "rank": ranked along dimension 1 (not rows)
 
     # ------------------------------------------------------------------ statistics
     def fit(self, chunks: ChunkSource, sizes: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]] | None = None) -> Any:
@@ -112,7 +127,8 @@ class Della(MergeMethod):
         missing = [key for key in sizes if key not in shapes]
         if missing:
             raise ValueError(f"Della.fit: no shape for tensors {missing[:5]}")
-        state: dict[str, Any] = {"rows": {key: row_length(tuple(shapes[key])) for key in sizes}, "ranks": {}, "cdf": None,
+        state: dict[str, Any] = {"rows": {key: row_length(tuple(shapes[key])) for key in sizes},
+                                 "strides": {key: rank_stride(tuple(shapes[key])) for key in sizes}, "ranks": {}, "cdf": None,
                                  "scale": {}}
         if self.density >= 1:
             return state
@@ -127,7 +143,7 @@ class Della(MergeMethod):
             for key, row in state["rows"].items():
                 if row > chunk:  # rows cut across chunks: rank the whole tensor now, keep its ranks
                     whole = torch.cat([d for _, _, d in chunks([key])], dim=1)
-                    state["ranks"][key] = row_rank_norm(whole, row)
+                    state["ranks"][key] = row_rank_norm(whole, row, state["strides"][key])
         if self.rescale == "l1":
             for unit, keys, _ in scope_units(self.scope, sizes):
                 state["scale"][unit] = l1_match_scales(chunks, keys, lambda key, start, deltas: self._keep(key, start, deltas, state)[0])
@@ -152,7 +168,7 @@ class Della(MergeMethod):
                 raise KeyError(f"Della was fitted without tensor {key!r}; fit it on the same task vectors")
             row = state["rows"][key]
             if start % row == 0 and num % row == 0:
-                rank_norm = row_rank_norm(deltas, row)
+                rank_norm = row_rank_norm(deltas, row, state["strides"][key])
             elif key in state["ranks"]:
                 rank_norm = state["ranks"][key][:, start : start + num].to(deltas.device)
             else:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkfile import CheckpointFileError
 from .keymap import PEFT_PREFIX, LivePlan, adapter_key
 from .safetensors_io import SafetensorsCheckpoint
 
@@ -81,7 +82,12 @@ class LoraAdapter:
         config_file = self.path / "adapter_config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{self.path} is not a PEFT adapter folder: no adapter_config.json")
-        self.config = json.loads(config_file.read_text())
+        try:
+            self.config = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise CheckpointFileError(f"{config_file} is not valid JSON: {error}") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointFileError(f"{config_file} is not a JSON object (PEFT writes one of the adapter's settings)")
         weights = self.path / "adapter_model.safetensors"
         if not weights.exists():
             if (self.path / "adapter_model.bin").exists():

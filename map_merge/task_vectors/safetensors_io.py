@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .checkfile import read_checked_header, read_checked_index
+
 __all__ = ["TensorInfo", "SafetensorsCheckpoint", "write_safetensors", "plan_shards", "DTYPES"]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -34,7 +36,6 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -60,30 +61,15 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """``(key -> TensorInfo, metadata)`` of one ``.safetensors`` file (reads only the header)."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
-            if len(raw) != 8:
-                raise ValueError("file is shorter than a safetensors header")
-            (length,) = struct.unpack("<Q", raw)
-            if length > _MAX_HEADER:
-                raise ValueError(f"header length {length} is implausible")
-            header = json.loads(handle.read(length))
-        size = path.stat().st_size
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    metadata = header.pop("__metadata__", None) or {}
+    """``(key -> TensorInfo, metadata)`` of one ``.safetensors`` file (reads only the header, checked
+    by :func:`~map_merge.task_vectors.checkfile.read_checked_header`)."""
+    length, entries, metadata = read_checked_header(path)
     start = 8 + length
     out: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"tensor {key!r} in {path} has dtype {entry['dtype']}, which map_merge cannot read")
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(key, path, DTYPES[entry["dtype"]], tuple(int(s) for s in entry["shape"]), start + int(begin))
-        if end - begin != info.numel * info.itemsize or start + end > size:
-            raise ValueError(f"tensor {key!r} in {path}: byte range {begin}..{end} does not fit its shape or the file (truncated?)")
-        out[key] = info
+    for key, entry in entries.items():
+        if entry.dtype not in DTYPES:
+            raise ValueError(f"tensor {key!r} in {path} has dtype {entry.dtype}, which map_merge cannot read")
+        out[key] = TensorInfo(key, path, DTYPES[entry.dtype], entry.shape, start + entry.begin)
     return out, metadata
 
 
@@ -102,9 +88,7 @@ class SafetensorsCheckpoint:
         if self.path.is_dir():
             index = self.path / "model.safetensors.index.json"
             if index.exists():
-                weight_map = json.loads(index.read_text()).get("weight_map")
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise ValueError(f"{index} has no 'weight_map'")
+                weight_map = read_checked_index(index)
                 by_file: dict[str, list[str]] = {}
                 for key, name in weight_map.items():
                     by_file.setdefault(name, []).append(key)

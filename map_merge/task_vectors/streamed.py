@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import merge_methods
 from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
+from .adapter_base import warn_if_other_base
 from .base import TaskVectors, chunk_ranges
 from .binding import LiveWriter
 from .dense import DenseTaskVectors, _Slot
@@ -111,6 +112,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             if is_lora_adapter(model):
                 adapter = model if isinstance(model, LoraAdapter) else LoraAdapter(model)
                 factors, full, saved_as = adapter.match(base.tensors, plan)
+                warn_if_other_base(adapter.path, adapter.base_model, pretrained)
                 for key, tensor in full.items():
                     if not tensor.dtype.is_floating_point or not base.tensors[key][0].is_floating_point:
                         raise ValueError(f"tensor {key!r} saved in adapter {adapter.path} for task {name!r} is not floating point")

@@ -466,24 +466,106 @@ def _build(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]
         del model
 
 
+LOCK_TIMEOUT_S = 6 * 3600.0
+"""How long a process waits for another one's build of the same zoo before giving up."""
+
+
+def _lock_holder(handle: Any) -> tuple[int, str] | None:
+    """``(pid, host)`` that the lock file open as ``handle`` names (its holder writes them), if any."""
+    try:
+        handle.seek(0)
+        pid, _, host = handle.read().strip().partition("@")
+        return (int(pid), host) if pid.isdigit() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_gone(holder: tuple[int, str] | None) -> bool:
+    """Whether the named holder is a process of this host that no longer runs."""
+    import socket
+
+    if holder is None or holder[1] != socket.gethostname() or holder[0] == os.getpid():
+        return False
+    try:
+        os.kill(holder[0], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def _same_file(path: Path, handle: Any) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
 @contextlib.contextmanager
-def _exclusive(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (``fcntl.flock``; where there is none, no lock)."""
+def _exclusive(path: Path, what: str, timeout_s: float | None = None, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (``fcntl.flock``; where there is none, no lock).
+
+    The holder writes ``pid@host`` into the file. A waiting process warns (WARNING, then once a
+    minute) naming the file and the holder, gives up with ``TimeoutError`` after ``timeout_s``
+    (default :data:`LOCK_TIMEOUT_S`), and takes over a lock whose holder process is gone (the lock
+    then lingers in a child that inherited the file: the file is replaced by a new one). Taking
+    over and writing the holder happen under a second, briefly held lock (``*.takeover.lock``),
+    so two processes never both hold the lock."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(path, "a") as handle:
+    import socket
+
+    timeout_s = LOCK_TIMEOUT_S if timeout_s is None else float(timeout_s)
+    guard = path.with_name(path.name.removesuffix(".lock") + ".takeover.lock")
+    start = time.monotonic()
+    warned: float | None = None
+    while True:
+        handle = open(path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process building or loading the lm zoo %s", what)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(handle)
+                shown = f"process {holder[0]} on {holder[1]}" if holder else "an unknown process"
+                if _holder_gone(holder):
+                    with open(guard, "a") as guarded:
+                        fcntl.flock(guarded, fcntl.LOCK_EX)
+                        if _same_file(path, handle) and _holder_gone(_lock_holder(handle)):
+                            log.warning("the lock %s of the lm zoo %s is held for %s, which is gone; taking it over", path, what, shown)
+                            os.unlink(path)
+                    continue  # lock the file now at path
+                waited = time.monotonic() - start
+                if waited >= timeout_s:
+                    raise TimeoutError(f"gave up after {waited:.0f} s waiting for the lock {path} of the lm zoo {what}, held by "
+                                       f"{shown} (building or loading it; timeout {timeout_s:g} s); if no such process runs, "
+                                       "delete the lock file") from None
+                if warned is None or time.monotonic() - warned >= 60:
+                    log.warning("waiting for the lock %s of the lm zoo %s, held by %s (building or loading it; giving up after "
+                                "%g s)", path, what, shown, timeout_s)
+                    warned = time.monotonic()
+                time.sleep(min(poll_s, timeout_s - waited))
+                continue
+            with open(guard, "a") as guarded:
+                fcntl.flock(guarded, fcntl.LOCK_EX)
+                if not _same_file(path, handle):
+                    continue  # taken over and replaced meanwhile: lock the new file
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"{os.getpid()}@{socket.gethostname()}\n")
+                handle.flush()
+            try:
+                yield
+            finally:
+                handle.seek(0)
+                handle.truncate()
+                handle.flush()
+            return
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()  # releases the lock
 
 
 def _alive(pid: str) -> bool:
