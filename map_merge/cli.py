@@ -5,9 +5,10 @@ merging for the config's preference, ``moe``: PWE-MoE) on the models a YAML or J
 describes, and writes to the config's ``out`` folder: ``result.json``, ``front.png`` and the
 model picked for the config's preference as a Hugging Face folder, ``merged/``, that
 ``AutoModelForCausalLM`` / ``AutoModel.from_pretrained`` loads. Results of an earlier run there
-are never replaced without ``--overwrite``; the evaluation store (``evaluations.sqlite``) is kept,
-so an interrupted run resumes. The whole config is checked before any model is loaded, and a
-config error creates nothing.
+are never replaced without ``--overwrite`` (which replaces only what map_merge wrote there); the
+evaluation store (``evaluations.sqlite``) is kept, so an interrupted run resumes (Ctrl-C prints how
+many evaluations it keeps and the command to run again). The whole config is checked before any
+model is loaded, and a config error creates nothing.
 
 Your own models (paths relative to the config; ``out`` and ``store`` to the working directory)::
 
@@ -176,6 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.command == "moe" and args.emit_mergekit:
         raise ValueError("--emit-mergekit does not apply to 'moe' (PWE-MoE's unloaded model is no mergekit merge)")
     out = Path(config.get("out", f"outputs/{args.command}"))
+    args.store_path = Path(config.get("store", out / "evaluations.sqlite"))  # what a Ctrl-C reports
     check_run(config, args.command)  # what the command needs, before any model loads
     _check_out(config, out, args.overwrite, args.emit_mergekit)
     objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
@@ -185,7 +187,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if len(preference) != len(names):
         raise ConfigError(f"{args.config}: field 'preference' has {len(preference)} weights for {len(names)} tasks {names}")
     executor = build_executor(config)
-    args.store_path = Path(config.get("store", out / "evaluations.sqlite"))  # what a Ctrl-C reports
     try:
         out.mkdir(parents=True, exist_ok=True)
         mark_run(out)  # a run's folder: never a save destination
@@ -478,22 +479,20 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     """What a Ctrl-C leaves: how many evaluations the store keeps and the command that resumes."""
     import shlex
 
+    from .store import EvaluationStore
+
     store = getattr(args, "store_path", None)
-    again = "map-merge " + shlex.join(argv)
     if store is None:
         return f"map-merge {args.command}: interrupted; nothing was written (temporary files are removed)"
-    count = 0
-    if Path(store).exists():
-        from .store import EvaluationStore
-
-        opened = EvaluationStore(store)
-        try:
-            count = opened.count()
-        finally:
+    try:
+        opened = EvaluationStore(store) if Path(store).exists() else None
+        count: Any = opened.count() if opened is not None else 0
+        if opened is not None:
             opened.close()
+    except Exception:  # noqa: BLE001 - a store that cannot be read now: say so, no traceback
+        count = "an unknown number of"
     return (f"map-merge {args.command}: interrupted; the evaluation store {store} keeps {count} task evaluation(s). "
-            f"Run the same command again to resume (stored evaluations are not repeated):\n  {again}")
-
+            f"Run the same command again to resume (stored evaluations are not repeated):\n  map-merge {shlex.join(argv)}")
 
 if __name__ == "__main__":
     sys.exit(main())

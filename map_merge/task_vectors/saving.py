@@ -136,7 +136,7 @@ def process_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this machine (this process included)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process id can be
         return False
     except OSError:  # exists, but not ours
         return True
@@ -212,7 +212,7 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
             except BaseException:
                 os.replace(old, target)  # put the old one back
                 raise
-            _fsync(target.parent)
+            _fsync(target.parent)  # the new one in place for good before the old one goes
             _remove(old)
         _fsync(target.parent)
         if not folder:
