@@ -5,9 +5,10 @@ merging for the config's preference, ``moe``: PWE-MoE) on the models a YAML or J
 describes, and writes to the config's ``out`` folder: ``result.json``, ``front.png`` and the
 model picked for the config's preference as a Hugging Face folder, ``merged/``, that
 ``AutoModelForCausalLM`` / ``AutoModel.from_pretrained`` loads. Results of an earlier run there
-are never replaced without ``--overwrite``; the evaluation store (``evaluations.sqlite``) is kept,
-so an interrupted run resumes. The whole config is checked before any model is loaded, and a
-config error creates nothing.
+are never replaced without ``--overwrite`` (which replaces only what map_merge wrote there); the
+evaluation store (``evaluations.sqlite``) is kept, so an interrupted run resumes (Ctrl-C prints how
+many evaluations it keeps and the command to run again). The whole config is checked before any
+model is loaded, and a config error creates nothing.
 
 Your own models (paths relative to the config; ``out`` and ``store`` to the working directory)::
 
@@ -96,6 +97,7 @@ _RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml")  # what a run
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    args.store_path = Path(args.out) / "evaluations.sqlite"  # what a Ctrl-C reports
     if args.threads > 0:
         import torch
 
@@ -121,14 +123,12 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(temporary path)`` then rename into place (a crash leaves the old file or none)."""
-    temp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
+    """``write(temporary path)`` then rename into place (a crash leaves the old file or none; the
+    file is added to its folder's manifest of what map_merge wrote)."""
+    from .task_vectors.saving import atomic_path
+
+    with atomic_path(path, folder=False) as temp:
         write(temp)
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
 
 
 def _plot_fronts(fronts: dict, names, path: Path, senses=None) -> None:
@@ -143,26 +143,33 @@ def _plot_fronts(fronts: dict, names, path: Path, senses=None) -> None:
     _atomic_write(path, write)
 
 
+def _inputs(config: dict[str, Any]) -> list[str]:
+    """:func:`~map_merge.config.run_inputs`, plus the commands' default stores when the config
+    names neither 'out' nor 'store' (``outputs/<command>/evaluations.sqlite``)."""
+    defaults = [] if "out" in config or "store" in config else [f"outputs/{c}/evaluations.sqlite" for c in ("map", "bayes", "nested", "moe")]
+    return [*run_inputs(config), *defaults]
+
+
 def _check_out(config: dict[str, Any], out: Path, overwrite: bool, emit_mergekit: bool = False) -> None:
-    """Refuse an 'out' that is or lies in a model source, a 'merged/' that would replace an input
-    of the run (config, code, data, store), or an 'out' holding an earlier run's results (unless
-    ``overwrite``); nothing is created here."""
+    """Refuse an 'out' that is or lies in a model source, a result that would replace an input of
+    the run (config, code, data, store) or anything map_merge did not write (even with
+    ``overwrite``), or an 'out' holding an earlier run's results (unless ``overwrite``); nothing is
+    created here."""
     from .task_vectors.saving import check_destination
 
-    check_destination(out / "merged", source_paths(config), overwrite=True, inputs=run_inputs(config))
-    if emit_mergekit:  # out/mergekit.yaml may be the recipe this run reads (a rerun of an emitted pick)
-        check_destination(out / "mergekit.yaml", source_paths(config), overwrite=True, inputs=run_inputs(config))
-    if overwrite:
-        return
     earlier = [name for name in _RESULTS if (out / name).exists()]
-    if earlier:
+    if earlier and not overwrite:
         raise FileExistsError(f"{out} holds the results of an earlier run ({', '.join(earlier)}); pass --overwrite to replace "
                               "them (the evaluation store is kept and reused either way), or choose another 'out'")
+    # out/mergekit.yaml may be the recipe this run reads (a rerun of an emitted pick)
+    for name in ("result.json", "front.png", "merged") + (("mergekit.yaml",) if emit_mergekit else ()):
+        check_destination(out / name, source_paths(config), overwrite=True, inputs=_inputs(config))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """map / bayes / nested / moe on a config."""
     from .store import EvaluationStore
+    from .task_vectors.manifest import mark_run
 
     config = load_config(args.config, mergekit=args.mergekit)
     if args.command == "moe" and "groups" in config:
@@ -170,6 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.command == "moe" and args.emit_mergekit:
         raise ValueError("--emit-mergekit does not apply to 'moe' (PWE-MoE's unloaded model is no mergekit merge)")
     out = Path(config.get("out", f"outputs/{args.command}"))
+    args.store_path = Path(config.get("store", out / "evaluations.sqlite"))  # what a Ctrl-C reports
     check_run(config, args.command)  # what the command needs, before any model loads
     _check_out(config, out, args.overwrite, args.emit_mergekit)
     objective, names, zoo = build_objective(config, store=None)  # loads the models; config errors surface here
@@ -181,7 +189,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     executor = build_executor(config)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        objective.store = EvaluationStore(config.get("store", out / "evaluations.sqlite"))
+        mark_run(out)  # a run's folder: never a save destination
+        objective.store = EvaluationStore(args.store_path)
     except BaseException:
         if executor is not None:
             executor.shutdown()
@@ -317,7 +326,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         config = load_config(args.config, mergekit=args.mergekit)
         run_out = Path(config.get("out", "outputs/map"))
         out = Path(args.out) if args.out else run_out / "merged"
-        check_destination(out, source_paths(config), args.overwrite, inputs=run_inputs(config))
+        check_destination(out, source_paths(config), args.overwrite, inputs=_inputs(config))
         coeffs = _coeffs_for(args, run_out)
         method = args.method or config.get("method")
         if "zoo" in config:
@@ -351,7 +360,7 @@ def _cmd_save(args: argparse.Namespace) -> int:
         from .merge_methods import resolve_method
 
         emit = Path(args.emit_mergekit)
-        inputs = run_inputs(config) if args.config is not None else []
+        inputs = _inputs(config) if args.config is not None else []
         check_destination(emit, tv.source_paths(), args.overwrite, inputs=[*inputs, out])
         recipe = tv.mergekit_config(coeffs, resolve_method(method), groups)
     path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
@@ -463,7 +472,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, FileNotFoundError, FileExistsError) as error:
         print(f"map-merge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
 
+
+def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """What a Ctrl-C leaves: how many evaluations the store keeps and the command that resumes."""
+    import shlex
+
+    from .store import EvaluationStore
+
+    store = getattr(args, "store_path", None)
+    if store is None:
+        return f"map-merge {args.command}: interrupted; nothing was written (temporary files are removed)"
+    try:
+        opened = EvaluationStore(store) if Path(store).exists() else None
+        count: Any = opened.count() if opened is not None else 0
+        if opened is not None:
+            opened.close()
+    except Exception:  # noqa: BLE001 - a store that cannot be read now: say so, no traceback
+        count = "an unknown number of"
+    return (f"map-merge {args.command}: interrupted; the evaluation store {store} keeps {count} task evaluation(s). "
+            f"Run the same command again to resume (stored evaluations are not repeated):\n  map-merge {shlex.join(argv)}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -181,3 +181,86 @@ def test_groups_in_a_config(own, capsys):
     config.write_text(json.dumps({**base, "groups": {"knots": 0}}))
     assert main(["map", "--config", str(config)]) == 2
     assert "field 'groups'" in capsys.readouterr().err
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_deletes_what_map_merge_did_not_write(own, capsys, monkeypatch):
+    """`save --out DIR --overwrite` refuses a folder of someone else's files, another run's output
+    folder and the run's own default store (no 'out' in the config); `map --overwrite` keeps the
+    files in 'out' it did not write and refuses to replace a result.json it did not write."""
+    folder, config, base = own
+    monkeypatch.chdir(folder)
+    default = folder / "default.json"  # no 'out': outputs/map, relative to the working directory
+    default.write_text(json.dumps({k: v for k, v in base.items() if k != "out"}))
+    assert main(["map", "--config", str(default)]) == 0
+    capsys.readouterr()
+    run = _files(folder / "outputs" / "map")
+    assert "evaluations.sqlite" in run and "result.json" in run and "front.png" in run
+    (folder / "precious" / "sub").mkdir(parents=True)
+    (folder / "precious" / "notes.txt").write_text("hi")
+    for cfg, out, message in [(default, "outputs/map", "holds"), (config, "outputs/map", "the output folder of a command line run"),
+                              (config, "precious", "map_merge did not write")]:
+        assert main(["save", "--config", str(cfg), "--coeffs", "0.5,0.5", "--out", out, "--overwrite"]) == 2
+        assert message in capsys.readouterr().err
+    assert _files(folder / "outputs" / "map") == run
+    assert (folder / "precious" / "notes.txt").read_text() == "hi" and (folder / "precious" / "sub").is_dir()
+    # the run's own folder: foreign files are kept, a foreign result is not replaced
+    (folder / "outputs" / "map" / "notes.txt").write_text("mine")
+    assert main(["map", "--config", str(default), "--overwrite"]) == 0
+    assert (folder / "outputs" / "map" / "notes.txt").read_text() == "mine"
+    (folder / "out").mkdir()
+    (folder / "out" / "result.json").write_text('{"mine": true}')
+    assert main(["map", "--config", str(config), "--overwrite"]) == 2
+    assert "map_merge did not write it" in capsys.readouterr().err
+    assert (folder / "out" / "result.json").read_text() == '{"mine": true}'
+
+
+_STOPPING = '''
+import os
+import torch
+from torch import nn
+
+CALLS = []
+
+
+def build():
+    return nn.Linear(2, 1, bias=False)
+
+
+def evaluate(model, task):
+    CALLS.append(task)
+    if len(CALLS) > int(os.environ["MM_STOP_AFTER"]):
+        raise KeyboardInterrupt  # the user's Ctrl-C, in the middle of an evaluation
+    return float(-(model.weight.reshape(-1) ** 2).sum())
+'''
+
+
+def test_ctrl_c_reports_the_stored_evaluations_and_how_to_resume(own, capsys, monkeypatch):
+    folder, config, base = own
+    (folder / "stopping.py").write_text(_STOPPING)
+    config.write_text(json.dumps({**base, "evaluator": "stopping.py:evaluate", "model": "stopping.py:build"}))
+    monkeypatch.setenv("MM_STOP_AFTER", "4")  # two models of two tasks, then Ctrl-C
+    try:
+        code = main(["map", "--config", str(config)])
+    except KeyboardInterrupt:
+        pytest.fail("a raw KeyboardInterrupt (a traceback) escaped map-merge")
+    err = capsys.readouterr().err
+    assert code == 130
+    assert f"evaluation store {folder / 'out' / 'evaluations.sqlite'} keeps 4 task evaluation(s)" in err, err
+    assert f"map-merge map --config {config}" in err and "Traceback" not in err
+    monkeypatch.setenv("MM_STOP_AFTER", "1000000")
+    assert main(["map", "--config", str(config)]) == 0  # the same command resumes
+    assert _summary(capsys)["from_store"] >= 2
+    # a save interrupted while writing: nothing left behind
+    import map_merge.task_vectors.base as tv_base
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tv_base, "write_safetensors", interrupted)
+    assert main(["save", "--config", str(config), "--coeffs", "0.5,0.5", "--out", str(folder / "pick.safetensors")]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert not (folder / "pick.safetensors").exists() and not [p for p in folder.iterdir() if p.name.startswith(".")]

@@ -207,3 +207,161 @@ def test_an_empty_folder_is_filled_in_place_and_a_failed_rename_leaves_nothing(f
         tv.save_merged(out, [1.0], overwrite=True)
     assert snapshot(out) == before
     assert not [p for p in folders.iterdir() if p.name.startswith(".")]  # was: the whole new model left as .mount.partial-*
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+
+
+def test_overwrite_replaces_only_what_map_merge_wrote(folders):
+    """overwrite=True never deletes a file map_merge did not write: a folder holding one (a user's
+    notes, a stranger's model under the name a save would write) is refused, naming it; a folder
+    map_merge saved is replaced, until someone adds a file of their own to it."""
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    precious = folders / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "notes.txt").write_text("hi")
+    (precious / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(FileExistsError, match=r"precious: it holds 2 item\(s\) map_merge did not write \(notes.txt, sub"):
+        tv.save_merged(precious, [0.5], overwrite=True)
+    assert (precious / "notes.txt").read_text() == "hi" and (precious / "sub" / "data.csv").read_text() == "1,2"
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt", "sub"]
+    (folders / "stranger").mkdir()
+    (folders / "stranger" / "model.safetensors").write_bytes(b"somebody's model")
+    (folders / "theirs.safetensors").write_bytes(b"somebody's single file")
+    for target in (folders / "stranger", folders / "stranger" / "model.safetensors", folders / "theirs.safetensors"):
+        with pytest.raises(FileExistsError, match="map_merge did not write"):
+            tv.save_merged(target, [0.5], overwrite=True)
+    assert (folders / "stranger" / "model.safetensors").read_bytes() == b"somebody's model"
+    assert (folders / "theirs.safetensors").read_bytes() == b"somebody's single file"
+    # what map_merge wrote is replaced ...
+    out = tv.save_merged(folders / "out", [0.5])
+    tv.save_merged(out, [1.0], overwrite=True)
+    single = tv.save_merged(folders / "one.safetensors", [0.5])
+    tv.save_merged(single, [1.0], overwrite=True)
+    # ... but not a file someone added to it
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds 1 item\(s\) map_merge did not write \(notes.txt"):
+        tv.save_merged(out, [0.0], overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "map_merge.json").read_text())["coefficients"] == {"task0": 1.0}
+
+
+@pytest.mark.parametrize("storage", ["streamed", "dense", "module"])
+def test_relative_source_paths_are_resolved_when_opened(folders, monkeypatch, storage):
+    """Sources given as relative paths keep naming the files they named when opened: after an
+    os.chdir (a notebook's %cd) into another experiment with the same layout, the merge still reads
+    the first one's files (pickled copies too), and its pretrained folder is still refused as a
+    destination."""
+    import pickle
+    import shutil
+
+    other = folders / "other"
+    other.mkdir()
+    shutil.copytree(folders / "base", other / "base")
+    shutil.copytree(folders / "ft1", other / "ft0")  # the same layout, other weights
+    monkeypatch.chdir(folders)
+    if storage == "module":
+        tv = mm.TaskVectors.from_models(transformers.LlamaForCausalLM.from_pretrained("base"),
+                                        [transformers.LlamaForCausalLM.from_pretrained("ft0")])
+    else:
+        tv = mm.TaskVectors.from_models("base", ["ft0"], storage=storage)
+    monkeypatch.chdir(other)
+    expected = transformers.LlamaForCausalLM.from_pretrained(folders / "ft0").state_dict()
+    for copy in (tv, pickle.loads(pickle.dumps(tv))):
+        for key, value in copy.merge([1.0]).items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+    before = snapshot(folders / "base")
+    with pytest.raises(ValueError, match="a source of these task vectors"):
+        tv.save_merged(folders / "base", [1.0], overwrite=True)
+    assert snapshot(folders / "base") == before
+    assert all(p.is_absolute() for p in tv.source_paths())
+
+
+def test_an_interrupted_save_leaves_no_temporary_file(folders, monkeypatch):
+    """A Ctrl-C (KeyboardInterrupt) in the middle of writing removes what was written: no hidden
+    partial file (was: '.one.safetensors.partial-<pid>-<tag>.partial', as large as what was written)."""
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    real = type(tv)._output_pieces
+
+    def interrupted(self, *args, **kwargs):
+        for number, piece in enumerate(real(self, *args, **kwargs)):
+            if number == 3:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(type(tv), "_output_pieces", interrupted)
+    for target in (folders / "one.safetensors", folders / "out"):
+        with pytest.raises(KeyboardInterrupt):
+            tv.save_merged(target, [0.5], max_shard_size="8KB")
+        assert not target.exists()
+        assert not [p.name for p in folders.iterdir() if p.name.startswith(".")]
+
+
+def test_the_next_save_removes_what_a_killed_save_left(folders, caplog):
+    """A SIGKILLed save leaves its partial file or folder (no code of its own runs): the next save
+    into that destination removes those of processes that are gone, the old naming included, and
+    the previous contents a killed save had moved away once the save that replaced them is in place."""
+    import logging
+
+    dead = _dead_pid()
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    out = tv.save_merged(folders / "out", [0.5])
+    meta = json.loads((out / "map_merge.json").read_text())
+    tag = meta["_manifest"]["tag"] = f"{dead}-0badc0de"  # as if a process now gone had written out
+    (out / "map_merge.json").write_text(json.dumps(meta))
+    leftovers = [folders / f".out.partial-{dead}-0123abcd", folders / f".one.partial-{dead}-4567ef01.safetensors",
+                 folders / f".one.safetensors.partial-{dead}-89abcdef.partial", folders / f".out.old-{tag}"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"x" * 1000)
+    for item in leftovers[1:3]:
+        item.write_bytes(b"x" * 1000)
+    leftovers[3].mkdir()  # moved away by the save that wrote out (as if it were killed before removing it)
+    kept = folders / f".out.old-{dead}-fedcba98"  # moved away by a save that never finished: maybe the only copy
+    kept.mkdir()
+    (folders / "mount").mkdir()
+    inside = folders / "mount" / f".partial-{dead}-aaaaaaaa"  # a save into an empty folder
+    inside.mkdir()
+    with caplog.at_level(logging.WARNING, logger="map_merge.task_vectors.saving"):
+        tv.save_merged(out, [1.0], overwrite=True)
+        tv.save_merged(folders / "one.safetensors", [1.0])
+        tv.save_merged(folders / "mount", [1.0])
+    assert not [item for item in [*leftovers, inside] if item.exists()]
+    assert kept.exists() and any("holds the previous contents of" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in folders.iterdir() if p.name.startswith(".")) == [kept.name]
+
+
+def test_files_reach_the_disk_before_they_are_renamed_into_place(folders, monkeypatch):
+    """Crash safety against a power loss: every file written (and its folder) is fsynced before the
+    rename that exposes it, and the destination's folder after."""
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to name a file descriptor")
+    tv = mm.TaskVectors.from_models(folders / "base", [folders / "ft0"])
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for target in (folders / "out", folders / "one.safetensors"):
+        events.clear()
+        tv.save_merged(target, [0.5], max_shard_size="8KB")
+        rename = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target))
+        temp = events[rename][1]
+        synced = {e[1] for e in events[:rename] if e[0] == "fsync"}
+        inside = [str(p).replace(str(target), temp, 1) for p in target.rglob("*")] if target.is_dir() else []
+        written = {temp, *inside}  # the temporary and everything in it, as named before the rename
+        assert written <= synced, sorted(written - synced)
+        assert ("fsync", str(folders)) in events[rename:]

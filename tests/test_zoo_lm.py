@@ -241,3 +241,30 @@ def test_concurrent_loads_build_once(zoo, tmp_path, monkeypatch):
     assert not errors, errors
     assert len(calls) == 1 and results[0].folder == results[1].folder == root / zoo.folder.name
     assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock")) == [zoo.folder.name]
+
+
+def test_what_killed_builds_left_is_cleaned(tmp_path):
+    """Temporary folders of builders that are gone are removed (the zoo's own and its tasks');
+    a previous build a killed rebuild had moved away is put back when it is the only copy, and
+    removed once a complete zoo replaced it; this process's folders are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    import map_merge.zoo.lm as lm
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    folder = tmp_path / "lm-zoo"
+    stale = [tmp_path / f"lm-zoo.tmp-{dead}", folder / f"tasks.tmp-{dead}"]
+    previous = tmp_path / f"lm-zoo.old-{dead}"
+    ours = tmp_path / f"lm-zoo.tmp-{os.getpid()}"
+    for item in [previous, ours, stale[0]]:
+        item.mkdir()
+    (previous / "info.json").write_text("the previous build")
+    lm._clean_stale(tmp_path, folder)  # killed between the two renames: the old build is the only copy
+    assert (folder / "info.json").read_text() == "the previous build" and not previous.exists()
+    previous.mkdir()
+    stale[1].mkdir()
+    lm._clean_stale(tmp_path, folder)  # killed after them: the old one was replaced
+    assert not previous.exists() and not any(item.exists() for item in stale)
+    assert (folder / "info.json").exists() and ours.exists()

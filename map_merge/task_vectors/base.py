@@ -360,7 +360,7 @@ class TaskVectors:
         header_meta = {"format": "pt", "map_merge": json.dumps(meta, default=str)}
         if target.suffix == ".safetensors":
             with atomic_path(target, folder=False) as temp:
-                write_safetensors(temp, entries, self._output_pieces(matrix, method, groups), header_meta)
+                write_safetensors(temp, entries, self._output_pieces(matrix, method, groups), header_meta, atomic=False)
             return Path(path)
         with atomic_path(target, folder=True) as temp:
             sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
@@ -370,7 +370,8 @@ class TaskVectors:
             weight_map: dict[str, str] = {}
             for number, shard in enumerate(shards, 1):
                 name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(temp / name, [(k, *by_key[k]) for k in shard], pieces.while_in(set(shard)), header_meta)
+                write_safetensors(temp / name, [(k, *by_key[k]) for k in shard], pieces.while_in(set(shard)), header_meta,
+                                  atomic=False)
                 weight_map.update(dict.fromkeys(shard, name))
             if len(shards) > 1:
                 index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}

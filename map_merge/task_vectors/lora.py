@@ -78,7 +78,7 @@ class LoraAdapter:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser().resolve()  # once: a later os.chdir changes nothing
         config_file = self.path / "adapter_config.json"
         if not config_file.exists():
             raise FileNotFoundError(f"{self.path} is not a PEFT adapter folder: no adapter_config.json")

@@ -13,11 +13,12 @@ relative to the end of the header, optional ``__metadata__``), then the raw byte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser().resolve()  # once: a later os.chdir changes nothing, pickles carry it whole
         if not self.path.exists():
             raise FileNotFoundError(f"model path does not exist: {self.path}")
         if self.path.is_dir():
@@ -201,11 +202,23 @@ def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[
     return shards if shards[0] else []
 
 
+@contextlib.contextmanager
+def _removed_on_error(path: Path | None) -> Iterator[None]:
+    """Remove ``path`` (if given) when the block fails or is interrupted."""
+    try:
+        yield
+    except BaseException:
+        if path is not None and path.exists():
+            path.unlink()
+        raise
+
+
 def write_safetensors(
     path: str | os.PathLike,
     entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
     chunks: Iterable[tuple[str, torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
+    atomic: bool = True,
 ) -> int:
     """Write one ``.safetensors`` file whose tensors arrive as chunks.
 
@@ -213,6 +226,9 @@ def write_safetensors(
         entries: ``(key, dtype, shape)`` of every tensor, in file order.
         chunks: ``(key, tensor)`` pieces in the same order; each key's pieces, flattened and
             concatenated, are its tensor (dtype must match).
+        atomic: write ``path.partial``, flush it to disk and rename it into place (removed on an
+            error or interrupt); ``False``: write ``path`` itself (a temporary path the caller
+            renames, as :func:`~map_merge.task_vectors.saving.atomic_path` does).
     Returns: bytes written.
     """
     header: dict[str, dict] = {}
@@ -231,11 +247,11 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(path.name + ".partial") if atomic else path
     order = [key for key, _, _ in entries]
     written = dict.fromkeys(order, 0)
     position = 0  # index in order of the tensor being written
-    with open(tmp, "wb") as handle:
+    with _removed_on_error(tmp if atomic else None), open(tmp, "wb") as handle:
         handle.write(struct.pack("<Q", len(raw)))
         handle.write(raw)
         for key, tensor in chunks:
@@ -257,5 +273,9 @@ def write_safetensors(
         short = [k for k in order if written[k] != expected[k][1]]
         if short:
             raise ValueError(f"incomplete data for tensor {short[0]!r} ({written[short[0]]} of {expected[short[0]][1]} bytes)")
-    os.replace(tmp, path)
+        if atomic:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if atomic:
+        os.replace(tmp, path)
     return 8 + len(raw) + offset

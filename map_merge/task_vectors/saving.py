@@ -3,27 +3,34 @@
 Rules, for every storage and the command line:
 
 - a destination that is, holds or lies inside a source of the task vectors (the pretrained model,
-  a fine-tune, an adapter) is refused, always;
-- an existing non-empty destination is refused unless ``overwrite=True``;
-- everything is written beside the destination under a temporary name and renamed into place at
-  the end, so a crash leaves the old folder (or nothing), never a mix of old and new files, and
-  never stale shards of an earlier save.
+  a fine-tune, an adapter) or an input of a run (its config, code, data, evaluation store) is
+  refused, always; so is a command line run's output folder;
+- an existing non-empty destination is refused unless ``overwrite=True``, and even then unless
+  map_merge wrote all of it (its manifest, :mod:`.manifest`): nothing map_merge did not write is
+  ever replaced or deleted;
+- everything is written beside the destination under a temporary name, flushed to disk and
+  renamed into place at the end, so a crash (or a power loss) leaves the old folder (or nothing),
+  never a mix of old and new files, and never stale shards of an earlier save; an error or a
+  Ctrl-C removes the temporary, and the next save removes what a killed one left.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_destination", "atomic_path", "write_side_files", "save_module", "write_json", "WEIGHT_SUFFIXES"]
+from .manifest import MANIFEST, check_ours, entries_of, read_manifest, record, write_manifest
+
+__all__ = ["check_destination", "atomic_path", "clean_leftovers", "process_alive", "temp_name", "write_side_files", "save_module",
+           "write_json", "WEIGHT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +46,19 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLike], overwrite: bool,
                       inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Validate a save destination; returns it resolved.
+    """Validate a save destination; returns it resolved. Removes what saves killed mid-way left
+    there (see :func:`clean_leftovers`).
 
     ``inputs``: other files a run reads or keeps (a command line run's config, code, data, store),
     protected like the sources.
 
     Raises:
         ValueError: the destination is, holds or lies inside one of ``sources`` (files or folders
-            the task vectors are read from) or of ``inputs``, whatever ``overwrite`` says.
-        FileExistsError: it exists (a file, or a non-empty folder) and ``overwrite`` is False.
+            the task vectors are read from) or of ``inputs``, or is a command line run's output
+            folder, whatever ``overwrite`` says.
+        FileExistsError: it exists (a file, or a non-empty folder) and ``overwrite`` is False, or
+            it is or holds anything map_merge did not write (:mod:`.manifest`), whatever
+            ``overwrite`` says.
     """
     target = Path(path).expanduser().resolve()
     checks = [(src, "a source of these task vectors (saving there would destroy the weights being merged)") for src in _protected(sources)]
@@ -56,10 +67,13 @@ def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLi
         if _inside(target, src) or _inside(src, target):
             relation = "is" if target == src else ("lies inside" if _inside(target, src) else "holds")
             raise ValueError(f"refusing to save into {Path(path)}: it {relation} {src}, {what}")
-    _warn_leftovers(target)
-    if target.exists() and not overwrite:
-        if target.is_dir() and not any(target.iterdir()):
-            return target
+    clean_leftovers(target)
+    if not target.exists() and not target.is_symlink():
+        return target
+    if target.is_dir() and not any(target.iterdir()):
+        return target
+    check_ours(target, Path(path))
+    if not overwrite:
         raise FileExistsError(f"{Path(path)} already exists; pass overwrite=True (command line: --overwrite) to replace it")
     return target
 
@@ -76,27 +90,53 @@ def _protected(sources: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _warn_leftovers(target: Path) -> None:
-    """Warn about what a save killed mid-way left beside ``target`` (by a process that is gone): a
-    partial new folder, or the old folder itself when the kill came between the two renames."""
-    if not target.parent.is_dir():
-        return
-    for item in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
-        kind, _, tag = item.name[len(target.name) + 2 :].partition("-")
-        pid = tag.partition("-")[0]
-        if kind not in ("old", "partial") or not pid.isdigit() or _alive(int(pid)):
-            continue
-        if kind == "old":
-            log.warning("%s holds the previous contents of %s, left by a save that was killed between its two renames; "
-                        "rename it back (or delete it) by hand", item, target)
-        else:
-            log.warning("%s is an unfinished save into %s (the process was killed); delete it", item, target)
+def temp_name(target: Path, kind: str, tag: str) -> str:
+    """The hidden name a save gives its temporary (``kind="partial"``) or the previous contents it
+    moves away (``"old"``) beside ``target``: ``.model.partial-<pid>-<hex>.safetensors`` (the
+    suffix kept: writers that go by it, such as matplotlib, still work)."""
+    return f".{target.stem}.{kind}-{tag}{target.suffix}"
 
 
-def _alive(pid: int) -> bool:
+_LEFTOVER = re.compile(r"\.(?P<base>.+?)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-(?P<tag>[0-9a-f]{8}))?(?P<rest>.*)")
+_INSIDE = re.compile(r"\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def clean_leftovers(target: Path) -> None:
+    """Remove what saves into ``target`` killed mid-way (by processes that are gone) left: a
+    partial new file or folder beside it or inside it (a save into an empty folder). The previous
+    contents a save moved away (``.old``) are removed only when ``target`` is the complete save
+    that replaced them; otherwise they may be the only copy and are kept, with a warning."""
+    if target.parent.is_dir():
+        for item in target.parent.iterdir():
+            match = _LEFTOVER.fullmatch(item.name)
+            if match is None or process_alive(int(match["pid"])):
+                continue
+            base, rest = match["base"], match["rest"]
+            if base + rest != target.name and not (base == target.name and rest in ("", ".partial")):
+                continue
+            if match["kind"] == "partial":
+                log.warning("%s is an unfinished save into %s (the process was killed); removed it", item, target)
+                _remove(item)
+            elif (read_manifest(target) or {}).get("tag") == f"{match['pid']}-{match['tag']}":
+                log.info("removed %s: the previous contents of %s, which the save that replaced them was killed before removing",
+                         item, target)
+                _remove(item)
+            else:
+                log.warning("%s holds the previous contents of %s, left by a save that was killed between its two renames; "
+                            "rename it back (or delete it) by hand", item, target)
+    if target.is_dir() and not target.is_symlink():
+        for item in target.iterdir():
+            match = _INSIDE.fullmatch(item.name)
+            if match is not None and not process_alive(int(match["pid"])):
+                log.warning("%s is an unfinished save into %s (the process was killed); removed it", item, target)
+                _remove(item)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (this process included)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process id can be
         return False
     except OSError:  # exists, but not ours
         return True
@@ -110,45 +150,82 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder) to disk; a file system that cannot sync a folder is let be."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder under ``path`` (a file: itself) to disk, so that a rename that
+    follows never exposes data still in the page cache after a power loss."""
+    if not path.is_dir():
+        _fsync(path)
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            if not (Path(root) / name).is_symlink():
+                _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (a new folder when ``folder``, else a file path) to
-    write into; on success rename it into place (replacing what was there), on error remove it.
+    write into; on success flush it to disk and rename it into place (replacing what was there),
+    on any error or interrupt remove it. A folder gets its manifest (every entry listed, see
+    :mod:`.manifest`); a file is added to its folder's manifest.
 
     An existing *empty* folder is kept (its permissions, ownership, a volume mounted there): the
-    new files are written into a hidden folder inside it and moved up at the end, ``config.json``
-    last (a save killed mid-way is then no loadable model). Call :func:`check_destination` first:
-    this replaces an existing ``path``."""
+    new files are written into a hidden folder inside it and moved up at the end, the manifest
+    first and ``config.json`` last (a save killed mid-way is then no loadable model, and what it
+    moved is known to be map_merge's). Call :func:`check_destination` first: this replaces an
+    existing ``path``."""
     target = Path(path).expanduser().resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     into_empty = folder and target.is_dir() and not any(target.iterdir())
-    temp = target / f".partial-{tag}" if into_empty else target.with_name(f".{target.name}.partial-{tag}")
+    temp = target / f".partial-{tag}" if into_empty else target.with_name(temp_name(target, "partial", tag))
     if folder:
         temp.mkdir()
     try:
         yield temp
+        if folder:
+            write_manifest(temp, "folder", entries_of(temp), tag)
+        _fsync_tree(temp)
         if into_empty:
             _move_up(temp, target)
+            _fsync(target)
         elif not target.exists() or (not folder and not target.is_dir()):
             os.replace(temp, target)  # a new path, or a file replaced atomically
         else:
-            old = target.with_name(f".{target.name}.old-{tag}")
+            old = target.with_name(temp_name(target, "old", tag))
             os.replace(target, old)
             try:
                 os.replace(temp, target)
             except BaseException:
                 os.replace(old, target)  # put the old one back
                 raise
+            _fsync(target.parent)  # the new one in place for good before the old one goes
             _remove(old)
+        _fsync(target.parent)
+        if not folder:
+            record(target.parent, [target.name])
     finally:
         if temp.exists() or temp.is_symlink():
             _remove(temp)
 
 
 def _move_up(temp: Path, target: Path) -> None:
-    """Move every entry of ``temp`` into ``target`` (same file system), ``config.json`` last."""
-    items = sorted(temp.iterdir(), key=lambda item: item.name == "config.json")
+    """Move every entry of ``temp`` into ``target`` (same file system): the manifest first,
+    ``config.json`` last."""
+    items = sorted(temp.iterdir(), key=lambda item: (item.name != MANIFEST, item.name == "config.json"))
     for item in items:
         os.replace(item, target / item.name)
     temp.rmdir()

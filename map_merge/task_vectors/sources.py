@@ -172,7 +172,7 @@ class MemoryWeights(Weights):
     def __init__(self, state: Mapping[str, torch.Tensor], owner: str, module: nn.Module | None = None,
                  aliases: Mapping[str, str] | None = None, path: str | os.PathLike | None = None) -> None:
         self.owner = owner
-        self._path = Path(path) if path is not None else None
+        self._path = Path(path).expanduser().resolve() if path is not None else None  # once: a later os.chdir changes nothing
         self._origin: Path | None = None  # a module's local from_pretrained folder (protected from saves)
         self._skeleton: Any = False
         check_materialized(state, owner)
@@ -239,7 +239,7 @@ def _local_origin(module: nn.Module) -> Path | None:
         return None
     try:
         path = Path(name).expanduser()
-        return path if path.is_dir() else None
+        return path.resolve() if path.is_dir() else None
     except (OSError, ValueError):
         return None
 

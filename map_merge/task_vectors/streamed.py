@@ -466,7 +466,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
                 "task_vectors": self.fingerprint(), "storage": self.storage, "sources": self._source_identities()}
         with atomic_path(target, folder=True) as temp:
             write_safetensors(temp / "adapter_model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
-                              tensors.items(), {"format": "pt"})
+                              tensors.items(), {"format": "pt"}, atomic=False)
             (temp / "adapter_config.json").write_text(json.dumps(config, indent=2))
             (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
         return Path(path)

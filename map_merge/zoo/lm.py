@@ -42,6 +42,7 @@ from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective
 from ..store import EvaluationStore
 from ..task_vectors import TaskVectors
+from ..task_vectors.saving import process_alive
 from .base import cache_root, fit_cached_moe
 from .lm_data import CORPORA, LM_DOMAINS, SOURCES, choice_docs, domain_texts, write_choice_task
 
@@ -568,19 +569,22 @@ def _exclusive(path: Path, what: str, timeout_s: float | None = None, poll_s: fl
             handle.close()  # releases the lock
 
 
-def _alive(pid: str) -> bool:
-    """Whether process ``pid`` (digits; anything else: no) still runs here."""
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return False  # our own earlier attempt
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
+def _clean_stale(root: Path, folder: Path) -> None:
+    """Remove what builds killed mid-way left (the caller holds the zoo's lock): the temporary
+    folders of processes that are gone (``<zoo>.tmp-PID``, ``<zoo>/tasks.tmp-PID``). A previous
+    build a killed rebuild had moved away (``<zoo>.old-PID``) is put back when nothing replaced it
+    (it is the only copy), else removed."""
+    leftovers = [(item, item.name[len(folder.name) + 1 :]) for item in root.glob(f"{glob.escape(folder.name)}.*-*")]
+    leftovers += [(item, item.name) for item in folder.glob("tasks.tmp-*")]
+    for item, rest in leftovers:
+        kind, _, pid = rest.partition("-")
+        if kind not in ("tmp", "old", "tasks.tmp") or not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if kind == "old" and not folder.exists():
+            log.warning("restoring the lm zoo %s from %s, left by a rebuild that was killed between its two renames", folder.name, item.name)
+            os.replace(item, folder)
+        else:
+            shutil.rmtree(item, ignore_errors=True)
 
 
 def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
@@ -588,10 +592,8 @@ def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dic
     """Build the zoo in a temporary folder beside ``folder`` and rename it into place (the caller
     holds the zoo's lock). A complete ``folder`` that appeared meanwhile (a builder that took no
     lock) is kept unless ``rebuild``: readers may be using its files."""
-    for stale in root.glob(f"{glob.escape(folder.name)}.tmp-*"):  # what a killed build left
-        if not _alive(stale.name.rpartition("-")[2]):
-            shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier attempt of this process (we hold the lock)
     tmp.mkdir(parents=True)
     info: dict[str, Any] = {"key": key, "data_hash": data_hash, "recipe": asdict(recipe), "seed": seed, "folder": str(folder),
                             "device": str(device), "sources": SOURCES, "base_dtype": "bfloat16", "expert_dtype": "bfloat16",
@@ -670,6 +672,7 @@ def load_lm_zoo(
     root.mkdir(parents=True, exist_ok=True)
     # one builder at a time per zoo: a second process waits for the build in progress and reuses it
     with _exclusive(root / f"{folder.name}.lock", folder.name):
+        _clean_stale(root, folder)
         if rebuild or not (folder / "info.json").exists():
             _build_into(folder, root, recipe, texts, seed, device, progress, threads, key, data_hash, rebuild)
         info = json.loads((folder / "info.json").read_text())
