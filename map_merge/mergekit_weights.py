@@ -93,7 +93,12 @@ def _setting(weight: Any, label: str) -> Value | tuple:
             raise ValueError(f"field 'weight' of {label}: filter {f!r} must be a string (a substring of tensor names)")
         value = condition["value"]
         out.append((None if f in (None, "*", "") else f, _gradient(value, label) if isinstance(value, list) else _scalar(value, label)))
-    return _reachable(out)
+    return _plain(_reachable(out))
+
+
+def _plain(conditions: tuple) -> Value | tuple:
+    """One unfiltered condition is its value (the same for every tensor); other conditions as they are."""
+    return conditions[0][1] if len(conditions) == 1 and conditions[0][0] is None else conditions
 
 
 def _reachable(conditions: list) -> tuple:
@@ -118,8 +123,7 @@ def _with_fallback(setting: Value | tuple, shared: Value | tuple | None, label: 
             raise ValueError(f"field 'weight' of {label} is an empty list and the recipe has no top-level weight; expected {_FORMS}")
         return setting  # tensors no filter matches have no weight: refused when merged, as mergekit does
     rest = shared if isinstance(shared, tuple) else ((None, shared),)
-    merged = _reachable([*setting, *rest])
-    return merged[0][1] if len(merged) == 1 and merged[0][0] is None else merged
+    return _plain(_reachable([*setting, *rest]))
 
 
 def _scalar(value: Any, label: str) -> float:

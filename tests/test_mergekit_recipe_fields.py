@@ -156,6 +156,13 @@ def test_unreachable_conditions_are_dropped():
     np.testing.assert_allclose(recipe.coeffs, [[0.2, 0.1], [0.3, 0.6]])
 
 
+def test_a_lone_unfiltered_condition_is_a_plain_weight():
+    # mergekit-yaml: [{value: 0.5}] is 0.5 for every tensor, beside another model's filters too
+    recipe = parse_recipe(_two(weights=([{"value": 0.5}], [{"filter": "mlp", "value": 0.2}, {"value": 0.3}])))
+    assert list(recipe.groups.patterns.values()) == ["mlp", ".*"]
+    np.testing.assert_allclose(recipe.coeffs, [[0.5, 0.5], [0.2, 0.3]])
+
+
 def test_linear_adds_the_unlisted_base_with_the_top_level_weight():
     # mergekit-yaml adds the unlisted base to a linear merge with the shared weight: (0.3, 0.5, base 1.0) -> 0.3 / 1.8, 0.5 / 1.8
     np.testing.assert_allclose(parse_recipe(_two("linear", weights=(0.3, 0.5), weight=1.0)).coeffs[:, 0], [0.3 / 1.8, 0.5 / 1.8])
