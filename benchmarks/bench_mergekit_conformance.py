@@ -28,7 +28,11 @@ Recipes as read (``mm.from_mergekit``, issue 27): mergekit configs written as YA
 ``mergekit-yaml`` and read by ``from_mergekit``, merged by ``TaskVectors.merge`` with the recipe's
 operator, groups and coefficients, on a 4-layer variant of the models (so that gradients
 interpolate between knots): weight forms mixed across models (a gradient, filters), gradients
-inside filters (task arithmetic and Breadcrumbs), and ``1e-1`` weights (strings in YAML 1.1).
+inside filters (task arithmetic and Breadcrumbs), ``1e-1`` weights (strings in YAML 1.1), quoted
+true/false settings (``normalize: "false"``, read as pydantic's bool), ``weight: true`` (1.0),
+filters without a catch-all (the unmatched tensors take the top-level ``weight``: a number, or its
+own filters and gradient), and ``linear`` with an unlisted base (mergekit adds it with the
+top-level weight).
 
 Per recipe: the largest difference (over all entries, and over the entries whose keep/drop decision,
 ``merged != base``, is the same on both sides), the share of entries that differ, and the share
@@ -190,6 +194,15 @@ def read_recipes() -> list[tuple[str, str, list, dict, dict]]:
         ("Breadcrumbs, gradient in a filter", "breadcrumbs", in_filters, {"density": DENSITY, "gamma": GAMMA}, {}),
         ("'1e-1' weight", "task_arithmetic", ["1e-1", 0.5], {}, {}),
         ("'1e-1' in a gradient", "task_arithmetic", [["1e-1", "5e-1", 0.9], "2e-1"], {}, {"lambda": "1.5e0"}),
+        ("normalize: 'true' (a string)", "task_arithmetic", [0.3, 0.5], {}, {"normalize": "true"}),
+        ("ties, normalize: 'false' (a string)", "ties", [1.0, 1.0], {"density": 0.5}, {"normalize": "false", "lambda": LAMBDA}),
+        ("Breadcrumbs, rescale: 'yes'", "breadcrumbs", [0.6, 0.9], {"density": DENSITY, "gamma": GAMMA}, {"rescale": "yes"}),
+        ("weight: true", "task_arithmetic", [True, [True, False, 0.5]], {}, {"lambda": 0.5}),
+        ("filters, no catch-all: top-level weight", "task_arithmetic", [[{"filter": "mlp", "value": 0.2}], 0.5], {}, {"weight": 0.7}),
+        ("filters, no catch-all: top-level filters", "task_arithmetic", [[{"filter": "mlp", "value": 0.2}], [{"value": 0.5}]], {},
+         {"weight": [{"filter": "self_attn", "value": 0.9}, {"filter": "mlp", "value": 0.1}, {"value": [0.0, 1.0]}]}),
+        ("weight: [] (the top-level weight)", "task_arithmetic", [[], 0.4], {}, {"weight": 0.7}),
+        ("linear, unlisted base: top-level weight", "linear", [0.3, 0.5], {}, {"weight": 1.0}),
     ]
 
 

@@ -268,12 +268,17 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
     counted = [objective] + (stages if args.command == "nested" else [])
     summary.update(models_evaluated=sum(o.num_evaluations for o in counted), from_store=sum(o.num_cached for o in counted))
     if args.command != "moe":
+        recipe = config.get("_recipe")
+        if recipe is not None:  # a run from a mergekit recipe: where the saved folder's dtypes differ from mergekit's output
+            from .mergekit_settings import warn_dtype
+
+            warn_dtype(recipe.settings, objective.task_vectors)
         summary["saved"] = str(_save_pick(objective, zoo, summary["coeffs"], out / "merged"))
         if args.emit_mergekit:
             from .mergekit_config import RecipeError
 
             try:
-                summary["mergekit"] = str(_emit_mergekit(objective, summary["coeffs"], out / "mergekit.yaml"))
+                summary["mergekit"] = str(_emit_mergekit(objective, summary["coeffs"], out / "mergekit.yaml", recipe))
             except RecipeError as error:  # the pick (unequal coefficients under a sign consensus): the results stay
                 summary["mergekit"] = f"not written: {error}"
                 logging.getLogger(__name__).warning("no mergekit recipe for the pick: %s", error)
@@ -296,11 +301,14 @@ def _save_pick(objective, zoo, coeffs, path: Path) -> Path:
     return tv.save_merged(path, coeffs, method=objective.method, model=model, overwrite=True, groups=objective.groups)
 
 
-def _emit_mergekit(objective, coeffs, path: Path) -> Path:
-    """The pick as a mergekit recipe (``mergekit-yaml path out/`` reproduces ``merged/``)."""
+def _emit_mergekit(objective, coeffs, path: Path, recipe=None) -> Path:
+    """The pick as a mergekit recipe (``mergekit-yaml path out/`` reproduces ``merged/``); ``recipe``:
+    the one the run started from, whose settings (dtype, tokenizer...) it keeps."""
     from .mergekit_config import recipe_yaml
+    from .mergekit_settings import carry_settings
 
     config = objective.task_vectors.mergekit_config(coeffs, objective.method, objective.groups)
+    config = carry_settings(config, recipe.settings) if recipe is not None else config
     _atomic_write(path, lambda temp: temp.write_text(recipe_yaml(config)))
     return path
 
@@ -353,16 +361,23 @@ def _cmd_save(args: argparse.Namespace) -> int:
     from .config import parse_groups
 
     groups = parse_groups(config.get("groups")) if args.config is not None else None
-    if args.config is not None and "_recipe" in config:
-        method = args.method or config["_recipe"].method
+    source = config.get("_recipe") if args.config is not None else None  # saved from a mergekit recipe: its settings kept
+    if source is not None:
+        method = args.method or source.method
     recipe = None
     if args.emit_mergekit:  # checked and built before anything is written: a refused recipe saves nothing
         from .merge_methods import resolve_method
+        from .mergekit_settings import carry_settings
 
         emit = Path(args.emit_mergekit)
         inputs = _inputs(config) if args.config is not None else []
         check_destination(emit, tv.source_paths(), args.overwrite, inputs=[*inputs, out])
         recipe = tv.mergekit_config(coeffs, resolve_method(method), groups)
+        recipe = carry_settings(recipe, source.settings) if source is not None else recipe
+    if source is not None:  # where the saved folder's dtypes differ from mergekit's output: a warning
+        from .mergekit_settings import warn_dtype
+
+        warn_dtype(source.settings, tv)
     path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
     print(f"saved merged model to {path}")
     if recipe is not None:

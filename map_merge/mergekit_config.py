@@ -32,7 +32,10 @@ Weights may be numbers (numeric strings such as ``'1e-1'`` too), per-layer lists
 :meth:`~map_merge.Groups.by_depth` with as many knots; non-layer tensors take the first, as in
 mergekit) or lists of ``{filter, value}`` conditions (substring filters, first match wins: regex
 :class:`~map_merge.Groups` of the escaped filters, the unfiltered entry the catch-all ``rest``)
-whose values may be gradients; models may mix these forms (:mod:`map_merge.mergekit_weights`).
+whose values may be gradients; models may mix these forms, and filters none of a model's conditions
+matches take the top-level ``weight`` (:mod:`map_merge.mergekit_weights`). ``normalize``,
+``rescale``, ``int8_mask`` are read as pydantic reads a ``bool`` (``"false"``, ``no``, ``0``: false;
+:func:`~map_merge.numeric.parse_bool`), numbers as its ``float`` (``true``: 1.0).
 
 A written recipe with a LoRA source (``base+adapter``) needs ``mergekit-yaml --lora-merge-cache
 DIR``: mergekit first merges each adapter into a copy of the base (in the base checkpoint's dtype,
@@ -53,8 +56,9 @@ import numpy as np
 
 from .groups import Groups
 from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
+from .mergekit_settings import read_settings, tokenizer_notes
 from .mergekit_weights import per_knot_normalising_is_inexact, read_weights, weight_setting
-from .numeric import parse_number
+from .numeric import parse_bool, parse_number
 
 __all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe", "READ_METHODS",
            "EMIT_METHODS"]
@@ -66,6 +70,7 @@ EMIT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "d
 _CONSENSUS = ("ties", "breadcrumbs_ties", "della", "dare_ties")
 _NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": False,
                       "della": True, "della_linear": False, "dare_linear": False, "dare_ties": False}
+_FLAGS = ("int8_mask", "normalize", "rescale")  # mergekit's true/false settings of the task arithmetic family; linear: normalize
 _TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer", "chat_template",
              "out_dtype", "name"}
 
@@ -83,6 +88,10 @@ class Recipe:
             on the base is ``base+adapter`` in mergekit; here its adapter folder).
         method: the operator.  groups: coefficient groups (``None``: one coefficient per task).
         coeffs: ``(T, G)`` the recipe's coefficients.  dtype: the recipe's ``dtype``.
+        settings: the recipe's ``dtype``, ``out_dtype``, ``tokenizer_source``, ``tokenizer``,
+            ``chat_template`` as read (those set): kept in a recipe a run from it emits
+            (:mod:`map_merge.mergekit_settings`; map_merge's saved folder keeps the pretrained
+            checkpoint's dtypes and tokenizer, and says so in a warning where mergekit's differ).
     """
 
     base_model: str
@@ -93,6 +102,7 @@ class Recipe:
     merge_method: str = "task_arithmetic"
     dtype: str | None = None
     notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def flat_coeffs(self) -> np.ndarray:
@@ -121,9 +131,26 @@ def _fail(field: str, message: str) -> RecipeError:
 
 def _number(value: Any, field: str) -> float:
     try:
-        return parse_number(value)
+        return parse_number(value, bools=True)  # pydantic's float: true is 1.0
     except ValueError as error:
         raise _fail(field, f"must be a number: {error}") from None
+
+
+def _flags(method_name: str, params: Mapping[str, Any]) -> dict[str, bool]:
+    """The recipe's true/false settings that ``method_name`` reads, parsed as mergekit parses them
+    (one value for the whole model; mergekit ignores the others, and so does this)."""
+    out = {}
+    for key in ("normalize",) if method_name == "linear" else _FLAGS:
+        if key not in params:
+            continue
+        value = params[key]
+        if isinstance(value, (list, Mapping)):
+            raise _fail(key, f"is {value!r}: per-layer or filtered {key} is not supported; give one true or false for the model")
+        try:
+            out[key] = parse_bool(value)
+        except ValueError as error:
+            raise _fail(key, f"must be true or false: {error}") from None
+    return out
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -200,10 +227,16 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
     if "+" in base:
         raise _fail("base_model", f"is {base!r}; a LoRA-on-base reference cannot be the pretrained model")
     global_params = dict(config.get("parameters") or {})
+    try:
+        settings = read_settings(config)
+    except ValueError as error:
+        raise RecipeError(f"mergekit recipe: {error}") from None
+    flags = _flags(method_name, global_params)
     entries: list[tuple[str, dict[str, Any]]] = []
     names: list[str] = []
     taken: set[str] = set()
-    base_weights: list[Any] = []  # linear: the base's weight, when listed, counts in the average
+    base_weights: list[Any] = []  # linear: the base's weight counts in the average
+    listed_base = False
     for i, entry in enumerate(models):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
             raise _fail(f"models[{i}]", f"must be a mapping with a 'model' path, got {entry!r}")
@@ -214,6 +247,7 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
                 if "weight" not in params:
                     raise _fail(f"models[{i}].parameters.weight", "is required (linear averages every listed model, the base too)")
                 base_weights.append(params["weight"])
+            listed_base = True
             continue
         if "+" in path:
             stem, adapter = path.split("+", 1)
@@ -227,13 +261,16 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
         entries.append((path, params))
     if not entries:
         raise _fail("models", "lists only the base model; no task vector to merge")
+    if method_name == "linear" and not listed_base and "weight" in global_params:
+        base_weights.append(global_params["weight"])  # mergekit adds the unlisted base, with the shared weight
     try:
         groups, everything = read_weights([p["weight"] for _, p in entries] + base_weights,
-                                          [p for p, _ in entries] + [f"the base {base}"] * len(base_weights))
+                                          [p for p, _ in entries] + [f"the base {base}"] * len(base_weights),
+                                          fallback=global_params.get("weight"))
     except ValueError as error:
         raise RecipeError(f"mergekit recipe: {error}") from None
     matrix = everything[: len(entries)]
-    normalize = bool(global_params.get("normalize", _NORMALIZE_DEFAULT[method_name]))
+    normalize = flags.get("normalize", _NORMALIZE_DEFAULT[method_name])
     lam = 1.0 if method_name == "linear" else _number(global_params.get("lambda", 1.0), "lambda")  # linear has no lambda
     notes: list[str] = []
     if method_name in _CONSENSUS:
@@ -256,28 +293,30 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
                 notes.append("normalize: true with per-layer weights whose sum over the models varies with depth: mergekit divides "
                              "per layer, the coefficients here are normalised per knot (close, not exact)")
         coeffs = lam * matrix / np.where(np.abs(total) < 1e-8, 1.0, total) if normalize else lam * matrix
-    method = _method(method_name, entries, global_params, normalize)
+    method = _method(method_name, entries, flags.get("rescale"), normalize)
     if method_name == "ties" and not normalize:  # Ties takes the disjoint mean; the same trim, summed
         notes.append("ties with normalize: false sums the agreeing trimmed deltas: read as Breadcrumbs(density, gamma=0, "
                      "consensus='sum', normalize=False)")
+    notes += tokenizer_notes(settings)
     for note in notes:
         log.warning("mergekit recipe: %s", note)
-    return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes)
+    return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes,
+                  settings)
 
 
-def _method(name: str, entries: list[tuple[str, dict[str, Any]]], params: Mapping[str, Any], normalize: bool) -> MergeMethod:
-    """Our operator for mergekit's ``name``; ``normalize``: the recipe's (mergekit's default filled
-    in). Without consensus normalising is a choice of coefficients, never the operator's."""
+def _method(name: str, entries: list[tuple[str, dict[str, Any]]], rescale: bool | None, normalize: bool) -> MergeMethod:
+    """Our operator for mergekit's ``name``; ``rescale``: the recipe's (None: not set);
+    ``normalize``: the recipe's (mergekit's default filled in). Without consensus normalising is a
+    choice of coefficients, never the operator's."""
     def shared(key: str, default: Any) -> float:
         raw = [p.get(key, default) for _, p in entries]
         try:
-            values = [parse_number(v) for v in raw]
+            values = [parse_number(v, bools=True) for v in raw]
         except ValueError as error:
             raise _fail(key, f"must be a number for {name!r} (per-layer or filtered densities are not supported): {error} "
                              f"(in {raw})") from None
         return _one(values, key)
 
-    rescale = params.get("rescale")
     if name in ("task_arithmetic", "linear"):
         return TaskArithmetic()
     if name == "ties":

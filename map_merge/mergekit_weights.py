@@ -10,7 +10,14 @@ A model's ``weight`` in mergekit 0.1.5 (``mergekit/config.py``: ``evaluate_setti
   substring of the tensor's name (or is missing or ``"*"``) gives the value, itself a number or a
   gradient evaluated at the tensor's ``t`` over the whole model (not over the layers it matches).
 
-Numbers may be numeric strings (``'1e-1'``: YAML 1.1 reads it as a string, mergekit as 0.1).
+Numbers may be numeric strings (``'1e-1'``: YAML 1.1 reads it as a string, mergekit as 0.1) or
+booleans (pydantic reads ``true`` as 1.0, ``false`` as 0.0; the *string* ``'true'`` is refused).
+
+Where a model's conditions match no filter (none is a catch-all) or its ``weight`` is an empty list,
+mergekit takes the recipe's top-level ``parameters: weight`` (``mergekit/parameter_resolver.py``:
+the model's own setting, then the shared one; only a value none of them gives is an error): read
+here as the model's conditions followed by the shared setting's (``fallback``). A condition that
+can never be the first match (its filter contains an earlier one's) is dropped.
 Models of one recipe may use different forms. Read, they become one :class:`~map_merge.Groups`
 for all models: none (all numbers), depth knots (gradients), substring patterns (conditions), or
 both (``Groups(patterns, knots=K)``: conditions with a gradient anywhere); a number is then the
@@ -36,10 +43,14 @@ Value = Union[float, list]  # a number or a gradient (list of numbers)
 _FORMS = "a number, a per-layer list of numbers (a gradient), or a list of {filter, value}"
 
 
-def read_weights(weights: list[Any], labels: list[str]) -> tuple[Groups | None, np.ndarray]:
+def read_weights(weights: list[Any], labels: list[str], fallback: Any = None) -> tuple[Groups | None, np.ndarray]:
     """``(groups, (T, G) coefficients)`` of the models' ``weight`` settings (``labels`` name the
-    models in messages). Raises ValueError starting ``field 'weight' ...``."""
-    settings = [_setting(w, label) for w, label in zip(weights, labels)]
+    models in messages); ``fallback``: the recipe's top-level ``weight`` (None: none), for what a
+    model's own conditions leave unmatched. Raises ValueError starting ``field 'weight' ...``."""
+    shared = None if fallback is None else _setting(fallback, "the top-level parameters")
+    if shared == ():  # an empty list: no value there either
+        shared = None
+    settings = [_with_fallback(_setting(w, label), shared, label) for w, label in zip(weights, labels)]
     lengths = sorted({len(v) for s in settings for v in _values(s) if isinstance(v, list)})
     if len(lengths) > 1:
         raise ValueError(f"field 'weight' gradients of different lengths {lengths}; give every model the same number of knots")
@@ -66,7 +77,7 @@ def _setting(weight: Any, label: str) -> Value | tuple:
     if not isinstance(weight, list):
         return _scalar(weight, label)
     if not weight:
-        raise ValueError(f"field 'weight' of {label} is an empty list; expected {_FORMS}")
+        return ()  # no value anywhere: the shared weight's, if there is one
     conditions = [isinstance(c, Mapping) for c in weight]
     if not any(conditions):
         return _gradient(weight, label)
@@ -81,22 +92,50 @@ def _setting(weight: Any, label: str) -> Value | tuple:
         if f is not None and not isinstance(f, str):
             raise ValueError(f"field 'weight' of {label}: filter {f!r} must be a string (a substring of tensor names)")
         value = condition["value"]
-        out.append((None if f in (None, "*") else f, _gradient(value, label) if isinstance(value, list) else _scalar(value, label)))
-        if out[-1][0] is None:
-            break  # mergekit stops at the first unfiltered condition
+        out.append((None if f in (None, "*", "") else f, _gradient(value, label) if isinstance(value, list) else _scalar(value, label)))
+    return _plain(_reachable(out))
+
+
+def _plain(conditions: tuple) -> Value | tuple:
+    """One unfiltered condition is its value (the same for every tensor); other conditions as they are."""
+    return conditions[0][1] if len(conditions) == 1 and conditions[0][0] is None else conditions
+
+
+def _reachable(conditions: list) -> tuple:
+    """The conditions that can be a tensor's first match: up to the first unfiltered one (mergekit
+    stops there), without those whose filter contains an earlier filter (that one matches first)."""
+    out: list = []
+    for f, value in conditions:
+        if f is not None and any(earlier in f for earlier, _ in out):  # an earlier filter matches wherever this one does
+            continue
+        out.append((f, value))
+        if f is None:
+            break
     return tuple(out)
+
+
+def _with_fallback(setting: Value | tuple, shared: Value | tuple | None, label: str) -> Value | tuple:
+    """A model's setting, its unmatched tensors taking the shared one's value (mergekit's precedence)."""
+    if not isinstance(setting, tuple) or setting and setting[-1][0] is None:
+        return setting  # a value for every tensor
+    if shared is None:
+        if not setting:
+            raise ValueError(f"field 'weight' of {label} is an empty list and the recipe has no top-level weight; expected {_FORMS}")
+        return setting  # tensors no filter matches have no weight: refused when merged, as mergekit does
+    rest = shared if isinstance(shared, tuple) else ((None, shared),)
+    return _plain(_reachable([*setting, *rest]))
 
 
 def _scalar(value: Any, label: str) -> float:
     try:
-        return parse_number(value)
+        return parse_number(value, bools=True)
     except ValueError as error:
         raise ValueError(f"field 'weight' of {label} must be {_FORMS}: {error}") from None
 
 
 def _gradient(values: list, label: str) -> Value:
     try:
-        numbers = [parse_number(v) for v in values]
+        numbers = [parse_number(v, bools=True) for v in values]
     except ValueError as error:
         raise ValueError(f"field 'weight' of {label}: a gradient must be numbers: {error} (in {values!r})") from None
     if not numbers:
