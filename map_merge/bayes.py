@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 
 from .designs import make_design, num_quadratic_params, with_points
-from .map import MAP, MAPResult, Samples, call_objective, fit_surrogates, resolve_links
+from .adaptive import sample_adaptively
+from .map import MAP, fit_surrogates, resolve_links
+from .result import MAPResult, Samples
 from .objective import check_senses
 from .pareto import orient
 from .residual_gp import ResidualGPModel
@@ -102,14 +103,10 @@ class BayesianMAP(MAP):
         lookahead: bool = True,
         **kwargs,
     ) -> None:
-        self.lookahead = bool(lookahead)
-        super().__init__(**kwargs)
-        if asynchronous not in ("auto", True, False):
-            raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
-        self.asynchronous = asynchronous
         if final_model not in ("gp", "quadratic"):
             raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
-        self.final_model = final_model
+        # the quadratic-surrogate family: its own loop (fit) over MAP's design-sampling settings and models
+        super().__init__(sampling="design", final_model=final_model, asynchronous=asynchronous, lookahead=lookahead, **kwargs)
         if acquisition not in ("nehvi", "binned"):
             raise ValueError(f"unknown acquisition {acquisition!r}; choose 'nehvi' or 'binned'")
         self.budget = budget
@@ -124,8 +121,6 @@ class BayesianMAP(MAP):
         """Run adaptive MAP on ``objective(coeffs (K, T)) -> metrics (K, M)``; ``samples.round``
         records the round of each evaluation (0 = initial design); ``include``: ``(J, T)`` points
         placed first in the initial design (a recipe's starting point)."""
-        from tqdm.auto import tqdm
-
         num_coeffs, names = self._setup(objective, num_tasks, task_names)
         if num_coeffs < 2:
             raise ValueError("adaptive sampling needs at least 2 tasks (one coefficient has nothing to trade off)")
@@ -144,11 +139,23 @@ class BayesianMAP(MAP):
         coeffs = with_points(make_design(self.design, num_coeffs, initial, self.bounds, self.seed), include, initial)
         width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
         asynchronous = width > 1 if self.asynchronous == "auto" else bool(self.asynchronous)
-        if asynchronous:
-            samples, senses, names, in_flight = self._fit_async(objective, coeffs, budget, names, rng, timings, progress)
-        else:
-            samples, senses, names = self._fit_rounds(objective, coeffs, budget, batch, names, rng, timings, progress)
-            in_flight = None
+        context: dict = {}
+
+        def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray | None, size: int) -> np.ndarray:
+            if not context:
+                context["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
+                context["links"] = resolve_links(self.link, objective, done_y.shape[1])
+                context["names"] = tuple(names) if names is not None else tuple(f"task{j}" for j in range(done_y.shape[1]))
+            return self._propose(done_x, done_y, context["senses"], context["links"], context["names"], size, rng, pending)
+
+        prior = 0 if self.prior is None else len(np.atleast_2d(self.prior[0]))
+        # asynchronous: while fewer results than a quadratic's parameters are back, workers get space-filling points
+        filler = iter(make_design("sobol", num_coeffs, 2 * budget, self.bounds, self.seed + 1)[len(coeffs):])
+        samples, in_flight = sample_adaptively(objective, coeffs, budget, propose, batch=batch, asynchronous=asynchronous,
+                                               lookahead=self.lookahead, min_done=minimum - prior, filler=filler, progress=progress,
+                                               timings=timings)
+        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
+        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
         fit_coeffs, fit_metrics = self._with_prior(samples)
         result = self.fit_samples(Samples(fit_coeffs, fit_metrics), objective=objective, task_names=names, senses=senses, timings=timings)
         # fit_samples searched the front on the model final_model names (quadratic + residual GP by default)
@@ -157,64 +164,6 @@ class BayesianMAP(MAP):
                                 "batch": None if asynchronous else batch, "final_model": self.final_model,
                                 "asynchronous": asynchronous, "max_in_flight": in_flight})
         return result
-
-    def _fit_rounds(self, objective, coeffs, budget, batch, names, rng, timings, progress):
-        """Synchronous rounds: evaluate ``batch`` points, refit, propose the next batch."""
-        from tqdm.auto import tqdm
-
-        start = time.perf_counter()
-        samples = Samples(coeffs, call_objective(objective, coeffs))
-        timings["evaluate"] += time.perf_counter() - start
-        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
-        links = resolve_links(self.link, objective, samples.metrics.shape[1])
-        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
-        round_index = 0
-        with tqdm(total=budget, initial=len(coeffs), desc="adaptive sampling", disable=not progress, leave=False) as bar:
-            while len(samples) < budget:
-                round_index += 1
-                size = min(batch, budget - len(samples))
-                start = time.perf_counter()
-                new = self._propose(samples.coeffs, samples.metrics, senses, links, names, size, rng, None)
-                timings["acquire"] += time.perf_counter() - start
-                start = time.perf_counter()
-                samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), round_index)
-                timings["evaluate"] += time.perf_counter() - start
-                bar.update(size)
-        return samples, senses, names
-
-    def _fit_async(self, objective, coeffs, budget, names, rng, timings, progress):
-        """Keep the executor's W workers busy: one new point per finished evaluation."""
-        from tqdm.auto import tqdm
-
-        from .asynchronous import evaluate_async
-
-        context: dict = {}
-        minimum = num_quadratic_params(coeffs.shape[1])
-        prior = 0 if self.prior is None else len(np.atleast_2d(self.prior[0]))
-        # while fewer results than a quadratic's parameters are back, workers get space-filling points
-        filler = iter(make_design("sobol", coeffs.shape[1], 2 * budget, self.bounds, self.seed + 1)[len(coeffs):])
-
-        def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray) -> np.ndarray:
-            if len(done_x) + prior <= minimum:
-                return next(filler)
-            if not context:
-                context["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
-                context["links"] = resolve_links(self.link, objective, done_y.shape[1])
-                context["names"] = tuple(names) if names is not None else tuple(f"task{j}" for j in range(done_y.shape[1]))
-            start = time.perf_counter()
-            point = self._propose(done_x, done_y, context["senses"], context["links"], context["names"], 1, rng, pending)[0]
-            timings["acquire"] += time.perf_counter() - start
-            return point
-
-        start = time.perf_counter()
-        with tqdm(total=budget, desc="adaptive sampling (async)", disable=not progress, leave=False) as bar:
-            trace = evaluate_async(objective, coeffs, propose, budget, on_result=lambda n: bar.update(1), lookahead=self.lookahead)
-        timings["evaluate"] += time.perf_counter() - start - timings["acquire"]
-        rounds = np.where(trace.order < len(coeffs), 0, trace.order - len(coeffs) + 1)
-        samples = Samples(trace.coeffs, trace.metrics, rounds.astype(int))
-        senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
-        names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
-        return samples, senses, names, trace.max_in_flight
 
     def _propose(self, coeffs, metrics, senses, links, names, size, rng, pending) -> np.ndarray:
         """``size`` new points ``(size, T)`` from the evaluations so far (plus the prior)."""

@@ -219,7 +219,7 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         # a recipe's weights, evaluated first, in the task vectors' order (a config's 'tasks' may reorder or subset the recipe's)
         start = config["_recipe"].coeffs_for(objective.task_vectors.names)[None] if "_recipe" in config else None
         if args.command == "map":
-            result = MAP(num_samples=config.get("num_samples"), **options).fit(objective, dims, include=start)
+            result = MAP(num_samples=config.get("num_samples"), sampling="design", **options).fit(objective, dims, include=start)
         else:
             result = BayesianMAP(budget=config.get("budget"), acquisition=config.get("acquisition", "nehvi"), **options).fit(
                 objective, dims, progress=True, include=start)

@@ -14,205 +14,23 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .adaptive import fit_adaptive
 from .designs import default_num_samples, make_design, num_quadratic_params, with_points
 from .objective import check_senses
-from .pareto import ParetoFront, orient
+from .pareto import ParetoFront
 from .residual_gp import ResidualGPModel
-from .search import nsga3_search, scalarization_search, thin_front
+from .result import MAPResult, Samples, call_objective
+from .search import nsga3_search, scalarization_search
 from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet
 
-__all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective"]
+__all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective", "SAMPLINGS", "MODELS"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Samples:
-    """Real evaluations: ``coeffs: (K, T)``, ``metrics: (K, M)``, ``round: (K,)`` (0 = initial design)."""
-
-    coeffs: np.ndarray
-    metrics: np.ndarray
-    round: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.round is None:
-            self.round = np.zeros(len(self.coeffs), dtype=int)
-
-    def __len__(self) -> int:
-        return len(self.coeffs)
-
-    def append(self, coeffs: np.ndarray, metrics: np.ndarray, round_index: int) -> "Samples":
-        return Samples(
-            np.concatenate([self.coeffs, coeffs]),
-            np.concatenate([self.metrics, metrics]),
-            np.concatenate([self.round, np.full(len(coeffs), round_index, dtype=int)]),
-        )
-
-
-@dataclass
-class MAPResult:
-    """Outcome of a MAP run.
-
-    Attributes:
-        samples: the real evaluations (coeffs (K, T), metrics (K, M)).
-        surrogates: one fitted :class:`QuadraticSurrogate` per metric.
-        front: the predicted Pareto front (``ParetoFront``, label "MAP predicted").
-        task_names, senses: per metric.
-        real_front: the re-evaluated front points, once :meth:`reevaluate` ran.
-        timings: seconds spent evaluating, fitting and searching.
-    """
-
-    samples: Samples
-    surrogates: list[QuadraticSurrogate]
-    front: ParetoFront
-    task_names: tuple[str, ...]
-    senses: tuple[str, ...]
-    bounds: tuple[float, float]
-    real_front: ParetoFront | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-    model: Any = None  # the predictive model the front was searched on (None: the quadratic surrogates)
-    fitter: Any = field(default=None, repr=False)  # the MAP that made this result (refine refits with it)
-
-    @property
-    def num_evaluations(self) -> int:
-        """Real evaluations spent on the surrogates (re-evaluations of front points excluded)."""
-        return len(self.samples)
-
-    def predict(self, coeffs: np.ndarray, return_std: bool = False):
-        """Predictions ``(K, M)`` (and predictive std ``(K, M)``) at ``coeffs: (K, T)`` of the model
-        the front was searched on."""
-        model = self.model if self.model is not None else SurrogateSet(self.surrogates)
-        return model.predict(coeffs, return_std=return_std)
-
-    def diagnostics(self) -> dict[str, dict[str, float]]:
-        """Per task: R^2, RMSE, leave-one-out RMSE, samples, parameters."""
-        return {name: s.diagnostics.as_dict() for name, s in zip(self.task_names, self.surrogates)}
-
-    def select(self, preference: Sequence[float]) -> np.ndarray:
-        """Coefficients ``(T,)`` of the predicted front point preferred by ``preference: (M,)``."""
-        return self.front.select(preference)
-
-    def reevaluate(self, objective: Callable[[np.ndarray], np.ndarray], max_points: int | None = 20, index: Sequence[int] | None = None) -> ParetoFront:
-        """Evaluate front points on the real objective ("MAP real"); stored in ``real_front``.
-
-        Args:
-            objective: the real objective.
-            max_points: how many well-spread front points (ignored when ``index`` is given).
-            index: explicit front indices to re-evaluate.
-        """
-        if index is None:
-            index = thin_front(self.front.oriented, max_points) if max_points else np.arange(len(self.front))
-        chosen = self.front.subset(index)
-        metrics = call_objective(objective, chosen.coeffs, len(self.task_names))
-        self.real_front = ParetoFront(chosen.coeffs, metrics, self.task_names, self.senses, label="MAP real")
-        return self.real_front
-
-    def refine(self, objective: Callable[[np.ndarray], np.ndarray], reevaluations: int = 30, rounds: int = 2) -> "MAPResult":
-        """Spend ``reevaluations`` real evaluations of front points in ``rounds``: each round
-        re-evaluates well-spread points of the current predicted front, refits the surrogates on
-        every real evaluation so far and searches again. Returns the refitted result: its
-        ``samples`` hold the original samples and the earlier rounds' re-evaluations (``round``
-        1, 2, ...), its ``real_front`` the last round's."""
-        if self.fitter is None:
-            raise ValueError("refine needs the result of MAP.fit / fit_samples (it refits with the same settings)")
-        if int(rounds) < 1 or int(reevaluations) < int(rounds):
-            raise ValueError(f"refine needs rounds >= 1 and at least one re-evaluation per round; got {reevaluations} for {rounds} rounds")
-        sizes = [len(part) for part in np.array_split(np.arange(int(reevaluations)), int(rounds))]
-        current, samples = self, self.samples
-        for index, size in enumerate(sizes):
-            real = current.reevaluate(objective, max_points=size)
-            if index == len(sizes) - 1:
-                break
-            samples = samples.append(real.coeffs, real.metrics, int(samples.round.max()) + 1)
-            current = self.fitter.fit_samples(samples, objective=objective, task_names=self.task_names, senses=self.senses,
-                                              timings=self.timings)
-        current.settings["refine"] = {"reevaluations": int(reevaluations), "rounds": int(rounds)}
-        return current
-
-    def preference_regret(self, objective: Callable[[np.ndarray], np.ndarray], reference: np.ndarray | None = None,
-                          preferences: np.ndarray | None = None) -> dict[str, Any]:
-        """Evaluate the model :meth:`select` picks for each preference for real and score it.
-
-        Args:
-            objective: the real objective (picks already evaluated come from its store).
-            reference: metrics ``(N, M)`` in the objective's own units and senses of the best
-                known models, e.g. a dense grid of real evaluations; default: every real model
-                this run evaluated plus the picks (regret against what the run itself found).
-            preferences: ``(P, M)`` non-negative weights (default: about 20 spread over the
-                simplex, :func:`~map_merge.preference_grid`); each row is normalised to sum 1.
-
-        Returns ``{"preferences" (P, M), "coeffs" (P, T), "metrics" (P, M), "regret" (P,),
-        "mean", "max"}``: regret = best weighted score ``w . z`` over the reference minus the
-        pick's real one, in metric units (oriented so that higher is better; 0 is perfect)."""
-        from .front_metrics import preference_grid
-
-        num = len(self.task_names)
-        prefs = preference_grid(num) if preferences is None else np.atleast_2d(np.asarray(preferences, dtype=np.float64))
-        if prefs.shape[1] != num or (prefs < 0).any() or not (prefs.sum(axis=1) > 0).all():
-            raise ValueError(f"preferences must be (P, {num}) non-negative rows, none all zero; got shape {prefs.shape}")
-        prefs = prefs / prefs.sum(axis=1, keepdims=True)
-        picks = np.array([self.select(w) for w in prefs])
-        real = call_objective(objective, picks, num)
-        oriented = orient(real, self.senses)
-        if reference is None:
-            reference = np.concatenate([self.evaluated_front().metrics, real])
-        reference = np.atleast_2d(np.asarray(reference, dtype=np.float64))
-        if reference.ndim != 2 or reference.shape[1] != num or len(reference) == 0:
-            raise ValueError(f"reference must be metrics (N, {num}) with N >= 1, got shape {reference.shape}")
-        best = (orient(reference, self.senses) @ prefs.T).max(axis=0)
-        regret = best - np.einsum("pm,pm->p", oriented, prefs)
-        return {"preferences": prefs, "coeffs": picks, "metrics": real, "regret": regret,
-                "mean": float(regret.mean()), "max": float(regret.max())}
-
-    def evaluated_front(self) -> ParetoFront:
-        """Non-dominated set of every real evaluation made: the samples and the re-evaluated
-        front points (each is a real merged model a user can pick)."""
-        coeffs, metrics = self.samples.coeffs, self.samples.metrics
-        if self.real_front is not None:
-            coeffs = np.concatenate([coeffs, self.real_front.coeffs])
-            metrics = np.concatenate([metrics, self.real_front.metrics])
-        front = ParetoFront(coeffs, metrics, self.task_names, self.senses, label="all real evaluations")
-        return front.nondominated()
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "task_names": list(self.task_names),
-            "senses": list(self.senses),
-            "bounds": list(self.bounds),
-            "num_evaluations": self.num_evaluations,
-            "samples": {"coeffs": self.samples.coeffs.tolist(), "metrics": self.samples.metrics.tolist(), "round": self.samples.round.tolist()},
-            "diagnostics": self.diagnostics(),
-            "front": self.front.to_dict(),
-            "timings": self.timings,
-            "settings": self.settings,
-        }
-        if self.real_front is not None:
-            out["real_front"] = self.real_front.to_dict()
-        return out
-
-
-def call_objective(objective: Callable[[np.ndarray], np.ndarray], coeffs: np.ndarray, num_metrics: int | None = None) -> np.ndarray:
-    """Call an objective and check that it returned finite metrics of shape ``(K, M)``."""
-    metrics = np.asarray(objective(coeffs), dtype=np.float64)
-    if metrics.ndim == 1 and len(coeffs) == 1:
-        metrics = metrics[None, :]
-    if metrics.ndim != 2 or metrics.shape[0] != len(coeffs) or (num_metrics is not None and metrics.shape[1] != num_metrics):
-        raise ValueError(
-            f"the objective returned shape {metrics.shape} for {len(coeffs)} coefficient vectors; expected (K, M)"
-            + (f" with M = {num_metrics}" if num_metrics is not None else "")
-        )
-    bad = ~np.isfinite(metrics).all(axis=1)
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5]
-        raise ValueError(f"the objective returned NaN/inf metrics for coefficient vectors {coeffs[rows].tolist()}")
-    return metrics
 
 
 def resolve_links(link: str | Sequence[str], objective: Any, num_metrics: int) -> tuple[str, ...]:
@@ -294,62 +112,138 @@ def surrogate_front(
     return ParetoFront(found.coeffs, found.values * sign, tuple(task_names), tuple(senses), label=label, std=std)
 
 
+SAMPLINGS = ("adaptive", "design")
+MODELS = ("gp", "quadratic+gp", "quadratic")
+
+
 class MAP:
-    """Amortized Pareto fronts: sample, fit quadratic surrogates, search them.
+    """Amortized Pareto fronts: spend a budget of real evaluations, model every metric as a
+    function of the merging coefficients, search the model for the front.
+
+    Two ways to spend the budget (``sampling``):
+
+    - ``"adaptive"`` (default): a small starting design (the T experts, i.e. the one-hot
+      coefficient vectors, plus space-filling points), then one point at a time where the
+      expected hypervolume improvement of the evaluated front is largest under Gaussian-process
+      models of the metrics (:mod:`~map_merge.acquisition`); the last ``final`` evaluations go
+      to the model's picks for ``preferences``. The front is searched on the same models.
+    - ``"design"``: the MAP authors' plan: the whole budget on one design, then quadratic
+      surrogates (plus a Gaussian process on their residuals, ``model="quadratic+gp"``).
 
     Args:
-        num_samples: real evaluations K; ``None`` = ``(T+1)(T+2)``, twice the surrogate's
-            ``P = (T+1)(T+2)/2`` parameters. Fewer than P is an error.
+        budget: total real evaluations (default ``(T+1)(T+2)``). With ``sampling="design"``
+            at least the quadratic's ``P = (T+1)(T+2)/2`` parameters.
+        sampling: ``"adaptive"`` or ``"design"`` (default: ``"design"`` when ``num_samples``
+            without ``budget``, or ``final_model``, is given, as in earlier versions; else
+            ``"adaptive"``).
+        num_samples: the design's size (``sampling="design"``; same as ``budget``).
+        initial: adaptive: size of the starting design (default ``T + max(3, T)``: the T experts
+            and ``max(3, T)`` Sobol points).
+        batch: adaptive, synchronous: points proposed per round (default 1).
+        preferences: ``(P, M)`` or ``(M,)`` preferences the user will pick for: the last
+            ``final`` evaluations go to the model's picks for them.
+        final: adaptive: evaluations spent on picks at the end (default: one per preference
+            given, else 0).
+        noise: adaptive GP models: ``"infer"`` (default) or ``"fixed"`` (near-interpolation).
         bounds: the sampling box ``[low, high]^T`` for every coefficient.
-        link: surrogate link: ``"auto"`` (default: the link each of the objective's tasks suggests,
-            e.g. softplus for a loss; sigmoid where none is given), ``"loo"`` (per task, that
-            suggestion or ``"identity"``, whichever has the lower leave-one-out error),
-            ``"sigmoid"``, ``"softplus"``, ``"identity"``, or one per metric.
-        design: ``"map"`` (the authors'), ``"sobol"`` or ``"lhs"``.
-        seed: seeds the design and the search.
+        link: quadratic surrogate link: ``"auto"`` (default: the link each of the objective's
+            tasks suggests, e.g. softplus for a loss; sigmoid where none is given), ``"loo"``
+            (per task, that suggestion or ``"identity"``, whichever has the lower leave-one-out
+            error), ``"sigmoid"``, ``"softplus"``, ``"identity"``, or one per metric.
+        design: starting design (adaptive) or the whole design: ``"sobol"`` (experts plus
+            Sobol points; the adaptive default), ``"map"`` (the authors'; the design default) or
+            ``"lhs"``.
+        seed: seeds the design, the proposals and the search.
         search: ``"scalarization"`` (default) or ``"nsga3"`` (the authors').
         search_bounds: box searched for the front (default: ``bounds``); a wider box
-            extrapolates the surrogates and warns.
-        ridge: L2 penalty of the surrogate fit.
-        r2_warn: warn when a surrogate's R^2 falls below this.
+            extrapolates the model and warns.
+        ridge: L2 penalty of the quadratic fit.  r2_warn: warn when a quadratic surrogate's R^2
+            falls below this (``"design"`` sampling).
         max_front_points: cap on the predicted front's size.
-        final_model: ``"gp"`` (default) searches the front on the quadratic surrogates plus a
-            Gaussian process on their residuals (:class:`~map_merge.residual_gp.ResidualGPModel`), which
-            bends the surface through the samples; ``"quadratic"`` on the quadratic surrogates
-            alone (the authors'; before version 0.2 the default). On held-out vision-zoo tasks
-            at T = 3 the GP lowers the mean preference regret of the picks 2x (with
-            :meth:`MAPResult.refine`, 10x; ``benchmarks/bench_map_levers.py``).
+        model: the model the front is searched on: ``"gp"`` (Gaussian processes with a
+            constant mean: the adaptive default), ``"quadratic+gp"`` (quadratic surrogates plus
+            a GP on their residuals, :class:`~map_merge.residual_gp.ResidualGPModel`: the design
+            default) or ``"quadratic"`` (the authors').
+        final_model: the older name of ``model``: ``"gp"`` means ``"quadratic+gp"``.
+        asynchronous: adaptive: ``"auto"`` (default) keeps an executor's ``W > 1`` workers busy
+            (one proposal per finished evaluation, pending points fantasised); ``True`` /
+            ``False`` force it.
+        lookahead: asynchronous: propose while every worker is busy.
     """
 
     def __init__(
         self,
+        budget: int | None = None,
+        sampling: str | None = None,
         num_samples: int | None = None,
+        initial: int | None = None,
+        batch: int | None = None,
+        preferences: Sequence[float] | np.ndarray | None = None,
+        final: int | None = None,
+        noise: str = "infer",
         bounds: tuple[float, float] = (0.0, 1.0),
         link: str | Sequence[str] = "auto",
-        design: str = "map",
+        design: str | None = None,
         seed: int = 0,
         search: str = "scalarization",
         search_bounds: tuple[float, float] | None = None,
         ridge: float = 0.0,
         r2_warn: float = 0.5,
         max_front_points: int | None = None,
-        final_model: str = "gp",
+        model: str | None = None,
+        final_model: str | None = None,
+        asynchronous: bool | str = "auto",
+        lookahead: bool = True,
     ) -> None:
-        if final_model not in ("gp", "quadratic"):
-            raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
-        self.final_model = final_model
-        self.num_samples = num_samples
+        if sampling is None:  # num_samples / final_model alone: the plain design of earlier versions
+            sampling = "design" if (num_samples is not None and budget is None) or final_model is not None else "adaptive"
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if budget is not None and num_samples is not None and int(budget) != int(num_samples):
+            raise ValueError(f"budget={budget} and num_samples={num_samples} disagree; give one")
+        if final_model is not None:
+            if final_model not in ("gp", "quadratic"):
+                raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
+            if model is not None:
+                raise ValueError("give model or its older name final_model, not both")
+            model = "quadratic+gp" if final_model == "gp" else "quadratic"
+        if model is None:
+            model = "gp" if sampling == "adaptive" else "quadratic+gp"
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+        if noise not in ("infer", "fixed"):
+            raise ValueError(f"noise must be 'infer' or 'fixed', got {noise!r}")
+        if asynchronous not in ("auto", True, False):
+            raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
+        for name, value, least in (("budget", budget, 1), ("num_samples", num_samples, 1), ("initial", initial, 2),
+                                   ("batch", batch, 1), ("final", final, 0)):
+            if value is not None and int(value) < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
+        self.sampling = sampling
+        self.model = model
+        self.final_model = "gp" if model == "quadratic+gp" else model  # the older name, for settings
+        self.budget = budget if budget is not None else num_samples
+        self.num_samples = self.budget
+        self.initial = initial
+        self.batch = batch
+        self.preferences = None if preferences is None else np.atleast_2d(np.asarray(preferences, dtype=np.float64))
+        if self.preferences is not None and ((self.preferences < 0).any() or not (self.preferences.sum(axis=1) > 0).all()):
+            raise ValueError(f"preferences must be non-negative rows, none all zero; got {self.preferences.tolist()}")
+        self.final = final
+        self.noise = noise
         self.bounds = (float(bounds[0]), float(bounds[1]))
         if not self.bounds[0] < self.bounds[1]:
             raise ValueError(f"bounds must satisfy low < high, got {bounds}")
         self.link = link
-        self.design = design
+        self.design = design if design is not None else ("sobol" if sampling == "adaptive" else "map")
         self.seed = seed
         self.search = search
         self.search_bounds = None if search_bounds is None else (float(search_bounds[0]), float(search_bounds[1]))
         self.ridge = ridge
         self.r2_warn = r2_warn
         self.max_front_points = max_front_points
+        self.asynchronous = asynchronous
+        self.lookahead = bool(lookahead)
 
     def _setup(self, objective: Any, num_tasks: int, task_names: Sequence[str] | None):
         if int(num_tasks) < 1:
@@ -365,15 +259,15 @@ class MAP:
         box = self.search_bounds or self.bounds
         if box[0] < self.bounds[0] or box[1] > self.bounds[1]:
             warnings.warn(
-                f"searching the box {box} beyond the sampled box {self.bounds}: the surrogates are extrapolated "
-                "there and their predictions are unreliable",
+                f"searching the box {box} beyond the sampled box {self.bounds}: the model is extrapolated "
+                "there and its predictions are unreliable",
                 UserWarning,
                 stacklevel=3,
             )
         return box
 
     def fit(self, objective: Callable[[np.ndarray], np.ndarray], num_tasks: int, task_names: Sequence[str] | None = None,
-            include: np.ndarray | None = None) -> MAPResult:
+            include: np.ndarray | None = None, progress: bool = False) -> MAPResult:
         """Run MAP on ``objective(coeffs (K, T)) -> metrics (K, M)``.
 
         Args:
@@ -382,10 +276,13 @@ class MAP:
             task_names: names of the M metrics (default: the objective's, else ``task0..``).
             include: ``(J, T)`` points evaluated first as part of the samples (e.g. a mergekit
                 recipe's coefficients, the starting point of the search).
+            progress: show a progress bar (adaptive sampling).
         """
         num_coeffs, names = self._setup(objective, num_tasks, task_names)
+        if self.sampling == "adaptive":
+            return fit_adaptive(self, objective, num_coeffs, names, include, progress)
         minimum = num_quadratic_params(num_coeffs)
-        budget = default_num_samples(num_coeffs) if self.num_samples is None else int(self.num_samples)
+        budget = default_num_samples(num_coeffs) if self.budget is None else int(self.budget)
         if budget < minimum:
             raise ValueError(
                 f"num_samples={budget} is too few for a quadratic surrogate in {num_coeffs} coefficients: "
@@ -405,8 +302,9 @@ class MAP:
         task_names: Sequence[str] | None = None,
         senses: Sequence[str] | None = None,
         timings: dict[str, float] | None = None,
+        warm_start: Any = None,
     ) -> MAPResult:
-        """Fit surrogates and search the front from existing real evaluations."""
+        """Fit the model on existing real evaluations and search its front (no evaluations)."""
         num_metrics = samples.metrics.shape[1]
         names = tuple(task_names) if task_names is not None else tuple(f"task{j}" for j in range(num_metrics))
         if len(names) != num_metrics:
@@ -414,25 +312,42 @@ class MAP:
         senses = check_senses(senses if senses is not None else getattr(objective, "senses", None), num_metrics)
         timings = dict(timings or {})
         start = time.perf_counter()
-        if self.link == "loo":
-            surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge, self.r2_warn)
-            links = tuple(s.link for s in surrogates)
-        else:
-            links = resolve_links(self.link, objective, num_metrics)
-            surrogates = fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn)
+        surrogates, links = self._quadratics(samples, objective, names)
         model = None
-        if self.final_model == "gp":
+        if self.model == "gp":
+            from .gp_model import GPModel
+
+            model = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise, warm_start=warm_start)
+        elif self.model == "quadratic+gp":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds)
-        timings["fit"] = time.perf_counter() - start
+        timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         front = surrogate_front(model if model is not None else surrogates, senses, names, self._search_box(), self.search, self.seed,
                                 self.max_front_points)
-        timings["search"] = time.perf_counter() - start
+        timings["search"] = timings.get("search", 0.0) + time.perf_counter() - start
         settings = {
-            "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links), "design": self.design,
-            "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
+            "sampling": self.sampling, "model": self.model, "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links),
+            "design": self.design, "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
         }
         return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings, model=model,
                          fitter=self)
+
+    def _quadratics(self, samples: Samples, objective: Any, names: tuple[str, ...]) -> tuple[list[QuadraticSurrogate], tuple[str, ...]]:
+        """The quadratic surrogates: the model itself (``"quadratic"``, ``"quadratic+gp"``) or, beside
+        Gaussian processes, diagnostics only (fitted when there are enough samples, never warning)."""
+        num_metrics = samples.metrics.shape[1]
+        if self.model == "gp":
+            links = resolve_links("auto" if self.link == "loo" else self.link, objective, num_metrics)
+            if len(samples) < num_quadratic_params(samples.coeffs.shape[1]):
+                return [], links
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, -np.inf), links
+        if self.link == "loo":
+            surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge,
+                                        self.r2_warn)
+            return surrogates, tuple(s.link for s in surrogates)
+        links = resolve_links(self.link, objective, num_metrics)
+        return fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn), links

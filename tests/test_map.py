@@ -12,14 +12,14 @@ def objective(fn, num, names):
 @pytest.mark.parametrize("fn, num, per_axis", [(quadratic_pair, 2, 401), (quadratic_three, 3, 61)])
 def test_default_search_matches_dense_grid_and_beats_nsga3(fn, num, per_axis):
     obj = objective(fn, num, [f"t{i}" for i in range(num)])
-    result = mm.MAP(link="identity").fit(obj, num)
+    result = mm.MAP(sampling="design", link="identity").fit(obj, num)
     assert result.num_evaluations == (num + 1) * (num + 2)
     # the surrogates are exact here, so the grid over the objective is the grid over the surrogates
     ref = np.full(num, 0.0)
     dense = mm.hypervolume(fn(grid(num, per_axis)), ref)
     hv = mm.hypervolume(result.front.metrics, ref)
     assert hv >= dense * (1 - 0.005)
-    nsga = mm.MAP(link="identity", search="nsga3").fit(obj, num)
+    nsga = mm.MAP(sampling="design", link="identity", search="nsga3").fit(obj, num)
     assert hv >= mm.hypervolume(nsga.front.metrics, ref)
     np.testing.assert_allclose(result.front.metrics, fn(result.front.coeffs), atol=1e-9)
     assert (result.front.coeffs >= 0).all() and (result.front.coeffs <= 1).all()
@@ -27,7 +27,7 @@ def test_default_search_matches_dense_grid_and_beats_nsga3(fn, num, per_axis):
 
 def test_front_is_nondominated_and_selection_is_optimal_on_grid():
     obj = objective(quadratic_pair, 2, ["a", "b"])
-    result = mm.MAP(link="identity").fit(obj, 2)
+    result = mm.MAP(sampling="design", link="identity").fit(obj, 2)
     assert mm.pareto_mask(result.front.metrics).all()
     dense = grid(2, 301)
     values = quadratic_pair(dense)
@@ -43,7 +43,7 @@ def test_map_on_sigmoid_accuracy_with_reevaluation():
         return 1 / (1 + np.exp(-4 * quadratic_three(c) + 1.5))
 
     obj = objective(accuracy, 3, ["a", "b", "c"])
-    result = mm.MAP().fit(obj, 3)
+    result = mm.MAP(sampling="design").fit(obj, 3)
     assert all(d["r2"] > 0.999 for d in result.diagnostics().values())
     real = result.reevaluate(obj, max_points=15)
     assert real.label == "MAP real" and len(real) == 15
@@ -60,7 +60,7 @@ def test_min_sense_losses_with_softplus():
         return np.log1p(np.exp(q))  # softplus of a quadratic: the surrogate family is exact
 
     obj = mm.FunctionObjective(losses, 2, ["l1", "l2"], senses=["min", "min"])
-    result = mm.MAP(link="softplus").fit(obj, 2)
+    result = mm.MAP(sampling="design", link="softplus").fit(obj, 2)
     ends = result.front.metrics
     best = np.log1p(np.exp(-2.0))
     assert ends[:, 0].min() == pytest.approx(best, abs=1e-4) and ends[:, 1].min() == pytest.approx(best, abs=1e-4)
@@ -70,15 +70,15 @@ def test_min_sense_losses_with_softplus():
 def test_map_errors():
     obj = objective(quadratic_pair, 2, ["a", "b"])
     with pytest.raises(ValueError, match="too few for a quadratic surrogate in 2 coefficients: it has 6 parameters"):
-        mm.MAP(num_samples=5).fit(obj, 2)
+        mm.MAP(sampling="design", num_samples=5).fit(obj, 2)
     with pytest.raises(ValueError, match="num_tasks=3 but the objective takes 2"):
-        mm.MAP().fit(obj, 3)
+        mm.MAP(sampling="design").fit(obj, 3)
     with pytest.warns(UserWarning, match="extrapolated"):
-        mm.MAP(link="identity", search_bounds=(-1.0, 2.0)).fit(obj, 2)
+        mm.MAP(sampling="design", link="identity", search_bounds=(-1.0, 2.0)).fit(obj, 2)
     with pytest.raises(ValueError, match="NaN/inf"):
-        mm.MAP().fit(lambda c: np.full((len(c), 2), np.nan), 2)
+        mm.MAP(sampling="design").fit(lambda c: np.full((len(c), 2), np.nan), 2)
     with pytest.raises(ValueError, match="expected \\(K, M\\)"):
-        mm.MAP().fit(lambda c: np.zeros(len(c)), 2)
+        mm.MAP(sampling="design").fit(lambda c: np.zeros(len(c)), 2)
 
 
 def _unit_quadratics(c):
@@ -90,7 +90,7 @@ def _unit_quadratics(c):
 
 def test_preference_regret_of_picks_against_the_analytic_optimum():
     objective = mm.FunctionObjective(_unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
-    result = mm.MAP(link="identity", seed=0).fit(objective, 2)
+    result = mm.MAP(sampling="design", link="identity", seed=0).fit(objective, 2)
     prefs = np.column_stack([np.linspace(0, 1, 21), 1 - np.linspace(0, 1, 21)])
     a = prefs[:, 0]
     optimum = 1 - 2 * a * (1 - a)  # hand-derived best weighted score per preference
@@ -114,7 +114,7 @@ def test_preference_regret_of_picks_against_the_analytic_optimum():
 
 def test_refine_spends_exactly_its_reevaluations_and_refits_on_them():
     objective = mm.FunctionObjective(_unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
-    result = mm.MAP(link="identity", seed=0).fit(objective, 2)
+    result = mm.MAP(sampling="design", link="identity", seed=0).fit(objective, 2)
     spent = objective.num_evaluations
     refined = result.refine(objective, reevaluations=9, rounds=3)
     assert objective.num_evaluations + objective.num_cached - spent == 9
@@ -137,7 +137,7 @@ def test_loo_link_picks_the_link_that_generalises():
 
     for fn, expected in ((exact_quadratic, "identity"), (sigmoid_of_quadratic, "sigmoid")):
         objective = mm.FunctionObjective(fn, 2, ["a", "b"])
-        result = mm.MAP(link="loo", seed=0).fit(objective, 2)
+        result = mm.MAP(sampling="design", link="loo", seed=0).fit(objective, 2)
         assert result.settings["links"] == [expected, expected]
 
 
@@ -147,11 +147,11 @@ def test_gp_final_model_passes_closer_to_the_samples_than_the_quadratic():
         return np.stack([np.sin(4 * c[:, 0]) + c[:, 1] ** 3, np.cos(3 * c[:, 1]) * c[:, 0]], axis=1)
 
     objective = mm.FunctionObjective(bumpy, 2, ["a", "b"])
-    quad = mm.MAP(link="identity", seed=0, num_samples=16, final_model="quadratic").fit(objective, 2)
-    gp = mm.MAP(link="identity", seed=0, num_samples=16, final_model="gp").fit(objective, 2)
+    quad = mm.MAP(sampling="design", link="identity", seed=0, num_samples=16, final_model="quadratic").fit(objective, 2)
+    gp = mm.MAP(sampling="design", link="identity", seed=0, num_samples=16, final_model="gp").fit(objective, 2)
     test = np.random.default_rng(5).uniform(0, 1, (200, 2))
     err_quad = np.sqrt(np.mean((quad.predict(test) - bumpy(test)) ** 2))
     err_gp = np.sqrt(np.mean((gp.predict(test) - bumpy(test)) ** 2))
     assert gp.model is not None and err_gp < 0.7 * err_quad
     with pytest.raises(ValueError, match="final_model"):
-        mm.MAP(final_model="spline")
+        mm.MAP(sampling="design", final_model="spline")

@@ -1,0 +1,218 @@
+"""The adaptive sampling loop: spend a budget of real evaluations, each new point proposed from
+every evaluation so far.
+
+:func:`sample_adaptively` evaluates an initial design, then asks ``propose`` for the next points
+until the budget is spent, either in synchronous rounds of ``batch`` points or, on an executor with
+``W > 1`` workers, asynchronously with ``W`` evaluations in flight (each finished evaluation
+triggers one proposal conditioned on the pending ones; :func:`~map_merge.evaluate_async`). MAP's
+default sampling and :class:`~map_merge.BayesianMAP` both run it; they differ in ``propose``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from .designs import default_num_samples, make_design, with_points
+from .objective import check_senses
+from .result import MAPResult, Samples, call_objective
+
+__all__ = ["sample_adaptively", "Proposer", "fit_adaptive", "default_initial"]
+
+Proposer = Callable[[np.ndarray, np.ndarray, "np.ndarray | None", int], np.ndarray]
+"""``propose(coeffs_done (N, T), metrics_done (N, M), pending (P, T) or None, size) -> (size, T)``."""
+
+
+def sample_adaptively(
+    objective: Callable[[np.ndarray], np.ndarray],
+    initial: np.ndarray,
+    budget: int,
+    propose: Proposer,
+    *,
+    batch: int = 1,
+    asynchronous: bool = False,
+    lookahead: bool = True,
+    min_done: int = 0,
+    filler: Iterator[np.ndarray] | None = None,
+    progress: bool = False,
+    desc: str = "adaptive sampling",
+    timings: dict[str, float] | None = None,
+) -> tuple[Samples, int | None]:
+    """Spend exactly ``budget`` real evaluations: ``initial (K0, T)`` first, then proposals.
+
+    Args:
+        objective: ``coeffs (K, T) -> metrics (K, M)``.
+        initial: the starting design (``round`` 0 in the returned samples).
+        budget: total real evaluations, ``>= len(initial)``.
+        propose: the proposer (see :data:`Proposer`).
+        batch: points per synchronous round (round ``r`` = the r-th batch).
+        asynchronous: keep the executor's ``W`` workers busy, one proposal per finished
+            evaluation (round = submission order beyond the initial design).
+        lookahead: asynchronous only: propose while every worker is busy.
+        min_done: asynchronous only: while at most this many evaluations have finished, free
+            workers get the next point of ``filler`` instead of a proposal.
+        progress: show a tqdm bar.  timings: adds ``"evaluate"`` and ``"acquire"`` seconds.
+
+    Returns ``(samples, max_in_flight)`` (``None`` when synchronous).
+    """
+    from tqdm.auto import tqdm
+
+    budget = int(budget)
+    initial = np.atleast_2d(np.asarray(initial, dtype=np.float64))
+    if budget < len(initial):
+        raise ValueError(f"budget={budget} is below the initial design of {len(initial)} evaluations")
+    if int(batch) < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    timings = timings if timings is not None else {}
+    timings.setdefault("evaluate", 0.0)
+    timings.setdefault("acquire", 0.0)
+    if asynchronous:
+        return _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings)
+    start = time.perf_counter()
+    samples = Samples(initial, call_objective(objective, initial))
+    timings["evaluate"] += time.perf_counter() - start
+    round_index = 0
+    with tqdm(total=budget, initial=len(initial), desc=desc, disable=not progress, leave=False) as bar:
+        while len(samples) < budget:
+            round_index += 1
+            size = min(int(batch), budget - len(samples))
+            start = time.perf_counter()
+            new = np.atleast_2d(np.asarray(propose(samples.coeffs, samples.metrics, None, size), dtype=np.float64))
+            timings["acquire"] += time.perf_counter() - start
+            if new.shape != (size, initial.shape[1]):
+                raise ValueError(f"the proposer returned shape {new.shape}; expected ({size}, {initial.shape[1]})")
+            start = time.perf_counter()
+            samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), round_index)
+            timings["evaluate"] += time.perf_counter() - start
+            bar.update(size)
+    return samples, None
+
+
+def _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings):
+    from tqdm.auto import tqdm
+
+    from .asynchronous import evaluate_async
+
+    acquire_before = timings["acquire"]
+
+    def one(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray) -> np.ndarray:
+        if len(done_x) <= min_done and filler is not None:
+            return next(filler)
+        start = time.perf_counter()
+        point = np.asarray(propose(done_x, done_y, pending, 1), dtype=np.float64).reshape(-1)
+        timings["acquire"] += time.perf_counter() - start
+        return point
+
+    start = time.perf_counter()
+    with tqdm(total=budget, desc=f"{desc} (async)", disable=not progress, leave=False) as bar:
+        trace = evaluate_async(objective, initial, one, budget, on_result=lambda n: bar.update(1), lookahead=lookahead)
+    timings["evaluate"] += time.perf_counter() - start - (timings["acquire"] - acquire_before)
+    rounds = np.where(trace.order < len(initial), 0, trace.order - len(initial) + 1)
+    return Samples(trace.coeffs, trace.metrics, rounds.astype(int)), trace.max_in_flight
+
+
+def default_initial(num_coeffs: int) -> int:
+    """MAP's adaptive starting design: ``max(6, 2T)`` points (the T experts and Sobol points)."""
+    return max(6, 2 * int(num_coeffs))
+
+
+def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], num_coeffs: int, names: Sequence[str] | None,
+                 include: np.ndarray | None, progress: bool) -> MAPResult:
+    """MAP's adaptive sampling (``MAP(sampling="adaptive")``, see :class:`~map_merge.MAP`): the
+    starting design, expected-hypervolume proposals under :class:`~map_merge.gp_model.GPModel`,
+    the last ``final`` evaluations on the model's picks for the preferences; then the front of
+    the final model. ``estimator`` is the :class:`~map_merge.MAP` holding the settings."""
+    from .acquisition import model_picks, propose_ehvi
+    from .gp_model import GPModel
+
+    budget = default_num_samples(num_coeffs) if estimator.budget is None else int(estimator.budget)
+    initial = default_initial(num_coeffs) if estimator.initial is None else int(estimator.initial)
+    initial = min(initial, budget)
+    if include is not None:
+        initial = max(initial, min(budget, len(np.atleast_2d(include)) + 2))
+    preferences = estimator.preferences
+    final = (0 if preferences is None else len(preferences)) if estimator.final is None else int(estimator.final)
+    final = min(final, budget - initial)
+    if initial < 2:
+        raise ValueError(f"adaptive sampling needs a budget of at least 2 real evaluations, got {budget}")
+    batch = 1 if estimator.batch is None else int(estimator.batch)
+    bounds, seed, noise = estimator.bounds, int(estimator.seed), estimator.noise
+    coeffs = with_points(make_design(estimator.design, num_coeffs, initial, bounds, seed), include, initial)
+    width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
+    asynchronous = width > 1 if estimator.asynchronous == "auto" else bool(estimator.asynchronous)
+    timings = {"evaluate": 0.0, "acquire": 0.0}
+    state: dict[str, Any] = {}
+
+    def fit_model(done_x: np.ndarray, done_y: np.ndarray) -> GPModel:
+        if "senses" not in state:
+            if done_y.shape[1] < 2:
+                raise ValueError("adaptive sampling trades off at least 2 metrics; with one, use MAP(sampling='design')")
+            state["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
+        state["model"] = GPModel(done_x, done_y, bounds, noise=noise, warm_start=state.get("model"))
+        return state["model"]
+
+    def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray | None, size: int) -> np.ndarray:
+        model = fit_model(done_x, done_y)
+        return propose_ehvi(model, done_y, state["senses"], bounds, q=size, pending=pending, seed=seed + len(done_x))
+
+    filler = iter(make_design("sobol", num_coeffs, 2 * budget + num_coeffs, bounds, seed + 1)[num_coeffs + len(coeffs):])
+    samples, in_flight = sample_adaptively(objective, coeffs, budget - final, propose, batch=batch, asynchronous=asynchronous,
+                                           lookahead=estimator.lookahead, min_done=2, filler=filler, progress=progress, timings=timings)
+    senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
+    state.setdefault("senses", senses)
+    picks_spent = 0
+    while len(samples) < budget:  # the picks for the preferences; duplicates of evaluated points give way to proposals
+        start = time.perf_counter()
+        model = fit_model(samples.coeffs, samples.metrics)
+        wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent:] if picks_spent < final else None
+        new = None
+        if wanted is not None and len(wanted):
+            picks = model_picks(model, samples.metrics, senses, bounds, wanted[: budget - len(samples)], seed=seed)
+            picks_spent += len(picks)
+            new = _new_rows(picks, samples.coeffs)
+        if new is None or len(new) == 0:
+            if wanted is not None and picks_spent < final:
+                continue
+            new = propose_ehvi(model, samples.metrics, senses, bounds, q=1, seed=seed + len(samples))
+        timings["acquire"] += time.perf_counter() - start
+        start = time.perf_counter()
+        samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), int(samples.round.max()) + 1)
+        timings["evaluate"] += time.perf_counter() - start
+    names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
+    result = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, timings=timings,
+                                   warm_start=state.get("model"))
+    result.settings.update({"strategy": "adaptive", "budget": budget, "initial": initial, "final": final, "noise": noise,
+                            "batch": None if asynchronous else batch, "asynchronous": asynchronous, "max_in_flight": in_flight,
+                            "preferences": None if preferences is None else preferences.tolist()})
+    return result
+
+
+def _final_preferences(preferences: np.ndarray | None, num_metrics: int, final: int) -> np.ndarray:
+    """``(final, M)`` normalised preferences for the last evaluations: the user's (cycled), else
+    ``final`` well-spread points of the simplex (the equal preference first)."""
+    if preferences is not None:
+        if preferences.shape[1] != num_metrics:
+            raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {num_metrics} metrics")
+        rows = preferences / preferences.sum(axis=1, keepdims=True)
+        return rows[np.arange(final) % len(rows)]
+    from .front_metrics import preference_grid
+    from .search import thin_front
+
+    grid = preference_grid(num_metrics, about=max(final, 2) * 4)
+    equal = np.full((1, num_metrics), 1.0 / num_metrics)
+    spread = grid[thin_front(grid, max(final - 1, 1))] if final > 1 else grid[:0]
+    return np.concatenate([equal, spread])[:final]
+
+
+def _new_rows(points: np.ndarray, existing: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """The rows of ``points`` farther than ``tol`` (max norm) from every row of ``existing`` and
+    from each other."""
+    kept: list[np.ndarray] = []
+    for point in points:
+        others = np.concatenate([existing, np.array(kept).reshape(-1, existing.shape[1])])
+        if not (np.abs(others - point).max(axis=1) <= tol).any():
+            kept.append(point)
+    return np.array(kept).reshape(-1, existing.shape[1])
