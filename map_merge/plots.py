@@ -385,7 +385,7 @@ def plot_cost_quality(
                 continue
             style = _STYLES[k % len(_STYLES)]
             ax.scatter([s[cost]], [s[key]], color=style["color"], marker=style["marker"], s=45, label=method)
-        ax.set_xlabel(cost.replace("_", " "))
+        ax.set_xlabel(f"{cost.replace('_', ' ')} (cost, lower is better)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         if p == 0:
