@@ -140,7 +140,8 @@ def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick
 
     def write(temp: Path) -> None:
         if len(names) == 2:
-            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, senses=senses, labels=labels, pick=pick, marks=marks, path=temp)
+            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, senses=senses, labels=labels, pick=pick, marks=marks,
+                                path=temp)
         else:
             plots.plot_pairwise(fronts, names, senses=senses, labels=labels, pick=pick, marks=marks, path=temp)
 

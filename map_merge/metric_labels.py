@@ -13,7 +13,7 @@ take as ``labels=``::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 __all__ = ["MetricLabel", "axis_label", "better", "metric_labels", "resolve_labels"]
@@ -97,14 +97,15 @@ def resolve_labels(
     task_names: Sequence[str] | None = None,
     senses: Sequence[str] | None = None,
 ) -> tuple[MetricLabel, ...]:
-    """``num`` labels for a plot: ``labels`` as given (a string is a task name whose sense comes
-    from ``senses``), else ``task_names`` (default ``task0``...) with ``senses`` (default: not
+    """``num`` labels for a plot: ``labels`` as given (a string is a task name; a label without a
+    sense takes it from ``senses``), else ``task_names`` (default ``task0``...) with ``senses`` (default: not
     known, no direction said)."""
     if labels is not None:
         labels = list(labels)
         if len(labels) != num:
             raise ValueError(f"got {len(labels)} metric labels for {num} metrics")
-        return tuple(lab if isinstance(lab, MetricLabel) else MetricLabel(str(lab), sense=None if senses is None else senses[k])
+        known = [None] * num if senses is None else list(senses)
+        return tuple((replace(lab, sense=lab.sense or known[k]) if isinstance(lab, MetricLabel) else MetricLabel(str(lab), sense=known[k]))
                      for k, lab in enumerate(labels))
     names = list(task_names) if task_names is not None else [f"task{k}" for k in range(num)]
     if len(names) != num:

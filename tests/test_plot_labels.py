@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyNet, quadratic_pair, quadratic_three
-from matplotlib.collections import PathCollection
 
 matplotlib.use("Agg")
 
 import map_merge as mm  # noqa: E402
 from map_merge import plots  # noqa: E402
-from map_merge.metric_labels import MetricLabel, axis_label  # noqa: E402
+from map_merge.metric_labels import MetricLabel, axis_label, resolve_labels  # noqa: E402
 from map_merge.plot_marks import Mark, pick_mark  # noqa: E402
 
 LOSS = [MetricLabel(n, "held-out loss", "nats/token", "min") for n in ("code", "medical", "legal")]
@@ -64,6 +63,8 @@ def test_axis_label_names_task_metric_unit_and_direction():
     assert axis_label("code", metric="held-out loss", unit="nats/token", sense="min") == "code: held-out loss (nats/token), lower is better"
     assert axis_label("arc", "lm-eval accuracy", None, "max") == "arc: lm-eval accuracy, higher is better"
     assert axis_label("a") == "a" and MetricLabel("a", sense="max").axis == "a, higher is better"
+    filled = resolve_labels(2, [MetricLabel("a", "accuracy"), "b"], senses=["max", "min"])  # a label without a sense takes the plot's
+    assert [lab.axis for lab in filled] == ["a: accuracy, higher is better", "b, lower is better"]
     with pytest.raises(ValueError, match="sense must be 'max' or 'min'"):
         MetricLabel("a", sense="up")
 
