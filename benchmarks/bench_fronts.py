@@ -319,12 +319,14 @@ def main() -> None:
     example = {keys["method"]: run.metrics for keys, run in runs
                if keys["seed"] == 0 and (keys["method"] not in BUDGETED or keys["budget"] == budgets[-1]) and keys["method"] != "nested merging"}
     title = f"{label}, T={num}, seed 0, {budgets[-1]} evaluations per budgeted method"
+    labels = getattr(objective, "metric_labels", None)  # axes: task, metric, unit, which way is better
     if num == 2:
         plots.plot_front_2d(example, list(objective.task_names), reference=reference[np.argsort(reference[:, 0])],
                             lines={k: k in chosen_sweeps or k.startswith("PWE") for k in example}, title=title,
-                            reference_label="reference front (grid + every run)", senses=senses, path=out / f"{name}_example.png")
+                            reference_label="reference front (grid + every run)", senses=senses, labels=labels, path=out / f"{name}_example.png")
     else:
-        plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, path=out / f"{name}_example.png")
+        plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, senses=senses, labels=labels,
+                            path=out / f"{name}_example.png")
     columns = ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "hv_ratio_nadir_mean", "igd_plus_mean", "regret_mean_mean",
                "pick_regret_mean_mean", "win_rate_vs_baseline_mean", "regret_equal_preference_mean", "seconds_mean"]
     if lm:

@@ -105,7 +105,8 @@ def main() -> None:
     zoo, split, store = _load(args.zoo, args.out, args.val_examples)
     names = TASKS[args.zoo]
     per_axis = 3 if args.quick else (args.grid_per_axis or (9 if args.zoo == "vision" else 4))
-    grid = zoo.objective(names, split=split, store=store, progress=False)(mm.grid_design(len(names), per_axis))
+    objective = zoo.objective(names, split=split, store=store, progress=False)
+    grid = objective(mm.grid_design(len(names), per_axis))
     runs = {m: MethodRun(m, np.zeros((0, len(names))), np.array(r["points"]), r["evaluations"], r["seconds"]) for m, r in results.items()}
     pooled = np.concatenate([grid] + [r.metrics for r in runs.values()])
     reference = pooled[mm.pareto_mask(pooled)]
@@ -119,8 +120,9 @@ def main() -> None:
               + f", {r['seconds']:.0f} s, {r['peak_rss_mb'] / 1024:.1f} GB" for m, r in results.items()}
     fronts = {labels[m]: np.array(r["points"]) for m, r in results.items()}
     title = f"{args.zoo} zoo: MAP vs PWE-MoE (cost in the legend: evaluations, training, wall time, peak RSS)"
-    plots.plot_pairwise(fronts, names, reference=reference, title=title, path=Path(args.out) / f"{name}_pairs.png")
-    plots.plot_front_3d(fronts, names, reference=reference, title=f"{args.zoo} zoo, 3-task view", path=Path(args.out) / f"{name}_3d.png")
+    labels = objective.metric_labels  # axes: task, metric, which way is better
+    plots.plot_pairwise(fronts, names, reference=reference, title=title, labels=labels, path=Path(args.out) / f"{name}_pairs.png")
+    plots.plot_front_3d(fronts, names, reference=reference, title=f"{args.zoo} zoo, 3-task view", labels=labels, path=Path(args.out) / f"{name}_3d.png")
     print(table(rows, ["method", "evaluations", "training_steps", "seconds", "peak_rss_mb", "peak_rss_after_zoo_mb", "hv_ratio", "igd_plus", "regret_mean"]))
     print(f"wrote {path}")
 

@@ -131,14 +131,19 @@ def _atomic_write(path: Path, write) -> None:
         write(temp)
 
 
-def _plot_fronts(fronts: dict, names, path: Path, senses=None) -> None:
+def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick=None, recipe=None) -> None:
+    """``labels``: the objective's metric labels; ``pick``: ``(front, preference)``; ``recipe``: ``(coeffs, metrics)``."""
     from . import plots
+
+    pick = plots.pick_mark(*pick, label="your pick (predicted)") if pick is not None else None
+    marks = {"your recipe": plots.Mark(recipe[1], recipe[0], "your recipe (evaluated)")} if recipe is not None else None
 
     def write(temp: Path) -> None:
         if len(names) == 2:
-            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, senses=senses, path=temp)
+            plots.plot_front_2d(fronts, names, lines={k: k.startswith("PWE") for k in fronts}, senses=senses, labels=labels, pick=pick, marks=marks,
+                                path=temp)
         else:
-            plots.plot_pairwise(fronts, names, path=temp)
+            plots.plot_pairwise(fronts, names, senses=senses, labels=labels, pick=pick, marks=marks, path=temp)
 
     _atomic_write(path, write)
 
@@ -225,8 +230,10 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
                 objective, dims, progress=True, include=start)
         result = result.refine(objective, reevaluations=10, rounds=2)  # 5 front points, refit, 5 more
         payload = result.to_dict()
+        recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
         _plot_fronts({"predicted": result.front, "real (re-evaluated)": result.real_front, "all real evaluations": result.evaluated_front()},
-                     names, out / "front.png")
+                     names, out / "front.png", labels=objective.metric_labels, pick=(result.front, preference),
+                     recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
         chosen = result.select(preference)
         used = np.concatenate([result.samples.coeffs, result.real_front.coeffs])
         summary.update(samples=len(result.samples), reevaluated=len(result.real_front), diagnostics=result.diagnostics(),
@@ -255,7 +262,8 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         moe, info, moe_objective = fit_moe(config, objective, zoo, checkpoint=out, store=objective.store)
         preferences = simplex_lattice(num, 0.1 if num == 2 else 0.25)
         metrics = moe_objective(preferences)
-        _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png", senses=objective.senses)
+        _plot_fronts({f"PWE-MoE ({info['method'].upper()}), unloaded": metrics}, names, out / "front.png", senses=objective.senses,
+                     labels=objective.metric_labels)
         weights = np.asarray(preference, dtype=float) / float(np.sum(preference))
         coefficients = {g: w.tolist() for g, w in moe.coefficients(weights).items()}
         meta = {"preference": dict(zip(names, weights.tolist())), "method": f"PWE-MoE ({info['method']})", "coefficients": coefficients}

@@ -210,18 +210,21 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
 
     fronts = {name: run.metrics for name, run in runs.items()}
     fronts = {"MAP predicted": map_result.front, **fronts}
+    labels = objective.metric_labels  # axes: task, metric, unit, which way is better
+    pick = plots.pick_mark(map_result.front, equal, "MAP pick (predicted)")
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=None, reference=reference[np.argsort(reference[:, 0])], senses=senses,
                             lines={name: True for name in fronts}, reference_label="reference front (all real evaluations)",
                             title=f"{_ZOO_TITLES.get(zoo.name, zoo.name)} zoo, {names[0]} vs {names[1]}: each method's front and evaluations ({split})",
-                            zoom=True, path=out / f"front_{tag}.png")
+                            zoom=True, labels=labels, pick=pick, path=out / f"front_{tag}.png")
     else:
         plots.plot_pairwise(fronts, names, reference=reference, title=f"{_ZOO_TITLES.get(zoo.name, zoo.name)} zoo, {num} tasks: every method's real evaluations ({split})",
-                            path=out / f"front_{tag}.png")
-        plots.plot_parallel(map_result.front, highlight=[map_result.front.select_index(equal)], path=out / f"parallel_{tag}.png")
+                            labels=labels, pick=pick, path=out / f"front_{tag}.png")
+        plots.plot_parallel(map_result.front, labels=labels, pick=pick, title=f"MAP's predicted front, {num} tasks ({split})",
+                            path=out / f"parallel_{tag}.png")
     plots.plot_cost_quality({k: v for k, v in scores.items() if "hv_ratio" in v}, title=f"{_ZOO_TITLES.get(zoo.name, zoo.name)} zoo, {tag}: quality against real evaluations",
                             path=out / f"cost_{tag}.png")
-    plots.plot_parity(map_result, path=out / f"parity_{tag}.png")
+    plots.plot_parity(map_result, labels=labels, path=out / f"parity_{tag}.png")
     return {
         "tasks": names,
         "split": split,

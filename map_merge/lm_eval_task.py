@@ -30,6 +30,10 @@ from .fingerprint import content_digest
 __all__ = ["LMEvalTask"]
 
 _PREFERRED = ("acc", "acc_norm", "exact_match", "f1", "mcc", "word_perplexity", "perplexity", "bits_per_byte")
+# lm-eval's metric names as figures spell them, and their units where they have one
+_SPELLED = {"acc": "accuracy", "acc_norm": "normalized accuracy", "exact_match": "exact match", "f1": "F1", "mcc": "Matthews correlation",
+            "word_perplexity": "word perplexity", "byte_perplexity": "byte perplexity", "bits_per_byte": "bits per byte"}
+_UNITS = {"bits_per_byte": "bits/byte"}
 
 
 def _import_lm_eval():
@@ -241,6 +245,16 @@ class LMEvalTask:
             raise ValueError(f"task {self.task!r} has no filter {chosen!r} for metric {name!r}; its filters are {filters}")
         chosen = chosen or ("none" if "none" in filters else filters[0])
         return name, f"{name},{chosen}"
+
+    @property
+    def metric_name(self) -> str:
+        """What the metric is, for figures' labels (``"lm-eval accuracy"``)."""
+        return f"lm-eval {_SPELLED.get(self.metric, self.metric)}"
+
+    @property
+    def metric_unit(self) -> str | None:
+        """The metric's unit (``"bits/byte"``), ``None`` for a unitless one (accuracy)."""
+        return _UNITS.get(self.metric)
 
     def _default_sense(self) -> str:
         better = self._reported()[self.metric][1]

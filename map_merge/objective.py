@@ -33,6 +33,7 @@ from .executors import Executor, LocalExecutor, Recipe, as_recipe
 from .fingerprint import content_digest
 from .groups import Groups, coefficient_names
 from .merge_methods import MergeMethod, resolve_method
+from .metric_labels import MetricLabel, metric_labels
 from .store import EvaluationStore, coeff_key
 from .task_vectors import TaskVectors
 
@@ -64,11 +65,15 @@ class Task:
         sense: ``"max"`` if higher is better (accuracy), ``"min"`` if lower is (loss).
         link: surrogate link suited to the metric (``"sigmoid"`` for values in [0, 1],
             ``"softplus"`` for positive ones, ``"identity"``), or ``None`` to leave it to MAP.
+        metric_name, metric_unit: what the metric is and its unit (``"held-out loss"``,
+            ``"nats/token"``), for figures' labels; ``None`` if not known.
     """
 
     metric: Callable[[nn.Module], float]
     sense: str = "max"
     link: str | None = None
+    metric_name: str | None = None
+    metric_unit: str | None = None
 
 
 def as_task(task: Any) -> Task:
@@ -76,7 +81,8 @@ def as_task(task: Any) -> Task:
     :mod:`map_merge.tasks`), or a bare ``metric(model)`` callable (sense ``"max"``)."""
     if isinstance(task, Task):
         return task
-    return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None))
+    return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None),
+                metric_name=getattr(task, "metric_name", None), metric_unit=getattr(task, "metric_unit", None))
 
 
 class Objective:
@@ -125,6 +131,11 @@ class Objective:
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
+
+    @property
+    def metric_labels(self) -> tuple[MetricLabel, ...]:
+        """Per metric: task name, metric name and unit where its task says, sense (figures' labels)."""
+        return metric_labels(self)
 
     def fingerprint(self) -> str:
         raise NotImplementedError

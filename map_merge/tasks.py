@@ -135,6 +135,16 @@ class HeldOutLoss:
         self.num_tokens = scored
         self.fingerprint = content_digest("held_out_loss", ids, self.max_length, self.perplexity)
 
+    @property
+    def metric_name(self) -> str:
+        """What the metric is, for figures' labels."""
+        return "held-out perplexity" if self.perplexity else "held-out loss"
+
+    @property
+    def metric_unit(self) -> str | None:
+        """``"nats/token"`` for the loss; perplexity has no unit."""
+        return None if self.perplexity else "nats/token"
+
     def __call__(self, model: nn.Module) -> float:
         device = _device_of(model)
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -228,6 +238,16 @@ class Classification:
         pooled = pooling if isinstance(pooling, str) else _callable_digest(pooling)  # a function by its content, not its name
         # every byte of the inputs, labels and the head's parameters and buffers (never their repr)
         self.fingerprint = content_digest("classification", self.inputs, labels, metric, pooled, head.state_dict())
+
+    @property
+    def metric_name(self) -> str:
+        """What the metric is, for figures' labels."""
+        return "accuracy" if self.metric == "accuracy" else "cross-entropy"
+
+    @property
+    def metric_unit(self) -> str | None:
+        """``"nats"`` for the cross-entropy; accuracy is a fraction in [0, 1]."""
+        return None if self.metric == "accuracy" else "nats"
 
     def _pool(self, encoder: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if callable(self.pooling):

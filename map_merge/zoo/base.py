@@ -230,9 +230,10 @@ class Zoo:
         tasks = {}
         for name in scored_names:
             if metric == "accuracy":
-                tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid")
+                tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid", metric_name="accuracy")
             else:
-                tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus")
+                tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus", metric_name="cross-entropy",
+                                   metric_unit="nats")
         if store is not None and not isinstance(store, EvaluationStore):
             store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
