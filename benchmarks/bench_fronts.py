@@ -1,39 +1,42 @@
-"""Front quality against real evaluations spent, over seeds: MAP, Bayesian MAP, and what a user
-would otherwise run (random search, NSGA-II and qNEHVI on real evaluations, task arithmetic,
-TIES and DARE lambda sweeps), plus nested merging (T >= 3, equal preference) and PWE-MoE.
+"""Front quality per real evaluation: MAP against the peers a user would pick, at equal budgets.
 
-Budgeted methods get E = b * P + R real evaluations for b in --budgets (P: the quadratic's
-parameters, R: --reevaluations, the front points MAP variants re-evaluate). A method's front is the
-non-dominated set of every real model it evaluated. Reference front: a dense grid of real
-evaluations joined with every evaluation any method made (the best known front); the hypervolume
-reference point is the grid's worst value per task. Per row: hypervolume ratio, IGD+, mean
-preference regret over ~20 preferences (best weighted score on the reference minus the best among
-the method's evaluations), win rate over the task-arithmetic sweep, regret at equal preference,
-and the method's own overhead in seconds (wall time minus time inside the objective). For MAP
-variants, "pick regret" scores the model the surrogate picks for each preference, evaluated for
-real (not charged to the budget).
+Methods (``--methods``): ``MAP`` (the default: adaptive sampling under Gaussian-process models),
+``MAP (design)`` (the authors' one-shot design + quadratic surrogates, 10 re-evaluations of front
+points included), ``Bayesian MAP`` (quadratic-mean adaptive sampling + the same re-evaluations),
+``qNEHVI`` (botorch, constant-mean GPs, a Sobol start of 2(T+1)), the peers ``Optuna GP``
+(``GPSampler``, multi-objective, defaults), ``Optuna TPE`` and ``Ax`` (``Client``, default generation
+strategy) through their public APIs (``benchmarks/_peers.py``; ``pip install 'map_merge[peers]'``),
+``CMA-ES`` (on the equal-preference scalarisation, as mergekit-evolve), ``random search`` and
+``NSGA-II``; plus the deterministic lambda sweeps (task arithmetic, TIES, DARE) on zoos.
 
-Metrics may be maximised (accuracy) or minimised (held-out loss): every score is taken with the
-objective's senses (the hypervolume reference point is the grid's worst value per task).
+Every budgeted method spends exactly ``--budget`` real evaluations (default 22 at T = 2, 40 at
+T = 3, 60 at T = 4). Scores per run, against a dense grid of real evaluations:
 
-The language-model zoo (``--problem lm``, domains code / medical / legal) is scored by held-out
-loss (``--metric loss``, min) or lm-eval multiple-choice accuracy (``--metric lm_eval``, max); its
-runs also report "test regret": for each preference, the model a user picks from a method's real
-evaluations (best weighted validation score) is scored on the test split, against the best
-weighted test score of every model picked that way (the dense grid's picks included; a
-"dense grid" row is the grid's own pick). MAP variants add the test regret of the surrogate's
-own picks. Outputs: ``fronts_lm_T{T}`` (loss) and ``fronts_lm_acc_T{T}`` (lm-eval).
+- ``hv_ratio``: hypervolume of the method's *own* evaluations over the grid front's, the reference
+  point just beyond the grid front's nadir (1% of its range per task; ``hv_ratio_10``: 10%).
+- ``pick_regret``: for 5-8 preferences w over the simplex, the model the method picks, scored on
+  the test split (the same function for ``analytic``): best weighted test score over the grid
+  minus the pick's, in metric units oriented higher-is-better (0 is perfect). MAP variants pick
+  with their model (``result.select(w)``), every other method picks its best evaluated model by
+  validation score (``eval_pick_regret``, reported for MAP variants too).
+- ``propose_s`` (wall time minus time inside the objective), ``evaluate_s`` and
+  ``propose_median_s`` (median seconds per proposed point, where the method reports them).
 
-    python benchmarks/bench_fronts.py --problem lm --tasks 2 --metric loss --out benchmarks/results
-    python benchmarks/bench_fronts.py --problem lm --tasks 2 --metric lm_eval --out benchmarks/results
-    python benchmarks/bench_fronts.py --problem vision --tasks 2 --out benchmarks/results
+``--summarize`` collects every ``fronts_*.json`` in ``--out`` into ``fronts_table.md`` (the
+README's peer table, mean +- std over seeds).
+
+    python benchmarks/bench_fronts.py --problem lm --tasks 2 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem lm --tasks 3 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem lm --metric lm_eval --tasks 2 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem analytic --tasks 4 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem vision --tasks 3 --out benchmarks/results
-    python benchmarks/bench_fronts.py --problem text --tasks 2 --budgets 1,2 --out benchmarks/results
-    python benchmarks/bench_fronts.py --problem analytic --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem text --tasks 2 --out benchmarks/results
+    python benchmarks/bench_fronts.py --summarize --out benchmarks/results
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -44,20 +47,26 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, table, write  # noqa: E402
+from _peers import PEERS, run_peer  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 from map_merge import plots  # noqa: E402
 from map_merge.baselines import lambda_sweep  # noqa: E402
-from map_merge.compare import BUDGETED, MethodRun, run_method, score_runs  # noqa: E402
-from map_merge.front_metrics import preference_grid  # noqa: E402
+from map_merge.compare import BUDGETED, run_method  # noqa: E402
 from map_merge.objective import check_senses  # noqa: E402
+from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
-GRID = {"analytic": {2: 21, 3: 9, 4: 6}, "vision": {2: 21, 3: 9, 4: 6}, "text": {2: 9, 3: 4}, "lm": {2: 21, 3: 9}}
+GRID = {"analytic": {2: 21, 3: 9, 4: 6}, "vision": {2: 21, 3: 9, 4: 6}, "text": {2: 9, 3: 5}, "lm": {2: 21, 3: 9},
+        "lm_acc": {2: 11, 3: 6}}
+BUDGET = {2: 22, 3: 40, 4: 60}
 TASKS = {"vision": ["rotated", "inverted", "mirrored_parity", "shifted_mod3"], "text": ["sentiment", "med_subject", "bias_type"],
          "lm": ["code", "medical", "legal"]}
+METHODS = ("MAP", "MAP (design)", "Bayesian MAP", "qNEHVI", *PEERS, "CMA-ES", "random search")
+MODEL_PICKS = ("MAP", "MAP (design)", "Bayesian MAP")
 
 
 def analytic(num_tasks: int):
+    """A smooth black box in [0, 1]^T (not a merge): per task a bump at its own optimum."""
     optima = 0.15 + 0.7 * np.random.default_rng(7).uniform(size=(num_tasks, num_tasks))
 
     def fn(c):
@@ -86,252 +95,190 @@ class Timed:
         return getattr(self.objective, name)
 
 
-class Columns:
-    """Some of an objective's metric columns, with their senses (the stages of nested merging)."""
-
-    def __init__(self, objective, index):
-        self.objective, self.index = objective, list(index)
-        self.senses = tuple(objective.senses[i] for i in self.index)
-
-    def __call__(self, coeffs):
-        return self.objective(coeffs)[:, self.index]
+def test_preferences(num: int) -> np.ndarray:
+    """5-8 preferences: a coarse simplex lattice (corners included) and the equal preference."""
+    lattice = mm.preference_grid(num, about=6 if num <= 3 else 4)
+    rows = np.concatenate([lattice, np.full((1, num), 1.0 / num)])
+    return np.unique(np.round(rows, 12), axis=0)
 
 
-def picks_of(inputs: np.ndarray, oriented: np.ndarray, preferences: np.ndarray) -> np.ndarray:
-    """``(P, T)``: per preference, the evaluated input with the best weighted (oriented) score."""
-    return inputs[np.argmax(oriented @ preferences.T, axis=0)]
+def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reevaluations: int):
+    """``(inputs (N, T), metrics (N, M), result, propose_seconds list)`` of one budgeted run."""
+    if method in PEERS:
+        result = run_peer(method, objective, num, budget, seed)
+        return result.coeffs, result.metrics, result, result.settings["propose_seconds"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = run_method(method, objective, num, budget, seed=seed, reevaluations=reevaluations)
+    seconds = run.result.settings.get("proposal_seconds", []) if method in MODEL_PICKS else []
+    return run.inputs, run.metrics, run.result, seconds
 
 
-def unique_call(objective, coeffs: np.ndarray) -> np.ndarray:
-    """``objective(coeffs)`` evaluating each distinct row once."""
-    rows, inverse = np.unique(np.round(coeffs, 12), axis=0, return_inverse=True)
-    return objective(rows)[np.asarray(inverse).reshape(-1)]
+def summarize(out: Path) -> Path:
+    """``fronts_table.md``: one table over every ``fronts_*.json`` in ``out`` (mean +- std)."""
+    lines = ["| problem | T | B | method | HV ratio | pick regret | propose s/run | median s/point |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(out.glob("fronts_*_T*.json")):
+        payload = json.loads(path.read_text())
+        if "summary" not in payload or payload.get("version") != 3:
+            continue
+        for s in payload["summary"]:
+            if s.get("budgeted") is False:
+                continue
+            hv = f"{s['hv_ratio_mean']:.3f} ± {s['hv_ratio_std']:.3f}"
+            regret = f"{s['pick_regret_mean']:.4f} ± {s['pick_regret_std']:.4f}" if "pick_regret_mean" in s else ""
+            median = f"{s['propose_median_s_mean']:.2f}" if "propose_median_s_mean" in s else ""
+            lines.append(f"| {payload['label']} | {payload['tasks']} | {payload['budget']} | {s['method']} | {hv} | {regret} | "
+                         f"{s['propose_s_mean']:.0f} | {median} |")
+    target = out / "fronts_table.md"
+    target.write_text("\n".join(lines) + "\n")
+    return target
 
 
 def main() -> None:
     p = parser(__doc__, "benchmarks/results")
     p.add_argument("--problem", choices=["analytic", "vision", "text", "lm"], default="analytic")
     p.add_argument("--tasks", type=int, default=2)
-    p.add_argument("--metric", choices=["loss", "lm_eval"], default="loss",
-                   help="lm: held-out loss (min) or lm-eval multiple-choice accuracy (max)")
+    p.add_argument("--metric", choices=["loss", "lm_eval"], default="loss", help="lm: held-out loss (min) or lm-eval accuracy (max)")
     p.add_argument("--size", default=None, help="lm zoo size (default small; tiny with --quick)")
-    p.add_argument("--per-axis", type=int, default=None, help="grid points per axis of the reference grid (default: GRID of the problem)")
+    p.add_argument("--per-axis", type=int, default=None, help="reference grid points per axis (default: GRID of the problem)")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budgets", default="1,2,3,4", help="budgets as multiples of the quadratic's parameter count P")
-    p.add_argument("--reevaluations", type=int, default=10)
-    p.add_argument("--methods", default=",".join(BUDGETED), help=f"budgeted methods, from {BUDGETED}")
-    p.add_argument("--sweeps", default=None, help="lambda sweeps to run, from 'task arithmetic,TIES,DARE' (default: all on zoos)")
-    p.add_argument("--moe-steps", type=int, default=None, help="PWE-MoE training steps (default 100 on vision, 0 elsewhere)")
-    p.add_argument("--val-examples", type=int, default=None, help="score zoo models on the first N validation examples per task")
-    p.add_argument("--no-picks", action="store_true", help="skip evaluating the surrogate's pick per preference (always skipped on text)")
+    p.add_argument("--budget", type=int, default=None, help="real evaluations per budgeted method (default 22 / 40 / 60 at T = 2 / 3 / 4)")
+    p.add_argument("--reevaluations", type=int, default=10, help="front re-evaluations inside the budget of MAP (design) / Bayesian MAP")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"budgeted methods, from {BUDGETED + PEERS}")
+    p.add_argument("--sweeps", default=None, help="lambda sweeps, from 'task arithmetic,TIES,DARE' (default: all on zoos)")
+    p.add_argument("--val-examples", type=int, default=None, help="zoos: score on the first N validation examples per task")
     p.add_argument("--store", default=None, help="evaluation store (default: <out>/<problem>_evals.sqlite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--test-preferences", type=int, default=20, help="lm: about how many preferences the test regret averages over")
-    p.add_argument("--surrogate-test-picks", action="store_true", help="lm: also score the MAP surrogates' picks on test")
-    p.add_argument("--no-nested", action="store_true", help="skip nested merging (T >= 3)")
+    p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
+    p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
     args = p.parse_args()
+    out = Path(args.out)
+    if args.summarize:
+        print(f"wrote {summarize(out)}")
+        return
     import torch
 
     torch.set_num_threads(args.threads)
     num, problem = args.tasks, args.problem
-    out = Path(args.out)
-    zoo = None
     lm = problem == "lm"
+    label = problem if not lm else ("lm" if args.metric == "loss" else "lm_acc")
+    zoo = None
     if problem == "analytic":
-        objective = analytic(num)
+        objective = test_objective = analytic(num)
+        names = list(objective.task_names)
     else:
         from map_merge.zoo import load_zoo
 
         names = TASKS[problem][:num]
-        # all of the problem's tasks are loaded, so that the data fingerprint (part of every stored
-        # evaluation's key) is the same for every T and for the demo
+        # every task of the problem is loaded, so that the data fingerprint in each stored key is the same for every T
         extra = {"size": args.size or ("tiny" if args.quick else "small")} if lm else {}
         zoo = load_zoo(problem, TASKS[problem], progress=False, **extra)
         split = zoo.limit_split("val", args.val_examples)
         store = mm.EvaluationStore(args.store or out / f"{problem}{'_' + args.metric if lm else ''}_evals.sqlite")
         options = {"metric": args.metric} if lm else {}
         objective = zoo.objective(names, split=split, store=store, progress=False, **options)
+        test_objective = zoo.objective(names, split="test", store=store, progress=False, **options)
     senses = check_senses(getattr(objective, "senses", None), num)
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
-    per_axis = args.per_axis or (GRID[problem][num] if not args.quick else 5)
-    grid = mm.grid_design(num, per_axis)
-    start = time.perf_counter()
-    cached_before = getattr(objective, "num_cached", 0)
-    grid_metrics = objective(grid)
-    grid_seconds = time.perf_counter() - start
-    grid_from_store = getattr(objective, "num_cached", 0) - cached_before  # grid points an earlier run had evaluated
-    ref_point = sign * (sign * grid_metrics).min(axis=0)  # the grid's worst value per task
-    params = mm.num_quadratic_params(num)
-    multiples = [1] if args.quick else [int(b) for b in args.budgets.split(",")]
-    budgets = [b * params + args.reevaluations for b in multiples]
+    per_axis = args.per_axis or (GRID[label][num] if not args.quick else 5)
+    budget = args.budget or (BUDGET[num] if not args.quick else 10)
     seeds = list(range(2 if args.quick else args.seeds))
     methods = [m for m in args.methods.split(",") if m]
-    moe_steps = (5 if args.quick else 100) if args.moe_steps is None and problem == "vision" else (args.moe_steps or 0)
-    preferences = preference_grid(num)
-    equal = np.full(num, 1.0 / num)
+    for method in methods:
+        if method not in BUDGETED + PEERS:
+            raise SystemExit(f"unknown method {method!r}; choose from {BUDGETED + PEERS}")
 
-    runs: list[tuple[dict, MethodRun]] = []  # (row keys, run)
-    picks: dict[tuple, np.ndarray] = {}  # (method, budget, seed) -> real metrics of the surrogate's picks (P, M)
-    surrogate_results: dict[tuple, object] = {}  # (method, budget, seed) -> the MAP variant's result
+    grid = mm.grid_design(num, per_axis)
+    start = time.perf_counter()
+    grid_val = objective(grid)
+    grid_test = test_objective(grid)
+    grid_seconds = time.perf_counter() - start
+    front = orient(grid_val, senses)[pareto_mask(orient(grid_val, senses))]
+    span = np.maximum(np.ptp(front, axis=0), 1e-12)
+    nadir = {"hv_ratio": front.min(axis=0) - 0.01 * span, "hv_ratio_10": front.min(axis=0) - 0.1 * span}
+    full = {k: mm.hypervolume(front, ref) for k, ref in nadir.items()}
+    prefs = test_preferences(num)[: args.test_preferences]
+    best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted test score
+
+    def test_regret(coeffs: np.ndarray) -> float:
+        scores = np.einsum("pm,pm->p", orient(np.asarray(test_objective(coeffs)), senses), prefs)
+        return float(np.mean(best_test - scores))
+
+    def scores(inputs: np.ndarray, metrics: np.ndarray) -> dict[str, float]:
+        oriented = orient(metrics, senses)
+        row = {k: float(mm.hypervolume(oriented, nadir[k]) / full[k]) for k in nadir}
+        row["eval_pick_regret"] = test_regret(inputs[np.argmax(oriented @ prefs.T, axis=0)])
+        return row
+
+    rows, examples = [], {}
     sweep_methods = {} if zoo is None else {"task arithmetic": None, "TIES": mm.Ties(0.2), "DARE": mm.Dare(0.5, seed=0)}
-    chosen_sweeps = ["task arithmetic"] if zoo is None else list(sweep_methods)
-    if args.sweeps is not None:
-        chosen_sweeps = [s for s in args.sweeps.split(",") if s]
-    sweep_objectives = {}  # sweep name -> its (val objective, merge method)
-    # deterministic sweeps: once
+    chosen_sweeps = [s for s in (args.sweeps.split(",") if args.sweeps is not None else sweep_methods) if s]
     for name in chosen_sweeps:
         method = sweep_methods.get(name)
-        swept = Timed(objective if method is None else zoo.objective(names, split=split, method=method, store=store, progress=False, **options))
-        sweep_objectives[name] = method
+        swept = objective if method is None else zoo.objective(names, split=split, method=method, store=store, progress=False, **options)
         found = lambda_sweep(swept, num, np.linspace(0, 1, 11), name=name)
-        runs.append(({"method": name, "seed": 0, "budget": 11},
-                     MethodRun(name, found.coeffs, found.metrics, found.num_evaluations, found.seconds - swept.seconds)))
-    jobs = [(m, b, s) for b in budgets for m in methods for s in seeds]
-    for method, budget, seed in tqdm(jobs, desc=f"{problem} T={num}"):
-        timed = Timed(objective)
-        run = run_method(method, timed, num, budget, seed=seed, reevaluations=args.reevaluations)
-        run.seconds -= timed.seconds
-        run.extra["objective_seconds"] = timed.seconds
-        runs.append(({"method": method, "seed": seed, "budget": budget}, run))
-        if method in ("MAP", "Bayesian MAP"):
-            surrogate_results[(method, budget, seed)] = run.result
-        if method in ("MAP", "Bayesian MAP") and not args.no_picks and problem != "text":
-            chosen = np.stack([run.result.select(w) for w in preferences])
-            picks[(method, budget, seed)] = objective(chosen)
-    for seed in seeds if num >= 3 and not args.no_nested else []:
+        row = scores(found.coeffs, found.metrics)
+        if method is not None:  # the sweep's picks are merged by its own method: score them on its own test objective
+            tested = zoo.objective(names, split="test", method=method, store=store, progress=False, **options)
+            picks = found.coeffs[np.argmax(orient(found.metrics, senses) @ prefs.T, axis=0)]
+            row["eval_pick_regret"] = float(np.mean(best_test - np.einsum("pm,pm->p", orient(tested(picks), senses), prefs)))
+        row["pick_regret"] = row["eval_pick_regret"]
+        rows.append({"method": name, "seed": 0, "evaluations": found.num_evaluations, "budgeted": False, **row})
+        examples[name] = found.metrics
+    for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):
         timed = Timed(objective)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            nested = mm.nested_merge(lambda idx: Columns(timed, idx), num, equal, samples_per_stage=2 * mm.num_quadratic_params(2), seed=seed)
-        runs.append(({"method": "nested merging", "seed": seed, "budget": nested.num_evaluations},
-                     MethodRun("nested merging", nested.coeffs[None], nested.metrics[None], nested.num_evaluations,
-                               time.perf_counter() - start - timed.seconds, nested)))
-    from map_merge.moe import simplex_lattice
-
-    moe_jobs = [(seed, kind) for seed in seeds for kind in ("ls", "epo")] if moe_steps > 0 else []
-    for seed, kind in tqdm(moe_jobs, desc=f"PWE-MoE, {moe_steps} router steps", disable=not moe_jobs):
-        moe, info = zoo.fit_moe(names, method=kind, steps=moe_steps, batch_size=32 if problem == "vision" else 8, lr=3e-2 if problem == "vision" else 1e-2,
-                                seed=seed, checkpoint=out / "moe_routers", progress=False)
-        inputs = simplex_lattice(num, 0.1 if num == 2 else 0.25)
-        metrics = zoo.moe_objective(moe, names, split=split, store=store, progress=False)(inputs)
-        runs.append(({"method": f"PWE-MoE ({kind.upper()})", "seed": seed, "budget": len(inputs)},
-                     MethodRun(f"PWE-MoE ({kind.upper()})", inputs, metrics, len(inputs), info["seconds"],
-                               extra={"training_steps": moe_steps, "peak_rss_mb": info["peak_rss_mb"]})))
-
-    # test regret (lm): each run's pick per preference, from its real evaluations on validation, scored on test
-    test_scores: dict[int, np.ndarray] = {}  # run index -> (P,) weighted oriented test scores of its picks
-    surrogate_test: dict[tuple, np.ndarray] = {}
-    test_info = {}
-    if lm:
-        start = time.perf_counter()
-        test_objectives = {}
-
-        def test_objective(merge):
-            key = "task arithmetic" if merge is None else merge
-            if key not in test_objectives:
-                test_objectives[key] = zoo.objective(names, split="test", store=store, progress=False, method=sweep_methods.get(merge),
-                                                     **options)
-            return test_objectives[key]
-
-        def weighted_test(merge, coeffs):
-            metrics = unique_call(test_objective(merge), coeffs)
-            return np.einsum("pm,pm->p", sign * metrics, test_preferences)
-
-        test_preferences = preference_grid(num, about=args.test_preferences)
-        grid_pick = picks_of(grid, sign * grid_metrics, test_preferences)
-        grid_test = weighted_test(None, grid_pick)
-        for index, (keys, run) in enumerate(runs):
-            if keys["method"].startswith("PWE-MoE") or keys["method"] == "nested merging":
-                continue
-            merge = keys["method"] if keys["method"] in sweep_methods else None
-            test_scores[index] = weighted_test(merge, picks_of(run.inputs, sign * run.metrics, test_preferences))
-        for key, result in surrogate_results.items() if args.surrogate_test_picks else ():
-            surrogate_test[key] = weighted_test(None, np.stack([result.select(w) for w in test_preferences]))
-        best_test = np.max(np.stack([grid_test, *test_scores.values(), *surrogate_test.values()]), axis=0)
-        test_info = {"test_preferences": test_preferences.tolist(), "test_best_weighted": best_test.tolist(), "dense_grid_test_regret_mean": float((best_test - grid_test).mean()),
-                     "test_seconds": time.perf_counter() - start,
-                     "test_evaluations": int(sum(o.num_evaluations for o in test_objectives.values()))}
-
-    pooled = np.concatenate([grid_metrics] + [run.metrics for _, run in runs])
-    reference = pooled[mm.pareto_mask(sign * pooled)]
-    best_equal = float((sign * reference @ equal).max())
-    # a tighter hypervolume reference point: the reference front's nadir moved out by 10% of its range per task
-    oriented_ref = sign * reference
-    nadir_point = sign * (oriented_ref.min(axis=0) - 0.1 * np.maximum(np.ptp(oriented_ref, axis=0), 1e-12))
-    hv_nadir_full = mm.hypervolume(oriented_ref, sign * nadir_point)
-    baseline = next(run for keys, run in runs if keys["method"] == "task arithmetic") if "task arithmetic" in chosen_sweeps else None
-    rows = []
-    for index, (keys, run) in enumerate(runs):
-        compared = {"run": run} if baseline is None else {"run": run, "task arithmetic": baseline}
-        score = score_runs(compared, reference, ref_point, preferences=preferences, baseline=None if baseline is None else "task arithmetic",
-                           senses=senses)["run"]
-        score["regret_equal_preference"] = best_equal - float((sign * run.metrics @ equal).max())
-        score["hv_ratio_nadir"] = float(mm.hypervolume(sign * run.front(senses), sign * nadir_point) / hv_nadir_full)
-        if keys["method"] == "nested merging":
-            score = {k: v for k, v in score.items() if k in ("evaluations", "seconds", "regret_equal_preference")}
-        pick = picks.get((keys["method"], keys["budget"], keys["seed"]))
-        if pick is not None:
-            score["pick_regret_mean"] = float(np.mean((sign * reference @ preferences.T).max(axis=0) - np.einsum("pm,pm->p", sign * pick, preferences)))
-        if index in test_scores:
-            score["test_regret_mean"] = float((best_test - test_scores[index]).mean())
-        if (keys["method"], keys["budget"], keys["seed"]) in surrogate_test:
-            score["test_pick_regret_mean"] = float((best_test - surrogate_test[(keys["method"], keys["budget"], keys["seed"])]).mean())
-        rows.append({**keys, **score})
-    if lm:
-        rows.append({"method": "dense grid", "seed": 0, "budget": len(grid), "evaluations": len(grid), "seconds": 0.0,
-                     "test_regret_mean": test_info["dense_grid_test_regret_mean"]})
+        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, args.reevaluations)
+        wall = time.perf_counter() - start
+        row = {"method": method, "seed": seed, "evaluations": len(inputs), "budgeted": True, **scores(inputs, metrics),
+               "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
+        if proposals:
+            row["propose_median_s"] = float(np.median(proposals))
+        row["pick_regret"] = test_regret(np.stack([result.select(w) for w in prefs])) if method in MODEL_PICKS else row["eval_pick_regret"]
+        rows.append(row)
+        if seed == 0:
+            examples[method] = metrics
     summary = []
-    keys_summarised = ("hv_ratio", "hv_ratio_nadir", "igd_plus", "regret_mean", "pick_regret_mean", "test_regret_mean", "test_pick_regret_mean",
-                       "win_rate_vs_baseline", "regret_equal_preference", "seconds")
+    keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "eval_pick_regret", "propose_s", "evaluate_s", "propose_median_s")
     for method in dict.fromkeys(r["method"] for r in rows):
-        for evaluations in sorted({r["evaluations"] for r in rows if r["method"] == method} if method not in BUDGETED else budgets):
-            sub = [r for r in rows if r["method"] == method and (r["evaluations"] == evaluations or (method in BUDGETED and r["budget"] == evaluations))]
-            entry = {"method": method, "evaluations": evaluations, "seeds": len(sub)}
-            for key in keys_summarised:
-                values = [r[key] for r in sub if key in r]
-                if values:
-                    entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
-            summary.append(entry)
-    label = problem if not lm else ("lm" if args.metric == "loss" else "lm_acc")
+        sub = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "evaluations": sub[0]["evaluations"], "seeds": len(sub), "budgeted": sub[0]["budgeted"]}
+        for key in keys:
+            values = [r[key] for r in sub if key in r]
+            if values:
+                entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+        summary.append(entry)
     name = f"fronts_{label}_T{num}"
-    metric_label = {"loss": "held-out loss (nats/token, lower is better)", "lm_eval": "lm-eval multiple-choice accuracy (higher is better)"}
+    meaning = {"analytic": "a smooth black box (higher is better)", "vision": "accuracy (higher is better)", "text": "accuracy (higher is better)",
+               "lm": "held-out loss (nats/token, lower is better)", "lm_acc": "lm-eval multiple-choice accuracy (higher is better)"}
     path = write(out, name, {
-        "problem": problem, "metric": args.metric if lm else None, "metric_meaning": metric_label[args.metric] if lm else None,
-        "size": extra.get("size") if zoo is not None else None, "senses": list(senses),
-        "val_examples": args.val_examples, "tasks": num, "task_names": list(getattr(objective, "task_names", [])),
-        "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_from_store": grid_from_store, "threads": args.threads,
-        "reference_points": len(reference), "reference": "non-dominated set of the grid and every evaluation of every run",
-        "ref_point": ref_point.tolist(), "ref_point_meaning": "the grid's worst value per task (hv_ratio)",
-        "nadir_point": nadir_point.tolist(), "nadir_point_meaning": "the reference front's nadir moved out by 10% of its range per task (hv_ratio_nadir)",
-        "seeds": len(seeds), "budgets": budgets, "reevaluations": args.reevaluations,
-        "preferences": len(preferences), "moe_steps": moe_steps, **test_info, "rows": rows, "summary": summary})
-    for key, ylabel, suffix in (("hv_ratio", "hypervolume ratio to the reference front", ""), ("regret_mean", "mean preference regret", "_regret"),
-                                *((("test_regret_mean", "mean test regret of the picks", "_test_regret"),) if lm else ())):
-        curves = {}
-        for method in dict.fromkeys(s["method"] for s in summary):
-            sub = [s for s in summary if s["method"] == method and f"{key}_mean" in s]
-            if sub:
-                curves[method] = ([s["evaluations"] for s in sub], [s[f"{key}_mean"] for s in sub], np.array([s[f"{key}_std"] for s in sub]))
-        title = f"{label}, T={num}: mean ± std over {len(seeds)} seeds"
-        plots.plot_curves(curves, "real evaluations", ylabel, title=title, path=out / f"{name}{suffix}.png")
-    # one seed's fronts side by side at the largest budget (MAP vs MoE vs baselines)
-    example = {keys["method"]: run.metrics for keys, run in runs
-               if keys["seed"] == 0 and (keys["method"] not in BUDGETED or keys["budget"] == budgets[-1]) and keys["method"] != "nested merging"}
-    title = f"{label}, T={num}, seed 0, {budgets[-1]} evaluations per budgeted method"
-    labels = getattr(objective, "metric_labels", None)  # axes: task, metric, unit, which way is better
+        "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
+        "senses": list(senses), "budget": budget, "seeds": len(seeds), "methods": methods, "threads": args.threads,
+        "size": (args.size or ("tiny" if args.quick else "small")) if lm else None, "val_examples": args.val_examples,
+        "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),
+        "hv_reference": {k: (sign * v).tolist() for k, v in nadir.items()},
+        "hv_reference_meaning": "the grid front's nadir moved out by 1% (hv_ratio) or 10% (hv_ratio_10) of its range per task",
+        "test_preferences": prefs.tolist(), "grid_best_weighted_test": best_test.tolist(),
+        "pick_regret_meaning": "grid's best weighted test score minus the pick's, oriented higher-is-better, mean over the preferences",
+        "rows": rows, "summary": summary})
+    budgeted = [s for s in summary if s["budgeted"]]
+    colors = ["C0" if s["method"] in MODEL_PICKS else "C7" for s in budgeted]
+    title = f"{label}, T={num}, {budget} real evaluations, {len(seeds)} seeds ({meaning[label]})"
+    plots.plot_bars({s["method"]: (s["hv_ratio_mean"], s["hv_ratio_std"]) for s in budgeted}, "hypervolume ratio to the dense grid's front",
+                    title=title, colors=colors, path=out / f"{name}.png")
+    plots.plot_bars({s["method"]: (s["pick_regret_mean"], s["pick_regret_std"]) for s in summary}, "test regret of the picks (lower is better)",
+                    title=title, path=out / f"{name}_regret.png")
+    ref_points = sign * front
+    example_title = f"{label}, T={num}, seed 0: each method's {budget} real evaluations"
     if num == 2:
-        plots.plot_front_2d(example, list(objective.task_names), reference=reference[np.argsort(reference[:, 0])],
-                            lines={k: k in chosen_sweeps or k.startswith("PWE") for k in example}, title=title,
-                            reference_label="reference front (grid + every run)", senses=senses, labels=labels, path=out / f"{name}_example.png")
+        plots.plot_front_2d(examples, names, reference=ref_points[np.argsort(ref_points[:, 0])], senses=senses,
+                            lines={k: k in chosen_sweeps for k in examples}, title=example_title, labels=objective.metric_labels,
+                            reference_label=f"dense grid's front ({len(grid)} models)", path=out / f"{name}_example.png")
     else:
-        plots.plot_pairwise(example, list(objective.task_names), reference=reference, title=title, senses=senses, labels=labels,
+        plots.plot_pairwise(examples, names, reference=ref_points, title=example_title, labels=objective.metric_labels,
                             path=out / f"{name}_example.png")
-    columns = ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "hv_ratio_nadir_mean", "igd_plus_mean", "regret_mean_mean",
-               "pick_regret_mean_mean", "win_rate_vs_baseline_mean", "regret_equal_preference_mean", "seconds_mean"]
-    if lm:
-        columns[8:8] = ["test_regret_mean_mean", "test_regret_mean_std", "test_pick_regret_mean_mean"]
-    print(table(summary, columns))
+    print(table(summary, ["method", "evaluations", "seeds", "hv_ratio_mean", "hv_ratio_std", "pick_regret_mean", "pick_regret_std",
+                          "eval_pick_regret_mean", "propose_s_mean", "propose_median_s_mean"]))
     print(f"wrote {path}")
 
 

@@ -40,6 +40,7 @@ def sample_adaptively(
     progress: bool = False,
     desc: str = "adaptive sampling",
     timings: dict[str, float] | None = None,
+    proposal_seconds: list[float] | None = None,
 ) -> tuple[Samples, int | None]:
     """Spend exactly ``budget`` real evaluations: ``initial (K0, T)`` first, then proposals.
 
@@ -55,6 +56,8 @@ def sample_adaptively(
         min_done: asynchronous only: while at most this many evaluations have finished, free
             workers get the next point of ``filler`` instead of a proposal.
         progress: show a tqdm bar.  timings: adds ``"evaluate"`` and ``"acquire"`` seconds.
+        proposal_seconds: appended with the seconds each proposed point took (a batch's time is
+            shared by its points).
 
     Returns ``(samples, max_in_flight)`` (``None`` when synchronous).
     """
@@ -69,8 +72,9 @@ def sample_adaptively(
     timings = timings if timings is not None else {}
     timings.setdefault("evaluate", 0.0)
     timings.setdefault("acquire", 0.0)
+    record = proposal_seconds if proposal_seconds is not None else []
     if asynchronous:
-        return _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings)
+        return _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings, record)
     start = time.perf_counter()
     samples = Samples(initial, call_objective(objective, initial))
     timings["evaluate"] += time.perf_counter() - start
@@ -82,6 +86,7 @@ def sample_adaptively(
             start = time.perf_counter()
             new = np.atleast_2d(np.asarray(propose(samples.coeffs, samples.metrics, None, size), dtype=np.float64))
             timings["acquire"] += time.perf_counter() - start
+            record += [(time.perf_counter() - start) / size] * size
             if new.shape != (size, initial.shape[1]):
                 raise ValueError(f"the proposer returned shape {new.shape}; expected ({size}, {initial.shape[1]})")
             start = time.perf_counter()
@@ -91,7 +96,7 @@ def sample_adaptively(
     return samples, None
 
 
-def _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings):
+def _asynchronous(objective, initial, budget, propose, lookahead, min_done, filler, progress, desc, timings, record):
     from tqdm.auto import tqdm
 
     from .asynchronous import evaluate_async
@@ -104,6 +109,7 @@ def _asynchronous(objective, initial, budget, propose, lookahead, min_done, fill
         start = time.perf_counter()
         point = np.asarray(propose(done_x, done_y, pending, 1), dtype=np.float64).reshape(-1)
         timings["acquire"] += time.perf_counter() - start
+        record.append(time.perf_counter() - start)
         return point
 
     start = time.perf_counter()
@@ -144,6 +150,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
     asynchronous = width > 1 if estimator.asynchronous == "auto" else bool(estimator.asynchronous)
     timings = {"evaluate": 0.0, "acquire": 0.0}
+    proposal_seconds: list[float] = []
     state: dict[str, Any] = {}
 
     def fit_model(done_x: np.ndarray, done_y: np.ndarray) -> GPModel:
@@ -160,7 +167,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
 
     filler = iter(make_design("sobol", num_coeffs, 2 * budget + num_coeffs, bounds, seed + 1)[num_coeffs + len(coeffs):])
     samples, in_flight = sample_adaptively(objective, coeffs, budget - final, propose, batch=batch, asynchronous=asynchronous,
-                                           lookahead=estimator.lookahead, min_done=2, filler=filler, progress=progress, timings=timings)
+                                           lookahead=estimator.lookahead, min_done=2, filler=filler, progress=progress, timings=timings,
+                                           proposal_seconds=proposal_seconds)
     senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
     state.setdefault("senses", senses)
     picks_spent = 0
@@ -178,6 +186,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
                 continue
             new = propose_ehvi(model, samples.metrics, senses, bounds, q=1, seed=seed + len(samples))
         timings["acquire"] += time.perf_counter() - start
+        proposal_seconds += [(time.perf_counter() - start) / len(new)] * len(new)
         start = time.perf_counter()
         samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), int(samples.round.max()) + 1)
         timings["evaluate"] += time.perf_counter() - start
@@ -186,7 +195,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
                                    warm_start=state.get("model"))
     result.settings.update({"strategy": "adaptive", "budget": budget, "initial": initial, "final": final, "noise": noise,
                             "batch": None if asynchronous else batch, "asynchronous": asynchronous, "max_in_flight": in_flight,
-                            "preferences": None if preferences is None else preferences.tolist()})
+                            "preferences": None if preferences is None else preferences.tolist(),
+                            "proposal_seconds": proposal_seconds})
     return result
 
 

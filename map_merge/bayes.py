@@ -1,15 +1,17 @@
-"""Bayesian adaptive sampling for MAP: spend real evaluations where the surrogates are unsure.
+"""Bayesian adaptive sampling around the quadratic surrogates (the quadratic as the GP's mean).
 
 :class:`BayesianMAP` starts from a small design, then each round refits the quadratic surrogates
 on all data so far, picks the next batch of coefficient vectors, evaluates them, and repeats until
-the budget is spent; the last batch is used in the final fit. Two acquisitions:
+the budget is spent; the last batch is used in the final fit. It is the quadratic-surrogate member
+of the MAP family; :class:`~map_merge.MAP`'s default adaptive sampling (constant-mean GPs) draws
+larger fronts at the same budget (``benchmarks/bench_fronts.py``). Acquisitions:
 
-- ``"nehvi"`` (default): botorch's qLogNEHVI. Its model is a Gaussian process per task on the
-  residuals of the quadratic surrogate (so the quadratic is the GP's mean); the acquisition's
-  objective adds the quadratic back. New points go where the posterior most improves the
-  expected hypervolume of the front. By default the final front is searched on the same
-  quadratic-plus-GP model (``final_model="gp"``), which corrects the quadratic's misfit near
-  the points sampled.
+- ``"ehvi"`` (default): botorch's qLogEHVI on the evaluated front, ``"nehvi"``: qLogNEHVI (the
+  noisy variant: a box decomposition per posterior sample, several times slower). The model is a
+  Gaussian process per task on the residuals of the quadratic surrogate (so the quadratic is the
+  GP's mean); the acquisition's objective adds the quadratic back. By default the final front is
+  searched on the same quadratic-plus-GP model (``final_model="gp"``), which corrects the
+  quadratic's misfit near the points sampled.
 - ``"binned"``: the MAP authors' angular-bin scheme, without their code's defects: cells of the
   hyperspherical angles of ``c`` are scored every round on *all* points so far by the mean squared
   leave-one-out residual plus half its bootstrap standard error; scores are scaled to [0, 1]
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from .designs import make_design, num_quadratic_params, with_points
+from .acquisition import propose_ehvi, reference_point
 from .adaptive import sample_adaptively
 from .map import MAP, fit_surrogates, resolve_links
 from .result import MAPResult, Samples
@@ -36,7 +39,9 @@ from .objective import check_senses
 from .pareto import orient
 from .residual_gp import ResidualGPModel
 
-__all__ = ["BayesianMAP", "ResidualGPModel", "angles", "from_angles"]
+__all__ = ["BayesianMAP", "ResidualGPModel", "angles", "from_angles", "ACQUISITIONS"]
+
+ACQUISITIONS = ("ehvi", "nehvi", "binned")
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ class BayesianMAP(MAP):
         budget: total real evaluations B (default ``(T+1)(T+2)``, plain MAP's budget).
         initial: size of the starting design K0 (default ``P + 2``; at least ``P``).
         batch: coefficient vectors per round k (default ``max(1, T)``).
-        acquisition: ``"nehvi"`` or ``"binned"``.
+        acquisition: ``"ehvi"`` (default), ``"nehvi"`` or ``"binned"``.
         prior: optional earlier real evaluations ``(coeffs (K, T), metrics (K, M))`` used in every fit.
         temperature: softmax temperature of the binned scheme (on scores scaled to [0, 1]).
         final_model: ``"gp"`` (default): the front is searched on the quadratic surrogates plus
@@ -95,7 +100,7 @@ class BayesianMAP(MAP):
         budget: int | None = None,
         initial: int | None = None,
         batch: int | None = None,
-        acquisition: str = "nehvi",
+        acquisition: str = "ehvi",
         prior: tuple[np.ndarray, np.ndarray] | None = None,
         temperature: float = 0.2,
         final_model: str = "gp",
@@ -107,8 +112,8 @@ class BayesianMAP(MAP):
             raise ValueError(f"final_model must be 'gp' or 'quadratic', got {final_model!r}")
         # the quadratic-surrogate family: its own loop (fit) over MAP's design-sampling settings and models
         super().__init__(sampling="design", final_model=final_model, asynchronous=asynchronous, lookahead=lookahead, **kwargs)
-        if acquisition not in ("nehvi", "binned"):
-            raise ValueError(f"unknown acquisition {acquisition!r}; choose 'nehvi' or 'binned'")
+        if acquisition not in ACQUISITIONS:
+            raise ValueError(f"unknown acquisition {acquisition!r}; choose one of {ACQUISITIONS}")
         self.budget = budget
         self.initial = initial
         self.batch = batch
@@ -151,9 +156,10 @@ class BayesianMAP(MAP):
         prior = 0 if self.prior is None else len(np.atleast_2d(self.prior[0]))
         # asynchronous: while fewer results than a quadratic's parameters are back, workers get space-filling points
         filler = iter(make_design("sobol", num_coeffs, 2 * budget, self.bounds, self.seed + 1)[len(coeffs):])
+        proposal_seconds: list[float] = []
         samples, in_flight = sample_adaptively(objective, coeffs, budget, propose, batch=batch, asynchronous=asynchronous,
                                                lookahead=self.lookahead, min_done=minimum - prior, filler=filler, progress=progress,
-                                               timings=timings)
+                                               timings=timings, proposal_seconds=proposal_seconds)
         senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
         names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
         fit_coeffs, fit_metrics = self._with_prior(samples)
@@ -162,7 +168,7 @@ class BayesianMAP(MAP):
         result.samples = samples  # report only this run's evaluations; the prior was used in the fit
         result.settings.update({"strategy": "bayesian", "acquisition": self.acquisition, "budget": budget, "initial": initial,
                                 "batch": None if asynchronous else batch, "final_model": self.final_model,
-                                "asynchronous": asynchronous, "max_in_flight": in_flight})
+                                "asynchronous": asynchronous, "max_in_flight": in_flight, "proposal_seconds": proposal_seconds})
         return result
 
     def _propose(self, coeffs, metrics, senses, links, names, size, rng, pending) -> np.ndarray:
@@ -171,8 +177,8 @@ class BayesianMAP(MAP):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             surrogates = fit_surrogates(fit_coeffs, fit_metrics, links, names, self.ridge, -np.inf)
-            if self.acquisition == "nehvi":
-                return self._nehvi(fit_coeffs, fit_metrics, surrogates, senses, size, pending)
+            if self.acquisition in ("nehvi", "ehvi"):
+                return self._nehvi(fit_coeffs, fit_metrics, surrogates, senses, size, pending, noisy=self.acquisition == "nehvi")
             return self._binned(fit_coeffs, fit_metrics, surrogates, size, rng)
 
     def _with_prior(self, samples: Samples) -> tuple[np.ndarray, np.ndarray]:
@@ -184,9 +190,13 @@ class BayesianMAP(MAP):
         return np.concatenate([coeffs, samples.coeffs]), np.concatenate([metrics, samples.metrics])
 
     # ------------------------------------------------------------------ acquisitions
-    def _nehvi(self, coeffs: np.ndarray, metrics: np.ndarray, surrogates, senses, size: int, pending: np.ndarray | None = None) -> np.ndarray:
+    def _nehvi(self, coeffs: np.ndarray, metrics: np.ndarray, surrogates, senses, size: int, pending: np.ndarray | None = None,
+               noisy: bool = True) -> np.ndarray:
+        """qLogNEHVI (``noisy``) or qLogEHVI on the evaluated front, under the quadratic-mean model."""
+        residual_model = ResidualGPModel(surrogates, coeffs, metrics, self.bounds)
+        if not noisy:
+            return propose_ehvi(residual_model, metrics, senses, self.bounds, q=size, pending=pending, seed=self.seed + len(coeffs))
         from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
-        from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
         from botorch.optim import optimize_acqf
         from botorch.sampling import SobolQMCNormalSampler
 
@@ -194,20 +204,10 @@ class BayesianMAP(MAP):
         num_coeffs = coeffs.shape[1]
         low, high = self.bounds
         box = torch.tensor([[low] * num_coeffs, [high] * num_coeffs], dtype=dtype)
-        x = torch.tensor(coeffs, dtype=dtype)
-        residual_model = ResidualGPModel(surrogates, coeffs, metrics, self.bounds)
-        model, scale, offset, quadratic = residual_model.gp, residual_model.scale, residual_model.offset, residual_model.quadratic
-        sign = torch.tensor([1.0 if s == "max" else -1.0 for s in senses], dtype=dtype)
-
-        def full(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
-            return (samples * scale + offset + quadratic(X)) * sign
-
-        oriented = orient(metrics, senses)
-        ref_point = (oriented.min(axis=0) - 0.1 * (oriented.max(axis=0) - oriented.min(axis=0) + 1e-9)).tolist()
         acquisition = qLogNoisyExpectedHypervolumeImprovement(
-            model=model, ref_point=ref_point, X_baseline=x, objective=GenericMCMultiOutputObjective(full),
-            sampler=SobolQMCNormalSampler(torch.Size([64]), seed=int(self.seed)), prune_baseline=True,
-            X_pending=torch.tensor(pending, dtype=dtype) if pending is not None and len(pending) else None,
+            model=residual_model.gp, ref_point=reference_point(orient(metrics, senses)).tolist(), X_baseline=torch.tensor(coeffs, dtype=dtype),
+            objective=residual_model.mc_objective(senses), sampler=SobolQMCNormalSampler(torch.Size([64]), seed=int(self.seed)),
+            prune_baseline=True, X_pending=torch.tensor(pending, dtype=dtype) if pending is not None and len(pending) else None,
         )
         with torch.random.fork_rng():
             torch.manual_seed(self.seed + len(coeffs))

@@ -6,10 +6,12 @@ against a reference front: hypervolume ratio, IGD+, preference regret, win rate 
 run (e.g. the task-arithmetic sweep). The front of a method is the non-dominated set of all the
 real models it evaluated: each of them is a model a user can pick.
 
-Budgeted methods (``BUDGETED``): ``"MAP"`` and ``"Bayesian MAP"`` spend ``budget - reevaluations``
-on samples and the rest re-evaluating well-spread front points; ``"random search"``,
-``"NSGA-II"``, ``"qNEHVI"`` and ``"CMA-ES"`` (on the equal-preference scalarisation, as
-mergekit-evolve) spend the whole budget (see :mod:`map_merge.baselines`).
+Budgeted methods (``BUDGETED``): ``"MAP"`` (the default, adaptive sampling) spends the whole
+budget; ``"MAP (design)"`` (the authors' one-shot design) and ``"Bayesian MAP"`` (quadratic-mean
+adaptive sampling) spend ``budget - reevaluations`` on samples and the rest re-evaluating
+well-spread front points; ``"random search"``, ``"NSGA-II"``, ``"qNEHVI"`` and ``"CMA-ES"`` (on the
+equal-preference scalarisation, as mergekit-evolve) spend the whole budget (see
+:mod:`map_merge.baselines`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .pareto import orient, pareto_mask
 
 __all__ = ["BUDGETED", "MethodRun", "run_method", "score_runs"]
 
-BUDGETED = ("MAP", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI", "CMA-ES")
+BUDGETED = ("MAP", "MAP (design)", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI", "CMA-ES")
 
 
 @dataclass
@@ -74,22 +76,25 @@ def run_method(
 ) -> MethodRun:
     """Run one of :data:`BUDGETED` with ``budget`` real evaluations in all.
 
-    MAP variants need ``budget - reevaluations`` to be at least the quadratic's
-    ``(T+1)(T+2)/2`` parameters; their surrogate link is ``link`` (``"auto"``: the objective's
-    suggestion, else sigmoid)."""
+    ``"MAP (design)"`` and ``"Bayesian MAP"`` need ``budget - reevaluations`` to be at least the
+    quadratic's ``(T+1)(T+2)/2`` parameters; their surrogate link is ``link`` (``"auto"``: the
+    objective's suggestion, else sigmoid)."""
     if method not in BUDGETED:
         raise ValueError(f"unknown method {method!r}; choose from {BUDGETED}")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method in ("MAP", "Bayesian MAP"):
+        if method == "MAP":
+            result = MAP(budget=budget, link=link, seed=seed).fit(objective, num_coeffs, progress=progress)
+            inputs, metrics = result.samples.coeffs, result.samples.metrics
+        elif method in ("MAP (design)", "Bayesian MAP"):
             samples = budget - reevaluations
             needed = num_quadratic_params(num_coeffs)
             if samples < needed:
                 raise ValueError(f"{method} with budget={budget} and reevaluations={reevaluations} has {samples} samples; "
                                  f"the quadratic surrogate of {num_coeffs} coefficients needs at least {needed}")
-            if method == "MAP":
-                result = MAP(num_samples=samples, link=link, seed=seed).fit(objective, num_coeffs)
+            if method == "MAP (design)":
+                result = MAP(num_samples=samples, sampling="design", link=link, seed=seed).fit(objective, num_coeffs)
             else:
                 initial = min(samples, needed + 2)
                 result = BayesianMAP(budget=samples, initial=initial, batch=num_coeffs, link=link, seed=seed).fit(objective, num_coeffs, progress=progress)

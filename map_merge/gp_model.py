@@ -112,6 +112,13 @@ class GPModel:
         self.gp.eval()
         self._alpha: dict[int, torch.Tensor] = {}
 
+    def mc_objective(self, senses: Sequence[str]) -> Any:
+        """botorch's multi-output MC objective turning posterior samples (metric units) into metrics
+        oriented higher-is-better."""
+        from botorch.acquisition.multi_objective.objective import WeightedMCMultiOutputObjective
+
+        return WeightedMCMultiOutputObjective(torch.tensor([1.0 if s == "max" else -1.0 for s in senses], dtype=torch.float64))
+
     def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Differentiable predictive means ``(..., M)`` at ``coeffs: (..., T)`` (metric units)."""
         shape = coeffs.shape

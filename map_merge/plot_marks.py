@@ -7,19 +7,36 @@ evaluations (``Z_REAL``), marks (``Z_MARK``) and the pick (``Z_PICK``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
-__all__ = ["Mark", "pick_mark", "as_marks", "is_predicted", "draw_marks", "cover", "legend",
+__all__ = ["STYLES", "save", "Mark", "pick_mark", "as_marks", "is_predicted", "draw_marks", "cover", "legend",
            "Z_REFERENCE", "Z_PREDICTED", "Z_REAL", "Z_MARK", "Z_PICK"]
 
 Z_REFERENCE, Z_PREDICTED, Z_REAL, Z_MARK, Z_PICK = 1.0, 2.0, 3.0, 5.0, 6.0
 PICK_STYLE = dict(marker="*", s=340, color="gold", edgecolors="black", linewidths=1.0, zorder=Z_PICK)
 MARK_STYLES = [dict(marker="X", color="black"), dict(marker="P", color="magenta"), dict(marker="D", color="darkorange"),
                dict(marker="h", color="teal")]
+
+
+STYLES = [
+    dict(color="C0", marker="o"), dict(color="C1", marker="s"), dict(color="C2", marker="^"), dict(color="C3", marker="D"),
+    dict(color="C4", marker="v"), dict(color="C5", marker="P"), dict(color="C6", marker="X"), dict(color="C7", marker="*"),
+    dict(color="C8", marker="<"), dict(color="C9", marker=">"),
+]
+
+
+def save(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    """Write ``fig`` to ``path`` (its folder created) when a path is given; returns ``fig``."""
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
 
 
 def _fmt(values: np.ndarray) -> str:

@@ -19,23 +19,15 @@ from matplotlib.figure import Figure
 from .metric_labels import MetricLabel, axis_label, metric_labels, resolve_labels
 from .objective import check_senses
 from .pareto import ParetoFront, orient, pareto_mask
+from .plot_compare import plot_bars, plot_cost_quality, plot_curves
+from .plot_marks import STYLES, save
 from .plot_marks import Z_MARK, Z_PREDICTED, Z_REAL, Z_REFERENCE, Mark, as_marks, cover, draw_marks, is_predicted, legend, pick_mark
 
-__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "plot_front_3d", "save",
+__all__ = ["plot_front_2d", "plot_pairwise", "plot_parallel", "plot_parity", "plot_landscape", "plot_curves", "plot_cost_quality", "plot_bars", "plot_front_3d",
+           "save",
            "Mark", "MetricLabel", "axis_label", "metric_labels", "pick_mark"]
 
-_STYLES = [
-    dict(color="C0", marker="o"), dict(color="C1", marker="s"), dict(color="C2", marker="^"), dict(color="C3", marker="D"),
-    dict(color="C4", marker="v"), dict(color="C5", marker="P"), dict(color="C6", marker="X"), dict(color="C7", marker="*"),
-    dict(color="C8", marker="<"), dict(color="C9", marker=">"),
-]
-
-
-def save(fig: Figure, path: str | os.PathLike | None) -> Figure:
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
+_STYLES = STYLES
 
 
 def _labels(num: int, labels, task_names, senses) -> tuple[MetricLabel, ...]:
@@ -340,58 +332,6 @@ def plot_landscape(result: Any, task: int = 0, axes: tuple[int, int] = (0, 1), r
     ax.set_ylabel(f"coefficient {coeff_names[axes[1]]}")
     ax.set_title(f"surrogate of {names[task].measured} (others at the box centre)", fontsize=9)
     legend(fig, ax)
-    return save(fig, path)
-
-
-def plot_curves(
-    curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    path: str | os.PathLike | None = None,
-) -> Figure:
-    """Lines with optional spread bands: ``label -> (x, mean, std or None)``."""
-    fig = Figure(figsize=(6, 4.2))
-    ax = fig.add_subplot(1, 1, 1)
-    for k, (label, (x, mean, std)) in enumerate(curves.items()):
-        style = _STYLES[k % len(_STYLES)]
-        ax.plot(x, mean, "-", marker=style["marker"], color=style["color"], label=label, ms=4)
-        if std is not None:
-            ax.fill_between(x, np.asarray(mean) - std, np.asarray(mean) + std, color=style["color"], alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
-    return save(fig, path)
-
-
-def plot_cost_quality(
-    scores: Mapping[str, Mapping[str, float]],
-    cost: str = "evaluations",
-    qualities: Sequence[tuple[str, str]] = (("hv_ratio", "hypervolume ratio (higher is better)"), ("regret_mean", "mean preference regret (lower is better)")),
-    title: str = "",
-    path: str | os.PathLike | None = None,
-) -> Figure:
-    """One panel per quality: each method is a labelled point at (its cost, its quality).
-    ``scores``: ``method -> {cost: ..., quality: ...}`` (e.g. :func:`map_merge.compare.score_runs`)."""
-    panels = [(key, label) for key, label in qualities if any(key in s for s in scores.values())]
-    fig = Figure(figsize=(5.2 * max(1, len(panels)), 4.2))
-    for p, (key, label) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), p + 1)
-        for k, (method, s) in enumerate(scores.items()):
-            if key not in s or cost not in s:
-                continue
-            style = _STYLES[k % len(_STYLES)]
-            ax.scatter([s[cost]], [s[key]], color=style["color"], marker=style["marker"], s=45, label=method)
-        ax.set_xlabel(f"{cost.replace('_', ' ')} (cost, lower is better)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if p == 0:
-            ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
     return save(fig, path)
 
 

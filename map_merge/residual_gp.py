@@ -7,10 +7,13 @@ botorch and gpytorch are imported when a model is built, not when this module is
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from .gp_model import posterior_mean
 from .surrogate import torch_predict_all
 
 __all__ = ["ResidualGPModel"]
@@ -49,22 +52,22 @@ class ResidualGPModel:
         except Exception as error:  # noqa: BLE001 - a failed hyper-parameter fit keeps the defaults
             log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
         self.gp.eval()
-        self._alpha: list[torch.Tensor] | None = None
+        self._alpha: dict[int, torch.Tensor] = {}
 
     def _gp_mean(self, flat: torch.Tensor) -> torch.Tensor:
-        # the predictive mean in closed form, m(x) + k(x, X) alpha, with alpha = gpytorch's cached
-        # (K + s^2 I)^-1 (y - m(X)): far cheaper than a posterior() call inside a gradient loop
-        if self._alpha is None:
-            with torch.no_grad():
-                for gp in self.gp.models:
-                    gp(gp.transform_inputs(flat[:1]))  # fills the prediction cache
-            self._alpha = [gp.prediction_strategy.mean_cache.detach() for gp in self.gp.models]
-        columns = []
-        for gp, alpha in zip(self.gp.models, self._alpha):
-            x = gp.transform_inputs(flat)
-            cross = gp.covar_module(x, gp.train_inputs[0]).to_dense()
-            columns.append(gp.mean_module(x) + cross @ alpha)
-        return torch.stack(columns, dim=-1)
+        return posterior_mean(self.gp.models, flat, self._alpha)
+
+    def mc_objective(self, senses: Sequence[str]) -> Any:
+        """botorch's MC objective adding the quadratic back to posterior samples of the
+        standardised residuals, in metric units oriented higher-is-better."""
+        from botorch.acquisition.multi_objective.objective import GenericMCMultiOutputObjective
+
+        sign = torch.tensor([1.0 if s == "max" else -1.0 for s in senses], dtype=torch.float64)
+
+        def full(samples: torch.Tensor, X: torch.Tensor | None = None) -> torch.Tensor:
+            return (samples * self.scale + self.offset + self.quadratic(X)) * sign
+
+        return GenericMCMultiOutputObjective(full)
 
     def torch_predict(self, coeffs: torch.Tensor) -> torch.Tensor:
         shape = coeffs.shape

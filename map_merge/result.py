@@ -118,7 +118,7 @@ class MAPResult:
             samples = samples.append(real.coeffs, real.metrics, int(samples.round.max()) + 1)
             current = self.fitter.fit_samples(samples, objective=objective, task_names=self.task_names, senses=self.senses,
                                               timings=self.timings)
-        current.settings["refine"] = {"reevaluations": int(reevaluations), "rounds": int(rounds)}
+        current.settings = {**self.settings, **current.settings, "refine": {"reevaluations": int(reevaluations), "rounds": int(rounds)}}
         return current
 
     def preference_regret(self, objective: Callable[[np.ndarray], np.ndarray], reference: np.ndarray | None = None,

@@ -79,12 +79,12 @@ def test_mobo_finds_the_front_with_few_evaluations():
 
 
 def test_run_method_budgets_and_errors():
-    for method in ["MAP", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI"]:
+    for method in ["MAP", "MAP (design)", "Bayesian MAP", "random search", "NSGA-II", "qNEHVI"]:
         run = run_method(method, objective(), 2, 16, seed=0, reevaluations=6)
         assert run.evaluations <= 16 and len(run.metrics) == run.evaluations
         assert np.allclose(run.metrics, two_bowls(run.inputs))
     with pytest.raises(ValueError, match="has 4 samples; the quadratic surrogate of 2 coefficients needs at least 6"):
-        run_method("MAP", objective(), 2, 10, reevaluations=6)
+        run_method("MAP (design)", objective(), 2, 10, reevaluations=6)
     with pytest.raises(ValueError, match="unknown method"):
         run_method("grid", objective(), 2, 10)
 
