@@ -82,23 +82,20 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
     return candidates.detach().numpy().clip(bounds[0], bounds[1])
 
 
-def model_picks(model, metrics: np.ndarray, senses: Sequence[str], bounds: tuple[float, float], preferences: np.ndarray,
-                seed: int = 0) -> np.ndarray:
+def model_picks(model, bounds: tuple[float, float], senses: Sequence[str], preferences: np.ndarray, seed: int = 0) -> np.ndarray:
     """``(P, T)``: per preference row ``w`` of ``preferences: (P, M)``, the coefficients maximising
-    ``sum_j w_j m_j(c) / range_j`` of the model's predicted metrics ``m`` oriented higher-is-better
-    (each scaled by the range of the evaluated ``metrics: (N, M)``, so that weights compare
-    metrics of different units)."""
+    ``sum_j w_j m_j(c)`` of the predicted metrics ``m`` oriented higher-is-better (in their own
+    units, as :meth:`~map_merge.ParetoFront.select` weighs them). ``model``: a
+    :class:`~map_merge.gp_model.GPModel`."""
     from botorch.acquisition import PosteriorMean
     from botorch.acquisition.objective import ScalarizedPosteriorTransform
     from botorch.optim import optimize_acqf
 
-    oriented = orient(np.asarray(metrics, dtype=np.float64), senses)
-    spread = np.maximum(np.ptp(oriented, axis=0), 1e-12)
     prefs = np.atleast_2d(np.asarray(preferences, dtype=np.float64))
     box = _box(bounds, model.num_coeffs)
     out = []
     for w in prefs:
-        weights = torch.tensor(w / spread, dtype=torch.float64) * signs(senses)
+        weights = torch.tensor(w, dtype=torch.float64) * signs(senses)
         objective = PosteriorMean(model.gp, posterior_transform=ScalarizedPosteriorTransform(weights=weights))
         with torch.random.fork_rng():
             torch.manual_seed(int(seed))

@@ -178,7 +178,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent:] if picks_spent < final else None
         new = None
         if wanted is not None and len(wanted):
-            picks = model_picks(model, samples.metrics, senses, bounds, wanted[: budget - len(samples)], seed=seed)
+            picks = model_picks(model, bounds, senses, wanted[: budget - len(samples)], seed=seed)
             picks_spent += len(picks)
             new = _new_rows(picks, samples.coeffs)
         if new is None or len(new) == 0:

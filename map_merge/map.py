@@ -342,9 +342,17 @@ class MAP:
             links = resolve_links("auto" if self.link == "loo" else self.link, objective, num_metrics)
             if len(samples) < num_quadratic_params(samples.coeffs.shape[1]):
                 return [], links
+            surrogates = []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, -np.inf), links
+                for j, link in enumerate(links):  # a link that does not fit the metric's range falls back to identity
+                    try:
+                        surrogates.append(QuadraticSurrogate(link=link, ridge=self.ridge, r2_warn=-np.inf, name=names[j])
+                                          .fit(samples.coeffs, samples.metrics[:, j]))
+                    except ValueError:
+                        surrogates.append(QuadraticSurrogate(link="identity", ridge=self.ridge, r2_warn=-np.inf, name=names[j])
+                                          .fit(samples.coeffs, samples.metrics[:, j]))
+            return surrogates, tuple(q.link for q in surrogates)
         if self.link == "loo":
             surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge,
                                         self.r2_warn)

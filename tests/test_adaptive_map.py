@@ -1,0 +1,162 @@
+"""MAP's default adaptive sampling: budgets, designs, picks, asynchronous workers, the GP model
+and the acquisition, each against an analytic ground truth."""
+
+import concurrent.futures as cf
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import map_merge as mm
+from map_merge.acquisition import model_picks, propose_ehvi
+from map_merge.baselines import random_search
+from map_merge.gp_model import GPModel
+
+
+def unit_quadratics(c):
+    """f_i(c) = 1 - |c - e_i|^2 (T = 2). The Pareto set is the segment c = (a, 1 - a); for the
+    preference (w, 1 - w) the best weighted score is 1 - 2 w (1 - w), reached at c = (w, 1 - w)."""
+    c = np.atleast_2d(c)
+    return np.stack([1 - ((c - e) ** 2).sum(1) for e in np.eye(2)], axis=1)
+
+
+def exact_front(points: int = 2001) -> np.ndarray:
+    a = np.linspace(0, 1, points)
+    return unit_quadratics(np.column_stack([a, 1 - a]))
+
+
+REF = np.array([-1.0, -1.0])  # each metric's worst value over the box is -1
+
+
+def objective():
+    return mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+
+
+def hv(points):
+    return mm.hypervolume(np.asarray(points), REF)
+
+
+def test_default_is_adaptive_and_spends_exactly_its_budget():
+    obj = objective()
+    result = mm.MAP(budget=14, seed=0).fit(obj, 2)
+    assert obj.num_evaluations == 14 and result.num_evaluations == 14
+    assert result.settings["sampling"] == "adaptive" and result.settings["model"] == "gp"
+    assert result.settings["initial"] == 6 and result.samples.round.max() == 8  # 6 to start, then one per round
+    # the starting design holds the experts: the one-hot coefficient vectors (the fine-tuned models)
+    np.testing.assert_allclose(result.samples.coeffs[:2], np.eye(2))
+    np.testing.assert_allclose(result.samples.metrics, unit_quadratics(result.samples.coeffs))
+    assert len(result.settings["proposal_seconds"]) == 8
+    assert len(np.unique(result.samples.coeffs.round(6), axis=0)) == 14  # no point evaluated twice
+
+
+def test_adaptive_front_against_the_analytic_front_and_random_search():
+    ratios, random_ratios = [], []
+    for seed in range(3):
+        result = mm.MAP(budget=14, seed=seed).fit(objective(), 2)
+        ratios.append(hv(result.samples.metrics) / hv(exact_front()))
+        random = random_search(objective(), 2, 14, seed=seed)
+        random_ratios.append(hv(random.metrics) / hv(exact_front()))
+    assert min(ratios) > 0.97  # its own 14 real evaluations nearly cover the exact front
+    assert np.mean(ratios) > np.mean(random_ratios) + 0.02
+
+
+def test_picks_land_on_the_analytic_optimum():
+    result = mm.MAP(budget=14, seed=0).fit(objective(), 2)
+    for w in (0.0, 0.2, 0.5, 0.9):
+        pick = result.select([w, 1 - w])
+        score = unit_quadratics(pick)[0] @ [w, 1 - w]
+        assert score == pytest.approx(1 - 2 * w * (1 - w), abs=0.01)  # hand-derived optimum
+
+
+def test_the_last_evaluations_go_to_the_picks_for_the_users_preferences():
+    prefs = np.array([[0.3, 0.7], [0.8, 0.2]])
+    result = mm.MAP(budget=14, preferences=prefs, seed=1).fit(objective(), 2)
+    assert result.settings["final"] == 2 and result.num_evaluations == 14
+    last = result.samples.coeffs[-2:]
+    np.testing.assert_allclose(last, [[0.3, 0.7], [0.8, 0.2]], atol=0.08)  # the optimum for (w, 1 - w) is c = (w, 1 - w)
+
+
+class Threads:
+    """Two evaluations at once (threads): what a RayExecutor with two workers looks like."""
+
+    num_workers = 2
+
+    def __init__(self):
+        self.pool = cf.ThreadPoolExecutor(2)
+
+    def submit(self, fn, item):
+        return self.pool.submit(fn, item)
+
+    def map(self, fn, items):
+        futures = {self.submit(fn, x): i for i, x in enumerate(items)}
+        for f in cf.as_completed(futures):
+            yield futures[f], f.result()
+
+
+def test_asynchronous_workers_stay_busy_and_the_budget_holds():
+    def slow(c):
+        time.sleep(0.02)
+        return unit_quadratics(c)[0]
+
+    executor = Threads()
+    obj = mm.FunctionObjective(slow, 2, ["a", "b"], batched=False, executor=executor)
+    try:
+        result = mm.MAP(budget=12, seed=0).fit(obj, 2)
+    finally:
+        executor.pool.shutdown()
+    assert result.settings["asynchronous"] is True and result.settings["max_in_flight"] == 2
+    assert result.num_evaluations == 12 and obj.num_evaluations == 12
+    np.testing.assert_allclose(result.samples.metrics, unit_quadratics(result.samples.coeffs))
+
+
+def test_adaptive_errors_name_the_problem():
+    with pytest.raises(ValueError, match="at least 2 metrics"):
+        mm.MAP(budget=8).fit(mm.FunctionObjective(lambda c: unit_quadratics(c)[:, :1], 2, ["a"]), 2)
+    with pytest.raises(ValueError, match="preferences have 3 entries but the objective returns 2"):
+        mm.MAP(budget=8, preferences=[1, 1, 1]).fit(objective(), 2)
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        mm.MAP(sampling="grid")
+    with pytest.raises(ValueError, match="budget must be at least 1"):
+        mm.MAP(budget=0)
+    with pytest.raises(ValueError, match="non-negative rows"):
+        mm.MAP(preferences=[[1, -1]])
+    with pytest.raises(ValueError, match="give model or its older name final_model"):
+        mm.MAP(model="gp", final_model="gp")
+
+
+def test_gp_model_interpolates_and_its_torch_mean_matches():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(25, 2))
+    model = GPModel(x, unit_quadratics(x), (0.0, 1.0))
+    test = rng.uniform(size=(200, 2))
+    mean, std = model.predict(test, return_std=True)
+    assert np.abs(mean - unit_quadratics(test)).max() < 0.02  # a smooth function, 25 points
+    assert std.shape == (200, 2) and (std >= 0).all()
+    import torch
+
+    np.testing.assert_allclose(model.torch_predict(torch.tensor(test)).detach().numpy(), mean, atol=1e-8)
+    warm = GPModel(x, unit_quadratics(x), (0.0, 1.0), warm_start=model)
+    np.testing.assert_allclose(warm.predict(test), mean, atol=1e-3)  # same data: the warm start lands on the same fit
+    with pytest.raises(ValueError, match="at least 2 evaluations"):
+        GPModel(x[:1], unit_quadratics(x[:1]), (0.0, 1.0))
+
+
+def test_expected_improvement_goes_to_the_gap_and_avoids_pending_points():
+    """The evaluated front of f(c) = (c, 1 - c) on [0, 1] (T = 1) has a gap between 0.2 and 0.8:
+    the largest hypervolume gain is inside it; a point pending there pushes the next one elsewhere."""
+    x = np.array([[0.0], [0.1], [0.2], [0.8], [0.9], [1.0]])
+
+    def line(c):
+        c = np.atleast_2d(c)
+        return np.column_stack([c[:, 0], 1 - c[:, 0]])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPModel(x, line(x), (0.0, 1.0))
+        first = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), seed=0)
+        assert first.shape == (1, 1) and 0.3 < first[0, 0] < 0.7
+        second = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), pending=first, seed=0)
+    assert abs(second[0, 0] - first[0, 0]) > 0.08 and 0.2 < second[0, 0] < 0.8
+    picks = model_picks(model, (0.0, 1.0), ("max", "max"), np.array([[1.0, 0.0], [0.0, 1.0]]))
+    np.testing.assert_allclose(picks[:, 0], [1.0, 0.0], atol=0.02)  # the ends of the line
