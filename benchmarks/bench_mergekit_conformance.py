@@ -254,7 +254,7 @@ def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype, r
             run = subprocess.run([exe, str(path), str(theirs_folder), "--quiet", "--no-copy-tokenizer", "--random-seed", "0"],
                                  capture_output=True, text=True)
             if run.returncode:
-                refused = (run.stderr.strip().splitlines() or ["(no message)"])[-1]
+                refused = (run.stderr.strip().splitlines() or ["(no message)"])[-1].replace(str(work), "<work>")
         recipe = mm.from_mergekit(path)  # the same file mergekit read
         row = {"files": label, "recipe": name, "mergekit": method, "weights": json.dumps(weights),
                "groups": None if recipe.groups is None else recipe.groups.spec, "ours": json.dumps(recipe.method.spec),
@@ -264,7 +264,8 @@ def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype, r
             print(f"{label} {name}: mergekit-yaml refuses it ({refused}); ours: {recipe.notes}", flush=True)
             continue
         ours = recipe.task_vectors().merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32, groups=recipe.groups)
-        row.update(compare_files(ours, load_raw(theirs_folder), load_raw(folders[0]), dtype))
+        theirs = load_raw(theirs_folder)
+        row.update(compare_files(ours, theirs, load_raw(folders[0]), dtype))
         if row["entries_over_one_ulp"]:
             row["over_one_ulp_by_cause"] = explain(ours, theirs, folders, recipe.method)
         rows.append(row)
