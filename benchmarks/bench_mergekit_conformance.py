@@ -31,8 +31,11 @@ interpolate between knots): weight forms mixed across models (a gradient, filter
 inside filters (task arithmetic and Breadcrumbs), ``1e-1`` weights (strings in YAML 1.1), quoted
 true/false settings (``normalize: "false"``, read as pydantic's bool), ``weight: true`` (1.0),
 filters without a catch-all (the unmatched tensors take the top-level ``weight``: a number, or its
-own filters and gradient), and ``linear`` with an unlisted base (mergekit adds it with the
-top-level weight).
+own filters and gradient), ``linear`` with an unlisted base (mergekit adds it with the
+top-level weight), models whose filters differ (the groups: the cells of the joint partition), a
+filter matching no tensor, top-level fields mergekit ignores, gradients on a one-layer model (the
+layer at the gradient's end, t = 1), and ``linear`` with an unlisted base and no top-level weight
+(mergekit refuses it: the row says so; we average the fine-tunes, with a warning).
 
 Per recipe: the largest difference (over all entries, and over the entries whose keep/drop decision,
 ``merged != base``, is the same on both sides), the share of entries that differ, and the share
@@ -178,8 +181,9 @@ def emitted_recipes() -> list[tuple[str, list, mm.MergeMethod | None, mm.Groups 
 
 
 # ---------------------------------------------------------------------- recipes as read
-def read_recipes() -> list[tuple[str, str, list, dict, dict]]:
-    """``(label, mergekit method, per-model weight settings, per-model parameters, shared parameters)``."""
+def read_recipes() -> list[tuple]:
+    """``(label, mergekit method, per-model weight settings, per-model parameters, shared parameters)``,
+    optionally with ``extra`` top-level fields (a sixth item)."""
     in_filters = [[{"filter": "self_attn", "value": [0.1, 0.9, 0.4]}, {"filter": "mlp", "value": 0.6}, {"value": 0.5}],
                   [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.7, 0.2, 0.6]}, {"value": [1.0, 0.5, 0.0]}]]
     return [
@@ -203,32 +207,65 @@ def read_recipes() -> list[tuple[str, str, list, dict, dict]]:
          {"weight": [{"filter": "self_attn", "value": 0.9}, {"filter": "mlp", "value": 0.1}, {"value": [0.0, 1.0]}]}),
         ("weight: [] (the top-level weight)", "task_arithmetic", [[], 0.4], {}, {"weight": 0.7}),
         ("linear, unlisted base: top-level weight", "linear", [0.3, 0.5], {}, {"weight": 1.0}),
+        ("filters differ: self_attn / mlp", "task_arithmetic", [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
+                                                                [{"filter": "mlp", "value": 0.8}, {"value": 0.1}]], {}, {}),
+        ("the same filters in another order", "task_arithmetic",
+         [[{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.6}, {"value": 0.5}],
+          [{"filter": "mlp", "value": [0.8, 0.2, 0.4]}, {"filter": "self_attn", "value": 0.2}, {"value": 0.1}]], {}, {}),
+        ("filters differ: top-level fallback vs own catch-all", "task_arithmetic",
+         [[{"filter": "mlp", "value": 0.2}], [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]], {},
+         {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": [0.0, 1.0]}]}),
+        ("filters meeting in one tensor (self_attn, layers.1.)", "task_arithmetic",
+         [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}], [{"filter": "layers.1.", "value": 0.8}, {"value": 0.1}]], {}, {}),
+        ("Breadcrumbs, filters differ", "breadcrumbs", [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
+                                                         [{"filter": "mlp", "value": 0.8}, {"value": 0.1}]],
+         {"density": DENSITY, "gamma": GAMMA}, {}),
+        ("a filter matching no tensor ('experts')", "task_arithmetic", [[{"filter": "experts", "value": 0.9}, {"value": 0.5}], 0.1], {}, {}),
+        ("unknown top-level fields (merge_metod, comment)", "task_arithmetic", [0.3, 0.5], {}, {},
+         {"merge_metod": "ties", "comment": "ignored"}),
+        ("linear, unlisted base, no top-level weight", "linear", [0.3, 0.5], {}, {}),  # mergekit refuses: a row saying so
     ]
 
 
-def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype) -> list[dict]:
-    """Each of :func:`read_recipes` through ``mergekit-yaml`` and through ``from_mergekit`` + ``merge``."""
+def one_layer_recipes() -> list[tuple]:
+    """Recipes for a one-layer model: a gradient there takes its end value (mergekit's t = 1)."""
+    return [("one layer: gradient [0.2, 0.8]", "task_arithmetic", [[0.2, 0.8], 0.5], {}, {}),
+            ("one layer: gradient in a filter", "task_arithmetic", [[{"filter": "mlp", "value": [0.2, 0.7, 0.9]}, {"value": 0.4}], 0.5],
+             {}, {})]
+
+
+def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype, recipes: list[tuple] | None = None) -> list[dict]:
+    """Each of ``recipes`` (default :func:`read_recipes`) through ``mergekit-yaml`` and through
+    ``from_mergekit`` + ``merge``; a recipe mergekit refuses gives a row with its error."""
     import yaml
 
     exe = str(mergekit_bin() / "mergekit-yaml")
     rows = []
-    for name, method, weights, params, shared in read_recipes():
+    for name, method, weights, params, shared, *extra in (read_recipes() if recipes is None else recipes):
         slug = "".join(ch if ch.isalnum() else "_" for ch in name)
         config = {"merge_method": method, "base_model": str(folders[0]), "dtype": "float32", "out_dtype": "float32",
                   "models": [{"model": str(f), "parameters": {"weight": w, **params}} for f, w in zip(folders[1:], weights)],
-                  **({"parameters": shared} if shared else {})}
+                  **({"parameters": shared} if shared else {}), **(extra[0] if extra else {})}
         path, theirs_folder = work / f"read_{slug}.yml", work / f"read_{slug}_mergekit"
         text = yaml.safe_dump(config, sort_keys=False)
+        refused = None
         if not (path.exists() and path.read_text() == text and any(theirs_folder.glob("*.safetensors"))):  # else: reuse (--work)
             path.write_text(text)
-            subprocess.run([exe, str(path), str(theirs_folder), "--quiet", "--no-copy-tokenizer", "--random-seed", "0"], check=True,
-                           capture_output=True, text=True)
+            run = subprocess.run([exe, str(path), str(theirs_folder), "--quiet", "--no-copy-tokenizer", "--random-seed", "0"],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                refused = (run.stderr.strip().splitlines() or ["(no message)"])[-1].replace(str(work), "<work>")
         recipe = mm.from_mergekit(path)  # the same file mergekit read
-        ours = recipe.task_vectors().merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32, groups=recipe.groups)
-        theirs = load_raw(theirs_folder)
         row = {"files": label, "recipe": name, "mergekit": method, "weights": json.dumps(weights),
                "groups": None if recipe.groups is None else recipe.groups.spec, "ours": json.dumps(recipe.method.spec),
-               "c": recipe.flat_coeffs.tolist(), "notes": recipe.notes, **compare_files(ours, theirs, load_raw(folders[0]), dtype)}
+               "c": recipe.flat_coeffs.tolist(), "notes": recipe.notes}
+        if refused is not None:
+            rows.append({**row, "mergekit_refused": refused})
+            print(f"{label} {name}: mergekit-yaml refuses it ({refused}); ours: {recipe.notes}", flush=True)
+            continue
+        ours = recipe.task_vectors().merge(recipe.flat_coeffs, recipe.method, dtype=torch.float32, groups=recipe.groups)
+        theirs = load_raw(theirs_folder)
+        row.update(compare_files(ours, theirs, load_raw(folders[0]), dtype))
         if row["entries_over_one_ulp"]:
             row["over_one_ulp_by_cause"] = explain(ours, theirs, folders, recipe.method)
         rows.append(row)
@@ -471,6 +508,8 @@ def main() -> None:
         label = str(dtype).removeprefix("torch.")
         if "read" in only:
             read += read_rows(build_models(work / label / "layers4", dtype, layers=4), work / label / "layers4", label, dtype)
+            read += read_rows(build_models(work / label / "layers1", dtype, layers=1), work / label / "layers1", label, dtype,
+                              one_layer_recipes())
         if not only & {"operators", "emitted", "della"}:
             continue
         folders = build_models(work / label, dtype)
@@ -501,7 +540,7 @@ def main() -> None:
                                         "mergekit": "0.1.5", "sections": sorted(only)}})
     print(table(rows, ["files", "recipe", "mergekit", "max_abs_diff", "max_abs_diff_same_decisions", "share_differing", "share_decisions_differing"]))
     print(table(emitted, ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_over_one_ulp", "share_differing_after_rounding", "worst_tensor"]))
-    print(table(read, ["files", "recipe", "mergekit", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_differing_after_rounding"]))
+    print(table(read, ["files", "recipe", "mergekit", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp", "share_differing_after_rounding", "mergekit_refused"]))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,4 +1,5 @@
-"""mergekit recipes in and out, on plain data (no models are read here).
+"""mergekit recipes in and out, on plain data (no weights are read here; filtered weights only look
+up the base checkpoint's tensor names, in its safetensors headers, to drop groups that own none).
 
 :func:`parse_recipe` turns a mergekit config (the YAML users give ``mergekit-yaml``: ``models``,
 ``base_model``, ``merge_method``, ``parameters``, ``dtype``) into a :class:`Recipe`: the model
@@ -33,7 +34,9 @@ Weights may be numbers (numeric strings such as ``'1e-1'`` too), per-layer lists
 mergekit) or lists of ``{filter, value}`` conditions (substring filters, first match wins: regex
 :class:`~map_merge.Groups` of the escaped filters, the unfiltered entry the catch-all ``rest``)
 whose values may be gradients; models may mix these forms, and filters none of a model's conditions
-matches take the top-level ``weight`` (:mod:`map_merge.mergekit_weights`). ``normalize``,
+matches take the top-level ``weight`` (:mod:`map_merge.mergekit_weights`). Models whose filters
+differ give the cells of the joint partition as groups (:mod:`map_merge.mergekit_filters`).
+Top-level fields mergekit does not know are ignored, as mergekit ignores them, with a warning. ``normalize``,
 ``rescale``, ``int8_mask`` are read as pydantic reads a ``bool`` (``"false"``, ``no``, ``0``: false;
 :func:`~map_merge.numeric.parse_bool`), numbers as its ``float`` (``true``: 1.0).
 
@@ -55,7 +58,9 @@ from typing import Any
 import numpy as np
 
 from .groups import Groups
-from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
+from .merge_methods import Breadcrumbs, Della, MergeMethod, TaskArithmetic, Ties
+from .mergekit_filters import checkpoint_tensor_names, drop_unused
+from .mergekit_methods import operator_for
 from .mergekit_settings import read_settings, tokenizer_notes
 from .mergekit_weights import per_knot_normalising_is_inexact, read_weights, weight_setting
 from .numeric import parse_bool, parse_number
@@ -193,27 +198,25 @@ def _task_name(path: str, taken: set[str]) -> str:
     return candidate
 
 
-def _one(values: list[Any], field: str) -> Any:
-    distinct = {repr(v) for v in values}
-    if len(distinct) > 1:
-        raise _fail(field, f"differs between models ({sorted(distinct)}); map_merge's operators take one value for all tasks")
-    return values[0]
-
-
 def parse_recipe(config: Mapping[str, Any]) -> Recipe:
     """A :class:`Recipe` from a mergekit config mapping (see the module docstring).
 
-    Raises RecipeError naming the field: an unknown or unsupported ``merge_method``, ``slices``,
-    no ``models``, a model without ``model``, no ``base_model``, weights of different lengths or
-    filters, a per-model density that differs between models."""
+    Raises RecipeError naming the field: no, an unknown or an unsupported ``merge_method``,
+    ``slices``, ``modules``, no ``models``, a model without ``model``, no ``base_model``, gradients
+    of different lengths, a per-model density that differs between models. Fields mergekit ignores
+    are named in a warning (and in the recipe's ``notes``)."""
     if not isinstance(config, Mapping):
         raise RecipeError(f"mergekit recipe: expected a mapping, got {type(config).__name__}")
     if "slices" in config:
         raise _fail("slices", "is not supported (layer slicing and stacking is not task arithmetic); use 'models'")
-    unknown = sorted(set(config) - _TOP_KEYS)
-    if unknown:
-        raise _fail(unknown[0], f"is not a mergekit field map_merge reads; known: {sorted(_TOP_KEYS)}")
+    if "modules" in config:
+        raise _fail("modules", "is not supported (per-module merges of multi-module models); use 'models'")
+    unknown = sorted(set(config) - _TOP_KEYS)  # mergekit's MergeConfiguration ignores them (pydantic's extra="ignore")
+    ignored = [f"fields {unknown} are no mergekit fields: mergekit ignores them, and so does map_merge (a typo?)"] if unknown else []
     method_name = config.get("merge_method")
+    if method_name is None:
+        raise _fail("merge_method", "is required (mergekit refuses a recipe without it)"
+                                    + (f"; the recipe has fields mergekit ignores: {unknown}" if unknown else ""))
     if method_name not in READ_METHODS:
         raise _fail("merge_method", f"is {method_name!r}; map_merge reads {list(READ_METHODS)}")
     models = config.get("models")
@@ -269,10 +272,20 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
                                           fallback=global_params.get("weight"))
     except ValueError as error:
         raise RecipeError(f"mergekit recipe: {error}") from None
+    names_in_base = checkpoint_tensor_names(base) if groups is not None and groups.patterns else None
+    notes: list[str] = list(ignored)
+    if names_in_base is not None:  # cells no tensor of this model falls into (self_attn&mlp), filters matching nothing
+        groups, everything, dropped = drop_unused(groups, everything, names_in_base)
+        single = [n for n in dropped if "&" not in n]
+        if single:
+            notes.append(f"filter group(s) {single} own no tensor of the base model (their filter matches none, or earlier filters "
+                         "take all it matches): mergekit never uses them, and they are dropped")
     matrix = everything[: len(entries)]
     normalize = flags.get("normalize", _NORMALIZE_DEFAULT[method_name])
     lam = 1.0 if method_name == "linear" else _number(global_params.get("lambda", 1.0), "lambda")  # linear has no lambda
-    notes: list[str] = []
+    if method_name == "linear" and not listed_base and "weight" not in global_params:
+        notes.append("linear with an unlisted base_model and no top-level weight: mergekit-yaml refuses this recipe (it adds the "
+                     "base to the average and finds no weight for it); map_merge takes the weighted average of the listed models")
     if method_name in _CONSENSUS:
         mean = matrix.mean(axis=0, keepdims=True)
         if not np.allclose(matrix, mean):
@@ -293,7 +306,10 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
                 notes.append("normalize: true with per-layer weights whose sum over the models varies with depth: mergekit divides "
                              "per layer, the coefficients here are normalised per knot (close, not exact)")
         coeffs = lam * matrix / np.where(np.abs(total) < 1e-8, 1.0, total) if normalize else lam * matrix
-    method = _method(method_name, entries, flags.get("rescale"), normalize)
+    try:
+        method = operator_for(method_name, entries, flags.get("rescale"), normalize)
+    except ValueError as error:
+        raise RecipeError(f"mergekit recipe: {error}") from None
     if method_name == "ties" and not normalize:  # Ties takes the disjoint mean; the same trim, summed
         notes.append("ties with normalize: false sums the agreeing trimmed deltas: read as Breadcrumbs(density, gamma=0, "
                      "consensus='sum', normalize=False)")
@@ -302,41 +318,6 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
         log.warning("mergekit recipe: %s", note)
     return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes,
                   settings)
-
-
-def _method(name: str, entries: list[tuple[str, dict[str, Any]]], rescale: bool | None, normalize: bool) -> MergeMethod:
-    """Our operator for mergekit's ``name``; ``rescale``: the recipe's (None: not set);
-    ``normalize``: the recipe's (mergekit's default filled in). Without consensus normalising is a
-    choice of coefficients, never the operator's."""
-    def shared(key: str, default: Any) -> float:
-        raw = [p.get(key, default) for _, p in entries]
-        try:
-            values = [parse_number(v, bools=True) for v in raw]
-        except ValueError as error:
-            raise _fail(key, f"must be a number for {name!r} (per-layer or filtered densities are not supported): {error} "
-                             f"(in {raw})") from None
-        return _one(values, key)
-
-    if name in ("task_arithmetic", "linear"):
-        return TaskArithmetic()
-    if name == "ties":
-        if not normalize:
-            return Breadcrumbs(density=float(shared("density", 1.0)), gamma=0.0, scope="tensor",
-                               rescale="l1" if rescale else None, consensus="sum", normalize=False)
-        return Ties(k=float(shared("density", 1.0)), scope="tensor")
-    if name in ("breadcrumbs", "breadcrumbs_ties"):
-        consensus = name == "breadcrumbs_ties"
-        return Breadcrumbs(density=float(shared("density", 1.0)), gamma=float(shared("gamma", 0.01)), scope="tensor",
-                           rescale="l1" if (rescale if rescale is not None else False) else None,
-                           consensus="sum" if consensus else None, normalize=consensus and normalize)
-    if name in ("della", "della_linear"):
-        consensus = name == "della"
-        return Della(density=float(shared("density", 1.0)), epsilon=float(shared("epsilon", 0.15)), scope="tensor",
-                     rescale="l1" if (rescale if rescale is not None else True) else None, consensus="sum" if consensus else None,
-                     normalize=consensus and normalize)
-    density = float(shared("density", 1.0))
-    ties = Ties(k=1.0, scope="tensor") if name == "dare_ties" else None
-    return Dare(p=1.0 - density, ties=ties)
 
 
 def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, method: MergeMethod | None = None,

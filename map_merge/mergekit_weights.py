@@ -21,9 +21,10 @@ can never be the first match (its filter contains an earlier one's) is dropped.
 Models of one recipe may use different forms. Read, they become one :class:`~map_merge.Groups`
 for all models: none (all numbers), depth knots (gradients), substring patterns (conditions), or
 both (``Groups(patterns, knots=K)``: conditions with a gradient anywhere); a number is then the
-same in every group, a gradient the same in every pattern. Exact: per tensor every model's value
-is mergekit's. Refused, naming the problem: gradients of different lengths, models whose
-conditions name different filters.
+same in every group, a gradient the same in every pattern. Models whose conditions name different
+filters (or the same in another order) give the cells of the joint partition as patterns
+(:mod:`map_merge.mergekit_filters`). Exact: per tensor every model's value is mergekit's. Refused,
+naming the problem: gradients of different lengths.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Union
 import numpy as np
 
 from .groups import LAYER_PATTERN, Groups
+from .mergekit_filters import conjunction_filters, joint_cells
 from .numeric import parse_number
 
 __all__ = ["read_weights", "weight_setting", "per_knot_normalising_is_inexact"]
@@ -55,17 +57,17 @@ def read_weights(weights: list[Any], labels: list[str], fallback: Any = None) ->
     if len(lengths) > 1:
         raise ValueError(f"field 'weight' gradients of different lengths {lengths}; give every model the same number of knots")
     knots = lengths[0] if lengths else None
-    filters = {tuple(f for f, _ in s) for s in settings if isinstance(s, tuple)}
-    if len(filters) > 1:
-        shown = sorted(str(list(f)) for f in filters)
-        raise ValueError(f"field 'weight' filters differ between models ({shown}); give every model's conditions the same filters")
-    patterns = _patterns(filters.pop()) if filters else None
-    if patterns is None and knots is None:
+    conditioned = [s for s in settings if isinstance(s, tuple)]
+    if not conditioned and knots is None:
         return None, np.asarray([[s] for s in settings], dtype=np.float64)
+    patterns, cells = joint_cells([[f for f, _ in s] for s in conditioned]) if conditioned else (None, [()])
     groups = Groups(patterns, knots=knots)
-    rows = []
+    rows, which = [], 0
     for s in settings:
-        per_pattern = [v for _, v in s] if isinstance(s, tuple) else [s] * max(len(patterns or ()), 1)
+        if isinstance(s, tuple):  # per cell, the condition this model picks there
+            per_pattern, which = [s[cell[which]][1] for cell in cells], which + 1
+        else:
+            per_pattern = [s] * len(cells)
         rows.append(np.concatenate([np.broadcast_to(np.asarray(v, dtype=np.float64), (knots or 1,)) for v in per_pattern]))
     return groups, np.stack(rows)
 
@@ -147,26 +149,6 @@ def _values(setting: Value | tuple) -> list[Value]:
     return [v for _, v in setting] if isinstance(setting, tuple) else [setting]
 
 
-def _patterns(filters: tuple) -> dict[str, str]:
-    """Regex groups of substring filters, in order (the unfiltered one: ``rest``, ``.*``)."""
-    patterns: dict[str, str] = {}
-    for f in filters:
-        if f is None:
-            patterns[_unique("rest", patterns)] = ".*"
-        else:
-            patterns[_unique(re.sub(r"\W+", "_", f).strip("_") or f"group{len(patterns)}", patterns)] = re.escape(f)
-    return patterns
-
-
-def _unique(name: str, taken: Mapping[str, Any]) -> str:
-    """``name``, or ``name_2``, ``name_3``... when a group already has it (filters ``self_attn`` and ``self.attn``)."""
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    return candidate
-
-
 def per_knot_normalising_is_inexact(groups: Groups | None, total: np.ndarray) -> bool:
     """Whether dividing by ``total: (G,)`` (the models' summed weights per group) knot by knot
     differs from mergekit's per-tensor division: with depth knots, when the total varies over one
@@ -197,6 +179,11 @@ def weight_setting(row: np.ndarray, groups: Groups | None) -> Any:
     conditions = []
     for (name, pattern), value in zip(groups.patterns.items(), values):
         literal = _literal(pattern)
+        together = conjunction_filters(pattern) if literal is None else None
+        if together is not None:
+            raise ValueError(f"group {name!r} holds the tensors whose names contain {'both' if len(together) == 2 else 'all of'} "
+                             f"{' and '.join(repr(f) for f in together)} (a cell of models' differing filters): no mergekit filter "
+                             "selects them alone, so their coefficients cannot be written as per-model filters")
         if literal is None:
             raise ValueError(f"group {name!r} ({pattern!r}) is not a plain substring; mergekit filters match substrings "
                              "(use a literal such as 'self_attn', or '.*' for the last, catch-all group)")

@@ -168,6 +168,53 @@ def test_linear_adds_the_unlisted_base_with_the_top_level_weight():
     np.testing.assert_allclose(parse_recipe(_two("linear", weights=(0.3, 0.5), weight=1.0)).coeffs[:, 0], [0.3 / 1.8, 0.5 / 1.8])
 
 
+def test_linear_without_a_weight_for_the_unlisted_base_says_mergekit_refuses_it(caplog):
+    # mergekit-yaml: "Missing required parameter weight for .../base.model.embed_tokens.weight"; map_merge averages the fine-tunes
+    with caplog.at_level(logging.WARNING, logger="map_merge.mergekit_config"):
+        recipe = parse_recipe(_two("linear", weights=(0.3, 0.5)))
+    np.testing.assert_allclose(recipe.coeffs[:, 0], [0.3 / 0.8, 0.5 / 0.8])
+    assert "mergekit-yaml refuses this recipe" in caplog.text and "weighted average of the listed models" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="map_merge.mergekit_config"):
+        parse_recipe(_two("linear", weights=(0.3, 0.5), weight=1.0))  # a top-level weight for the base: as mergekit
+    assert "refuses" not in caplog.text
+
+
+# ---------------------------------------------------------------- top-level fields mergekit ignores
+def test_unknown_top_level_fields_are_ignored_with_a_warning(caplog):
+    # mergekit's MergeConfiguration (pydantic, extra="ignore") drops them; a typo must not pass unsaid
+    with caplog.at_level(logging.WARNING, logger="map_merge.mergekit_config"):
+        recipe = parse_recipe({**_two(), "merge_metod": "ties", "comment": "x"})
+    np.testing.assert_allclose(recipe.coeffs[:, 0], [0.7, 0.4])
+    assert "'comment', 'merge_metod'" in caplog.text and "ignore" in caplog.text
+    assert any("merge_metod" in note for note in recipe.notes)
+    typo = _two()
+    typo["merge_metod"] = typo.pop("merge_method")
+    with pytest.raises(RecipeError, match=r"field 'merge_method' is required.*'merge_metod'"):  # mergekit: Field required
+        parse_recipe(typo)
+    with pytest.raises(RecipeError, match=r"field 'modules' is not supported"):  # a mergekit field, not one to ignore
+        parse_recipe({**_two(), "modules": {}})
+
+
+# ---------------------------------------------------------------- a gradient on a one-layer model
+def test_a_gradient_on_a_one_layer_model_takes_its_end_value_in_the_layer(tmp_path):
+    # mergekit's planner: t = 1 for the only layer (plan.py: num_layers == 1), t = 0 for embeddings, final norm, head;
+    # mergekit-yaml on such a model: layer tensors 0.8, the others 0.2
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    for name, seed in (("code", 1), ("chat", 2)):
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        model.save_pretrained(tmp_path / name)
+    recipe = parse_recipe(_recipe(tmp_path, [0.2, 0.8]))
+    _check_merge(tmp_path, recipe, {"model.layers.0.mlp.up_proj.weight": (0.8, 0.5), "model.layers.0.input_layernorm.weight": (0.8, 0.5),
+                                    "model.embed_tokens.weight": (0.2, 0.5), "model.norm.weight": (0.2, 0.5), "lm_head.weight": (0.2, 0.5)})
+
+
 # ---------------------------------------------------------------- dtype and tokenizer settings: kept, differences said
 def test_settings_are_read_and_what_mergekit_refuses_is_refused():
     recipe = parse_recipe({**_two(), "dtype": "bfloat16", "out_dtype": "torch.float16", "tokenizer_source": "union",
