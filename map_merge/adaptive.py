@@ -161,30 +161,34 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         state["model"] = GPModel(done_x, done_y, bounds, noise=noise, warm_start=state.get("model"))
         return state["model"]
 
+    filler = iter(make_design("sobol", num_coeffs, 4 * budget + num_coeffs, bounds, seed + 1)[num_coeffs + len(coeffs):])
+
     def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray | None, size: int) -> np.ndarray:
         model = fit_model(done_x, done_y)
-        return propose_ehvi(model, done_y, state["senses"], bounds, q=size, pending=pending, seed=seed + len(done_x))
-
-    filler = iter(make_design("sobol", num_coeffs, 2 * budget + num_coeffs, bounds, seed + 1)[num_coeffs + len(coeffs):])
+        new = propose_ehvi(model, done_y, state["senses"], bounds, q=size, pending=pending, seed=seed + len(done_x))
+        known = done_x if pending is None or not len(pending) else np.concatenate([done_x, pending])
+        fresh = _new_rows(new, known)
+        while len(fresh) < size:  # a repeat of an evaluated (or pending) point would teach nothing: a space-filling point instead
+            fresh = np.concatenate([fresh, _new_rows(next(filler)[None], np.concatenate([known, fresh]))])
+        return fresh
     samples, in_flight = sample_adaptively(objective, coeffs, budget - final, propose, batch=batch, asynchronous=asynchronous,
                                            lookahead=estimator.lookahead, min_done=2, filler=filler, progress=progress, timings=timings,
                                            proposal_seconds=proposal_seconds)
     senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
     state.setdefault("senses", senses)
     picks_spent = 0
-    while len(samples) < budget:  # the picks for the preferences; duplicates of evaluated points give way to proposals
+    while len(samples) < budget:  # the picks for the preferences; repeats of evaluated points give way to proposals
         start = time.perf_counter()
-        model = fit_model(samples.coeffs, samples.metrics)
-        wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent:] if picks_spent < final else None
-        new = None
-        if wanted is not None and len(wanted):
-            picks = model_picks(model, bounds, senses, wanted[: budget - len(samples)], seed=seed)
-            picks_spent += len(picks)
-            new = _new_rows(picks, samples.coeffs)
-        if new is None or len(new) == 0:
-            if wanted is not None and picks_spent < final:
+        new = np.zeros((0, num_coeffs))
+        if picks_spent < final:
+            model = fit_model(samples.coeffs, samples.metrics)
+            wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent : picks_spent + budget - len(samples)]
+            picks_spent += len(wanted)
+            new = _new_rows(model_picks(model, bounds, senses, wanted, seed=seed), samples.coeffs)
+        if len(new) == 0:
+            if picks_spent < final:
                 continue
-            new = propose_ehvi(model, samples.metrics, senses, bounds, q=1, seed=seed + len(samples))
+            new = propose(samples.coeffs, samples.metrics, None, 1)
         timings["acquire"] += time.perf_counter() - start
         proposal_seconds += [(time.perf_counter() - start) / len(new)] * len(new)
         start = time.perf_counter()
