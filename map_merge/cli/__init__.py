@@ -44,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
+    # the per-load weight bars drown the real progress; transformers reads this when it is imported (a
+    # run that needs it imports it later; importing it here only to switch them off costs a second)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # the per-load weight bars drown the real progress
-    except ImportError:
-        pass
+        hf_logging.disable_progress_bar()
     try:
         return _commands()[args.command](args)
     except (ValueError, ImportError, FileNotFoundError, FileExistsError) as error:
