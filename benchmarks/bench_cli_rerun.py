@@ -2,17 +2,17 @@
 it takes, first run vs rerun, on the LM zoo's files as a user has them (a base folder, a sharded
 full fine-tune, a LoRA adapter, held-out texts; examples/llm_run.yaml's layout).
 
-    python benchmarks/bench_cli_rerun.py [--size tiny|small] [--repeat 3] [--code CHECKOUT ...] [--profile]
+    python benchmarks/bench_cli_rerun.py [--size tiny|small] [--repeat 3] [--code CHECKOUT ...] [--profile] [--out DIR]
 
 The zoo is built (or loaded) under MAP_MERGE_CACHE (default: the usual cache); the files and the
 runs go to a temporary folder. ``--code``: checkouts of map_merge to time, alternately (default:
 this one; e.g. a worktree of an older commit for a before/after). ``--profile`` prints the
-rerun's cProfile (cumulative, top 40 functions of map_merge).
+rerun's cProfile (cumulative, top 40 functions of map_merge). Writes ``cli_rerun.json`` to ``--out``
+(``--quick``: the tiny zoo, one rerun).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import parser, write  # noqa: E402
 
 
 def write_files(folder: Path, size: str, lm_eval: bool = False) -> Path:
@@ -106,7 +109,7 @@ def run(config: Path, *extra: str, profile: bool = False, code: Path = ROOT) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], "benchmarks/results")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
     p.add_argument("--repeat", type=int, default=1, help="reruns per checkout (alternating)")
     p.add_argument("--code", nargs="+", type=Path, default=[ROOT], help="map_merge checkouts to time")
@@ -115,6 +118,8 @@ def main() -> None:
                    help="instead of the zoo's models: a random Llama of this width and depth (e.g. 768,12: 0.1B parameters)")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
+    if args.quick:
+        args.size, args.repeat, args.synthetic = "tiny", 1, None
     with tempfile.TemporaryDirectory() as temp:
         folder = Path(temp)
         if args.synthetic:
@@ -129,8 +134,12 @@ def main() -> None:
                 times[code].append(run(config, "--overwrite", code=code))
         label = f"random Llama {args.synthetic}" if args.synthetic else f"LM zoo ({args.size}{', lm-eval' if args.lm_eval else ''})"
         print(f"{label}: first run {first:.1f} s (wall clock, process start included)")
+        rows = []
         for code, seconds in times.items():
-            print(f"  fully cached rerun with {code}: {', '.join(f'{s:.1f}' for s in seconds)} s (median {sorted(seconds)[len(seconds) // 2]:.1f})")
+            median = sorted(seconds)[len(seconds) // 2]
+            print(f"  fully cached rerun with {code}: {', '.join(f'{s:.1f}' for s in seconds)} s (median {median:.1f})")
+            rows.append({"models": label, "code": str(code), "first_run_s": first, "rerun_s": seconds, "rerun_median_s": median})
+        print(f"wrote {write(args.out, 'cli_rerun', {'rows': rows})}")
         if args.profile:
             run(config, "--overwrite", profile=True, code=args.code[0])
 
