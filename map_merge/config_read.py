@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .merge_methods import MergeMethod, TaskArithmetic
+from .merge_methods import MergeMethod
 from .merge_methods.settings import OPERATORS, method_from_settings
 from .numeric import parse_number
 
@@ -320,6 +320,7 @@ def run_inputs(config: dict[str, Any]) -> list[str]:
 
 def check_run(config: dict[str, Any], command: str) -> None:
     """What a command needs of a validated config that can be checked without loading a model:
+    a ``model`` factory where ``pretrained`` is a weights file (the architecture comes from it),
     the Python files it names exist (or their modules can be found), ``moe`` on own models has
     ``train_loss`` and a valid ``upcycle``, and Ray is installed when ``ray`` is set.
 

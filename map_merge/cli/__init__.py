@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import ConfigError, load_config
 from .parser import build_parser
-from .save import parse_floats as _parse_floats
+from .save import parse_floats as _parse_floats  # noqa: F401 - the name tests and older code import
 
 __all__ = ["main", "build_parser", "load_config", "ConfigError"]
 

@@ -59,7 +59,8 @@ RUN_SETTINGS = {
 }
 
 EXAMPLES = {
-    "demo": "example:\n  map-merge demo --out outputs/demo          # about 10 minutes on 2 CPU cores; report.md, report.json, plots\n"
+    "demo": "examples:\n  map-merge demo --out outputs/demo          # the zoo built once (minutes), the demo about 4 minutes on 2 CPU\n"
+            "                                             # cores; report.md, report.json, plots (a rerun reads it all back)\n"
             "  map-merge demo --zoo vision --out outputs/vision   # a one-minute preview\n",
     "zoo": "example:\n  map-merge zoo lm --tasks code medical      # builds the zoo once (minutes), then loads it from the cache\n",
     "map": """example:
