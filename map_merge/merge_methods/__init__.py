@@ -32,16 +32,21 @@ onto this form as described in :mod:`.consensus`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .base import ChunkSource, MergeMethod, TaskArithmetic, tile_columns
 from .breadcrumbs import Breadcrumbs
 from .dare import Dare
 from .della import Della
 from .masks import random_words
 from .select import kth_largest_magnitude
+from .settings import method_from_settings, method_settings
 from .ties import Ties
 
 __all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "Breadcrumbs", "Della", "resolve_method", "CHUNK", "ChunkSource",
-           "kth_largest_magnitude", "random_words", "tile_columns", "METHOD_NAMES"]
+           "kth_largest_magnitude", "random_words", "tile_columns", "METHOD_NAMES",
+           "method_from_settings", "method_settings"]
 
 CHUNK = 1 << 20
 """Elements per unit of streamed work: tensors are cut into flat ranges of whole rows of about
@@ -54,19 +59,22 @@ METHOD_NAMES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della")
 """Names :func:`resolve_method` accepts (each with its operator's default settings)."""
 
 
-def resolve_method(method: str | MergeMethod | None) -> MergeMethod:
+def resolve_method(method: str | Mapping[str, Any] | MergeMethod | None) -> MergeMethod:
     """Turn ``"task_arithmetic" | "ties" | "dare" | "breadcrumbs" | "della" | MergeMethod | None``
-    into a :class:`MergeMethod` (names give the default settings)."""
+    into a :class:`MergeMethod` (names give the default settings), or a mapping of a name and
+    settings such as ``{"name": "ties", "k": 0.6}`` (:func:`method_from_settings`)."""
     if method is None:
         return TaskArithmetic()
     if isinstance(method, MergeMethod):
         return method
+    if isinstance(method, Mapping):
+        return method_from_settings(method)
     if isinstance(method, str):
         try:
             return _BY_NAME[method.lower()]()
         except KeyError:
             raise ValueError(
                 f"unknown merge method {method!r}; choose one of {list(METHOD_NAMES)} "
-                "or pass a MergeMethod instance such as Ties(k=0.1)"
+                "or pass a MergeMethod instance such as Ties(k=0.1) (or {'name': 'ties', 'k': 0.1})"
             ) from None
     raise TypeError(f"method must be a string or a MergeMethod, not {type(method).__name__}")

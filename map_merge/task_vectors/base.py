@@ -328,6 +328,7 @@ class TaskVectors:
         max_shard_size: int | str = "5GB",
         overwrite: bool = False,
         groups: Groups | None = None,
+        progress: bool = True,
     ) -> Path:
         """Save the merged model for ``coeffs: (T,)``, streamed tensor by tensor.
 
@@ -345,6 +346,8 @@ class TaskVectors:
         Never loses data: a destination that is, holds or lies inside a source of these task
         vectors is refused; an existing non-empty one unless ``overwrite=True``; everything is
         written beside it and renamed into place at the end (a crash leaves the old one or nothing).
+        ``progress``: a progress bar over the bytes written (per tensor, the shard as postfix) on a
+        terminal, once the save has taken :data:`SAVE_PROGRESS_DELAY` seconds; never when not a TTY.
         Raises ValueError / FileExistsError naming the destination."""
         method = resolve_method(method)
         matrix, _ = self.coefficients_by_key(coeffs, groups)
@@ -358,34 +361,62 @@ class TaskVectors:
         meta.update(extra_metadata or {})
         entries = self._output_entries()
         header_meta = {"format": "pt", "map_merge": json.dumps(meta, default=str)}
-        if target.suffix == ".safetensors":
-            with atomic_path(target, folder=False) as temp:
-                write_safetensors(temp, entries, self._output_pieces(matrix, method, groups), header_meta, atomic=False)
-            return Path(path)
-        with atomic_path(target, folder=True) as temp:
-            sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
-            shards = plan_shards(sizes, parse_size(max_shard_size))
-            by_key = {key: (dtype, shape) for key, dtype, shape in entries}
-            pieces = _Peekable(self._output_pieces(matrix, method, groups))
-            weight_map: dict[str, str] = {}
-            for number, shard in enumerate(shards, 1):
-                name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(temp / name, [(k, *by_key[k]) for k in shard], pieces.while_in(set(shard)), header_meta,
-                                  atomic=False)
-                weight_map.update(dict.fromkeys(shard, name))
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
-                (temp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            base = self._base_weights()
-            config = base.config if base.config is not None else getattr(model, "config", None)
-            generation = base.generation_config if base.config is not None else getattr(model, "generation_config", None)
-            write_side_files(temp, base.folder, config, generation, destination=Path(path))
-            (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
+        sizes = [(key, _nbytes(dtype, shape)) for key, dtype, shape in entries]
+        with _save_bar(sum(size for _, size in sizes), Path(path).name, progress) as bar:
+            pieces = _counted(self._output_pieces(matrix, method, groups), bar)
+            if target.suffix == ".safetensors":
+                with atomic_path(target, folder=False) as temp:
+                    write_safetensors(temp, entries, pieces, header_meta, atomic=False)
+                return Path(path)
+            with atomic_path(target, folder=True) as temp:
+                self._write_shards(temp, entries, sizes, _Peekable(pieces), header_meta, max_shard_size, bar)
+                base = self._base_weights()
+                config = base.config if base.config is not None else getattr(model, "config", None)
+                generation = base.generation_config if base.config is not None else getattr(model, "generation_config", None)
+                write_side_files(temp, base.folder, config, generation, destination=Path(path))
+                (temp / "map_merge.json").write_text(json.dumps(meta, indent=2, default=str))
         return Path(path)
+
+    @staticmethod
+    def _write_shards(temp: Path, entries, sizes: list[tuple[str, int]], pieces: "_Peekable", header_meta: Mapping[str, str],
+                      max_shard_size: int | str, bar) -> None:
+        """The weights as safetensors shards in folder ``temp`` (and their index when there are several)."""
+        shards = plan_shards(sizes, parse_size(max_shard_size))
+        by_key = {key: (dtype, shape) for key, dtype, shape in entries}
+        weight_map: dict[str, str] = {}
+        for number, shard in enumerate(shards, 1):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            if len(shards) > 1:
+                bar.set_postfix_str(f"shard {number}/{len(shards)}", refresh=False)
+            write_safetensors(temp / name, [(k, *by_key[k]) for k in shard], pieces.while_in(set(shard)), header_meta, atomic=False)
+            weight_map.update(dict.fromkeys(shard, name))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(size for _, size in sizes)}, "weight_map": weight_map}
+            (temp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def __repr__(self) -> str:
         return (f"TaskVectors(storage={self.storage!r}, tasks={list(self.names)}, params={self.num_params:,}, "
                 f"device={self.device}, dtype={self.dtype})")
+
+
+SAVE_PROGRESS_DELAY = 1.0
+"""Seconds a save runs before its progress bar appears (a quick save shows none)."""
+
+
+def _save_bar(total: int, name: str, progress: bool):
+    """A tqdm bar over ``total`` bytes: on a terminal only (tqdm's ``disable=None``), after
+    :data:`SAVE_PROGRESS_DELAY` seconds; ``progress=False``: none."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"saving {name}", unit="B", unit_scale=True, unit_divisor=1024, leave=False,
+                delay=SAVE_PROGRESS_DELAY, disable=None if progress else True)
+
+
+def _counted(pieces: Iterator[tuple[str, torch.Tensor]], bar) -> Iterator[tuple[str, torch.Tensor]]:
+    """``pieces`` as they are, the bar advanced by each one's bytes once it is consumed (written)."""
+    for key, piece in pieces:
+        yield key, piece
+        bar.update(piece.numel() * piece.element_size())
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

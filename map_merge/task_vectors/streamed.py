@@ -335,10 +335,11 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
                 raise ValueError(f"tensor {key!r} of {weights.where(key)} has NaN/inf value(s)")
         raise ValueError(f"merging tensor {key!r} with coefficients {c.tolist()} overflowed to NaN/inf")
 
-    def _pieces(self, coeffs: np.ndarray, method: MergeMethod, desc: str, device_of: Mapping[str, torch.device] | None = None,
+    def _pieces(self, coeffs: np.ndarray, method: MergeMethod, desc: str | None, device_of: Mapping[str, torch.device] | None = None,
                 keys: Sequence[str] | None = None, groups: Groups | None = None) -> Iterator[tuple[str, int, int, torch.Tensor | None]]:
         """``(key, start, stop, merged fp32 chunk)`` for ``coeffs: (T,)`` or ``(T, G)`` over ``keys``
-        (default: all, file order); frozen (integer) tensors come as ``(key, 0, numel, None)``. Chunks
+        (default: all, file order); frozen (integer) tensors come as ``(key, 0, numel, None)``; ``desc``: the
+        progress bar's label (``None``: no bar, the caller shows one). Chunks
         are computed on ``device_of[key]`` (default: :attr:`device`); task arithmetic reads the next
         chunk while this one is computed."""
         matrix, per_key = self.coefficients_by_key(coeffs, groups)
@@ -348,7 +349,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
             return shared if per_key is None else per_key[key]
 
         state = self._fitted(method)
-        show = self.progress if self.progress is not None else self.nbytes >= _PROGRESS_BYTES
+        show = desc is not None and (self.progress if self.progress is not None else self.nbytes >= _PROGRESS_BYTES)
         frozen = set(self._frozen)
         keys = list(self._keys if keys is None else keys)
         work = [(key, start, stop) for key in keys if key not in frozen for start, stop in chunk_ranges(self._shapes[key])]
@@ -438,7 +439,7 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         return [(k, self._base.tensors[k][0], self._shapes[k]) for k in self._order]
 
     def _output_pieces(self, coeffs: np.ndarray, method: MergeMethod, groups: Groups | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for key, _, _, piece in self._pieces(coeffs, method, "saving", keys=self._order, groups=groups):
+        for key, _, _, piece in self._pieces(coeffs, method, None, keys=self._order, groups=groups):  # save_merged shows the bar
             yield key, (self._base.read(key) if piece is None else piece.to(self._base.tensors[key][0]))
 
     def save_merged_adapter(self, path: str | os.PathLike, coeffs: Any, overwrite: bool = False, groups: Groups | None = None) -> Path:

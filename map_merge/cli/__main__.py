@@ -1,0 +1,7 @@
+"""``python -m map_merge.cli``: the ``map-merge`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
