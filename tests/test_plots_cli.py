@@ -53,14 +53,16 @@ def test_cli_map_on_vision_zoo(tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({"zoo": "vision", "tasks": ["rotated", "mirrored_parity"], "out": str(tmp_path / "out"), "preference": [1, 1]}))
     assert main(["map", "--config", str(config)]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    # 12 samples, then 10 re-evaluations in two rounds: 5 join the refit (samples), 5 form the real front
-    assert result["num_evaluations"] == 12 + 5 and len(result["real_front"]["coeffs"]) == 5
-    assert result["samples"]["round"].count(1) == 5 and result["settings"]["refine"] == {"reevaluations": 10, "rounds": 2}
+    # budget (default (T+1)(T+2) = 12) is the total: the experts and Sobol points, proposals, and last the
+    # model's pick for the config's preference
+    assert result["num_evaluations"] == 12 and "real_front" not in result
+    assert result["settings"]["sampling"] == "adaptive" and result["settings"]["final"] == 1
+    np.testing.assert_allclose(result["samples"]["coeffs"][:2], np.eye(2))
     assert (tmp_path / "out" / "front.png").exists()
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     assert summary == result["summary"]  # what is printed is what is written
-    used = np.concatenate([result["samples"]["coeffs"], result["real_front"]["coeffs"]])
-    assert len(summary["coeffs"]) == 2 and summary["evaluations"] == len(np.unique(used, axis=0)) == summary["models_evaluated"]
+    used = np.array(result["samples"]["coeffs"])
+    assert len(summary["coeffs"]) == 2 and summary["evaluations"] == len(np.unique(used, axis=0)) == summary["models_evaluated"] == 12
     assert main(["map", "--config", str(tmp_path / "missing.yaml")]) == 2
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -76,7 +78,7 @@ def test_cli_bayes_nested_moe_on_vision_zoo(tmp_path, capsys):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({**base, "budget": 14}))
     assert main(["bayes", "--config", str(config)]) == 0
-    assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 14 + 5  # + the first refit round
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["num_evaluations"] == 14  # budget: the total
     capsys.readouterr()
     config.write_text(json.dumps({**base, "samples_per_stage": 6}))
     assert main(["nested", "--config", str(config)]) == 2  # the earlier run's results are kept ...
