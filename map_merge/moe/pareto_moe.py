@@ -41,7 +41,7 @@ ROUTER_STEPS = 2000
 #: default share of router-training steps whose preference is a corner of the simplex: 0, the
 #: paper's Dirichlet(1) draws. Corner draws (0.25, 0.5) did not bring the corner models closer to
 #: the fine-tuned ones on the vision zoo and cost interior accuracy on an analytic problem
-#: (``benchmarks/bench_moe_convergence.py``, README "PWE-MoE trained to its plateau").
+#: (``benchmarks/bench_moe_convergence.py``, docs/moe.md "PWE-MoE trained to its plateau").
 CORNERS = 0.0
 
 
