@@ -146,7 +146,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         raise ValueError(f"adaptive sampling needs a budget of at least 2 real evaluations, got {budget}")
     batch = 1 if estimator.batch is None else int(estimator.batch)
     bounds, seed, noise = estimator.bounds, int(estimator.seed), estimator.noise
-    coeffs = with_points(make_design(estimator.design, num_coeffs, initial, bounds, seed), include, initial)
+    design = estimator.design or ("sobol" if getattr(objective, "task_vectors", None) is not None else "qmc")
+    coeffs = with_points(make_design(design, num_coeffs, initial, bounds, seed), include, initial)
     width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
     asynchronous = width > 1 if estimator.asynchronous == "auto" else bool(estimator.asynchronous)
     timings = {"evaluate": 0.0, "acquire": 0.0}
@@ -197,7 +198,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
     result = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, timings=timings,
                                    warm_start=state.get("model"))
-    result.settings.update({"strategy": "adaptive", "budget": budget, "initial": initial, "final": final, "noise": noise,
+    result.settings.update({"strategy": "adaptive", "design": design, "budget": budget, "initial": initial, "final": final, "noise": noise,
                             "batch": None if asynchronous else batch, "asynchronous": asynchronous, "max_in_flight": in_flight,
                             "preferences": None if preferences is None else preferences.tolist(),
                             "proposal_seconds": proposal_seconds})

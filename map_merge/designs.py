@@ -16,7 +16,7 @@ import math
 import numpy as np
 from scipy.stats import qmc
 
-__all__ = ["num_quadratic_params", "quadratic_features", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots", "grid_design"]
+__all__ = ["num_quadratic_params", "quadratic_features", "default_num_samples", "map_design", "sobol_design", "lhs_design", "make_design", "one_hots", "grid_design", "qmc_design"]
 
 
 def num_quadratic_params(num_tasks: int) -> int:
@@ -143,11 +143,21 @@ def lhs_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (
     return _qmc_design(sampler, num_tasks, num_samples, low, high)
 
 
-_DESIGNS = {"map": map_design, "sobol": sobol_design, "lhs": lhs_design}
+def qmc_design(num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
+    """A scrambled Sobol sequence alone, ``(num_samples, T)`` (no one-hots): the start for a
+    black box whose coefficients are not those of fine-tuned experts."""
+    low, high = float(bounds[0]), float(bounds[1])
+    if num_tasks < 1 or not (np.isfinite(low) and np.isfinite(high) and low < high) or num_samples < 1:
+        raise ValueError(f"qmc_design needs num_tasks >= 1, num_samples >= 1 and finite bounds low < high; got {num_tasks}, {num_samples}, {bounds}")
+    sample = qmc.Sobol(num_tasks, scramble=True, seed=seed).random_base2(max(1, math.ceil(math.log2(num_samples))))[:num_samples]
+    return qmc.scale(sample, [low] * num_tasks, [high] * num_tasks)
+
+
+_DESIGNS = {"map": map_design, "sobol": sobol_design, "lhs": lhs_design, "qmc": qmc_design}
 
 
 def make_design(name: str, num_tasks: int, num_samples: int, bounds: tuple[float, float] = (0.0, 1.0), seed: int = 0) -> np.ndarray:
-    """Dispatch by name: ``"map"``, ``"sobol"`` or ``"lhs"``."""
+    """Dispatch by name: ``"map"``, ``"sobol"``, ``"lhs"`` (the one-hots first) or ``"qmc"`` (Sobol points alone)."""
     try:
         fn = _DESIGNS[name]
     except KeyError:

@@ -122,8 +122,8 @@ class MAP:
 
     Two ways to spend the budget (``sampling``):
 
-    - ``"adaptive"`` (default): a small starting design (the T experts, i.e. the one-hot
-      coefficient vectors, plus space-filling points), then one point at a time where the
+    - ``"adaptive"`` (default): a small starting design (for a merge, the T experts, i.e. the
+      one-hot coefficient vectors, plus space-filling points), then one point at a time where the
       expected hypervolume improvement of the evaluated front is largest under Gaussian-process
       models of the metrics (:mod:`~map_merge.acquisition`); the last ``final`` evaluations go
       to the model's picks for ``preferences``. The front is searched on the same models.
@@ -150,9 +150,11 @@ class MAP:
             tasks suggests, e.g. softplus for a loss; sigmoid where none is given), ``"loo"``
             (per task, that suggestion or ``"identity"``, whichever has the lower leave-one-out
             error), ``"sigmoid"``, ``"softplus"``, ``"identity"``, or one per metric.
-        design: starting design (adaptive) or the whole design: ``"sobol"`` (experts plus
-            Sobol points; the adaptive default), ``"map"`` (the authors'; the design default) or
-            ``"lhs"``.
+        design: starting design (adaptive) or the whole design: ``"sobol"`` (the one-hots plus
+            Sobol points), ``"qmc"`` (Sobol points alone), ``"map"`` (the authors'; the design
+            default) or ``"lhs"``. Adaptive default: ``"sobol"`` when the objective merges task
+            vectors (it has ``task_vectors``: each one-hot vector is a fine-tuned expert, nearly
+            the best model for its task and an end of the front), else ``"qmc"`` (a black box).
         seed: seeds the design, the proposals and the search.
         search: ``"scalarization"`` (default) or ``"nsga3"`` (the authors').
         search_bounds: box searched for the front (default: ``bounds``); a wider box
@@ -235,7 +237,7 @@ class MAP:
         if not self.bounds[0] < self.bounds[1]:
             raise ValueError(f"bounds must satisfy low < high, got {bounds}")
         self.link = link
-        self.design = design if design is not None else ("sobol" if sampling == "adaptive" else "map")
+        self.design = design if design is not None else (None if sampling == "adaptive" else "map")  # adaptive: chosen per objective
         self.seed = seed
         self.search = search
         self.search_bounds = None if search_bounds is None else (float(search_bounds[0]), float(search_bounds[1]))

@@ -43,11 +43,31 @@ def test_default_is_adaptive_and_spends_exactly_its_budget():
     assert obj.num_evaluations == 14 and result.num_evaluations == 14
     assert result.settings["sampling"] == "adaptive" and result.settings["model"] == "gp"
     assert result.settings["initial"] == 6 and result.samples.round.max() == 8  # 6 to start, then one per round
-    # the starting design holds the experts: the one-hot coefficient vectors (the fine-tuned models)
-    np.testing.assert_allclose(result.samples.coeffs[:2], np.eye(2))
+    # a black box (no task vectors) starts from Sobol points alone
+    assert result.settings["design"] == "qmc" and not (np.abs(result.samples.coeffs[:6] - np.eye(2)[:, None]).max(axis=2) < 1e-9).any()
     np.testing.assert_allclose(result.samples.metrics, unit_quadratics(result.samples.coeffs))
     assert len(result.settings["proposal_seconds"]) == 8
     assert len(np.unique(result.samples.coeffs.round(6), axis=0)) == 14  # no point evaluated twice
+
+
+def test_a_merge_starts_from_its_experts(tiny_models):
+    """On task vectors, the one-hot coefficient vectors are the fine-tuned models themselves:
+    evaluated first, and their metrics are the experts' own."""
+    import torch
+
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts[:2])
+    probe = torch.tensor([0, 1, 2, 3, 4])
+    tasks = {"sum": lambda m: float(m(probe).sum()), "sq": lambda m: float((m(probe) ** 2).mean())}
+    obj = mm.ModelObjective(base, tv, tasks, progress=False)
+    result = mm.MAP(budget=8, seed=0).fit(obj, 2)
+    assert result.settings["design"] == "sobol" and result.num_evaluations == 8
+    np.testing.assert_allclose(result.samples.coeffs[:2], np.eye(2))
+    for i, expert in enumerate(fts[:2]):
+        expert.eval()
+        with torch.no_grad():
+            own = [float(expert(probe).sum()), float((expert(probe) ** 2).mean())]
+        np.testing.assert_allclose(result.samples.metrics[i], own, rtol=1e-5)
 
 
 def test_adaptive_front_against_the_analytic_front_and_random_search():
