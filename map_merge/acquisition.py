@@ -5,8 +5,7 @@ hypervolume of the front of the *evaluated* metrics (merging metrics are determi
 loss or an accuracy on fixed data, so the observed front is the front to improve, and the noisy
 variant's box decomposition per posterior sample, 10-20 s per proposal at T = 3, buys nothing).
 Points still being evaluated (``pending``) are fantasised jointly, so asynchronous workers get
-different points. :func:`model_picks` maximises the preference-weighted predicted metrics: the
-model a user asks for, and where a budget's last evaluations go.
+different points.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import torch
 
 from .pareto import orient, pareto_mask
 
-__all__ = ["propose_ehvi", "model_picks", "reference_point", "signs"]
+__all__ = ["propose_ehvi", "reference_point", "signs"]
 
 RESTARTS = 6
 MAXITER = 100
@@ -80,25 +79,3 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         candidates, _ = optimize_acqf(acquisition, bounds=_box(bounds, model.num_coeffs), q=int(q), num_restarts=RESTARTS,
                                       raw_samples=raw_samples, sequential=True, options={"maxiter": MAXITER})
     return candidates.detach().numpy().clip(bounds[0], bounds[1])
-
-
-def model_picks(model, bounds: tuple[float, float], senses: Sequence[str], preferences: np.ndarray, seed: int = 0) -> np.ndarray:
-    """``(P, T)``: per preference row ``w`` of ``preferences: (P, M)``, the coefficients maximising
-    ``sum_j w_j m_j(c)`` of the predicted metrics ``m`` oriented higher-is-better (in their own
-    units, as :meth:`~map_merge.ParetoFront.select` weighs them). ``model``: a
-    :class:`~map_merge.gp_model.GPModel`."""
-    from botorch.acquisition import PosteriorMean
-    from botorch.acquisition.objective import ScalarizedPosteriorTransform
-    from botorch.optim import optimize_acqf
-
-    prefs = np.atleast_2d(np.asarray(preferences, dtype=np.float64))
-    box = _box(bounds, model.num_coeffs)
-    out = []
-    for w in prefs:
-        weights = torch.tensor(w, dtype=torch.float64) * signs(senses)
-        objective = PosteriorMean(model.gp, posterior_transform=ScalarizedPosteriorTransform(weights=weights))
-        with torch.random.fork_rng():
-            torch.manual_seed(int(seed))
-            best, _ = optimize_acqf(objective, bounds=box, q=1, num_restarts=4, raw_samples=256)
-        out.append(best.detach().numpy()[0])
-    return np.clip(np.array(out), bounds[0], bounds[1])

@@ -131,7 +131,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     starting design, expected-hypervolume proposals under :class:`~map_merge.gp_model.GPModel`,
     the last ``final`` evaluations on the model's picks for the preferences; then the front of
     the final model. ``estimator`` is the :class:`~map_merge.MAP` holding the settings."""
-    from .acquisition import model_picks, propose_ehvi
+    from .acquisition import propose_ehvi
     from .gp_model import GPModel
 
     budget = default_num_samples(num_coeffs) if estimator.budget is None else int(estimator.budget)
@@ -177,15 +177,16 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
                                            proposal_seconds=proposal_seconds)
     senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
     state.setdefault("senses", senses)
+    names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
     picks_spent = 0
     while len(samples) < budget:  # the picks for the preferences; repeats of evaluated points give way to proposals
         start = time.perf_counter()
         new = np.zeros((0, num_coeffs))
-        if picks_spent < final:
-            model = fit_model(samples.coeffs, samples.metrics)
+        if picks_spent < final:  # exactly the models the user would be handed: the picks from the front of the final model
+            interim = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, warm_start=state.get("model"))
             wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent : picks_spent + budget - len(samples)]
             picks_spent += len(wanted)
-            new = _new_rows(model_picks(model, bounds, senses, wanted, seed=seed), samples.coeffs)
+            new = _new_rows(np.stack([interim.select(w) for w in wanted]), samples.coeffs)
         if len(new) == 0:
             if picks_spent < final:
                 continue
@@ -195,7 +196,6 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         start = time.perf_counter()
         samples = samples.append(new, call_objective(objective, new, samples.metrics.shape[1]), int(samples.round.max()) + 1)
         timings["evaluate"] += time.perf_counter() - start
-    names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
     result = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, timings=timings,
                                    warm_start=state.get("model"))
     result.settings.update({"strategy": "adaptive", "design": design, "budget": budget, "initial": initial, "final": final, "noise": noise,
