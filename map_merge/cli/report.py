@@ -28,7 +28,7 @@ from ..pareto import check_preference, orient
 from .outputs import atomic_write
 from .report_text import block_markdown, report_markdown
 
-__all__ = ["Chosen", "UNIFORM", "AGREEMENT", "pick_block", "comparison", "run_report", "write_report", "save_report"]
+__all__ = ["Chosen", "UNIFORM", "AGREEMENT", "pick_block", "comparison", "run_report", "write_report", "write_failed", "save_report"]
 
 UNIFORM = (0.2, 0.4, 0.6, 0.8, 1.0)
 """The uniform merges compared: every coefficient lambda."""
@@ -226,6 +226,13 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     """``report.json`` and ``report.md`` into ``out`` (written, then renamed into place)."""
     atomic_write(out / "report.json", lambda temp: temp.write_text(json.dumps(report, indent=1)))
     atomic_write(out / "report.md", lambda temp: temp.write_text(report_markdown(report)))
+
+
+def write_failed(out: Path, message: str) -> None:
+    """A report saying why there is none (so no earlier run's report stays beside these results)."""
+    atomic_write(out / "report.json", lambda temp: temp.write_text(json.dumps({"error": message}, indent=1)))
+    atomic_write(out / "report.md", lambda temp: temp.write_text(f"# map_merge run report\n\nThe report of this run failed: {message}\n"
+                                                                     "(result.json holds the run's results.)\n"))
 
 
 def save_report(config: dict[str, Any], method: Any, chosen: Chosen, preference, saved: Path, store_path: Path) -> str:

@@ -18,6 +18,17 @@ def number(value: Any) -> str:
     return f"{value:.3e}"
 
 
+def _value(value: Any) -> str:
+    """A setting or a named coefficient: numbers as :func:`number`, lists and mappings spelled out."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return number(value)
+    return str(value)
+
+
 def _pm(mean: Any, std: Any) -> str:
     return number(mean) if std is None else f"{number(mean)} ± {number(std)}"
 
@@ -41,7 +52,7 @@ def block_markdown(report: dict[str, Any]) -> str:
     lines = ["## Your model", ""]
     preference = ", ".join(f"{t} {number(w)}" for t, w in block["preference"].items())
     coefficients = block["coefficients"]
-    named = "; ".join(f"{k}: {_coeffs(v if isinstance(v, list) else [v])}" for k, v in coefficients.items())
+    named = "; ".join(f"{k}: {_value(v)}" for k, v in coefficients.items())
     lines += [f"Preference (normalised to sum 1): {preference}.", "",
               f"Coefficients: {named}.", "", f"Saved at `{block['saved']['path']}`.", "",
               "| metric | predicted (± std) | merged in memory (real) | saved weights (real) |", "|---|---|---|---|"]
@@ -119,7 +130,7 @@ def _what(report: dict[str, Any]) -> list[str]:
         experts = ", ".join(f"{t}: `{p}`" for t, p in models["finetuned"].items())
         what = f"your models: pretrained `{models['pretrained']}`; experts {experts}"
     metrics = "; ".join(label["axis"] for label in report["metrics"])
-    settings = ", ".join(f"{k} {v}" for k, v in report["settings"].items())
+    settings = ", ".join(f"{k} {_value(v)}" for k, v in report["settings"].items())
     run, extra = report["run"], report["extra_evaluations"]
     budget = f"budget {run['budget']} real evaluations; " if run.get("budget") is not None else ""
     return [f"- Command: `{command}`", f"- Models: {what}", f"- Tasks and metrics: {metrics}",

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ConfigError, build_executor, build_objective, check_run, default_out, fit_moe, load_config
 from .outputs import atomic_write, check_out, write_recipe
-from .report import Chosen, run_report, write_report
+from .report import Chosen, run_report, write_failed, write_report
 from .report_text import block_markdown
 
 __all__ = ["cmd_run"]
@@ -92,15 +92,23 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
         atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(result, indent=1, default=float)))
 
     write_result()  # the run's results are kept whatever happens to the report
-    report = run_report(args.command, config, out, objective, zoo, preference, summary, chosen, settings)
-    write_report(out, report)
-    summary["report"] = {"path": str(out / "report.md"), **report["extra_evaluations"]}
+    try:
+        report = run_report(args.command, config, out, objective, zoo, preference, summary, chosen, settings)
+    except Exception as error:  # noqa: BLE001 - the results are written; the report's own evaluations failed: say so
+        report = None
+        summary["report"] = {"error": f"{type(error).__name__}: {error}"}
+        write_failed(out, summary["report"]["error"])
+        log.error("the run's results are written, but its report failed: %s: %s", type(error).__name__, error)
+    else:
+        write_report(out, report)
+        summary["report"] = {"path": str(out / "report.md"), **report["extra_evaluations"]}
     write_result()
+    written = f"{out}/result.json" + (f", {out}/front.png" if args.command != "nested" else "") + (f", {out}/report.md" if report else "")
     print(json.dumps(summary, indent=1, default=float))
-    print(f"preference {preference}; wrote {out}/result.json, {out}/front.png, {out}/report.md and {summary['saved']}"
-          if args.command != "nested" else f"wrote {out}/result.json, {out}/report.md and {summary['saved']}")
-    print()
-    print(block_markdown(report))
+    print(f"preference {preference}; wrote {written} and {summary['saved']}" if args.command != "nested" else f"wrote {written} and {summary['saved']}")
+    if report is not None:
+        print()
+        print(block_markdown(report))
     return 0
 
 
@@ -151,7 +159,8 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
             "quadratic": "quadratic surrogates"}.get(model, model)
     pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
                   "evaluations) at these coefficients, with its predictive standard deviation.")
-    settings = {key: value for key, value in result.settings.items() if key in ("sampling", "model", "design", "seed", "bounds", "links")}
+    shown = ("sampling", "model", "design", "seed", "bounds", "links") if command == "map" else ("model", "seed", "bounds", "links")
+    settings = {key: result.settings[key] for key in shown if key in result.settings}
     if command == "bayes":
         settings["acquisition"] = config.get("acquisition", "ehvi")
     return result.to_dict(), pick, {"budget": budget, **settings}
@@ -194,9 +203,10 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
     saved = save_module(moe.unload(weights), out / "merged", tv.source_paths(), overwrite=True, source_folder=tv._base_weights().folder,
                         metadata=meta)
     summary.update(fit=info, evaluations=len(preferences), coefficients=coefficients, saved=str(saved))
+    named = {f"routed group {g!r}" if g else "the whole model": dict(zip(names, w)) for g, w in coefficients.items()}
     pick = Chosen(None, prediction="none: PWE-MoE has no predictive model (its front is the unloaded models, evaluated for real).",
-                  coefficients=coefficients)
-    settings = {"moe_method": info["method"], "moe_steps": config.get("moe_steps", "default"), "seed": config.get("seed", 0)}
+                  coefficients=named)
+    settings = {"moe_method": info["method"], "router training steps": info.get("steps", config.get("moe_steps")), "seed": config.get("seed", 0)}
     return {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, pick, settings
 
 

@@ -113,8 +113,9 @@ def _print_block(config: dict[str, Any], method, coeffs: list[float], picked: di
     run_out = default_out(config, "map")
     try:
         text = save_report(config, method, chosen, preference, path, Path(config.get("store", run_out / "evaluations.sqlite")))
-    except ValueError as error:  # the model is saved; only its evaluation failed
-        print(f"map-merge save: the model was saved, but its evaluation failed: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - the model is saved; only its evaluation failed: say so, keep the save
+        print(f"map-merge save: the model was saved, but evaluating it failed ({type(error).__name__}: {error}); "
+              "no report block", file=sys.stderr)
         return
     print()
     print(text)
