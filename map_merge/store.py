@@ -55,6 +55,26 @@ class EvaluationStore:
         self._conn.commit()
         self._lock = threading.Lock()
 
+    @classmethod
+    def snapshot(cls, path: str | os.PathLike) -> "EvaluationStore":
+        """An in-memory store holding a copy of the store file ``path``, which is opened read-only
+        and never written (new results stay in memory); empty when there is no such file."""
+        store = cls(None)
+        path = Path(path)
+        if not path.is_file():
+            return store
+        source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = source.execute("SELECT * FROM evaluations").fetchall()
+        except sqlite3.OperationalError:  # a store file without results yet
+            rows = []
+        finally:
+            source.close()
+        with store._lock:
+            store._conn.executemany("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?, ?)", rows)
+            store._conn.commit()
+        return store
+
     def get(self, fingerprint: str, coeffs: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
         """Stored values ``(K, M)`` for ``coeffs: (K, T)`` and M tasks; NaN where missing."""
         coeffs = np.atleast_2d(np.asarray(coeffs, dtype=np.float64))

@@ -4,12 +4,14 @@
 ``map-merge map --config run.yaml`` runs MAP (``bayes``: Bayesian MAP, ``nested``: nested merging
 for the config's preference, ``moe``: PWE-MoE) on the models a YAML or JSON file describes
 (:mod:`map_merge.config_read`), and writes to the config's ``out`` folder ``result.json``,
-``front.png`` and the model picked for the config's preference as a Hugging Face folder,
-``merged/``. ``map-merge save --config run.yaml --coeffs 0.3,0.5`` writes the merge for given
-coefficients (``--preference 1,2``: the point a finished map/bayes run's front picks).
+``front.png``, the model picked for the config's preference as a Hugging Face folder,
+``merged/``, and the run report ``report.md`` / ``report.json`` (:mod:`.report`).
+``map-merge save --config run.yaml --coeffs 0.3,0.5`` writes the merge for given coefficients
+(``--preference 1,2``: the point a finished map/bayes run's front picks) and prints its report block.
 
 Modules: :mod:`.parser` (arguments and help; texts in :mod:`.help_text`), :mod:`.runs` (the run
-commands), :mod:`.save`, :mod:`.zoos` (demo and zoo), :mod:`.outputs` (files written besides models).
+commands), :mod:`.save`, :mod:`.zoos` (demo and zoo), :mod:`.outputs` (files written besides models),
+:mod:`.report` and :mod:`.report_text` (the run report).
 """
 
 from __future__ import annotations

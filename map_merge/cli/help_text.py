@@ -18,7 +18,9 @@ SUMMARIES = {
 
 OUTPUTS = """outputs: the config's 'out' folder gets result.json, front.png and merged/, the model picked for the
   config's preference as a Hugging Face folder (AutoModelForCausalLM / AutoModel.from_pretrained loads it;
-  nested writes no front.png). The evaluation store (out/evaluations.sqlite) is kept: a rerun re-evaluates
+  nested writes no front.png), and report.md + report.json: the pick's coefficients, its predicted metrics
+  +- std, one real evaluation of the saved merged/ weights, and a table against the base, each expert, the
+  best uniform merge and your mergekit recipe (these evaluations are outside the budget). The evaluation store (out/evaluations.sqlite) is kept: a rerun re-evaluates
   nothing and loads no model it does not need; an interrupted run resumes (Ctrl-C prints the command). The
   whole config is checked before any model loads; a config error creates nothing.
 """
@@ -113,6 +115,8 @@ EXAMPLES = {
   map-merge save --config run.yaml --preference 1,3 --out pick/     # the front of a finished map/bayes run
   map-merge save --config run.yaml --coeffs 0.5,0.5 --method "{name: ties, k: 0.6, scope: tensor}" --emit-mergekit pick.yaml
   map-merge save text --coeffs 0.4,0.7 --tasks sentiment med_subject --out merged/   # a bundled zoo
+With --config, save then prints the saved model's report block: its prediction, one real evaluation of the
+saved weights and the comparison as the run's store holds it (the store is read; nothing else is written).
 Config fields: map-merge map --help.
 """,
 }

@@ -12,7 +12,7 @@ from ..config_read import run_inputs, source_paths
 
 __all__ = ["RESULTS", "atomic_write", "write_recipe", "check_out"]
 
-RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml")
+RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml", "report.md", "report.json")
 """What a run writes into 'out' (the evaluation store stays)."""
 
 
@@ -45,5 +45,5 @@ def check_out(config: dict[str, Any], out: Path, overwrite: bool, emit_mergekit:
         raise FileExistsError(f"{out} holds the results of an earlier run ({', '.join(earlier)}); pass --overwrite to replace "
                               "them (the evaluation store is kept and reused either way), or choose another 'out'")
     # out/mergekit.yaml may be the recipe this run reads (a rerun of an emitted pick)
-    for name in ("result.json", "front.png", "merged") + (("mergekit.yaml",) if emit_mergekit else ()):
+    for name in ("result.json", "front.png", "merged", "report.md", "report.json") + (("mergekit.yaml",) if emit_mergekit else ()):
         check_destination(out / name, source_paths(config), overwrite=True, inputs=run_inputs(config))

@@ -71,7 +71,7 @@ def _run_commands(sub) -> None:
             own.add_argument("--emit-mergekit", action="store_true",
                              help="also write out/mergekit.yaml: the pick as a mergekit recipe (mergekit-yaml reproduces merged/)")
         shared.add_argument("--overwrite", action="store_true",
-                            help="replace result.json, front.png and merged/ of an earlier run in 'out' (only what map_merge wrote "
+                            help="replace result.json, front.png, merged/ and the report of an earlier run in 'out' (only what map_merge wrote "
                                  "there; the evaluation store is kept and reused either way)")
         shared.add_argument("--mergekit", default=None, metavar="RECIPE",
                             help="a mergekit recipe (YAML) supplying pretrained, finetuned (task names: the model folders' names), the "

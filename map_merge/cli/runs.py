@@ -1,7 +1,7 @@
 """``map-merge {map, bayes, nested, moe} --config run.yaml``: the run commands on a config. Each
 checks the whole config before any model loads, evaluates through the run's store (a rerun
-re-evaluates nothing and loads no model it does not need), and writes result.json, front.png and
-the pick as merged/ to the config's 'out'."""
+re-evaluates nothing and loads no model it does not need), and writes result.json, front.png,
+the pick as merged/ and the run report (report.md, report.json: :mod:`.report`) to the config's 'out'."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 
 from ..config import ConfigError, build_executor, build_objective, check_run, default_out, fit_moe, load_config
 from .outputs import atomic_write, check_out, write_recipe
+from .report import Chosen, run_report, write_failed, write_report
+from .report_text import block_markdown
 
 __all__ = ["cmd_run"]
 
@@ -61,11 +63,11 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
     summary: dict[str, Any] = {"command": args.command, "tasks": names}
     counted = [objective]  # the objectives whose counters are the run's models evaluated
     if args.command in ("map", "bayes"):
-        payload = _map_or_bayes(args.command, config, out, objective, names, preference, summary)
+        payload, chosen, settings = _map_or_bayes(args.command, config, out, objective, names, preference, summary)
     elif args.command == "nested":
-        payload = _nested(config, objective, names, preference, summary, counted)
+        payload, chosen, settings = _nested(config, objective, names, preference, summary, counted)
     else:
-        payload = _moe(config, out, objective, names, zoo, preference, summary)
+        payload, chosen, settings = _moe(config, out, objective, names, zoo, preference, summary)
     summary.update(models_evaluated=sum(o.num_evaluations for o in counted), from_store=sum(o.num_cached for o in counted))
     if args.command != "moe":
         source = config.get("_recipe")
@@ -85,15 +87,32 @@ def _run_command(args, config, out: Path, objective, names: list[str], zoo, pref
             except RecipeError as error:  # the pick (unequal coefficients under a sign consensus): the results stay
                 summary["mergekit"] = f"not written: {error}"
                 log.warning("no mergekit recipe for the pick: %s", error)
-    payload = {**payload, "summary": summary}
-    atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(payload, indent=1, default=float)))
+    def write_result() -> None:
+        result = {**payload, "summary": summary}
+        atomic_write(out / "result.json", lambda temp: temp.write_text(json.dumps(result, indent=1, default=float)))
+
+    write_result()  # the run's results are kept whatever happens to the report
+    try:
+        report = run_report(args.command, config, out, objective, zoo, preference, summary, chosen, settings)
+    except Exception as error:  # noqa: BLE001 - the results are written; the report's own evaluations failed: say so
+        report = None
+        summary["report"] = {"error": f"{type(error).__name__}: {error}"}
+        write_failed(out, summary["report"]["error"])
+        log.error("the run's results are written, but its report failed: %s: %s", type(error).__name__, error)
+    else:
+        write_report(out, report)
+        summary["report"] = {"path": str(out / "report.md"), **report["extra_evaluations"]}
+    write_result()
+    written = f"{out}/result.json" + (f", {out}/front.png" if args.command != "nested" else "") + (f", {out}/report.md" if report else "")
     print(json.dumps(summary, indent=1, default=float))
-    print(f"preference {preference}; wrote {out}/result.json, {out}/front.png and {summary['saved']}" if args.command != "nested"
-          else f"wrote {out}/result.json and {summary['saved']}")
+    print(f"preference {preference}; wrote {written} and {summary['saved']}" if args.command != "nested" else f"wrote {written} and {summary['saved']}")
+    if report is not None:
+        print()
+        print(block_markdown(report))
     return 0
 
 
-def _map_or_bayes(command: str, config, out: Path, objective, names, preference, summary: dict[str, Any]) -> dict[str, Any]:
+def _map_or_bayes(command: str, config, out: Path, objective, names, preference, summary: dict[str, Any]):
     """``map``: MAP with ``budget`` real evaluations in all (adaptive sampling by default, its last
     evaluation on the model's pick for the config's preference; ``sampling: design``: the authors'
     design, up to 10 of the budget re-evaluating front points); ``bayes``: Bayesian MAP, ``budget``
@@ -134,10 +153,20 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
                    coeffs=chosen.tolist(), evaluations=len(np.unique(used, axis=0)))
     if objective.coeff_names is not None and len(objective.coeff_names) != len(names):
         summary["coefficients"] = dict(zip(objective.coeff_names, chosen.tolist()))
-    return result.to_dict()
+    mean, std = result.predict(chosen[None], return_std=True)
+    model = result.settings.get("model", "gp")
+    what = {"gp": "Gaussian processes", "quadratic+gp": "quadratic surrogates plus a Gaussian process on their residuals",
+            "quadratic": "quadratic surrogates"}.get(model, model)
+    pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
+                  "evaluations) at these coefficients, with its predictive standard deviation.")
+    shown = ("sampling", "model", "design", "seed", "bounds", "links") if command == "map" else ("model", "seed", "bounds", "links")
+    settings = {key: result.settings[key] for key in shown if key in result.settings}
+    if command == "bayes":
+        settings["acquisition"] = config.get("acquisition", "ehvi")
+    return result.to_dict(), pick, {"budget": budget, **settings}
 
 
-def _nested(config, objective, names, preference, summary: dict[str, Any], counted: list) -> dict[str, Any]:
+def _nested(config, objective, names, preference, summary: dict[str, Any], counted: list):
     from ..nested import nested_merge
 
     def objective_for(idx):
@@ -150,10 +179,14 @@ def _nested(config, objective, names, preference, summary: dict[str, Any], count
                           schedule=config.get("schedule", "sequential"))
     summary.update(evaluations=result.num_evaluations, task_evaluations=result.task_evaluations, coeffs=result.coeffs.tolist(),
                    metrics=result.metrics.tolist())
-    return result.to_dict()
+    pick = Chosen(result.coeffs, prediction="none: nested merging fits a 2-task model per stage, none of the whole merge "
+                  "(its last stage evaluated the model for real: see the real columns).")
+    settings = {"samples_per_stage": config.get("samples_per_stage", 10), "schedule": config.get("schedule", "sequential"),
+                "seed": config.get("seed", 0), "bounds": list(config.get("bounds", (0.0, 1.0)))}
+    return result.to_dict(), pick, settings
 
 
-def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str, Any]) -> dict[str, Any]:
+def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str, Any]):
     from ..moe import simplex_lattice
     from ..task_vectors.saving import save_module
 
@@ -170,7 +203,11 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
     saved = save_module(moe.unload(weights), out / "merged", tv.source_paths(), overwrite=True, source_folder=tv._base_weights().folder,
                         metadata=meta)
     summary.update(fit=info, evaluations=len(preferences), coefficients=coefficients, saved=str(saved))
-    return {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}
+    named = {f"routed group {g!r}" if g else "the whole model": dict(zip(names, w)) for g, w in coefficients.items()}
+    pick = Chosen(None, prediction="none: PWE-MoE has no predictive model (its front is the unloaded models, evaluated for real).",
+                  coefficients=named)
+    settings = {"moe_method": info["method"], "router training steps": info.get("steps", config.get("moe_steps")), "seed": config.get("seed", 0)}
+    return {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, pick, settings
 
 
 def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick=None, recipe=None) -> None:

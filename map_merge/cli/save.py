@@ -1,6 +1,8 @@
 """``map-merge save``: the merge for given coefficients, or the pick of a finished map/bayes run's
 front for a preference, as a Hugging Face folder or one ``.safetensors`` file (and optionally as a
-mergekit recipe)."""
+mergekit recipe). With ``--config`` it then prints the saved model's block of the run report
+(:func:`.report.save_report`): its prediction, one real evaluation of the saved weights, and the
+comparison as the run's store holds it (the store is read, never written)."""
 
 from __future__ import annotations
 
@@ -54,13 +56,15 @@ def cmd_save(args: argparse.Namespace) -> int:
     if (args.coeffs is None) == (args.preference is None):
         raise ValueError("save needs --coeffs c1,c2,... or --preference w1,w2,... (the latter picks from a finished map/bayes run)")
     method = parse_method(args.method) if args.method else None
+    override = method
     config: dict[str, Any] = {}
+    picked: dict[str, Any] = {}
     if args.config is not None:
         config = load_config(args.config, mergekit=args.mergekit)
         run_out = default_out(config, "map")
         out = Path(args.out) if args.out else run_out / "merged"
         check_destination(out, source_paths(config), args.overwrite, inputs=run_inputs(config))
-        coeffs = _coeffs_for(args, run_out)
+        coeffs = _coeffs_for(args, run_out, picked)
         method = method or config_method(config)
         tv, model = _sources(config)
     else:
@@ -93,7 +97,28 @@ def cmd_save(args: argparse.Namespace) -> int:
     if recipe is not None:
         write_recipe(recipe, emit)
         print(f"wrote the mergekit recipe {args.emit_mergekit}")
+    if config:
+        _print_block(config, override, coeffs, picked, path, args)
     return 0
+
+
+def _print_block(config: dict[str, Any], method, coeffs: list[float], picked: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    """The saved model's block of the run report, printed (nothing is written)."""
+    import sys
+
+    from .report import Chosen, save_report
+
+    preference = picked.get("preference", config.get("preference"))  # --preference, the config's, else equal
+    chosen = Chosen(np.asarray(coeffs, dtype=np.float64), picked.get("mean"), picked.get("std"), picked.get("prediction", ""))
+    run_out = default_out(config, "map")
+    try:
+        text = save_report(config, method, chosen, preference, path, Path(config.get("store", run_out / "evaluations.sqlite")))
+    except Exception as error:  # noqa: BLE001 - the model is saved; only its evaluation failed: say so, keep the save
+        print(f"map-merge save: the model was saved, but evaluating it failed ({type(error).__name__}: {error}); "
+              "no report block", file=sys.stderr)
+        return
+    print()
+    print(text)
 
 
 def _sources(config: dict[str, Any]):
@@ -112,9 +137,14 @@ def _sources(config: dict[str, Any]):
     return tv, model
 
 
-def _coeffs_for(args: argparse.Namespace, run_out: Path | None) -> list[float]:
+def _coeffs_for(args: argparse.Namespace, run_out: Path | None, picked: dict[str, Any] | None = None) -> list[float]:
+    """The coefficients to save; ``picked`` receives the run's prediction for them where its front
+    has them (``mean``, ``std``, ``prediction``) and the preference they were picked for."""
+    picked = {} if picked is None else picked
     if args.coeffs is not None:
-        return parse_floats(args.coeffs, "--coeffs")
+        coeffs = parse_floats(args.coeffs, "--coeffs")
+        _predicted(run_out, coeffs, picked)
+        return coeffs
     if run_out is None:
         raise ValueError("--preference picks from a finished run: give --config run.yaml")
     from ..pareto import ParetoFront
@@ -131,4 +161,25 @@ def _coeffs_for(args: argparse.Namespace, run_out: Path | None) -> list[float]:
     if len(weights) != len(names):
         raise ValueError(f"--preference has {len(weights)} weights for {len(names)} tasks {names}")
     pf = ParetoFront(np.asarray(front["coeffs"]), np.asarray(front["metrics"]), names, front["senses"])
-    return pf.select(weights).tolist()
+    index = pf.select_index(weights)
+    picked.update(preference=weights, **_front_point(front, index))
+    return pf.coeffs[index].tolist()
+
+
+def _front_point(front: dict[str, Any], index: int) -> dict[str, Any]:
+    std = front.get("std")
+    return {"mean": np.asarray(front["metrics"][index], dtype=np.float64), "std": None if std is None else np.asarray(std[index], dtype=np.float64),
+            "prediction": "the finished run's model at this point of its predicted front (result.json), with its predictive standard deviation."}
+
+
+def _predicted(run_out: Path | None, coeffs: list[float], picked: dict[str, Any]) -> None:
+    """The run's prediction for ``coeffs`` when they are a point of its predicted front."""
+    result_file = None if run_out is None else run_out / "result.json"
+    front = json.loads(result_file.read_text()).get("front") if result_file is not None and result_file.exists() else None
+    picked["prediction"] = ("none: the run's model is not kept, and these coefficients are not a point of its predicted front "
+                            "(--preference picks one)." if front is not None else "none: no finished map/bayes run to predict with.")
+    if front is None or not front.get("coeffs") or len(front["coeffs"][0]) != len(coeffs):
+        return
+    match = np.flatnonzero(np.all(np.isclose(np.asarray(front["coeffs"]), np.asarray(coeffs), rtol=0, atol=1e-9), axis=1))
+    if len(match):
+        picked.update(_front_point(front, int(match[0])))
