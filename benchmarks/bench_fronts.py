@@ -182,7 +182,8 @@ def main() -> None:
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
     per_axis = args.per_axis or (GRID[label][num] if not args.quick else 5)
     budget = args.budget or (BUDGET[num] if not args.quick else 10)
-    seeds = list(range(2 if args.quick else args.seeds))
+    seeds = list(range(1 if args.quick else args.seeds))
+    reevaluations = max(0, min(args.reevaluations, budget - mm.num_quadratic_params(num)))  # inside the budget of the design variants
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in BUDGETED + PEERS:
@@ -228,7 +229,7 @@ def main() -> None:
     for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):
         timed = Timed(objective)
         start = time.perf_counter()
-        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, args.reevaluations)
+        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations)
         wall = time.perf_counter() - start
         row = {"method": method, "seed": seed, "evaluations": len(inputs), "budgeted": True, **scores(inputs, metrics),
                "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
@@ -253,7 +254,7 @@ def main() -> None:
                "lm": "held-out loss (nats/token, lower is better)", "lm_acc": "lm-eval multiple-choice accuracy (higher is better)"}
     path = write(out, name, {
         "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
-        "senses": list(senses), "budget": budget, "seeds": len(seeds), "methods": methods, "threads": args.threads,
+        "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "seeds": len(seeds), "methods": methods, "threads": args.threads,
         "size": (args.size or ("tiny" if args.quick else "small")) if lm else None, "val_examples": args.val_examples,
         "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),
         "hv_reference": {k: (sign * v).tolist() for k, v in nadir.items()},

@@ -101,10 +101,12 @@ def run_method(
             if reevaluations >= 2:  # two rounds: re-evaluate half, refit on them, re-evaluate the new front's points
                 result = result.refine(objective, reevaluations=reevaluations, rounds=2)
                 real = result.real_front
+            elif reevaluations == 1:
+                real = result.reevaluate(objective, max_points=1)
             else:
-                real = result.reevaluate(objective, max_points=reevaluations)
-            inputs = np.concatenate([result.samples.coeffs, real.coeffs])
-            metrics = np.concatenate([result.samples.metrics, real.metrics])
+                real = None
+            inputs = result.samples.coeffs if real is None else np.concatenate([result.samples.coeffs, real.coeffs])
+            metrics = result.samples.metrics if real is None else np.concatenate([result.samples.metrics, real.metrics])
         else:
             if method == "random search":
                 result = random_search(objective, num_coeffs, budget, seed=seed)
