@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from .deprecation import renamed
 from .errors import RecipeError
 from .groups import Groups
 from .merge_methods import MergeMethod
@@ -334,9 +334,4 @@ def coefficients_of(recipe: MergekitRecipe) -> dict[str, Any]:
     return dict(zip(coefficient_names(list(recipe.models), recipe.groups), recipe.flat_coeffs.tolist()))
 
 
-def __getattr__(name: str) -> Any:
-    if name == "Recipe":  # the old name, until the next release
-        warnings.warn("map_merge.mergekit_config.Recipe is now MergekitRecipe (map_merge.Recipe is the job an executor "
-                      "runs); the old name goes in the next release", DeprecationWarning, stacklevel=2)
-        return MergekitRecipe
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(globals(), {"Recipe": "MergekitRecipe"}, "map_merge.Recipe is the job an executor runs")

@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..deprecation import renamed
 from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
@@ -690,9 +690,4 @@ def load_lm_zoo(
                  recipe=recipe, info=info, device=device, eval_dtype=eval_dtype or torch.bfloat16, train_texts=train)
 
 
-def __getattr__(name: str) -> Any:
-    if name == "LMRecipe":  # the old name, until the next release
-        warnings.warn("map_merge.zoo.lm.LMRecipe is now LMZooSettings (map_merge.Recipe is the job an executor runs); the "
-                      "old name goes in the next release", DeprecationWarning, stacklevel=2)
-        return LMZooSettings
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed(globals(), {"LMRecipe": "LMZooSettings"}, "map_merge.Recipe is the job an executor runs")
