@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import merge_methods
+from ..errors import RecipeError
 from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .adapter_base import warn_if_other_base
@@ -175,8 +176,6 @@ class StreamedTaskVectors(TaskVectors, kind="streamed"):
         return paths
 
     def _task_references(self) -> dict[str, str]:
-        from ..mergekit_config import RecipeError
-
         base = self._base.paths()
         out = {}
         for name, task in zip(self.names, self._tasks):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..deprecation import renamed
 from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
@@ -46,7 +47,7 @@ from ..task_vectors.saving import process_alive
 from .base import cache_root, fit_cached_moe
 from .lm_data import CORPORA, LM_DOMAINS, SOURCES, choice_docs, domain_texts, write_choice_task
 
-__all__ = ["LMRecipe", "LM_SIZES", "LMZoo", "load_lm_zoo"]
+__all__ = ["LMZooSettings", "LM_SIZES", "LMZoo", "load_lm_zoo"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ _TASKS_VERSION = 1  # bump when the questions' recipe (lm_data.choice_docs) chan
 
 
 @dataclass(frozen=True)
-class LMRecipe:
-    """Everything that decides a zoo's weights (with the seed and the texts).
+class LMZooSettings:
+    """Everything that decides a zoo's weights (with the seed and the texts): a size of
+    :data:`LM_SIZES`, or your own for ``load_lm_zoo(size=...)`` (formerly ``LMRecipe``).
 
     Model: ``vocab_size``, ``hidden``, ``layers``, ``heads``, ``ffn``; ``max_length`` tokens per
     training row and per held-out text. Pretraining: ``pretrain_steps`` batches of
@@ -92,15 +94,15 @@ class LMRecipe:
     shard_size: str = "300KB"
 
 
-LM_SIZES: dict[str, LMRecipe] = {
-    "tiny": LMRecipe(vocab_size=384, hidden=32, layers=2, heads=2, ffn=64, max_length=64, batch_size=8, pretrain_steps=40,
-                     expert_steps=25, lora_rank=4, max_chars=60_000, tokenizer_chars=20_000, val_texts=6, test_texts=6,
-                     choice_val=12, choice_test=12, shard_size="20KB"),
-    "small": LMRecipe(vocab_size=2048, hidden=64, layers=4, heads=4, ffn=192, max_length=128, batch_size=16, pretrain_steps=640,
-                      expert_steps=120, shard_size="300KB"),
-    "large": LMRecipe(vocab_size=8192, hidden=512, layers=8, heads=8, ffn=1376, max_length=256, batch_size=32, pretrain_steps=4000,
-                      expert_steps=800, pretrain_lr=1e-3, expert_lr=2e-4, lora_lr=1e-3, max_chars=6_000_000, tokenizer_chars=1_000_000,
-                      val_texts=64, test_texts=256, choice_test=500, shard_size="20MB"),
+LM_SIZES: dict[str, LMZooSettings] = {
+    "tiny": LMZooSettings(vocab_size=384, hidden=32, layers=2, heads=2, ffn=64, max_length=64, batch_size=8, pretrain_steps=40,
+                          expert_steps=25, lora_rank=4, max_chars=60_000, tokenizer_chars=20_000, val_texts=6, test_texts=6,
+                          choice_val=12, choice_test=12, shard_size="20KB"),
+    "small": LMZooSettings(vocab_size=2048, hidden=64, layers=4, heads=4, ffn=192, max_length=128, batch_size=16, pretrain_steps=640,
+                           expert_steps=120, shard_size="300KB"),
+    "large": LMZooSettings(vocab_size=8192, hidden=512, layers=8, heads=8, ffn=1376, max_length=256, batch_size=32, pretrain_steps=4000,
+                           expert_steps=800, pretrain_lr=1e-3, expert_lr=2e-4, lora_lr=1e-3, max_chars=6_000_000, tokenizer_chars=1_000_000,
+                           val_texts=64, test_texts=256, choice_test=500, shard_size="20MB"),
 }
 
 
@@ -122,7 +124,7 @@ class LMZoo:
         experts: ``domain -> folder`` (a sharded bf16 HF folder or a PEFT LoRA adapter folder).
         kinds: ``domain -> "full" | "lora"``.  texts: ``domain -> split -> held-out texts``
         (``"val"``, ``"test"``).  choice_tasks: ``domain -> split -> lm-eval task YAML``.
-        tokenizer: the zoo's tokenizer.  recipe: its :class:`LMRecipe`.  info: build record
+        tokenizer: the zoo's tokenizer.  recipe: its :class:`LMZooSettings`.  info: build record
         (seconds, final training losses, sources, data hash).  device: where objectives evaluate.
         eval_dtype: the live model's dtype in objectives.
     """
@@ -134,7 +136,7 @@ class LMZoo:
     texts: dict[str, dict[str, list[str]]]
     choice_tasks: dict[str, dict[str, Path]]
     tokenizer: Any
-    recipe: LMRecipe
+    recipe: LMZooSettings
     info: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     eval_dtype: torch.dtype = torch.bfloat16
@@ -368,11 +370,11 @@ class LMZoo:
 
 
 # ---------------------------------------------------------------------- building
-def _texts(recipe: LMRecipe, seed: int) -> dict[str, dict[str, list[str]]]:
+def _texts(recipe: LMZooSettings, seed: int) -> dict[str, dict[str, list[str]]]:
     return {d: domain_texts(d, seed=seed, max_chars=recipe.max_chars) for d in CORPORA}
 
 
-def _write_tasks(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int) -> dict[str, dict[str, Path]]:
+def _write_tasks(folder: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int) -> dict[str, dict[str, Path]]:
     """The lm-eval questions and YAMLs (one task per domain and split) under ``folder/tasks``."""
     tasks = folder / "tasks"
     marker = tasks / "root.json"
@@ -395,7 +397,7 @@ def _write_tasks(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list
     return {d: {s: tasks / f"lmzoo_{d}_{s}.yaml" for s in ("val", "test")} for d in LM_DOMAINS}
 
 
-def _build(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
+def _build(folder: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
            progress: bool, info: dict[str, Any]) -> None:
     """Train the tokenizer, the base and every expert into ``folder`` (a fresh temporary folder)."""
     from tqdm.auto import tqdm
@@ -587,7 +589,7 @@ def _clean_stale(root: Path, folder: Path) -> None:
             shutil.rmtree(item, ignore_errors=True)
 
 
-def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
+def _build_into(folder: Path, root: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
                 progress: bool, threads: int | None, key: str, data_hash: str, rebuild: bool) -> None:
     """Build the zoo in a temporary folder beside ``folder`` and rename it into place (the caller
     holds the zoo's lock). A complete ``folder`` that appeared meanwhile (a builder that took no
@@ -626,7 +628,7 @@ def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dic
 
 def load_lm_zoo(
     tasks: Sequence[str] | None = None,
-    size: str | LMRecipe = "small",
+    size: str | LMZooSettings = "small",
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
@@ -653,8 +655,8 @@ def load_lm_zoo(
             one; ``None`` keeps torch's setting.
     """
     recipe = LM_SIZES[size] if isinstance(size, str) and size in LM_SIZES else size
-    if not isinstance(recipe, LMRecipe):
-        raise ValueError(f"unknown lm zoo size {size!r}; choose from {list(LM_SIZES)} or pass an LMRecipe")
+    if not isinstance(recipe, LMZooSettings):
+        raise ValueError(f"unknown lm zoo size {size!r}; choose from {list(LM_SIZES)} or pass an LMZooSettings")
     names = list(LM_DOMAINS) if tasks is None else [str(t) for t in tasks]
     unknown = [n for n in names if n not in LM_DOMAINS]
     if unknown or not names:
@@ -686,3 +688,6 @@ def load_lm_zoo(
     return LMZoo(folder=folder, base_path=folder / "base", experts={d: folder / "experts" / d for d in names},
                  kinds={d: kinds[d] for d in names}, texts=held_out, choice_tasks={d: choice[d] for d in names}, tokenizer=tokenizer,
                  recipe=recipe, info=info, device=device, eval_dtype=eval_dtype or torch.bfloat16, train_texts=train)
+
+
+__getattr__ = renamed(globals(), {"LMRecipe": "LMZooSettings"}, "map_merge.Recipe is the job an executor runs")
