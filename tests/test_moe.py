@@ -139,9 +139,10 @@ def test_training_moves_routers_towards_the_preferred_task(method):
         return zoo.loss(moe.unload(preference), task, "val")
 
     before = [val_loss([1, 0], "rotated"), val_loss([0, 1], "inverted")]
-    history = moe.fit(losses, steps=60, method=method, lr=3e-2, seed=0, progress=False)
+    steps = 120  # at 60 steps LS had not yet lowered the corner loss on some CPUs (2.145 -> 2.160 on one; 120 steps: 2.081)
+    history = moe.fit(losses, steps=steps, method=method, lr=3e-2, seed=0, progress=False)
     after = [val_loss([1, 0], "rotated"), val_loss([0, 1], "inverted")]
-    assert len(history.total) == 60 and all(np.isfinite(history.total))
+    assert len(history.total) == steps and all(np.isfinite(history.total))
     assert after[0] < before[0] and after[1] < before[1]
     if method == "epo":
         assert np.mean(history.lp_ok) > 0.8
