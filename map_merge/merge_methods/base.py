@@ -11,7 +11,7 @@ import torch
 
 from .workspace import Workspace
 
-__all__ = ["ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
+__all__ = ["ChunkSource", "MergeMethod", "InPlaceMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
 
 ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
 """``chunks(keys)`` yields ``(key, start, deltas (T, n) fp32)`` over the given keys (``None``: all),
@@ -89,6 +89,35 @@ class MergeMethod:
         state: a caller may then cut a chunk into any column ranges (tiles) and transform each."""
         return False
 
+
+
+class InPlaceMethod(MergeMethod):
+    """An operator that maps a chunk's deltas in place: :meth:`transform` maps a copy,
+    :meth:`transform_` checks the chunk (and the state, where :meth:`fit` gives one the map needs)
+    and calls :meth:`_map_`. Class settings: ``_elementwise`` (see :attr:`elementwise`) and
+    ``_needs_state`` (``transform`` without the state from ``fit`` is refused, naming both)."""
+
+    _elementwise = False
+    _needs_state = False
+
+    @property
+    def elementwise(self) -> bool:
+        return self._elementwise
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        owner = type(self).__name__
+        if deltas.ndim != 2:
+            raise ValueError(f"{owner} expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+        if state is None and self._needs_state:
+            raise ValueError(f"{owner}.transform needs the state from {owner}.fit")
+        return self._map_(key, start, deltas, state)
+
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
+        """The prepared ``deltas (T, n)`` of one chunk, computed in place (``deltas`` are scratch)."""
+        raise NotImplementedError
 
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
