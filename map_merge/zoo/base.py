@@ -25,10 +25,10 @@ from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective, Task
-from ..store import EvaluationStore
+from ..store import EvaluationStore, as_store
 from ..task_vectors import TaskVectors
 
-__all__ = ["Split", "ZooTask", "Zoo", "cache_root"]
+__all__ = ["Split", "ZooTask", "Zoo", "cache_root", "objective_vectors"]
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,9 @@ class Zoo:
         """An objective over *preference vectors* ``(K, T)``: accuracies ``(K, T)`` of the dense
         models ``moe.unload(r)`` (results kept in ``store`` under the routers' key)."""
         names = self._names(names)
-        if store is not None and not isinstance(store, EvaluationStore):
-            store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "split": split, "data": self.info.get("data_hash", "")})
         tasks = {n: (lambda model, n=n: self.accuracy(model, n, split)) for n in names}
-        return moe.objective(tasks, key=key, store=store, progress=progress)
+        return moe.objective(tasks, key=key, store=as_store(store), progress=progress)
 
     def objective(
         self,
@@ -220,13 +218,9 @@ class Zoo:
         """A :class:`ModelObjective` merging the named tasks' vectors and scoring ``scored`` (default:
         the same tasks): accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``,
         with results kept in ``store`` (a path or a store); ``groups``: coefficient groups."""
-        names = self._names(names)
-        scored_names = self._names(scored) if scored is not None else names
         if metric not in ("accuracy", "loss"):
             raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
-        tv = task_vectors if task_vectors is not None else self.task_vectors(names, device=device)
-        if list(tv.names) != names:
-            raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
+        names, scored_names, tv = objective_vectors(self, names, scored, task_vectors, device=device)
         tasks = {}
         for name in scored_names:
             if metric == "accuracy":
@@ -234,10 +228,9 @@ class Zoo:
             else:
                 tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus", metric_name="cross-entropy",
                                    metric_unit="nats")
-        if store is not None and not isinstance(store, EvaluationStore):
-            store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
-        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=store, key=key, progress=progress, groups=groups)
+        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=as_store(store), key=key, progress=progress,
+                              groups=groups)
 
     def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test", method: str | MergeMethod | None = None,
                         groups: Groups | None = None) -> np.ndarray:
@@ -251,6 +244,19 @@ class Zoo:
             encoder.eval()
             out[i] = [self.accuracy(encoder, n, split) for n in names]
         return out
+
+
+def objective_vectors(zoo: Any, names: Sequence[str] | None, scored: Sequence[str] | None, task_vectors: TaskVectors | None,
+                      **options: Any) -> tuple[list[str], list[str], TaskVectors]:
+    """``(merged names, scored names, task vectors)`` of a zoo's objective: the names checked by
+    ``zoo._names`` (scored: default the merged ones), the task vectors given (checked to be of the
+    merged names, in order) or ``zoo.task_vectors(names, **options)``."""
+    names = zoo._names(names)
+    scored_names = zoo._names(scored) if scored is not None else names
+    tv = task_vectors if task_vectors is not None else zoo.task_vectors(names, **options)
+    if list(tv.names) != names:
+        raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
+    return names, scored_names, tv
 
 
 def fit_cached_moe(model: nn.Module, tv: TaskVectors, names: Sequence[str], train_loss: Callable[..., Callable], *, upcycle: Any,
