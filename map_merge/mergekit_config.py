@@ -36,7 +36,8 @@ mergekit) or lists of ``{filter, value}`` conditions (substring filters, first m
 whose values may be gradients; models may mix these forms, and filters none of a model's conditions
 matches take the top-level ``weight`` (:mod:`map_merge.mergekit_weights`). Models whose filters
 differ give the cells of the joint partition as groups (:mod:`map_merge.mergekit_filters`).
-Top-level fields mergekit does not know are ignored, as mergekit ignores them, with a warning. ``normalize``,
+Top-level fields mergekit does not know are ignored, as mergekit ignores them, with a warning; but
+for ``map_merge``, the names of the groups of a recipe written here (:func:`~map_merge.mergekit_weights.named_groups`). ``normalize``,
 ``rescale``, ``int8_mask`` are read as pydantic reads a ``bool`` (``"false"``, ``no``, ``0``: false;
 :func:`~map_merge.numeric.parse_bool`), numbers as its ``float`` (``true``: 1.0).
 
@@ -62,7 +63,7 @@ from .merge_methods import Breadcrumbs, Della, MergeMethod, TaskArithmetic, Ties
 from .mergekit_filters import checkpoint_tensor_names, drop_unused
 from .mergekit_methods import operator_for
 from .mergekit_settings import read_settings, tokenizer_notes
-from .mergekit_weights import per_knot_normalising_is_inexact, read_weights, weight_setting
+from .mergekit_weights import named_groups, names_field, per_knot_normalising_is_inexact, read_weights, weight_setting
 from .numeric import parse_bool, parse_number
 
 __all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe", "READ_METHODS",
@@ -77,7 +78,7 @@ _NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "b
                       "della": True, "della_linear": False, "dare_linear": False, "dare_ties": False}
 _FLAGS = ("int8_mask", "normalize", "rescale")  # mergekit's true/false settings of the task arithmetic family; linear: normalize
 _TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer", "chat_template",
-             "out_dtype", "name"}
+             "out_dtype", "name", "map_merge"}
 
 
 class RecipeError(ValueError):
@@ -280,6 +281,8 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
         if single:
             notes.append(f"filter group(s) {single} own no tensor of the base model (their filter matches none, or earlier filters "
                          "take all it matches): mergekit never uses them, and they are dropped")
+    groups, unnamed = named_groups(groups, config.get("map_merge"))
+    notes += [unnamed] if unnamed else []
     matrix = everything[: len(entries)]
     normalize = flags.get("normalize", _NORMALIZE_DEFAULT[method_name])
     lam = 1.0 if method_name == "linear" else _number(global_params.get("lambda", 1.0), "lambda")  # linear has no lambda
@@ -382,6 +385,9 @@ def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, 
     out: dict[str, Any] = {"merge_method": merge_method, "base_model": base_model, "models": entries, "dtype": dtype}
     if params:
         out["parameters"] = params
+    named = None if consensus else names_field(groups, weights.values())
+    if named is not None:
+        out["map_merge"] = named  # mergekit ignores it; read back, the groups keep their names
     return out
 
 
