@@ -17,17 +17,16 @@ from torch import nn
 from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
-from ..objective import ModelObjective
 from ..store import EvaluationStore, as_store
 from ..task_vectors import TaskVectors
-from .base import fit_cached_moe, objective_vectors
+from .base import ZooObjective, fit_cached_moe
 from .lm_sizes import LMRecipe
 
 __all__ = ["LMZoo"]
 
 
 @dataclass
-class LMZoo:
+class LMZoo(ZooObjective):
     """A pretrained causal LM and its domain experts on disk, with their objectives.
 
     Attributes:
@@ -54,6 +53,7 @@ class LMZoo:
     name: str = "lm"
     train_texts: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _losses: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
+    default_metric = "loss"  # held-out loss; "lm_eval": multiple-choice accuracy (not a field)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -154,30 +154,18 @@ class LMZoo:
             return {n: self.held_out_loss(n, split) for n in names}
         return {n: self.lm_eval_task(n, split) for n in names}
 
-    def objective(
-        self,
-        names: Sequence[str] | None = None,
-        split: str = "val",
-        metric: str = "loss",
-        method: str | MergeMethod | None = None,
-        store: EvaluationStore | str | os.PathLike | None = None,
-        task_vectors: TaskVectors | None = None,
-        device: str | torch.device | None = None,
-        progress: bool = True,
-        scored: Sequence[str] | None = None,
-        dtype: torch.dtype | None = None,
-        groups: Groups | None = None,
-    ) -> ModelObjective:
-        """A :class:`~map_merge.ModelObjective` merging the named experts into one live model
-        (:meth:`new_model`) and scoring ``scored`` (default: the same domains) on ``split``:
-        ``metric="loss"`` held-out loss (min, softplus link) or ``"lm_eval"`` multiple-choice
-        accuracy (max). Results are kept in ``store`` (a path or a store); ``groups``: coefficient groups."""
-        names, scored_names, tv = objective_vectors(self, names, scored, task_vectors)
-        tasks = self._tasks(scored_names, self._split(split), metric)
-        key = json.dumps({"zoo": self.name, "key": self.info.get("key", ""), "split": split, "metric": metric,
-                          "dtype": str(dtype or self.eval_dtype)})
-        return ModelObjective(self.new_model(device, dtype), tv, tasks, method=method, store=as_store(store), key=key, progress=progress,
-                              groups=groups)
+    def _scored_tasks(self, names: Sequence[str], split: str, metric: str) -> dict[str, Any]:
+        return self._tasks(names, self._split(split), metric)
+
+    def _vector_options(self, device: str | torch.device | None) -> dict[str, Any]:
+        return {}  # merged on the CPU, written into the live model where it is
+
+    def _live_model(self, tv: TaskVectors, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+        return self.new_model(device, dtype)
+
+    def _store_key(self, split: str, metric: str, dtype: torch.dtype | None) -> str:
+        return json.dumps({"zoo": self.name, "key": self.info.get("key", ""), "split": split, "metric": metric,
+                           "dtype": str(dtype or self.eval_dtype)})
 
     def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test",
                         method: str | MergeMethod | None = None, metric: str = "loss", groups: Groups | None = None) -> np.ndarray:
