@@ -15,7 +15,8 @@ import torch
 
 from ..groups import Groups
 from ..merge_methods import MergeMethod
-from .dense import DenseTaskVectors, _Slot
+from .dense import DenseTaskVectors
+from .dense_load import Slot
 from .lora import MatchedLora, merged_adapter_tensors
 from .safetensors_io import write_safetensors
 from .saving import atomic_path, check_destination
@@ -84,7 +85,7 @@ class StreamedOutput:
         """The same task vectors held densely in memory (:class:`DenseTaskVectors`)."""
         slots, offset = [], 0
         for key in self._keys:
-            slots.append(_Slot(key, self._shapes[key], offset, self._numel[key], self._base.tensors[key][0]))
+            slots.append(Slot(key, self._shapes[key], offset, self._numel[key], self._base.tensors[key][0]))
             offset += self._numel[key]
         base = torch.empty(offset, dtype=self._dtype, device=self._device)
         vectors = torch.empty(self.num_tasks, offset, dtype=self._dtype, device=self._device)
