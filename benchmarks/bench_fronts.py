@@ -151,6 +151,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
     p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
+    p.add_argument("--update", action="store_true", help="rerun only --methods (and --sweeps): the other methods' rows come from the "
+                                                         "existing JSON of the same settings")
     args = p.parse_args()
     out = Path(args.out)
     if args.summarize:
@@ -239,6 +241,17 @@ def main() -> None:
         rows.append(row)
         if seed == 0:
             examples[method] = metrics
+    name = f"fronts_{label}_T{num}"
+    if args.update and (out / f"{name}.json").exists():  # keep the earlier run's rows of every method not rerun now
+        earlier = json.loads((out / f"{name}.json").read_text())
+        if earlier.get("version") != 3 or earlier.get("budget") != budget or earlier.get("grid_points") != len(grid):
+            raise SystemExit(f"--update: {out / name}.json was made with other settings (version, budget or grid); rerun everything")
+        rerun = set(methods) | set(chosen_sweeps)
+        rows = [r for r in earlier["rows"] if r["method"] not in rerun] + rows
+        examples = {**{k: np.array(v) for k, v in earlier.get("examples", {}).items() if k not in rerun}, **examples}
+        order = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
+        rows.sort(key=lambda r: (r["budgeted"], order.index(r["method"]) if r["method"] in order else -1))
+        methods = order
     summary = []
     keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "eval_pick_regret", "propose_s", "evaluate_s", "propose_median_s")
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -249,7 +262,6 @@ def main() -> None:
             if values:
                 entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
         summary.append(entry)
-    name = f"fronts_{label}_T{num}"
     meaning = {"analytic": "a smooth black box (higher is better)", "vision": "accuracy (higher is better)", "text": "accuracy (higher is better)",
                "lm": "held-out loss (nats/token, lower is better)", "lm_acc": "lm-eval multiple-choice accuracy (higher is better)"}
     path = write(out, name, {
@@ -261,7 +273,7 @@ def main() -> None:
         "hv_reference_meaning": "the grid front's nadir moved out by 1% (hv_ratio) or 10% (hv_ratio_10) of its range per task",
         "test_preferences": prefs.tolist(), "grid_best_weighted_test": best_test.tolist(),
         "pick_regret_meaning": "grid's best weighted test score minus the pick's, oriented higher-is-better, mean over the preferences",
-        "rows": rows, "summary": summary})
+        "rows": rows, "summary": summary, "examples": {k: np.asarray(v).tolist() for k, v in examples.items()}})
     budgeted = [s for s in summary if s["budgeted"]]
     colors = ["C0" if s["method"] in MODEL_PICKS else "C7" for s in budgeted]
     title = f"{label}, T={num}, {budget} real evaluations, {len(seeds)} seeds ({meaning[label]})"

@@ -13,7 +13,7 @@ from .bayes import BayesianMAP
 from .executors import EvaluationError, RayExecutor, Recipe, WorkerError
 from .designs import default_num_samples, grid_design, lhs_design, make_design, map_design, num_quadratic_params, sobol_design
 from .groups import Groups
-from .mergekit_config import from_mergekit
+from .mergekit_config import MergekitRecipe, from_mergekit
 from .front_metrics import front_report, gd, hypervolume, igd, igd_plus, preference_grid, preference_regret, win_rate
 from .map import MAP, MAPResult, Samples
 from .merge_methods import Breadcrumbs, Dare, Della, MergeMethod, TaskArithmetic, Ties
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncTrace", "BayesianMAP", "Breadcrumbs", "Classification", "Dare", "Della", "EvaluationError", "EvaluationStore", "Executor", "RayExecutor", "Recipe", "WorkerError", "evaluate_async", "FunctionObjective", "Groups", "HeldOutLoss", "from_mergekit", "LMEvalTask", "LocalExecutor", "LoraAdapter", "MAP", "MAPResult",
-    "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
+    "MergekitRecipe", "MergeMethod", "ModelObjective", "NestedResult", "Objective", "ParetoFront", "QuadraticSurrogate", "Samples",
     "SurrogateFitWarning", "Task", "TaskArithmetic", "TaskVectors", "Ties", "default_num_samples", "front_report", "gd",
     "grid_design", "hypervolume", "igd", "igd_plus", "lhs_design", "load_state_dict", "make_design", "map_design",
     "nested_merge", "nsga3_search", "num_quadratic_params", "pareto_mask", "plots", "preference_grid", "preference_regret",

@@ -46,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .merge_methods import MergeMethod
 from .merge_methods.settings import OPERATORS, method_from_settings
 from .numeric import parse_number
@@ -71,10 +72,6 @@ TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 
 CHOICES = {"zoo": ("lm", "text", "vision"), "method": tuple(OPERATORS), "acquisition": ("ehvi", "nehvi", "binned"), "sampling": ("adaptive", "design"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
            "sense": ("max", "min"), "dtype": ("float32", "bfloat16", "float16"), "schedule": ("sequential", "levels")}
-
-
-class ConfigError(ValueError):
-    """A config file field is missing or wrong."""
 
 
 def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = None) -> dict[str, Any]:

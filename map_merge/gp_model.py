@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["GPModel", "posterior_mean"]
+__all__ = ["GPModel", "posterior_mean", "predict_in_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -131,19 +131,22 @@ class GPModel:
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
         """Predictive means ``(K, M)`` (and standard deviations of the mean function ``(K, M)``)."""
-        coeffs = torch.tensor(np.atleast_2d(np.asarray(coeffs, dtype=np.float64)), dtype=torch.float64)
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, len(coeffs), 2048):
-                chunk = coeffs[start : start + 2048]
-                if return_std:
-                    posterior = self.gp.posterior(chunk)
-                    means.append(posterior.mean.numpy())
-                    stds.append(posterior.variance.clamp_min(0).sqrt().numpy())
-                else:
-                    means.append(self.torch_predict(chunk).numpy())
-        mean = np.concatenate(means)
-        return (mean, np.concatenate(stds)) if return_std else mean
+        return predict_in_chunks(self.torch_predict, lambda x: self.gp.posterior(x).variance.clamp_min(0).sqrt(), coeffs, return_std)
+
+
+def predict_in_chunks(mean: Any, std: Any, coeffs: np.ndarray, return_std: bool, chunk: int = 2048):
+    """``mean(x) (N, M)`` (and ``std(x) (N, M)``) of a predictive model at ``coeffs: (K, T)``, as
+    numpy arrays, computed without gradients in chunks of ``chunk`` rows (bounded memory)."""
+    x = torch.tensor(np.atleast_2d(np.asarray(coeffs, dtype=np.float64)), dtype=torch.float64)
+    means, stds = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), chunk):
+            part = x[start : start + chunk]
+            means.append(mean(part).numpy())
+            if return_std:
+                stds.append(std(part).numpy())
+    out = np.concatenate(means)
+    return (out, np.concatenate(stds)) if return_std else out
 
 
 def _copy_hyperparameters(source: Any, target: Any) -> None:

@@ -113,7 +113,7 @@ def surrogate_front(
 
 
 SAMPLINGS = ("adaptive", "design")
-MODELS = ("gp", "quadratic+gp", "quadratic")
+MODELS = ("auto", "gp", "quadratic+gp", "quadratic")
 
 
 class MAP:
@@ -163,9 +163,12 @@ class MAP:
             falls below this (``"design"`` sampling).
         max_front_points: cap on the predicted front's size.
         model: the model the front is searched on: ``"gp"`` (Gaussian processes with a
-            constant mean: the adaptive default), ``"quadratic+gp"`` (quadratic surrogates plus
-            a GP on their residuals, :class:`~map_merge.residual_gp.ResidualGPModel`: the design
-            default) or ``"quadratic"`` (the authors').
+            constant mean), ``"quadratic+gp"`` (quadratic surrogates plus a GP on their
+            residuals, :class:`~map_merge.residual_gp.ResidualGPModel`: the design default),
+            ``"quadratic"`` (the authors') or ``"auto"`` (the adaptive default: ``"gp"`` or
+            ``"quadratic+gp"``, whichever predicts held-out evaluations better in 5-fold
+            cross-validation, :mod:`~map_merge.model_choice`; ``"gp"`` while a fold's quadratic
+            would have fewer than ``P + 1`` points). ``result.settings["model"]`` names the one used.
         final_model: the older name of ``model``: ``"gp"`` means ``"quadratic+gp"``.
         asynchronous: adaptive: ``"auto"`` (default) keeps an executor's ``W > 1`` workers busy
             (one proposal per finished evaluation, pending points fantasised); ``True`` /
@@ -210,7 +213,7 @@ class MAP:
                 raise ValueError("give model or its older name final_model, not both")
             model = "quadratic+gp" if final_model == "gp" else "quadratic"
         if model is None:
-            model = "gp" if sampling == "adaptive" else "quadratic+gp"
+            model = "auto" if sampling == "adaptive" else "quadratic+gp"
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if noise not in ("infer", "fixed"):
@@ -314,13 +317,14 @@ class MAP:
         senses = check_senses(senses if senses is not None else getattr(objective, "senses", None), num_metrics)
         timings = dict(timings or {})
         start = time.perf_counter()
-        surrogates, links = self._quadratics(samples, objective, names)
+        kind, errors = self._choose_model(samples, objective, names)
+        surrogates, links = self._quadratics(samples, objective, names, kind)
         model = None
-        if self.model == "gp":
+        if kind == "gp":
             from .gp_model import GPModel
 
             model = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise, warm_start=warm_start)
-        elif self.model == "quadratic+gp":
+        elif kind == "quadratic+gp":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds)
@@ -330,30 +334,42 @@ class MAP:
                                 self.max_front_points)
         timings["search"] = timings.get("search", 0.0) + time.perf_counter() - start
         settings = {
-            "sampling": self.sampling, "model": self.model, "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links),
+            "sampling": self.sampling, "model": kind, "model_errors": errors, "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links),
             "design": self.design, "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
         }
         return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings, model=model,
                          fitter=self)
 
-    def _quadratics(self, samples: Samples, objective: Any, names: tuple[str, ...]) -> tuple[list[QuadraticSurrogate], tuple[str, ...]]:
-        """The quadratic surrogates: the model itself (``"quadratic"``, ``"quadratic+gp"``) or, beside
-        Gaussian processes, diagnostics only (fitted when there are enough samples, never warning)."""
+    def _choose_model(self, samples: Samples, objective: Any, names: tuple[str, ...]) -> tuple[str, dict[str, float] | None]:
+        """``(model kind, cross-validated errors or None)``: ``"auto"`` picks by 5-fold cross-validation."""
+        if self.model != "auto":
+            return self.model, None
+        from .gp_model import GPModel
+        from .model_choice import FOLDS, cross_validated_errors
+
+        num_coeffs = samples.coeffs.shape[1]
+        if len(samples) * (FOLDS - 1) < (num_quadratic_params(num_coeffs) + 1) * FOLDS:  # a fold's quadratic needs P + 1 points
+            return "gp", None
+        links = resolve_links("auto" if self.link == "loo" else self.link, objective, samples.metrics.shape[1])
+
+        def residual(coeffs: np.ndarray, metrics: np.ndarray) -> ResidualGPModel:
+            return ResidualGPModel(_safe_quadratics(coeffs, metrics, links, names, self.ridge), coeffs, metrics, self.bounds)
+
+        builders = {"gp": lambda c, m: GPModel(c, m, self.bounds, noise=self.noise), "quadratic+gp": residual}
+        errors = cross_validated_errors(samples.coeffs, samples.metrics, builders, seed=self.seed)
+        return min(errors, key=lambda name: (errors[name], name != "gp")), errors
+
+    def _quadratics(self, samples: Samples, objective: Any, names: tuple[str, ...], kind: str) -> tuple[list[QuadraticSurrogate], tuple[str, ...]]:
+        """The quadratic surrogates: the model itself (``"quadratic"``) or its mean (``"quadratic+gp"``),
+        else beside Gaussian processes diagnostics only (fitted when there are enough samples, never
+        warning); with the GP model or the adaptive default, a link that does not fit a metric's
+        range falls back to identity."""
         num_metrics = samples.metrics.shape[1]
-        if self.model == "gp":
+        if kind == "gp" or self.model == "auto":
             links = resolve_links("auto" if self.link == "loo" else self.link, objective, num_metrics)
             if len(samples) < num_quadratic_params(samples.coeffs.shape[1]):
                 return [], links
-            surrogates = []
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for j, link in enumerate(links):  # a link that does not fit the metric's range falls back to identity
-                    try:
-                        surrogates.append(QuadraticSurrogate(link=link, ridge=self.ridge, r2_warn=-np.inf, name=names[j])
-                                          .fit(samples.coeffs, samples.metrics[:, j]))
-                    except ValueError:
-                        surrogates.append(QuadraticSurrogate(link="identity", ridge=self.ridge, r2_warn=-np.inf, name=names[j])
-                                          .fit(samples.coeffs, samples.metrics[:, j]))
+            surrogates = _safe_quadratics(samples.coeffs, samples.metrics, links, names, self.ridge)
             return surrogates, tuple(q.link for q in surrogates)
         if self.link == "loo":
             surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge,
@@ -361,3 +377,17 @@ class MAP:
             return surrogates, tuple(s.link for s in surrogates)
         links = resolve_links(self.link, objective, num_metrics)
         return fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn), links
+
+
+def _safe_quadratics(coeffs: np.ndarray, metrics: np.ndarray, links: Sequence[str], names: Sequence[str], ridge: float) -> list[QuadraticSurrogate]:
+    """One quadratic per metric, quietly; a link that does not fit the metric's range (a sigmoid on
+    values outside [0, 1]) falls back to identity."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j, link in enumerate(links):
+            try:
+                out.append(QuadraticSurrogate(link=link, ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
+            except ValueError:
+                out.append(QuadraticSurrogate(link="identity", ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
+    return out

@@ -2,9 +2,10 @@
 up the base checkpoint's tensor names, in its safetensors headers, to drop groups that own none).
 
 :func:`parse_recipe` turns a mergekit config (the YAML users give ``mergekit-yaml``: ``models``,
-``base_model``, ``merge_method``, ``parameters``, ``dtype``) into a :class:`Recipe`: the model
+``base_model``, ``merge_method``, ``parameters``, ``dtype``) into a :class:`MergekitRecipe`: the model
 paths, our operator, the coefficient groups and the recipe's coefficients (the starting point of
-a search). :func:`emit_recipe` writes the config with which ``mergekit-yaml`` reproduces a merge.
+a search). :func:`emit_recipe` (:mod:`map_merge.mergekit_emit`, re-exported here) writes the config
+with which ``mergekit-yaml`` reproduces a merge.
 
 How mergekit's generalized task arithmetic maps onto ``theta_0 + sum_i c_i V'_i`` (mergekit 0.1.5):
 
@@ -58,21 +59,23 @@ from typing import Any
 
 import numpy as np
 
+from .deprecation import renamed
+from .errors import RecipeError
 from .groups import Groups
-from .merge_methods import Breadcrumbs, Della, MergeMethod, TaskArithmetic, Ties
+from .merge_methods import MergeMethod
+from .mergekit_emit import EMIT_METHODS, LORA_NOTE, emit_recipe, recipe_yaml
 from .mergekit_filters import checkpoint_tensor_names, drop_unused
 from .mergekit_methods import operator_for
 from .mergekit_settings import read_settings, tokenizer_notes
-from .mergekit_weights import named_groups, names_field, per_knot_normalising_is_inexact, read_weights, weight_setting
+from .mergekit_weights import named_groups, per_knot_normalising_is_inexact, read_weights
 from .numeric import parse_bool, parse_number
 
-__all__ = ["Recipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe", "READ_METHODS",
-           "EMIT_METHODS"]
+__all__ = ["MergekitRecipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe",
+           "READ_METHODS", "EMIT_METHODS", "LORA_NOTE"]
 
 log = logging.getLogger(__name__)
 
 READ_METHODS = ("task_arithmetic", "linear", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "dare_linear", "dare_ties")
-EMIT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 _CONSENSUS = ("ties", "breadcrumbs_ties", "della", "dare_ties")
 _NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "breadcrumbs": False, "breadcrumbs_ties": False,
                       "della": True, "della_linear": False, "dare_linear": False, "dare_ties": False}
@@ -81,13 +84,10 @@ _TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tok
              "out_dtype", "name", "map_merge"}
 
 
-class RecipeError(ValueError):
-    """A mergekit recipe this library cannot read or write; the message names the field."""
-
-
 @dataclass
-class Recipe:
-    """A mergekit recipe as task arithmetic.
+class MergekitRecipe:
+    """A mergekit recipe as task arithmetic (what :func:`from_mergekit` returns; not
+    :class:`map_merge.Recipe`, the job an executor runs).
 
     Attributes:
         base_model: the pretrained model's path.  models: ``task name -> model path`` (an adapter
@@ -199,8 +199,8 @@ def _task_name(path: str, taken: set[str]) -> str:
     return candidate
 
 
-def parse_recipe(config: Mapping[str, Any]) -> Recipe:
-    """A :class:`Recipe` from a mergekit config mapping (see the module docstring).
+def parse_recipe(config: Mapping[str, Any]) -> MergekitRecipe:
+    """A :class:`MergekitRecipe` from a mergekit config mapping (see the module docstring).
 
     Raises RecipeError naming the field: no, an unknown or an unsupported ``merge_method``,
     ``slices``, ``modules``, no ``models``, a model without ``model``, no ``base_model``, gradients
@@ -319,112 +319,22 @@ def parse_recipe(config: Mapping[str, Any]) -> Recipe:
     notes += tokenizer_notes(settings)
     for note in notes:
         log.warning("mergekit recipe: %s", note)
-    return Recipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes,
+    return MergekitRecipe(base, dict(zip(names, [p for p, _ in entries])), method, groups, coeffs, method_name, config.get("dtype"), notes,
                   settings)
 
 
-def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, method: MergeMethod | None = None,
-                groups: Groups | None = None, dtype: str = "float32") -> dict[str, Any]:
-    """The mergekit config reproducing ``theta_0 + sum_i c_i V'_i`` for ``coeffs: (T, G)``.
-
-    ``models``: task name -> path (an adapter folder is written ``base+adapter``). Raises
-    RecipeError when mergekit has no exact counterpart (see the module docstring)."""
-    method = method or TaskArithmetic()
-    matrix = np.asarray(coeffs, dtype=np.float64)
-    if matrix.ndim == 1:
-        matrix = matrix[:, None]
-    if matrix.shape[0] != len(models):
-        raise RecipeError(f"{matrix.shape[0]} coefficient rows for {len(models)} models")
-    params: dict[str, Any] = {}
-    per_model: dict[str, Any] = {}
-    name = method.name
-    if isinstance(method, TaskArithmetic):
-        merge_method, consensus = "task_arithmetic", False
-        params["normalize"] = False
-    elif isinstance(method, Ties):
-        merge_method, consensus = "ties", True
-        _check_tensor_scope(method)
-        per_model["density"] = float(method.k)
-    elif isinstance(method, Breadcrumbs):
-        _check_tensor_scope(method)
-        consensus = method.consensus is not None
-        merge_method = "breadcrumbs_ties" if consensus else "breadcrumbs"
-        per_model.update(density=float(method.density), gamma=float(method.gamma))
-        params["rescale"] = method.rescale == "l1"
-        params["normalize"] = bool(method.normalize)
-        if method.rescale not in (None, "l1"):
-            raise RecipeError(f"Breadcrumbs rescale={method.rescale!r} has no mergekit counterpart")
-    elif isinstance(method, Della):
-        _check_tensor_scope(method)
-        consensus = method.consensus is not None
-        merge_method = "della" if consensus else "della_linear"
-        if method.rescale not in (None, "l1"):
-            raise RecipeError(f"Della rescale={method.rescale!r} has no mergekit counterpart (mergekit rescales by an L1 norm match)")
-        per_model.update(density=float(method.density), epsilon=float(method.epsilon))
-        params["rescale"] = method.rescale == "l1"
-        params["normalize"] = bool(method.normalize)
-    else:
-        raise RecipeError(f"merge method {name!r} cannot be written for mergekit (its random masks and rescaling differ); "
-                          f"map_merge writes {list(EMIT_METHODS)}")
-    if consensus:
-        if groups is not None and groups.size > 1 or not np.allclose(matrix, matrix.flat[0]):
-            raise RecipeError(f"{merge_method} with unequal coefficients (or groups) has no exact mergekit counterpart: mergekit "
-                              "weights the deltas before the sign election; use task_arithmetic, breadcrumbs or della_linear, or "
-                              "save_merged for the exact merge")
-        params["normalize"] = bool(getattr(method, "normalize", True))  # Ties: the disjoint mean
-        params["lambda"] = float(matrix.flat[0])
-        weights = {n: 1.0 for n in models}
-    else:
-        try:
-            weights = {n: weight_setting(row, groups) for n, row in zip(models, matrix)}
-        except ValueError as error:
-            raise RecipeError(str(error)) from None
-    entries = []
-    for task, path in models.items():
-        entries.append({"model": path, "parameters": {"weight": weights[task], **per_model}})
-    out: dict[str, Any] = {"merge_method": merge_method, "base_model": base_model, "models": entries, "dtype": dtype}
-    if params:
-        out["parameters"] = params
-    named = None if consensus else names_field(groups, weights.values())
-    if named is not None:
-        out["map_merge"] = named  # mergekit ignores it; read back, the groups keep their names
-    return out
-
-
-def _check_tensor_scope(method: MergeMethod) -> None:
-    if getattr(method, "scope", "tensor") != "tensor":
-        raise RecipeError(f"{type(method).__name__}(scope={getattr(method, 'scope')!r}) trims over the whole model; mergekit trims per "
-                          "tensor: use scope='tensor' for a mergekit recipe")
-
-
-LORA_NOTE = """\
-# This recipe merges LoRA adapters (model: base+adapter). Run it with a cache folder for the merged
-# adapters:  mergekit-yaml THIS.yaml OUT --lora-merge-cache DIR --lora-merge-dtype float32
-# mergekit first merges each adapter into a copy of the base model in DIR, by default in the base
-# checkpoint's dtype (e.g. bfloat16, which rounds base + adapter); float32 merges as map_merge does.
-"""
-
-
-def recipe_yaml(config: Mapping[str, Any]) -> str:
-    """``config`` (from :func:`emit_recipe`) as the YAML text of a file for ``mergekit-yaml``: with
-    a LoRA source (``base+adapter``), a comment at the top says the flags mergekit needs for it."""
-    import yaml
-
-    text = yaml.safe_dump(dict(config), sort_keys=False)
-    models = config.get("models") or []
-    lora = any(isinstance(m, Mapping) and "+" in str(m.get("model", "")) for m in models)
-    return LORA_NOTE + text if lora else text
-
-
-def from_mergekit(recipe: str | os.PathLike | Mapping[str, Any]) -> Recipe:
-    """Read a mergekit recipe (a YAML file or its mapping) as a :class:`Recipe`: its models as task
-    vectors (:meth:`Recipe.task_vectors`), its operator, coefficient groups and coefficients."""
+def from_mergekit(recipe: str | os.PathLike | Mapping[str, Any]) -> MergekitRecipe:
+    """Read a mergekit recipe (a YAML file or its mapping) as a :class:`MergekitRecipe`: its models as
+    task vectors (:meth:`MergekitRecipe.task_vectors`), its operator, coefficient groups and coefficients."""
     config = recipe if isinstance(recipe, Mapping) else read_recipe(recipe)
     return parse_recipe(config)
 
 
-def coefficients_of(recipe: Recipe) -> dict[str, Any]:
+def coefficients_of(recipe: MergekitRecipe) -> dict[str, Any]:
     """For messages and reports: ``task/group -> coefficient``."""
     from .groups import coefficient_names
 
     return dict(zip(coefficient_names(list(recipe.models), recipe.groups), recipe.flat_coeffs.tolist()))
+
+
+__getattr__ = renamed(globals(), {"Recipe": "MergekitRecipe"}, "map_merge.Recipe is the job an executor runs")

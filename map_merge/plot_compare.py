@@ -29,13 +29,20 @@ def plot_curves(
         ax.plot(x, mean, "-", marker=style["marker"], color=style["color"], label=label, ms=4)
         if std is not None:
             ax.fill_between(x, np.asarray(mean) - std, np.asarray(mean) + std, color=style["color"], alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=10)
+    _decorate(ax, xlabel, ylabel, title, legend=True)
     return save(fig, path)
+
+
+def _decorate(ax, xlabel: str | None, ylabel: str, title: str = "", legend: bool = True, grid_axis: str = "both") -> None:
+    """Axis labels, a light grid, the legend and the panel's title."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis=grid_axis)
+    if legend:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
 
 
 def plot_cost_quality(
@@ -56,11 +63,7 @@ def plot_cost_quality(
                 continue
             style = STYLES[k % len(STYLES)]
             ax.scatter([s[cost]], [s[key]], color=style["color"], marker=style["marker"], s=45, label=method)
-        ax.set_xlabel(f"{cost.replace('_', ' ')} (cost, lower is better)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if p == 0:
-            ax.legend(fontsize=7)
+        _decorate(ax, f"{cost.replace('_', ' ')} (cost, lower is better)", label, legend=p == 0)
     if title:
         fig.suptitle(title, fontsize=10)
     return save(fig, path)
@@ -86,12 +89,9 @@ def plot_bars(
         ax.annotate(f"{mean:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7,
                     xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    finite = means[np.isfinite(means)]
-    if len(finite) and finite.min() > 0.5 and finite.max() <= 1.0 + 1e-9:  # ratios near 1: show the differences
-        ax.set_ylim(max(0.0, float((means - stds).min()) - 0.05), 1.0 + 0.02)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
+    finite = np.isfinite(means)
+    if finite.any() and means[finite].min() > 0.5 and means[finite].max() <= 1.1:  # ratios near 1: show the differences
+        low, high = (means - stds)[finite].min(), (means + stds)[finite].max()
+        ax.set_ylim(max(0.0, float(low) - 0.05), max(1.0, float(high)) + 0.02)
+    _decorate(ax, None, ylabel, title, grid_axis="y")
     return save(fig, path)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gp_model import posterior_mean
+from .gp_model import posterior_mean, predict_in_chunks
 from .surrogate import torch_predict_all
 
 __all__ = ["ResidualGPModel"]
@@ -76,17 +76,5 @@ class ResidualGPModel:
         return mean.reshape(shape[:-1] + (mean.shape[-1],))
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
-        coeffs = torch.tensor(np.atleast_2d(coeffs), dtype=torch.float64)
-        means, stds = [], []
-        with torch.no_grad():
-            for start in range(0, len(coeffs), 2048):
-                chunk = coeffs[start : start + 2048]
-                if return_std:
-                    posterior = self.gp.posterior(chunk)
-                    gp_mean = posterior.mean
-                    stds.append((posterior.variance.clamp_min(0).sqrt() * self.scale).numpy())
-                else:
-                    gp_mean = self._gp_mean(chunk)
-                means.append((gp_mean * self.scale + self.offset + self.quadratic(chunk)).numpy())
-        mean = np.concatenate(means)
-        return (mean, np.concatenate(stds)) if return_std else mean
+        return predict_in_chunks(self.torch_predict, lambda x: self.gp.posterior(x).variance.clamp_min(0).sqrt() * self.scale, coeffs,
+                                 return_std)

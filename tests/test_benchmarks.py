@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
         ("bench_distributed.py", [], ["distributed.json", "distributed.png"]),
         ("bench_map_levers.py", ["--sets", "tune"], ["map_levers.json", "map_levers.png"]),
+        ("bench_adaptive_levers.py", ["--variants", "default,log outputs,quadratic+gp picks,qNParEGO"],
+         ["adaptive_levers_analytic_T2.json", "adaptive_levers_analytic_T2.png", "adaptive_levers_analytic_T2_regret.png"]),
         ("bench_moe_convergence.py", [], ["moe_convergence.json", "moe_convergence.png"]),
         ("bench_lm_grid.py", ["--no-lm-eval"], ["lm_grid.json", "lm_grid_T2.png", "lm_grid_T3.png", "lm_grid_zoo.png"]),
         ("bench_groups.py", ["--zoo", "lm"], ["groups_lm.json", "groups_lm.png"]),

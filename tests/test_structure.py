@@ -1,4 +1,5 @@
-"""Package structure: no import circles between map_merge's modules, lazy imports included."""
+"""Package structure: no import circles between map_merge's modules (lazy imports and imports through a
+package's ``__init__`` included), no module over 450 lines."""
 
 import ast
 from pathlib import Path
@@ -14,14 +15,15 @@ def _module_name(path: Path) -> str:
 
 
 def _import_graph() -> dict[str, set[str]]:
-    """module -> the package's modules it imports anywhere (top level or inside functions);
-    package ``__init__`` files are re-export hubs and not nodes."""
+    """module -> the package's modules it imports anywhere (top level or inside functions).
+
+    A package is a node too (its ``__init__``): ``from .pkg import name`` of a name that is no
+    submodule, or ``import pkg``, runs the package's ``__init__`` and so depends on all it imports;
+    ``from .pkg import submodule`` and ``from .pkg.submodule import name`` depend on the submodule only."""
     files = {_module_name(p): p for p in ROOT.rglob("*.py")}
-    modules = {name for name, p in files.items() if p.name != "__init__.py"}
     graph = {}
-    for name in modules:
-        path = files[name]
-        package = name.rsplit(".", 1)[0]
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
@@ -30,10 +32,13 @@ def _import_graph() -> dict[str, set[str]]:
                     module = ".".join(base + ([node.module] if node.module else []))
                 else:
                     module = node.module or ""
-                targets |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+                submodules = {f"{module}.{alias.name}" for alias in node.names} & set(files)
+                targets |= submodules
+                if len(submodules) < len(node.names):  # a name defined in (or re-exported by) the module itself
+                    targets.add(module)
             elif isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
-        graph[name] = (targets & modules) - {name}
+        graph[name] = (targets & set(files)) - {name}
     return graph
 
 
@@ -62,5 +67,26 @@ def test_the_graph_sees_lazy_imports():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+def test_the_graph_sees_imports_through_a_package_init():
+    graph = _import_graph()
+    assert "map_merge.task_vectors.base" in graph["map_merge.task_vectors"]  # __init__ re-exports it
+    assert "map_merge.task_vectors" in graph["map_merge.mergekit_config"]  # from .task_vectors import TaskVectors (lazy)
+    # a submodule named in the import is the dependency, not the package's __init__
+    assert "map_merge.task_vectors.safetensors_io" in graph["map_merge.mergekit_filters"]
+    assert "map_merge.task_vectors" not in graph["map_merge.mergekit_filters"]
+    assert "map_merge" not in graph["map_merge.task_vectors.base"]  # from .. import merge_methods
+    assert "map_merge.merge_methods" in graph["map_merge.task_vectors.base"]
+
+
 def test_no_import_circles():
     assert _cycles(_import_graph()) == []
+
+
+def test_errors_are_the_bottom_layer():
+    """The exceptions several modules raise live in map_merge.errors, which imports nothing of the package."""
+    assert _import_graph()["map_merge.errors"] == set()
+
+
+def test_no_module_over_450_lines():
+    long = {_module_name(p): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
+    assert long == {}

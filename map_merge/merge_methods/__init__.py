@@ -32,9 +32,12 @@ onto this form as described in :mod:`.consensus`.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
+from . import base as _base
 from .base import ChunkSource, MergeMethod, TaskArithmetic, tile_columns
 from .breadcrumbs import Breadcrumbs
 from .dare import Dare
@@ -48,15 +51,28 @@ __all__ = ["MergeMethod", "TaskArithmetic", "Ties", "Dare", "Breadcrumbs", "Dell
            "kth_largest_magnitude", "random_words", "tile_columns", "METHOD_NAMES",
            "method_from_settings", "method_settings"]
 
-CHUNK = 1 << 20
-"""Elements per unit of streamed work: tensors are cut into flat ranges of whole rows of about
-this many elements (rows longer than this into pieces of it). Read at call time."""
-
 _BY_NAME: dict[str, type[MergeMethod]] = {"task_arithmetic": TaskArithmetic, "ta": TaskArithmetic, "ties": Ties, "dare": Dare,
                                           "breadcrumbs": Breadcrumbs, "della": Della}
 
 METHOD_NAMES = ("task_arithmetic", "ties", "dare", "breadcrumbs", "della")
 """Names :func:`resolve_method` accepts (each with its operator's default settings)."""
+
+
+class _Package(types.ModuleType):
+    """This package's module type: ``CHUNK`` (elements per unit of streamed work, see
+    :data:`.base.CHUNK`) read or set here is :data:`.base.CHUNK`, which the operators read at call
+    time without importing the package (that would be an import circle)."""
+
+    @property
+    def CHUNK(self) -> int:
+        return _base.CHUNK
+
+    @CHUNK.setter
+    def CHUNK(self, value: int) -> None:
+        _base.CHUNK = value
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def resolve_method(method: str | Mapping[str, Any] | MergeMethod | None) -> MergeMethod:

@@ -11,7 +11,12 @@ import torch
 
 from .workspace import Workspace
 
-__all__ = ["ChunkSource", "MergeMethod", "InPlaceMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
+__all__ = ["CHUNK", "ChunkSource", "MergeMethod", "InPlaceMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
+
+CHUNK = 1 << 20
+"""Elements per unit of streamed work: tensors are cut into flat ranges of whole rows of about
+this many elements (rows longer than this into pieces of it). Read at call time, set through the
+package (``map_merge.merge_methods.CHUNK``, a view of this one)."""
 
 ChunkSource = Callable[[Sequence[str] | None], Iterator[tuple[str, int, torch.Tensor]]]
 """``chunks(keys)`` yields ``(key, start, deltas (T, n) fp32)`` over the given keys (``None``: all),

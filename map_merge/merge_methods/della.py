@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from . import base
 from .base import ChunkSource, InPlaceMethod, check_scope, scope_units
 from .consensus import check_consensus, sign_consensus_
 from .masks import random_words, uniform24
@@ -38,9 +39,7 @@ def rank_stride(shape: tuple[int, ...]) -> int:
 
 
 def _chunk_elements() -> int:
-    from .. import merge_methods  # read at call time: tests make chunks small
-
-    return int(merge_methods.CHUNK)
+    return int(base.CHUNK)  # read at call time: tests make chunks small (map_merge.merge_methods.CHUNK sets it)
 
 
 def row_rank_norm(deltas: torch.Tensor, row: int, stride: int = 1) -> torch.Tensor:

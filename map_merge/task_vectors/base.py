@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from .. import merge_methods
+from ..errors import RecipeError
 from ..groups import Groups, as_matrix
 from ..merge_methods import MergeMethod, resolve_method
+from ..mergekit_emit import emit_recipe
 from .safetensors_io import plan_shards, write_safetensors
 from .saving import atomic_path, check_destination, write_side_files
 from .sources import ModelSource, Weights, is_lora_adapter, is_on_disk
@@ -225,9 +227,7 @@ class TaskVectors:
         ``T x G`` entries with ``groups``): ``task_arithmetic``, ``breadcrumbs`` and ``della_linear``
         with any coefficients, per-layer (depth knots) or filtered (substring groups) weights;
         ``ties`` / ``breadcrumbs_ties`` / ``della`` with equal coefficients. Models must be on disk.
-        Raises :class:`~map_merge.mergekit_config.RecipeError` where mergekit has no counterpart."""
-        from ..mergekit_config import RecipeError, emit_recipe
-
+        Raises :class:`~map_merge.errors.RecipeError` where mergekit has no counterpart."""
         matrix, _ = self.coefficients_by_key(coeffs, groups)
         base = self._base_weights().paths()
         if not base:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointFileError
+
 __all__ = ["CheckpointFileError", "HeaderEntry", "SAFETENSORS_BITS", "MAX_HEADER_BYTES", "read_checked_header", "check_header",
            "read_checked_index"]
 
@@ -35,10 +37,6 @@ SAFETENSORS_BITS: dict[str, int] = {
 
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors library's bound on the header length."""
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that is malformed: the message names the file (and the entry)."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import RecipeError
 from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
@@ -143,8 +144,6 @@ class DenseTaskVectors(DenseBinding, TaskVectors, kind="dense"):
         return [p for w in [self._base_source, *self._sources] for p in w.paths()]
 
     def _task_references(self) -> dict[str, str]:
-        from ..mergekit_config import RecipeError
-
         out = {}
         for name, source in zip(self.names, self._sources):
             paths = source.paths()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkfile import CheckpointFileError
+from ..errors import CheckpointFileError
 from .keymap import PEFT_PREFIX, LivePlan, adapter_key
 from .safetensors_io import load_checkpoint
 

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import merge_methods
+from ..errors import RecipeError
 from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .adapter_base import warn_if_other_base
@@ -155,8 +156,6 @@ class StreamedTaskVectors(StreamedChunks, StreamedOutput, TaskVectors, kind="str
         return paths
 
     def _task_references(self) -> dict[str, str]:
-        from ..mergekit_config import RecipeError
-
         base = self._base.paths()
         out = {}
         for name, task in zip(self.names, self._tasks):

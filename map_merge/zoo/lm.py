@@ -37,15 +37,16 @@ from typing import Any
 
 import torch
 
+from ..deprecation import renamed
 from ..task_vectors.saving import process_alive
 from .base import cache_root
 from .lm_build import build_models as _build  # looked up here at each build (tests replace it)
 from .lm_build import lm_texts, write_tasks
 from .lm_data import CORPORA, LM_DOMAINS, SOURCES
-from .lm_sizes import LM_SIZES, LMRecipe
+from .lm_sizes import LM_SIZES, LMZooSettings
 from .lm_zoo import LMZoo
 
-__all__ = ["LMRecipe", "LM_SIZES", "LMZoo", "load_lm_zoo"]
+__all__ = ["LMZooSettings", "LM_SIZES", "LMZoo", "load_lm_zoo"]
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def _clean_stale(root: Path, folder: Path) -> None:
             shutil.rmtree(item, ignore_errors=True)
 
 
-def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
+def _build_into(folder: Path, root: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
                 progress: bool, threads: int | None, key: str, data_hash: str, rebuild: bool) -> None:
     """Build the zoo in a temporary folder beside ``folder`` and rename it into place (the caller
     holds the zoo's lock). A complete ``folder`` that appeared meanwhile (a builder that took no
@@ -212,7 +213,7 @@ def _build_into(folder: Path, root: Path, recipe: LMRecipe, texts: dict[str, dic
 
 def load_lm_zoo(
     tasks: Sequence[str] | None = None,
-    size: str | LMRecipe = "small",
+    size: str | LMZooSettings = "small",
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     rebuild: bool = False,
@@ -239,8 +240,8 @@ def load_lm_zoo(
             one; ``None`` keeps torch's setting.
     """
     recipe = LM_SIZES[size] if isinstance(size, str) and size in LM_SIZES else size
-    if not isinstance(recipe, LMRecipe):
-        raise ValueError(f"unknown lm zoo size {size!r}; choose from {list(LM_SIZES)} or pass an LMRecipe")
+    if not isinstance(recipe, LMZooSettings):
+        raise ValueError(f"unknown lm zoo size {size!r}; choose from {list(LM_SIZES)} or pass an LMZooSettings")
     names = list(LM_DOMAINS) if tasks is None else [str(t) for t in tasks]
     unknown = [n for n in names if n not in LM_DOMAINS]
     if unknown or not names:
@@ -272,3 +273,6 @@ def load_lm_zoo(
     return LMZoo(folder=folder, base_path=folder / "base", experts={d: folder / "experts" / d for d in names},
                  kinds={d: kinds[d] for d in names}, texts=held_out, choice_tasks={d: choice[d] for d in names}, tokenizer=tokenizer,
                  recipe=recipe, info=info, device=device, eval_dtype=eval_dtype or torch.bfloat16, train_texts=train)
+
+
+__getattr__ = renamed(globals(), {"LMRecipe": "LMZooSettings"}, "map_merge.Recipe is the job an executor runs")

@@ -15,19 +15,19 @@ import numpy as np
 import torch
 
 from .lm_data import CORPORA, LM_DOMAINS, choice_docs, domain_texts, write_choice_task
-from .lm_sizes import LMRecipe
+from .lm_sizes import LMZooSettings
 
 __all__ = ["lm_texts", "write_tasks", "build_models"]
 
 _TASKS_VERSION = 1  # bump when the questions' recipe (lm_data.choice_docs) changes
 
 
-def lm_texts(recipe: LMRecipe, seed: int) -> dict[str, dict[str, list[str]]]:
+def lm_texts(recipe: LMZooSettings, seed: int) -> dict[str, dict[str, list[str]]]:
     """``corpus -> split -> texts`` of every corpus (:data:`~map_merge.zoo.lm_data.CORPORA`)."""
     return {d: domain_texts(d, seed=seed, max_chars=recipe.max_chars) for d in CORPORA}
 
 
-def write_tasks(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int) -> dict[str, dict[str, Path]]:
+def write_tasks(folder: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int) -> dict[str, dict[str, Path]]:
     """The lm-eval questions and YAMLs (one task per domain and split) under ``folder/tasks``."""
     tasks = folder / "tasks"
     marker = tasks / "root.json"
@@ -50,7 +50,7 @@ def write_tasks(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[
     return {d: {s: tasks / f"lmzoo_{d}_{s}.yaml" for s in ("val", "test")} for d in LM_DOMAINS}
 
 
-def build_models(folder: Path, recipe: LMRecipe, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
+def build_models(folder: Path, recipe: LMZooSettings, texts: dict[str, dict[str, list[str]]], seed: int, device: torch.device,
            progress: bool, info: dict[str, Any]) -> None:
     """Train the tokenizer, the base and every expert into ``folder`` (a fresh temporary folder)."""
     from tqdm.auto import tqdm

@@ -1,16 +1,17 @@
-"""What decides a language-model zoo's weights (with the seed and the texts): :class:`LMRecipe`,
-and the recipes of the sizes :func:`~map_merge.zoo.lm.load_lm_zoo` builds (:data:`LM_SIZES`)."""
+"""What decides a language-model zoo's weights (with the seed and the texts): :class:`LMZooSettings`,
+and the settings of the sizes :func:`~map_merge.zoo.lm.load_lm_zoo` builds (:data:`LM_SIZES`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LMRecipe", "LM_SIZES"]
+__all__ = ["LMZooSettings", "LM_SIZES"]
 
 
 @dataclass(frozen=True)
-class LMRecipe:
-    """Everything that decides a zoo's weights (with the seed and the texts).
+class LMZooSettings:
+    """Everything that decides a zoo's weights (with the seed and the texts): a size of
+    :data:`LM_SIZES`, or your own for ``load_lm_zoo(size=...)`` (formerly ``LMRecipe``).
 
     Model: ``vocab_size``, ``hidden``, ``layers``, ``heads``, ``ffn``; ``max_length`` tokens per
     training row and per held-out text. Pretraining: ``pretrain_steps`` batches of
@@ -46,14 +47,14 @@ class LMRecipe:
     shard_size: str = "300KB"
 
 
-LM_SIZES: dict[str, LMRecipe] = {
-    "tiny": LMRecipe(vocab_size=384, hidden=32, layers=2, heads=2, ffn=64, max_length=64, batch_size=8, pretrain_steps=40,
-                     expert_steps=25, lora_rank=4, max_chars=60_000, tokenizer_chars=20_000, val_texts=6, test_texts=6,
-                     choice_val=12, choice_test=12, shard_size="20KB"),
-    "small": LMRecipe(vocab_size=2048, hidden=64, layers=4, heads=4, ffn=192, max_length=128, batch_size=16, pretrain_steps=640,
-                      expert_steps=120, shard_size="300KB"),
-    "large": LMRecipe(vocab_size=8192, hidden=512, layers=8, heads=8, ffn=1376, max_length=256, batch_size=32, pretrain_steps=4000,
-                      expert_steps=800, pretrain_lr=1e-3, expert_lr=2e-4, lora_lr=1e-3, max_chars=6_000_000, tokenizer_chars=1_000_000,
-                      val_texts=64, test_texts=256, choice_test=500, shard_size="20MB"),
+LM_SIZES: dict[str, LMZooSettings] = {
+    "tiny": LMZooSettings(vocab_size=384, hidden=32, layers=2, heads=2, ffn=64, max_length=64, batch_size=8, pretrain_steps=40,
+                          expert_steps=25, lora_rank=4, max_chars=60_000, tokenizer_chars=20_000, val_texts=6, test_texts=6,
+                          choice_val=12, choice_test=12, shard_size="20KB"),
+    "small": LMZooSettings(vocab_size=2048, hidden=64, layers=4, heads=4, ffn=192, max_length=128, batch_size=16, pretrain_steps=640,
+                           expert_steps=120, shard_size="300KB"),
+    "large": LMZooSettings(vocab_size=8192, hidden=512, layers=8, heads=8, ffn=1376, max_length=256, batch_size=32, pretrain_steps=4000,
+                           expert_steps=800, pretrain_lr=1e-3, expert_lr=2e-4, lora_lr=1e-3, max_chars=6_000_000, tokenizer_chars=1_000_000,
+                           val_texts=64, test_texts=256, choice_test=500, shard_size="20MB"),
 }
 

@@ -20,7 +20,7 @@ from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..store import EvaluationStore, as_store
 from ..task_vectors import TaskVectors
 from .base import ZooObjective, fit_cached_moe
-from .lm_sizes import LMRecipe
+from .lm_sizes import LMZooSettings
 
 __all__ = ["LMZoo"]
 
@@ -34,7 +34,7 @@ class LMZoo(ZooObjective):
         experts: ``domain -> folder`` (a sharded bf16 HF folder or a PEFT LoRA adapter folder).
         kinds: ``domain -> "full" | "lora"``.  texts: ``domain -> split -> held-out texts``
         (``"val"``, ``"test"``).  choice_tasks: ``domain -> split -> lm-eval task YAML``.
-        tokenizer: the zoo's tokenizer.  recipe: its :class:`LMRecipe`.  info: build record
+        tokenizer: the zoo's tokenizer.  recipe: its :class:`LMZooSettings`.  info: build record
         (seconds, final training losses, sources, data hash).  device: where objectives evaluate.
         eval_dtype: the live model's dtype in objectives.
     """
@@ -46,7 +46,7 @@ class LMZoo(ZooObjective):
     texts: dict[str, dict[str, list[str]]]
     choice_tasks: dict[str, dict[str, Path]]
     tokenizer: Any
-    recipe: LMRecipe
+    recipe: LMZooSettings
     info: dict[str, Any] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     eval_dtype: torch.dtype = torch.bfloat16
