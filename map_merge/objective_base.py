@@ -19,25 +19,12 @@ from tqdm.auto import tqdm
 from .executors import Executor, LocalExecutor, Recipe, as_recipe
 from .fingerprint import content_digest
 from .metric_labels import MetricLabel, metric_labels
+from .pareto import check_senses  # noqa: F401 - its home is pareto; imported from here by older code
 from .store import EvaluationStore, coeff_key
 
 __all__ = ["Objective", "check_senses", "submit_one", "key_hash", "content_key"]
 
 log = logging.getLogger(__name__)
-
-
-def check_senses(senses: Sequence[str] | None, num: int) -> tuple[str, ...]:
-    """Validate per-task senses (``"max"`` or ``"min"``); ``None`` means all ``"max"``."""
-    if senses is None:
-        return ("max",) * num
-    senses = tuple(str(s) for s in senses)
-    if len(senses) != num:
-        raise ValueError(f"got {len(senses)} senses for {num} tasks")
-    bad = [s for s in senses if s not in ("max", "min")]
-    if bad:
-        raise ValueError(f"a task's sense must be 'max' or 'min', got {bad}")
-    return senses
-
 
 
 class Objective:

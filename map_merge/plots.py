@@ -17,8 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .metric_labels import MetricLabel, axis_label, metric_labels, resolve_labels
-from .objective import check_senses
-from .pareto import ParetoFront, orient, pareto_mask
+from .pareto import ParetoFront, check_senses, orient, pareto_mask
 from .plot_compare import plot_bars, plot_cost_quality, plot_curves
 from .plot_marks import STYLES, save
 from .plot_marks import Z_MARK, Z_PREDICTED, Z_REAL, Z_REFERENCE, Mark, as_marks, cover, draw_marks, is_predicted, legend, pick_mark
