@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .objective import submit_one
+from .objective_base import submit_one
 
 __all__ = ["AsyncTrace", "evaluate_async"]
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .map import MAP, MAPResult, call_objective
-from .objective import FunctionObjective
+from .function_objective import FunctionObjective
 from .pareto import check_preference
 
 __all__ = ["nested_merge", "NestedResult", "NestedStage"]

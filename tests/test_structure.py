@@ -1,5 +1,6 @@
 """Package structure: no import circles between map_merge's modules (lazy imports and imports through a
-package's ``__init__`` included), no module over 450 lines."""
+package's ``__init__`` included), imports only downward through the README's layers, no module over
+450 lines."""
 
 import ast
 from pathlib import Path
@@ -62,7 +63,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_lazy_imports():
     graph = _import_graph()
-    assert "map_merge.objective" in graph["map_merge.asynchronous"]  # a top-level relative import
+    assert "map_merge.objective_base" in graph["map_merge.asynchronous"]  # a top-level relative import
     assert "map_merge.asynchronous" in graph["map_merge.adaptive"]  # imported inside a function
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
@@ -90,3 +91,50 @@ def test_errors_are_the_bottom_layer():
 def test_no_module_over_450_lines():
     long = {_module_name(p): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 450}
     assert long == {}
+
+
+# The README's architecture picture, bottom first: a module may import its own layer and those below.
+LAYERS = [
+    "errors numeric fingerprint deprecation metric_labels",  # shared exceptions, parsers, labels
+    "pareto front_metrics designs search surrogate gp_model residual_gp model_choice acquisition",  # core maths
+    "objective_base function_objective store executors asynchronous "  # the objective interface ...
+    "task_vectors merge_methods groups mergekit_config mergekit_emit mergekit_filters mergekit_methods "
+    "mergekit_settings mergekit_weights",  # ... and storage, side by side
+    "map adaptive bayes nested result",  # the algorithms
+    "model_objective objective tasks lm_eval_task saved_eval moe",  # objectives on models, PWE-MoE
+    "plots plot_compare plot_marks compare baselines zoo",  # adapters
+    "cli demo config config_read",  # users
+]
+
+
+def _layer_of() -> dict[str, int]:
+    return {name: k for k, names in enumerate(LAYERS) for name in names.split()}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_every_module_has_a_layer():
+    layer = _layer_of()
+    assert {_top(m) for m in _import_graph()} - {""} - set(layer) == set()
+    assert len(layer) == sum(len(names.split()) for names in LAYERS)  # no name in two layers
+
+
+def _upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    layer = _layer_of()
+    return sorted(
+        (module, target)
+        for module, targets in graph.items()
+        for target in targets
+        if _top(module) and _top(target) and layer[_top(target)] > layer[_top(module)]
+    )
+
+
+def test_imports_only_go_down_the_layers():
+    assert _upward(_import_graph()) == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    fake = {"map_merge.map": {"map_merge.pareto", "map_merge.cli.parser"}, "map_merge.task_vectors.base": {"map_merge.errors"}}
+    assert _upward(fake) == [("map_merge.map", "map_merge.cli.parser")]
