@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .designs import default_num_samples, make_design, with_points
-from .objective import check_senses
+from .pareto import check_senses
 from .result import MAPResult, Samples, call_objective
 
 __all__ = ["sample_adaptively", "Proposer", "fit_adaptive", "default_initial"]

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from .map import call_objective
-from .objective import check_senses
-from .pareto import ParetoFront, check_preference, orient
+from .pareto import ParetoFront, check_preference, check_senses, orient
 
 __all__ = ["BaselineResult", "lambda_sweep", "random_search", "nsga2_search", "mobo_search", "cma_search"]
 

@@ -35,8 +35,7 @@ from .acquisition import propose_ehvi, reference_point
 from .adaptive import sample_adaptively
 from .map import MAP, fit_surrogates, resolve_links
 from .result import MAPResult, Samples
-from .objective import check_senses
-from .pareto import orient
+from .pareto import check_senses, orient
 from .residual_gp import ResidualGPModel
 
 __all__ = ["BayesianMAP", "ResidualGPModel", "angles", "from_angles", "ACQUISITIONS"]

@@ -29,8 +29,7 @@ from .bayes import BayesianMAP
 from .designs import num_quadratic_params
 from .front_metrics import front_report
 from .map import MAP
-from .objective import check_senses
-from .pareto import orient, pareto_mask
+from .pareto import check_senses, orient, pareto_mask
 
 __all__ = ["BUDGETED", "MethodRun", "run_method", "score_runs"]
 

@@ -21,8 +21,7 @@ import torch
 
 from .adaptive import fit_adaptive
 from .designs import default_num_samples, make_design, num_quadratic_params, with_points
-from .objective import check_senses
-from .pareto import ParetoFront
+from .pareto import ParetoFront, check_senses
 from .residual_gp import ResidualGPModel
 from .result import MAPResult, Samples, call_objective
 from .search import nsga3_search, scalarization_search

@@ -37,7 +37,8 @@ mergekit) or lists of ``{filter, value}`` conditions (substring filters, first m
 whose values may be gradients; models may mix these forms, and filters none of a model's conditions
 matches take the top-level ``weight`` (:mod:`map_merge.mergekit_weights`). Models whose filters
 differ give the cells of the joint partition as groups (:mod:`map_merge.mergekit_filters`).
-Top-level fields mergekit does not know are ignored, as mergekit ignores them, with a warning. ``normalize``,
+Top-level fields mergekit does not know are ignored, as mergekit ignores them, with a warning; but
+for ``map_merge``, the names of the groups of a recipe written here (:func:`~map_merge.mergekit_weights.named_groups`). ``normalize``,
 ``rescale``, ``int8_mask`` are read as pydantic reads a ``bool`` (``"false"``, ``no``, ``0``: false;
 :func:`~map_merge.numeric.parse_bool`), numbers as its ``float`` (``true``: 1.0).
 
@@ -66,7 +67,7 @@ from .mergekit_emit import EMIT_METHODS, LORA_NOTE, emit_recipe, recipe_yaml
 from .mergekit_filters import checkpoint_tensor_names, drop_unused
 from .mergekit_methods import operator_for
 from .mergekit_settings import read_settings, tokenizer_notes
-from .mergekit_weights import per_knot_normalising_is_inexact, read_weights
+from .mergekit_weights import named_groups, per_knot_normalising_is_inexact, read_weights
 from .numeric import parse_bool, parse_number
 
 __all__ = ["MergekitRecipe", "RecipeError", "from_mergekit", "parse_recipe", "emit_recipe", "recipe_yaml", "read_recipe",
@@ -80,7 +81,7 @@ _NORMALIZE_DEFAULT = {"task_arithmetic": False, "linear": True, "ties": True, "b
                       "della": True, "della_linear": False, "dare_linear": False, "dare_ties": False}
 _FLAGS = ("int8_mask", "normalize", "rescale")  # mergekit's true/false settings of the task arithmetic family; linear: normalize
 _TOP_KEYS = {"models", "base_model", "merge_method", "parameters", "dtype", "tokenizer_source", "tokenizer", "chat_template",
-             "out_dtype", "name"}
+             "out_dtype", "name", "map_merge"}
 
 
 @dataclass
@@ -280,6 +281,8 @@ def parse_recipe(config: Mapping[str, Any]) -> MergekitRecipe:
         if single:
             notes.append(f"filter group(s) {single} own no tensor of the base model (their filter matches none, or earlier filters "
                          "take all it matches): mergekit never uses them, and they are dropped")
+    groups, unnamed = named_groups(groups, config.get("map_merge"))
+    notes += [unnamed] if unnamed else []
     matrix = everything[: len(entries)]
     normalize = flags.get("normalize", _NORMALIZE_DEFAULT[method_name])
     lam = 1.0 if method_name == "linear" else _number(global_params.get("lambda", 1.0), "lambda")  # linear has no lambda

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import RecipeError
 from .groups import Groups
 from .merge_methods import Breadcrumbs, Della, MergeMethod, TaskArithmetic, Ties
-from .mergekit_weights import weight_setting
+from .mergekit_weights import names_field, weight_setting
 
 __all__ = ["emit_recipe", "recipe_yaml", "EMIT_METHODS", "LORA_NOTE"]
 
@@ -83,6 +83,9 @@ def emit_recipe(base_model: str, models: Mapping[str, str], coeffs: np.ndarray, 
     out: dict[str, Any] = {"merge_method": merge_method, "base_model": base_model, "models": entries, "dtype": dtype}
     if params:
         out["parameters"] = params
+    named = None if consensus else names_field(groups, weights.values())
+    if named is not None:
+        out["map_merge"] = named  # mergekit ignores it; read back, the groups keep their names
     return out
 
 

@@ -25,12 +25,18 @@ same in every group, a gradient the same in every pattern. Models whose conditio
 filters (or the same in another order) give the cells of the joint partition as patterns
 (:mod:`map_merge.mergekit_filters`). Exact: per tensor every model's value is mergekit's. Refused,
 naming the problem: gradients of different lengths.
+
+Filters carry no names: read, a group is named after its filter (``rest`` for the catch-all). So
+that groups keep their names (and the store keys made of them) through a recipe, a recipe written
+here carries them in a top-level field mergekit ignores, ``map_merge: {groups: {name: pattern}}``
+(:func:`names_field`); read back, the groups take those names and patterns where they still fit
+the filters (:func:`named_groups`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 import numpy as np
@@ -39,7 +45,7 @@ from .groups import LAYER_PATTERN, Groups
 from .mergekit_filters import conjunction_filters, joint_cells
 from .numeric import parse_number
 
-__all__ = ["read_weights", "weight_setting", "per_knot_normalising_is_inexact"]
+__all__ = ["read_weights", "weight_setting", "per_knot_normalising_is_inexact", "names_field", "named_groups"]
 
 Value = Union[float, list]  # a number or a gradient (list of numbers)
 _FORMS = "a number, a per-layer list of numbers (a gradient), or a list of {filter, value}"
@@ -205,3 +211,39 @@ def _literal(pattern: str) -> str | None:
         return ""
     unescaped = re.sub(r"\\(.)", r"\1", pattern)
     return unescaped if re.escape(unescaped) == pattern or re.fullmatch(r"[\w]+", pattern) else None
+
+
+def names_field(groups: Groups | None, weights: Iterable[Any]) -> dict[str, Any] | None:
+    """The ``map_merge`` field of a recipe whose models' ``weight`` settings are ``weights`` (from
+    :func:`weight_setting` under ``groups``): the groups' names and patterns, where some setting is
+    a list of filters (else there is nothing to name: ``None``)."""
+    if groups is None or not groups.patterns:
+        return None
+    if not any(isinstance(w, list) and w and isinstance(w[0], Mapping) for w in weights):
+        return None
+    return {"groups": dict(groups.patterns)}
+
+
+def named_groups(groups: Groups | None, field: Any) -> tuple[Groups | None, str | None]:
+    """``(groups, note)``: ``groups`` read from a recipe's filters, renamed after the recipe's
+    ``map_merge`` field (:func:`names_field`), each group taking the name and pattern of the group
+    written as its filter; unchanged, with a note saying why, when the field does not fit them
+    (the recipe was edited after map_merge wrote it). ``field``: ``None`` when the recipe has none."""
+    if field is None or groups is None or not groups.patterns:  # no filters to name
+        return groups, None
+    written = field.get("groups") if isinstance(field, Mapping) else None
+    unfit = "field 'map_merge' (the names of the groups map_merge wrote this recipe with) {}: the groups are named after their filters"
+    if not isinstance(written, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in written.items()):
+        return groups, unfit.format("is not {groups: {name: pattern}}")
+    by_filter = {}
+    for name, pattern in written.items():
+        literal = _literal(pattern)
+        if literal is not None:
+            by_filter[".*" if literal == "" else re.escape(literal)] = (name, pattern)
+    read = list(groups.patterns.values())
+    if any(p not in by_filter for p in read) or len({by_filter[p][0] for p in read}) < len(read):
+        return groups, unfit.format(f"names {list(written)}, which do not fit the recipe's filters")
+    try:
+        return Groups(dict(by_filter[p] for p in read), knots=groups.knots, layer_pattern=groups.layer_pattern), None
+    except ValueError as error:
+        return groups, unfit.format(f"is not valid ({error})")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import moocore
 import numpy as np
 
-__all__ = ["pareto_mask", "orient", "check_preference", "ParetoFront"]
+__all__ = ["pareto_mask", "orient", "check_senses", "check_preference", "ParetoFront"]
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -28,6 +28,19 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     if not np.isfinite(points).all():
         raise ValueError("points contain NaN or inf")
     return np.asarray(moocore.is_nondominated(points, maximise=True, keep_weakly=True), dtype=bool)
+
+
+def check_senses(senses: Sequence[str] | None, num: int) -> tuple[str, ...]:
+    """Validate per-task senses (``"max"`` or ``"min"``); ``None`` means all ``"max"``."""
+    if senses is None:
+        return ("max",) * num
+    senses = tuple(str(s) for s in senses)
+    if len(senses) != num:
+        raise ValueError(f"got {len(senses)} senses for {num} tasks")
+    bad = [s for s in senses if s not in ("max", "min")]
+    if bad:
+        raise ValueError(f"a task's sense must be 'max' or 'min', got {bad}")
+    return senses
 
 
 def orient(metrics: np.ndarray, senses: Sequence[str]) -> np.ndarray:

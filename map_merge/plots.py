@@ -17,8 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .metric_labels import MetricLabel, axis_label, metric_labels, resolve_labels
-from .objective import check_senses
-from .pareto import ParetoFront, orient, pareto_mask
+from .pareto import ParetoFront, check_senses, orient, pareto_mask
 from .plot_compare import plot_bars, plot_cost_quality, plot_curves
 from .plot_marks import STYLES, save
 from .plot_marks import Z_MARK, Z_PREDICTED, Z_REAL, Z_REFERENCE, Mark, as_marks, cover, draw_marks, is_predicted, legend, pick_mark
@@ -52,6 +51,25 @@ def _known_senses(fronts: Mapping[str, Any], senses: Sequence[str] | None, num: 
 
 def _known_names(fronts: Mapping[str, Any], task_names: Sequence[str] | None) -> Sequence[str] | None:
     return task_names if task_names is not None else next((f.task_names for f in fronts.values() if isinstance(f, ParetoFront)), None)
+
+
+def _front_labels(fronts: Mapping[str, Any], task_names: Sequence[str] | None, senses: Sequence[str] | None,
+                  labels: Sequence[MetricLabel | str] | None) -> tuple[int, tuple[MetricLabel, ...]]:
+    """``(M, a label per metric)`` of fronts whose metrics are ``(N, M)`` arrays or :class:`ParetoFront` s
+    (M from the first, else from ``task_names`` or ``labels``)."""
+    num = next((_points(f).shape[1] for f in fronts.values()), None) or (len(task_names) if task_names is not None else len(labels or ()))
+    return num, _labels(num, labels, _known_names(fronts, task_names), _known_senses(fronts, senses, num))
+
+
+def _scatter_front(ax, columns: Sequence[np.ndarray], label: str, style: dict, edges: bool = False) -> None:
+    """One front's points in ``columns`` (2 or 3 axes): small and faint under the real
+    evaluations when ``label`` says "predicted", else in ``style`` (``edges``: thin white edges)."""
+    if is_predicted(label):
+        ax.scatter(*columns, s=4, color=style["color"], marker=".", alpha=0.25, label=label, zorder=Z_PREDICTED,
+                   **({"linewidths": 0} if edges else {}))
+    else:
+        ax.scatter(*columns, s=16, color=style["color"], marker=style["marker"], alpha=0.9, label=label, zorder=Z_REAL,
+                   **({"edgecolors": "white", "linewidths": 0.3} if edges else {}))
 
 
 def _front_line(ax, points: np.ndarray, i: int, j: int, label: str, style: dict, line: bool, senses: Sequence[str]) -> None:
@@ -177,9 +195,7 @@ def plot_pairwise(
     """2-task projections for T >= 3 tasks: one panel per pair of tasks (three panels in a row
     for T = 3). Fronts labelled "predicted" are drawn small and faint under the real
     evaluations; ``labels`` / ``senses`` / ``pick`` / ``marks`` as in :func:`plot_front_2d`."""
-    num = next((_points(f).shape[1] for f in fronts.values()), None) or (len(task_names) if task_names is not None else len(labels or ()))
-    known = _known_senses(fronts, senses, num)
-    names = _labels(num, labels, _known_names(fronts, task_names), known)
+    num, names = _front_labels(fronts, task_names, senses, labels)
     marked = as_marks(pick, marks, num)
     pairs = [(i, j) for i in range(num - 1) for j in range(i + 1, num)]
     ncols = min(3, len(pairs))
@@ -191,13 +207,8 @@ def plot_pairwise(
             ax.scatter(reference[:, i], reference[:, j], s=4, color="0.6", alpha=0.4, label="reference", zorder=Z_REFERENCE)
         for k in order:
             label, front = items[k]
-            points, style = _points(front), _STYLES[k % len(_STYLES)]
-            if is_predicted(label):
-                ax.scatter(points[:, i], points[:, j], s=4, color=style["color"], marker=".", alpha=0.25, label=label, zorder=Z_PREDICTED,
-                           linewidths=0)
-            else:
-                ax.scatter(points[:, i], points[:, j], s=16, color=style["color"], marker=style["marker"], alpha=0.9, label=label,
-                           zorder=Z_REAL, edgecolors="white", linewidths=0.3)
+            points = _points(front)
+            _scatter_front(ax, [points[:, i], points[:, j]], label, _STYLES[k % len(_STYLES)], edges=True)
         draw_marks(ax, marked, (i, j))
         ax.set_xlabel(_wrapped(names[i]), fontsize=8)
         ax.set_ylabel(_wrapped(names[j]), fontsize=8)
@@ -350,8 +361,7 @@ def plot_front_3d(
     """3-task view: each front's points ``(N, M)`` in the space of three tasks' metrics, fronts
     labelled "predicted" small and faint under the real evaluations; ``labels`` / ``senses`` /
     ``pick`` / ``marks`` as in :func:`plot_front_2d`."""
-    num = next((_points(f).shape[1] for f in fronts.values()), None) or (len(task_names) if task_names is not None else len(labels or ()))
-    names = _labels(num, labels, _known_names(fronts, task_names), _known_senses(fronts, senses, num))
+    num, names = _front_labels(fronts, task_names, senses, labels)
     fig = Figure(figsize=(6.8, 6.0))
     ax = fig.add_subplot(1, 1, 1, projection="3d")
     ax.computed_zorder = False  # draw in zorder: real evaluations over the predicted cloud
@@ -360,12 +370,7 @@ def plot_front_3d(
         ax.scatter(reference[:, i], reference[:, j], reference[:, k], s=4, color="0.6", alpha=0.3, label="reference", zorder=Z_REFERENCE)
     for n, (label, front) in enumerate(fronts.items()):
         points = _points(front)
-        style = _STYLES[n % len(_STYLES)]
-        if is_predicted(label):
-            ax.scatter(points[:, i], points[:, j], points[:, k], s=4, color=style["color"], marker=".", alpha=0.25, label=label, zorder=Z_PREDICTED)
-        else:
-            ax.scatter(points[:, i], points[:, j], points[:, k], s=16, color=style["color"], marker=style["marker"], alpha=0.9, label=label,
-                       zorder=Z_REAL)
+        _scatter_front(ax, [points[:, i], points[:, j], points[:, k]], label, _STYLES[n % len(_STYLES)])
     draw_marks(ax, as_marks(pick, marks, num), (i, j, k))
     ax.set_xlabel(_wrapped(names[i]), fontsize=7)
     ax.set_ylabel(_wrapped(names[j]), fontsize=7)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EvaluationStore"]
+__all__ = ["EvaluationStore", "as_store"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -118,3 +118,8 @@ class EvaluationStore:
 
     def __repr__(self) -> str:
         return f"EvaluationStore({str(self.path) if self.path else ':memory:'})"
+
+
+def as_store(store: EvaluationStore | str | os.PathLike | None) -> EvaluationStore | None:
+    """A store given as itself or as a path (opened there), or ``None``."""
+    return store if store is None or isinstance(store, EvaluationStore) else EvaluationStore(store)

@@ -446,3 +446,37 @@ def test_a_run_config_carries_a_recipes_filter_gradients(folders, tmp_path):
     np.testing.assert_allclose(groups.weights(["model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight",
                                                "model.norm.weight"]), [[0.5, 0.5, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
     assert mm.Groups.from_spec(groups.spec) == groups
+
+
+def _score_nothing(model):
+    return 0.0
+
+
+@pytest.mark.parametrize("groups, coeffs", [
+    (mm.Groups({"attn": "self_attn", "feed_forward": r"\.mlp\.", "others": ".+"}), [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]),
+    (mm.Groups({"attn": "self_attn", "rest": ".*"}, knots=2), [[0.1, 0.9, 0.2, 0.8], [0.3, 0.7, 0.4, 0.6]]),
+])
+def test_group_names_and_the_store_key_survive_a_recipe_round_trip(folders, tmp_path, groups, coeffs):
+    """Groups named otherwise than their filters come back from the recipe map_merge wrote with
+    their names and patterns, so a run from it keys the store as the run that wrote it."""
+    from map_merge.mergekit_config import recipe_yaml
+
+    models = {"code": str(folders / "code"), "chat": str(folders / "chat")}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe_yaml(emit_recipe(str(folders / "base"), models, np.array(coeffs), None, groups)))
+    again = mm.from_mergekit(path)
+    assert again.groups.names == groups.names and again.groups == groups and again.notes == []
+    np.testing.assert_allclose(again.coeffs, coeffs)
+    tv = again.task_vectors()
+    model = transformers.LlamaForCausalLM.from_pretrained(folders / "base")
+    keys = [mm.ModelObjective(model, tv, {"x": _score_nothing}, groups=g, progress=False).fingerprint() for g in (groups, again.groups)]
+    assert keys[0] == keys[1]
+
+
+def test_group_names_that_no_longer_fit_the_filters_are_let_go(folders):
+    config = emit_recipe(str(folders / "base"), {"code": str(folders / "code"), "chat": str(folders / "chat")},
+                         np.array([[0.1, 0.2], [0.3, 0.4]]), None, mm.Groups({"attn": "self_attn", "rest": ".*"}))
+    for entry in config["models"]:  # edited by hand after map_merge wrote it
+        entry["parameters"]["weight"][0]["filter"] = "mlp"
+    again = parse_recipe(config)
+    assert again.groups.names == ("mlp", "rest") and any("map_merge" in note for note in again.notes)

@@ -11,7 +11,7 @@ import torch
 
 from .workspace import Workspace
 
-__all__ = ["CHUNK", "ChunkSource", "MergeMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
+__all__ = ["CHUNK", "ChunkSource", "MergeMethod", "InPlaceMethod", "TaskArithmetic", "SCOPES", "TILE_ELEMENTS", "tile_columns", "tiled_"]
 
 CHUNK = 1 << 20
 """Elements per unit of streamed work: tensors are cut into flat ranges of whole rows of about
@@ -94,6 +94,35 @@ class MergeMethod:
         state: a caller may then cut a chunk into any column ranges (tiles) and transform each."""
         return False
 
+
+
+class InPlaceMethod(MergeMethod):
+    """An operator that maps a chunk's deltas in place: :meth:`transform` maps a copy,
+    :meth:`transform_` checks the chunk (and the state, where :meth:`fit` gives one the map needs)
+    and calls :meth:`_map_`. Class settings: ``_elementwise`` (see :attr:`elementwise`) and
+    ``_needs_state`` (``transform`` without the state from ``fit`` is refused, naming both)."""
+
+    _elementwise = False
+    _needs_state = False
+
+    @property
+    def elementwise(self) -> bool:
+        return self._elementwise
+
+    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        return self.transform_(key, start, deltas.clone(), state)
+
+    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
+        owner = type(self).__name__
+        if deltas.ndim != 2:
+            raise ValueError(f"{owner} expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+        if state is None and self._needs_state:
+            raise ValueError(f"{owner}.transform needs the state from {owner}.fit")
+        return self._map_(key, start, deltas, state)
+
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
+        """The prepared ``deltas (T, n)`` of one chunk, computed in place (``deltas`` are scratch)."""
+        raise NotImplementedError
 
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):

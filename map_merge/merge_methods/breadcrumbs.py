@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units, tiled_
+from .base import ChunkSource, InPlaceMethod, check_scope, num_tasks_of, scope_units, tiled_
 from .consensus import check_consensus, sign_consensus_
 from .rescale import l1_match_scales
 from .select import kth_largest_magnitude
@@ -29,7 +29,7 @@ def breadcrumb_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Breadcrumbs(MergeMethod):
+class Breadcrumbs(InPlaceMethod):
     """Model Breadcrumbs (Davari & Belilovsky, 2023), as mergekit 0.1.5's ``breadcrumbs``.
 
     Per task, over each tensor (``scope="tensor"``, mergekit and the paper) or the whole task
@@ -62,6 +62,8 @@ class Breadcrumbs(MergeMethod):
     consensus: str | None = None
     normalize: bool = False
     name = "breadcrumbs"
+    _elementwise = True
+    _needs_state = True
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.density) <= 1.0:
@@ -103,18 +105,7 @@ class Breadcrumbs(MergeMethod):
                         out=work.get("breadcrumbs_keep", deltas.shape, deltas.dtype, deltas.device))
         return keep.mul_(torch.lt(magnitude, high.to(device=deltas.device, dtype=deltas.dtype)[:, None], out=magnitude))
 
-    @property
-    def elementwise(self) -> bool:
-        return True
-
-    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        return self.transform_(key, start, deltas.clone(), state)
-
-    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        if deltas.ndim != 2:
-            raise ValueError(f"Breadcrumbs expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
-        if state is None:
-            raise ValueError("Breadcrumbs.transform needs the state from Breadcrumbs.fit")
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
         name = None if self.scope == "global" else key
         if name not in state:
             raise KeyError(f"Breadcrumbs was fitted without tensor {key!r}; fit it on the same task vectors")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod, tiled_
+from .base import ChunkSource, InPlaceMethod, tiled_
 from .masks import random_words
 from .ties import Ties
 
@@ -16,7 +16,7 @@ __all__ = ["Dare"]
 
 
 @dataclass(frozen=True)
-class Dare(MergeMethod):
+class Dare(InPlaceMethod):
     """DARE: random drop with probability ``p``, rescale by ``1/(1-p)``; optionally then TIES.
 
     The drop mask of entry ``i`` of tensor ``key`` for task ``t`` is a function of
@@ -35,6 +35,7 @@ class Dare(MergeMethod):
     seed: int = 0
     ties: Ties | None = None
     name = "dare"
+    _elementwise = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.p) < 1.0:
@@ -77,14 +78,5 @@ class Dare(MergeMethod):
             return None
         return self.ties.fit(lambda keys=None: ((k, s, tiled_(self._drop_, k, s, d.clone())) for k, s, d in chunks(keys)), sizes, shapes)
 
-    @property
-    def elementwise(self) -> bool:
-        return True
-
-    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        return self.transform_(key, start, deltas.clone(), state)
-
-    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        if deltas.ndim != 2:
-            raise ValueError(f"Dare expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
         return self._drop_tiles_(key, start, deltas, state)

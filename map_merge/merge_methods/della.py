@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import base
-from .base import ChunkSource, MergeMethod, check_scope, scope_units
+from .base import ChunkSource, InPlaceMethod, check_scope, scope_units
 from .consensus import check_consensus, sign_consensus_
 from .masks import random_words, uniform24
 from .rescale import l1_match_scales
@@ -60,7 +60,7 @@ def row_rank_norm(deltas: torch.Tensor, row: int, stride: int = 1) -> torch.Tens
 
 
 @dataclass(frozen=True)
-class Della(MergeMethod):
+class Della(InPlaceMethod):
     """DELLA-merging's MagPrune (Deep et al., 2024), as mergekit 0.1.5's ``della``.
 
     Entries of a task vector are ranked by ``|x|`` along dimension 1 of their tensor, as mergekit's
@@ -101,6 +101,7 @@ class Della(MergeMethod):
     consensus: str | None = "sum"
     normalize: bool = True
     name = "della"
+    _needs_state = True
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.density) <= 1.0:
@@ -186,14 +187,7 @@ class Della(MergeMethod):
         return torch.lt(uniform24(words), bound, out=bound), probabilities
 
     # ------------------------------------------------------------------ the map
-    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        return self.transform_(key, start, deltas.clone(), state)
-
-    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        if deltas.ndim != 2:
-            raise ValueError(f"Della expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
-        if state is None:
-            raise ValueError("Della.transform needs the state from Della.fit")
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
         keep, probabilities = self._keep(key, start, deltas, state)
         deltas.mul_(keep)
         if self.density < 1:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import ChunkSource, MergeMethod, check_scope, num_tasks_of, scope_units, tiled_
+from .base import ChunkSource, InPlaceMethod, check_scope, num_tasks_of, scope_units, tiled_
 from .consensus import sign_consensus_
 from .select import kth_largest_magnitude
 
@@ -16,7 +16,7 @@ __all__ = ["Ties"]
 
 
 @dataclass(frozen=True)
-class Ties(MergeMethod):
+class Ties(InPlaceMethod):
     """TIES: trim to the top ``k`` fraction by magnitude per task, elect signs, disjoint mean.
 
     With every ``c_i = lam`` this is TIES-merging with scaling ``lam``. The threshold is exact in
@@ -33,6 +33,7 @@ class Ties(MergeMethod):
     k: float = 0.2
     scope: str = "global"
     name = "ties"
+    _elementwise = True
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.k) <= 1.0:
@@ -60,16 +61,7 @@ class Ties(MergeMethod):
             thresholds[unit] = kth_largest_magnitude(lambda keys=keys: (d for _, _, d in chunks(keys)), torch.full((num_tasks,), keep))
         return thresholds[None] if self.scope == "global" else thresholds
 
-    @property
-    def elementwise(self) -> bool:
-        return True
-
-    def transform(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        return self.transform_(key, start, deltas.clone(), state)
-
-    def transform_(self, key: str, start: int, deltas: torch.Tensor, state: Any = None) -> torch.Tensor:
-        if deltas.ndim != 2:
-            raise ValueError(f"Ties expects task vectors of shape (T, n); got {tuple(deltas.shape)}")
+    def _map_(self, key: str, start: int, deltas: torch.Tensor, state: Any) -> torch.Tensor:
         threshold = state.get(key) if isinstance(state, dict) else state
         if threshold is not None:
             threshold = threshold.to(device=deltas.device, dtype=deltas.dtype)[:, None]

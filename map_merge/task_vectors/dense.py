@@ -5,6 +5,8 @@ The pretrained weights ``theta_0`` are one flat vector ``base: (P,)`` and the ta
 entries, tied tensors counted once). A merge is a single ``addmv``: ``theta_0 + V'^T c`` (see
 :mod:`map_merge.merge_methods` for ``V'``). Integer buffers (position ids, counters) are not
 task-vector material: they are copied from the pretrained model.
+
+Loading is in :mod:`.dense_load`, writing merges into live models in :mod:`.dense_binding`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import logging
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,38 +27,16 @@ from ..errors import RecipeError
 from ..groups import Groups
 from ..merge_methods import MergeMethod, resolve_method
 from .base import TaskVectors, chunk_ranges
-from .binding import LiveWriter, set_tensor, writable_state
-from .keymap import LivePlan
-from .sources import MemoryWeights, ModelSource, SourceInfo, Weights, check_finite, open_weights, preview, tensor_bytes, warn_zero_tasks
+from .dense_binding import Binding, DenseBinding
+from .dense_load import Slot, load_dense
+from .sources import MemoryWeights, ModelSource, SourceInfo, Weights, tensor_bytes, warn_zero_tasks
 
 __all__ = ["DenseTaskVectors"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """Where one floating-point tensor lives in the flat vector."""
-
-    key: str
-    shape: tuple[int, ...]
-    offset: int
-    numel: int
-    dtype: torch.dtype  # dtype of the original tensor (for saving)
-
-
-@dataclass
-class _Binding:
-    """A model whose merged tensors are views of one flat ``buffer`` (its dtype and device)."""
-
-    buffer: torch.Tensor | None  # None: the model mixes dtypes/devices; tensors are written one by one
-    scratch: torch.Tensor | None  # fp32 result when it cannot be written into buffer directly
-    targets: dict[str, torch.Tensor]  # checkpoint key -> live tensor (buffer None only)
-    plan: LivePlan
-    views: dict[str, int]  # live key -> element offset of its view in buffer
-
-
-class DenseTaskVectors(TaskVectors, kind="dense"):
+class DenseTaskVectors(DenseBinding, TaskVectors, kind="dense"):
     """Pretrained weights plus stacked task vectors in memory.
 
     Attributes (besides :class:`TaskVectors`'):
@@ -70,7 +49,7 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         self,
         base: torch.Tensor,
         vectors: torch.Tensor,
-        slots: Sequence[_Slot],
+        slots: Sequence[Slot],
         names: Sequence[str],
         aliases: Mapping[str, str] | None = None,
         frozen: Mapping[str, torch.Tensor] | None = None,
@@ -90,9 +69,9 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         self._base_source = base_weights if base_weights is not None else MemoryWeights({}, "the pretrained model")
         self._sources = list(sources)  # Weights / adapters each task came from (paths and identities)
         self._prepared: tuple[str, torch.Tensor] | None = None  # one-entry cache: (method key, V')
-        self._bound: "weakref.WeakKeyDictionary[nn.Module, _Binding]" = weakref.WeakKeyDictionary()
+        self._bound: "weakref.WeakKeyDictionary[nn.Module, Binding]" = weakref.WeakKeyDictionary()
         self._fingerprint: str | None = None
-        self._slot_of: dict[str, _Slot] | None = None
+        self._slot_of: dict[str, Slot] | None = None
 
     def __getstate__(self) -> dict:
         # bindings to live models (weak references) stay behind; a copy binds its own models
@@ -110,80 +89,11 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
               dtype: torch.dtype) -> "DenseTaskVectors":
         """Load every model into memory and stack the task vectors (validated: keys, shapes,
         dtypes, finite values; messages name the key and the model)."""
-        base_weights = open_weights(pretrained, "the pretrained model", stream=False)
-        base_sd = {k: base_weights.tensor(k) for k in base_weights.tensors}
-        if not base_sd:
-            raise ValueError("the pretrained model has no tensors")
-        slots: list[_Slot] = []
-        frozen: dict[str, torch.Tensor] = {}
-        offset = 0
-        for key, tensor in base_sd.items():
-            if tensor.dtype.is_floating_point:
-                check_finite(tensor, key, "pretrained model")
-                slots.append(_Slot(key, tuple(tensor.shape), offset, tensor.numel(), tensor.dtype))
-                offset += tensor.numel()
-            elif tensor.dtype.is_complex:
-                raise ValueError(f"tensor {key!r} of the pretrained model is complex ({tensor.dtype}); not supported")
-            else:
-                frozen[key] = tensor.detach().to(device=device, copy=True)
-        if not slots:
-            raise ValueError("the pretrained model has no floating-point tensors to merge")
-        num_params = offset
-        base = torch.empty(num_params, device=device, dtype=dtype)
-        for slot in slots:
-            base[slot.offset : slot.offset + slot.numel] = base_sd[slot.key].detach().reshape(-1).to(device=device, dtype=dtype)
-
-        vectors = torch.empty(len(models), num_params, device=device, dtype=dtype)
-        expected = set(base_sd)
-        sources = []
-        for row, (name, model) in enumerate(zip(names, models)):
-            weights = open_weights(model, f"fine-tuned model {name!r}", stream=False)
-            sd = {k: weights.tensor(k) for k in weights.tensors}
-            keys = set(sd)
-            # integer buffers are copied from the pretrained model anyway (non-persistent in some versions)
-            missing = sorted(k for k in expected - keys if k not in frozen)
-            extra = sorted(k for k in keys - expected if sd[k].dtype.is_floating_point)
-            if missing or extra:
-                parts = []
-                if missing:
-                    parts.append(f"missing keys {preview(missing)}")
-                if extra:
-                    parts.append(f"unexpected keys {preview(extra)}")
-                raise ValueError(f"fine-tuned model {name!r} does not match the pretrained model: " + "; ".join(parts))
-            for key, frozen_tensor in frozen.items():
-                if key not in sd:
-                    continue
-                other = sd[key]
-                if other.dtype.is_floating_point:
-                    raise ValueError(
-                        f"tensor {key!r} is {frozen_tensor.dtype} in the pretrained model but {other.dtype} "
-                        f"in fine-tuned model {name!r}"
-                    )
-                if tuple(other.shape) != tuple(frozen_tensor.shape):
-                    raise ValueError(
-                        f"shape mismatch for {key!r}: pretrained {tuple(frozen_tensor.shape)}, "
-                        f"fine-tuned model {name!r} {tuple(other.shape)}"
-                    )
-            for slot in slots:
-                tensor = sd[slot.key]
-                if tuple(tensor.shape) != slot.shape:
-                    raise ValueError(
-                        f"shape mismatch for {slot.key!r}: pretrained {slot.shape}, fine-tuned model {name!r} {tuple(tensor.shape)}"
-                    )
-                if not tensor.dtype.is_floating_point:
-                    raise ValueError(
-                        f"tensor {slot.key!r} of fine-tuned model {name!r} has non-floating dtype {tensor.dtype} "
-                        f"(pretrained: {slot.dtype})"
-                    )
-                check_finite(tensor, slot.key, f"fine-tuned model {name!r}")
-                vectors[row, slot.offset : slot.offset + slot.numel] = tensor.detach().reshape(-1).to(device=device, dtype=dtype)
-            sources.append(SourceInfo.of(weights))
-            del sd, weights
-        vectors.sub_(base)
-        warn_zero_tasks(names, [not bool(row.any()) for row in vectors])
-        log.info("task vectors: %d tasks x %d entries on %s (%s)", len(models), num_params, device, dtype)
-        return cls(base, vectors, slots, names, aliases=base_weights.aliases, frozen=frozen, base_weights=SourceInfo.of(base_weights),
-                   sources=sources)
+        parts = load_dense(pretrained, models, names, device, dtype)
+        warn_zero_tasks(names, [not bool(row.any()) for row in parts.vectors])
+        log.info("task vectors: %d tasks x %d entries on %s (%s)", len(models), parts.base.numel(), device, dtype)
+        return cls(parts.base, parts.vectors, parts.slots, names, aliases=parts.pretrained.aliases, frozen=parts.frozen,
+                   base_weights=SourceInfo.of(parts.pretrained), sources=parts.sources)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -334,92 +244,6 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
             state[key] = tensor.clone()
         return state
 
-    def merge_into(self, model: nn.Module, coeffs: Any, method: str | MergeMethod | None = None, groups: Groups | None = None) -> nn.Module:
-        """Write the merged weights for ``coeffs: (T,)`` into ``model`` in place and return it.
-
-        On first use the model's merged tensors are re-pointed to views of one flat buffer of
-        the model's own dtype on its own device (a bf16 model stays bf16). Each call is then one
-        fused ``addmv`` on the task vectors' device: straight into that buffer when the model is
-        in the vectors' dtype and device (no allocation), else into an fp32 scratch vector that is
-        copied (and cast) into it. Keys are matched through :class:`~map_merge.task_vectors.keymap.LivePlan`
-        (renames, tied weights once); fused tensors (stacked MoE experts) are converted from the
-        buffer after each merge by transformers' own operations."""
-        binding = self._bound.get(model)
-        if binding is None or not self._still_bound(model, binding):
-            binding = self._bind(model)
-        if binding.scratch is None:
-            self.merge_flat(coeffs, method, out=binding.buffer, groups=groups)
-        else:
-            self.merge_flat(coeffs, method, out=binding.scratch, groups=groups)
-            with torch.no_grad():
-                if binding.buffer is not None:
-                    binding.buffer.copy_(binding.scratch)
-                else:
-                    for key, target in binding.targets.items():
-                        slot = self._slot(key)
-                        target.copy_(binding.scratch[slot.offset : slot.offset + slot.numel].view(slot.shape))
-        if binding.plan.has_groups:
-            flat = binding.buffer if binding.buffer is not None else binding.scratch
-            writer = LiveWriter(model, binding.plan, {s.key: s.numel for s in self._slots})
-            with torch.no_grad():
-                for group in binding.plan.groups:
-                    for key in group.sources:
-                        slot = self._slot(key)
-                        writer.write(key, 0, flat[slot.offset : slot.offset + slot.numel])
-        return model
-
-    def _slot(self, key: str) -> _Slot:
-        if not hasattr(self, "_slot_of") or self._slot_of is None:
-            self._slot_of = {s.key: s for s in self._slots}
-        return self._slot_of[key]
-
-    def _bind(self, model: nn.Module) -> _Binding:
-        shapes = {s.key: s.shape for s in self._slots}
-        shapes.update({k: tuple(t.shape) for k, t in self._frozen.items()})
-        plan = LivePlan(model, shapes, [s.key for s in self._slots])
-        state = writable_state(model)
-        with torch.no_grad():
-            for key, live in plan.frozen.items():
-                set_tensor(model, live, self._frozen[key].to(state[live].device, copy=True))
-        state = model.state_dict(keep_vars=True)
-        direct = [s for s in self._slots if s.key in plan.direct]
-        kinds = {(state[plan.direct[s.key]].dtype, state[plan.direct[s.key]].device) for s in direct}
-        kinds |= {(state[t].dtype, state[t].device) for g in plan.groups for t in g.targets}
-        if len(kinds) > 1:  # mixed dtypes or devices: keep the model's tensors, write each one
-            targets = {s.key: _data(state[plan.direct[s.key]]) for s in direct}
-            binding = _Binding(None, torch.empty_like(self.base), targets, plan, {})
-        else:
-            dtype, device = kinds.pop()
-            buffer = torch.empty(self.num_params, dtype=dtype, device=device)
-            views: dict[str, int] = {}
-            with torch.no_grad():
-                for slot in direct:
-                    live = plan.direct[slot.key]
-                    set_tensor(model, live, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
-                    views[live] = slot.offset
-                for alias, holder in plan.aliases.items():
-                    if holder in views:
-                        slot = self._slot(plan.checkpoint_of(holder))
-                        set_tensor(model, alias, buffer[slot.offset : slot.offset + slot.numel].view(slot.shape))
-                        views[alias] = slot.offset
-            direct_write = dtype == self.dtype and device == self.device
-            binding = _Binding(buffer, None if direct_write else torch.empty_like(self.base), {}, plan, views)
-        self._bound[model] = binding
-        return binding
-
-    def _still_bound(self, model: nn.Module, binding: _Binding) -> bool:
-        state = model.state_dict(keep_vars=True)
-        if binding.buffer is None:
-            return all(state.get(binding.plan.direct[k]) is not None and state[binding.plan.direct[k]].data_ptr() == t.data_ptr()
-                       for k, t in binding.targets.items())
-        base_ptr = binding.buffer.data_ptr()
-        size = binding.buffer.element_size()
-        for live, offset in binding.views.items():
-            tensor = state.get(live)
-            if tensor is None or tensor.data_ptr() != base_ptr + offset * size:
-                return False
-        return True
-
     # ------------------------------------------------------------------ saving
     def _output_entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         entries = [(s.key, s.dtype, s.shape) for s in self._slots]
@@ -432,6 +256,3 @@ class DenseTaskVectors(TaskVectors, kind="dense"):
         for key, tensor in self._frozen.items():
             yield key, tensor
 
-
-def _data(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.data if isinstance(tensor, nn.Parameter) else tensor

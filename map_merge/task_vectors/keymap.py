@@ -34,14 +34,15 @@ import torch
 from torch import nn
 
 __all__ = ["LivePlan", "Group", "checkpoint_state", "skeleton", "adapter_key", "check_materialized", "PEFT_PREFIX", "aliases_by_storage",
-           "natural_order"]
+           "natural_order", "preview"]
 
 log = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
 
-def _preview(keys: Sequence[str], limit: int = 5) -> str:
+def preview(keys: Sequence[str], limit: int = 5) -> str:
+    """``['a', 'b', ...] (N in all)`` for messages."""
     shown = ", ".join(repr(k) for k in list(keys)[:limit])
     return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
 
@@ -225,11 +226,11 @@ class LivePlan:
             try:
                 out = group.convert(metas, model)
             except Exception as error:  # noqa: BLE001 - shapes that do not fit the converter
-                raise ValueError(f"checkpoint tensors {_preview(group.sources)} do not convert to {what}'s {first!r}: {error}") from error
+                raise ValueError(f"checkpoint tensors {preview(group.sources)} do not convert to {what}'s {first!r}: {error}") from error
             group.targets = {k: tuple(v.shape) for k, v in out.items()}
             unexpected += [k for k in group.targets if k not in state]
         if unexpected:
-            raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: unexpected keys {_preview(unexpected)} "
+            raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: unexpected keys {preview(unexpected)} "
                              "(tensors of the checkpoints with no place in the model)")
         written = {live: shapes[key] for key, live in self.direct.items()}
         for group in self.groups:
@@ -251,13 +252,13 @@ class LivePlan:
             else:
                 missing.append(live)
         if missing:
-            raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: missing keys {_preview(missing)} "
+            raise ValueError(f"{what} ({type(model).__name__}) does not match the task vectors: missing keys {preview(missing)} "
                              "(tensors of the model no checkpoint tensor writes)")
         self._checkpoint_of = {live: key for key, live in self.direct.items()}
         self._kinds = _layer_kinds(model)
         if self.heads:
             log.info("%s (%s) is a bare base model: the checkpoint's head tensors %s are not written", what, type(model).__name__,
-                     _preview(self.heads))
+                     preview(self.heads))
 
     def module_kind(self, module: str, key: str | None = None) -> str | None:
         """``"conv1d"`` (transformers' Conv1D: the weight is stored transposed) or ``"linear"`` for the

@@ -25,17 +25,9 @@ from torch import nn
 
 from ..errors import CheckpointFileError
 from .keymap import PEFT_PREFIX, LivePlan, adapter_key
-from .safetensors_io import SafetensorsCheckpoint
+from .safetensors_io import load_checkpoint
 
 __all__ = ["LoraAdapter", "LoraFactors", "MatchedLora", "merged_adapter_tensors"]
-
-
-def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    checkpoint = SafetensorsCheckpoint(path)
-    try:
-        return {key: checkpoint.read(key).view(info.shape) for key, info in checkpoint.tensors.items()}
-    finally:
-        checkpoint.close()
 
 
 @dataclass(frozen=True)
@@ -107,7 +99,7 @@ class LoraAdapter:
         self.use_rslora = bool(self.config.get("use_rslora", False))
         self.fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         self.base_model = self.config.get("base_model_name_or_path")
-        state = _load_checkpoint(weights)
+        state = load_checkpoint(weights)
         self._lora: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": , "B": , "kind": }
         self.full: dict[str, torch.Tensor] = {}  # adapter key (module path + param) -> whole tensor
         self._base_layers: set[str] = set()  # keys of self.full saved as an adapted layer's base_layer

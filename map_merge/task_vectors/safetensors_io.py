@@ -26,7 +26,7 @@ import torch
 
 from .checkfile import read_checked_header, read_checked_index
 
-__all__ = ["TensorInfo", "SafetensorsCheckpoint", "write_safetensors", "plan_shards", "DTYPES"]
+__all__ = ["TensorInfo", "SafetensorsCheckpoint", "load_checkpoint", "write_safetensors", "plan_shards", "DTYPES"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -187,6 +187,14 @@ class SafetensorsCheckpoint:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a ``.safetensors`` file or sharded folder, in its stored dtype and shape."""
+    checkpoint = SafetensorsCheckpoint(path)
+    try:
+        return {key: checkpoint.read(key).view(info.shape) for key, info in checkpoint.tensors.items()}
+    finally:
+        checkpoint.close()
 
 def plan_shards(sizes: Sequence[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Split keys (in order, with their byte sizes) into shards of at most ``max_shard_bytes``

@@ -29,7 +29,7 @@ from typing import Any
 
 from .manifest import MANIFEST, check_ours, entries_of, read_manifest, record, write_manifest
 
-__all__ = ["check_destination", "atomic_path", "clean_leftovers", "process_alive", "temp_name", "write_side_files", "save_module",
+__all__ = ["check_destination", "atomic_path", "clean_leftovers", "process_alive", "temp_name", "side_files", "write_side_files", "save_module",
            "write_json", "WEIGHT_SUFFIXES"]
 
 log = logging.getLogger(__name__)
@@ -247,16 +247,21 @@ def _move_up(temp: Path, target: Path) -> None:
     temp.rmdir()
 
 
+def side_files(source_folder: str | os.PathLike) -> list[Path]:
+    """The files of a pretrained folder copied beside merged weights: every plain file but the
+    weights and their indexes (:data:`WEIGHT_SUFFIXES`) and hidden ones."""
+    return [item for item in Path(source_folder).iterdir() if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES)
+            and item.name not in _WEIGHT_INDEXES and not item.name.startswith(".")]
+
+
 def write_side_files(folder: Path, source_folder: Path | None, config: Any = None, generation_config: Any = None,
                      destination: Path | None = None) -> None:
     """The non-weight files of the pretrained model: ``config.json``, ``generation_config.json``,
     tokenizer files... copied from its folder, or written from a module's configs. ``destination``:
     where ``folder`` is going (for messages)."""
     if source_folder is not None and source_folder.is_dir():
-        for item in source_folder.iterdir():
-            if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in _WEIGHT_INDEXES \
-                    and not item.name.startswith("."):
-                shutil.copy2(item, folder / item.name)
+        for item in side_files(source_folder):
+            shutil.copy2(item, folder / item.name)
         if (folder / "config.json").exists():
             return
     if config is not None and hasattr(config, "save_pretrained"):
@@ -292,9 +297,8 @@ def save_module(module: Any, path: str | os.PathLike, sources: Iterable[str | os
             state, _ = checkpoint_state(module)
             save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(temp / "model.safetensors"), metadata={"format": "pt"})
         if source_folder is not None:
-            for item in Path(source_folder).iterdir():
-                if item.is_file() and not (temp / item.name).exists() and not item.name.endswith(WEIGHT_SUFFIXES) \
-                        and item.name not in _WEIGHT_INDEXES and not item.name.startswith("."):
+            for item in side_files(source_folder):
+                if not (temp / item.name).exists():  # save_pretrained's own files win
                     shutil.copy2(item, temp / item.name)
         if metadata is not None:
             write_json(temp / "map_merge.json", metadata)

@@ -20,8 +20,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .keymap import aliases_by_storage, check_materialized, checkpoint_state, skeleton
-from .safetensors_io import SafetensorsCheckpoint
+from .keymap import aliases_by_storage, check_materialized, checkpoint_state, preview, skeleton
+from .safetensors_io import SafetensorsCheckpoint, load_checkpoint
 
 __all__ = ["ModelSource", "load_state_dict", "Weights", "MemoryWeights", "CheckpointWeights", "open_weights",
            "is_lora_adapter", "is_on_disk", "check_finite", "preview", "warn_zero_tasks", "tensor_bytes", "SourceInfo"]
@@ -48,13 +48,13 @@ def load_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"model path does not exist: {path}")
         if path.is_dir():
             if any(path.glob("*.safetensors")):
-                return _load_checkpoint(path)
+                return load_checkpoint(path)
             for name in ("pytorch_model.bin", "model.pt", "model.bin"):
                 if (path / name).exists():
                     return torch.load(path / name, map_location="cpu", weights_only=True)
             raise FileNotFoundError(f"no *.safetensors or pytorch_model.bin weights in model folder {path}")
         if path.suffix == ".safetensors":
-            return _load_checkpoint(path)
+            return load_checkpoint(path)
         if path.suffix in (".bin", ".pt", ".pth"):
             return torch.load(path, map_location="cpu", weights_only=True)
         raise ValueError(f"cannot load weights from {path}: expected a folder, .safetensors, .bin, .pt or .pth")
@@ -62,14 +62,6 @@ def load_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
         "a model must be an nn.Module, a state dict, a .safetensors file or a Hugging Face model folder; "
         f"got {type(source).__name__}"
     )
-
-
-def _load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    checkpoint = SafetensorsCheckpoint(path)
-    try:
-        return {key: checkpoint.read(key).view(info.shape) for key, info in checkpoint.tensors.items()}
-    finally:
-        checkpoint.close()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:
@@ -83,12 +75,6 @@ def check_finite(tensor: torch.Tensor, key: str, owner: str) -> None:
     if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"tensor {key!r} of the {owner} has {bad} NaN/inf value(s)")
-
-
-def preview(keys: Sequence[str], limit: int = 5) -> str:
-    """``['a', 'b', ...] (N in all)`` for messages."""
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
 
 
 def warn_zero_tasks(names: Sequence[str], zero: Sequence[bool]) -> None:
@@ -162,8 +148,15 @@ class Weights:
 
     def live_model(self) -> nn.Module | None:
         """A model whose live keys adapters name: the module itself, or a meta-device skeleton of
-        the folder's architecture (``None``: the tensors' own keys are the live keys)."""
-        return None
+        the folder's architecture, made once (``None``: the tensors' own keys are the live keys)."""
+        if self.__dict__.get("_skeleton", False) is False:  # not looked for yet
+            self._skeleton = skeleton(self.folder) if self.folder is not None else None
+        return self._skeleton
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_skeleton"] = False  # rebuilt where needed
+        return state
 
 
 class MemoryWeights(Weights):
@@ -219,16 +212,11 @@ class MemoryWeights(Weights):
         return str(self._path.resolve()) if self._path is not None else "in memory"
 
     def live_model(self) -> nn.Module | None:
-        if self._module is not None:
-            return self._module
-        if self._skeleton is False:
-            self._skeleton = skeleton(self.folder) if self.folder is not None else None
-        return self._skeleton
+        return self._module if self._module is not None else super().live_model()
 
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_module"] = None  # the tensors travel; the module they came from does not
-        state["_skeleton"] = False
         return state
 
 
@@ -271,16 +259,6 @@ class CheckpointWeights(Weights):
 
     def paths(self) -> list[Path]:
         return [self.checkpoint.path, *self.checkpoint.files]
-
-    def live_model(self) -> nn.Module | None:
-        if self._skeleton is False:
-            self._skeleton = skeleton(self.folder) if self.folder is not None else None
-        return self._skeleton
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_skeleton"] = False  # rebuilt where needed
-        return state
 
 
 def open_weights(source: ModelSource, owner: str, stream: bool) -> Weights:
@@ -326,13 +304,3 @@ class SourceInfo(Weights):
 
     def describe(self) -> Any:
         return self._description
-
-    def live_model(self) -> nn.Module | None:
-        if self._skeleton is False:
-            self._skeleton = skeleton(self._folder) if self._folder is not None else None
-        return self._skeleton
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_skeleton"] = False
-        return state

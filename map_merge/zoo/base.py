@@ -25,10 +25,10 @@ from ..groups import Groups
 from ..merge_methods import MergeMethod
 from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective, Task
-from ..store import EvaluationStore
+from ..store import EvaluationStore, as_store
 from ..task_vectors import TaskVectors
 
-__all__ = ["Split", "ZooTask", "Zoo", "cache_root"]
+__all__ = ["Split", "ZooTask", "Zoo", "ZooObjective", "cache_root"]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,72 @@ class ZooTask:
         return len(self.classes)
 
 
+class ZooObjective:
+    """The objective every zoo gives (:meth:`objective`; a base of :class:`Zoo` and
+    :class:`~map_merge.zoo.lm_zoo.LMZoo`), made of what each zoo says: its metrics
+    (``_scored_tasks``), where its task vectors merge (``_vector_options``), its live model
+    (``_live_model``) and its store key (``_store_key``)."""
+
+    default_metric = "accuracy"
+    """The metric :meth:`objective` scores unless told otherwise."""
+
+    def objective(
+        self,
+        names: Sequence[str] | None = None,
+        split: str = "val",
+        metric: str | None = None,
+        method: str | MergeMethod | None = None,
+        store: EvaluationStore | str | os.PathLike | None = None,
+        task_vectors: TaskVectors | None = None,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        scored: Sequence[str] | None = None,
+        groups: Groups | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> ModelObjective:
+        """A :class:`~map_merge.ModelObjective` merging the named tasks' vectors (``task_vectors``:
+        given ones, of those tasks in that order) into one live model and scoring ``scored``
+        (default: the same tasks) on ``split`` by ``metric`` (default :attr:`default_metric`): for
+        the vision and text zoos ``"accuracy"`` (max, sigmoid link) or ``"loss"`` (min, softplus
+        link); for the LM zoo ``"loss"``, held-out loss (min, softplus link), or ``"lm_eval"``,
+        multiple-choice accuracy (max). Results are kept in ``store`` (a path or a store);
+        ``groups``: coefficient groups; ``device``: where the live model runs; ``dtype``: its dtype
+        (the LM zoo; default its ``eval_dtype``)."""
+        metric = self.default_metric if metric is None else metric
+        names = self._names(names)
+        scored_names = self._names(scored) if scored is not None else names
+        tv = task_vectors if task_vectors is not None else self.task_vectors(names, **self._vector_options(device))
+        if list(tv.names) != names:
+            raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
+        tasks = self._scored_tasks(scored_names, split, metric)
+        return ModelObjective(self._live_model(tv, device, dtype), tv, tasks, method=method, store=as_store(store),
+                              key=self._store_key(split, metric, dtype), progress=progress, groups=groups)
+
+    # what each zoo says
+    def _names(self, names: Sequence[str] | None) -> list[str]:
+        raise NotImplementedError
+
+    def task_vectors(self, names: Sequence[str] | None = None, **options: Any) -> TaskVectors:
+        raise NotImplementedError
+
+    def _scored_tasks(self, names: Sequence[str], split: str, metric: str) -> dict[str, Any]:
+        """``name -> task`` scoring each of ``names`` on ``split`` by ``metric`` (ValueError naming a bad one)."""
+        raise NotImplementedError
+
+    def _vector_options(self, device: str | torch.device | None) -> dict[str, Any]:
+        """Options of :meth:`task_vectors` for an objective running on ``device``."""
+        raise NotImplementedError
+
+    def _live_model(self, tv: TaskVectors, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+        raise NotImplementedError
+
+    def _store_key(self, split: str, metric: str, dtype: torch.dtype | None) -> str:
+        raise NotImplementedError
+
+
 @dataclass
-class Zoo:
+class Zoo(ZooObjective):
     """A pretrained encoder, fine-tuned encoders (state dicts) and tasks.
 
     Attributes:
@@ -198,46 +262,33 @@ class Zoo:
         """An objective over *preference vectors* ``(K, T)``: accuracies ``(K, T)`` of the dense
         models ``moe.unload(r)`` (results kept in ``store`` under the routers' key)."""
         names = self._names(names)
-        if store is not None and not isinstance(store, EvaluationStore):
-            store = EvaluationStore(store)
         key = json.dumps({"zoo": self.name, "split": split, "data": self.info.get("data_hash", "")})
         tasks = {n: (lambda model, n=n: self.accuracy(model, n, split)) for n in names}
-        return moe.objective(tasks, key=key, store=store, progress=progress)
+        return moe.objective(tasks, key=key, store=as_store(store), progress=progress)
 
-    def objective(
-        self,
-        names: Sequence[str] | None = None,
-        split: str = "val",
-        metric: str = "accuracy",
-        method: str | MergeMethod | None = None,
-        store: EvaluationStore | str | os.PathLike | None = None,
-        task_vectors: TaskVectors | None = None,
-        device: str | torch.device | None = None,
-        progress: bool = True,
-        scored: Sequence[str] | None = None,
-        groups: Groups | None = None,
-    ) -> ModelObjective:
-        """A :class:`ModelObjective` merging the named tasks' vectors and scoring ``scored`` (default:
-        the same tasks): accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``,
-        with results kept in ``store`` (a path or a store); ``groups``: coefficient groups."""
-        names = self._names(names)
-        scored_names = self._names(scored) if scored is not None else names
+    def _scored_tasks(self, names: Sequence[str], split: str, metric: str) -> dict[str, Task]:
+        """``metric``: accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``."""
         if metric not in ("accuracy", "loss"):
             raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
-        tv = task_vectors if task_vectors is not None else self.task_vectors(names, device=device)
-        if list(tv.names) != names:
-            raise ValueError(f"task vectors are for {list(tv.names)}, objective asked for {names}")
         tasks = {}
-        for name in scored_names:
+        for name in names:
             if metric == "accuracy":
                 tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid", metric_name="accuracy")
             else:
                 tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus", metric_name="cross-entropy",
                                    metric_unit="nats")
-        if store is not None and not isinstance(store, EvaluationStore):
-            store = EvaluationStore(store)
-        key = json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
-        return ModelObjective(self.new_encoder(tv.device), tv, tasks, method=method, store=store, key=key, progress=progress, groups=groups)
+        return tasks
+
+    def _vector_options(self, device: str | torch.device | None) -> dict[str, Any]:
+        return {"device": device}  # merged where the objective runs
+
+    def _live_model(self, tv: TaskVectors, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+        if dtype is not None:
+            raise TypeError(f"the {self.name!r} zoo's objective takes no dtype (its encoders are fp32)")
+        return self.new_encoder(tv.device)
+
+    def _store_key(self, split: str, metric: str, dtype: torch.dtype | None) -> str:
+        return json.dumps({"zoo": self.name, "split": split, "metric": metric, "data": self.info.get("data_hash", "")})
 
     def evaluate_coeffs(self, coeffs: np.ndarray, names: Sequence[str] | None = None, split: str = "test", method: str | MergeMethod | None = None,
                         groups: Groups | None = None) -> np.ndarray:

