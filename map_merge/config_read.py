@@ -211,7 +211,13 @@ def _check_settings(config: dict[str, Any], path: Path, fail: Callable[[str, str
         except (ValueError, TypeError) as error:
             raise fail("groups", f"{error}") from None
     bounds = config.get("bounds", [0.0, 1.0])
-    if len(bounds) != 2 or not all(isinstance(b, (int, float)) for b in bounds) or not bounds[0] < bounds[1]:
+    if "bounds" in config:
+        try:  # '-5e-1' is a string in YAML 1.1: read as the number it spells, as the preference is
+            config = {**config, "bounds": [parse_number(b) for b in bounds]}
+        except ValueError as error:
+            raise fail("bounds", f"must be [low, high] with low < high: {error} (in {bounds!r})") from None
+        bounds = config["bounds"]
+    if len(bounds) != 2 or not bounds[0] < bounds[1]:
         raise fail("bounds", f"must be [low, high] with low < high, got {bounds!r}")
     specs = isinstance(config.get("tasks"), dict)
     if "tasks" in config and (not config["tasks"] or not all(isinstance(t, str) for t in config["tasks"])):

@@ -265,3 +265,20 @@ def test_ctrl_c_reports_the_stored_evaluations_and_how_to_resume(own, capsys, mo
     assert main(["save", "--config", str(config), "--coeffs", "0.5,0.5", "--out", str(folder / "pick.safetensors")]) == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert not (folder / "pick.safetensors").exists() and not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_ctrl_c_after_the_save_says_the_model_was_saved(own, capsys, monkeypatch):
+    """save prints its report block after the model is written (an evaluation: minutes for a
+    language model); a Ctrl-C then must not claim that nothing was written (the user would save
+    again and meet 'already exists'): it names the saved folder."""
+    folder, config, _ = own
+    import map_merge.cli.report as report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "save_report", interrupted)
+    assert main(["save", "--config", str(config), "--coeffs", "0.5,0.5", "--out", str(folder / "pick")]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written" not in err and f"the merged model was saved to {folder / 'pick'}" in err, err
+    assert load_file(str(folder / "pick" / "model.safetensors"))["weight"].tolist() == [[0.5, 0.5]]

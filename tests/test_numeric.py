@@ -54,3 +54,13 @@ def test_a_missing_pretrained_asks_for_no_evaluator_when_tasks_score(tmp_path):
     path.write_text(json.dumps({"finetuned": {"a": "a"}}))
     with pytest.raises(ConfigError, match="field 'pretrained' is required.*'evaluator'"):  # without specs: still named
         load_config(path)
+
+
+def test_bounds_read_numbers_as_the_preference_does(tmp_path):
+    """The config's own numbers use the one parser: 'bounds: [-5e-1, 1.5]' (a string in YAML 1.1)
+    is -0.5; a word is named as a string; a boolean is no bound."""
+    assert load_config(_config(tmp_path, "bounds: [-5e-1, 1.5]\n"))["bounds"] == [-0.5, 1.5]
+    with pytest.raises(ConfigError, match=r"field 'bounds' must be \[low, high\].*the string 'big'"):
+        load_config(_config(tmp_path, "bounds: [0, big]\n"))
+    with pytest.raises(ConfigError, match=r"field 'bounds' must be \[low, high\].*a boolean"):
+        load_config(_config(tmp_path, "bounds: [false, 1]\n"))

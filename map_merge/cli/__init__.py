@@ -70,6 +70,12 @@ def _interrupted(args: argparse.Namespace, argv: list[str]) -> str:
     from ..store import EvaluationStore
 
     store = getattr(args, "store_path", None)
+    saved = getattr(args, "saved", None)
+    if saved is not None:  # save, interrupted while it wrote the recipe or evaluated the saved model
+        recipe = getattr(args, "saved_recipe", None)
+        wrote = f" and the mergekit recipe to {recipe}" if recipe is not None else (
+            "; the mergekit recipe was not written" if getattr(args, "emit_mergekit", None) else "")
+        return f"map-merge {args.command}: interrupted; the merged model was saved to {saved} (complete){wrote}; the report block was not printed"
     if store is None:
         return f"map-merge {args.command}: interrupted; nothing was written (temporary files are removed)"
     try:

@@ -93,9 +93,11 @@ def cmd_save(args: argparse.Namespace) -> int:
 
         warn_dtype(source.settings, tv)
     path = tv.save_merged(out, coeffs, method=method, model=model, overwrite=args.overwrite, groups=groups)
+    args.saved = path  # what a Ctrl-C from here on reports
     print(f"saved merged model to {path}")
     if recipe is not None:
         write_recipe(recipe, emit)
+        args.saved_recipe = emit
         print(f"wrote the mergekit recipe {args.emit_mergekit}")
     if config:
         _print_block(config, override, coeffs, picked, path, args)

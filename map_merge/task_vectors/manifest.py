@@ -3,17 +3,21 @@
 Every folder map_merge writes into keeps, in its ``map_merge.json`` (beside a merged model's
 coefficients and sources), a manifest of the entries it wrote there::
 
-    "_manifest": {"kind": "folder", "tag": "<pid>-<hex>", "entries": ["config.json", "model.safetensors", ...]}
+    "_manifest": {"kind": "folder", "tag": "<pid>-<hex>", "entries": ["config.json", "model.safetensors", ...],
+                  "stats": {"config.json": [size, mtime_ns], ...}}
 
 ``kind``: ``"folder"``, a folder saved whole (a merged model, an adapter; ``entries``: every file
 and folder in it, as relative paths); ``"run"``, a command line run's output folder (its results
 beside the evaluation store: never a save destination); ``"files"``, a folder map_merge wrote
 single files into (a ``.safetensors``, a recipe). ``tag``: the save that wrote a whole folder.
+``stats``: each file's size and modification time as map_merge left it (renames keep both).
 
 An existing path may be replaced only when map_merge wrote it: a file that its folder's manifest
-lists, a folder whose every entry its own manifest lists. Anything else in the way (a user's
-notes, another tool's model, an evaluation store, a config, a folder saved by a map_merge that
-kept no manifest) is never replaced nor deleted: the save is refused, naming it.
+lists, unchanged since (its recorded size and modification time), a folder whose every entry its
+own manifest lists so. Anything else in the way (a user's notes, another tool's model, an
+evaluation store, a config, a folder saved by a map_merge that kept no manifest, a file a user
+rewrote under a name map_merge wrote: ``save_pretrained`` into a merged folder) is never replaced
+nor deleted: the save is refused, naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "read_manifest", "write_manifest", "record", "mark_run", "unlisted", "check_ours", "entries_of"]
+__all__ = ["MANIFEST", "read_manifest", "write_manifest", "record", "mark_run", "unlisted", "check_ours", "entries_of",
+           "file_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +58,39 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def write_manifest(folder: Path, kind: str, entries: Iterable[str], tag: str | None = None) -> bool:
+def _stat(path: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of the file ``path`` (a link itself, not followed); None for a folder or nothing."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return None
+    return None if path.is_dir() and not path.is_symlink() else [info.st_size, info.st_mtime_ns]
+
+
+def file_stats(folder: Path, names: Iterable[str]) -> dict[str, list[int]]:
+    """``name -> [size, mtime_ns]`` of the files ``names`` (relative paths) in ``folder`` as they are now."""
+    out = {}
+    for name in names:
+        stat = _stat(folder / name)
+        if stat is not None:
+            out[name] = stat
+    return out
+
+
+def write_manifest(folder: Path, kind: str, entries: Iterable[str], tag: str | None = None,
+                   stats: dict[str, list[int]] | None = None) -> bool:
     """Write ``folder``'s manifest into its ``map_merge.json`` (other keys kept; written beside,
-    flushed to disk, renamed into place). A ``map_merge.json`` that is no JSON object is not
-    map_merge's and is left alone (returns False: nothing recorded)."""
+    flushed to disk, renamed into place). ``stats``: the files' recorded sizes and times (default:
+    every entry's, as it is now). A ``map_merge.json`` that is no JSON object is not map_merge's and
+    is left alone (returns False: nothing recorded)."""
     payload = _read_json(folder)
     if payload is None:
         log.warning("%s is not map_merge's (no JSON object): what map_merge wrote in %s is not recorded", folder / MANIFEST, folder)
         return False
-    payload[_KEY] = {"kind": kind, "entries": sorted(set(entries)), **({"tag": tag} if tag is not None else {})}
+    entries = sorted(set(entries))
+    stats = file_stats(folder, entries) if stats is None else stats
+    payload[_KEY] = {"kind": kind, "entries": entries, **({"tag": tag} if tag is not None else {}),
+                     "stats": {name: stats[name] for name in entries if name in stats}}
     temp = folder / f".{MANIFEST}.partial-{os.getpid()}"
     try:
         with open(temp, "w") as handle:
@@ -78,9 +107,11 @@ def write_manifest(folder: Path, kind: str, entries: Iterable[str], tag: str | N
 def record(folder: Path, names: Iterable[str], kind: str = "files") -> None:
     """Add ``names`` (entries map_merge just wrote in ``folder``) to its manifest; ``kind`` for a
     new manifest (an existing one keeps its own, except that ``"run"`` always wins)."""
+    names = list(names)
     manifest = read_manifest(folder) or {"kind": kind, "entries": []}
     new_kind = "run" if kind == "run" else manifest.get("kind", kind)
-    write_manifest(folder, new_kind, [*manifest["entries"], *names], manifest.get("tag"))
+    kept = {name: stat for name, stat in _stats_of(manifest).items() if name not in names}  # never re-stamp a file it did not write now
+    write_manifest(folder, new_kind, [*manifest["entries"], *names], manifest.get("tag"), {**kept, **file_stats(folder, names)})
 
 
 def mark_run(folder: Path) -> None:
@@ -98,20 +129,35 @@ def entries_of(folder: Path) -> list[str]:
     return [name for name in out if name != MANIFEST]
 
 
+def _stats_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    stats = manifest.get("stats")
+    return stats if isinstance(stats, dict) else {}
+
+
+def _ours(manifest: dict[str, Any] | None, name: str, path: Path) -> bool:
+    """Whether ``manifest`` lists ``name`` (the file ``path``) and the file is as map_merge left it
+    (a manifest of no ``stats``, written before they were kept: the name alone)."""
+    if manifest is None or name not in manifest["entries"]:
+        return False
+    recorded = _stats_of(manifest).get(name)
+    return recorded is None or _stat(path) == list(recorded)
+
+
 def unlisted(path: Path) -> list[Path]:
     """What of an existing ``path`` map_merge did not write: ``[path]`` for a file its folder's
-    manifest does not list; for a folder, each entry its own manifest does not list (a folder
-    not listed counts as one entry)."""
+    manifest does not list (or that changed since it was written); for a folder, each entry its
+    own manifest does not list so (a folder not listed counts as one entry)."""
     if path.is_symlink() or not path.is_dir():
-        manifest = read_manifest(path.parent)
-        return [] if manifest is not None and path.name in manifest["entries"] else [path]
+        return [] if _ours(read_manifest(path.parent), path.name, path) else [path]
     manifest = read_manifest(path)
     listed = set(manifest["entries"]) if manifest is not None else set()
     out = []
     for root, dirs, files in os.walk(path):
         base = Path(root).relative_to(path)
         for name in sorted(files):
-            if (base / name).as_posix() not in listed and not (base == Path(".") and name == MANIFEST and manifest is not None):
+            if base == Path(".") and name == MANIFEST and manifest is not None:
+                continue
+            if not _ours(manifest, (base / name).as_posix(), Path(root) / name):
                 out.append(Path(root) / name)
         stray = [name for name in dirs if (base / name).as_posix() not in listed]
         out += [Path(root) / name for name in sorted(stray)]
@@ -134,9 +180,10 @@ def check_ours(path: Path, shown: Path) -> None:
         return
     if foreign == [path]:
         raise FileExistsError(f"refusing to replace {shown}: map_merge did not write it (the manifest in the {MANIFEST} beside it "
-                              "does not list it); overwrite replaces only what map_merge wrote. Move it away or choose another "
-                              "destination")
+                              "does not list it, or it changed since map_merge wrote it); overwrite replaces only what map_merge "
+                              "wrote. Move it away or choose another destination")
     names = ", ".join(str(item.relative_to(path)) for item in foreign[:_SHOWN]) + (", ..." if len(foreign) > _SHOWN else "")
     raise FileExistsError(f"refusing to replace {shown}: it holds {len(foreign)} item(s) map_merge did not write ({names}: "
-                          f"the manifest in its {MANIFEST} does not list them); overwrite replaces only what map_merge wrote "
+                          f"the manifest in its {MANIFEST} does not list them, or they changed since map_merge wrote them); "
+                          "overwrite replaces only what map_merge wrote "
                           "there. Move them away or choose another folder")

@@ -178,8 +178,9 @@ def _fsync_tree(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (a new folder when ``folder``, else a file path) to
-    write into; on success flush it to disk and rename it into place (replacing what was there),
-    on any error or interrupt remove it. A folder gets its manifest (every entry listed, see
+    write into; on success flush it to disk and rename it into place (replacing what was there,
+    checked again right before: what appeared there meanwhile and is not map_merge's is never
+    replaced, :class:`FileExistsError`), on any error or interrupt remove it. A folder gets its manifest (every entry listed, see
     :mod:`.manifest`); a file is added to its folder's manifest.
 
     An existing *empty* folder is kept (its permissions, ownership, a volume mounted there): the
@@ -199,6 +200,7 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
         if folder:
             write_manifest(temp, "folder", entries_of(temp), tag)
         _fsync_tree(temp)
+        _check_still_free(target, temp if into_empty else None, Path(path))
         if into_empty:
             _move_up(temp, target)
             _fsync(target)
@@ -220,6 +222,20 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
     finally:
         if temp.exists() or temp.is_symlink():
             _remove(temp)
+
+
+def _check_still_free(target: Path, inside: Path | None, shown: Path) -> None:
+    """Right before the renames: refuse (FileExistsError / ValueError, nothing replaced) when what
+    is at ``target`` now is not all map_merge's (:func:`.manifest.check_ours`): someone (the user,
+    another process) put it there while this save wrote its temporary. ``inside``: the temporary
+    a save into an empty folder writes in it (the folder must hold nothing else)."""
+    if inside is not None:
+        others = sorted(item.name for item in target.iterdir() if item != inside)
+        if others:
+            raise FileExistsError(f"refusing to save into {shown}: {len(others)} item(s) appeared in it while this save ran "
+                                  f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); nothing was replaced")
+    elif target.exists() or target.is_symlink():
+        check_ours(target, shown)
 
 
 def _move_up(temp: Path, target: Path) -> None:
