@@ -25,3 +25,22 @@ def test_auto_model_with_fewer_evaluations_than_cross_validation_needs_uses_the_
     assert result.settings["model"] == "gp"
     pick = result.select([1.0, 1.0])
     assert np.all(np.isfinite(pick))
+
+
+class _Constant:
+    def __init__(self, value):
+        self.value = value
+
+    def predict(self, coeffs):
+        return np.full((len(coeffs), 2), self.value)
+
+
+def test_cross_validation_scores_a_model_predicting_nan_as_inf_so_it_never_wins():
+    from map_merge.model_choice import cross_validated_errors
+
+    coeffs = qmc_design(2, 10, seed=0)
+    metrics = two_bowls(coeffs)
+    errors = cross_validated_errors(coeffs, metrics, {"nan": lambda c, m: _Constant(np.nan),
+                                                      "mean": lambda c, m: _Constant(float(metrics.mean()))})
+    assert errors["nan"] == float("inf") and np.isfinite(errors["mean"])
+    assert min(errors, key=lambda name: (errors[name], name)) == "mean"
