@@ -140,6 +140,9 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     if include is not None:
         initial = max(initial, min(budget, len(np.atleast_2d(include)) + 2))
     preferences = estimator.preferences
+    declared = len(names) if names is not None else None
+    if preferences is not None and declared is not None and preferences.shape[1] != declared:  # before any evaluation
+        raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {declared} metrics")
     final = (0 if preferences is None else len(preferences)) if estimator.final is None else int(estimator.final)
     final = min(final, budget - initial)
     if initial < 2:

@@ -44,3 +44,18 @@ def test_cross_validation_scores_a_model_predicting_nan_as_inf_so_it_never_wins(
                                                       "mean": lambda c, m: _Constant(float(metrics.mean()))})
     assert errors["nan"] == float("inf") and np.isfinite(errors["mean"])
     assert min(errors, key=lambda name: (errors[name], name)) == "mean"
+
+
+def test_preferences_of_the_wrong_length_are_refused_before_any_evaluation():
+    import pytest
+
+    calls = []
+
+    def counted(c):
+        calls.append(len(np.atleast_2d(c)))
+        return two_bowls(c)
+
+    objective = mm.FunctionObjective(counted, 2, ["a", "b"])
+    with pytest.raises(ValueError, match="preferences have 3 entries but the objective returns 2"):
+        mm.MAP(budget=8, preferences=[1, 1, 1]).fit(objective, 2)
+    assert calls == []
