@@ -232,8 +232,9 @@ class MAP:
         self.initial = initial
         self.batch = batch
         self.preferences = None if preferences is None else np.atleast_2d(np.asarray(preferences, dtype=np.float64))
-        if self.preferences is not None and ((self.preferences < 0).any() or not (self.preferences.sum(axis=1) > 0).all()):
-            raise ValueError(f"preferences must be non-negative rows, none all zero; got {self.preferences.tolist()}")
+        if self.preferences is not None and (not np.isfinite(self.preferences).all() or (self.preferences < 0).any()
+                                             or not (self.preferences.sum(axis=1) > 0).all()):
+            raise ValueError(f"preferences must be finite non-negative rows, none all zero; got {self.preferences.tolist()}")
         self.final = final
         self.noise = noise
         self.bounds = (float(bounds[0]), float(bounds[1]))

@@ -59,3 +59,11 @@ def test_preferences_of_the_wrong_length_are_refused_before_any_evaluation():
     with pytest.raises(ValueError, match="preferences have 3 entries but the objective returns 2"):
         mm.MAP(budget=8, preferences=[1, 1, 1]).fit(objective, 2)
     assert calls == []
+
+
+def test_infinite_preferences_are_refused_when_map_is_made():
+    import pytest
+
+    # [inf, 1] normalised is [nan, 0]: it used to pass the constructor and fail after the evaluations
+    with pytest.raises(ValueError, match="finite non-negative rows"):
+        mm.MAP(budget=8, preferences=[[np.inf, 1.0]])
