@@ -162,6 +162,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
             if done_y.shape[1] < 2:
                 raise ValueError("adaptive sampling trades off at least 2 metrics; with one, use MAP(sampling='design')")
             state["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
+            if names is not None and len(names) != done_y.shape[1]:  # now, not once the whole budget is spent
+                raise ValueError(f"got {len(names)} task names for {done_y.shape[1]} metrics")
         state["model"] = GPModel(done_x, done_y, bounds, noise=noise, warm_start=state.get("model"))
         return state["model"]
 

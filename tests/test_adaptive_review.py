@@ -67,3 +67,17 @@ def test_infinite_preferences_are_refused_when_map_is_made():
     # [inf, 1] normalised is [nan, 0]: it used to pass the constructor and fail after the evaluations
     with pytest.raises(ValueError, match="finite non-negative rows"):
         mm.MAP(budget=8, preferences=[[np.inf, 1.0]])
+
+
+def test_task_names_of_the_wrong_length_stop_the_run_after_the_starting_design():
+    import pytest
+
+    calls = []
+
+    def counted(c):
+        calls.append(len(np.atleast_2d(c)))
+        return two_bowls(c)
+
+    with pytest.raises(ValueError, match="got 3 task names for 2 metrics"):
+        mm.MAP(budget=12, initial=6).fit(counted, 2, task_names=["a", "b", "c"])
+    assert sum(calls) == 6  # the starting design only, not the whole budget of 12
