@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .designs import default_num_samples, make_design, with_points
+from .designs import default_num_samples, make_design, num_quadratic_params, with_points
 from .pareto import check_senses
 from .result import MAPResult, Samples, call_objective
 
@@ -135,6 +135,9 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     from .gp_model import GPModel
 
     budget = default_num_samples(num_coeffs) if estimator.budget is None else int(estimator.budget)
+    if estimator.model in ("quadratic", "quadratic+gp") and budget < num_quadratic_params(num_coeffs):  # before any evaluation
+        raise ValueError(f"model={estimator.model!r} fits a quadratic in {num_coeffs} coefficients, which has "
+                         f"{num_quadratic_params(num_coeffs)} parameters: budget={budget} is too few (or use model='auto' or 'gp')")
     initial = default_initial(num_coeffs) if estimator.initial is None else int(estimator.initial)
     initial = min(initial, budget)
     if include is not None:

@@ -81,3 +81,18 @@ def test_task_names_of_the_wrong_length_stop_the_run_after_the_starting_design()
     with pytest.raises(ValueError, match="got 3 task names for 2 metrics"):
         mm.MAP(budget=12, initial=6).fit(counted, 2, task_names=["a", "b", "c"])
     assert sum(calls) == 6  # the starting design only, not the whole budget of 12
+
+
+def test_an_explicit_quadratic_model_with_too_small_a_budget_is_refused_before_any_evaluation():
+    import pytest
+
+    calls = []
+
+    def counted(c):
+        calls.append(len(np.atleast_2d(c)))
+        return two_bowls(c)
+
+    for model in ("quadratic", "quadratic+gp"):  # a quadratic in T = 2 has (3 * 4) / 2 = 6 parameters
+        with pytest.raises(ValueError, match="6 parameters: budget=5 is too few"):
+            mm.MAP(budget=5, model=model, link="identity").fit(counted, 2)
+    assert calls == []
