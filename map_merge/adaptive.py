@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .designs import default_num_samples, make_design, with_points
+from .designs import default_num_samples, make_design, num_quadratic_params, with_points
 from .pareto import check_senses
 from .result import MAPResult, Samples, call_objective
 
@@ -135,11 +135,17 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     from .gp_model import GPModel
 
     budget = default_num_samples(num_coeffs) if estimator.budget is None else int(estimator.budget)
+    if estimator.model in ("quadratic", "quadratic+gp") and budget < num_quadratic_params(num_coeffs):  # before any evaluation
+        raise ValueError(f"model={estimator.model!r} fits a quadratic in {num_coeffs} coefficients, which has "
+                         f"{num_quadratic_params(num_coeffs)} parameters: budget={budget} is too few (or use model='auto' or 'gp')")
     initial = default_initial(num_coeffs) if estimator.initial is None else int(estimator.initial)
     initial = min(initial, budget)
     if include is not None:
         initial = max(initial, min(budget, len(np.atleast_2d(include)) + 2))
     preferences = estimator.preferences
+    declared = len(names) if names is not None else None
+    if preferences is not None and declared is not None and preferences.shape[1] != declared:  # before any evaluation
+        raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {declared} metrics")
     final = (0 if preferences is None else len(preferences)) if estimator.final is None else int(estimator.final)
     final = min(final, budget - initial)
     if initial < 2:
@@ -159,6 +165,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
             if done_y.shape[1] < 2:
                 raise ValueError("adaptive sampling trades off at least 2 metrics; with one, use MAP(sampling='design')")
             state["senses"] = check_senses(getattr(objective, "senses", None), done_y.shape[1])
+            if names is not None and len(names) != done_y.shape[1]:  # now, not once the whole budget is spent
+                raise ValueError(f"got {len(names)} task names for {done_y.shape[1]} metrics")
         state["model"] = GPModel(done_x, done_y, bounds, noise=noise, warm_start=state.get("model"))
         return state["model"]
 

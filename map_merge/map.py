@@ -136,8 +136,8 @@ class MAP:
             without ``budget``, or ``final_model``, is given, as in earlier versions; else
             ``"adaptive"``).
         num_samples: the design's size (``sampling="design"``; same as ``budget``).
-        initial: adaptive: size of the starting design (default ``T + max(3, T)``: the T experts
-            and ``max(3, T)`` Sobol points).
+        initial: adaptive: size of the starting design (default ``max(6, 2T)``: for a merge the
+            T experts and Sobol points, for a black box Sobol points alone; never above ``budget``).
         batch: adaptive, synchronous: points proposed per round (default 1).
         preferences: ``(P, M)`` or ``(M,)`` preferences the user will pick for: the last
             ``final`` evaluations go to the model's picks for them.
@@ -167,7 +167,8 @@ class MAP:
             ``"quadratic"`` (the authors') or ``"auto"`` (the adaptive default: ``"gp"`` or
             ``"quadratic+gp"``, whichever predicts held-out evaluations better in 5-fold
             cross-validation, :mod:`~map_merge.model_choice`; ``"gp"`` while a fold's quadratic
-            would have fewer than ``P + 1`` points). ``result.settings["model"]`` names the one used.
+            would have fewer than ``P + 1`` points, or with fewer than 10 evaluations).
+            ``result.settings["model"]`` names the one used.
         final_model: the older name of ``model``: ``"gp"`` means ``"quadratic+gp"``.
         asynchronous: adaptive: ``"auto"`` (default) keeps an executor's ``W > 1`` workers busy
             (one proposal per finished evaluation, pending points fantasised); ``True`` /
@@ -231,8 +232,9 @@ class MAP:
         self.initial = initial
         self.batch = batch
         self.preferences = None if preferences is None else np.atleast_2d(np.asarray(preferences, dtype=np.float64))
-        if self.preferences is not None and ((self.preferences < 0).any() or not (self.preferences.sum(axis=1) > 0).all()):
-            raise ValueError(f"preferences must be non-negative rows, none all zero; got {self.preferences.tolist()}")
+        if self.preferences is not None and (not np.isfinite(self.preferences).all() or (self.preferences < 0).any()
+                                             or not (self.preferences.sum(axis=1) > 0).all()):
+            raise ValueError(f"preferences must be finite non-negative rows, none all zero; got {self.preferences.tolist()}")
         self.final = final
         self.noise = noise
         self.bounds = (float(bounds[0]), float(bounds[1]))
@@ -347,8 +349,8 @@ class MAP:
         from .model_choice import FOLDS, cross_validated_errors
 
         num_coeffs = samples.coeffs.shape[1]
-        if len(samples) * (FOLDS - 1) < (num_quadratic_params(num_coeffs) + 1) * FOLDS:  # a fold's quadratic needs P + 1 points
-            return "gp", None
+        if len(samples) < 2 * FOLDS or len(samples) * (FOLDS - 1) < (num_quadratic_params(num_coeffs) + 1) * FOLDS:
+            return "gp", None  # too few for cross-validation (2 per fold), or a fold's quadratic would have under P + 1 points
         links = resolve_links("auto" if self.link == "loo" else self.link, objective, samples.metrics.shape[1])
 
         def residual(coeffs: np.ndarray, metrics: np.ndarray) -> ResidualGPModel:

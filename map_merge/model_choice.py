@@ -28,7 +28,8 @@ def cross_validated_errors(coeffs: np.ndarray, metrics: np.ndarray, builders: Ma
     with ``predict(coeffs) -> (K, M)``. The N evaluations are cut into ``folds`` shuffled folds; each
     model is fitted on all folds but one and predicts that one. The error is the mean squared
     held-out error of each metric divided by that metric's variance, averaged over metrics (0 is
-    perfect, about 1 is no better than the mean). A model whose fit fails scores ``inf``."""
+    perfect, about 1 is no better than the mean). A model whose fit fails, or that predicts NaN/inf,
+    scores ``inf``."""
     coeffs = np.asarray(coeffs, dtype=np.float64)
     metrics = np.asarray(metrics, dtype=np.float64)
     num = len(coeffs)
@@ -50,5 +51,6 @@ def cross_validated_errors(coeffs: np.ndarray, metrics: np.ndarray, builders: Ma
         except (ValueError, RuntimeError, np.linalg.LinAlgError):
             errors[name] = float("inf")
             continue
-        errors[name] = float(np.mean(squared / num / scale))
+        error = float(np.mean(squared / num / scale))
+        errors[name] = error if np.isfinite(error) else float("inf")  # a NaN/inf prediction loses (NaN would win min())
     return errors
