@@ -189,6 +189,9 @@ def _check_settings(config: dict[str, Any], path: Path, fail: Callable[[str, str
     for key in ("num_samples", "budget", "samples_per_stage", "moe_steps"):
         if key in config and config[key] < 1:
             raise fail(key, f"must be a positive integer, got {config[key]!r}")
+    if "budget" in config and "num_samples" in config and config["budget"] != config["num_samples"]:
+        raise fail("num_samples", f"is the older name of budget; they disagree (budget {config['budget']}, "
+                   f"num_samples {config['num_samples']}): give one")
     if "preference" in config:
         try:  # '1e-1' is a string in YAML 1.1: read as the number it spells
             config = {**config, "preference": [parse_number(v) for v in config["preference"]]}

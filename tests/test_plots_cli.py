@@ -39,6 +39,7 @@ def test_plots_write_pngs(tmp_path):
         ("zoo: vision\nacquisition: ucb\n", "field 'acquisition' must be one of"),
         ("zoo: vision\nmoe_steps: 0\n", "field 'moe_steps' must be a positive integer"),
         ("zoo: vision\npreference: [0, 0]\n", "field 'preference'"),
+        ("zoo: vision\nbudget: 12\nnum_samples: 16\n", "field 'num_samples' is the older name of budget; they disagree"),
     ],
 )
 def test_config_errors_name_the_field(tmp_path, text, message):
