@@ -130,8 +130,33 @@ def summarize(out: Path) -> Path:
             lines.append(f"| {payload['label']} | {payload['tasks']} | {payload['budget']} | {s['method']} | {hv} | {regret} | "
                          f"{s['propose_s_mean']:.0f} | {median} |")
     target = out / "fronts_table.md"
-    target.write_text("\n".join(lines) + "\n")
+    target.write_text("\n".join(lines) + "\n\n" + wide_table(out) + "\n")
     return target
+
+
+def wide_table(out: Path) -> str:
+    """One row per method, one column per problem: ``HV ratio / pick regret`` means, the best of
+    each column in bold (the README's peer table)."""
+    settings, cells, methods = [], {}, []
+    for path in sorted(out.glob("fronts_*_T*.json"), key=lambda p: (p.stem.rsplit("_T", 1)[0], int(p.stem.rsplit("_T", 1)[1]))):
+        payload = json.loads(path.read_text())
+        if "summary" not in payload or payload.get("version") != 3:
+            continue
+        column = f"{payload['label']} T={payload['tasks']} (B={payload['budget']})"
+        settings.append(column)
+        budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
+        best_hv = max(s["hv_ratio_mean"] for s in budgeted)
+        best_regret = min(s.get("pick_regret_mean", np.inf) for s in budgeted)
+        for s in budgeted:
+            if s["method"] not in methods:
+                methods.append(s["method"])
+            hv, regret = s["hv_ratio_mean"], s.get("pick_regret_mean", np.nan)
+            hv_text = f"**{hv:.3f}**" if hv == best_hv else f"{hv:.3f}"
+            regret_text = f"**{regret:.2g}**" if regret == best_regret else f"{regret:.2g}"
+            cells[s["method"], column] = f"{hv_text} / {regret_text}"
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]
+    return "\n".join(lines)
 
 
 def main() -> None:
