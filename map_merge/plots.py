@@ -139,13 +139,22 @@ def plot_front_2d(
         _draw_front_2d(ax, fronts, names, samples, reference, i, j, lines, reference_label, senses)
         for mark, style in marked:
             ax.scatter(mark.metrics[:, i], mark.metrics[:, j], **{**style, "label": None})
-        focus = np.asarray(reference, dtype=np.float64)[:, [i, j]]
-        if pick is not None:
-            focus = np.concatenate([focus, pick.metrics[:, [i, j]]])
+        focus = _focus(np.asarray(reference, dtype=np.float64)[:, [i, j]], None if pick is None else pick.metrics[:, [i, j]])
         _zoom(ax, focus, main.get_xlim(), main.get_ylim())
-        ax.set_title("zoom on the reference front" + (" and the pick" if pick is not None else ""), fontsize=9)
+        ax.set_title("zoom on the pick and the reference front near it" if pick is not None else "zoom on the reference front", fontsize=9)
     legend(fig, main)
     return save(fig, path)
+
+
+def _focus(reference: np.ndarray, pick: np.ndarray | None, radius: float = 0.25) -> np.ndarray:
+    """The points ``(N, 2)`` a zoom frames: the reference front near the pick (within ``radius``
+    of the front's range, so that a front spanning the whole plot still zooms) and the pick; the
+    whole reference front without a pick."""
+    if pick is None:
+        return reference
+    span = np.where(np.ptp(reference, axis=0) > 0, np.ptp(reference, axis=0), 1.0)
+    near = np.sqrt((((reference - pick.mean(axis=0)) / span) ** 2).sum(axis=1)) <= radius
+    return np.concatenate([reference[near] if near.sum() >= 2 else reference, pick])
 
 
 def _zoom(ax, focus: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float]) -> None:

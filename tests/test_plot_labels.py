@@ -239,3 +239,19 @@ def test_cli_front_marks_the_pick_and_a_recipe_outside_the_box(tmp_path, monkeyp
     assert "your recipe (evaluated) (c = 0.4, 1.6)" in texts and any(t.startswith("your pick (predicted), preference (1, 1)") for t in texts)
     np.testing.assert_allclose(_offsets_of(ax, "your recipe (evaluated) (c = 0.4, 1.6)"), recipe[None])
     assert _inside(ax, recipe)
+
+
+def test_zoom_frames_the_pick_when_the_reference_front_spans_the_whole_plot():
+    """A quarter circle from (0, 1) to (1, 0) spans the main panel; the pick sits at its middle:
+    the zoom frames the arc near the pick (within a quarter of the front's range), so each of its
+    axes is at most about half the main panel's."""
+    angle = np.linspace(0, np.pi / 2, 200)
+    reference = np.column_stack([1 - np.cos(angle), 1 - np.sin(angle)])  # losses: lower is better, convex front
+    middle = reference[100]
+    pick = Mark(middle[None], np.array([0.5, 0.5]), "pick")
+    fig = plots.plot_front_2d({"front": reference}, reference=reference, labels=LOSS[:2], pick=pick, zoom=True)
+    main, zoomed = fig.axes
+    (x0, x1), (y0, y1) = main.get_xlim(), main.get_ylim()
+    (u0, u1), (v0, v1) = zoomed.get_xlim(), zoomed.get_ylim()
+    assert u0 < middle[0] < u1 and v0 < middle[1] < v1  # the pick is in view
+    assert (u1 - u0) < 0.55 * (x1 - x0) and (v1 - v0) < 0.55 * (y1 - y0)  # and the zoom zooms
