@@ -109,3 +109,21 @@ def test_the_manifest_temporary_of_a_killed_save_is_removed_by_the_next_save(sou
     with pytest.raises(FileExistsError, match="partial"):
         tv.save_merged(root / "merged", [1.0], overwrite=True)
     assert live.exists()
+
+
+@pytest.mark.parametrize("content, what", [(b"", "empty"), (b"no pickle at all" * 4, "garbage"), (None, "a dict of epochs")])
+@pytest.mark.parametrize("storage", ["dense", "streamed"])
+def test_a_bad_pytorch_checkpoint_is_refused_naming_the_file(sources, content, what, storage):
+    """An empty or corrupt .bin / .pt (an interrupted download) raised a bare EOFError (no message,
+    no file) or torch's UnpicklingError, which the command line printed as a traceback; a pickle that
+    is no state dict (a training checkpoint) failed later with an unrelated error."""
+    from map_merge.task_vectors.checkfile import CheckpointFileError
+
+    root, _ = sources
+    bad = root / "bad.pt"
+    if content is None:
+        torch.save({"epoch": 3, "state_dict": {"w": torch.zeros(2)}}, bad)
+    else:
+        bad.write_bytes(content)
+    with pytest.raises(CheckpointFileError, match=r"bad\.pt is not a PyTorch state dict"):
+        mm.TaskVectors.from_models(root / "base", [bad], storage=storage)
