@@ -16,20 +16,21 @@ RESULTS = ("result.json", "front.png", "merged", "mergekit.yaml", "report.md", "
 """What a run writes into 'out' (the evaluation store stays)."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> None:
     """``write(temporary path)`` then rename into place (a crash leaves the old file or none; the
-    file is added to its folder's manifest of what map_merge wrote)."""
+    file is added to its folder's manifest of what map_merge wrote; ``overwrite=False``: a file
+    that appeared there meanwhile is kept, :class:`FileExistsError`)."""
     from ..task_vectors.saving import atomic_path
 
-    with atomic_path(path, folder=False) as temp:
+    with atomic_path(path, folder=False, overwrite=overwrite) as temp:
         write(temp)
 
 
-def write_recipe(recipe: dict[str, Any], path: Path) -> Path:
+def write_recipe(recipe: dict[str, Any], path: Path, overwrite: bool = True) -> Path:
     """A mergekit recipe (from ``TaskVectors.mergekit_config``) as a YAML file ``mergekit-yaml`` reads."""
     from ..mergekit_config import recipe_yaml
 
-    atomic_write(path, lambda temp: temp.write_text(recipe_yaml(recipe)))
+    atomic_write(path, lambda temp: temp.write_text(recipe_yaml(recipe)), overwrite)
     return path
 
 
@@ -46,4 +47,4 @@ def check_out(config: dict[str, Any], out: Path, overwrite: bool, emit_mergekit:
                               "them (the evaluation store is kept and reused either way), or choose another 'out'")
     # out/mergekit.yaml may be the recipe this run reads (a rerun of an emitted pick)
     for name in ("result.json", "front.png", "merged", "report.md", "report.json") + (("mergekit.yaml",) if emit_mergekit else ()):
-        check_destination(out / name, source_paths(config), overwrite=True, inputs=run_inputs(config))
+        check_destination(out / name, source_paths(config), overwrite=True, inputs=run_inputs(config), run_results=True)

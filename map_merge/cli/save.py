@@ -96,7 +96,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     args.saved = path  # what a Ctrl-C from here on reports
     print(f"saved merged model to {path}")
     if recipe is not None:
-        write_recipe(recipe, emit)
+        write_recipe(recipe, emit, args.overwrite)
         args.saved_recipe = emit
         print(f"wrote the mergekit recipe {args.emit_mergekit}")
     if config:

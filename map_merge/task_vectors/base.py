@@ -365,10 +365,10 @@ class TaskVectors:
         with _save_bar(sum(size for _, size in sizes), Path(path).name, progress) as bar:
             pieces = _counted(self._output_pieces(matrix, method, groups), bar)
             if target.suffix == ".safetensors":
-                with atomic_path(target, folder=False) as temp:
+                with atomic_path(target, folder=False, overwrite=overwrite) as temp:
                     write_safetensors(temp, entries, pieces, header_meta, atomic=False)
                 return Path(path)
-            with atomic_path(target, folder=True) as temp:
+            with atomic_path(target, folder=True, overwrite=overwrite) as temp:
                 self._write_shards(temp, entries, sizes, _Peekable(pieces), header_meta, max_shard_size, bar)
                 base = self._base_weights()
                 config = base.config if base.config is not None else getattr(model, "config", None)

@@ -29,13 +29,16 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST", "read_manifest", "write_manifest", "record", "mark_run", "unlisted", "check_ours", "entries_of",
-           "file_stats"]
+__all__ = ["MANIFEST", "RUN_RESULTS", "read_manifest", "write_manifest", "record", "mark_run", "unlisted", "check_ours", "entries_of",
+           "file_stats", "manifest_temp"]
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "map_merge.json"
 _KEY = "_manifest"
+RUN_RESULTS = ("result.json", "front.png", "report.md", "report.json")
+"""What a command line run writes into its folder that only the run itself replaces (never a save:
+its pick, ``merged/``, and recipe, ``mergekit.yaml``, are saves' destinations too)."""
 _SHOWN = 5  # names a message lists
 
 
@@ -91,7 +94,7 @@ def write_manifest(folder: Path, kind: str, entries: Iterable[str], tag: str | N
     stats = file_stats(folder, entries) if stats is None else stats
     payload[_KEY] = {"kind": kind, "entries": entries, **({"tag": tag} if tag is not None else {}),
                      "stats": {name: stats[name] for name in entries if name in stats}}
-    temp = folder / f".{MANIFEST}.partial-{os.getpid()}"
+    temp = folder / manifest_temp(os.getpid())
     try:
         with open(temp, "w") as handle:
             json.dump(payload, handle, indent=2, default=str)
@@ -102,6 +105,11 @@ def write_manifest(folder: Path, kind: str, entries: Iterable[str], tag: str | N
         if temp.exists():
             temp.unlink()
     return True
+
+
+def manifest_temp(pid: int) -> str:
+    """The name :func:`write_manifest` writes the manifest under before renaming it into place."""
+    return f".{MANIFEST}.partial-{pid}"
 
 
 def record(folder: Path, names: Iterable[str], kind: str = "files") -> None:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .manifest import MANIFEST, check_ours, entries_of, read_manifest, record, write_manifest
+from .manifest import MANIFEST, RUN_RESULTS, check_ours, entries_of, read_manifest, record, write_manifest
 
 __all__ = ["check_destination", "atomic_path", "clean_leftovers", "process_alive", "temp_name", "side_files", "write_side_files", "save_module",
            "write_json", "WEIGHT_SUFFIXES"]
@@ -45,17 +45,18 @@ def _inside(child: Path, parent: Path) -> bool:
 
 
 def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLike], overwrite: bool,
-                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+                      inputs: Iterable[str | os.PathLike] = (), run_results: bool = False) -> Path:
     """Validate a save destination; returns it resolved. Removes what saves killed mid-way left
     there (see :func:`clean_leftovers`).
 
     ``inputs``: other files a run reads or keeps (a command line run's config, code, data, store),
-    protected like the sources.
+    protected like the sources. ``run_results``: the caller is a command line run writing its own
+    results (:data:`.manifest.RUN_RESULTS`) into its folder; no one else replaces them.
 
     Raises:
         ValueError: the destination is, holds or lies inside one of ``sources`` (files or folders
             the task vectors are read from) or of ``inputs``, or is a command line run's output
-            folder, whatever ``overwrite`` says.
+            folder or one of its results (``result.json``, ``front.png``...), whatever ``overwrite`` says.
         FileExistsError: it exists (a file, or a non-empty folder) and ``overwrite`` is False, or
             it is or holds anything map_merge did not write (:mod:`.manifest`), whatever
             ``overwrite`` says.
@@ -67,6 +68,9 @@ def check_destination(path: str | os.PathLike, sources: Iterable[str | os.PathLi
         if _inside(target, src) or _inside(src, target):
             relation = "is" if target == src else ("lies inside" if _inside(target, src) else "holds")
             raise ValueError(f"refusing to save into {Path(path)}: it {relation} {src}, {what}")
+    if not run_results and target.name in RUN_RESULTS and (read_manifest(target.parent) or {}).get("kind") == "run":
+        raise ValueError(f"refusing to save into {Path(path)}: it is the {target.name} of the command line run in {target.parent}, "
+                         "a result of the command line run that only the run itself replaces; choose another destination")
     clean_leftovers(target)
     if not target.exists() and not target.is_symlink():
         return target
@@ -99,6 +103,7 @@ def temp_name(target: Path, kind: str, tag: str) -> str:
 
 _LEFTOVER = re.compile(r"\.(?P<base>.+?)\.(?P<kind>partial|old)-(?P<pid>\d+)(?:-(?P<tag>[0-9a-f]{8}))?(?P<rest>.*)")
 _INSIDE = re.compile(r"\.partial-(?P<pid>\d+)-[0-9a-f]{8}")
+_MANIFEST_TEMP = re.compile(r"\." + re.escape(MANIFEST) + r"\.partial-(?P<pid>\d+)")  # manifest_temp(pid)
 
 
 def clean_leftovers(target: Path) -> None:
@@ -130,6 +135,21 @@ def clean_leftovers(target: Path) -> None:
             if match is not None and not process_alive(int(match["pid"])):
                 log.warning("%s is an unfinished save into %s (the process was killed); removed it", item, target)
                 _remove(item)
+    _clean_manifest_temps(target)
+
+
+def _clean_manifest_temps(target: Path) -> None:
+    """Remove the temporaries of manifests that saves killed while recording (processes that are
+    gone) left in ``target``'s folder and, for a folder, in ``target``."""
+    folders = [target.parent] + ([target] if target.is_dir() and not target.is_symlink() else [])
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for item in folder.iterdir():
+            match = _MANIFEST_TEMP.fullmatch(item.name)
+            if match is not None and item.is_file() and not process_alive(int(match["pid"])):
+                log.warning("%s is an unfinished update of %s (the process was killed); removed it", item, folder / MANIFEST)
+                item.unlink()
 
 
 def process_alive(pid: int) -> bool:
@@ -176,11 +196,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, folder: bool, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (a new folder when ``folder``, else a file path) to
     write into; on success flush it to disk and rename it into place (replacing what was there,
     checked again right before: what appeared there meanwhile and is not map_merge's is never
-    replaced, :class:`FileExistsError`), on any error or interrupt remove it. A folder gets its manifest (every entry listed, see
+    replaced, :class:`FileExistsError`; without ``overwrite``, nothing that appeared there meanwhile
+    is, even map_merge's: another save's), on any error or interrupt remove it. A folder gets its manifest (every entry listed, see
     :mod:`.manifest`); a file is added to its folder's manifest.
 
     An existing *empty* folder is kept (its permissions, ownership, a volume mounted there): the
@@ -200,7 +221,7 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
         if folder:
             write_manifest(temp, "folder", entries_of(temp), tag)
         _fsync_tree(temp)
-        _check_still_free(target, temp if into_empty else None, Path(path))
+        _check_still_free(target, temp if into_empty else None, Path(path), overwrite)
         if into_empty:
             _move_up(temp, target)
             _fsync(target)
@@ -224,17 +245,22 @@ def atomic_path(path: str | os.PathLike, folder: bool) -> Iterator[Path]:
             _remove(temp)
 
 
-def _check_still_free(target: Path, inside: Path | None, shown: Path) -> None:
+def _check_still_free(target: Path, inside: Path | None, shown: Path, overwrite: bool = True) -> None:
     """Right before the renames: refuse (FileExistsError / ValueError, nothing replaced) when what
     is at ``target`` now is not all map_merge's (:func:`.manifest.check_ours`): someone (the user,
     another process) put it there while this save wrote its temporary. ``inside``: the temporary
-    a save into an empty folder writes in it (the folder must hold nothing else)."""
+    a save into an empty folder writes in it (the folder must hold nothing else). Without
+    ``overwrite``, what is there now was not when the save was checked (an empty folder aside):
+    another save finished meanwhile, and is kept."""
     if inside is not None:
         others = sorted(item.name for item in target.iterdir() if item != inside)
         if others:
             raise FileExistsError(f"refusing to save into {shown}: {len(others)} item(s) appeared in it while this save ran "
                                   f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); nothing was replaced")
     elif target.exists() or target.is_symlink():
+        if not overwrite and not (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+            raise FileExistsError(f"refusing to save into {shown}: it appeared while this save ran (another save?) and overwrite "
+                                  "is off; nothing was replaced")
         check_ours(target, shown)
 
 
@@ -290,7 +316,7 @@ def save_module(module: Any, path: str | os.PathLike, sources: Iterable[str | os
     from .keymap import checkpoint_state
 
     target = check_destination(path, sources, overwrite)
-    with atomic_path(target, folder=True) as temp:
+    with atomic_path(target, folder=True, overwrite=overwrite) as temp:
         if hasattr(module, "save_pretrained"):
             module.save_pretrained(str(temp))
         else:

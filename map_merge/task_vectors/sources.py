@@ -51,17 +51,38 @@ def load_state_dict(source: ModelSource) -> dict[str, torch.Tensor]:
                 return load_checkpoint(path)
             for name in ("pytorch_model.bin", "model.pt", "model.bin"):
                 if (path / name).exists():
-                    return torch.load(path / name, map_location="cpu", weights_only=True)
+                    return _torch_state_dict(path / name)
             raise FileNotFoundError(f"no *.safetensors or pytorch_model.bin weights in model folder {path}")
         if path.suffix == ".safetensors":
             return load_checkpoint(path)
         if path.suffix in (".bin", ".pt", ".pth"):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _torch_state_dict(path)
         raise ValueError(f"cannot load weights from {path}: expected a folder, .safetensors, .bin, .pt or .pth")
     raise TypeError(
         "a model must be an nn.Module, a state dict, a .safetensors file or a Hugging Face model folder; "
         f"got {type(source).__name__}"
     )
+
+
+def _torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a ``.bin`` / ``.pt`` file holds (``torch.load``, weights only); an empty,
+    corrupt or unsafe file, or one holding anything but a ``str -> Tensor`` mapping (a training
+    checkpoint), is refused with a :class:`CheckpointFileError` naming it."""
+    import pickle
+
+    from ..errors import CheckpointFileError
+
+    what = f"{path} is not a PyTorch state dict"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as error:
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else "the file ends early (empty or truncated?)"
+        raise CheckpointFileError(f"{what}: torch.load failed ({type(error).__name__}: {first})") from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        shown = sorted(map(str, state))[:5] if isinstance(state, Mapping) else type(state).__name__
+        raise CheckpointFileError(f"{what} (a mapping of tensor names to tensors): it holds {shown}; save model.state_dict() "
+                                  "(a training checkpoint's 'state_dict' entry) instead")
+    return dict(state)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview | bytes:

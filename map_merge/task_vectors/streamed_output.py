@@ -73,7 +73,7 @@ class StreamedOutput:
         meta = {"coefficients": dict(zip(coefficient_names(self.names, groups), matrix.reshape(-1).tolist())),
                 "method": {"name": "task_arithmetic"}, **({"groups": groups.spec} if groups is not None else {}),
                 "task_vectors": self.fingerprint(), "storage": self.storage, "sources": self._source_identities()}
-        with atomic_path(target, folder=True) as temp:
+        with atomic_path(target, folder=True, overwrite=overwrite) as temp:
             write_safetensors(temp / "adapter_model.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
                               tensors.items(), {"format": "pt"}, atomic=False)
             (temp / "adapter_config.json").write_text(json.dumps(config, indent=2))
