@@ -282,3 +282,18 @@ def test_ctrl_c_after_the_save_says_the_model_was_saved(own, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "nothing was written" not in err and f"the merged model was saved to {folder / 'pick'}" in err, err
     assert load_file(str(folder / "pick" / "model.safetensors"))["weight"].tolist() == [[0.5, 0.5]]
+
+
+def test_a_file_system_error_is_one_line_not_a_traceback(own, capsys, monkeypatch):
+    """Permission denied, a full disk, a path through a file: the command says what and where in
+    one line (exit 1), as it does for a bad config, instead of a traceback."""
+    folder, config, base = own
+    (folder / "denying.py").write_text(
+        "from torch import nn\n"
+        "def build():\n    return nn.Linear(2, 1, bias=False)\n"
+        "def evaluate(model, task):\n    raise PermissionError(13, 'Permission denied', '/data/scores.csv')\n")
+    config.write_text(json.dumps({**base, "evaluator": "denying.py:evaluate", "model": "denying.py:build"}))
+    code = main(["map", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "map-merge map: error: PermissionError: [Errno 13] Permission denied: '/data/scores.csv'" in err, err

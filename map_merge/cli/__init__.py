@@ -40,7 +40,8 @@ def _commands() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``map-merge`` with ``argv`` (default: the process's arguments); the exit status: 0, 2 for
-    an error in the config or the arguments (printed as one line), 130 after Ctrl-C."""
+    an error in the config or the arguments (printed as one line), 1 for an error of the file system
+    (permission denied, disk full; one line too), 130 after Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, FileNotFoundError, FileExistsError) as error:
         print(f"map-merge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # permission denied, disk full, not a directory...: one line, no traceback
+        print(f"map-merge {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(_interrupted(args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
         return 130
