@@ -181,3 +181,16 @@ def test_evaluate_saved_scores_the_file_s_bytes_once(tmp_path):
     other = evaluate_saved(objective, tmp_path / "saved.safetensors")
     assert not other.from_store and len(calls) == 4
     np.testing.assert_allclose(other.metrics, _truth([0.5, 0.5]), atol=1e-6)
+
+
+def test_save_counts_what_its_block_read_from_the_store(tmp_path, capsys):
+    """save evaluates only the saved weights it has not seen; every row of its block and table read
+    from the run's store is counted as answered by it (T = 2: the merge in memory, the saved bytes,
+    the base, 2 experts and 5 uniform merges = 10), not just the saved weights."""
+    config = _setup(tmp_path, preference=[1, 1], budget=7)
+    assert main(["map", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["save", "--config", str(config), "--preference", "1,1", "--out", str(tmp_path / "pick")]) == 0
+    printed = capsys.readouterr().out
+    assert "Not known" not in printed  # every row was in the store (the run's report evaluated them)
+    assert "Evaluations for this block and table: 0 model(s) evaluated, 10 answered by the store" in printed
