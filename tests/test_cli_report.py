@@ -181,3 +181,32 @@ def test_evaluate_saved_scores_the_file_s_bytes_once(tmp_path):
     other = evaluate_saved(objective, tmp_path / "saved.safetensors")
     assert not other.from_store and len(calls) == 4
     np.testing.assert_allclose(other.metrics, _truth([0.5, 0.5]), atol=1e-6)
+
+
+def test_save_counts_what_its_block_read_from_the_store(tmp_path, capsys):
+    """save evaluates only the saved weights it has not seen; every row of its block and table read
+    from the run's store is counted as answered by it (T = 2: the merge in memory, the saved bytes,
+    the base, 2 experts and 5 uniform merges = 10), not just the saved weights."""
+    config = _setup(tmp_path, preference=[1, 1], budget=7)
+    assert main(["map", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["save", "--config", str(config), "--preference", "1,1", "--out", str(tmp_path / "pick")]) == 0
+    printed = capsys.readouterr().out
+    assert "Not known" not in printed  # every row was in the store (the run's report evaluated them)
+    assert "Evaluations for this block and table: 0 model(s) evaluated, 10 answered by the store" in printed
+
+
+def test_save_with_another_operator_shows_no_prediction_of_the_run_s(tmp_path, capsys):
+    """The run's model predicts its own operator's merges (task arithmetic here): a save under
+    --method dare of the front point for a preference is another model, so no prediction is shown
+    for it (it showed the task-arithmetic prediction beside DARE's real metrics)."""
+    config = _setup(tmp_path, preference=[1, 1], budget=7)
+    assert main(["map", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["save", "--config", str(config), "--preference", "1,1", "--method", "{name: dare, p: 0.5}",
+                 "--out", str(tmp_path / "dare")]) == 0
+    printed = capsys.readouterr().out
+    assert "| your model (predicted ± std) |" not in printed and "Predicted: none" in printed
+    assert main(["save", "--config", str(config), "--preference", "1,1", "--method", "task_arithmetic",
+                 "--out", str(tmp_path / "ta")]) == 0  # the run's own operator, named: its prediction stands
+    assert "| your model (predicted ± std) |" in capsys.readouterr().out

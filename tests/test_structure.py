@@ -138,3 +138,28 @@ def test_imports_only_go_down_the_layers():
 def test_the_layer_check_sees_an_upward_import():
     fake = {"map_merge.map": {"map_merge.pareto", "map_merge.cli.parser"}, "map_merge.task_vectors.base": {"map_merge.errors"}}
     assert _upward(fake) == [("map_merge.map", "map_merge.cli.parser")]
+
+
+def _readme_layers() -> list[set[str]]:
+    """The modules the README's architecture picture places in each layer, bottom first (``name.py``
+    and ``package/`` tokens, ``prefix_*.py`` as the modules it matches; a package's parts in
+    parentheses are not layers of their own)."""
+    import re
+
+    text = (ROOT.parent / "README.md").read_text()
+    picture = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    layers, current = [], set()
+    for line in picture.splitlines():
+        if set(line.strip()) <= {"─"} and line.strip():
+            layers.append(current)
+            current = set()
+            continue
+        line = re.sub(r"\([^)]*\)?", "", re.sub(r"\([^)]*$", "", line))  # drop parenthesised parts (even wrapped ones)
+        current |= {m.group(1) for m in re.finditer(r"(?<![\w*])(\w+)(?:\.py\b|/)", line)}
+        current |= {p.stem for m in re.finditer(r"(\w+\*)\.py\b", line) for p in ROOT.glob(m.group(1) + ".py")}  # mergekit_*.py
+    layers.append(current)
+    return layers[::-1]
+
+
+def test_the_readme_picture_is_the_checked_layers():
+    assert _readme_layers() == [set(names.split()) for names in LAYERS]

@@ -196,8 +196,11 @@ def _evaluate(objective: Any, chosen: Chosen, preference, saved: Path, recipe, e
     real = block["saved"]["metrics"] if None not in block["saved"]["metrics"] else (block["merged_in_memory"] or {}).get("metrics")
     table = comparison(objective, preference, None if real is None or None in real else np.asarray(real), recipe, evaluate=evaluate)
     folder = 0 if block["saved"]["from_store"] else 1
+    read = 0  # evaluate=False reads the store directly (the objective's counters never see it): count what it answered
+    if not evaluate:
+        read = (block["merged_in_memory"] is not None) + sum(row["note"] is None for row in table["rows"])
     count = {"models_evaluated": objective.num_evaluations - before[0] + folder,
-             "from_store": objective.num_cached - before[1] + (1 - folder)}
+             "from_store": objective.num_cached - before[1] + (1 - folder) + read}
     return block, table, count
 
 

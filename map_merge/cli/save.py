@@ -110,7 +110,13 @@ def _print_block(config: dict[str, Any], method, coeffs: list[float], picked: di
 
     from .report import Chosen, save_report
 
+    from ..merge_methods import resolve_method
+
     preference = picked.get("preference", config.get("preference"))  # --preference, the config's, else equal
+    ran = resolve_method(config_method(config))
+    if method is not None and resolve_method(method).spec != ran.spec and picked.get("mean") is not None:
+        picked = {**picked, "mean": None, "std": None,
+                  "prediction": f"none: the run's model predicts its own operator's merges ({ran.spec}), not --method's ({method.spec})."}
     chosen = Chosen(np.asarray(coeffs, dtype=np.float64), picked.get("mean"), picked.get("std"), picked.get("prediction", ""))
     run_out = default_out(config, "map")
     try:
