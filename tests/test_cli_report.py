@@ -210,3 +210,15 @@ def test_save_with_another_operator_shows_no_prediction_of_the_run_s(tmp_path, c
     assert main(["save", "--config", str(config), "--preference", "1,1", "--method", "task_arithmetic",
                  "--out", str(tmp_path / "ta")]) == 0  # the run's own operator, named: its prediction stands
     assert "| your model (predicted ± std) |" in capsys.readouterr().out
+
+
+def test_a_prediction_far_from_the_real_value_is_flagged():
+    """The report says when the real value of the saved model lies more than 3 predictive std from
+    the run's prediction (hand-made numbers: a is 50 std off, b 0.2 std)."""
+    from map_merge.cli.report_text import _missed
+
+    labels = [{"task": "a", "axis": "a: accuracy"}, {"task": "b", "axis": "b: accuracy"}]
+    text = _missed({"mean": [1.0, 2.0], "std": [0.01, 0.5]}, [1.5, 2.1], labels)
+    assert text.startswith("a: real 1.5, predicted 1 ± 0.01, 50 std apart") and "b:" not in text
+    assert _missed({"mean": [1.0, 2.0], "std": None}, [1.5, 2.1], labels) == ""  # no std, no verdict
+    assert _missed({"mean": [1.0, 2.0], "std": [0.0, 0.0]}, [1.0, 2.0], labels) == ""  # exact, even at std 0

@@ -38,12 +38,26 @@ def _coeffs(values: list[Any] | None) -> str:
 
 
 def _operator(spec: dict[str, Any]) -> str:
-    settings = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "name")
+    settings = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "name" and v is not None)
     return spec.get("name", "task_arithmetic").replace("_", " ") + (f" ({settings})" if settings else "")
 
 
 def _yes(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
+
+
+def _missed(predicted: dict[str, Any] | None, real: list[float], labels: list[dict[str, Any]], z: float = 3.0) -> str:
+    """The metrics whose real value lies more than ``z`` predictive std from the prediction
+    (and differs by more than 1e-6 x max(1, |value|)), as text; empty when none or no std."""
+    if not predicted or not predicted.get("std"):
+        return ""
+    out = []
+    for label, mean, std, value in zip(labels, predicted["mean"], predicted["std"], real):
+        gap = abs(float(value) - float(mean))
+        if std is not None and gap > 1e-6 * max(1.0, abs(float(value))) and gap > z * float(std):
+            out.append(f"{label['task']}: real {number(value)}, predicted {number(mean)} ± "
+                       f"{number(std)}, {gap / max(float(std), 1e-300):.0f} std apart")
+    return "; ".join(out)
 
 
 def block_markdown(report: dict[str, Any]) -> str:
@@ -63,6 +77,11 @@ def block_markdown(report: dict[str, Any]) -> str:
     lines.append(f"| preference-weighted score | {number(predicted['score']) if predicted else '-'} | "
                  f"{number(memory['score']) if memory else '-'} | {number(saved['score'])} |")
     lines += ["", f"Predicted: {block['prediction']}", ""]
+    missed = _missed(predicted, saved["metrics"], labels)
+    if missed:
+        lines += [f"**The prediction missed** ({missed}): the run's model is unreliable near this point (few evaluations near "
+                  "it, or a metric with plateaus); trust the real values, and a larger budget or a point near the evaluated "
+                  "ones may serve better.", ""]
     save = bool(report.get("save"))
     if memory:
         lines.append("Merged in memory: the run's live model merged for these coefficients and scored by every task, through the "
