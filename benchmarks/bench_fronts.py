@@ -142,7 +142,10 @@ def wide_table(out: Path) -> str:
         payload = json.loads(path.read_text())
         if "summary" not in payload or payload.get("version") != 3:
             continue
-        column = f"{payload['label']} T={payload['tasks']} (B={payload['budget']})"
+        name = {"lm": "LM loss", "lm_acc": "LM lm-eval"}.get(payload["label"], payload["label"])
+        seeds = payload.get("seeds")
+        seeds = len(seeds) if isinstance(seeds, list) else seeds
+        column = f"{name} T={payload['tasks']} (B={payload['budget']}" + (f", {seeds} seeds)" if seeds and seeds != 5 else ")")
         settings.append(column)
         budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
         best_hv = max(s["hv_ratio_mean"] for s in budgeted)
