@@ -10,14 +10,17 @@ different points.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .pareto import orient, pareto_mask
 
-__all__ = ["propose_ehvi", "reference_point", "signs"]
+__all__ = ["propose_ehvi", "reference_point", "signs", "best_of"]
+
+logger = logging.getLogger(__name__)
 
 RESTARTS = 6
 MAXITER = 100
@@ -60,8 +63,10 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         seed: seeds the quasi-Monte-Carlo sampler and the optimiser's random starts.
     """
     from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement
+    from botorch.exceptions.errors import OptimizationGradientError
     from botorch.optim import optimize_acqf
     from botorch.sampling import SobolQMCNormalSampler
+    from torch.quasirandom import SobolEngine
     from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
 
     oriented = orient(np.asarray(metrics, dtype=np.float64), senses)
@@ -74,8 +79,23 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         objective=model.mc_objective(senses),
         X_pending=torch.tensor(pending, dtype=torch.float64) if pending is not None and len(pending) else None,
     )
+    box = _box(bounds, model.num_coeffs)
     with torch.random.fork_rng():
         torch.manual_seed(int(seed))
-        candidates, _ = optimize_acqf(acquisition, bounds=_box(bounds, model.num_coeffs), q=int(q), num_restarts=RESTARTS,
-                                      raw_samples=raw_samples, sequential=True, options={"maxiter": MAXITER})
+        try:
+            candidates, _ = optimize_acqf(acquisition, bounds=box, q=int(q), num_restarts=RESTARTS,
+                                          raw_samples=raw_samples, sequential=True, options={"maxiter": MAXITER})
+        except (OptimizationGradientError, RuntimeError) as error:  # NaN gradients, a failed Cholesky...: no lost run
+            logger.warning("acquisition optimiser failed (%s); proposing the best of %d quasi-random points instead", error, raw_samples)
+            sobol = SobolEngine(model.num_coeffs, scramble=True, seed=int(seed)).draw(raw_samples, dtype=torch.float64)
+            candidates = best_of(acquisition, box[0] + (box[1] - box[0]) * sobol, int(q))
     return candidates.detach().numpy().clip(bounds[0], bounds[1])
+
+
+def best_of(acquisition: Callable[[torch.Tensor], torch.Tensor], candidates: torch.Tensor, q: int) -> torch.Tensor:
+    """The ``q`` rows of ``candidates: (R, T)`` with the largest single-point acquisition values
+    ``(q, T)`` (no gradients: the fallback when the optimiser fails)."""
+    with torch.no_grad():
+        values = torch.cat([acquisition(chunk[:, None, :]) for chunk in candidates.split(256)])
+    values = torch.nan_to_num(values, nan=-torch.inf)
+    return candidates[torch.argsort(values, descending=True)[: int(q)]]

@@ -179,3 +179,35 @@ def test_expected_improvement_goes_to_the_gap_and_avoids_pending_points():
         assert first.shape == (1, 1) and 0.3 < first[0, 0] < 0.7
         second = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), pending=first, seed=0)
     assert abs(second[0, 0] - first[0, 0]) > 0.08 and 0.2 < second[0, 0] < 0.8
+
+
+def test_a_failing_acquisition_optimiser_falls_back_to_the_best_quasi_random_point(monkeypatch, caplog):
+    """botorch's optimiser can fail on NaN gradients; the run goes on with the best of the Sobol
+    points under the same acquisition, which still lands in the front's gap (0.2, 0.8)."""
+    import botorch.optim
+    import torch
+    from botorch.exceptions.errors import OptimizationGradientError
+
+    from map_merge.acquisition import best_of
+
+    x = np.array([[0.0], [0.1], [0.2], [0.8], [0.9], [1.0]])
+
+    def line(c):
+        c = np.atleast_2d(c)
+        return np.column_stack([c[:, 0], 1 - c[:, 0]])
+
+    def fails(*args, **kwargs):
+        raise OptimizationGradientError("2 elements of the gradient array are NaN", current_x=np.zeros(1))
+
+    monkeypatch.setattr(botorch.optim, "optimize_acqf", fails)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPModel(x, line(x), (0.0, 1.0))
+        with caplog.at_level("WARNING", logger="map_merge.acquisition"):
+            point = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), seed=0)
+    assert point.shape == (1, 1) and 0.3 < point[0, 0] < 0.7
+    assert "acquisition optimiser failed" in caplog.text
+    # best_of: the rows with the largest values of a hand-made acquisition, -(x - 0.3)^2 (one point per row)
+    candidates = torch.tensor([[0.0], [0.25], [0.5], [0.32], [1.0]], dtype=torch.float64)
+    chosen = best_of(lambda X: -((X[:, 0, 0] - 0.3) ** 2), candidates, 2)
+    assert chosen[:, 0].tolist() == [0.32, 0.25]
