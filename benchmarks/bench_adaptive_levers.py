@@ -55,25 +55,31 @@ VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10",
             "multi-output", "log outputs", "final picks", "quadratic+gp picks", "qNParEGO")
 
 
+def _fit_or_keep(mll) -> None:
+    """Fit a marginal likelihood's hyperparameters quietly; a failed fit keeps the starting values."""
+    from botorch.fit import fit_gpytorch_mll
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            fit_gpytorch_mll(mll)
+        except Exception:  # noqa: BLE001 - keep the starting values
+            pass
+
+
 class QuadraticKernelGP(gp_model.GPModel):
     """GPModel whose kernel is Matern-5/2 plus a scaled quadratic polynomial kernel (a Bayesian
     quadratic regression beside the GP), refitted."""
 
     def __init__(self, coeffs, metrics, bounds, noise="infer", warm_start=None):
         super().__init__(coeffs, metrics, bounds, noise=noise)
-        from botorch.fit import fit_gpytorch_mll
         from gpytorch.kernels import AdditiveKernel, PolynomialKernel, ScaleKernel
         from gpytorch.mlls import SumMarginalLogLikelihood
 
         for gp in self.gp.models:
             gp.covar_module = AdditiveKernel(gp.covar_module, ScaleKernel(PolynomialKernel(power=2))).to(torch.float64)
         self.gp.train()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                fit_gpytorch_mll(SumMarginalLogLikelihood(self.gp.likelihood, self.gp))
-            except Exception:  # noqa: BLE001 - keep the starting values
-                pass
+        _fit_or_keep(SumMarginalLogLikelihood(self.gp.likelihood, self.gp))
         self.gp.eval()
         self._alpha = {}
 
@@ -82,7 +88,6 @@ class MultiOutputGP(gp_model.GPModel):
     """One Kronecker multi-task GP over all metrics (their correlation learnt); same interface."""
 
     def __init__(self, coeffs, metrics, bounds, noise="infer", warm_start=None):
-        from botorch.fit import fit_gpytorch_mll
         from botorch.models import KroneckerMultiTaskGP
         from botorch.models.transforms import Normalize, Standardize
         from gpytorch.mlls import ExactMarginalLogLikelihood
@@ -92,12 +97,7 @@ class MultiOutputGP(gp_model.GPModel):
         box = torch.tensor([[self.bounds[0]] * self.num_coeffs, [self.bounds[1]] * self.num_coeffs], dtype=torch.float64)
         x, y = torch.tensor(coeffs, dtype=torch.float64), torch.tensor(metrics, dtype=torch.float64)
         self.gp = KroneckerMultiTaskGP(x, y, input_transform=Normalize(self.num_coeffs, bounds=box), outcome_transform=Standardize(self.num_metrics))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                fit_gpytorch_mll(ExactMarginalLogLikelihood(self.gp.likelihood, self.gp))
-            except Exception:  # noqa: BLE001 - keep the starting values
-                pass
+        _fit_or_keep(ExactMarginalLogLikelihood(self.gp.likelihood, self.gp))
         self.gp.eval()
 
     def torch_predict(self, coeffs):
