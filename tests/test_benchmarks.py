@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_map_vs_moe.py", ["--zoo", "vision"], ["map_vs_moe_vision.json", "map_vs_moe_vision_pairs.png", "map_vs_moe_vision_3d.png"]),
         ("bench_nested.py", [], ["nested.json"]),
         ("bench_scale.py", ["--no-mergekit"], ["scale.json", "scale_tasks.png", "scale_size.png"]),
-        ("bench_distributed.py", [], ["distributed.json", "distributed.png"]),
+        pytest.param("bench_distributed.py", [], ["distributed.json", "distributed.png"], marks=pytest.mark.ray),
         ("bench_map_levers.py", ["--sets", "tune"], ["map_levers.json", "map_levers.png"]),
         ("bench_adaptive_levers.py", ["--variants", "default,log outputs,quadratic+gp picks,qNParEGO"],
          ["adaptive_levers_analytic_T2.json", "adaptive_levers_analytic_T2.png", "adaptive_levers_analytic_T2_regret.png"]),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -362,7 +363,12 @@ class ParetoMoE(nn.Module):
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"routers": self.routers.state_dict(), "info": info}, path)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # renamed into place: readers see all or nothing
+            try:
+                torch.save({"routers": self.routers.state_dict(), "info": info}, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         return {**info, "cached": False}
 
 

@@ -373,17 +373,28 @@ def finetune(
 
 
 def save_zoo_weights(folder: Path, pretrained: nn.Module | None, finetuned: dict[str, dict[str, torch.Tensor]], heads: dict[str, nn.Module], info: dict) -> None:
-    """Write a zoo's weights (safetensors) and info (JSON) atomically enough: info.json last."""
+    """Write a zoo's weights (safetensors) and info (JSON), each file written beside its name and
+    renamed into place, info.json last: a reader (another process building the same zoo) sees a
+    whole file or none, and :func:`load_zoo_weights` a complete cache or ``None``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+
+    def atomic(name: str, write: Callable[[str], None]) -> None:
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(str(tmp))
+            os.replace(tmp, folder / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     if pretrained is not None:
-        save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(folder / "pretrained.safetensors"))
+        atomic("pretrained.safetensors", lambda path: save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, path))
     for name, state in finetuned.items():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"finetuned-{name}.safetensors"))
+        atomic(f"finetuned-{name}.safetensors", lambda path, state=state: save_file({k: v.contiguous() for k, v in state.items()}, path))
     head_state = {f"{name}.{k}": v.contiguous() for name, head in heads.items() for k, v in head.state_dict().items()}
-    save_file(head_state, str(folder / "heads.safetensors"))
-    (folder / "info.json").write_text(json.dumps(info, indent=2))
+    atomic("heads.safetensors", lambda path: save_file(head_state, path))
+    atomic("info.json", lambda path: Path(path).write_text(json.dumps(info, indent=2)))
 
 
 def load_zoo_weights(folder: Path, pretrained: nn.Module | None, names: Sequence[str], heads: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]] | None:
