@@ -1,5 +1,7 @@
 """The vision zoo: real images, real CNNs, real merges (fast enough for every test run)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,31 @@ def test_cache_reloads_same_weights_without_training(zoo, tmp_path, monkeypatch)
         assert torch.equal(value, again.finetuned["rotated"][key])
     for key, value in first.pretrained.state_dict().items():
         assert torch.equal(value, again.pretrained.state_dict()[key])
+
+
+def test_zoo_cache_files_are_whole_or_absent(tmp_path, monkeypatch):
+    """A cache write that fails mid-file (a kill, a full disk) leaves the file as it was before and
+    no temporary beside it: another process building the same zoo reads a whole cache or none."""
+    import safetensors.torch
+
+    from map_merge.zoo.base import load_zoo_weights, save_zoo_weights
+
+    heads = {"a": torch.nn.Linear(2, 2)}
+    first = {"a": {"w": torch.ones(3)}}
+    save_zoo_weights(tmp_path, None, first, heads, {"v": 1})
+    real = safetensors.torch.save_file
+
+    def half_written(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x00" * 5)  # a torn file
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_zoo_weights(tmp_path, None, {"a": {"w": torch.zeros(3)}}, heads, {"v": 2})
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finetuned-a.safetensors", "heads.safetensors", "info.json"]
+    loaded = load_zoo_weights(tmp_path, None, ["a"], {"a": torch.nn.Linear(2, 2)})
+    assert torch.equal(loaded["a"]["w"], torch.ones(3))
 
 
 def test_same_seed_same_weights(tmp_path):
