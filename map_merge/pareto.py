@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 import moocore
 import numpy as np
 
-__all__ = ["pareto_mask", "orient", "check_senses", "check_preference", "ParetoFront"]
+__all__ = ["pareto_mask", "orient", "check_senses", "check_preference", "ParetoFront", "cautious_pick", "PICK_CAUTION"]
+
+# How many predictive standard deviations a predicted pick must clear to be handed over instead of a
+# model already evaluated (benchmarks/bench_fronts.py, docs/fronts.md "Which model is handed over").
+PICK_CAUTION = 1.0
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -162,3 +166,31 @@ class ParetoFront:
         if self.std is not None:
             out["std"] = self.std.tolist()
         return out
+
+
+def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: "ParetoFront | None" = None,
+                  caution: float = PICK_CAUTION) -> tuple["ParetoFront", int]:
+    """The model handed to a user who prefers ``preference: (M,)``: ``(front it comes from, index)``.
+
+    Scores are weighted sums ``<w, oriented metrics>`` with ``w`` the preference normalised to sum 1.
+    The predicted ``front``'s point with the highest cautious score ``<w, mean> - caution *
+    sqrt(<w**2, std**2>)`` (its predictive ``std``; a front without one: the mean alone) is handed
+    over unless a point of ``evaluated`` (real evaluations, same metrics) scores higher for real:
+    then that one. A prediction is trusted as far as its uncertainty, and never over a model already
+    measured to be better than the prediction can promise."""
+    if float(caution) < 0 or not np.isfinite(caution):
+        raise ValueError(f"caution must be a finite number >= 0, got {caution}")
+    if len(front) == 0:
+        raise ValueError("the front is empty: there is nothing to pick from")
+    w = check_preference(preference, len(front.task_names))
+    score = front.oriented @ w
+    if front.std is not None and caution > 0:
+        score = score - float(caution) * np.sqrt(np.asarray(front.std, dtype=np.float64) ** 2 @ w**2)
+    best = int(np.argmax(score))
+    if evaluated is not None and len(evaluated):
+        if tuple(evaluated.senses) != tuple(front.senses) or len(evaluated.task_names) != len(front.task_names):
+            raise ValueError(f"the evaluated points have senses {evaluated.senses}, the front {front.senses}")
+        real = evaluated.oriented @ w
+        if real.max() > score[best]:
+            return evaluated, int(np.argmax(real))
+    return front, best

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from .pareto import cautious_pick
+
 __all__ = ["STYLES", "save", "Mark", "pick_mark", "as_marks", "is_predicted", "draw_marks", "cover", "legend",
            "Z_REFERENCE", "Z_PREDICTED", "Z_REAL", "Z_MARK", "Z_PICK"]
 
@@ -70,11 +72,19 @@ class Mark:
         return text
 
 
-def pick_mark(front: Any, preference: Sequence[float], label: str = "pick") -> Mark:
-    """The point of ``front`` (a :class:`~map_merge.ParetoFront`) that ``preference`` picks
-    (:meth:`~map_merge.ParetoFront.select_index`), labelled with the preference."""
-    index = front.select_index(preference)
-    return Mark(front.metrics[index], front.coeffs[index], f"{label}, preference ({_fmt(np.asarray(preference, dtype=float))})")
+def pick_mark(front: Any, preference: Sequence[float], label: str = "pick", evaluated: Any = None) -> Mark:
+    """The point that ``preference`` picks, labelled with the preference: from ``front`` (a
+    :class:`~map_merge.ParetoFront`; :meth:`~map_merge.ParetoFront.select_index`) or, given the
+    real ``evaluated`` points, the pick a run hands over (:func:`~map_merge.pareto.cautious_pick`:
+    a real evaluation that beats the prediction is marked as one, "(predicted)" in ``label`` then
+    reads "(real evaluation)")."""
+    if evaluated is None:
+        chosen, index = front, front.select_index(preference)
+    else:
+        chosen, index = cautious_pick(front, preference, evaluated)
+        if chosen is evaluated:
+            label = label.replace("(predicted)", "(real evaluation)")
+    return Mark(chosen.metrics[index], chosen.coeffs[index], f"{label}, preference ({_fmt(np.asarray(preference, dtype=float))})")
 
 
 def as_marks(pick: Mark | None, marks: Mapping[str, Any] | None, num: int) -> list[tuple[Mark, dict]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .pareto import ParetoFront, orient
+from .pareto import PICK_CAUTION, ParetoFront, cautious_pick, orient
 from .search import thin_front
 from .surrogate import QuadraticSurrogate, SurrogateSet
 
@@ -80,9 +80,17 @@ class MAPResult:
         """Per task: R^2, RMSE, leave-one-out RMSE, samples, parameters."""
         return {name: s.diagnostics.as_dict() for name, s in zip(self.task_names, self.surrogates)}
 
-    def select(self, preference: Sequence[float]) -> np.ndarray:
-        """Coefficients ``(T,)`` of the predicted front point preferred by ``preference: (M,)``."""
-        return self.front.select(preference)
+    def select(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> np.ndarray:
+        """Coefficients ``(T,)`` of the model handed to a user who prefers ``preference: (M,)``:
+        the predicted front's point with the best weighted score less ``caution`` predictive
+        standard deviations, unless a real evaluation scores better (:func:`~map_merge.pareto.cautious_pick`)."""
+        front, index = self.choice(preference, caution)
+        return front.coeffs[index].copy()
+
+    def choice(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> tuple[ParetoFront, int]:
+        """``(front, index)`` of :meth:`select`'s pick: ``self.front`` (a prediction) or
+        :meth:`evaluated_front` (a real evaluation)."""
+        return cautious_pick(self.front, preference, self.evaluated_front(), caution)
 
     def reevaluate(self, objective: Callable[[np.ndarray], np.ndarray], max_points: int | None = 20, index: Sequence[int] | None = None) -> ParetoFront:
         """Evaluate front points on the real objective ("MAP real"); stored in ``real_front``.
@@ -180,6 +188,11 @@ class MAPResult:
         }
         if self.real_front is not None:
             out["real_front"] = self.real_front.to_dict()
+        if self.model is not None or self.surrogates:  # the model at every real evaluation: a pick among them keeps its prediction
+            for key, part in (("samples", self.samples), ("real_front", self.real_front)):
+                if part is not None and len(part.coeffs):
+                    mean, std = self.predict(part.coeffs, return_std=True)
+                    out[key].update(predicted=np.asarray(mean).tolist(), predicted_std=np.asarray(std).tolist())
         return out
 
 

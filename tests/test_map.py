@@ -102,9 +102,11 @@ def test_preference_regret_of_picks_against_the_analytic_optimum():
     np.testing.assert_allclose(report["metrics"], _unit_quadratics(report["coeffs"]))  # evaluated for real
     assert report["regret"].min() > -1e-9  # nothing beats the optimum
     assert report["mean"] < 2e-3 and report["max"] < 1e-2  # exact quadratic surrogates: picks at the optimum
-    # a run whose front is one point (c = (1, 0)): regret is the optimum minus that model's weighted score, by hand
+    # a run whose front and only real evaluation are one point (c = (1, 0)): regret is the optimum minus that
+    # model's weighted score, by hand
     result.front = result.front.subset([int(np.argmax(result.front.metrics[:, 0]))])
     result.front.coeffs[:] = [1.0, 0.0]
+    result.samples = type(result.samples)(np.array([[1.0, 0.0]]), _unit_quadratics(np.array([[1.0, 0.0]])), np.zeros(1, dtype=int))
     report = result.preference_regret(objective, reference=reference, preferences=prefs)
     np.testing.assert_allclose(report["regret"], optimum - (a * 1.0 + (1 - a) * (1 - 2.0)), atol=1e-12)
     assert report["max"] == pytest.approx(2.0)  # preference (0, 1): optimum 1, the pick scores -1
@@ -155,3 +157,48 @@ def test_gp_final_model_passes_closer_to_the_samples_than_the_quadratic():
     assert gp.model is not None and err_gp < 0.7 * err_quad
     with pytest.raises(ValueError, match="final_model"):
         mm.MAP(sampling="design", final_model="spline")
+
+
+def test_cautious_pick_by_hand():
+    from map_merge.pareto import cautious_pick
+
+    front = mm.ParetoFront(np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[0.8, 0.2], [0.5, 0.6]]), ("a", "b"), ("max", "max"),
+                           std=np.array([[0.3, 0.3], [0.01, 0.01]]))
+    # preference (1, 1) -> w = (0.5, 0.5): scores 0.5 - sqrt(2 * 0.25 * 0.09) = 0.2879 and 0.55 - sqrt(2 * 0.25 * 1e-4) = 0.5429
+    assert cautious_pick(front, [1, 1])[1] == 1
+    # preference (1, 0): 0.8 - 0.3 = 0.5 against 0.5 - 0.01 = 0.49; two std: 0.2 against 0.48
+    assert cautious_pick(front, [1, 0])[1] == 0 and cautious_pick(front, [1, 0], caution=2.0)[1] == 1
+    assert cautious_pick(front, [1, 1], caution=0.0)[1] == 1 and cautious_pick(front, [0, 1], caution=0.0)[1] == 1
+    below = mm.ParetoFront(np.array([[0.3, 0.3]]), np.array([[0.52, 0.56]]), ("a", "b"), ("max", "max"))  # real 0.54 < 0.5429
+    above = mm.ParetoFront(np.array([[0.3, 0.3]]), np.array([[0.56, 0.54]]), ("a", "b"), ("max", "max"))  # real 0.55 > 0.5429
+    chosen, index = cautious_pick(front, [1, 1], below)
+    assert chosen is front and index == 1
+    chosen, index = cautious_pick(front, [1, 1], above)
+    assert chosen is above and index == 0
+    # losses are oriented before scoring: -(0.5 + 0.3) / 2 = -0.4 against -(0.6 + 0.1) / 2 = -0.35, each less 0.1
+    losses = mm.ParetoFront(np.array([[0.0], [1.0]]), np.array([[0.5, 0.3], [0.6, 0.1]]), ("a", "b"), ("min", "min"),
+                            std=np.full((2, 2), 0.1 * np.sqrt(2)))
+    assert cautious_pick(losses, [1, 1])[1] == 1
+    with pytest.raises(ValueError, match="caution"):
+        cautious_pick(front, [1, 1], caution=-1)
+    with pytest.raises(ValueError, match="senses"):
+        cautious_pick(front, [1, 1], losses)
+    with pytest.raises(ValueError, match="empty"):
+        cautious_pick(front.subset([]), [1, 1])
+
+
+def test_a_run_hands_over_a_real_evaluation_that_beats_its_predictions():
+    obj = objective(quadratic_pair, 2, ["a", "b"])
+    result = mm.MAP(sampling="design", link="identity").fit(obj, 2)
+    real = result.samples.metrics
+    for w in ([1, 0], [0, 1], [1, 1], [1, 3]):
+        w = np.asarray(w, float) / np.sum(w)
+        # exact surrogates: the predicted pick is at least as good as every sample, and handed over
+        assert quadratic_pair(result.select(w))[0] @ w >= (real @ w).max() - 1e-9
+    # a model that predicts everything 0.5 too low: every pick is the best real evaluation (brute force over the samples)
+    result.front = mm.ParetoFront(result.front.coeffs, result.front.metrics - 0.5, ("a", "b"), ("max", "max"), std=result.front.std)
+    for w in ([1, 0], [0, 1], [1, 1], [1, 3]):
+        w = np.asarray(w, float) / np.sum(w)
+        np.testing.assert_allclose(quadratic_pair(result.select(w))[0] @ w, (real @ w).max(), atol=1e-12)
+        handed, _ = result.choice(w)
+        assert handed.label == "all real evaluations"

@@ -236,7 +236,9 @@ def test_cli_front_marks_the_pick_and_a_recipe_outside_the_box(tmp_path, monkeyp
     ax = drawn[0].axes[0]
     assert ax.get_xlabel() == "code, lower is better" and ax.get_ylabel() == "chat, lower is better"
     texts = _legend_texts(drawn[0])
-    assert "your recipe (evaluated) (c = 0.4, 1.6)" in texts and any(t.startswith("your pick (predicted), preference (1, 1)") for t in texts)
+    # the pick: a predicted point, or a real evaluation that beats every prediction less one std (labelled so)
+    assert "your recipe (evaluated) (c = 0.4, 1.6)" in texts and any(t.startswith(("your pick (predicted), preference (1, 1)",
+                                                                                   "your pick (real evaluation), preference (1, 1)")) for t in texts)
     np.testing.assert_allclose(_offsets_of(ax, "your recipe (evaluated) (c = 0.4, 1.6)"), recipe[None])
     assert _inside(ax, recipe)
 

@@ -57,6 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if executor is not None:
             executor.shutdown()
+        objective.store.close()  # its write-ahead log folded into the file now, not whenever the object is collected
 
 
 def _run_command(args, config, out: Path, objective, names: list[str], zoo, preference) -> int:
@@ -144,9 +145,10 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     if result.real_front is not None:
         fronts["real (re-evaluated)"] = result.real_front
     recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
-    _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels, pick=(result.front, preference),
+    _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels, pick=(result.front, preference, result.evaluated_front()),
                  recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
-    chosen = result.select(preference)
+    handed, index = result.choice(preference)  # a predicted front point, or a real evaluation that beats the predictions
+    chosen = handed.coeffs[index].copy()
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
     summary.update(budget=budget, sampling=sampling if command == "map" else "bayesian", samples=len(result.samples),
                    reevaluated=0 if result.real_front is None else len(result.real_front), diagnostics=result.diagnostics(),
@@ -157,8 +159,10 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     model = result.settings.get("model", "gp")
     what = {"gp": "Gaussian processes", "quadratic+gp": "quadratic surrogates plus a Gaussian process on their residuals",
             "quadratic": "quadratic surrogates"}.get(model, model)
+    measured = "" if handed is result.front else (" The pick is one of the run's real evaluations: measured, it scores better for your "
+                                                  "preference than any predicted model less one predictive standard deviation.")
     pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
-                  "evaluations) at these coefficients, with its predictive standard deviation.")
+                  f"evaluations) at these coefficients, with its predictive standard deviation.{measured}")
     shown = ("sampling", "model", "design", "seed", "bounds", "links") if command == "map" else ("model", "seed", "bounds", "links")
     settings = {key: result.settings[key] for key in shown if key in result.settings}
     if command == "bayes":
@@ -211,10 +215,10 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
 
 
 def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick=None, recipe=None) -> None:
-    """``labels``: the objective's metric labels; ``pick``: ``(front, preference)``; ``recipe``: ``(coeffs, metrics)``."""
+    """``labels``: the objective's metric labels; ``pick``: ``(front, preference, real evaluations)``; ``recipe``: ``(coeffs, metrics)``."""
     from .. import plots
 
-    pick = plots.pick_mark(*pick, label="your pick (predicted)") if pick is not None else None
+    pick = plots.pick_mark(pick[0], pick[1], label="your pick (predicted)", evaluated=pick[2]) if pick is not None else None
     marks = {"your recipe": plots.Mark(recipe[1], recipe[0], "your recipe (evaluated)")} if recipe is not None else None
 
     def write(temp: Path) -> None:
