@@ -177,20 +177,32 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
     sqrt(<w**2, std**2>)`` (its predictive ``std``; a front without one: the mean alone) is handed
     over unless a point of ``evaluated`` (real evaluations, same metrics) scores higher for real:
     then that one. A prediction is trusted as far as its uncertainty, and never over a model already
-    measured to be better than the prediction can promise."""
+    measured to be better than the prediction can promise. A metric weighted 0 plays no part; a
+    point whose score or std is NaN is never picked over one that is known (``ValueError`` when no
+    point is known and nothing was evaluated)."""
     if float(caution) < 0 or not np.isfinite(caution):
         raise ValueError(f"caution must be a finite number >= 0, got {caution}")
     if len(front) == 0:
         raise ValueError("the front is empty: there is nothing to pick from")
     w = check_preference(preference, len(front.task_names))
-    score = front.oriented @ w
+    used = w > 0  # a metric weighted 0 plays no part, whatever its value or std (0 * inf is NaN)
+    score = np.where(used, front.oriented, 0.0) @ w
     if front.std is not None and caution > 0:
-        score = score - float(caution) * np.sqrt(np.asarray(front.std, dtype=np.float64) ** 2 @ w**2)
-    best = int(np.argmax(score))
+        std = np.where(used, np.asarray(front.std, dtype=np.float64), 0.0)
+        score = score - float(caution) * np.sqrt(std**2 @ w**2)
+    # a point whose weighted score or uncertainty is unknown (NaN) is not trusted: never picked over
+    # one that is known (np.argmax would return the first NaN)
+    score = np.where(np.isnan(score), -np.inf, score)
+    real = None
     if evaluated is not None and len(evaluated):
         if tuple(evaluated.senses) != tuple(front.senses) or len(evaluated.task_names) != len(front.task_names):
             raise ValueError(f"the evaluated points have senses {evaluated.senses}, the front {front.senses}")
-        real = evaluated.oriented @ w
+        real = np.where(used, evaluated.oriented, 0.0) @ w
+    if not np.isfinite(score).any() and (real is None or not np.isfinite(real).any()):
+        raise ValueError(f"no front point has a finite weighted score{'' if front.std is None else ' and predictive std'} "
+                         f"for preference {w.tolist()}, and no real evaluation to pick instead")
+    best = int(np.argmax(score))
+    if real is not None:
         if real.max() > score[best]:
             return evaluated, int(np.argmax(real))
     return front, best

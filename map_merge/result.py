@@ -89,8 +89,9 @@ class MAPResult:
 
     def choice(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> tuple[ParetoFront, int]:
         """``(front, index)`` of :meth:`select`'s pick: ``self.front`` (a prediction) or
-        :meth:`evaluated_front` (a real evaluation)."""
-        return cautious_pick(self.front, preference, self.evaluated_front(), caution)
+        :meth:`evaluated_front` (a real evaluation; none to pick from when the result holds none)."""
+        evaluated = self.evaluated_front() if len(self.samples) or self.real_front is not None else None
+        return cautious_pick(self.front, preference, evaluated, caution)
 
     def reevaluate(self, objective: Callable[[np.ndarray], np.ndarray], max_points: int | None = 20, index: Sequence[int] | None = None) -> ParetoFront:
         """Evaluate front points on the real objective ("MAP real"); stored in ``real_front``.

@@ -26,7 +26,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def shared_zoo_cache(tmp_path_factory):
     """One zoo cache for the whole test session (each zoo is built once), never the user's; under
-    pytest-xdist one for all workers (zoo caches are written file by file, renamed into place)."""
+    pytest-xdist one for all workers (a zoo cache is written whole beside its folder and renamed into
+    place; the first complete build is the one every worker loads: map_merge/zoo/cache_files.py)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         folder = tmp_path_factory.getbasetemp().parent / "zoo-cache"
         folder.mkdir(exist_ok=True)

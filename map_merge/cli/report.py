@@ -50,6 +50,8 @@ class Chosen:
         predicted, std: ``(M,)`` the run's prediction of its metrics and the predictive std.
         prediction: where the prediction comes from, or why there is none.
         coefficients: the coefficients as named for the reader (default: ``objective.coeff_names``).
+        measured: one of the run's real evaluations handed over (it beat every prediction), not a
+            point of the predicted front.
     """
 
     coeffs: np.ndarray | None
@@ -57,6 +59,7 @@ class Chosen:
     std: np.ndarray | None = None
     prediction: str = ""
     coefficients: dict[str, Any] | None = None
+    measured: bool = False
 
 
 def _listed(values: Any) -> list[float | None] | None:
@@ -133,6 +136,7 @@ def pick_block(objective: Any, chosen: Chosen, preference, saved: str | Path, ev
         "coeffs": _listed(chosen.coeffs),
         "predicted": predicted,
         "prediction": chosen.prediction,
+        "measured": bool(chosen.measured),
         "merged_in_memory": None if memory is None else {"metrics": _listed(memory), "score": _score(memory, senses, weights)},
         "memory_note": memory_note,
         "saved": {"path": str(saved), "metrics": _listed(score.metrics), "score": _score(score.metrics, senses, weights),

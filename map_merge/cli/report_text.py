@@ -163,7 +163,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     """``report.md``: what was run, the front, the chosen model's block and table, the files."""
     lines = ["# map_merge run report", "", *_what(report), ""]
     if "front.png" in report["files"]:
-        pick = "the pick for your preference (a gold star, predicted)" if report["command"] in ("map", "bayes") else "the unloaded models"
+        pick = "the unloaded models"
+        if report["command"] in ("map", "bayes"):  # as the plot labels it: a predicted point, or a real evaluation that beat them
+            pick = "the pick for your preference (a gold star, " + ("one of the run's real evaluations)" if report["pick"].get("measured")
+                                                                     else "predicted)")
         lines += ["## Front", "", "![front](front.png)", "",
                   f"Every real evaluation, the {report['method']} front and {pick}"
                   + (", and your recipe's merge as evaluated" if report["mergekit"] else "") + ".", ""]

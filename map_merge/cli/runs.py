@@ -162,7 +162,7 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     measured = "" if handed is result.front else (" The pick is one of the run's real evaluations: measured, it scores better for your "
                                                   "preference than any predicted model less one predictive standard deviation.")
     pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
-                  f"evaluations) at these coefficients, with its predictive standard deviation.{measured}")
+                  f"evaluations) at these coefficients, with its predictive standard deviation.{measured}", measured=bool(measured))
     shown = ("sampling", "model", "design", "seed", "bounds", "links") if command == "map" else ("model", "seed", "bounds", "links")
     settings = {key: result.settings[key] for key in shown if key in result.settings}
     if command == "bayes":

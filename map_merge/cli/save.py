@@ -171,22 +171,28 @@ def _coeffs_for(args: argparse.Namespace, run_out: Path | None, picked: dict[str
     std = None if front.get("std") is None else np.asarray(front["std"], dtype=np.float64)
     pf = ParetoFront(np.asarray(front["coeffs"]), np.asarray(front["metrics"]), names, front["senses"], std=std)
     parts = [result[key] for key in ("samples", "real_front") if result.get(key) and result[key].get("coeffs")]
-    evaluated = None
-    if parts:  # the run's real evaluations: a pick among them when one beats the predictions (the run's own rule)
-        evaluated = ParetoFront(*(np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("coeffs", "metrics")),
-                                names, front["senses"], label="all real evaluations")
-    handed, index = cautious_pick(pf, weights, None if evaluated is None else evaluated.nondominated())
+    if not parts or not all("predicted" in part for part in parts):
+        # written before runs handed over by the cautious rule (their result.json keeps no prediction at
+        # the real evaluations): that run handed over the predicted front's best point by its mean, and
+        # so does this save (the model in its merged/, its report and front.png)
+        index = pf.select_index(weights)
+        picked.update(preference=weights, **_front_point(front, index))
+        return pf.coeffs[index].tolist()
+    # the run's real evaluations: a pick among them when one beats the predictions (the run's own rule)
+    evaluated = ParetoFront(*(np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("coeffs", "metrics")),
+                            names, front["senses"], label="all real evaluations")
+    handed, index = cautious_pick(pf, weights, evaluated.nondominated())
     if handed is pf:
         picked.update(preference=weights, **_front_point(front, index))
         return pf.coeffs[index].tolist()
     coeffs = handed.coeffs[index]
-    picked.update(preference=weights, mean=None, std=None, prediction="none kept: one of the run's real evaluations (result.json).")
-    if all("predicted" in part for part in parts):
-        row = int(np.flatnonzero(np.all(evaluated.coeffs == coeffs, axis=1))[0])
-        mean, std = (np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("predicted", "predicted_std"))
-        picked.update(mean=mean[row], std=std[row], prediction="the finished run's model at one of its real evaluations (result.json), with its "
-                      "predictive standard deviation: measured, it scores better for this preference than any predicted model less one "
-                      "predictive standard deviation.")
+    # a row of the non-dominated subset is an exact copy of a row of ``evaluated`` (duplicates: the same
+    # coefficients, the same prediction)
+    row = int(np.flatnonzero(np.all(evaluated.coeffs == coeffs, axis=1))[0])
+    mean, std = (np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("predicted", "predicted_std"))
+    picked.update(preference=weights, mean=mean[row], std=std[row], prediction="the finished run's model at one of its real evaluations "
+                  "(result.json), with its predictive standard deviation: measured, it scores better for this preference than any "
+                  "predicted model less one predictive standard deviation.")
     return coeffs.tolist()
 
 

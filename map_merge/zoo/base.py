@@ -27,6 +27,7 @@ from ..moe.pareto_moe import CORNERS, ROUTER_STEPS
 from ..objective import ModelObjective, Task
 from ..store import EvaluationStore, as_store
 from ..task_vectors import TaskVectors
+from .cache_files import load_zoo_weights, save_zoo_weights  # noqa: F401  (the zoos import them from here)
 
 __all__ = ["Split", "ZooTask", "Zoo", "ZooObjective", "cache_root"]
 
@@ -370,45 +371,3 @@ def finetune(
     for param in encoder.parameters():
         param.requires_grad_(True)
     return losses
-
-
-def save_zoo_weights(folder: Path, pretrained: nn.Module | None, finetuned: dict[str, dict[str, torch.Tensor]], heads: dict[str, nn.Module], info: dict) -> None:
-    """Write a zoo's weights (safetensors) and info (JSON), each file written beside its name and
-    renamed into place, info.json last: a reader (another process building the same zoo) sees a
-    whole file or none, and :func:`load_zoo_weights` a complete cache or ``None``."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def atomic(name: str, write: Callable[[str], None]) -> None:
-        tmp = folder / f".{name}.tmp-{os.getpid()}"
-        try:
-            write(str(tmp))
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    if pretrained is not None:
-        atomic("pretrained.safetensors", lambda path: save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, path))
-    for name, state in finetuned.items():
-        atomic(f"finetuned-{name}.safetensors", lambda path, state=state: save_file({k: v.contiguous() for k, v in state.items()}, path))
-    head_state = {f"{name}.{k}": v.contiguous() for name, head in heads.items() for k, v in head.state_dict().items()}
-    atomic("heads.safetensors", lambda path: save_file(head_state, path))
-    atomic("info.json", lambda path: Path(path).write_text(json.dumps(info, indent=2)))
-
-
-def load_zoo_weights(folder: Path, pretrained: nn.Module | None, names: Sequence[str], heads: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Load cached weights into ``pretrained`` and ``heads``; ``None`` if the cache is incomplete."""
-    from safetensors.torch import load_file
-
-    needed = [folder / "info.json", folder / "heads.safetensors"] + [folder / f"finetuned-{n}.safetensors" for n in names]
-    if pretrained is not None:
-        needed.append(folder / "pretrained.safetensors")
-    if not all(p.exists() for p in needed):
-        return None
-    if pretrained is not None:
-        pretrained.load_state_dict(load_file(str(folder / "pretrained.safetensors")))
-    head_state = load_file(str(folder / "heads.safetensors"))
-    for name, head in heads.items():
-        head.load_state_dict({k[len(name) + 1 :]: v for k, v in head_state.items() if k.startswith(name + ".")})
-    return {n: load_file(str(folder / f"finetuned-{n}.safetensors")) for n in names}

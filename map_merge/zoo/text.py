@@ -208,7 +208,10 @@ def load_text_zoo(
             seed=seed + TEXT_TASKS.index(name), frozen=lambda n: n.startswith("embeddings."), desc=f"fine-tuning {name}", progress=progress,
         )
         finetuned[name] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
-        save_zoo_weights(folder, None, {name: finetuned[name]}, {name: heads[name]}, {**info, "task": name, "final_loss": float(np.mean(losses[-10:]))})
+        if not save_zoo_weights(folder, None, {name: finetuned[name]}, {name: heads[name]},
+                                {**info, "task": name, "final_loss": float(np.mean(losses[-10:]))}, replace=rebuild):
+            # another process finished this task first: use its build, as every other process does
+            finetuned[name] = (load_zoo_weights(folder, None, [name], {name: heads[name]}) or finetuned)[name]
         del encoder
     for head in heads.values():
         head.eval()

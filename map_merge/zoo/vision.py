@@ -161,8 +161,9 @@ def load_vision_zoo(
             encoder.load_state_dict(pretrained.state_dict())
             finetune(encoder, heads[name], _features, data[name][0]["train"], epochs=10, lr=1e-3, batch_size=32, seed=seed + k + 1, desc=name, progress=progress)
             finetuned[name] = {k2: v.detach().clone() for k2, v in encoder.state_dict().items()}
-        if folder is not None:
-            save_zoo_weights(folder, pretrained, finetuned, heads, info)
+        if folder is not None and not save_zoo_weights(folder, pretrained, finetuned, heads, info, replace=rebuild):
+            # another process finished the same zoo first: use its build, as every other process does
+            finetuned = load_zoo_weights(folder, pretrained, names, heads) or finetuned
     zoo_tasks = {name: ZooTask(name, data[name][1], data[name][0], heads[name]) for name in names}
     pretrained.eval()
     for head in heads.values():

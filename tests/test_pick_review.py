@@ -1,0 +1,96 @@
+"""The model a run hands over (pareto.cautious_pick) at its edges, and ``map-merge save --preference``
+reading a run's result.json: hand-computed scores as ground truth."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+import map_merge as mm
+from map_merge.pareto import cautious_pick
+
+from conftest import quadratic_pair
+
+
+def test_cautious_pick_never_hands_over_a_point_whose_std_is_unknown():
+    front = mm.ParetoFront(np.array([[0.0], [0.5], [1.0]]), np.array([[0.9, 0.1], [0.6, 0.6], [0.2, 0.9]]), ("a", "b"), ("max", "max"),
+                           std=np.array([[np.nan, 0.01], [0.01, 0.01], [0.01, np.inf]]))
+    # preference (1, 1): point 0 unknown; 0.6 - sqrt(2 * 0.25 * 1e-4) = 0.5929 against 0.55 - inf
+    assert cautious_pick(front, [1, 1]) == (front, 1)
+    # preference (1, 0): b plays no part (point 2's infinite std on b included): 0.6 - 0.01 and 0.2 - 0.01; point 0 unknown
+    assert cautious_pick(front, [1, 0]) == (front, 1)
+    # preference (0, 1): a plays no part (point 0's unknown std on a included): 0.1 - 0.01, 0.6 - 0.01, 0.9 - inf
+    assert cautious_pick(front, [0, 1]) == (front, 1)
+    unknown = mm.ParetoFront(front.coeffs, front.metrics, ("a", "b"), ("max", "max"), std=np.full((3, 2), np.nan))
+    with pytest.raises(ValueError, match="no front point has a finite"):
+        cautious_pick(unknown, [1, 1])
+    real = mm.ParetoFront(np.array([[0.3]]), np.array([[0.1, 0.2]]), ("a", "b"), ("max", "max"))
+    assert cautious_pick(unknown, [1, 1], real) == (real, 0)  # nothing predicted is known: the real evaluation
+
+
+def test_a_result_without_real_evaluations_still_picks_from_its_front():
+    result = mm.MAP(sampling="design", link="identity").fit(mm.FunctionObjective(quadratic_pair, 2, ["a", "b"]), 2)
+    result.samples = mm.Samples(np.zeros((0, 2)), np.zeros((0, 2)))
+    w = np.array([0.25, 0.75])
+    brute = np.argmax(result.front.metrics @ w - np.sqrt(result.front.std**2 @ w**2))  # every point's cautious score
+    np.testing.assert_array_equal(result.select([1, 3]), result.front.coeffs[brute])
+
+
+def _result_json(tmp_path, predicted: bool, sample_metrics):
+    """A map run's result.json by hand: a predicted front of two points, the samples (and a
+    re-evaluated front point, a copy of the first sample)."""
+    samples = {"coeffs": [[0.3, 0.3], [0.9, 0.1]], "metrics": sample_metrics, "round": [0, 0]}
+    real = {"label": "MAP real", "task_names": ["a", "b"], "senses": ["max", "max"], "coeffs": [[0.3, 0.3]], "metrics": [sample_metrics[0]]}
+    if predicted:
+        samples.update(predicted=[[0.41, 0.39], [0.69, 0.05]], predicted_std=[[0.02, 0.03], [0.04, 0.05]])
+        real.update(predicted=[[0.41, 0.39]], predicted_std=[[0.02, 0.03]])
+    result = {"task_names": ["a", "b"], "senses": ["max", "max"], "samples": samples, "real_front": real,
+              "front": {"label": "MAP predicted", "task_names": ["a", "b"], "senses": ["max", "max"], "coeffs": [[0.0, 0.0], [1.0, 1.0]],
+                        "metrics": [[0.8, 0.2], [0.5, 0.6]], "std": [[0.35, 0.35], [0.01, 0.01]]},
+              "summary": {"command": "map"}}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+
+
+def _saved(tmp_path, preference: str):
+    from map_merge.cli.save import _coeffs_for
+
+    picked = {}
+    coeffs = _coeffs_for(argparse.Namespace(coeffs=None, preference=preference), tmp_path, picked)
+    return coeffs, picked
+
+
+def test_save_preference_hands_over_what_the_run_that_wrote_result_json_handed_over(tmp_path):
+    # preference (1, 0): by the mean 0.8 against 0.5 (point 0); cautious 0.8 - 0.35 = 0.45 against 0.5 - 0.01 = 0.49 (point 1);
+    # the samples score 0.4 and 0.7 for real
+    _result_json(tmp_path, predicted=False, sample_metrics=[[0.4, 0.4], [0.7, 0.0]])
+    coeffs, picked = _saved(tmp_path, "1,0")  # written before the cautious rule: that run handed over the mean's pick
+    assert coeffs == [0.0, 0.0]
+    np.testing.assert_array_equal(picked["mean"], [0.8, 0.2])
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.4, 0.4], [0.7, 0.0]])
+    coeffs, picked = _saved(tmp_path, "1,0")  # the run's rule: 0.7 real beats 0.49
+    assert coeffs == [0.9, 0.1]
+    np.testing.assert_array_equal(picked["mean"], [0.69, 0.05])
+    np.testing.assert_array_equal(picked["std"], [0.04, 0.05])
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.4, 0.4], [0.45, 0.0]])
+    assert _saved(tmp_path, "1,0")[0] == [1.0, 1.0]  # 0.49 predicted beats 0.45 real
+    # preference (1, 1): 0.55 - sqrt(2 * 0.25 * 1e-4) = 0.5429 predicted against 0.60 real for the duplicated sample (0.3, 0.3)
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.5, 0.7], [0.45, 0.0]])
+    coeffs, picked = _saved(tmp_path, "1,1")
+    assert coeffs == [0.3, 0.3]
+    np.testing.assert_array_equal(picked["mean"], [0.41, 0.39])
+
+
+def test_report_says_when_the_pick_is_a_real_evaluation(monkeypatch):
+    from map_merge.cli import report_text
+
+    monkeypatch.setattr(report_text, "block_markdown", lambda report: "")
+    report = {"command": "map", "config": "run.yaml", "mergekit": None, "models": {"pretrained": "p", "finetuned": {"a": "x", "b": "y"}},
+              "metrics": [{"axis": "a", "task": "a"}, {"axis": "b", "task": "b"}], "settings": {}, "method": "MAP",
+              "operator": {"name": "task_arithmetic"}, "run": {"budget": 8, "evaluations": 8, "models_evaluated": 8, "from_store": 0},
+              "extra_evaluations": {"models_evaluated": 0, "from_store": 0}, "files": {"front.png": "the front plot"}, "out": "out",
+              "pick": {"measured": True}}
+    text = report_text.report_markdown(report)
+    assert "(a gold star, one of the run's real evaluations)" in text and "predicted)" not in text
+    report["pick"]["measured"] = False
+    assert "(a gold star, predicted)" in report_text.report_markdown(report)
