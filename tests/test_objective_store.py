@@ -79,7 +79,7 @@ RESUME_SCRIPT = textwrap.dedent(
     def fn(c):
         with open(log_path, "a") as f:
             f.write(",".join(f"{x:.6f}" for x in c) + "\\n")
-        time.sleep(0.15)
+        time.sleep(0.3)  # long enough that the test kills it mid-run on a loaded machine
         return np.array([np.sin(3 * c).sum(), np.cos(2 * c).prod()])
 
     obj = mm.FunctionObjective(fn, 3, ["s", "c"], batched=False, key="resume", store=mm.EvaluationStore(store_path))
