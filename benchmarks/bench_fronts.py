@@ -140,6 +140,12 @@ RULES = {"pick_regret_best_mean": "best predicted mean", "pick_regret": "mean - 
          "pick_regret_half_std": "the same with 0.5 std", "eval_pick_regret": "best evaluated model by validation score"}
 
 
+def _regret_text(value: float) -> str:
+    """A regret to two significant digits; rounding noise around 0 (the grid's own pick on a
+    noise-free problem) shown as 0."""
+    return "0" if abs(value) < 1e-12 else f"{value:.2g}"
+
+
 def rules_table(out: Path, method: str = "MAP") -> str:
     """``method``'s test pick regret under each pick rule (the same runs), one column per problem,
     and the whole grid's validation pick; the best rule of each column in bold."""
@@ -155,7 +161,7 @@ def rules_table(out: Path, method: str = "MAP") -> str:
         for key in RULES:
             value = entry[f"{key}_mean"]
             cells[key, column] = f"**{value:.2g}**" if value == best else f"{value:.2g}"
-        cells["grid", column] = f"*{payload['grid_pick_regret']:.2g}*" if "grid_pick_regret" in payload else "-"
+        cells["grid", column] = f"*{_regret_text(payload['grid_pick_regret'])}*" if "grid_pick_regret" in payload else "-"
     if not columns:
         return ""
     lines = [f"| {method}'s pick rule | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
@@ -178,7 +184,7 @@ def wide_table(out: Path) -> str:
         column = f"{name} T={payload['tasks']} (B={payload['budget']}" + (f", {seeds} seeds)" if seeds and seeds != 5 else ")")
         settings.append(column)
         if "grid_pick_regret" in payload:
-            references[column] = f"*1 / {payload['grid_pick_regret']:.2g}*"
+            references[column] = f"*1 / {_regret_text(payload['grid_pick_regret'])}*"
         budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
         best_hv = max(s["hv_ratio_mean"] for s in budgeted)
         best_regret = min(s.get("pick_regret_mean", np.inf) for s in budgeted)
