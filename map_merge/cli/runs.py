@@ -147,8 +147,9 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
     _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels, pick=(result.front, preference, result.evaluated_front()),
                  recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
-    handed, index = result.choice(preference)  # a predicted front point, or a real evaluation that beats the predictions
-    chosen = handed.coeffs[index].copy()
+    chosen = result.select(preference)  # a predicted front point, or a real evaluation that beats the predictions
+    handed, index = result.choice(preference)  # which of the two (for the report's words)
+    measured_pick = handed is not result.front and np.array_equal(handed.coeffs[index], chosen)
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
     summary.update(budget=budget, sampling=sampling if command == "map" else "bayesian", samples=len(result.samples),
                    reevaluated=0 if result.real_front is None else len(result.real_front), diagnostics=result.diagnostics(),
@@ -159,7 +160,7 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     model = result.settings.get("model", "gp")
     what = {"gp": "Gaussian processes", "quadratic+gp": "quadratic surrogates plus a Gaussian process on their residuals",
             "quadratic": "quadratic surrogates"}.get(model, model)
-    measured = "" if handed is result.front else (" The pick is one of the run's real evaluations: measured, it scores better for your "
+    measured = "" if not measured_pick else (" The pick is one of the run's real evaluations: measured, it scores better for your "
                                                   "preference than any predicted model less one predictive standard deviation.")
     pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
                   f"evaluations) at these coefficients, with its predictive standard deviation.{measured}", measured=bool(measured))
