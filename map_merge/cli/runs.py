@@ -148,8 +148,7 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels, pick=(result.front, preference, result.evaluated_front()),
                  recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
     chosen = result.select(preference)  # a predicted front point, or a real evaluation that beats the predictions
-    handed, index = result.choice(preference)  # which of the two (for the report's words)
-    measured_pick = handed is not result.front and np.array_equal(handed.coeffs[index], chosen)
+    measured_pick = not np.all(result.front.coeffs == chosen, axis=1).any()  # not on the predicted front: a real evaluation
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
     summary.update(budget=budget, sampling=sampling if command == "map" else "bayesian", samples=len(result.samples),
                    reevaluated=0 if result.real_front is None else len(result.real_front), diagnostics=result.diagnostics(),
