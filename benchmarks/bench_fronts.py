@@ -56,7 +56,7 @@ from map_merge import plots  # noqa: E402
 from map_merge.baselines import lambda_sweep  # noqa: E402
 from map_merge.compare import BUDGETED, run_method  # noqa: E402
 from map_merge.objective import check_senses  # noqa: E402
-from map_merge.pareto import orient, pareto_mask  # noqa: E402
+from map_merge.pareto import cautious_pick, orient, pareto_mask  # noqa: E402
 
 GRID = {"analytic": {2: 21, 3: 9, 4: 6}, "vision": {2: 21, 3: 9, 4: 6}, "text": {2: 9, 3: 5}, "lm": {2: 21, 3: 9},
         "lm_acc": {2: 11, 3: 6}}
@@ -137,7 +137,15 @@ def summarize(out: Path) -> Path:
 
 
 RULES = {"pick_regret_best_mean": "best predicted mean", "pick_regret": "mean - 1 std, unless a real evaluation scores more (default)",
-         "pick_regret_half_std": "the same with 0.5 std", "eval_pick_regret": "best evaluated model by validation score"}
+         "pick_regret_half_std": "the same with 0.5 std",
+         "pick_regret_posterior": "mean - 1 std, real evaluations scored by the model at them",
+         "eval_pick_regret": "best evaluated model by validation score"}
+
+
+def _handed(choice: tuple) -> np.ndarray:
+    """The coefficients of a ``(front, index)`` pick."""
+    front, index = choice
+    return front.coeffs[index]
 
 
 def _regret_text(value: float) -> str:
@@ -157,10 +165,10 @@ def rules_table(out: Path, method: str = "MAP") -> str:
             continue
         column = f"{ {'lm': 'LM loss', 'lm_acc': 'LM lm-eval'}.get(payload['label'], payload['label'])} T={payload['tasks']}"
         columns.append(column)
-        best = min(entry[f"{key}_mean"] for key in RULES)
+        best = min(entry.get(f"{key}_mean", np.inf) for key in RULES)
         for key in RULES:
-            value = entry[f"{key}_mean"]
-            cells[key, column] = f"**{value:.2g}**" if value == best else f"{value:.2g}"
+            value = entry.get(f"{key}_mean")
+            cells[key, column] = "-" if value is None else f"**{value:.2g}**" if value == best else f"{value:.2g}"
         cells["grid", column] = f"*{_regret_text(payload['grid_pick_regret'])}*" if "grid_pick_regret" in payload else "-"
     if not columns:
         return ""
@@ -209,6 +217,7 @@ def main() -> None:
     p.add_argument("--size", default=None, help="lm zoo size (default small; tiny with --quick)")
     p.add_argument("--per-axis", type=int, default=None, help="reference grid points per axis (default: GRID of the problem)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (with --update: add seeds to a table)")
     p.add_argument("--budget", type=int, default=None, help="real evaluations per budgeted method (default 22 / 40 / 60 at T = 2 / 3 / 4)")
     p.add_argument("--reevaluations", type=int, default=10, help="front re-evaluations inside the budget of MAP (design) / Bayesian MAP")
     p.add_argument("--methods", default=",".join(METHODS), help=f"budgeted methods, from {BUDGETED + PEERS}")
@@ -251,7 +260,7 @@ def main() -> None:
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
     per_axis = args.per_axis or (GRID[label][num] if not args.quick else 5)
     budget = args.budget or (BUDGET[num] if not args.quick else 10)
-    seeds = list(range(1 if args.quick else args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + (1 if args.quick else args.seeds)))
     reevaluations = max(0, min(args.reevaluations, budget - mm.num_quadratic_params(num)))  # inside the budget of the design variants
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
@@ -312,6 +321,10 @@ def main() -> None:
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")
             row["pick_regret_best_mean"] = test_regret(np.stack([result.front.select(w) for w in prefs]))
             row["pick_regret_half_std"] = test_regret(np.stack([result.select(w, caution=0.5) for w in prefs]))
+            real = result.real_evaluations()
+            posterior = result.predict(real.coeffs, return_std=True)
+            row["pick_regret_posterior"] = test_regret(np.stack([_handed(cautious_pick(result.front, w, real, posterior=posterior))
+                                                                 for w in prefs]))
         rows.append(row)
         if seed == 0:
             examples[method] = metrics
@@ -320,28 +333,32 @@ def main() -> None:
         earlier = json.loads((out / f"{name}.json").read_text())
         if earlier.get("version") != 3 or earlier.get("budget") != budget or earlier.get("grid_points") != len(grid):
             raise SystemExit(f"--update: {out / name}.json was made with other settings (version, budget or grid); rerun everything")
-        rerun = set(methods) | set(chosen_sweeps)
-        rows = [r for r in earlier["rows"] if r["method"] not in rerun] + rows
-        examples = {**{k: np.array(v) for k, v in earlier.get("examples", {}).items() if k not in rerun}, **examples}
+        rerun = {(m, s) for m in methods for s in seeds} | {(m, 0) for m in chosen_sweeps}
+        rows = [r for r in earlier["rows"] if (r["method"], r["seed"]) not in rerun] + rows
+        fresh = set(examples)  # seed 0's evaluations when seed 0 was rerun
+        examples = {**{k: np.array(v) for k, v in earlier.get("examples", {}).items() if k not in fresh}, **examples}
         order = list(dict.fromkeys([*earlier.get("methods", []), *methods]))
-        rows.sort(key=lambda r: (r["budgeted"], order.index(r["method"]) if r["method"] in order else -1))
+        rows.sort(key=lambda r: (r["budgeted"], order.index(r["method"]) if r["method"] in order else -1, r["seed"]))
         methods = order
     summary = []
-    keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "eval_pick_regret", "pick_regret_best_mean", "pick_regret_half_std", "propose_s",
-            "evaluate_s", "propose_median_s")
+    keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "eval_pick_regret", "pick_regret_best_mean", "pick_regret_half_std",
+            "pick_regret_posterior", "propose_s", "evaluate_s", "propose_median_s")
     for method in dict.fromkeys(r["method"] for r in rows):
         sub = [r for r in rows if r["method"] == method]
         entry = {"method": method, "evaluations": sub[0]["evaluations"], "seeds": len(sub), "budgeted": sub[0]["budgeted"]}
         for key in keys:
             values = [r[key] for r in sub if key in r]
-            if values:
+            if values and len(values) == len(sub):  # a rule measured on only some seeds is not summarised
                 entry[f"{key}_mean"], entry[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
         summary.append(entry)
     meaning = {"analytic": "a smooth black box (higher is better)", "vision": "accuracy (higher is better)", "text": "accuracy (higher is better)",
                "lm": "held-out loss (nats/token, lower is better)", "lm_acc": "lm-eval multiple-choice accuracy (higher is better)"}
+    budgeted_methods = dict.fromkeys(r["method"] for r in rows if r["budgeted"])
+    num_seeds = min((len({r["seed"] for r in rows if r["method"] == m}) for m in budgeted_methods), default=0)
     path = write(out, name, {
         "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
-        "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "seeds": len(seeds), "methods": methods, "threads": args.threads,
+        "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "methods": methods, "threads": args.threads,
+        "seeds": num_seeds,
         "size": (args.size or ("tiny" if args.quick else "small")) if lm else None, "val_examples": args.val_examples,
         "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),
         "hv_reference": {k: (sign * v).tolist() for k, v in nadir.items()},
@@ -352,7 +369,7 @@ def main() -> None:
         "rows": rows, "summary": summary, "examples": {k: np.asarray(v).tolist() for k, v in examples.items()}})
     budgeted = [s for s in summary if s["budgeted"]]
     colors = ["C0" if s["method"] in MODEL_PICKS else "C7" for s in budgeted]
-    title = f"{label}, T={num}, {budget} real evaluations, {len(seeds)} seeds ({meaning[label]})"
+    title = f"{label}, T={num}, {budget} real evaluations, {num_seeds} seeds ({meaning[label]})"
     plots.plot_bars({s["method"]: (s["hv_ratio_mean"], s["hv_ratio_std"]) for s in budgeted}, "hypervolume ratio to the dense grid's front",
                     title=title, colors=colors, path=out / f"{name}.png")
     plots.plot_bars({s["method"]: (s["pick_regret_mean"], s["pick_regret_std"]) for s in summary}, "test regret of the picks (lower is better)",

@@ -211,7 +211,7 @@ def _experiment(zoo, names: list[str], store: EvaluationStore, out: Path, split:
     fronts = {name: run.metrics for name, run in runs.items()}
     fronts = {"MAP predicted": map_result.front, **fronts}
     labels = objective.metric_labels  # axes: task, metric, unit, which way is better
-    pick = plots.pick_mark(map_result.front, equal, "MAP pick (predicted)", evaluated=map_result.evaluated_front())
+    pick = plots.pick_mark(map_result.front, equal, "MAP pick (predicted)", choice=map_result.choice(equal))
     if num == 2:
         plots.plot_front_2d(fronts, names, samples=None, reference=reference[np.argsort(reference[:, 0])], senses=senses,
                             lines={name: True for name in fronts}, reference_label="reference front (all real evaluations)",

@@ -169,7 +169,8 @@ class ParetoFront:
 
 
 def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: "ParetoFront | None" = None,
-                  caution: float = PICK_CAUTION) -> tuple["ParetoFront", int]:
+                  caution: float = PICK_CAUTION, posterior: "tuple[np.ndarray, np.ndarray] | None" = None
+                  ) -> tuple["ParetoFront", int]:
     """The model handed to a user who prefers ``preference: (M,)``: ``(front it comes from, index)``.
 
     Scores are weighted sums ``<w, oriented metrics>`` with ``w`` the preference normalised to sum 1.
@@ -177,32 +178,45 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
     sqrt(<w**2, std**2>)`` (its predictive ``std``; a front without one: the mean alone) is handed
     over unless a point of ``evaluated`` (real evaluations, same metrics) scores higher for real:
     then that one. A prediction is trusted as far as its uncertainty, and never over a model already
-    measured to be better than the prediction can promise. A metric weighted 0 plays no part; a
-    point whose score or std is NaN is never picked over one that is known (``ValueError`` when no
-    point is known and nothing was evaluated)."""
+    measured to be better than the prediction can promise.
+
+    ``posterior = (mean (E, M), std (E, M))``, the model's prediction at the E evaluated points,
+    scores them like predicted points instead of by their measurements (an alternative rule for
+    noisy metrics, measured in docs/fronts.md; not the default). A metric weighted 0 plays no part;
+    a point whose score or std is NaN is never picked over one that is known (``ValueError`` when
+    no point is known)."""
     if float(caution) < 0 or not np.isfinite(caution):
         raise ValueError(f"caution must be a finite number >= 0, got {caution}")
     if len(front) == 0:
         raise ValueError("the front is empty: there is nothing to pick from")
     w = check_preference(preference, len(front.task_names))
     used = w > 0  # a metric weighted 0 plays no part, whatever its value or std (0 * inf is NaN)
-    score = np.where(used, front.oriented, 0.0) @ w
-    if front.std is not None and caution > 0:
-        std = np.where(used, np.asarray(front.std, dtype=np.float64), 0.0)
-        score = score - float(caution) * np.sqrt(std**2 @ w**2)
-    # a point whose weighted score or uncertainty is unknown (NaN) is not trusted: never picked over
-    # one that is known (np.argmax would return the first NaN)
-    score = np.where(np.isnan(score), -np.inf, score)
+
+    def cautious(oriented: np.ndarray, std: np.ndarray | None) -> np.ndarray:
+        score = np.where(used, oriented, 0.0) @ w
+        if std is not None and caution > 0:
+            score = score - float(caution) * np.sqrt(np.where(used, np.asarray(std, dtype=np.float64), 0.0) ** 2 @ w**2)
+        # a point whose weighted score or uncertainty is unknown (NaN) is not trusted: never picked over
+        # one that is known (np.argmax would return the first NaN)
+        return np.where(np.isnan(score), -np.inf, score)
+
+    score = cautious(front.oriented, front.std)
     real = None
     if evaluated is not None and len(evaluated):
         if tuple(evaluated.senses) != tuple(front.senses) or len(evaluated.task_names) != len(front.task_names):
             raise ValueError(f"the evaluated points have senses {evaluated.senses}, the front {front.senses}")
-        real = np.where(used, evaluated.oriented, 0.0) @ w
+        if posterior is None:
+            real = cautious(evaluated.oriented, None)
+        else:
+            mean, std = (np.atleast_2d(np.asarray(part, dtype=np.float64)) for part in posterior)
+            if mean.shape != evaluated.metrics.shape or std.shape != evaluated.metrics.shape:
+                raise ValueError(f"the posterior at the evaluated points has shapes {mean.shape} and {std.shape}; "
+                                 f"expected {evaluated.metrics.shape}, one row per evaluated point")
+            real = cautious(orient(mean, evaluated.senses), std)
     if not np.isfinite(score).any() and (real is None or not np.isfinite(real).any()):
         raise ValueError(f"no front point has a finite weighted score{'' if front.std is None else ' and predictive std'} "
                          f"for preference {w.tolist()}, and no real evaluation to pick instead")
     best = int(np.argmax(score))
-    if real is not None:
-        if real.max() > score[best]:
-            return evaluated, int(np.argmax(real))
+    if real is not None and real.max() > score[best]:
+        return evaluated, int(np.argmax(real))
     return front, best

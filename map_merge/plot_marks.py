@@ -72,18 +72,22 @@ class Mark:
         return text
 
 
-def pick_mark(front: Any, preference: Sequence[float], label: str = "pick", evaluated: Any = None) -> Mark:
+def pick_mark(front: Any, preference: Sequence[float], label: str = "pick", evaluated: Any = None,
+              choice: "tuple[Any, int] | None" = None) -> Mark:
     """The point that ``preference`` picks, labelled with the preference: from ``front`` (a
-    :class:`~map_merge.ParetoFront`; :meth:`~map_merge.ParetoFront.select_index`) or, given the
-    real ``evaluated`` points, the pick a run hands over (:func:`~map_merge.pareto.cautious_pick`:
-    a real evaluation that beats the prediction is marked as one, "(predicted)" in ``label`` then
-    reads "(real evaluation)")."""
-    if evaluated is None:
-        chosen, index = front, front.select_index(preference)
-    else:
+    :class:`~map_merge.ParetoFront`; :meth:`~map_merge.ParetoFront.select_index`); given
+    ``choice``, the ``(front, index)`` a run hands over (:meth:`~map_merge.MAPResult.choice`);
+    given the real ``evaluated`` points alone, :func:`~map_merge.pareto.cautious_pick` on their
+    measured metrics. A pick that is a real evaluation (not a point of ``front``) is marked as one:
+    "(predicted)" in ``label`` then reads "(real evaluation)"."""
+    if choice is not None:
+        chosen, index = choice
+    elif evaluated is not None:
         chosen, index = cautious_pick(front, preference, evaluated)
-        if chosen is evaluated:
-            label = label.replace("(predicted)", "(real evaluation)")
+    else:
+        chosen, index = front, front.select_index(preference)
+    if chosen is not front:
+        label = label.replace("(predicted)", "(real evaluation)")
     return Mark(chosen.metrics[index], chosen.coeffs[index], f"{label}, preference ({_fmt(np.asarray(preference, dtype=float))})")
 
 

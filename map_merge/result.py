@@ -89,9 +89,19 @@ class MAPResult:
 
     def choice(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> tuple[ParetoFront, int]:
         """``(front, index)`` of :meth:`select`'s pick: ``self.front`` (a prediction) or
-        :meth:`evaluated_front` (a real evaluation; none to pick from when the result holds none)."""
-        evaluated = self.evaluated_front() if len(self.samples) or self.real_front is not None else None
-        return cautious_pick(self.front, preference, evaluated, caution)
+        :meth:`real_evaluations` (a real evaluation, with its measured metrics)."""
+        return cautious_pick(self.front, preference, self.real_evaluations(), caution)
+
+    def real_evaluations(self) -> ParetoFront | None:
+        """Every real evaluation (the samples, then the re-evaluated front points), dominated ones
+        included, as a :class:`ParetoFront` labelled "all real evaluations"; ``None`` without any."""
+        parts = [(self.samples.coeffs, self.samples.metrics)] if len(self.samples) else []
+        if self.real_front is not None:
+            parts.append((self.real_front.coeffs, self.real_front.metrics))
+        if not parts:
+            return None
+        return ParetoFront(np.concatenate([c for c, _ in parts]), np.concatenate([m for _, m in parts]), self.task_names, self.senses,
+                           label="all real evaluations")
 
     def reevaluate(self, objective: Callable[[np.ndarray], np.ndarray], max_points: int | None = 20, index: Sequence[int] | None = None) -> ParetoFront:
         """Evaluate front points on the real objective ("MAP real"); stored in ``real_front``.
@@ -168,12 +178,10 @@ class MAPResult:
     def evaluated_front(self) -> ParetoFront:
         """Non-dominated set of every real evaluation made: the samples and the re-evaluated
         front points (each is a real merged model a user can pick)."""
-        coeffs, metrics = self.samples.coeffs, self.samples.metrics
-        if self.real_front is not None:
-            coeffs = np.concatenate([coeffs, self.real_front.coeffs])
-            metrics = np.concatenate([metrics, self.real_front.metrics])
-        front = ParetoFront(coeffs, metrics, self.task_names, self.senses, label="all real evaluations")
-        return front.nondominated()
+        evaluated = self.real_evaluations()
+        if evaluated is None:
+            raise ValueError("empty Pareto front (all real evaluations): no points to choose from")
+        return evaluated.nondominated()
 
     def to_dict(self) -> dict[str, Any]:
         out = {

@@ -44,3 +44,18 @@ def test_benchmark_runs_quick(script, args, outputs, tmp_path):
         assert len(regrets) == 3 and all(np.isfinite(regrets))  # task arithmetic, MAP, CMA-ES (one seed with --quick)
         # against the grid's front: 1 means as large as the grid's; the grid's own best weighted test scores are recorded
         assert all(r["hv_ratio"] >= 0.0 for r in payload["rows"]) and len(payload["grid_best_weighted_test"]) == 3
+
+
+def test_bench_fronts_update_adds_seeds_to_a_table(tmp_path):
+    """``--update --first-seed`` adds seeds: the earlier rows of every (method, seed) not rerun stay."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic"]
+    subprocess.run([*base, "--methods", "random search,CMA-ES"], check=True, cwd=ROOT)
+    first = json.loads((tmp_path / "fronts_analytic_T2.json").read_text())
+    subprocess.run([*base, "--methods", "random search", "--update", "--first-seed", "1"], check=True, cwd=ROOT)
+    payload = json.loads((tmp_path / "fronts_analytic_T2.json").read_text())
+    pairs = sorted((r["method"], r["seed"]) for r in payload["rows"])
+    assert pairs == [("CMA-ES", 0), ("random search", 0), ("random search", 1)]
+    kept = next(r for r in payload["rows"] if (r["method"], r["seed"]) == ("random search", 0))
+    assert kept == next(r for r in first["rows"] if r["method"] == "random search")
+    assert payload["seeds"] == 1  # CMA-ES has one seed: the table says the fewest
+    assert next(s for s in payload["summary"] if s["method"] == "random search")["seeds"] == 2

@@ -94,3 +94,43 @@ def test_report_says_when_the_pick_is_a_real_evaluation(monkeypatch):
     assert "(a gold star, one of the run's real evaluations)" in text and "predicted)" not in text
     report["pick"]["measured"] = False
     assert "(a gold star, predicted)" in report_text.report_markdown(report)
+
+
+def test_a_real_evaluation_is_scored_by_the_model_that_has_seen_it():
+    front = mm.ParetoFront(np.array([[0.0], [1.0]]), np.array([[0.8, 0.2], [0.5, 0.6]]), ("a", "b"), ("max", "max"),
+                           std=np.array([[0.3, 0.3], [0.01, 0.01]]))
+    # preference (1, 1): the front's best cautious score is 0.55 - sqrt(2 * 0.25 * 1e-4) = 0.5429 (point 1)
+    lucky = mm.ParetoFront(np.array([[0.3], [0.6]]), np.array([[0.62, 0.60], [0.50, 0.50]]), ("a", "b"), ("max", "max"))
+    # measured: 0.61 beats 0.5429; the model at it: mean (0.52, 0.54), std 0.02 -> 0.53 - sqrt(2 * 0.25 * 4e-4) = 0.5159, loses
+    shrunk = (np.array([[0.52, 0.54], [0.50, 0.50]]), np.array([[0.02, 0.02], [0.02, 0.02]]))
+    assert cautious_pick(front, [1, 1], lucky) == (lucky, 0)
+    assert cautious_pick(front, [1, 1], lucky, posterior=shrunk) == (front, 1)
+    # a model sure of the second evaluation (mean (0.6, 0.58), std 0): 0.59 beats 0.5429
+    sure = (np.array([[0.52, 0.54], [0.60, 0.58]]), np.array([[0.02, 0.02], [0.0, 0.0]]))
+    assert cautious_pick(front, [1, 1], lucky, posterior=sure) == (lucky, 1)
+    # caution 0: the means alone, 0.55 against 0.53 and 0.59
+    assert cautious_pick(front, [1, 1], lucky, caution=0.0, posterior=shrunk) == (front, 1)
+    with pytest.raises(ValueError, match="one row per evaluated point"):
+        cautious_pick(front, [1, 1], lucky, posterior=(shrunk[0][:1], shrunk[1][:1]))
+
+
+def test_a_run_picks_the_best_cautious_score_over_its_front_and_its_evaluations():
+    rng = np.random.default_rng(3)
+
+    def noisy(c):  # a smooth pair of metrics plus measurement noise
+        return quadratic_pair(c) + 0.02 * rng.standard_normal((len(np.atleast_2d(c)), 2))
+
+    result = mm.MAP(budget=14, seed=0).fit(mm.FunctionObjective(noisy, 2, ["a", "b"]), 2)
+    evaluated = result.real_evaluations()
+    assert len(evaluated) == 14  # every real evaluation, dominated ones included
+    mean, std = result.predict(result.front.coeffs, return_std=True)
+    np.testing.assert_allclose(mean, result.front.metrics, atol=1e-9)
+    for w in ([1, 0], [0, 1], [1, 1], [1, 3]):
+        w = np.asarray(w, float) / np.sum(w)
+        # by hand: the front's cautious scores against the measured scores of every evaluation
+        predicted = mean @ w - np.sqrt(std**2 @ w**2)
+        measured = evaluated.metrics @ w
+        brute = evaluated.coeffs[np.argmax(measured)] if measured.max() > predicted.max() else result.front.coeffs[np.argmax(predicted)]
+        np.testing.assert_array_equal(result.select(w), brute)
+        handed, index = result.choice(w)
+        assert handed.label == ("all real evaluations" if measured.max() > predicted.max() else result.front.label)

@@ -145,10 +145,10 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     if result.real_front is not None:
         fronts["real (re-evaluated)"] = result.real_front
     recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
-    _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels, pick=(result.front, preference, result.evaluated_front()),
-                 recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
-    chosen = result.select(preference)  # a predicted front point, or a real evaluation that beats the predictions
-    measured_pick = not np.all(result.front.coeffs == chosen, axis=1).any()  # not on the predicted front: a real evaluation
+    handed, index = result.choice(preference)  # a predicted front point, or a real evaluation that beats the predictions
+    chosen, measured_pick = handed.coeffs[index].copy(), handed is not result.front
+    _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels,
+                 pick=(result.front, preference, (handed, index)), recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
     summary.update(budget=budget, sampling=sampling if command == "map" else "bayesian", samples=len(result.samples),
                    reevaluated=0 if result.real_front is None else len(result.real_front), diagnostics=result.diagnostics(),
@@ -215,10 +215,10 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
 
 
 def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick=None, recipe=None) -> None:
-    """``labels``: the objective's metric labels; ``pick``: ``(front, preference, real evaluations)``; ``recipe``: ``(coeffs, metrics)``."""
+    """``labels``: the objective's metric labels; ``pick``: ``(front, preference, (handed front, index))``; ``recipe``: ``(coeffs, metrics)``."""
     from .. import plots
 
-    pick = plots.pick_mark(pick[0], pick[1], label="your pick (predicted)", evaluated=pick[2]) if pick is not None else None
+    pick = plots.pick_mark(pick[0], pick[1], label="your pick (predicted)", choice=pick[2]) if pick is not None else None
     marks = {"your recipe": plots.Mark(recipe[1], recipe[0], "your recipe (evaluated)")} if recipe is not None else None
 
     def write(temp: Path) -> None:
