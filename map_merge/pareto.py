@@ -184,7 +184,9 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
     scores them like predicted points instead of by their measurements (an alternative rule for
     noisy metrics, measured in docs/fronts.md; not the default). A metric weighted 0 plays no part;
     a point whose score or std is NaN is never picked over one that is known (``ValueError`` when
-    no point is known)."""
+    no point is known). Of real evaluations tied on the top score, a dominated one is never
+    handed over (the first undominated one is: the pick is the same over all real evaluations as
+    over their non-dominated set)."""
     if float(caution) < 0 or not np.isfinite(caution):
         raise ValueError(f"caution must be a finite number >= 0, got {caution}")
     if len(front) == 0:
@@ -218,5 +220,18 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
                          f"for preference {w.tolist()}, and no real evaluation to pick instead")
     best = int(np.argmax(score))
     if real is not None and real.max() > score[best]:
-        return evaluated, int(np.argmax(real))
+        return evaluated, _best_undominated(real, evaluated.oriented)
     return front, best
+
+
+def _best_undominated(score: np.ndarray, oriented: np.ndarray) -> int:
+    """Index of the first point with the top ``score: (N,)`` that no other top point dominates
+    (``oriented: (N, M)``, higher is better). A metric weighted 0 lets a point tie with one that
+    dominates it; the dominated one is never handed over. A point that dominates a top point is a
+    top point itself (weights >= 0), so this is the first top point of the non-dominated set."""
+    top = np.flatnonzero(score == score.max())
+    points = oriented[top]
+    at_least = (points[None, :, :] >= points[:, None, :]).all(axis=2)  # [i, j]: point j >= point i everywhere
+    above = (points[None, :, :] > points[:, None, :]).any(axis=2)
+    dominated = (at_least & above).any(axis=1)
+    return int(top[np.argmin(dominated)])  # the first undominated one (NaN compares False: dominates nothing)

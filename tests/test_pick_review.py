@@ -134,3 +134,21 @@ def test_a_run_picks_the_best_cautious_score_over_its_front_and_its_evaluations(
         np.testing.assert_array_equal(result.select(w), brute)
         handed, index = result.choice(w)
         assert handed.label == ("all real evaluations" if measured.max() > predicted.max() else result.front.label)
+
+
+def test_a_dominated_evaluation_tied_on_the_preference_is_never_handed_over():
+    # preference (1, 0): b plays no part, so evaluation 0 (0.9, 0.1) ties with evaluation 1 (0.9, 0.5), which dominates it;
+    # both beat the front's 0.6 - 0.1: the run hands over evaluation 1, as it did over the non-dominated evaluations alone
+    front = mm.ParetoFront(np.array([[0.5, 0.5]]), np.array([[0.6, 0.6]]), ("a", "b"), ("max", "max"), std=np.array([[0.1, 0.1]]))
+    samples = mm.Samples(np.array([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7]]), np.array([[0.9, 0.1], [0.9, 0.5], [0.9, 0.5]]))
+    result = mm.MAPResult(samples, [], front, ("a", "b"), ("max", "max"), (0.0, 1.0))
+    np.testing.assert_array_equal(result.select([1, 0]), [0.2, 0.8])  # the first of the two undominated copies
+    handed, index = result.choice([1, 0])
+    assert handed.label == "all real evaluations" and index == 1
+    evaluated = result.real_evaluations()
+    # the same by the model's prediction at them (equal here): the measured metrics break the tie
+    same = (np.full((3, 2), 0.8), np.zeros((3, 2)))
+    assert cautious_pick(front, [1, 0], evaluated, posterior=same) == (evaluated, 1)
+    mark = mm.plots.pick_mark(front, [1, 0], "pick (predicted)", evaluated)  # evaluated= passed positionally still works
+    np.testing.assert_array_equal(mark.coeffs, [0.2, 0.8])
+    assert mark.label.startswith("pick (real evaluation)")
