@@ -227,8 +227,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
     p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
-    p.add_argument("--update", action="store_true", help="rerun only --methods (and --sweeps): the other methods' rows come from the "
-                                                         "existing JSON of the same settings")
+    p.add_argument("--update", action="store_true", help="rerun only --methods at the seeds given (and --sweeps): every other "
+                                                         "(method, seed) row comes from the existing JSON of the same settings")
     args = p.parse_args()
     out = Path(args.out)
     if args.summarize:
@@ -268,6 +268,19 @@ def main() -> None:
             raise SystemExit(f"unknown method {method!r}; choose from {BUDGETED + PEERS}")
 
     grid = mm.grid_design(num, per_axis)
+    prefs = test_preferences(num)[: args.test_preferences]
+    stored = out / f"fronts_{label}_T{num}.json"
+    size = (args.size or ("tiny" if args.quick else "small")) if lm else None
+    earlier = None
+    if args.update and stored.exists():  # checked before any run: the table's rows must be scored alike
+        earlier = json.loads(stored.read_text())
+        # the same runs (budget, re-evaluations, data) against the same grid and test preferences (test_preferences and
+        # grid_best_weighted_test are written once, from this run)
+        settings = {"version": 3, "budget": budget, "grid_points": len(grid), "reevaluations": reevaluations, "val_examples": args.val_examples,
+                    "size": size, "test_preferences": prefs.tolist()}
+        other = [key for key, value in settings.items() if earlier.get(key) != value]
+        if other:
+            raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}); rerun everything")
     start = time.perf_counter()
     grid_val = objective(grid)
     grid_test = test_objective(grid)
@@ -276,7 +289,6 @@ def main() -> None:
     span = np.maximum(np.ptp(front, axis=0), 1e-12)
     nadir = {"hv_ratio": front.min(axis=0) - 0.01 * span, "hv_ratio_10": front.min(axis=0) - 0.1 * span}
     full = {k: mm.hypervolume(front, ref) for k, ref in nadir.items()}
-    prefs = test_preferences(num)[: args.test_preferences]
     best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted test score
 
     def test_regret(coeffs: np.ndarray) -> float:
@@ -328,11 +340,8 @@ def main() -> None:
         rows.append(row)
         if seed == 0:
             examples[method] = metrics
-    name = f"fronts_{label}_T{num}"
-    if args.update and (out / f"{name}.json").exists():  # keep the earlier run's rows of every method not rerun now
-        earlier = json.loads((out / f"{name}.json").read_text())
-        if earlier.get("version") != 3 or earlier.get("budget") != budget or earlier.get("grid_points") != len(grid):
-            raise SystemExit(f"--update: {out / name}.json was made with other settings (version, budget or grid); rerun everything")
+    name = stored.stem
+    if earlier is not None:  # keep the earlier run's rows of every (method, seed) not rerun now
         rerun = {(m, s) for m in methods for s in seeds} | {(m, 0) for m in chosen_sweeps}
         rows = [r for r in earlier["rows"] if (r["method"], r["seed"]) not in rerun] + rows
         fresh = set(examples)  # seed 0's evaluations when seed 0 was rerun
@@ -359,7 +368,7 @@ def main() -> None:
         "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
         "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "methods": methods, "threads": args.threads,
         "seeds": num_seeds,
-        "size": (args.size or ("tiny" if args.quick else "small")) if lm else None, "val_examples": args.val_examples,
+        "size": size, "val_examples": args.val_examples,
         "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),
         "hv_reference": {k: (sign * v).tolist() for k, v in nadir.items()},
         "hv_reference_meaning": "the grid front's nadir moved out by 1% (hv_ratio) or 10% (hv_ratio_10) of its range per task",

@@ -59,3 +59,18 @@ def test_bench_fronts_update_adds_seeds_to_a_table(tmp_path):
     assert kept == next(r for r in first["rows"] if r["method"] == "random search")
     assert payload["seeds"] == 1  # CMA-ES has one seed: the table says the fewest
     assert next(s for s in payload["summary"] if s["method"] == "random search")["seeds"] == 2
+
+
+def test_bench_fronts_update_refuses_a_table_scored_otherwise(tmp_path):
+    """``--update`` adds rows to a table only when they are scored alike: other test preferences (or re-evaluations) are
+    refused before anything runs, and the table is left as it was."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "random search"]
+    subprocess.run([*base, "--test-preferences", "2"], check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    before = table.read_bytes()
+    for other, setting in ((["--test-preferences", "3"], "test_preferences"), (["--test-preferences", "2", "--reevaluations", "3"],
+                                                                                "reevaluations")):
+        done = subprocess.run([*base, *other, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode != 0 and setting in done.stderr
+        assert table.read_bytes() == before
