@@ -152,3 +152,20 @@ def test_a_dominated_evaluation_tied_on_the_preference_is_never_handed_over():
     mark = mm.plots.pick_mark(front, [1, 0], "pick (predicted)", evaluated)  # evaluated= passed positionally still works
     np.testing.assert_array_equal(mark.coeffs, [0.2, 0.8])
     assert mark.label.startswith("pick (real evaluation)")
+
+
+def test_the_cli_marks_the_pick_where_it_came_from():
+    from map_merge.cli.runs import _where_picked
+
+    result = mm.MAP(sampling="design", link="identity").fit(mm.FunctionObjective(quadratic_pair, 2, ["a", "b"]), 2)
+    shown, handed, index, measured = _where_picked(result, result.front.coeffs[3])
+    assert shown is result.front and handed is result.front and index == 3 and not measured
+    sample = result.samples.coeffs[1]
+    assert not np.all(result.front.coeffs == sample, axis=1).any()  # a design point, not a point of the searched front
+    shown, handed, index, measured = _where_picked(result, sample)
+    assert shown is result.front and measured and np.array_equal(handed.coeffs[index], sample)
+    np.testing.assert_array_equal(handed.metrics[index], result.samples.metrics[1])  # marked where it was measured
+    elsewhere = np.array([0.123, 0.456])  # neither (a pick made otherwise): marked at the model's prediction
+    shown, handed, index, measured = _where_picked(result, elsewhere)
+    assert shown is handed and not measured
+    np.testing.assert_allclose(handed.metrics[0], result.predict(elsewhere[None])[0])

@@ -145,10 +145,10 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     if result.real_front is not None:
         fronts["real (re-evaluated)"] = result.real_front
     recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
-    handed, index = result.choice(preference)  # a predicted front point, or a real evaluation that beats the predictions
-    chosen, measured_pick = handed.coeffs[index].copy(), handed is not result.front
+    chosen = result.select(preference)  # a predicted front point, or a real evaluation that beats the predictions (the one hook)
+    shown, handed, index, measured_pick = _where_picked(result, chosen)
     _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels,
-                 pick=(result.front, preference, (handed, index)), recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
+                 pick=(shown, preference, (handed, index)), recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
     summary.update(budget=budget, sampling=sampling if command == "map" else "bayesian", samples=len(result.samples),
                    reevaluated=0 if result.real_front is None else len(result.real_front), diagnostics=result.diagnostics(),
@@ -212,6 +212,23 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
                   coefficients=named)
     settings = {"moe_method": info["method"], "router training steps": info.get("steps", config.get("moe_steps")), "seed": config.get("seed", 0)}
     return {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, pick, settings
+
+
+def _where_picked(result: Any, chosen: np.ndarray) -> tuple[Any, Any, int, bool]:
+    """``(front, handed front, index, measured)`` of the picked ``chosen (T,)``: a point of the
+    predicted front, else one of the run's real evaluations (``measured``), else (a pick made
+    otherwise) the model's prediction at it, as a one-point front."""
+    from ..pareto import ParetoFront
+
+    on_front = np.flatnonzero(np.all(result.front.coeffs == chosen, axis=1))
+    if len(on_front):
+        return result.front, result.front, int(on_front[0]), False
+    real = result.real_evaluations()
+    measured = np.flatnonzero(np.all(real.coeffs == chosen, axis=1)) if real is not None else np.zeros(0, dtype=int)
+    if len(measured):
+        return result.front, real, int(measured[0]), True
+    alone = ParetoFront(chosen[None], result.predict(chosen[None]), result.task_names, result.senses, label="predicted")
+    return alone, alone, 0, False
 
 
 def _plot_fronts(fronts: dict, names, path: Path, senses=None, labels=None, pick=None, recipe=None) -> None:
