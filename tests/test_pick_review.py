@@ -169,3 +169,21 @@ def test_the_cli_marks_the_pick_where_it_came_from():
     shown, handed, index, measured = _where_picked(result, elsewhere)
     assert shown is handed and not measured
     np.testing.assert_allclose(handed.metrics[0], result.predict(elsewhere[None])[0])
+
+
+def test_a_reevaluated_front_point_handed_over_is_marked_measured():
+    # refine/reevaluate: real_front rows are exact copies of front rows; when one measures better than
+    # every prediction, select hands it over as a real evaluation, and the CLI must say so (measured star)
+    from map_merge.cli.runs import _where_picked
+
+    result = mm.MAP(sampling="design", link="identity").fit(mm.FunctionObjective(quadratic_pair, 2, ["a", "b"]), 2)
+    k = len(result.front) // 2
+    best = result.front.metrics.max(axis=0) + 10.0  # measured far above any prediction on both metrics
+    result.real_front = mm.ParetoFront(result.front.coeffs[[k]], best[None], ("a", "b"), result.senses, label="MAP real")
+    handed, index = result.choice([1, 1])
+    assert handed is not result.front  # the rule hands over the real evaluation
+    chosen = result.select([1, 1])
+    np.testing.assert_array_equal(chosen, result.front.coeffs[k])
+    shown, handed, index, measured = _where_picked(result, chosen, [1, 1])
+    assert measured and shown is result.front
+    np.testing.assert_array_equal(handed.metrics[index], best)  # the star at the measured values

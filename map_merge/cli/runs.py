@@ -146,7 +146,7 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
         fronts["real (re-evaluated)"] = result.real_front
     recipe = [i for i, c in enumerate(result.samples.coeffs) if start is not None and np.allclose(c, start[0])][:1]  # the recipe's evaluation
     chosen = result.select(preference)  # a predicted front point, or a real evaluation that beats the predictions (the one hook)
-    shown, handed, index, measured_pick = _where_picked(result, chosen)
+    shown, handed, index, measured_pick = _where_picked(result, chosen, preference)
     _plot_fronts(fronts, names, out / "front.png", senses=objective.senses, labels=objective.metric_labels,
                  pick=(shown, preference, (handed, index)), recipe=(start[0], result.samples.metrics[recipe[0]]) if recipe else None)
     used = result.samples.coeffs if result.real_front is None else np.concatenate([result.samples.coeffs, result.real_front.coeffs])
@@ -214,11 +214,18 @@ def _moe(config, out: Path, objective, names, zoo, preference, summary: dict[str
     return {"fit": info, "preferences": preferences.tolist(), "metrics": metrics.tolist()}, pick, settings
 
 
-def _where_picked(result: Any, chosen: np.ndarray) -> tuple[Any, Any, int, bool]:
-    """``(front, handed front, index, measured)`` of the picked ``chosen (T,)``: a point of the
-    predicted front, else one of the run's real evaluations (``measured``), else (a pick made
-    otherwise) the model's prediction at it, as a one-point front."""
+def _where_picked(result: Any, chosen: np.ndarray, preference=None) -> tuple[Any, Any, int, bool]:
+    """``(front, handed front, index, measured)`` of the picked ``chosen (T,)``: where
+    ``result.choice(preference)`` says when it hands over the same coefficients (a re-evaluated
+    front point is both a front row and a real evaluation: the rule knows which it handed over);
+    else a point of the predicted front, else one of the run's real evaluations (``measured``),
+    else (a pick made otherwise) the model's prediction at it, as a one-point front."""
     from ..pareto import ParetoFront
+
+    if preference is not None:
+        handed, index = result.choice(preference)
+        if np.array_equal(handed.coeffs[index], chosen):
+            return result.front, handed, int(index), handed is not result.front
 
     on_front = np.flatnonzero(np.all(result.front.coeffs == chosen, axis=1))
     if len(on_front):
