@@ -142,12 +142,6 @@ RULES = {"pick_regret_best_mean": "best predicted mean", "pick_regret": "mean - 
          "eval_pick_regret": "best evaluated model by validation score"}
 
 
-def _handed(choice: tuple) -> np.ndarray:
-    """The coefficients of a ``(front, index)`` pick."""
-    front, index = choice
-    return front.coeffs[index]
-
-
 def _regret_text(value: float) -> str:
     """A regret to two significant digits; rounding noise around 0 (the grid's own pick on a
     noise-free problem) shown as 0."""
@@ -335,8 +329,8 @@ def main() -> None:
             row["pick_regret_half_std"] = test_regret(np.stack([result.select(w, caution=0.5) for w in prefs]))
             real = result.real_evaluations()
             posterior = result.predict(real.coeffs, return_std=True)
-            row["pick_regret_posterior"] = test_regret(np.stack([_handed(cautious_pick(result.front, w, real, posterior=posterior))
-                                                                 for w in prefs]))
+            handed = [cautious_pick(result.front, w, real, posterior=posterior) for w in prefs]
+            row["pick_regret_posterior"] = test_regret(np.stack([front.coeffs[index] for front, index in handed]))
         rows.append(row)
         if seed == 0:
             examples[method] = metrics

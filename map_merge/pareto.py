@@ -226,12 +226,12 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
 
 def _best_undominated(score: np.ndarray, oriented: np.ndarray) -> int:
     """Index of the first point with the top ``score: (N,)`` that no other top point dominates
-    (``oriented: (N, M)``, higher is better). A metric weighted 0 lets a point tie with one that
-    dominates it; the dominated one is never handed over. A point that dominates a top point is a
-    top point itself (weights >= 0), so this is the first top point of the non-dominated set."""
+    (``oriented: (N, M)``, higher is better; :func:`pareto_mask`). A metric weighted 0 lets a point
+    tie with one that dominates it; the dominated one is never handed over. A point that dominates
+    a top point is a top point itself (weights >= 0), so this is the first top point of the
+    non-dominated set. Top points with a non-finite metric: the first top point."""
     top = np.flatnonzero(score == score.max())
     points = oriented[top]
-    at_least = (points[None, :, :] >= points[:, None, :]).all(axis=2)  # [i, j]: point j >= point i everywhere
-    above = (points[None, :, :] > points[:, None, :]).any(axis=2)
-    dominated = (at_least & above).any(axis=1)
-    return int(top[np.argmin(dominated)])  # the first undominated one (NaN compares False: dominates nothing)
+    if len(top) == 1 or not np.isfinite(points).all():
+        return int(top[0])
+    return int(top[np.argmax(pareto_mask(points))])
