@@ -4,6 +4,10 @@
 hypervolume of the front of the *evaluated* metrics (merging metrics are deterministic: a held-out
 loss or an accuracy on fixed data, so the observed front is the front to improve, and the noisy
 variant's box decomposition per posterior sample, 10-20 s per proposal at T = 3, buys nothing).
+Hypervolume is counted from :func:`front_reference_point`, just beyond the nadir of the evaluated
+*front* (botorch's ``infer_reference_point``, as Ax does), not beyond the worst evaluation: one
+bad early model then does not make the acquisition chase long tails of the front that no
+preference would pick.
 Points still being evaluated (``pending``) are fantasised jointly, so asynchronous workers get
 different points.
 """
@@ -18,7 +22,7 @@ import torch
 
 from .pareto import orient, pareto_mask
 
-__all__ = ["propose_ehvi", "reference_point", "signs", "best_of"]
+__all__ = ["propose_ehvi", "reference_point", "front_reference_point", "signs", "best_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,17 @@ def reference_point(oriented: np.ndarray) -> np.ndarray:
     the worst value per metric, moved out by 10% of its range."""
     low, high = oriented.min(axis=0), oriented.max(axis=0)
     return low - 0.1 * (high - low + 1e-9)
+
+
+def front_reference_point(oriented: np.ndarray) -> np.ndarray:
+    """``(M,)`` the reference point of MAP's expected-hypervolume proposals for ``oriented: (N, M)``
+    metrics (higher is better): the nadir of their Pareto front, moved out by 10% of the front's
+    range per metric (botorch's ``infer_reference_point``; dominated evaluations do not move it)."""
+    from botorch.utils.multi_objective.hypervolume import infer_reference_point
+
+    oriented = np.atleast_2d(np.asarray(oriented, dtype=np.float64))
+    front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
+    return infer_reference_point(front).numpy()
 
 
 def _box(bounds: tuple[float, float], num_coeffs: int) -> torch.Tensor:
@@ -70,7 +85,7 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
     from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
 
     oriented = orient(np.asarray(metrics, dtype=np.float64), senses)
-    ref = torch.tensor(reference_point(oriented), dtype=torch.float64)
+    ref = torch.tensor(front_reference_point(oriented), dtype=torch.float64)
     front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
     raw_samples, mc_samples = _effort(oriented.shape[1])
     acquisition = qLogExpectedHypervolumeImprovement(

@@ -211,3 +211,31 @@ def test_a_failing_acquisition_optimiser_falls_back_to_the_best_quasi_random_poi
     candidates = torch.tensor([[0.0], [0.25], [0.5], [0.32], [1.0]], dtype=torch.float64)
     chosen = best_of(lambda X: -((X[:, 0, 0] - 0.3) ** 2), candidates, 2)
     assert chosen[:, 0].tolist() == [0.32, 0.25]
+
+
+def test_proposals_count_hypervolume_from_the_nadir_of_the_evaluated_front(monkeypatch):
+    """Oriented front (1, 3), (2, 2), (3, 1) with dominated (0, 0) and (0.5, 0.5): the reference is
+    the front's nadir (1, 1) less 10% of its range (2, 2), i.e. (0.8, 0.8), whatever the dominated
+    points; the first metric is minimised (raw values negated), the second maximised."""
+    from botorch.acquisition.multi_objective import logei
+
+    from map_merge.acquisition import front_reference_point
+
+    oriented = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [0.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(front_reference_point(oriented), [0.8, 0.8])
+    np.testing.assert_allclose(front_reference_point(oriented[:3]), [0.8, 0.8])
+    seen = []
+
+    class Spy(logei.qLogExpectedHypervolumeImprovement):
+        def __init__(self, *args, **kwargs):
+            seen.append(list(kwargs["ref_point"]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(logei, "qLogExpectedHypervolumeImprovement", Spy)
+    x = np.array([[0.1], [0.3], [0.5], [0.7], [0.9]])
+    raw = oriented * np.array([-1.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPModel(x, raw, (0.0, 1.0))
+        propose_ehvi(model, raw, ("min", "max"), (0.0, 1.0), seed=0)
+    np.testing.assert_allclose(seen, [[0.8, 0.8]])
