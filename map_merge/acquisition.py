@@ -52,12 +52,20 @@ def reference_point(oriented: np.ndarray) -> np.ndarray:
 def front_reference_point(oriented: np.ndarray) -> np.ndarray:
     """``(M,)`` the reference point of MAP's expected-hypervolume proposals for ``oriented: (N, M)``
     metrics (higher is better): the nadir of their Pareto front, moved out by 10% of the front's
-    range per metric (botorch's ``infer_reference_point``; dominated evaluations do not move it)."""
-    from botorch.utils.multi_objective.hypervolume import infer_reference_point
+    range per metric (botorch's ``infer_reference_point`` on the deduplicated front, as Ax does;
+    dominated evaluations do not move it). A metric in which the front has no spread (one distinct
+    front point, or all front points tied there) is moved out by 10% of its absolute value, as
+    botorch does for a one-point front: never onto the front, where no trade-off would count."""
+    from botorch.utils.multi_objective.hypervolume import MIN_Y_RANGE
 
     oriented = np.atleast_2d(np.asarray(oriented, dtype=np.float64))
-    front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
-    return infer_reference_point(front).numpy()
+    front = np.unique(oriented[pareto_mask(oriented)], axis=0)  # copies of a point are one point
+    if not len(front):
+        raise ValueError("no evaluated metrics to place a hypervolume reference point by")
+    nadir = front.min(axis=0)
+    spread = front.max(axis=0) - nadir
+    scale = np.where(spread > 0, np.maximum(spread, MIN_Y_RANGE), np.maximum(np.abs(nadir), MIN_Y_RANGE))
+    return nadir - 0.1 * scale
 
 
 def _box(bounds: tuple[float, float], num_coeffs: int) -> torch.Tensor:

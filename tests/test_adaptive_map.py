@@ -239,3 +239,18 @@ def test_proposals_count_hypervolume_from_the_nadir_of_the_evaluated_front(monke
         model = GPModel(x, raw, (0.0, 1.0))
         propose_ehvi(model, raw, ("min", "max"), (0.0, 1.0), seed=0)
     np.testing.assert_allclose(seen, [[0.8, 0.8]])
+
+
+def test_the_front_reference_point_stays_off_a_front_with_copies_or_a_tied_metric():
+    """Copies of a front point are one point (as Ax: botorch's is_non_dominated deduplicates): the
+    front {(0.7, 0.6)} is a one-point front, moved out by 10% of |value| to (0.63, 0.54), not onto
+    the point. Three metrics with the front tied at 0.6 in the third: that metric moves out by 10%
+    of 0.6 to 0.54 (the others by 10% of their range 0.4: 0.5 - 0.04 = 0.46), so a proposal giving
+    up some of it can still add hypervolume."""
+    from map_merge.acquisition import front_reference_point
+
+    copies = np.array([[0.7, 0.6], [0.7, 0.6], [0.2, 0.1]])
+    np.testing.assert_allclose(front_reference_point(copies), [0.63, 0.54])
+    np.testing.assert_allclose(front_reference_point(copies[1:]), [0.63, 0.54])
+    tied = np.array([[0.9, 0.5, 0.6], [0.5, 0.9, 0.6], [0.3, 0.3, 0.2]])
+    np.testing.assert_allclose(front_reference_point(tied), [0.46, 0.46, 0.54])
