@@ -73,7 +73,7 @@ def _box(bounds: tuple[float, float], num_coeffs: int) -> torch.Tensor:
 
 
 def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tuple[float, float], q: int = 1,
-                 pending: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+                 pending: np.ndarray | None = None, seed: int = 0, ref_point: np.ndarray | None = None) -> np.ndarray:
     """``q`` new coefficient vectors ``(q, T)`` maximising qLogEHVI.
 
     Args:
@@ -84,6 +84,8 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         senses: M of ``"max"`` / ``"min"``.  bounds: the coefficient box.
         q: points proposed jointly.  pending: ``(P, T)`` points being evaluated (fantasised).
         seed: seeds the quasi-Monte-Carlo sampler and the optimiser's random starts.
+        ref_point: ``(M,)`` the hypervolume reference, oriented higher-is-better (default
+            :func:`front_reference_point` of the evaluated metrics).
     """
     from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement
     from botorch.exceptions.errors import OptimizationGradientError
@@ -93,7 +95,8 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
     from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
 
     oriented = orient(np.asarray(metrics, dtype=np.float64), senses)
-    ref = torch.tensor(front_reference_point(oriented), dtype=torch.float64)
+    ref = torch.tensor(front_reference_point(oriented) if ref_point is None else np.asarray(ref_point, dtype=np.float64),
+                       dtype=torch.float64)
     front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
     raw_samples, mc_samples = _effort(oriented.shape[1])
     acquisition = qLogExpectedHypervolumeImprovement(

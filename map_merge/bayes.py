@@ -194,7 +194,8 @@ class BayesianMAP(MAP):
         """qLogNEHVI (``noisy``) or qLogEHVI on the evaluated front, under the quadratic-mean model."""
         residual_model = ResidualGPModel(surrogates, coeffs, metrics, self.bounds)
         if not noisy:
-            return propose_ehvi(residual_model, metrics, senses, self.bounds, q=size, pending=pending, seed=self.seed + len(coeffs))
+            return propose_ehvi(residual_model, metrics, senses, self.bounds, q=size, pending=pending, seed=self.seed + len(coeffs),
+                                ref_point=reference_point(orient(metrics, senses)))  # the reference Bayesian MAP was measured with
         from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
         from botorch.optim import optimize_acqf
         from botorch.sampling import SobolQMCNormalSampler

@@ -254,3 +254,32 @@ def test_the_front_reference_point_stays_off_a_front_with_copies_or_a_tied_metri
     np.testing.assert_allclose(front_reference_point(copies[1:]), [0.63, 0.54])
     tied = np.array([[0.9, 0.5, 0.6], [0.5, 0.9, 0.6], [0.3, 0.3, 0.2]])
     np.testing.assert_allclose(front_reference_point(tied), [0.46, 0.46, 0.54])
+
+
+def test_bayesian_map_keeps_the_reference_beyond_its_worst_evaluation(monkeypatch):
+    """Bayesian MAP's EHVI proposals use the reference it was measured with: the worst evaluation
+    less 10% of the evaluations' range (hand-computed here from the metrics each call saw), not
+    the front's nadir of MAP's default."""
+    import map_merge.bayes as bayes
+    from map_merge import BayesianMAP
+
+    calls = []
+    real = bayes.propose_ehvi
+
+    def spy(model, metrics, senses, bounds, **kwargs):
+        calls.append((np.array(metrics), kwargs.get("ref_point")))
+        return real(model, metrics, senses, bounds, **kwargs)
+
+    monkeypatch.setattr(bayes, "propose_ehvi", spy)
+
+    def objective(c):
+        c = np.atleast_2d(c)
+        return np.column_stack([1 - (c[:, 0] - 0.8) ** 2 - 0.3 * c[:, 1] ** 2, 1 - (c[:, 1] - 0.8) ** 2 - 0.3 * c[:, 0] ** 2])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BayesianMAP(budget=8, initial=6, batch=1, seed=0).fit(objective, 2)
+    assert calls
+    for metrics, ref in calls:
+        low, high = metrics.min(axis=0), metrics.max(axis=0)
+        np.testing.assert_allclose(ref, low - 0.1 * (high - low + 1e-9))
