@@ -4,10 +4,16 @@
 hypervolume of the front of the *evaluated* metrics (merging metrics are deterministic: a held-out
 loss or an accuracy on fixed data, so the observed front is the front to improve, and the noisy
 variant's box decomposition per posterior sample, 10-20 s per proposal at T = 3, buys nothing).
-Hypervolume is counted from :func:`front_reference_point`, just beyond the nadir of the evaluated
-*front* (botorch's ``infer_reference_point``, as Ax does), not beyond the worst evaluation: one
-bad early model then does not make the acquisition chase long tails of the front that no
-preference would pick.
+Hypervolume is counted from :func:`ehvi_reference_point`. With two metrics that is
+:func:`front_reference_point`, just beyond the nadir of the evaluated *front* (botorch's
+``infer_reference_point``, as Ax does), not beyond the worst evaluation: the front's two ends fix
+its nadir early (the experts are evaluated first), and one bad early model then does not make the
+acquisition chase long tails of the front that no preference would pick. With three or more the
+nadir of a partial front lies inside the true one (estimating the nadir is hard beyond two
+objectives), a reference there starves the front's edges, and the reference stays just beyond the
+worst evaluation (:func:`reference_point`). Measured in ``benchmarks/bench_fronts.py``
+(docs/fronts.md): the front's nadir raised the text zoo's HV ratio at T = 2 and lowered the
+analytic problem's at T = 3.
 Points still being evaluated (``pending``) are fantasised jointly, so asynchronous workers get
 different points.
 """
@@ -22,7 +28,7 @@ import torch
 
 from .pareto import orient, pareto_mask
 
-__all__ = ["propose_ehvi", "reference_point", "front_reference_point", "signs", "best_of"]
+__all__ = ["propose_ehvi", "reference_point", "front_reference_point", "ehvi_reference_point", "signs", "best_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +74,14 @@ def front_reference_point(oriented: np.ndarray) -> np.ndarray:
     return nadir - 0.1 * scale
 
 
+def ehvi_reference_point(oriented: np.ndarray) -> np.ndarray:
+    """``(M,)`` the default reference of :func:`propose_ehvi` for ``oriented: (N, M)`` metrics
+    (higher is better): :func:`front_reference_point` with two metrics, :func:`reference_point`
+    (beyond the worst evaluation) with three or more."""
+    oriented = np.atleast_2d(np.asarray(oriented, dtype=np.float64))
+    return front_reference_point(oriented) if oriented.shape[1] == 2 else reference_point(oriented)
+
+
 def _box(bounds: tuple[float, float], num_coeffs: int) -> torch.Tensor:
     return torch.tensor([[bounds[0]] * num_coeffs, [bounds[1]] * num_coeffs], dtype=torch.float64)
 
@@ -85,7 +99,7 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         q: points proposed jointly.  pending: ``(P, T)`` points being evaluated (fantasised).
         seed: seeds the quasi-Monte-Carlo sampler and the optimiser's random starts.
         ref_point: ``(M,)`` the hypervolume reference, oriented higher-is-better (default
-            :func:`front_reference_point` of the evaluated metrics).
+            :func:`ehvi_reference_point` of the evaluated metrics).
     """
     from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement
     from botorch.exceptions.errors import OptimizationGradientError
@@ -95,7 +109,7 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
     from botorch.utils.multi_objective.box_decompositions.non_dominated import FastNondominatedPartitioning
 
     oriented = orient(np.asarray(metrics, dtype=np.float64), senses)
-    ref = torch.tensor(front_reference_point(oriented) if ref_point is None else np.asarray(ref_point, dtype=np.float64),
+    ref = torch.tensor(ehvi_reference_point(oriented) if ref_point is None else np.asarray(ref_point, dtype=np.float64),
                        dtype=torch.float64)
     front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
     raw_samples, mc_samples = _effort(oriented.shape[1])

@@ -283,3 +283,30 @@ def test_bayesian_map_keeps_the_reference_beyond_its_worst_evaluation(monkeypatc
     for metrics, ref in calls:
         low, high = metrics.min(axis=0), metrics.max(axis=0)
         np.testing.assert_allclose(ref, low - 0.1 * (high - low + 1e-9))
+
+
+def test_with_three_metrics_proposals_count_hypervolume_from_beyond_the_worst_evaluation(monkeypatch):
+    """M = 3: oriented front (1, 3, 2), (3, 1, 2), (2, 2, 3) and dominated (0, 0, 1): the reference
+    is the worst value per metric less 10% of the evaluations' range, (-0.3, -0.3, 0.8), not the
+    front's nadir (0.8, 0.8, 1.9); at M = 2 the front's nadir (checked above)."""
+    from botorch.acquisition.multi_objective import logei
+
+    from map_merge.acquisition import ehvi_reference_point
+
+    oriented = np.array([[1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [2.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(ehvi_reference_point(oriented), [-0.3, -0.3, 0.8], atol=1e-8)
+    np.testing.assert_allclose(ehvi_reference_point(oriented[:, :2]), [0.8, 0.8])
+    seen = []
+
+    class Spy(logei.qLogExpectedHypervolumeImprovement):
+        def __init__(self, *args, **kwargs):
+            seen.append(list(kwargs["ref_point"]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(logei, "qLogExpectedHypervolumeImprovement", Spy)
+    x = np.array([[0.1, 0.2], [0.3, 0.9], [0.5, 0.4], [0.9, 0.7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPModel(x, oriented, (0.0, 1.0))
+        propose_ehvi(model, oriented, ("max", "max", "max"), (0.0, 1.0), seed=0)
+    np.testing.assert_allclose(seen, [[-0.3, -0.3, 0.8]], atol=1e-8)
