@@ -256,6 +256,18 @@ def test_the_front_reference_point_stays_off_a_front_with_copies_or_a_tied_metri
     np.testing.assert_allclose(front_reference_point(tied), [0.46, 0.46, 0.54])
 
 
+def test_the_front_reference_point_stays_off_a_one_point_front_at_zero():
+    """A one-point front {(0, 0.5)} (a zero error, oriented -0, that dominates (-0.4, 0.2)): 10% of
+    |0| would put the reference 1e-8 under the front, where a trade-off giving up any of the first
+    metric adds no hypervolume; there it moves out by 10% of the evaluations' range 0.4, to -0.04
+    (the second metric by 10% of 0.5, to 0.45)."""
+    from map_merge.acquisition import ehvi_reference_point, front_reference_point
+
+    oriented = np.array([[0.0, 0.5], [-0.4, 0.2]])
+    np.testing.assert_allclose(front_reference_point(oriented), [-0.04, 0.45])
+    np.testing.assert_allclose(ehvi_reference_point(oriented), [-0.04, 0.45])
+
+
 def test_bayesian_map_keeps_the_reference_beyond_its_worst_evaluation(monkeypatch):
     """Bayesian MAP's EHVI proposals use the reference it was measured with: the worst evaluation
     less 10% of the evaluations' range (hand-computed here from the metrics each call saw), not
