@@ -213,18 +213,11 @@ def test_a_failing_acquisition_optimiser_falls_back_to_the_best_quasi_random_poi
     assert chosen[:, 0].tolist() == [0.32, 0.25]
 
 
-def test_proposals_count_hypervolume_from_the_nadir_of_the_evaluated_front(monkeypatch):
-    """Oriented front (1, 3), (2, 2), (3, 1) with dominated (0, 0) and (0.5, 0.5): the reference is
-    the front's nadir (1, 1) less 10% of its range (2, 2), i.e. (0.8, 0.8), whatever the dominated
-    points; the first metric is minimised (raw values negated), the second maximised."""
+def _spy_on_ehvi_reference(monkeypatch) -> list:
+    """The ``ref_point`` of every qLogEHVI built from now on, appended to the returned list."""
     from botorch.acquisition.multi_objective import logei
 
-    from map_merge.acquisition import front_reference_point
-
-    oriented = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [0.0, 0.0], [0.5, 0.5]])
-    np.testing.assert_allclose(front_reference_point(oriented), [0.8, 0.8])
-    np.testing.assert_allclose(front_reference_point(oriented[:3]), [0.8, 0.8])
-    seen = []
+    seen: list = []
 
     class Spy(logei.qLogExpectedHypervolumeImprovement):
         def __init__(self, *args, **kwargs):
@@ -232,6 +225,19 @@ def test_proposals_count_hypervolume_from_the_nadir_of_the_evaluated_front(monke
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(logei, "qLogExpectedHypervolumeImprovement", Spy)
+    return seen
+
+
+def test_proposals_count_hypervolume_from_the_nadir_of_the_evaluated_front(monkeypatch):
+    """Oriented front (1, 3), (2, 2), (3, 1) with dominated (0, 0) and (0.5, 0.5): the reference is
+    the front's nadir (1, 1) less 10% of its range (2, 2), i.e. (0.8, 0.8), whatever the dominated
+    points; the first metric is minimised (raw values negated), the second maximised."""
+    from map_merge.acquisition import front_reference_point
+
+    oriented = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [0.0, 0.0], [0.5, 0.5]])
+    np.testing.assert_allclose(front_reference_point(oriented), [0.8, 0.8])
+    np.testing.assert_allclose(front_reference_point(oriented[:3]), [0.8, 0.8])
+    seen = _spy_on_ehvi_reference(monkeypatch)
     x = np.array([[0.1], [0.3], [0.5], [0.7], [0.9]])
     raw = oriented * np.array([-1.0, 1.0])
     with warnings.catch_warnings():
@@ -301,21 +307,12 @@ def test_with_three_metrics_proposals_count_hypervolume_from_beyond_the_worst_ev
     """M = 3: oriented front (1, 3, 2), (3, 1, 2), (2, 2, 3) and dominated (0, 0, 1): the reference
     is the worst value per metric less 10% of the evaluations' range, (-0.3, -0.3, 0.8), not the
     front's nadir (0.8, 0.8, 1.9); at M = 2 the front's nadir (checked above)."""
-    from botorch.acquisition.multi_objective import logei
-
     from map_merge.acquisition import ehvi_reference_point
 
     oriented = np.array([[1.0, 3.0, 2.0], [3.0, 1.0, 2.0], [2.0, 2.0, 3.0], [0.0, 0.0, 1.0]])
     np.testing.assert_allclose(ehvi_reference_point(oriented), [-0.3, -0.3, 0.8], atol=1e-8)
     np.testing.assert_allclose(ehvi_reference_point(oriented[:, :2]), [0.8, 0.8])
-    seen = []
-
-    class Spy(logei.qLogExpectedHypervolumeImprovement):
-        def __init__(self, *args, **kwargs):
-            seen.append(list(kwargs["ref_point"]))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(logei, "qLogExpectedHypervolumeImprovement", Spy)
+    seen = _spy_on_ehvi_reference(monkeypatch)
     x = np.array([[0.1, 0.2], [0.3, 0.9], [0.5, 0.4], [0.9, 0.7]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
