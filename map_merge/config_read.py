@@ -26,7 +26,8 @@ instead of listing names, and ``evaluator:`` is then not needed::
     tokenizer: base/            # default: the pretrained folder
     dtype: bfloat16             # the live model's dtype (default: the checkpoint's)
 
-The live model is then ``AutoModelForCausalLM`` of the pretrained folder.
+The live model is then ``AutoModelForCausalLM`` of the pretrained folder. An ``lm_eval`` score is
+taken as a noisy estimate (``noisy: false`` trusts each measurement; :class:`~map_merge.LMEvalTask`).
 
 ``method:`` is an operator name (``ties``: its default settings) or a mapping of a name and
 settings, ``{name: ties, k: 0.6, scope: tensor}`` (:mod:`map_merge.merge_methods.settings`).
@@ -67,7 +68,7 @@ RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "m
             "timeout_s": (int, float), "load_timeout_s": (int, float), "placement_timeout_s": (int, float)}
 TASK_KINDS = {  # kind -> (required keys, optional keys) of a metric spec under 'tasks'
     "loss": ({"data"}, {"max_length", "batch_size", "perplexity"}),
-    "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size"}),
+    "lm_eval": ({"task"}, {"limit", "num_fewshot", "metric", "batch_size", "noisy"}),
 }
 CHOICES = {"zoo": ("lm", "text", "vision"), "method": tuple(OPERATORS), "acquisition": ("ehvi", "nehvi", "binned"), "sampling": ("adaptive", "design"),
            "moe_method": ("ls", "epo"), "design": ("map", "sobol", "lhs"), "link": ("sigmoid", "softplus", "identity"),
@@ -379,6 +380,8 @@ def _task_spec(folder: Path, name: str, spec: Any, fail: Callable[[str, str], Co
     for key in ("max_length", "batch_size", "num_fewshot"):
         if key in spec and (not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < (0 if key == "num_fewshot" else 1)):
             raise fail(f"{field}.{key}", f"must be a {'non-negative' if key == 'num_fewshot' else 'positive'} integer, got {spec[key]!r}")
+    if "noisy" in spec and not isinstance(spec["noisy"], bool):
+        raise fail(f"{field}.noisy", f"must be true or false, got {spec['noisy']!r}")
     return out
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from .executors import Executor, Recipe
 from .objective_base import Objective, check_senses, content_key, key_hash
+from .pareto import check_noisy
 from .store import EvaluationStore
 
 __all__ = ["FunctionObjective"]
@@ -30,6 +31,8 @@ class FunctionObjective(Objective):
         num_coeffs: T.
         task_names: names of the M metrics.
         senses: per metric ``"max"`` (default) or ``"min"``.
+        noisy: per metric, whether it is a noisy estimate (default: none is); see
+            :meth:`~map_merge.MAPResult.select`.
         key: identifies the function in the store. Default: its qualified name plus a digest of
             its content (code, closure, defaults, the globals it reads; see
             :func:`~map_merge.fingerprint.content_digest`), so two lambdas, or two closures over
@@ -49,6 +52,7 @@ class FunctionObjective(Objective):
         store: EvaluationStore | None = None,
         executor: Executor | None = None,
         progress: bool = False,
+        noisy: Sequence[bool] | None = None,
     ) -> None:
         super().__init__(store=store, executor=executor, progress=progress)
         if int(num_coeffs) < 1:
@@ -57,6 +61,7 @@ class FunctionObjective(Objective):
         self.num_coeffs = int(num_coeffs)
         self.task_names = tuple(str(t) for t in task_names)
         self.senses = check_senses(senses, len(self.task_names))
+        self.noisy = check_noisy(noisy, len(self.task_names))
         self.links = tuple(links) if links is not None else (None,) * len(self.task_names)
         self.batched = batched
         self.key = key or f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"

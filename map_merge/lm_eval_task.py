@@ -107,11 +107,15 @@ class LMEvalTask:
         sense: ``"max"`` / ``"min"``; default: lm-eval's ``higher_is_better`` for the metric.
         seed: seeds few-shot sampling and lm-eval's random state while the requests are built.
         progress: lm-eval's progress bars.
+        noisy: the score is an estimate from a sample of documents (default ``True``; lm-eval's
+            own standard error on a few hundred questions is a few points): MAP scores real
+            evaluations in it by its model (:meth:`~map_merge.MAPResult.select`). ``False`` trusts
+            each measurement as exact.
     """
 
     def __init__(self, task: str | os.PathLike, tokenizer: Any = None, limit: int | float | None = None, num_fewshot: int | None = None,
                  metric: str | None = None, batch_size: int = 8, include_path: str | os.PathLike | Sequence | None = None,
-                 sense: str | None = None, seed: int = 0, progress: bool = False) -> None:
+                 sense: str | None = None, seed: int = 0, progress: bool = False, noisy: bool = True) -> None:
         if tokenizer is None:
             raise ValueError("LMEvalTask needs the model's tokenizer (tokenizer=...)")
         if sense is not None and sense not in ("max", "min"):
@@ -133,6 +137,7 @@ class LMEvalTask:
         self.batch_size, self.include_path, self.seed, self.progress = batch_size, paths or None, int(seed), bool(progress)
         self._local_only = self.yaml_text is not None
         self.link = "identity"
+        self.noisy = bool(noisy)
         self.last_results: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._lm: tuple[nn.Module, torch.device, Any] | None = None

@@ -21,7 +21,7 @@ import torch
 
 from .adaptive import fit_adaptive
 from .designs import default_num_samples, make_design, num_quadratic_params, with_points
-from .pareto import ParetoFront, check_senses
+from .pareto import ParetoFront, check_noisy, check_senses
 from .residual_gp import ResidualGPModel
 from .result import MAPResult, Samples, call_objective
 from .search import nsga3_search, scalarization_search
@@ -309,13 +309,16 @@ class MAP:
         senses: Sequence[str] | None = None,
         timings: dict[str, float] | None = None,
         warm_start: Any = None,
+        noisy: Sequence[bool] | None = None,
     ) -> MAPResult:
-        """Fit the model on existing real evaluations and search its front (no evaluations)."""
+        """Fit the model on existing real evaluations and search its front (no evaluations).
+        ``senses`` and ``noisy`` (per metric) default to the objective's (:class:`MAPResult`)."""
         num_metrics = samples.metrics.shape[1]
         names = tuple(task_names) if task_names is not None else tuple(f"task{j}" for j in range(num_metrics))
         if len(names) != num_metrics:
             raise ValueError(f"got {len(names)} task names for {num_metrics} metrics")
         senses = check_senses(senses if senses is not None else getattr(objective, "senses", None), num_metrics)
+        noisy = check_noisy(noisy if noisy is not None else getattr(objective, "noisy", None), num_metrics)
         timings = dict(timings or {})
         start = time.perf_counter()
         kind, errors = self._choose_model(samples, objective, names)
@@ -339,7 +342,7 @@ class MAP:
             "design": self.design, "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
         }
         return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings, model=model,
-                         fitter=self)
+                         fitter=self, noisy=noisy)
 
     def _choose_model(self, samples: Samples, objective: Any, names: tuple[str, ...]) -> tuple[str, dict[str, float] | None]:
         """``(model kind, cross-validated errors or None)``: ``"auto"`` picks by 5-fold cross-validation."""

@@ -37,6 +37,8 @@ class Task:
             ``"softplus"`` for positive ones, ``"identity"``), or ``None`` to leave it to MAP.
         metric_name, metric_unit: what the metric is and its unit (``"held-out loss"``,
             ``"nats/token"``), for figures' labels; ``None`` if not known.
+        noisy: the metric is a noisy estimate (accuracy on a few hundred questions): MAP's picks
+            score real evaluations in it by the model (:meth:`~map_merge.MAPResult.select`).
     """
 
     metric: Callable[[nn.Module], float]
@@ -44,6 +46,7 @@ class Task:
     link: str | None = None
     metric_name: str | None = None
     metric_unit: str | None = None
+    noisy: bool = False
 
 
 def as_task(task: Any) -> Task:
@@ -52,7 +55,8 @@ def as_task(task: Any) -> Task:
     if isinstance(task, Task):
         return task
     return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None),
-                metric_name=getattr(task, "metric_name", None), metric_unit=getattr(task, "metric_unit", None))
+                metric_name=getattr(task, "metric_name", None), metric_unit=getattr(task, "metric_unit", None),
+                noisy=bool(getattr(task, "noisy", False)))
 
 
 
@@ -236,6 +240,7 @@ class ModelObjective(Objective):
                 raise TypeError(f"task {name!r}: metric must be callable as metric(model) -> float")
         self.task_names = tuple(self.tasks)
         self.senses = check_senses([t.sense for t in self.tasks.values()], len(self.tasks))
+        self.noisy = tuple(bool(t.noisy) for t in self.tasks.values())
         self.links = tuple(t.link for t in self.tasks.values())
         self.coeff_names = coefficient_names(live.task_vectors.names, live.groups)
         self.num_coeffs = len(self.coeff_names)

@@ -38,6 +38,7 @@ class Objective:
     links: tuple[str | None, ...]
     num_coeffs: int
     coeff_names: tuple[str, ...] | None = None  # names of the coefficients (``task/group`` with groups)
+    noisy: tuple[bool, ...] | None = None  # per metric: a noisy estimate (None: every metric is exact)
 
     def __init__(
         self,

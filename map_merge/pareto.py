@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import moocore
 import numpy as np
 
-__all__ = ["pareto_mask", "orient", "check_senses", "check_preference", "ParetoFront", "cautious_pick", "PICK_CAUTION"]
+__all__ = ["pareto_mask", "orient", "check_senses", "check_noisy", "check_preference", "ParetoFront", "cautious_pick", "PICK_CAUTION"]
 
 # How many predictive standard deviations a predicted pick must clear to be handed over instead of a
 # model already evaluated (benchmarks/bench_fronts.py, docs/fronts.md "Which model is handed over").
@@ -45,6 +45,22 @@ def check_senses(senses: Sequence[str] | None, num: int) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"a task's sense must be 'max' or 'min', got {bad}")
     return senses
+
+
+def check_noisy(noisy: Sequence[bool] | None, num: int) -> tuple[bool, ...]:
+    """Validate per-metric noise flags (``True``: the metric is a noisy estimate, such as accuracy on
+    a sample of a few hundred questions); ``None`` means none is."""
+    if noisy is None:
+        return (False,) * num
+    if isinstance(noisy, (bool, np.bool_)):
+        return (bool(noisy),) * num
+    flags = tuple(noisy)
+    if len(flags) != num:
+        raise ValueError(f"got {len(flags)} noise flags for {num} tasks")
+    bad = [f for f in flags if not isinstance(f, (bool, np.bool_))]
+    if bad:
+        raise ValueError(f"a task's noise flag must be True or False, got {bad}")
+    return tuple(bool(f) for f in flags)
 
 
 def orient(metrics: np.ndarray, senses: Sequence[str]) -> np.ndarray:
@@ -169,8 +185,8 @@ class ParetoFront:
 
 
 def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: "ParetoFront | None" = None,
-                  caution: float = PICK_CAUTION, posterior: "tuple[np.ndarray, np.ndarray] | None" = None
-                  ) -> tuple["ParetoFront", int]:
+                  caution: float = PICK_CAUTION, posterior: "tuple[np.ndarray, np.ndarray] | None" = None,
+                  noisy: Sequence[bool] | None = None) -> tuple["ParetoFront", int]:
     """The model handed to a user who prefers ``preference: (M,)``: ``(front it comes from, index)``.
 
     Scores are weighted sums ``<w, oriented metrics>`` with ``w`` the preference normalised to sum 1.
@@ -181,8 +197,10 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
     measured to be better than the prediction can promise.
 
     ``posterior = (mean (E, M), std (E, M))``, the model's prediction at the E evaluated points,
-    scores them like predicted points instead of by their measurements (an alternative rule for
-    noisy metrics, measured in docs/fronts.md; not the default). A metric weighted 0 plays no part;
+    scores them like predicted points instead of by their measurements: in the metrics flagged
+    ``noisy: (M,)`` (default: every metric), noisy estimates such as accuracy on a few hundred
+    questions, whose best measurement owes part of its lead to luck; the other metrics keep their
+    measurements (docs/fronts.md, "Which model is handed over"). A metric weighted 0 plays no part;
     a point whose score or std is NaN is never picked over one that is known (``ValueError`` when
     no point is known). Of real evaluations tied on the top score, a dominated one is never
     handed over (the first undominated one is: the pick is the same over all real evaluations as
@@ -214,7 +232,8 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
             if mean.shape != evaluated.metrics.shape or std.shape != evaluated.metrics.shape:
                 raise ValueError(f"the posterior at the evaluated points has shapes {mean.shape} and {std.shape}; "
                                  f"expected {evaluated.metrics.shape}, one row per evaluated point")
-            real = cautious(orient(mean, evaluated.senses), std)
+            model = np.ones(len(w), dtype=bool) if noisy is None else np.asarray(check_noisy(noisy, len(w)))
+            real = cautious(np.where(model, orient(mean, evaluated.senses), evaluated.oriented), np.where(model, std, 0.0))
     if not np.isfinite(score).any() and (real is None or not np.isfinite(real).any()):
         raise ValueError(f"no front point has a finite weighted score{'' if front.std is None else ' and predictive std'} "
                          f"for preference {w.tolist()}, and no real evaluation to pick instead")

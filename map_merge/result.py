@@ -51,6 +51,9 @@ class MAPResult:
         task_names, senses: per metric.
         real_front: the re-evaluated front points, once :meth:`reevaluate` ran.
         timings: seconds spent evaluating, fitting and searching.
+        noisy: per metric, whether it is a noisy estimate (the objective's ``noisy``; e.g. an
+            :class:`~map_merge.LMEvalTask` on a sample of questions): :meth:`select` scores real
+            evaluations in it by the model rather than by their measurement.
     """
 
     samples: Samples
@@ -64,6 +67,7 @@ class MAPResult:
     settings: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the predictive model the front was searched on (None: the quadratic surrogates)
     fitter: Any = field(default=None, repr=False)  # the MAP that made this result (refine refits with it)
+    noisy: tuple[bool, ...] | None = None  # None: every metric is measured exactly
 
     @property
     def num_evaluations(self) -> int:
@@ -83,14 +87,21 @@ class MAPResult:
     def select(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> np.ndarray:
         """Coefficients ``(T,)`` of the model handed to a user who prefers ``preference: (M,)``:
         the predicted front's point with the best weighted score less ``caution`` predictive
-        standard deviations, unless a real evaluation scores better (:func:`~map_merge.pareto.cautious_pick`)."""
+        standard deviations, unless a real evaluation scores better (:func:`~map_merge.pareto.cautious_pick`).
+        A real evaluation scores by its measurements, except in :attr:`noisy` metrics: there by the
+        model's prediction at it, less ``caution`` predictive standard deviations (a noisy
+        measurement's lead over the model is partly luck; docs/fronts.md)."""
         front, index = self.choice(preference, caution)
         return front.coeffs[index].copy()
 
     def choice(self, preference: Sequence[float], caution: float = PICK_CAUTION) -> tuple[ParetoFront, int]:
         """``(front, index)`` of :meth:`select`'s pick: ``self.front`` (a prediction) or
         :meth:`real_evaluations` (a real evaluation, with its measured metrics)."""
-        return cautious_pick(self.front, preference, self.real_evaluations(), caution)
+        evaluated = self.real_evaluations()
+        if evaluated is None or not self.noisy or not any(self.noisy):
+            return cautious_pick(self.front, preference, evaluated, caution)
+        posterior = self.predict(evaluated.coeffs, return_std=True)
+        return cautious_pick(self.front, preference, evaluated, caution, posterior=posterior, noisy=self.noisy)
 
     def real_evaluations(self) -> ParetoFront | None:
         """Every real evaluation (the samples, then the re-evaluated front points), dominated ones
@@ -187,6 +198,7 @@ class MAPResult:
         out = {
             "task_names": list(self.task_names),
             "senses": list(self.senses),
+            "noisy": list(self.noisy or (False,) * len(self.task_names)),
             "bounds": list(self.bounds),
             "num_evaluations": self.num_evaluations,
             "samples": {"coeffs": self.samples.coeffs.tolist(), "metrics": self.samples.metrics.tolist(), "round": self.samples.round.tolist()},

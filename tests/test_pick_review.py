@@ -37,7 +37,7 @@ def test_a_result_without_real_evaluations_still_picks_from_its_front():
     np.testing.assert_array_equal(result.select([1, 3]), result.front.coeffs[brute])
 
 
-def _result_json(tmp_path, predicted: bool, sample_metrics):
+def _result_json(tmp_path, predicted: bool, sample_metrics, noisy=None):
     """A map run's result.json by hand: a predicted front of two points, the samples (and a
     re-evaluated front point, a copy of the first sample)."""
     samples = {"coeffs": [[0.3, 0.3], [0.9, 0.1]], "metrics": sample_metrics, "round": [0, 0]}
@@ -49,6 +49,8 @@ def _result_json(tmp_path, predicted: bool, sample_metrics):
               "front": {"label": "MAP predicted", "task_names": ["a", "b"], "senses": ["max", "max"], "coeffs": [[0.0, 0.0], [1.0, 1.0]],
                         "metrics": [[0.8, 0.2], [0.5, 0.6]], "std": [[0.35, 0.35], [0.01, 0.01]]},
               "summary": {"command": "map"}}
+    if noisy is not None:
+        result["noisy"] = noisy
     (tmp_path / "result.json").write_text(json.dumps(result))
 
 
@@ -79,6 +81,22 @@ def test_save_preference_hands_over_what_the_run_that_wrote_result_json_handed_o
     coeffs, picked = _saved(tmp_path, "1,1")
     assert coeffs == [0.3, 0.3]
     np.testing.assert_array_equal(picked["mean"], [0.41, 0.39])
+
+
+def test_save_preference_scores_real_evaluations_by_the_model_in_noisy_metrics(tmp_path):
+    # preference (1, 1), the duplicated sample (0.3, 0.3) measures 0.60 and beats the front's 0.5429 (above);
+    # scored by the model at it: 0.40 - sqrt(0.25 * (4e-4 + 9e-4)) = 0.382, and the other sample 0.37 - 0.032: the front's point 1
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.5, 0.7], [0.45, 0.0]], noisy=[True, True])
+    coeffs, picked = _saved(tmp_path, "1,1")
+    assert coeffs == [1.0, 1.0]
+    np.testing.assert_array_equal(picked["mean"], [0.5, 0.6])
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.5, 0.7], [0.45, 0.0]], noisy=[False, False])
+    assert _saved(tmp_path, "1,1")[0] == [0.3, 0.3]  # no noisy metric: the measurement, as before
+    # preference (1, 0) with only a noisy: sample 1 by the model 0.69 - 0.04 = 0.65 beats 0.49 predicted
+    _result_json(tmp_path, predicted=True, sample_metrics=[[0.5, 0.7], [0.95, 0.0]], noisy=[True, False])
+    coeffs, picked = _saved(tmp_path, "1,0")
+    assert coeffs == [0.9, 0.1]
+    assert "scored by the model at it" in picked["prediction"]
 
 
 def test_report_says_when_the_pick_is_a_real_evaluation(monkeypatch):
@@ -112,6 +130,50 @@ def test_a_real_evaluation_is_scored_by_the_model_that_has_seen_it():
     assert cautious_pick(front, [1, 1], lucky, caution=0.0, posterior=shrunk) == (front, 1)
     with pytest.raises(ValueError, match="one row per evaluated point"):
         cautious_pick(front, [1, 1], lucky, posterior=(shrunk[0][:1], shrunk[1][:1]))
+
+
+def test_only_the_noisy_metrics_of_a_real_evaluation_are_scored_by_the_model():
+    front = mm.ParetoFront(np.array([[0.0], [1.0]]), np.array([[0.8, 0.2], [0.5, 0.6]]), ("a", "b"), ("max", "max"),
+                           std=np.array([[0.3, 0.3], [0.01, 0.01]]))
+    lucky = mm.ParetoFront(np.array([[0.3], [0.6]]), np.array([[0.62, 0.60], [0.50, 0.50]]), ("a", "b"), ("max", "max"))
+    shrunk = (np.array([[0.52, 0.54], [0.50, 0.50]]), np.array([[0.02, 0.02], [0.02, 0.02]]))
+    # preference (1, 1), front 0.5429. Both noisy: 0.53 - 0.0141 = 0.5159 loses
+    assert cautious_pick(front, [1, 1], lucky, posterior=shrunk, noisy=(True, True)) == (front, 1)
+    # a noisy, b exact: 0.5 * 0.52 + 0.5 * 0.60 - sqrt(0.25 * 4e-4) = 0.55 wins
+    assert cautious_pick(front, [1, 1], lucky, posterior=shrunk, noisy=(True, False)) == (lucky, 0)
+    # b noisy, a exact: 0.5 * 0.62 + 0.5 * 0.54 - 0.01 = 0.57 wins
+    assert cautious_pick(front, [1, 1], lucky, posterior=shrunk, noisy=(False, True)) == (lucky, 0)
+    # neither: the measurement 0.61
+    assert cautious_pick(front, [1, 1], lucky, posterior=shrunk, noisy=(False, False)) == (lucky, 0)
+    with pytest.raises(ValueError, match="noise flags for 2 tasks"):
+        cautious_pick(front, [1, 1], lucky, posterior=shrunk, noisy=(True,))
+
+
+def test_a_run_on_noisy_metrics_scores_its_evaluations_by_its_model():
+    rng = np.random.default_rng(3)
+
+    def noisy(c):  # a smooth pair of metrics plus measurement noise
+        return quadratic_pair(c) + 0.05 * rng.standard_normal((len(np.atleast_2d(c)), 2))
+
+    objective = mm.FunctionObjective(noisy, 2, ["a", "b"], noisy=[True, False])
+    result = mm.MAP(budget=14, seed=0).fit(objective, 2)
+    assert result.noisy == (True, False) and result.to_dict()["noisy"] == [True, False]
+    evaluated = result.real_evaluations()
+    mean, std = result.predict(result.front.coeffs, return_std=True)
+    at, at_std = result.predict(evaluated.coeffs, return_std=True)
+    differs = 0
+    for w in ([1, 0], [0, 1], [1, 1], [3, 1]):
+        w = np.asarray(w, float) / np.sum(w)
+        # by hand: a by the model at each evaluation (less its std), b by the measurement
+        predicted = mean @ w - np.sqrt(std**2 @ w**2)
+        real = at[:, 0] * w[0] + evaluated.metrics[:, 1] * w[1] - at_std[:, 0] * w[0]
+        brute = evaluated.coeffs[np.argmax(real)] if real.max() > predicted.max() else result.front.coeffs[np.argmax(predicted)]
+        np.testing.assert_array_equal(result.select(w), brute)
+        front, index = cautious_pick(result.front, w, evaluated)  # every metric by its measurement
+        differs += not np.array_equal(result.select(w), front.coeffs[index])
+    assert differs  # the noise flag changed a pick (else this test would not tell the rules apart)
+    with pytest.raises(ValueError, match="noise flags for 2 tasks"):
+        mm.FunctionObjective(noisy, 2, ["a", "b"], noisy=[True])
 
 
 def test_a_run_picks_the_best_cautious_score_over_its_front_and_its_evaluations():
@@ -187,3 +249,29 @@ def test_a_reevaluated_front_point_handed_over_is_marked_measured():
     shown, handed, index, measured = _where_picked(result, chosen, [1, 1])
     assert measured and shown is result.front
     np.testing.assert_array_equal(handed.metrics[index], best)  # the star at the measured values
+
+
+def test_a_model_objective_carries_which_of_its_tasks_are_noisy(tiny_models):
+    import torch
+
+    base, fts = tiny_models
+    tv = mm.TaskVectors.from_models(base, fts[:2])
+    probe = torch.tensor([0, 1, 2, 3, 4])
+
+    class Sampled:  # a task adapter that says its score is an estimate (as LMEvalTask does)
+        noisy = True
+
+        def __call__(self, model):
+            return float(model(probe).sum())
+
+    tasks = {"sum": Sampled(), "sq": mm.Task(lambda m: float((m(probe) ** 2).mean()), sense="min"),
+             "flagged": mm.Task(lambda m: float(m(probe).mean()), noisy=True)}
+    objective = mm.ModelObjective(base, tv, tasks, progress=False)
+    assert objective.noisy == (True, False, True)
+    rng = np.random.default_rng(0)
+    samples = mm.Samples(rng.uniform(size=(8, 2)), rng.normal(size=(8, 3)))
+    fitter = mm.MAP(sampling="design", link="identity", seed=0)
+    result = fitter.fit_samples(samples, objective=objective, task_names=objective.task_names)
+    assert result.noisy == (True, False, True)
+    assert fitter.fit_samples(samples).noisy == (False, False, False)  # no objective: every metric exact
+    assert fitter.fit_samples(samples, objective=objective, noisy=[False, True, False]).noisy == (False, True, False)

@@ -180,6 +180,10 @@ def test_cli_scores_language_models_from_metric_specs(tmp_path, tokenizer, capsy
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match=r"field 'tasks.a' must be a mapping with 'kind' one of \['lm_eval', 'loss'\]"):
         load_config(tmp_path / "bad.json")
+    bad["tasks"] = {"a": {"kind": "lm_eval", "task": "a_registered_task", "noisy": "yes"}, "b": {"kind": "loss", "data": "b.txt"}}
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=r"field 'tasks.a.noisy' must be true or false, got 'yes'"):
+        load_config(tmp_path / "bad.json")
 
 
 def _write_lm_eval_tasks(folder):
@@ -256,7 +260,7 @@ def test_lm_eval_task_on_the_live_model_equals_lm_eval_on_the_saved_model(tmp_pa
     import pickle
 
     copy = pickle.loads(pickle.dumps(choice))
-    assert (copy.fingerprint, copy.sense, copy.metric) == (choice.fingerprint, choice.sense, choice.metric)
+    assert (copy.fingerprint, copy.sense, copy.metric, copy.noisy) == (choice.fingerprint, choice.sense, choice.metric, True)
     assert copy(model) == choice(model)
     with pytest.raises(ValueError, match="does not report metric 'f1'; it reports .*word_perplexity"):
         mm.LMEvalTask(tmp_path / "mm_ppl.yaml", tokenizer=tokenizer, metric="f1")

@@ -146,7 +146,7 @@ Language models need no Python: ``tasks`` maps each task to a metric spec (then 
 
     tasks:
       code: {kind: loss, data: code_val.jsonl, max_length: 512, batch_size: 8, perplexity: false}
-      qa:   {kind: lm_eval, task: tasks/qa.yaml, limit: 200, metric: acc, num_fewshot: 0, batch_size: 8}
+      qa:   {kind: lm_eval, task: tasks/qa.yaml, limit: 200, metric: acc, num_fewshot: 0, batch_size: 8, noisy: true}
     tokenizer: base/                    # default: the pretrained folder
     dtype: bfloat16                     # float32 / bfloat16 / float16: the live model's dtype
 
@@ -154,6 +154,8 @@ Held-out data for ``kind: loss``: a ``.jsonl`` file with one JSON object per lin
 under ``"text"`` (``{"text": "def f(x): ..."}``), a ``.txt`` file with one text per line, or a
 ``.json`` list of such objects. ``kind: lm_eval``: a registered lm-evaluation-harness task name
 or a local task YAML (``dataset_path: json`` with local ``data_files``: how it runs offline).
+An lm-eval score on a sample of questions is a noisy estimate (``noisy: true``, the default): the
+model handed over is chosen by MAP's model at the real evaluations, not by their lucky measurements.
 
 Or a bundled zoo (models, data and metrics come with it)::
 

@@ -181,7 +181,12 @@ def _coeffs_for(args: argparse.Namespace, run_out: Path | None, picked: dict[str
     # the run's real evaluations: a pick among them when one beats the predictions (the run's own rule)
     evaluated = ParetoFront(*(np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("coeffs", "metrics")),
                             names, front["senses"], label="all real evaluations")
-    handed, index = cautious_pick(pf, weights, evaluated.nondominated())
+    mean, std = (np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("predicted", "predicted_std"))
+    noisy = result.get("noisy") or [False] * len(names)
+    if any(noisy):  # noisy metrics: real evaluations scored by the model at them (MAPResult.select), dominated ones included
+        handed, index = cautious_pick(pf, weights, evaluated, posterior=(mean, std), noisy=noisy)
+    else:
+        handed, index = cautious_pick(pf, weights, evaluated.nondominated())
     if handed is pf:
         picked.update(preference=weights, **_front_point(front, index))
         return pf.coeffs[index].tolist()
@@ -189,10 +194,11 @@ def _coeffs_for(args: argparse.Namespace, run_out: Path | None, picked: dict[str
     # a row of the non-dominated subset is an exact copy of a row of ``evaluated`` (duplicates: the same
     # coefficients, the same prediction)
     row = int(np.flatnonzero(np.all(evaluated.coeffs == coeffs, axis=1))[0])
-    mean, std = (np.concatenate([np.asarray(part[key], dtype=np.float64) for part in parts]) for key in ("predicted", "predicted_std"))
+    why = ("scored by the model at it (its noisy metrics) less one predictive standard deviation, it scores better for this "
+           "preference than any predicted model" if any(noisy) else
+           "measured, it scores better for this preference than any predicted model less one predictive standard deviation")
     picked.update(preference=weights, mean=mean[row], std=std[row], prediction="the finished run's model at one of its real evaluations "
-                  "(result.json), with its predictive standard deviation: measured, it scores better for this preference than any "
-                  "predicted model less one predictive standard deviation.")
+                  f"(result.json), with its predictive standard deviation: {why}.")
     return coeffs.tolist()
 
 
