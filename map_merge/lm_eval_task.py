@@ -118,6 +118,8 @@ class LMEvalTask:
                  sense: str | None = None, seed: int = 0, progress: bool = False, noisy: bool = True) -> None:
         if tokenizer is None:
             raise ValueError("LMEvalTask needs the model's tokenizer (tokenizer=...)")
+        if not isinstance(noisy, (bool, np.bool_)):
+            raise ValueError(f"noisy must be True or False, got {noisy!r}")
         if sense is not None and sense not in ("max", "min"):
             raise ValueError(f"sense must be 'max' or 'min', got {sense!r}")
         if limit is not None and not limit > 0:

@@ -37,8 +37,11 @@ class Task:
             ``"softplus"`` for positive ones, ``"identity"``), or ``None`` to leave it to MAP.
         metric_name, metric_unit: what the metric is and its unit (``"held-out loss"``,
             ``"nats/token"``), for figures' labels; ``None`` if not known.
-        noisy: the metric is a noisy estimate (accuracy on a few hundred questions): MAP's picks
-            score real evaluations in it by the model (:meth:`~map_merge.MAPResult.select`).
+        noisy: ``True`` or ``False``: the metric is a noisy estimate (accuracy on a few hundred
+            questions): MAP's picks score real evaluations in it by the model
+            (:meth:`~map_merge.MAPResult.select`). Default ``None``: what ``metric`` says (its
+            ``noisy`` attribute: an :class:`~map_merge.LMEvalTask`'s, ``True`` by default), else
+            ``False``.
     """
 
     metric: Callable[[nn.Module], float]
@@ -46,7 +49,14 @@ class Task:
     link: str | None = None
     metric_name: str | None = None
     metric_unit: str | None = None
-    noisy: bool = False
+    noisy: bool | None = None
+
+    def __post_init__(self) -> None:
+        noisy = getattr(self.metric, "noisy", False) if self.noisy is None else self.noisy
+        if not isinstance(noisy, (bool, np.bool_)):
+            raise ValueError(f"a task's noisy flag must be True or False, got {noisy!r}"
+                             + (" (its metric's 'noisy' attribute)" if self.noisy is None else ""))
+        object.__setattr__(self, "noisy", bool(noisy))
 
 
 def as_task(task: Any) -> Task:
@@ -56,7 +66,7 @@ def as_task(task: Any) -> Task:
         return task
     return Task(metric=task, sense=getattr(task, "sense", "max"), link=getattr(task, "link", None),
                 metric_name=getattr(task, "metric_name", None), metric_unit=getattr(task, "metric_unit", None),
-                noisy=bool(getattr(task, "noisy", False)))
+                noisy=getattr(task, "noisy", None))
 
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from .map import MAP, MAPResult, call_objective
 from .function_objective import FunctionObjective
-from .pareto import check_preference
+from .pareto import check_noisy, check_preference
 
 __all__ = ["nested_merge", "NestedResult", "NestedStage"]
 
@@ -168,7 +168,9 @@ def nested_merge(
             spent["models"] += len(xy)
             return np.stack([group_score(metrics, left, left_cols), group_score(metrics, right, right_cols)], axis=1)
 
-        wrapped = FunctionObjective(stage_objective, stage_dim, ["left", "right"], key=f"nested-stage-{stage_index}")
+        flags = check_noisy(getattr(scorer, "noisy", None), len(tasks))  # a group's score is noisy when one of its metrics is
+        noisy = [any(flags[c] for c in left_cols), any(flags[c] for c in right_cols)]
+        wrapped = FunctionObjective(stage_objective, stage_dim, ["left", "right"], key=f"nested-stage-{stage_index}", noisy=noisy)
         stage = MAP(num_samples=samples_per_stage, bounds=bounds, link=_stage_link(scorer, snapshot), design="sobol",
                     seed=seed + stage_index).fit(wrapped, stage_dim)
         p_left, p_right = weights[left].sum(), weights[right].sum()

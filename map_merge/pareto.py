@@ -6,7 +6,7 @@ sense ``"min"`` are negated by :func:`orient` before they get here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import moocore
@@ -54,6 +54,8 @@ def check_noisy(noisy: Sequence[bool] | None, num: int) -> tuple[bool, ...]:
         return (False,) * num
     if isinstance(noisy, (bool, np.bool_)):
         return (bool(noisy),) * num
+    if isinstance(noisy, (str, bytes, Mapping)) or not isinstance(noisy, Iterable) or np.ndim(noisy) != 1:
+        raise ValueError(f"noisy must be True, False or a sequence of {num} of them (one per task), got {noisy!r}")
     flags = tuple(noisy)
     if len(flags) != num:
         raise ValueError(f"got {len(flags)} noise flags for {num} tasks")
@@ -200,11 +202,13 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
     scores them like predicted points instead of by their measurements: in the metrics flagged
     ``noisy: (M,)`` (default: every metric), noisy estimates such as accuracy on a few hundred
     questions, whose best measurement owes part of its lead to luck; the other metrics keep their
-    measurements (docs/fronts.md, "Which model is handed over"). A metric weighted 0 plays no part;
-    a point whose score or std is NaN is never picked over one that is known (``ValueError`` when
-    no point is known). Of real evaluations tied on the top score, a dominated one is never
-    handed over (the first undominated one is: the pick is the same over all real evaluations as
-    over their non-dominated set)."""
+    measurements (docs/fronts.md, "Which model is handed over"). ``noisy`` with a flag set needs
+    ``posterior`` (``ValueError``). A metric weighted 0 plays no part; a point whose score or std is
+    NaN is never picked over one that is known (``ValueError`` when no point is known). Of real
+    evaluations tied on the top score, a dominated one (by their measurements) is never handed over:
+    scored by their measurements alone, the pick is the same over all real evaluations as over
+    their non-dominated set. Scored by the model in some metric, it is not (a model the
+    measurements dominate may score best): pass every real evaluation then."""
     if float(caution) < 0 or not np.isfinite(caution):
         raise ValueError(f"caution must be a finite number >= 0, got {caution}")
     if len(front) == 0:
@@ -220,6 +224,9 @@ def cautious_pick(front: "ParetoFront", preference: Sequence[float], evaluated: 
         # one that is known (np.argmax would return the first NaN)
         return np.where(np.isnan(score), -np.inf, score)
 
+    if noisy is not None and posterior is None and any(check_noisy(noisy, len(w))):
+        raise ValueError("noisy metrics are scored by the model at the real evaluations: give posterior=(mean, std) there "
+                         "(MAPResult.predict(evaluated.coeffs, return_std=True)), or use MAPResult.choice")
     score = cautious(front.oriented, front.std)
     real = None
     if evaluated is not None and len(evaluated):

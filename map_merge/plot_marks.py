@@ -73,17 +73,21 @@ class Mark:
 
 
 def pick_mark(front: Any, preference: Sequence[float], label: str = "pick", evaluated: Any = None,
-              choice: "tuple[Any, int] | None" = None) -> Mark:
+              choice: "tuple[Any, int] | None" = None, posterior: Any = None, noisy: Sequence[bool] | None = None) -> Mark:
     """The point that ``preference`` picks, labelled with the preference: from ``front`` (a
     :class:`~map_merge.ParetoFront`; :meth:`~map_merge.ParetoFront.select_index`); given
-    ``choice``, the ``(front, index)`` a run hands over (:meth:`~map_merge.MAPResult.choice`);
-    given the real ``evaluated`` points alone, :func:`~map_merge.pareto.cautious_pick` on their
-    measured metrics. A pick that is a real evaluation (not a point of ``front``) is marked as one:
+    ``choice``, the ``(front, index)`` a run hands over (:meth:`~map_merge.MAPResult.choice`: the
+    way to mark what a run's :meth:`~map_merge.MAPResult.select` hands over, noisy metrics
+    included); given the real ``evaluated`` points alone, :func:`~map_merge.pareto.cautious_pick`
+    on them (on their measured metrics, unless ``posterior`` and ``noisy`` say otherwise, as
+    there). A pick that is a real evaluation (not a point of ``front``) is marked as one:
     "(predicted)" in ``label`` then reads "(real evaluation)"."""
+    if (posterior is not None or noisy is not None) and (choice is not None or evaluated is None):
+        raise ValueError("posterior= and noisy= score the real evaluated= points: give evaluated= with them, and no choice=")
     if choice is not None:
         chosen, index = choice
     elif evaluated is not None:
-        chosen, index = cautious_pick(front, preference, evaluated)
+        chosen, index = cautious_pick(front, preference, evaluated, posterior=posterior, noisy=noisy)
     else:
         chosen, index = front, front.select_index(preference)
     if chosen is not front:

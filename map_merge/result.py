@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .pareto import PICK_CAUTION, ParetoFront, cautious_pick, orient
+from .pareto import PICK_CAUTION, ParetoFront, cautious_pick, check_noisy, orient
 from .search import thin_front
 from .surrogate import QuadraticSurrogate, SurrogateSet
 
@@ -68,6 +68,10 @@ class MAPResult:
     model: Any = None  # the predictive model the front was searched on (None: the quadratic surrogates)
     fitter: Any = field(default=None, repr=False)  # the MAP that made this result (refine refits with it)
     noisy: tuple[bool, ...] | None = None  # None: every metric is measured exactly
+
+    def __post_init__(self) -> None:
+        if self.noisy is not None:  # one flag per metric (a wrong length fails here, not at the first pick)
+            self.noisy = check_noisy(self.noisy, len(self.task_names))
 
     @property
     def num_evaluations(self) -> int:
@@ -132,9 +136,9 @@ class MAPResult:
     def refine(self, objective: Callable[[np.ndarray], np.ndarray], reevaluations: int = 30, rounds: int = 2) -> "MAPResult":
         """Spend ``reevaluations`` real evaluations of front points in ``rounds``: each round
         re-evaluates well-spread points of the current predicted front, refits the surrogates on
-        every real evaluation so far and searches again. Returns the refitted result: its
-        ``samples`` hold the original samples and the earlier rounds' re-evaluations (``round``
-        1, 2, ...), its ``real_front`` the last round's."""
+        every real evaluation so far (its senses and :attr:`noisy` flags kept) and searches again.
+        Returns the refitted result: its ``samples`` hold the original samples and the earlier
+        rounds' re-evaluations (``round`` 1, 2, ...), its ``real_front`` the last round's."""
         if self.fitter is None:
             raise ValueError("refine needs the result of MAP.fit / fit_samples (it refits with the same settings)")
         if int(rounds) < 1 or int(reevaluations) < int(rounds):
@@ -147,7 +151,7 @@ class MAPResult:
                 break
             samples = samples.append(real.coeffs, real.metrics, int(samples.round.max()) + 1)
             current = self.fitter.fit_samples(samples, objective=objective, task_names=self.task_names, senses=self.senses,
-                                              timings=self.timings)
+                                              timings=self.timings, noisy=self.noisy)
         current.settings = {**self.settings, **current.settings, "refine": {"reevaluations": int(reevaluations), "rounds": int(rounds)}}
         return current
 

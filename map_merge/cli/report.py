@@ -62,6 +62,16 @@ class Chosen:
     measured: bool = False
 
 
+def real_pick_reason(noisy: Any, whose: str = "this") -> str:
+    """Why a run's real evaluation was handed over for ``whose`` preference, by the rule of
+    :meth:`~map_merge.MAPResult.select`: ``noisy``, the run's per-metric noise flags (or ``None``)."""
+    if noisy is not None and any(noisy):
+        return (f"scored by the model at it in its noisy metrics and by its measurements in the others (less one predictive "
+                f"standard deviation of the noisy ones), it scores better for {whose} preference than any predicted model less one "
+                "predictive standard deviation")
+    return f"measured, it scores better for {whose} preference than any predicted model less one predictive standard deviation"
+
+
 def _listed(values: Any) -> list[float | None] | None:
     """An array as a JSON list, NaN as ``None``."""
     if values is None:

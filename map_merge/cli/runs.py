@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ConfigError, build_executor, build_objective, check_run, default_out, fit_moe, load_config
 from .outputs import atomic_write, check_out, write_recipe
-from .report import Chosen, run_report, write_failed, write_report
+from .report import Chosen, real_pick_reason, run_report, write_failed, write_report
 from .report_text import block_markdown
 
 __all__ = ["cmd_run"]
@@ -159,8 +159,7 @@ def _map_or_bayes(command: str, config, out: Path, objective, names, preference,
     model = result.settings.get("model", "gp")
     what = {"gp": "Gaussian processes", "quadratic+gp": "quadratic surrogates plus a Gaussian process on their residuals",
             "quadratic": "quadratic surrogates"}.get(model, model)
-    measured = "" if not measured_pick else (" The pick is one of the run's real evaluations: measured, it scores better for your "
-                                                  "preference than any predicted model less one predictive standard deviation.")
+    measured = "" if not measured_pick else f" The pick is one of the run's real evaluations: {real_pick_reason(result.noisy, 'your')}."
     pick = Chosen(chosen, mean[0], std[0], f"the run's model of every metric ({what}, fitted on its {len(result.samples)} real "
                   f"evaluations) at these coefficients, with its predictive standard deviation.{measured}", measured=bool(measured))
     shown = ("sampling", "model", "design", "seed", "bounds", "links") if command == "map" else ("model", "seed", "bounds", "links")

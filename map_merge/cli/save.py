@@ -194,9 +194,9 @@ def _coeffs_for(args: argparse.Namespace, run_out: Path | None, picked: dict[str
     # a row of the non-dominated subset is an exact copy of a row of ``evaluated`` (duplicates: the same
     # coefficients, the same prediction)
     row = int(np.flatnonzero(np.all(evaluated.coeffs == coeffs, axis=1))[0])
-    why = ("scored by the model at it (its noisy metrics) less one predictive standard deviation, it scores better for this "
-           "preference than any predicted model" if any(noisy) else
-           "measured, it scores better for this preference than any predicted model less one predictive standard deviation")
+    from .report import real_pick_reason
+
+    why = real_pick_reason(noisy)
     picked.update(preference=weights, mean=mean[row], std=std[row], prediction="the finished run's model at one of its real evaluations "
                   f"(result.json), with its predictive standard deviation: {why}.")
     return coeffs.tolist()
