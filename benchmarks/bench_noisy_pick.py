@@ -20,6 +20,7 @@ Regret: the 11 x 11 grid's best weighted test score minus the pick's (accuracy, 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -37,11 +38,15 @@ METHODS = ("MAP", "MAP (design)")
 def main() -> None:
     p = parser(__doc__, "benchmarks/results")
     p.add_argument("--pairs", default="code,legal;medical,legal", help="domain pairs of the LM zoo, ';'-separated")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budget", type=int, default=22)
-    p.add_argument("--per-axis", type=int, default=11, help="reference grid points per axis")
+    p.add_argument("--seeds", type=int, default=None, help="default 5 (1 with --quick)")
+    p.add_argument("--budget", type=int, default=None, help="real evaluations per run (default 22; 12 with --quick)")
+    p.add_argument("--per-axis", type=int, default=None, help="reference grid points per axis (default 11; 4 with --quick)")
     p.add_argument("--store", default=None, help="evaluation store (default: <out>/lm_lm_eval_evals.sqlite)")
     args = p.parse_args()
+    try:
+        settings = resolve(args)
+    except ValueError as error:
+        raise SystemExit(f"bench_noisy_pick.py: {error}") from None
     import torch
     from tqdm.auto import tqdm
 
@@ -53,12 +58,8 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = 1 if args.quick else args.seeds
-    per_axis = 4 if args.quick else args.per_axis
-    budget = 12 if args.quick else args.budget
-    reevaluations = 2 if args.quick else 10
-    pairs = [tuple(p.split(",")) for p in args.pairs.split(";")]
-    zoo = load_zoo("lm", sorted({n for pair in pairs for n in pair}), progress=False, size="tiny" if args.quick else "small")
+    pairs, seeds, per_axis, budget, reevaluations, size = (settings[k] for k in ("pairs", "seeds", "per_axis", "budget", "reevaluations", "size"))
+    zoo = load_zoo("lm", sorted({n for pair in pairs for n in pair}), progress=False, size=size)
     store = mm.EvaluationStore(args.store or out / "lm_lm_eval_evals.sqlite")
     prefs = mm.preference_grid(2, about=6)
     prefs = np.unique(np.round(np.concatenate([prefs, [[0.5, 0.5]]]), 12), axis=0)  # bench_fronts.test_preferences(2)
@@ -90,11 +91,43 @@ def main() -> None:
     summary = [{"pair": label, "method": method, "seeds": seeds, "grid_pick_regret": grids[label],
                 **{f"{k}_mean": float(np.mean([r[k] for r in rows if (r["pair"], r["method"]) == (label, method)])) for k in RULES}}
                for label in grids for method in METHODS]
-    write(out, "noisy_pick", {"pairs": [list(p) for p in pairs], "budget": budget, "grid_per_axis": per_axis,
+    write(out, "noisy_pick", {"pairs": [list(p) for p in pairs], "budget": budget, "reevaluations": reevaluations, "seeds": seeds,
+                              "size": size, "grid_per_axis": per_axis,
                               "test_preferences": prefs.tolist(), "rules": RULES, "rows": rows, "summary": summary})
     plot(summary, out / "noisy_pick.png")
     for s in summary:
         print(s["pair"], s["method"], {k: round(s[f"{k}_mean"], 5) for k in RULES}, "grid", round(s["grid_pick_regret"], 5))
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """The run's settings from the command line: ``pairs`` (each two different domains of the LM
+    zoo), ``seeds``, ``per_axis``, ``budget`` (explicit values win over ``--quick``'s) and the
+    front re-evaluations inside the budget (10, 2 with ``--quick``, fewer when the budget leaves
+    fewer beyond the one-shot design's 6 points, as in ``bench_fronts.py``); ``ValueError`` naming
+    a bad option."""
+    from map_merge.designs import num_quadratic_params
+    from map_merge.zoo.lm_data import LM_DOMAINS
+
+    pairs = [tuple(name.strip() for name in pair.split(",")) for pair in args.pairs.split(";") if pair.strip()]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(LM_DOMAINS):
+            raise ValueError(f"--pairs: each pair is two different domains of the LM zoo {LM_DOMAINS}, "
+                             f"'a,b;c,d'; got {','.join(pair)!r}")
+    if not pairs:
+        raise ValueError(f"--pairs names no pair: {args.pairs!r}")
+    if len(set(pairs)) < len(pairs):
+        raise ValueError(f"--pairs names a pair twice: {args.pairs!r}")
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    per_axis = args.per_axis if args.per_axis is not None else (4 if args.quick else 11)
+    budget = args.budget if args.budget is not None else (12 if args.quick else 22)
+    if seeds < 1 or per_axis < 2:
+        raise ValueError(f"--seeds must be at least 1 and --per-axis at least 2, got {seeds} and {per_axis}")
+    design = num_quadratic_params(2)
+    if budget < design:
+        raise ValueError(f"--budget {budget} is below the one-shot design's {design} points")
+    reevaluations = max(0, min(2 if args.quick else 10, budget - design))
+    return {"pairs": pairs, "seeds": seeds, "per_axis": per_axis, "budget": budget, "reevaluations": reevaluations,
+            "size": "tiny" if args.quick else "small"}
 
 
 def plot(summary: list[dict], path: Path) -> None:

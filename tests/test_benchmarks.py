@@ -77,3 +77,35 @@ def test_bench_fronts_update_refuses_a_table_scored_otherwise(tmp_path):
         done = subprocess.run([*base, *other, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode != 0 and setting in done.stderr
         assert table.read_bytes() == before
+
+
+def _bench_noisy_pick():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_noisy_pick", ROOT / "benchmarks" / "bench_noisy_pick.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_noisy_pick_settings():
+    """Explicit options win over --quick's (they were ignored); the re-evaluations stay inside the budget
+    beyond the one-shot design's 6 points (a budget of 14 made MAP (design) fail after the zoo had loaded);
+    a pair that is not two different LM domains is refused before anything runs."""
+    import argparse
+
+    resolve = _bench_noisy_pick().resolve
+
+    def args(**kw):
+        return argparse.Namespace(**{"pairs": "code,legal", "quick": False, "seeds": None, "budget": None, "per_axis": None, **kw})
+
+    s = resolve(args())
+    assert (s["pairs"], s["seeds"], s["per_axis"], s["budget"], s["reevaluations"], s["size"]) == ([("code", "legal")], 5, 11, 22, 10, "small")
+    s = resolve(args(quick=True, seeds=3, budget=9, per_axis=5))
+    assert (s["seeds"], s["per_axis"], s["budget"], s["reevaluations"], s["size"]) == (3, 5, 9, 2, "tiny")
+    assert resolve(args(budget=14))["reevaluations"] == 8 and resolve(args(budget=6))["reevaluations"] == 0
+    for bad in ("code,legal,medical", "code,code", "code,law", "code", ";", "code,legal;code,legal"):
+        with pytest.raises(ValueError, match="--pairs"):
+            resolve(args(pairs=bad))
+    with pytest.raises(ValueError, match="--budget 5"):
+        resolve(args(budget=5))
