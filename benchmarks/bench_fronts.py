@@ -277,6 +277,11 @@ def main() -> None:
         other = [key for key, value in settings.items() if earlier.get(key) != value]
         if other:
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}); rerun everything")
+        kept = {(r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS and "pick_regret_measured" not in r
+                and (r["method"] not in methods or r["seed"] not in seeds)}
+        if kept and any(getattr(objective, "noisy", None) or ()):  # written before noisy metrics changed the default pick
+            raise SystemExit(f"--update: {stored} holds picks of {sorted(kept)} made before noisy metrics were scored by the model "
+                             f"(no pick_regret_measured); rerun those methods and seeds too")
     start = time.perf_counter()
     grid_val = objective(grid)
     grid_test = test_objective(grid)

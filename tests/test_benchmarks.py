@@ -109,3 +109,19 @@ def test_bench_noisy_pick_settings():
             resolve(args(pairs=bad))
     with pytest.raises(ValueError, match="--budget 5"):
         resolve(args(budget=5))
+
+
+def test_bench_fronts_update_refuses_to_mix_picks_made_before_noisy_metrics(tmp_path):
+    """lm-eval scores are noisy: a MAP-family row written before they changed the default pick (no
+    ``pick_regret_measured``) is not averaged with new rows; --update names it instead."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "lm",
+            "--metric", "lm_eval", "--tasks", "2", "--sweeps", "", "--test-preferences", "2", "--methods", "random search"]
+    subprocess.run(base, check=True, cwd=ROOT)
+    path = tmp_path / "fronts_lm_acc_T2.json"
+    payload = json.loads(path.read_text())
+    old = {**payload["rows"][0], "method": "MAP", "pick_regret": 0.5}  # a MAP row of the older format
+    payload["rows"].append(old)
+    path.write_text(json.dumps(payload))
+    run = subprocess.run([*base, "--update"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "pick_regret_measured" in run.stderr and "('MAP', 0)" in run.stderr
+    assert json.loads(path.read_text()) == payload  # the table is untouched
