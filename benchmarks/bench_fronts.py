@@ -335,8 +335,11 @@ def main() -> None:
             row["pick_regret_best_mean"] = test_regret(np.stack([result.front.select(w) for w in prefs]))
             row["pick_regret_half_std"] = test_regret(np.stack([result.select(w, caution=0.5) for w in prefs]))
             real = result.real_evaluations()
-            measured = [cautious_pick(result.front, w, real) for w in prefs]
-            row["pick_regret_measured"] = test_regret(np.stack([front.coeffs[index] for front, index in measured]))
+            if any(result.noisy or ()):  # else the default rule is this one: the same picks
+                measured = [cautious_pick(result.front, w, real) for w in prefs]
+                row["pick_regret_measured"] = test_regret(np.stack([front.coeffs[index] for front, index in measured]))
+            else:
+                row["pick_regret_measured"] = row["pick_regret"]
             posterior = result.predict(real.coeffs, return_std=True)
             handed = [cautious_pick(result.front, w, real, posterior=posterior) for w in prefs]
             row["pick_regret_posterior"] = test_regret(np.stack([front.coeffs[index] for front, index in handed]))

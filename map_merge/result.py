@@ -102,7 +102,7 @@ class MAPResult:
         """``(front, index)`` of :meth:`select`'s pick: ``self.front`` (a prediction) or
         :meth:`real_evaluations` (a real evaluation, with its measured metrics)."""
         evaluated = self.real_evaluations()
-        if evaluated is None or not self.noisy or not any(self.noisy):
+        if evaluated is None or not any(self.noisy or ()):
             return cautious_pick(self.front, preference, evaluated, caution)
         posterior = self.predict(evaluated.coeffs, return_std=True)
         return cautious_pick(self.front, preference, evaluated, caution, posterior=posterior, noisy=self.noisy)
