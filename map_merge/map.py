@@ -329,9 +329,15 @@ class MAP:
 
             model = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise, warm_start=warm_start)
         elif kind == "quadratic+gp":
+            from .gp_model import GPModel
+
+            # a constant-mean GP of the same evaluations: where it and the quadratic disagree (an
+            # extrapolation the data does not reach), the disagreement counts as uncertainty
+            reference = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise,
+                                warm_start=warm_start if isinstance(warm_start, GPModel) else None)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds)
+                model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds, reference=reference)
         timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         front = surrogate_front(model if model is not None else surrogates, senses, names, self._search_box(), self.search, self.seed,

@@ -26,9 +26,20 @@ class ResidualGPModel:
 
     ``m_j(c) = q_j(c) + g_j(c)``, ``g_j ~ GP`` fitted to ``metric_j - q_j`` (standardised):
     the quadratic carries the global shape, the GP the local misfit it cannot express. Has the
-    predictive-model interface of :class:`~map_merge.surrogate.SurrogateSet`."""
+    predictive-model interface of :class:`~map_merge.surrogate.SurrogateSet`.
 
-    def __init__(self, surrogates, coeffs: np.ndarray, metrics: np.ndarray, bounds: tuple[float, float]) -> None:
+    ``reference``: an optional second model of the same evaluations (a constant-mean
+    :class:`~map_merge.gp_model.GPModel`). The predictive std then adds the two models'
+    disagreement, in proportion to how far the point is from every evaluation:
+    ``sqrt(std**2 + (reach * (mean - reference mean))**2)``, where ``reach = std / prior std`` of
+    the residual GP (0 at an evaluation, 1 beyond the GP's reach). Out there the quadratic
+    extrapolates, and the residual GP, fitted to small residuals, is as sure of it as anywhere (a
+    saturated sigmoid link looks certain), while a constant-mean GP falls back to the metrics'
+    average. Without it a cautious pick can hand over an unsupported extrapolation (measured: a
+    predicted 0.97 that was 0.20 for real; docs/fronts.md); near the evaluations, where the two
+    models' small differences are fit, not ignorance, the std is the residual GP's own."""
+
+    def __init__(self, surrogates, coeffs: np.ndarray, metrics: np.ndarray, bounds: tuple[float, float], reference: Any = None) -> None:
         from botorch.fit import fit_gpytorch_mll
         from botorch.models import ModelListGP, SingleTaskGP
         from botorch.models.transforms import Normalize
@@ -53,6 +64,7 @@ class ResidualGPModel:
             log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
         self.gp.eval()
         self._alpha: dict[int, torch.Tensor] = {}
+        self.reference = reference
 
     def _gp_mean(self, flat: torch.Tensor) -> torch.Tensor:
         return posterior_mean(self.gp.models, flat, self._alpha)
@@ -76,5 +88,20 @@ class ResidualGPModel:
         return mean.reshape(shape[:-1] + (mean.shape[-1],))
 
     def predict(self, coeffs: np.ndarray, return_std: bool = False):
-        return predict_in_chunks(self.torch_predict, lambda x: self.gp.posterior(x).variance.clamp_min(0).sqrt() * self.scale, coeffs,
-                                 return_std)
+        """Predictive means ``(K, M)`` (and standard deviations ``(K, M)``, widened by the
+        disagreement with ``reference`` away from the evaluations when there is one)."""
+        out = predict_in_chunks(self.torch_predict, lambda x: self.gp.posterior(x).variance.clamp_min(0).sqrt() * self.scale, coeffs,
+                                return_std)
+        if not return_std or self.reference is None:
+            return out
+        mean, std = out
+        reach = np.clip(std / (self.scale.numpy() * self._prior_std()), 0.0, 1.0)
+        gap = mean - self.reference.predict(coeffs)
+        return mean, np.sqrt(std**2 + (reach * gap) ** 2)
+
+    def _prior_std(self) -> np.ndarray:
+        """``(M,)`` prior standard deviation of each (standardised) residual GP: its stationary
+        kernel's value at zero distance."""
+        with torch.no_grad():
+            point = torch.zeros(1, self.num_coeffs, dtype=torch.float64)
+            return np.array([float(gp.covar_module(point, diag=True).clamp_min(1e-12).sqrt()) for gp in self.gp.models])
