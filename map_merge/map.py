@@ -312,7 +312,9 @@ class MAP:
         noisy: Sequence[bool] | None = None,
     ) -> MAPResult:
         """Fit the model on existing real evaluations and search its front (no evaluations).
-        ``senses`` and ``noisy`` (per metric) default to the objective's (:class:`MAPResult`)."""
+        ``senses`` and ``noisy`` (per metric) default to the objective's (:class:`MAPResult`).
+        ``warm_start``: an earlier :class:`~map_merge.gp_model.GPModel` or result's ``model``; its
+        constant-mean GP's hyper-parameters start the GP fits (anything else is ignored)."""
         num_metrics = samples.metrics.shape[1]
         names = tuple(task_names) if task_names is not None else tuple(f"task{j}" for j in range(num_metrics))
         if len(names) != num_metrics:
@@ -324,17 +326,17 @@ class MAP:
         kind, errors = self._choose_model(samples, objective, names)
         surrogates, links = self._quadratics(samples, objective, names, kind)
         model = None
-        if kind == "gp":
-            from .gp_model import GPModel
+        from .gp_model import GPModel
 
+        if isinstance(warm_start, ResidualGPModel):  # a quadratic + GP result's model: its constant-mean GP
+            warm_start = warm_start.reference
+        warm_start = warm_start if isinstance(warm_start, GPModel) else None
+        if kind == "gp":
             model = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise, warm_start=warm_start)
         elif kind == "quadratic+gp":
-            from .gp_model import GPModel
-
             # a constant-mean GP of the same evaluations: where it and the quadratic disagree (an
             # extrapolation the data does not reach), the disagreement counts as uncertainty
-            reference = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise,
-                                warm_start=warm_start if isinstance(warm_start, GPModel) else None)
+            reference = GPModel(samples.coeffs, samples.metrics, self.bounds, noise=self.noise, warm_start=warm_start)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds, reference=reference)

@@ -64,6 +64,11 @@ class ResidualGPModel:
             log.warning("GP hyper-parameter fit failed (%s); using defaults", error)
         self.gp.eval()
         self._alpha: dict[int, torch.Tensor] = {}
+        if reference is not None:  # a reference of other metrics would broadcast silently into the std
+            shape = (getattr(reference, "num_coeffs", self.num_coeffs), getattr(reference, "num_metrics", metrics.shape[1]))
+            if shape != (self.num_coeffs, metrics.shape[1]):
+                raise ValueError(f"the reference model takes {shape[0]} coefficients and predicts {shape[1]} metrics; "
+                                 f"this model {self.num_coeffs} and {metrics.shape[1]}")
         self.reference = reference
 
     def _gp_mean(self, flat: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,10 @@ class ResidualGPModel:
             return out
         mean, std = out
         reach = np.clip(std / (self.scale.numpy() * self._prior_std()), 0.0, 1.0)
-        gap = mean - self.reference.predict(coeffs)
+        other = np.asarray(self.reference.predict(coeffs), dtype=np.float64)
+        if other.shape != mean.shape:
+            raise ValueError(f"the reference model predicts shape {other.shape}, this model {mean.shape}")
+        gap = mean - other
         return mean, np.sqrt(std**2 + (reach * gap) ** 2)
 
     def _prior_std(self) -> np.ndarray:
