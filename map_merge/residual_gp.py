@@ -70,6 +70,7 @@ class ResidualGPModel:
                 raise ValueError(f"the reference model takes {shape[0]} coefficients and predicts {shape[1]} metrics; "
                                  f"this model {self.num_coeffs} and {metrics.shape[1]}")
         self.reference = reference
+        self._reach_scale = self.scale.numpy() * self._prior_std() if reference is not None else None  # (M,) the residual GPs' prior std
 
     def _gp_mean(self, flat: torch.Tensor) -> torch.Tensor:
         return posterior_mean(self.gp.models, flat, self._alpha)
@@ -100,7 +101,7 @@ class ResidualGPModel:
         if not return_std or self.reference is None:
             return out
         mean, std = out
-        reach = np.clip(std / (self.scale.numpy() * self._prior_std()), 0.0, 1.0)
+        reach = np.clip(std / self._reach_scale, 0.0, 1.0)
         other = np.asarray(self.reference.predict(coeffs), dtype=np.float64)
         if other.shape != mean.shape:
             raise ValueError(f"the reference model predicts shape {other.shape}, this model {mean.shape}")
