@@ -120,6 +120,9 @@ def _asynchronous(objective, initial, budget, propose, lookahead, min_done, fill
     return Samples(trace.coeffs, trace.metrics, rounds.astype(int)), trace.max_in_flight
 
 
+PROPOSAL_RECHOOSE = 4  # MAP(proposal_model="auto"): evaluations between two cross-validated choices
+
+
 def default_initial(num_coeffs: int) -> int:
     """MAP's adaptive starting design: ``max(6, 2T)`` points (the T experts and Sobol points)."""
     return max(6, 2 * int(num_coeffs))
@@ -168,6 +171,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
             if names is not None and len(names) != done_y.shape[1]:  # now, not once the whole budget is spent
                 raise ValueError(f"got {len(names)} task names for {done_y.shape[1]} metrics")
         state["model"] = GPModel(done_x, done_y, bounds, noise=noise, warm_start=state.get("model"))
+        if estimator.proposal_model == "auto" and len(done_x) >= num_quadratic_params(num_coeffs) + 2:
+            return _chosen_proposal_model(estimator, objective, done_x, done_y, state) or state["model"]
         return state["model"]
 
     filler = iter(make_design("sobol", num_coeffs, 4 * budget + num_coeffs, bounds, seed + 1)[num_coeffs + len(coeffs):])
@@ -209,8 +214,23 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     result.settings.update({"strategy": "adaptive", "design": design, "budget": budget, "initial": initial, "final": final, "noise": noise,
                             "batch": None if asynchronous else batch, "asynchronous": asynchronous, "max_in_flight": in_flight,
                             "preferences": None if preferences is None else preferences.tolist(),
-                            "proposal_seconds": proposal_seconds})
+                            "proposal_seconds": proposal_seconds, "proposal_model": estimator.proposal_model,
+                            "proposal_kinds": state.get("proposal_kinds", [])})
     return result
+
+
+def _chosen_proposal_model(estimator: Any, objective: Any, done_x: np.ndarray, done_y: np.ndarray, state: dict[str, Any]) -> Any:
+    """``proposal_model="auto"``: the quadratic + GP model of the evaluations so far when
+    cross-validation prefers it to constant-mean GPs (chosen again every ``PROPOSAL_RECHOOSE``
+    evaluations), else ``None`` (the GPs)."""
+    names = tuple(f"metric{j}" for j in range(done_y.shape[1]))
+    if len(done_x) - state.get("chosen_at", -PROPOSAL_RECHOOSE) >= PROPOSAL_RECHOOSE:
+        kind, _ = estimator.cross_validated_kind(Samples(done_x, done_y, np.zeros(len(done_x), dtype=int)), objective, names)
+        state["chosen_at"], state["chosen_kind"] = len(done_x), kind
+        state.setdefault("proposal_kinds", []).append((len(done_x), kind))
+    if state["chosen_kind"] != "quadratic+gp":
+        return None
+    return estimator.residual_model(done_x, done_y, objective, names)
 
 
 def _final_preferences(preferences: np.ndarray | None, num_metrics: int, final: int) -> np.ndarray:

@@ -112,6 +112,7 @@ def surrogate_front(
 
 
 SAMPLINGS = ("adaptive", "design")
+PROPOSAL_MODELS = ("gp", "auto")
 MODELS = ("auto", "gp", "quadratic+gp", "quadratic")
 
 
@@ -174,6 +175,10 @@ class MAP:
             (one proposal per finished evaluation, pending points fantasised); ``True`` /
             ``False`` force it.
         lookahead: asynchronous: propose while every worker is busy.
+        proposal_model: adaptive: the model proposals are made under: ``"gp"`` (default:
+            constant-mean Gaussian processes) or ``"auto"`` (the model ``model="auto"`` would
+            choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
+            re-chosen every ``PROPOSAL_RECHOOSE`` (4) evaluations).
     """
 
     def __init__(
@@ -199,6 +204,7 @@ class MAP:
         final_model: str | None = None,
         asynchronous: bool | str = "auto",
         lookahead: bool = True,
+        proposal_model: str = "gp",
     ) -> None:
         if sampling is None:  # num_samples / final_model alone: the plain design of earlier versions
             sampling = "design" if (num_samples is not None and budget is None) or final_model is not None else "adaptive"
@@ -218,6 +224,8 @@ class MAP:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if noise not in ("infer", "fixed"):
             raise ValueError(f"noise must be 'infer' or 'fixed', got {noise!r}")
+        if proposal_model not in PROPOSAL_MODELS:
+            raise ValueError(f"proposal_model must be one of {PROPOSAL_MODELS}, got {proposal_model!r}")
         if asynchronous not in ("auto", True, False):
             raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
         for name, value, least in (("budget", budget, 1), ("num_samples", num_samples, 1), ("initial", initial, 2),
@@ -250,6 +258,7 @@ class MAP:
         self.max_front_points = max_front_points
         self.asynchronous = asynchronous
         self.lookahead = bool(lookahead)
+        self.proposal_model = proposal_model
 
     def _setup(self, objective: Any, num_tasks: int, task_names: Sequence[str] | None):
         if int(num_tasks) < 1:
@@ -356,20 +365,30 @@ class MAP:
         """``(model kind, cross-validated errors or None)``: ``"auto"`` picks by 5-fold cross-validation."""
         if self.model != "auto":
             return self.model, None
+        return self.cross_validated_kind(samples, objective, names)
+
+    def cross_validated_kind(self, samples: Samples, objective: Any, names: tuple[str, ...]) -> tuple[str, dict[str, float] | None]:
+        """``(kind, errors)``: ``"gp"`` or ``"quadratic+gp"``, whichever predicts held-out real
+        evaluations better in 5-fold cross-validation (``"gp"``, errors ``None``, with too few)."""
         from .gp_model import GPModel
         from .model_choice import FOLDS, cross_validated_errors
 
         num_coeffs = samples.coeffs.shape[1]
         if len(samples) < 2 * FOLDS or len(samples) * (FOLDS - 1) < (num_quadratic_params(num_coeffs) + 1) * FOLDS:
             return "gp", None  # too few for cross-validation (2 per fold), or a fold's quadratic would have under P + 1 points
-        links = resolve_links("auto" if self.link == "loo" else self.link, objective, samples.metrics.shape[1])
 
         def residual(coeffs: np.ndarray, metrics: np.ndarray) -> ResidualGPModel:
-            return ResidualGPModel(_safe_quadratics(coeffs, metrics, links, names, self.ridge), coeffs, metrics, self.bounds)
+            return self.residual_model(coeffs, metrics, objective, names)
 
         builders = {"gp": lambda c, m: GPModel(c, m, self.bounds, noise=self.noise), "quadratic+gp": residual}
         errors = cross_validated_errors(samples.coeffs, samples.metrics, builders, seed=self.seed)
         return min(errors, key=lambda name: (errors[name], name != "gp")), errors
+
+    def residual_model(self, coeffs: np.ndarray, metrics: np.ndarray, objective: Any, names: tuple[str, ...]) -> ResidualGPModel:
+        """Quadratic surrogates (quietly; identity where a link does not fit) plus GPs on their
+        residuals, of ``coeffs (N, T)`` and ``metrics (N, M)``."""
+        links = resolve_links("auto" if self.link == "loo" else self.link, objective, metrics.shape[1])
+        return ResidualGPModel(_safe_quadratics(coeffs, metrics, links, names, self.ridge), coeffs, metrics, self.bounds)
 
     def _quadratics(self, samples: Samples, objective: Any, names: tuple[str, ...], kind: str) -> tuple[list[QuadraticSurrogate], tuple[str, ...]]:
         """The quadratic surrogates: the model itself (``"quadratic"``) or its mean (``"quadratic+gp"``),

@@ -1,0 +1,58 @@
+"""MAP(proposal_model="auto"): proposals under the model cross-validation prefers, against
+analytic ground truths (an exact quadratic, where the quadratic + GP model must win)."""
+
+import numpy as np
+import pytest
+
+import map_merge as mm
+from map_merge.adaptive import PROPOSAL_RECHOOSE, _chosen_proposal_model
+from map_merge.residual_gp import ResidualGPModel
+
+
+def unit_quadratics(c):
+    """f_i(c) = 1 - |c - e_i|^2 (T = 2): for the preference (w, 1 - w) the best weighted score
+    is 1 - 2 w (1 - w), reached at c = (w, 1 - w)."""
+    c = np.atleast_2d(c)
+    return np.stack([1 - ((c - e) ** 2).sum(1) for e in np.eye(2)], axis=1)
+
+
+def test_proposal_model_is_validated():
+    with pytest.raises(ValueError, match="proposal_model must be one of"):
+        mm.MAP(proposal_model="quadratic")
+
+
+def test_exact_quadratics_are_proposed_under_the_quadratic_model_and_rechosen_on_schedule():
+    est = mm.MAP(budget=20, seed=0, proposal_model="auto")
+    obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    x = np.random.default_rng(0).uniform(size=(12, 2))
+    y = unit_quadratics(x)
+    kind, errors = est.cross_validated_kind(mm.Samples(x, y, np.zeros(12, dtype=int)), obj, ("a", "b"))
+    assert kind == "quadratic+gp" and errors["quadratic+gp"] < 1e-6 < errors["gp"]  # exact: the quadratic's held-out error ~ 0
+    state: dict = {}
+    model = _chosen_proposal_model(est, obj, x, y, state)
+    assert isinstance(model, ResidualGPModel)
+    grid = np.random.default_rng(1).uniform(size=(50, 2))
+    np.testing.assert_allclose(model.predict(grid), unit_quadratics(grid), atol=1e-3)
+    # chosen again only after PROPOSAL_RECHOOSE more evaluations
+    for extra in range(1, PROPOSAL_RECHOOSE + 1):
+        x2 = np.concatenate([x, np.random.default_rng(extra).uniform(size=(extra, 2))])
+        _chosen_proposal_model(est, obj, x2, unit_quadratics(x2), state)
+    assert [n for n, _ in state["proposal_kinds"]] == [12, 12 + PROPOSAL_RECHOOSE]
+
+
+def test_too_few_evaluations_propose_under_the_gps():
+    est = mm.MAP(budget=20, proposal_model="auto")
+    x = np.random.default_rng(0).uniform(size=(8, 2))  # under 2 per fold: no cross-validation
+    assert _chosen_proposal_model(est, None, x, unit_quadratics(x), {}) is None
+
+
+def test_auto_fit_spends_its_budget_and_finds_the_exact_front():
+    obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    result = mm.MAP(budget=16, seed=0, proposal_model="auto").fit(obj, 2)
+    assert obj.num_evaluations == 16 and result.settings["proposal_model"] == "auto"
+    kinds = result.settings["proposal_kinds"]
+    assert kinds and kinds[-1][1] == "quadratic+gp"  # exact quadratics: cross-validation must prefer the quadratic
+    for w in (0.2, 0.5, 0.8):
+        pick = result.select([w, 1 - w])
+        best = 1 - 2 * w * (1 - w)  # closed form
+        assert float((unit_quadratics(pick) @ [w, 1 - w])[0]) == pytest.approx(best, abs=2e-3)
