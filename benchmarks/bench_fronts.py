@@ -291,6 +291,12 @@ def main() -> None:
     nadir = {"hv_ratio": front.min(axis=0) - 0.01 * span, "hv_ratio_10": front.min(axis=0) - 0.1 * span}
     full = {k: mm.hypervolume(front, ref) for k, ref in nadir.items()}
     best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted test score
+    if earlier is not None:  # the kept rows were scored on the earlier objective: a rebuilt zoo (other weights) would mix two problems
+        drift = float(np.max(np.abs(np.asarray(earlier["grid_best_weighted_test"]) - best_test)))
+        if drift > 1e-9:
+            raise SystemExit(f"--update: the grid's best weighted test scores differ from {stored}'s by up to {drift:.3g}: the objective is "
+                             "not the one its rows were scored on (a zoo rebuilt on another machine, another evaluation store?); "
+                             "rerun every method, or use the store the table was made with")
 
     def test_regret(coeffs: np.ndarray) -> float:
         scores = np.einsum("pm,pm->p", orient(np.asarray(test_objective(coeffs)), senses), prefs)

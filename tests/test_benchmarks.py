@@ -79,6 +79,26 @@ def test_bench_fronts_update_refuses_a_table_scored_otherwise(tmp_path):
         assert table.read_bytes() == before
 
 
+def test_bench_fronts_update_refuses_rows_scored_on_another_objective(tmp_path):
+    """A table's rows were scored against its objective's grid: when the grid now scores otherwise (a zoo rebuilt on
+    another machine trains to slightly other weights), --update refuses to mix the two, and the table is left as it was."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "random search", "--test-preferences", "2"]
+    subprocess.run(base, check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    payload = json.loads(table.read_text())
+    payload["grid_best_weighted_test"][1] += 1e-6  # as if the closed-form objective had changed by 1e-6 at one preference
+    table.write_text(json.dumps(payload))
+    before = table.read_bytes()
+    done = subprocess.run([*base, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "grid's best weighted test scores differ" in done.stderr and "1e-06" in done.stderr
+    assert table.read_bytes() == before
+    payload["grid_best_weighted_test"][1] -= 1e-6  # the same objective again: accepted
+    table.write_text(json.dumps(payload))
+    subprocess.run([*base, "--update", "--first-seed", "1"], check=True, cwd=ROOT)
+    assert sorted(r["seed"] for r in json.loads(table.read_text())["rows"]) == [0, 1]
+
+
 def _bench_noisy_pick():
     import importlib.util
 
