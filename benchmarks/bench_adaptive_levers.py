@@ -22,12 +22,15 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
 - ``final picks``: the last T + 1 evaluations on the model's picks for spread preferences.
 - ``quadratic+gp picks``: the default's samples, the front (and picks) searched on quadratic
   surrogates plus residual GPs instead of the GPs alone (no evaluation differs).
+- ``auto proposals``: ``proposal_model="auto"``, proposals under the model 5-fold cross-validation
+  prefers (constant-mean GPs or quadratic + GP), chosen again every 4 evaluations.
 - ``qNParEGO`` (T >= 4): random Chebyshev scalarisations (botorch's qLogNParEGO) instead of
   expected hypervolume improvement, not shipped.
 
     python benchmarks/bench_adaptive_levers.py --problem lm --tasks 2 --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem lm --tasks 3 --seeds 3 --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 2 --out benchmarks/results
+    python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 3 --variants "default,auto proposals,final picks,quadratic mean" --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 4 --seeds 3 --variants default,qNParEGO --out benchmarks/results
 """
 
@@ -52,7 +55,7 @@ from map_merge import acquisition, gp_model, plots  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
-            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "qNParEGO")
+            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "qNParEGO")
 
 
 def _fit_or_keep(mll) -> None:
@@ -175,7 +178,8 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
         if variant == "quadratic mean":
             return mm.BayesianMAP(budget=budget, acquisition="ehvi", seed=seed).fit(objective, num)
         options = {"experts first": {"design": "sobol"}, "no experts": {"design": "qmc"}, "initial 4": {"initial": 4},
-                   "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1}}.get(variant, {})
+                   "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1},
+                   "auto proposals": {"proposal_model": "auto"}}.get(variant, {})
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
         swaps = {"quadratic kernel": (gp_model, "GPModel", QuadraticKernelGP), "multi-output": (gp_model, "GPModel", MultiOutputGP),
