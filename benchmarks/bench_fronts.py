@@ -205,6 +205,18 @@ def wide_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def grid_drift(stored, now: np.ndarray) -> float:
+    """The largest difference between a table's stored best weighted test scores and this run's:
+    ``inf`` when they cannot be compared (missing, another length, NaN where the other is not); a
+    NaN on both sides at a preference matches (a NaN would otherwise hide every other difference)."""
+    stored = np.asarray(stored if stored is not None else [], dtype=np.float64)
+    now = np.asarray(now, dtype=np.float64)
+    if stored.shape != now.shape or (np.isnan(stored) != np.isnan(now)).any():
+        return float("inf")
+    both = ~np.isnan(now)
+    return float(np.max(np.abs(stored[both] - now[both]), initial=0.0))
+
+
 def main() -> None:
     p = parser(__doc__, "benchmarks/results")
     p.add_argument("--problem", choices=["analytic", "vision", "text", "lm"], default="analytic")
@@ -292,8 +304,8 @@ def main() -> None:
     full = {k: mm.hypervolume(front, ref) for k, ref in nadir.items()}
     best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted test score
     if earlier is not None:  # the kept rows were scored on the earlier objective: a rebuilt zoo (other weights) would mix two problems
-        drift = float(np.max(np.abs(np.asarray(earlier["grid_best_weighted_test"]) - best_test)))
-        if drift > 1e-9:
+        drift = grid_drift(earlier.get("grid_best_weighted_test"), best_test)
+        if not drift <= 1e-9:
             raise SystemExit(f"--update: the grid's best weighted test scores differ from {stored}'s by up to {drift:.3g}: the objective is "
                              "not the one its rows were scored on (a zoo rebuilt on another machine, another evaluation store?); "
                              "rerun every method, or use the store the table was made with")

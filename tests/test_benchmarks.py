@@ -99,6 +99,24 @@ def test_bench_fronts_update_refuses_rows_scored_on_another_objective(tmp_path):
     assert sorted(r["seed"] for r in json.loads(table.read_text())["rows"]) == [0, 1]
 
 
+def test_bench_fronts_update_is_not_fooled_by_nan_or_another_length(tmp_path):
+    """A NaN among the stored (or this run's) best weighted test scores made the largest difference NaN, and
+    ``NaN > 1e-9`` is False: every other difference was hidden and the rows of two objectives were mixed. A list of
+    another length broadcast (one stored score against every preference's)."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "random search", "--test-preferences", "2"]
+    subprocess.run(base, check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    payload = json.loads(table.read_text())
+    scores = payload["grid_best_weighted_test"]
+    for stored in ([float("nan"), scores[1] + 1.0], [float("nan"), scores[1]], [scores[0]]):
+        table.write_text(json.dumps({**payload, "grid_best_weighted_test": stored}))
+        before = table.read_bytes()
+        done = subprocess.run([*base, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode != 0 and "grid's best weighted test scores differ" in done.stderr, stored
+        assert table.read_bytes() == before
+
+
 def _bench_noisy_pick():
     import importlib.util
 
