@@ -178,7 +178,11 @@ class MAP:
         proposal_model: adaptive: the model proposals are made under: ``"gp"`` (default:
             constant-mean Gaussian processes) or ``"auto"`` (the model ``model="auto"`` would
             choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
-            re-chosen every ``PROPOSAL_RECHOOSE`` (4) evaluations).
+            re-chosen after every ``PROPOSAL_RECHOOSE`` (4) evaluations or more (a batch can
+            step past) from ``P + 2`` evaluations on, P the quadratic's parameter count). A
+            choice made before cross-validation has enough evaluations (2 per fold, P + 1 in
+            each training set) is the GPs, and it stands for the next 4 evaluations too;
+            ``result.settings["proposal_kinds"]`` lists every ``(evaluations, kind)`` choice.
     """
 
     def __init__(
