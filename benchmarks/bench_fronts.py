@@ -104,14 +104,14 @@ def test_preferences(num: int) -> np.ndarray:
     return np.unique(np.round(rows, 12), axis=0)
 
 
-def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reevaluations: int):
+def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reevaluations: int, proposal_model: str = "gp"):
     """``(inputs (N, T), metrics (N, M), result, propose_seconds list)`` of one budgeted run."""
     if method in PEERS:
         result = run_peer(method, objective, num, budget, seed)
         return result.coeffs, result.metrics, result, result.settings["propose_seconds"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = run_method(method, objective, num, budget, seed=seed, reevaluations=reevaluations)
+        run = run_method(method, objective, num, budget, seed=seed, reevaluations=reevaluations, proposal_model=proposal_model)
     seconds = run.result.settings.get("proposal_seconds", []) if method in MODEL_PICKS else []
     return run.inputs, run.metrics, run.result, seconds
 
@@ -234,6 +234,7 @@ def main() -> None:
     p.add_argument("--store", default=None, help="evaluation store (default: <out>/<problem>_evals.sqlite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
+    p.add_argument("--proposal-model", choices=["gp", "auto"], default="gp", help="MAP's proposal_model (the default's: gp)")
     p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
     p.add_argument("--update", action="store_true", help="rerun only --methods at the seeds given (and --sweeps): every other "
                                                          "(method, seed) row comes from the existing JSON of the same settings")
@@ -285,8 +286,8 @@ def main() -> None:
         # the same runs (budget, re-evaluations, data) against the same grid and test preferences (test_preferences and
         # grid_best_weighted_test are written once, from this run)
         settings = {"version": 3, "budget": budget, "grid_points": len(grid), "reevaluations": reevaluations, "val_examples": args.val_examples,
-                    "size": size, "test_preferences": prefs.tolist()}
-        other = [key for key, value in settings.items() if earlier.get(key) != value]
+                    "size": size, "test_preferences": prefs.tolist(), "proposal_model": args.proposal_model}
+        other = [key for key, value in settings.items() if earlier.get(key, "gp" if key == "proposal_model" else None) != value]
         if other:
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}); rerun everything")
         kept = {(r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS and "pick_regret_measured" not in r
@@ -342,7 +343,7 @@ def main() -> None:
     for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):
         timed = Timed(objective)
         start = time.perf_counter()
-        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations)
+        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations, args.proposal_model)
         wall = time.perf_counter() - start
         row = {"method": method, "seed": seed, "evaluations": len(inputs), "budgeted": True, **scores(inputs, metrics),
                "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
@@ -391,6 +392,7 @@ def main() -> None:
     path = write(out, name, {
         "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
         "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "methods": methods, "threads": args.threads,
+        "proposal_model": args.proposal_model,
         "seeds": num_seeds,
         "size": size, "val_examples": args.val_examples,
         "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),

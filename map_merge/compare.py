@@ -72,19 +72,20 @@ def run_method(
     pop_size: int | None = None,
     link: str = "auto",
     progress: bool = False,
+    proposal_model: str = "gp",
 ) -> MethodRun:
     """Run one of :data:`BUDGETED` with ``budget`` real evaluations in all.
 
     ``"MAP (design)"`` and ``"Bayesian MAP"`` need ``budget - reevaluations`` to be at least the
     quadratic's ``(T+1)(T+2)/2`` parameters; their surrogate link is ``link`` (``"auto"``: the
-    objective's suggestion, else sigmoid)."""
+    objective's suggestion, else sigmoid). ``proposal_model``: ``"MAP"``'s (see :class:`MAP`)."""
     if method not in BUDGETED:
         raise ValueError(f"unknown method {method!r}; choose from {BUDGETED}")
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if method == "MAP":
-            result = MAP(budget=budget, link=link, seed=seed).fit(objective, num_coeffs, progress=progress)
+            result = MAP(budget=budget, link=link, seed=seed, proposal_model=proposal_model).fit(objective, num_coeffs, progress=progress)
             inputs, metrics = result.samples.coeffs, result.samples.metrics
         elif method in ("MAP (design)", "Bayesian MAP"):
             samples = budget - reevaluations

@@ -73,7 +73,8 @@ def test_bench_fronts_update_refuses_a_table_scored_otherwise(tmp_path):
     table = tmp_path / "fronts_analytic_T2.json"
     before = table.read_bytes()
     for other, setting in ((["--test-preferences", "3"], "test_preferences"), (["--test-preferences", "2", "--reevaluations", "3"],
-                                                                                "reevaluations")):
+                                                                                "reevaluations"),
+                           (["--test-preferences", "2", "--proposal-model", "auto"], "proposal_model")):
         done = subprocess.run([*base, *other, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode != 0 and setting in done.stderr
         assert table.read_bytes() == before
