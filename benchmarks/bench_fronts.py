@@ -129,7 +129,8 @@ def summarize(out: Path) -> Path:
             hv = f"{s['hv_ratio_mean']:.3f} ± {s['hv_ratio_std']:.3f}"
             regret = f"{s['pick_regret_mean']:.4f} ± {s['pick_regret_std']:.4f}" if "pick_regret_mean" in s else ""
             median = f"{s['propose_median_s_mean']:.2f}" if "propose_median_s_mean" in s else ""
-            lines.append(f"| {payload['label']} | {payload['tasks']} | {payload['budget']} | {s['method']} | {hv} | {regret} | "
+            method = s["method"] + (f" ({_proposal_note(payload)[2:]})" if s["method"] == "MAP" and _proposal_note(payload) else "")
+            lines.append(f"| {payload['label']} | {payload['tasks']} | {payload['budget']} | {method} | {hv} | {regret} | "
                          f"{s['propose_s_mean']:.0f} | {median} |")
     target = out / "fronts_table.md"
     target.write_text("\n".join(lines) + "\n\n" + wide_table(out) + "\n\n" + rules_table(out) + "\n")
@@ -142,6 +143,12 @@ RULES = {"pick_regret_best_mean": "best predicted mean",
          "pick_regret_half_std": "the default with 0.5 std",
          "pick_regret_posterior": "mean - 1 std, real evaluations scored by the model at them (every metric noisy)",
          "eval_pick_regret": "best evaluated model by validation score"}
+
+
+def _proposal_note(payload: dict) -> str:
+    """``", proposal_model=auto"`` for a table whose MAP rows did not run the default proposals."""
+    chosen = payload.get("proposal_model", "gp")  # tables written before the flag ran the default
+    return "" if chosen == "gp" else f", proposal_model={chosen}"
 
 
 def _regret_text(value: float) -> str:
@@ -159,7 +166,7 @@ def rules_table(out: Path, method: str = "MAP") -> str:
         entry = next((s for s in payload.get("summary", []) if s["method"] == method), None)
         if payload.get("version") != 3 or entry is None or "pick_regret_best_mean_mean" not in entry:
             continue
-        column = f"{ {'lm': 'LM loss', 'lm_acc': 'LM lm-eval'}.get(payload['label'], payload['label'])} T={payload['tasks']}"
+        column = f"{ {'lm': 'LM loss', 'lm_acc': 'LM lm-eval'}.get(payload['label'], payload['label'])} T={payload['tasks']}{_proposal_note(payload)}"
         columns.append(column)
         best = min(entry.get(f"{key}_mean", np.inf) for key in RULES)
         for key in RULES:
@@ -185,7 +192,8 @@ def wide_table(out: Path) -> str:
         name = {"lm": "LM loss", "lm_acc": "LM lm-eval"}.get(payload["label"], payload["label"])
         seeds = payload.get("seeds")
         seeds = len(seeds) if isinstance(seeds, list) else seeds
-        column = f"{name} T={payload['tasks']} (B={payload['budget']}" + (f", {seeds} seeds)" if seeds and seeds != 5 else ")")
+        column = (f"{name} T={payload['tasks']} (B={payload['budget']}" + (f", {seeds} seeds" if seeds and seeds != 5 else "")
+                  + _proposal_note(payload) + ")")
         settings.append(column)
         if "grid_pick_regret" in payload:
             references[column] = f"*1 / {_regret_text(payload['grid_pick_regret'])}*"

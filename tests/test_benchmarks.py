@@ -65,8 +65,8 @@ def test_bench_fronts_update_adds_seeds_to_a_table(tmp_path):
 
 
 def test_bench_fronts_update_refuses_a_table_scored_otherwise(tmp_path):
-    """``--update`` adds rows to a table only when they are scored alike: other test preferences (or re-evaluations) are
-    refused before anything runs, and the table is left as it was."""
+    """``--update`` adds rows to a table only when they are scored alike: other test preferences (or re-evaluations, or
+    another proposal model) are refused before anything runs, and the table is left as it was."""
     base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
             "--methods", "random search"]
     subprocess.run([*base, "--test-preferences", "2"], check=True, cwd=ROOT)
@@ -116,6 +116,27 @@ def test_bench_fronts_update_is_not_fooled_by_nan_or_another_length(tmp_path):
         done = subprocess.run([*base, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
         assert done.returncode != 0 and "grid's best weighted test scores differ" in done.stderr, stored
         assert table.read_bytes() == before
+
+
+def test_bench_fronts_proposal_model_is_recorded_labelled_and_not_mixed(tmp_path):
+    """A table made with --proposal-model auto says so in fronts_table.md; a table written before the flag
+    existed (no key) counts as the default's: --update adds to it, but not with another proposal model."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "random search", "--test-preferences", "2"]
+    subprocess.run([*base, "--proposal-model", "auto"], check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    assert json.loads(table.read_text())["proposal_model"] == "auto"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--summarize", "--out", str(tmp_path)], check=True, cwd=ROOT)
+    assert "analytic T=2 (B=10, 1 seeds, proposal_model=auto)" in (tmp_path / "fronts_table.md").read_text()
+    payload = json.loads(table.read_text())
+    del payload["proposal_model"]  # as written before --proposal-model existed
+    table.write_text(json.dumps(payload))
+    before = table.read_bytes()
+    done = subprocess.run([*base, "--proposal-model", "auto", "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "proposal_model" in done.stderr and table.read_bytes() == before
+    subprocess.run([*base, "--update", "--first-seed", "1"], check=True, cwd=ROOT)
+    updated = json.loads(table.read_text())
+    assert updated["proposal_model"] == "gp" and sorted(r["seed"] for r in updated["rows"]) == [0, 1]
 
 
 def _bench_noisy_pick():
