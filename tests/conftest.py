@@ -1,3 +1,4 @@
+import concurrent.futures as cf
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,3 +95,29 @@ def quadratic_three(c: np.ndarray) -> np.ndarray:
 def grid(num: int, per_axis: int, low: float = 0.0, high: float = 1.0) -> np.ndarray:
     axis = np.linspace(low, high, per_axis)
     return np.stack([m.reshape(-1) for m in np.meshgrid(*([axis] * num), indexing="ij")], axis=1)
+
+
+class ThreadPair:
+    """An executor with two evaluations at once in driver threads: what a RayExecutor with two
+    workers looks like to the library (``num_workers``, ``submit``, ``map``)."""
+
+    num_workers = 2
+
+    def __init__(self):
+        self.pool = cf.ThreadPoolExecutor(2)
+
+    def submit(self, fn, item):
+        return self.pool.submit(fn, item)
+
+    def map(self, fn, items):
+        futures = {self.submit(fn, x): i for i, x in enumerate(items)}
+        for f in cf.as_completed(futures):
+            yield futures[f], f.result()
+
+
+@pytest.fixture
+def two_threads():
+    """A :class:`ThreadPair`, shut down after the test."""
+    executor = ThreadPair()
+    yield executor
+    executor.pool.shutdown()

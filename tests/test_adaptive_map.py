@@ -1,7 +1,6 @@
 """MAP's default adaptive sampling: budgets, designs, picks, asynchronous workers, the GP model
 and the acquisition, each against an analytic ground truth."""
 
-import concurrent.futures as cf
 import time
 import warnings
 
@@ -98,34 +97,13 @@ def test_the_last_evaluations_go_to_the_picks_for_the_users_preferences():
     np.testing.assert_allclose(last, [[0.3, 0.7], [0.8, 0.2]], atol=0.08)  # the optimum for (w, 1 - w) is c = (w, 1 - w)
 
 
-class Threads:
-    """Two evaluations at once (threads): what a RayExecutor with two workers looks like."""
-
-    num_workers = 2
-
-    def __init__(self):
-        self.pool = cf.ThreadPoolExecutor(2)
-
-    def submit(self, fn, item):
-        return self.pool.submit(fn, item)
-
-    def map(self, fn, items):
-        futures = {self.submit(fn, x): i for i, x in enumerate(items)}
-        for f in cf.as_completed(futures):
-            yield futures[f], f.result()
-
-
-def test_asynchronous_workers_stay_busy_and_the_budget_holds():
+def test_asynchronous_workers_stay_busy_and_the_budget_holds(two_threads):
     def slow(c):
         time.sleep(0.02)
         return unit_quadratics(c)[0]
 
-    executor = Threads()
-    obj = mm.FunctionObjective(slow, 2, ["a", "b"], batched=False, executor=executor)
-    try:
-        result = mm.MAP(budget=12, seed=0).fit(obj, 2)
-    finally:
-        executor.pool.shutdown()
+    obj = mm.FunctionObjective(slow, 2, ["a", "b"], batched=False, executor=two_threads)
+    result = mm.MAP(budget=12, seed=0).fit(obj, 2)
     assert result.settings["asynchronous"] is True and result.settings["max_in_flight"] == 2
     assert result.num_evaluations == 12 and obj.num_evaluations == 12
     np.testing.assert_allclose(result.samples.metrics, unit_quadratics(result.samples.coeffs))

@@ -242,7 +242,7 @@ def test_evaluator_exception_carries_the_worker_traceback(executor):
     assert "bad coefficient 0.125" in message and "deep_helper" in message and "[0.125, 0.5]" in message
 
 
-def test_async_bayesian_map_keeps_w_in_flight_and_spends_the_budget(executor):
+def test_async_bayesian_map_keeps_w_in_flight_and_spends_the_budget(executor, two_threads):
     lock = threading.Lock()
     live = {"now": 0, "max": 0}
 
@@ -255,21 +255,7 @@ def test_async_bayesian_map_keeps_w_in_flight_and_spends_the_budget(executor):
             live["now"] -= 1
         return three_quadratics(c)
 
-    class Threads:
-        num_workers = 2
-
-        def __init__(self):
-            self.pool = cf.ThreadPoolExecutor(2)
-
-        def submit(self, fn, item):
-            return self.pool.submit(fn, item)
-
-        def map(self, fn, items):
-            futures = {self.submit(fn, x): i for i, x in enumerate(items)}
-            for f in cf.as_completed(futures):
-                yield futures[f], f.result()
-
-    objective = FunctionObjective(watched, 3, ["a", "b", "c"], batched=False, executor=Threads(), links=["identity"] * 3)
+    objective = FunctionObjective(watched, 3, ["a", "b", "c"], batched=False, executor=two_threads, links=["identity"] * 3)
     result = BayesianMAP(budget=14, seed=0, link="identity").fit(objective, 3)
     assert result.settings["asynchronous"] and result.settings["max_in_flight"] == 2
     assert live["max"] == 2  # W in flight, never more
@@ -322,25 +308,8 @@ def test_evaluate_async_refuses_an_empty_design_instead_of_spinning():
     assert len(trace.coeffs) == 0
 
 
-class _Threads:
-    """Two evaluations at once in driver threads."""
-
-    num_workers = 2
-
-    def __init__(self):
-        self.pool = cf.ThreadPoolExecutor(2)
-
-    def submit(self, fn, item):
-        return self.pool.submit(fn, item)
-
-    def map(self, fn, items):
-        futures = {self.submit(fn, x): i for i, x in enumerate(items)}
-        for f in cf.as_completed(futures):
-            yield futures[f], f.result()
-
-
 @pytest.mark.parametrize("width", [1, 2])
-def test_evaluate_async_spends_the_budget_with_a_repeating_proposer(width):
+def test_evaluate_async_spends_the_budget_with_a_repeating_proposer(width, two_threads):
     calls = []
 
     def f(c):
@@ -348,7 +317,7 @@ def test_evaluate_async_spends_the_budget_with_a_repeating_proposer(width):
         time.sleep(0.01)
         return three_quadratics(c)
 
-    executor = LocalExecutor() if width == 1 else _Threads()
+    executor = LocalExecutor() if width == 1 else two_threads
     objective = FunctionObjective(f, 3, ["a", "b", "c"], batched=False, executor=executor)
     same = np.array([0.5, 0.25, 0.75])
     trace = evaluate_async(objective, np.eye(3), lambda x, y, p: same, budget=8, num_workers=width)

@@ -58,10 +58,9 @@ def test_auto_fit_spends_its_budget_and_finds_the_exact_front():
         assert float((unit_quadratics(pick) @ [w, 1 - w])[0]) == pytest.approx(best, abs=2e-3)
 
 
-def test_auto_proposals_with_pending_points_and_batches_spend_the_budget(monkeypatch):
+def test_auto_proposals_with_pending_points_and_batches_spend_the_budget(monkeypatch, two_threads):
     """The quadratic + GP model proposes with points in flight (fantasised through its MC objective)
     and in synchronous batches; the choices are saved as JSON."""
-    import concurrent.futures as cf
     import json
 
     import map_merge.acquisition as acquisition
@@ -75,26 +74,8 @@ def test_auto_proposals_with_pending_points_and_batches_spend_the_budget(monkeyp
 
     monkeypatch.setattr(acquisition, "propose_ehvi", spy)
 
-    class Threads:
-        num_workers = 2
-
-        def __init__(self):
-            self.pool = cf.ThreadPoolExecutor(2)
-
-        def submit(self, fn, item):
-            return self.pool.submit(fn, item)
-
-        def map(self, fn, items):
-            futures = {self.submit(fn, x): i for i, x in enumerate(items)}
-            for f in cf.as_completed(futures):
-                yield futures[f], f.result()
-
-    executor = Threads()
-    obj = mm.FunctionObjective(lambda c: unit_quadratics(c)[0], 2, ["a", "b"], batched=False, executor=executor, links=["identity"] * 2)
-    try:
-        result = mm.MAP(budget=15, seed=0, proposal_model="auto").fit(obj, 2)
-    finally:
-        executor.pool.shutdown()
+    obj = mm.FunctionObjective(lambda c: unit_quadratics(c)[0], 2, ["a", "b"], batched=False, executor=two_threads, links=["identity"] * 2)
+    result = mm.MAP(budget=15, seed=0, proposal_model="auto").fit(obj, 2)
     assert result.settings["asynchronous"] is True and result.num_evaluations == 15 == obj.num_evaluations
     assert ("ResidualGPModel", True, 1) in seen  # a proposal under the quadratic + GP model with a point in flight
     json.dumps(result.to_dict())
