@@ -1,9 +1,19 @@
 """Where to evaluate next: expected hypervolume improvement under a Gaussian-process model.
 
-:func:`propose_ehvi` maximises botorch's qLogEHVI over the coefficient box: the expected gain in
-hypervolume of the front of the *evaluated* metrics (merging metrics are deterministic: a held-out
-loss or an accuracy on fixed data, so the observed front is the front to improve, and the noisy
-variant's box decomposition per posterior sample, 10-20 s per proposal at T = 3, buys nothing).
+:func:`propose_ehvi` maximises botorch's expected hypervolume improvement over the coefficient box.
+The front it improves depends on the number of metrics:
+
+- **Two metrics, evaluated coefficients given** (MAP's adaptive sampling): qLogNEHVI, the front of
+  the model's *joint posterior* at the evaluated points. Merging metrics are deterministic, but an
+  accuracy on a few hundred examples is rugged in the coefficients: a lucky evaluation set as the
+  bar made the acquisition chase the model's widest uncertainty, in the dominated interior and the
+  corners (on the vision zoo about 6 of 22 evaluations there). With two metrics the box
+  decomposition per posterior sample is a sort, so this costs tenths of a second per proposal.
+  Measured in ``benchmarks/bench_adaptive_levers.py`` ("noisy EHVI"; docs/fronts.md).
+- **Three or more metrics, or no evaluated coefficients** (:class:`~map_merge.BayesianMAP`):
+  qLogEHVI over the front of the *evaluated* metrics; the noisy variant's decomposition per
+  posterior sample costs 10-20 s per proposal at T = 3.
+
 Hypervolume is counted from :func:`ehvi_reference_point`. With two metrics that is
 :func:`front_reference_point`, just beyond the nadir of the evaluated *front* (botorch's
 ``infer_reference_point``, as Ax does), not beyond the worst evaluation: evaluations far below
@@ -92,8 +102,10 @@ def _box(bounds: tuple[float, float], num_coeffs: int) -> torch.Tensor:
 
 
 def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tuple[float, float], q: int = 1,
-                 pending: np.ndarray | None = None, seed: int = 0, ref_point: np.ndarray | None = None) -> np.ndarray:
-    """``q`` new coefficient vectors ``(q, T)`` maximising qLogEHVI.
+                 pending: np.ndarray | None = None, seed: int = 0, ref_point: np.ndarray | None = None,
+                 baseline: np.ndarray | None = None) -> np.ndarray:
+    """``q`` new coefficient vectors ``(q, T)`` maximising qLogNEHVI (two metrics and ``baseline``
+    given) or qLogEHVI (otherwise; see the module's docstring).
 
     Args:
         model: a fitted :class:`~map_merge.gp_model.GPModel` or
@@ -105,8 +117,10 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         seed: seeds the quasi-Monte-Carlo sampler and the optimiser's random starts.
         ref_point: ``(M,)`` the hypervolume reference, oriented higher-is-better (default
             :func:`ehvi_reference_point` of the evaluated metrics).
+        baseline: ``(N, T)`` the coefficients ``metrics`` were evaluated at; with two metrics the
+            front to improve is then the model's joint posterior there (qLogNEHVI).
     """
-    from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement
+    from botorch.acquisition.multi_objective.logei import qLogExpectedHypervolumeImprovement, qLogNoisyExpectedHypervolumeImprovement
     from botorch.exceptions.errors import OptimizationGradientError
     from botorch.optim import optimize_acqf
     from botorch.sampling import SobolQMCNormalSampler
@@ -118,15 +132,28 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
                        dtype=torch.float64)
     front = torch.tensor(oriented[pareto_mask(oriented)], dtype=torch.float64)
     raw_samples, mc_samples = _effort(oriented.shape[1])
-    acquisition = qLogExpectedHypervolumeImprovement(
-        model=model.gp, ref_point=ref.tolist(), partitioning=FastNondominatedPartitioning(ref_point=ref, Y=front),
-        sampler=SobolQMCNormalSampler(torch.Size([mc_samples]), seed=int(seed)),
-        objective=model.mc_objective(senses),
-        X_pending=torch.tensor(pending, dtype=torch.float64) if pending is not None and len(pending) else None,
-    )
+    waiting = torch.tensor(pending, dtype=torch.float64) if pending is not None and len(pending) else None
+    noisy = baseline is not None and oriented.shape[1] == 2
+    if noisy:
+        baseline = np.atleast_2d(np.asarray(baseline, dtype=np.float64))
+        if baseline.shape != (len(oriented), model.num_coeffs):
+            raise ValueError(f"baseline has shape {baseline.shape}; expected ({len(oriented)}, {model.num_coeffs}), one row per metrics row")
     box = _box(bounds, model.num_coeffs)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # the baseline's pruning draws posterior samples too: seeded, no global state touched
         torch.manual_seed(int(seed))
+        sampler = SobolQMCNormalSampler(torch.Size([mc_samples]), seed=int(seed))
+        acquisition = None
+        if noisy:
+            try:
+                acquisition = qLogNoisyExpectedHypervolumeImprovement(
+                    model=model.gp, ref_point=ref.tolist(), X_baseline=torch.tensor(baseline, dtype=torch.float64), sampler=sampler,
+                    objective=model.mc_objective(senses), X_pending=waiting, prune_baseline=True, cache_root=False)
+            except RuntimeError as error:  # a failed Cholesky at the baseline: the observed front instead, no lost run
+                logger.warning("noisy hypervolume improvement failed at the evaluated points (%s); improving the observed front", error)
+        if acquisition is None:
+            acquisition = qLogExpectedHypervolumeImprovement(
+                model=model.gp, ref_point=ref.tolist(), partitioning=FastNondominatedPartitioning(ref_point=ref, Y=front),
+                sampler=sampler, objective=model.mc_objective(senses), X_pending=waiting)
         try:
             candidates, _ = optimize_acqf(acquisition, bounds=box, q=int(q), num_restarts=RESTARTS,
                                           raw_samples=raw_samples, sequential=True, options={"maxiter": MAXITER})

@@ -179,7 +179,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
 
     def propose(done_x: np.ndarray, done_y: np.ndarray, pending: np.ndarray | None, size: int) -> np.ndarray:
         model = fit_model(done_x, done_y)
-        new = propose_ehvi(model, done_y, state["senses"], bounds, q=size, pending=pending, seed=seed + len(done_x))
+        new = propose_ehvi(model, done_y, state["senses"], bounds, q=size, pending=pending, seed=seed + len(done_x), baseline=done_x)
         known = done_x if pending is None or not len(pending) else np.concatenate([done_x, pending])
         fresh = _new_rows(new, known)
         while len(fresh) < size:  # a repeat of an evaluated (or pending) point would teach nothing: a space-filling point instead

@@ -141,10 +141,13 @@ def test_gp_model_interpolates_and_its_torch_mean_matches():
         GPModel(x[:1], unit_quadratics(x[:1]), (0.0, 1.0))
 
 
-def test_expected_improvement_goes_to_the_gap_and_avoids_pending_points():
+@pytest.mark.parametrize("noisy", [False, True], ids=["observed front", "posterior front"])
+def test_expected_improvement_goes_to_the_gap_and_avoids_pending_points(noisy):
     """The evaluated front of f(c) = (c, 1 - c) on [0, 1] (T = 1) has a gap between 0.2 and 0.8:
-    the largest hypervolume gain is inside it; a point pending there pushes the next one elsewhere."""
+    the largest hypervolume gain is inside it; a point pending there pushes the next one elsewhere.
+    The same with the front taken from the model's posterior at the evaluated points (qLogNEHVI)."""
     x = np.array([[0.0], [0.1], [0.2], [0.8], [0.9], [1.0]])
+    extra = {"baseline": x} if noisy else {}
 
     def line(c):
         c = np.atleast_2d(c)
@@ -153,10 +156,52 @@ def test_expected_improvement_goes_to_the_gap_and_avoids_pending_points():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = GPModel(x, line(x), (0.0, 1.0))
-        first = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), seed=0)
+        first = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), seed=0, **extra)
         assert first.shape == (1, 1) and 0.3 < first[0, 0] < 0.7
-        second = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), pending=first, seed=0)
+        second = propose_ehvi(model, line(x), ("max", "max"), (0.0, 1.0), pending=first, seed=0, **extra)
     assert abs(second[0, 0] - first[0, 0]) > 0.08 and 0.2 < second[0, 0] < 0.8
+
+
+def test_a_lucky_evaluation_does_not_set_the_bar_with_two_metrics(monkeypatch):
+    """f(c) = (c, 1 - c) on [0, 1], evaluated on a lattice of step 0.1, with one lucky evaluation at
+    c = 0.5 scoring (0.65, 0.65) instead of (0.5, 0.5). Taken at face value it dominates the whole
+    stretch 0.35 < c < 0.65 of the true front, so improving the *observed* front pays only beyond
+    it; the model smooths the outlier out (a fitted noise level), and improving the front of its
+    posterior at the evaluated points (qLogNEHVI, what MAP's adaptive sampling does with two
+    metrics) goes back into that stretch, where the true front is. Seeded: the same proposal twice,
+    and the caller's torch random state untouched. With three metrics, or no evaluated points given,
+    the observed front (qLogEHVI)."""
+    import torch
+    from botorch.acquisition.multi_objective import logei
+
+    x = np.linspace(0.0, 1.0, 11)[:, None]
+    y = np.column_stack([x[:, 0], 1 - x[:, 0]])
+    y[5] = [0.65, 0.65]
+    built: list = []
+
+    class Spy(logei.qLogNoisyExpectedHypervolumeImprovement):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["X_baseline"].shape)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(logei, "qLogNoisyExpectedHypervolumeImprovement", Spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPModel(x, y, (0.0, 1.0))
+        torch.manual_seed(123)
+        before = torch.rand(1)
+        torch.manual_seed(123)
+        observed = propose_ehvi(model, y, ("max", "max"), (0.0, 1.0), seed=0)
+        posterior = propose_ehvi(model, y, ("max", "max"), (0.0, 1.0), seed=0, baseline=x)
+        again = propose_ehvi(model, y, ("max", "max"), (0.0, 1.0), seed=0, baseline=x)
+        after = torch.rand(1)
+    assert built == [torch.Size([11, 1])] * 2
+    assert not 0.35 < observed[0, 0] < 0.65
+    assert 0.35 < posterior[0, 0] < 0.65
+    np.testing.assert_array_equal(posterior, again)
+    assert after.item() == before.item()
+    with pytest.raises(ValueError, match="baseline has shape"):
+        propose_ehvi(model, y, ("max", "max"), (0.0, 1.0), seed=0, baseline=x[:5])
 
 
 def test_a_failing_acquisition_optimiser_falls_back_to_the_best_quasi_random_point(monkeypatch, caplog):
