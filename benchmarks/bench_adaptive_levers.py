@@ -24,6 +24,12 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   surrogates plus residual GPs instead of the GPs alone (no evaluation differs).
 - ``auto proposals``: ``proposal_model="auto"``, proposals under the model 5-fold cross-validation
   prefers (constant-mean GPs or quadratic + GP), chosen again every 4 evaluations.
+- ``no average``: the starting design without the average merge (every coefficient 1 / T; at
+  T = 2 the box's centre, Ax's first trial), the default before 2026-12-07.
+- ``more restarts``: the acquisition optimiser with 20 restarts from 1024 raw samples (Ax's
+  settings) instead of 6 from 512.
+- ``observed front``: with two metrics, qLogEHVI over the *evaluated* front instead of qLogNEHVI
+  over the front of the model's posterior at the evaluated points (the default before 2026-12-07).
 - ``qNParEGO`` (T >= 4): random Chebyshev scalarisations (botorch's qLogNParEGO) instead of
   expected hypervolume improvement, not shipped.
 
@@ -51,11 +57,12 @@ from _common import parser, table, write  # noqa: E402
 from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences  # noqa: E402
 
 import map_merge as mm  # noqa: E402
-from map_merge import acquisition, gp_model, plots  # noqa: E402
+from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
-            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "qNParEGO")
+            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "more restarts",
+            "observed front", "qNParEGO")
 
 
 def _fit_or_keep(mll) -> None:
@@ -141,7 +148,7 @@ class LogOutputGP(gp_model.GPModel):
         return GenericMCMultiOutputObjective(lambda samples, X=None: self._to_metric(samples) * sign)
 
 
-def parego(model, metrics, senses, bounds, q=1, pending=None, seed=0):
+def parego(model, metrics, senses, bounds, q=1, pending=None, seed=0, baseline=None):
     """qLogNParEGO: expected improvement of a random Chebyshev scalarisation per proposal
     (botorch; its weights drawn from a seeded generator), over the evaluated points."""
     from botorch.acquisition.multi_objective.parego import qLogNParEGO
@@ -171,6 +178,15 @@ def swapped(module, name, value):
         setattr(module, name, old)
 
 
+def observed_front(*args, baseline=None, **kwargs):
+    """:func:`~map_merge.acquisition.propose_ehvi` without the evaluated coefficients: qLogEHVI over
+    the observed front, whatever the number of metrics."""
+    return _PROPOSE_EHVI(*args, **kwargs)
+
+
+_PROPOSE_EHVI = acquisition.propose_ehvi
+
+
 def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge: bool):
     """The variant's ``MAPResult`` (picks from ``result.select``)."""
     with warnings.catch_warnings():
@@ -183,8 +199,11 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
         swaps = {"quadratic kernel": (gp_model, "GPModel", QuadraticKernelGP), "multi-output": (gp_model, "GPModel", MultiOutputGP),
-                 "log outputs": (gp_model, "GPModel", LogOutputGP), "qNParEGO": (acquisition, "propose_ehvi", parego)}
-        with (swapped(*swaps[variant]) if variant in swaps else contextlib.nullcontext()):
+                 "log outputs": (gp_model, "GPModel", LogOutputGP), "qNParEGO": (acquisition, "propose_ehvi", parego),
+                 "more restarts": (acquisition, "RESTARTS", 20), "observed front": (acquisition, "propose_ehvi", observed_front),
+                 "no average": (adaptive, "with_average", lambda coeffs, after, bounds: coeffs)}
+        with (swapped(*swaps[variant]) if variant in swaps else contextlib.nullcontext()), \
+                (swapped(acquisition, "_effort", lambda m: (1024, 128)) if variant == "more restarts" else contextlib.nullcontext()):
             return mm.MAP(budget=budget, seed=seed, **options).fit(objective, num)
 
 

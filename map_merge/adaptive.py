@@ -124,8 +124,24 @@ PROPOSAL_RECHOOSE = 4  # MAP(proposal_model="auto"): evaluations between two cro
 
 
 def default_initial(num_coeffs: int) -> int:
-    """MAP's adaptive starting design: ``max(6, 2T)`` points (the T experts and Sobol points)."""
+    """MAP's adaptive starting design: ``max(6, 2T)`` points (the average merge, the T experts and
+    Sobol points)."""
     return max(6, 2 * int(num_coeffs))
+
+
+def with_average(coeffs: np.ndarray, after: int, bounds: tuple[float, float]) -> np.ndarray:
+    """The starting design ``coeffs (K, T)`` with the average merge (every coefficient ``1 / T``,
+    clipped to the box: weight averaging, the merge users try first) as row ``after`` (after a
+    user's own points), the last row giving way; unchanged when it is in the design already or the
+    user's points fill it.
+
+    At T = 2 it is the centre of the box, Ax's first trial: on the zoos the front's knee lies
+    between the experts, and the average tells the models where (``benchmarks/bench_adaptive_levers.py``,
+    "no average"; docs/fronts.md)."""
+    average = np.clip(np.full((1, coeffs.shape[1]), 1.0 / coeffs.shape[1]), float(bounds[0]), float(bounds[1]))
+    if after >= len(coeffs) or not len(_new_rows(average, coeffs)):
+        return coeffs
+    return np.concatenate([coeffs[:after], average, coeffs[after:-1]])
 
 
 def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], num_coeffs: int, names: Sequence[str] | None,
@@ -156,7 +172,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     batch = 1 if estimator.batch is None else int(estimator.batch)
     bounds, seed, noise = estimator.bounds, int(estimator.seed), estimator.noise
     design = estimator.design or ("sobol" if getattr(objective, "task_vectors", None) is not None else "qmc")
-    coeffs = with_points(make_design(design, num_coeffs, initial, bounds, seed), include, initial)
+    coeffs = with_average(with_points(make_design(design, num_coeffs, initial, bounds, seed), include, initial),
+                         0 if include is None else len(np.atleast_2d(include)), bounds)
     width = int(getattr(getattr(objective, "executor", None), "num_workers", 1))
     asynchronous = width > 1 if estimator.asynchronous == "auto" else bool(estimator.asynchronous)
     timings = {"evaluate": 0.0, "acquire": 0.0}

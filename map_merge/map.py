@@ -124,8 +124,9 @@ class MAP:
 
     - ``"adaptive"`` (default): a small starting design (for a merge, the T experts, i.e. the
       one-hot coefficient vectors, plus space-filling points), then one point at a time where the
-      expected hypervolume improvement of the evaluated front is largest under Gaussian-process
-      models of the metrics (:mod:`~map_merge.acquisition`); the last ``final`` evaluations go
+      expected hypervolume improvement is largest under Gaussian-process models of the metrics
+      (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
+      at the evaluated points, with more the evaluated front); the last ``final`` evaluations go
       to the model's picks for ``preferences``. The front is searched on the same models.
     - ``"design"``: the MAP authors' plan: the whole budget on one design, then quadratic
       surrogates (plus a Gaussian process on their residuals, ``model="quadratic+gp"``).
