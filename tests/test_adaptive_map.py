@@ -52,7 +52,10 @@ def test_default_is_adaptive_and_spends_exactly_its_budget():
 
 def test_a_merge_starts_from_its_experts(tiny_models):
     """On task vectors, the one-hot coefficient vectors are the fine-tuned models themselves:
-    evaluated first, and their metrics are the experts' own."""
+    evaluated first after the average merge (1/2, 1/2), which is the weight average of the two
+    experts; their metrics are the experts' own, and the average's are the averaged model's."""
+    import copy
+
     import torch
 
     base, fts = tiny_models
@@ -62,8 +65,11 @@ def test_a_merge_starts_from_its_experts(tiny_models):
     obj = mm.ModelObjective(base, tv, tasks, progress=False)
     result = mm.MAP(budget=8, seed=0).fit(obj, 2)
     assert result.settings["design"] == "sobol" and result.num_evaluations == 8
-    np.testing.assert_allclose(result.samples.coeffs[:2], np.eye(2))
-    for i, expert in enumerate(fts[:2]):
+    np.testing.assert_allclose(result.samples.coeffs[:3], [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
+    average = copy.deepcopy(fts[0])
+    first, second = fts[0].state_dict(), fts[1].state_dict()
+    average.load_state_dict({k: (v + second[k]) / 2 if v.is_floating_point() else v for k, v in first.items()})
+    for i, expert in enumerate([average, *fts[:2]]):
         expert.eval()
         with torch.no_grad():
             own = [float(expert(probe).sum()), float((expert(probe) ** 2).mean())]
