@@ -30,6 +30,8 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   settings) instead of 6 from 512.
 - ``observed front``: with two metrics, qLogEHVI over the *evaluated* front instead of qLogNEHVI
   over the front of the model's posterior at the evaluated points (the default before 2026-12-07).
+- ``previous default``: ``no average`` and ``observed front`` together (MAP's default until
+  2026-12-07).
 - ``qNParEGO`` (T >= 4): random Chebyshev scalarisations (botorch's qLogNParEGO) instead of
   expected hypervolume improvement, not shipped.
 
@@ -38,6 +40,7 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 2 --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 3 --variants "default,auto proposals,final picks,quadratic mean" --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 4 --seeds 3 --variants default,qNParEGO --out benchmarks/results
+    python benchmarks/bench_adaptive_levers.py --problem vision --tasks 2 --seeds 10 --variants "default,no average,observed front,previous default,more restarts" --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
-            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "more restarts",
+            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "previous default", "more restarts",
             "observed front", "qNParEGO")
 
 
@@ -202,6 +205,9 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
                  "log outputs": (gp_model, "GPModel", LogOutputGP), "qNParEGO": (acquisition, "propose_ehvi", parego),
                  "more restarts": (acquisition, "RESTARTS", 20), "observed front": (acquisition, "propose_ehvi", observed_front),
                  "no average": (adaptive, "with_average", lambda coeffs, after, bounds: coeffs)}
+        if variant == "previous default":
+            with swapped(*swaps["observed front"]), swapped(*swaps["no average"]):
+                return mm.MAP(budget=budget, seed=seed).fit(objective, num)
         with (swapped(*swaps[variant]) if variant in swaps else contextlib.nullcontext()), \
                 (swapped(acquisition, "_effort", lambda m: (1024, 128)) if variant == "more restarts" else contextlib.nullcontext()):
             return mm.MAP(budget=budget, seed=seed, **options).fit(objective, num)
