@@ -26,6 +26,8 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   prefers (constant-mean GPs or quadratic + GP), chosen again every 4 evaluations.
 - ``no average``: the starting design without the average merge (every coefficient 1 / T; at
   T = 2 the box's centre, Ax's first trial), the default before 2026-12-07.
+- ``average at every T``: the average merge in the starting design at T >= 3 too (MAP adds it at
+  T = 2 only).
 - ``more restarts``: the acquisition optimiser with 20 restarts from 1024 raw samples (Ax's
   settings) instead of 6 from 512.
 - ``observed front``: with two metrics, qLogEHVI over the *evaluated* front instead of qLogNEHVI
@@ -64,7 +66,7 @@ from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
-            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "previous default", "more restarts",
+            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T", "previous default", "more restarts",
             "observed front", "qNParEGO")
 
 
@@ -204,7 +206,8 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
         swaps = {"quadratic kernel": (gp_model, "GPModel", QuadraticKernelGP), "multi-output": (gp_model, "GPModel", MultiOutputGP),
                  "log outputs": (gp_model, "GPModel", LogOutputGP), "qNParEGO": (acquisition, "propose_ehvi", parego),
                  "more restarts": (acquisition, "RESTARTS", 20), "observed front": (acquisition, "propose_ehvi", observed_front),
-                 "no average": (adaptive, "with_average", lambda coeffs, after, bounds: coeffs)}
+                 "no average": (adaptive, "AVERAGE_MERGE_TASKS", frozenset()),
+                 "average at every T": (adaptive, "AVERAGE_MERGE_TASKS", range(2, 1000))}
         if variant == "previous default":
             with swapped(*swaps["observed front"]), swapped(*swaps["no average"]):
                 return mm.MAP(budget=budget, seed=seed).fit(objective, num)

@@ -122,9 +122,9 @@ class MAP:
 
     Two ways to spend the budget (``sampling``):
 
-    - ``"adaptive"`` (default): a small starting design (the average merge, every coefficient
-      ``1/T``; for a merge the T experts, i.e. the one-hot coefficient vectors; space-filling
-      points), then one point at a time where the
+    - ``"adaptive"`` (default): a small starting design (at T = 2 the average merge, both
+      coefficients 1/2; for a merge the T experts, i.e. the one-hot coefficient vectors;
+      space-filling points), then one point at a time where the
       expected hypervolume improvement is largest under Gaussian-process models of the metrics
       (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
       at the evaluated points, with more the evaluated front); the last ``final`` evaluations go
@@ -139,9 +139,9 @@ class MAP:
             without ``budget``, or ``final_model``, is given, as in earlier versions; else
             ``"adaptive"``).
         num_samples: the design's size (``sampling="design"``; same as ``budget``).
-        initial: adaptive: size of the starting design (default ``max(6, 2T)``: the average
-            merge, then for a merge the T experts and Sobol points, for a black box Sobol points
-            alone; never above ``budget``).
+        initial: adaptive: size of the starting design (default ``max(6, 2T)``: at T = 2 the
+            average merge, then for a merge the T experts and Sobol points, for a black box Sobol
+            points alone; never above ``budget``).
         batch: adaptive, synchronous: points proposed per round (default 1).
         preferences: ``(P, M)`` or ``(M,)`` preferences the user will pick for: the last
             ``final`` evaluations go to the model's picks for them.
