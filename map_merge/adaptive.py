@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .designs import default_num_samples, make_design, num_quadratic_params, with_points
+from .designs import default_num_samples, make_design, num_quadratic_params, one_hots, with_points
 from .pareto import check_senses
 from .result import MAPResult, Samples, call_objective
 
@@ -133,18 +133,26 @@ def default_initial(num_coeffs: int) -> int:
 def with_average(coeffs: np.ndarray, after: int, bounds: tuple[float, float]) -> np.ndarray:
     """The starting design ``coeffs (K, T)`` with the average merge (every coefficient ``1 / T``,
     clipped to the box: weight averaging, the merge users try first) as row ``after`` (after a
-    user's own points), the last row giving way; unchanged when it is in the design already or the
-    user's points fill it.
+    user's own points). The last row that is neither a user's point nor an expert (a one-hot
+    vector of the box, :func:`~map_merge.designs.one_hots`) gives way: the experts anchor the
+    front's ends and stay. Unchanged when the average is in the design already, or the user's
+    points and the experts fill it (a small ``initial`` or ``budget``).
 
-    MAP adds it at T = 2, where it is the centre of the box (Ax's first trial) and lies between the
+    MAP adds it at T = 2, where it is the centre of the box [0, 1]^2 (Ax's first trial) and lies between the
     two experts, where the zoos' fronts bend: HV ratio 0.770 -> 0.807 on the vision zoo (10 seeds),
     level on the LM loss and the analytic problem. At T = 3 it was mixed (analytic 0.977 -> 0.969,
     vision 0.625 -> 0.635), so the design there is unchanged (``benchmarks/bench_adaptive_levers.py``,
     "no average"; docs/fronts.md)."""
-    average = np.clip(np.full((1, coeffs.shape[1]), 1.0 / coeffs.shape[1]), float(bounds[0]), float(bounds[1]))
+    low, high = float(bounds[0]), float(bounds[1])
+    average = np.clip(np.full((1, coeffs.shape[1]), 1.0 / coeffs.shape[1]), low, high)
     if after >= len(coeffs) or not len(_new_rows(average, coeffs)):
         return coeffs
-    return np.concatenate([coeffs[:after], average, coeffs[after:-1]])
+    experts = one_hots(coeffs.shape[1], low, high)
+    spare = [i for i in range(after, len(coeffs)) if not (np.abs(experts - coeffs[i]).max(axis=1) <= 1e-9).any()]
+    if not spare:
+        return coeffs
+    rest = np.delete(coeffs, spare[-1], axis=0)
+    return np.concatenate([rest[:after], average, rest[after:]])
 
 
 def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], num_coeffs: int, names: Sequence[str] | None,

@@ -123,7 +123,7 @@ class MAP:
     Two ways to spend the budget (``sampling``):
 
     - ``"adaptive"`` (default): a small starting design (at T = 2 the average merge, both
-      coefficients 1/2; for a merge the T experts, i.e. the one-hot coefficient vectors;
+      coefficients 1/2 clipped to ``bounds``, where the design has room beside the experts; for a merge the T experts, i.e. the one-hot coefficient vectors;
       space-filling points), then one point at a time where the
       expected hypervolume improvement is largest under Gaussian-process models of the metrics
       (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
@@ -141,7 +141,8 @@ class MAP:
         num_samples: the design's size (``sampling="design"``; same as ``budget``).
         initial: adaptive: size of the starting design (default ``max(6, 2T)``: at T = 2 the
             average merge, then for a merge the T experts and Sobol points, for a black box Sobol
-            points alone; never above ``budget``).
+            points alone; never above ``budget``; the average merge gives way to the user's
+            ``include`` points and the experts when they fill it).
         batch: adaptive, synchronous: points proposed per round (default 1).
         preferences: ``(P, M)`` or ``(M,)`` preferences the user will pick for: the last
             ``final`` evaluations go to the model's picks for them.

@@ -76,6 +76,51 @@ def test_a_merge_starts_from_its_experts(tiny_models):
         np.testing.assert_allclose(result.samples.metrics[i], own, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("initial", "budget", "include", "start"),
+    [
+        (None, 8, None, [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),  # the default: the last Sobol point gives way
+        (3, 4, None, [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),
+        (2, 3, None, [[1.0, 0.0], [0.0, 1.0]]),  # no room beside the experts: they stay, as before the average
+        (None, 2, None, [[1.0, 0.0], [0.0, 1.0]]),  # the budget below the default initial design
+        (2, 4, [[0.3, 0.7]], [[0.3, 0.7], [1.0, 0.0], [0.0, 1.0]]),  # initial = 1 + 2: the user's point and the experts
+        (None, 8, [[0.5, 0.5]], [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]),  # the user's point is the average: no copy
+    ],
+    ids=["default", "initial 3", "initial 2", "budget 2", "include, initial 2", "include the average"],
+)
+def test_the_average_merge_never_displaces_the_experts_or_the_users_points(initial, budget, include, start):
+    """At T = 2 the starting design is the user's points, the average merge (1/2, 1/2), the experts
+    (the one-hot vectors) and Sobol points; when it is too small for all of them the average, not
+    an expert or a user's point, is left out, and it is never evaluated twice."""
+    obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = mm.MAP(budget=budget, initial=initial, seed=0, design="sobol").fit(obj, 2, include=include)
+    coeffs = result.samples.coeffs
+    np.testing.assert_allclose(coeffs[: len(start)], start)
+    assert result.num_evaluations == budget
+    assert not (np.abs(coeffs[:, None] - coeffs[None]).max(axis=2) + np.eye(len(coeffs)) < 1e-6).any()  # no point twice
+    if initial is None and include is None:  # the default design is the Sobol design with its last row given way
+        from map_merge.designs import sobol_design
+
+        np.testing.assert_allclose(coeffs[3 : result.settings["initial"]], sobol_design(2, result.settings["initial"], seed=0)[2:-1])
+
+
+def test_the_average_merge_is_clipped_to_the_box_and_its_design_keeps_its_size():
+    """with_average on hand-made designs: 1/T clipped to the bounds, the user's rows first, the
+    last non-expert row giving way, the design's size unchanged."""
+    from map_merge.adaptive import with_average
+
+    design = np.array([[1.0, 0.6], [0.6, 1.0], [0.8, 0.9], [0.7, 0.65]])
+    np.testing.assert_allclose(with_average(design, 0, (0.6, 1.0)), [[0.6, 0.6], [1.0, 0.6], [0.6, 1.0], [0.8, 0.9]])
+    users = np.array([[0.9, 0.9], [1.0, 0.6], [0.6, 1.0], [0.8, 0.9]])
+    np.testing.assert_allclose(with_average(users, 1, (0.6, 1.0)), [[0.9, 0.9], [0.6, 0.6], [1.0, 0.6], [0.6, 1.0]])
+    np.testing.assert_array_equal(with_average(users[:3], 1, (0.6, 1.0)), users[:3])  # the experts fill the rest
+    np.testing.assert_array_equal(with_average(users, 4, (0.6, 1.0)), users)  # the user's points fill it
+    sobol = np.array([[0.2, 0.7], [0.9, 0.1], [0.4, 0.4]])  # a black box's design, no experts
+    np.testing.assert_allclose(with_average(sobol, 0, (0.0, 1.0)), [[0.5, 0.5], [0.2, 0.7], [0.9, 0.1]])
+
+
 def test_adaptive_front_against_the_analytic_front_and_random_search():
     ratios, random_ratios = [], []
     for seed in range(3):  # unit_quadratics is merge-like (task i peaks at e_i): start from the experts as on task vectors
