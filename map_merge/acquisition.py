@@ -111,10 +111,12 @@ def propose_ehvi(model, metrics: np.ndarray, senses: Sequence[str], bounds: tupl
         model: a fitted :class:`~map_merge.gp_model.GPModel` or
             :class:`~map_merge.residual_gp.ResidualGPModel`: its botorch ``gp`` and
             ``mc_objective(senses)``, the posterior samples in metric units oriented higher-is-better.
-        metrics: ``(N, M)`` the evaluated metrics (own units and senses): their front is improved.
+        metrics: ``(N, M)`` the evaluated metrics (own units and senses): their front is improved
+            (qLogEHVI); it places the default reference point either way.
         senses: M of ``"max"`` / ``"min"``.  bounds: the coefficient box.
         q: points proposed jointly.  pending: ``(P, T)`` points being evaluated (fantasised).
-        seed: seeds the quasi-Monte-Carlo sampler and the optimiser's random starts.
+        seed: seeds the quasi-Monte-Carlo sampler, the pruning of ``baseline`` and the optimiser's
+            random starts (the caller's torch random state is left as it was).
         ref_point: ``(M,)`` the hypervolume reference, oriented higher-is-better (default
             :func:`ehvi_reference_point` of the evaluated metrics).
         baseline: ``(N, T)`` the coefficients ``metrics`` were evaluated at; with two metrics the
