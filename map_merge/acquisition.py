@@ -8,8 +8,9 @@ The front it improves depends on the number of metrics:
   accuracy on a few hundred examples is rugged in the coefficients: a lucky evaluation set as the
   bar made the acquisition chase the model's widest uncertainty, in the dominated interior and the
   corners (on the vision zoo about 6 of 22 evaluations there). With two metrics the box
-  decomposition per posterior sample is a sort, so this costs tenths of a second per proposal.
-  Measured in ``benchmarks/bench_adaptive_levers.py`` ("noisy EHVI"; docs/fronts.md).
+  decomposition per posterior sample is a sort: a proposal, fit included, takes about 0.6-0.7 s.
+  Measured in ``benchmarks/bench_adaptive_levers.py`` ("observed front", "previous default";
+  docs/fronts.md).
 - **Three or more metrics, or no evaluated coefficients** (:class:`~map_merge.BayesianMAP`):
   qLogEHVI over the front of the *evaluated* metrics; the noisy variant's decomposition per
   posterior sample costs 10-20 s per proposal at T = 3.

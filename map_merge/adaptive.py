@@ -142,7 +142,7 @@ def with_average(coeffs: np.ndarray, after: int, bounds: tuple[float, float]) ->
     two experts, where the zoos' fronts bend: HV ratio 0.765 -> 0.807 on the vision zoo (10 seeds),
     level on the LM loss and the analytic problem. At T = 3 it was mixed (analytic 0.977 -> 0.969,
     vision 0.625 -> 0.635), so the design there is unchanged (``benchmarks/bench_adaptive_levers.py``,
-    "no average"; docs/fronts.md)."""
+    "no average" at T = 2, "average at every T" at T = 3; docs/fronts.md)."""
     low, high = float(bounds[0]), float(bounds[1])
     average = np.clip(np.full((1, coeffs.shape[1]), 1.0 / coeffs.shape[1]), low, high)
     if after >= len(coeffs) or not len(_new_rows(average, coeffs)):
