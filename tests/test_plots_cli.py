@@ -54,11 +54,11 @@ def test_cli_map_on_vision_zoo(tmp_path, monkeypatch, capsys):
     config.write_text(json.dumps({"zoo": "vision", "tasks": ["rotated", "mirrored_parity"], "out": str(tmp_path / "out"), "preference": [1, 1]}))
     assert main(["map", "--config", str(config)]) == 0
     result = json.loads((tmp_path / "out" / "result.json").read_text())
-    # budget (default (T+1)(T+2) = 12) is the total: the experts and Sobol points, proposals, and last the
-    # model's pick for the config's preference
+    # budget (default (T+1)(T+2) = 12) is the total: the average merge (T = 2), the experts and Sobol points,
+    # proposals, and last the model's pick for the config's preference
     assert result["num_evaluations"] == 12 and "real_front" not in result
     assert result["settings"]["sampling"] == "adaptive" and result["settings"]["final"] == 1
-    np.testing.assert_allclose(result["samples"]["coeffs"][:2], np.eye(2))
+    np.testing.assert_allclose(result["samples"]["coeffs"][:3], [[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]])
     assert (tmp_path / "out" / "front.png").exists()
     summary = json.loads(capsys.readouterr().out.split("\npreference")[0])
     assert summary == result["summary"]  # what is printed is what is written
