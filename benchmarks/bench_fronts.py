@@ -204,8 +204,8 @@ def wide_table(out: Path) -> str:
             if s["method"] not in methods:
                 methods.append(s["method"])
             hv, regret = s["hv_ratio_mean"], s.get("pick_regret_mean", np.nan)
-            hv_text = f"**{hv:.3f}**" if hv == best_hv else f"{hv:.3f}"
-            regret_text = f"**{regret:.2g}**" if regret == best_regret else f"{regret:.2g}"
+            hv_text = f"**{hv:.3f}**" if np.isclose(hv, best_hv, rtol=1e-9, atol=0) else f"{hv:.3f}"  # ties: means that differ in rounding only
+            regret_text = f"**{regret:.2g}**" if np.isclose(regret, best_regret, rtol=1e-9, atol=1e-15) else f"{regret:.2g}"
             cells[s["method"], column] = f"{hv_text} / {regret_text}"
     lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]

@@ -139,6 +139,25 @@ def test_bench_fronts_proposal_model_is_recorded_labelled_and_not_mixed(tmp_path
     assert updated["proposal_model"] == "gp" and sorted(r["seed"] for r in updated["rows"]) == [0, 1]
 
 
+def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
+    """Two methods whose means differ only by floating-point rounding (0.1 + 0.2 against 0.3) share the
+    best of a column: both are bold, a worse one is not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fronts_table", ROOT / "benchmarks" / "bench_fronts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summary = [{"method": "A", "hv_ratio_mean": 0.9, "pick_regret_mean": 0.1 + 0.2},
+               {"method": "B", "hv_ratio_mean": 0.3 * 3, "pick_regret_mean": 0.3},
+               {"method": "C", "hv_ratio_mean": 0.8, "pick_regret_mean": 0.4}]
+    assert 0.1 + 0.2 != 0.3 and 0.3 * 3 != 0.9
+    (tmp_path / "fronts_analytic_T2.json").write_text(json.dumps({"version": 3, "label": "analytic", "tasks": 2, "budget": 22,
+                                                                  "seeds": 5, "summary": summary}))
+    rows = {line.split(" | ")[0][2:]: line for line in module.wide_table(tmp_path).splitlines()}
+    assert rows["A"].endswith("| **0.900** / **0.3** |") and rows["B"].endswith("| **0.900** / **0.3** |")
+    assert rows["C"].endswith("| 0.800 / 0.4 |")
+
+
 def _bench_noisy_pick():
     import importlib.util
 
