@@ -66,8 +66,8 @@ from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
-            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T", "previous default", "more restarts",
-            "observed front", "qNParEGO")
+            "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T",
+            "observed front", "previous default", "more restarts", "qNParEGO")
 
 
 def _fit_or_keep(mll) -> None:
@@ -183,13 +183,13 @@ def swapped(module, name, value):
         setattr(module, name, old)
 
 
+_PROPOSE_EHVI = acquisition.propose_ehvi
+
+
 def observed_front(*args, baseline=None, **kwargs):
     """:func:`~map_merge.acquisition.propose_ehvi` without the evaluated coefficients: qLogEHVI over
     the observed front, whatever the number of metrics."""
     return _PROPOSE_EHVI(*args, **kwargs)
-
-
-_PROPOSE_EHVI = acquisition.propose_ehvi
 
 
 def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge: bool):
@@ -203,16 +203,15 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
                    "auto proposals": {"proposal_model": "auto"}}.get(variant, {})
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
-        swaps = {"quadratic kernel": (gp_model, "GPModel", QuadraticKernelGP), "multi-output": (gp_model, "GPModel", MultiOutputGP),
-                 "log outputs": (gp_model, "GPModel", LogOutputGP), "qNParEGO": (acquisition, "propose_ehvi", parego),
-                 "more restarts": (acquisition, "RESTARTS", 20), "observed front": (acquisition, "propose_ehvi", observed_front),
-                 "no average": (adaptive, "AVERAGE_MERGE_TASKS", frozenset()),
-                 "average at every T": (adaptive, "AVERAGE_MERGE_TASKS", range(2, 1000))}
-        if variant == "previous default":
-            with swapped(*swaps["observed front"]), swapped(*swaps["no average"]):
-                return mm.MAP(budget=budget, seed=seed).fit(objective, num)
-        with (swapped(*swaps[variant]) if variant in swaps else contextlib.nullcontext()), \
-                (swapped(acquisition, "_effort", lambda m: (1024, 128)) if variant == "more restarts" else contextlib.nullcontext()):
+        observed, no_average = (acquisition, "propose_ehvi", observed_front), (adaptive, "AVERAGE_MERGE_TASKS", frozenset())
+        swaps = {"quadratic kernel": [(gp_model, "GPModel", QuadraticKernelGP)], "multi-output": [(gp_model, "GPModel", MultiOutputGP)],
+                 "log outputs": [(gp_model, "GPModel", LogOutputGP)], "qNParEGO": [(acquisition, "propose_ehvi", parego)],
+                 "more restarts": [(acquisition, "RESTARTS", 20), (acquisition, "_effort", lambda m: (1024, 128))],
+                 "observed front": [observed], "no average": [no_average], "previous default": [observed, no_average],
+                 "average at every T": [(adaptive, "AVERAGE_MERGE_TASKS", range(2, 1000))]}
+        with contextlib.ExitStack() as stack:
+            for swap in swaps.get(variant, []):
+                stack.enter_context(swapped(*swap))
             return mm.MAP(budget=budget, seed=seed, **options).fit(objective, num)
 
 

@@ -148,7 +148,7 @@ def with_average(coeffs: np.ndarray, after: int, bounds: tuple[float, float]) ->
     if after >= len(coeffs) or not len(_new_rows(average, coeffs)):
         return coeffs
     experts = one_hots(coeffs.shape[1], low, high)
-    spare = [i for i in range(after, len(coeffs)) if not (np.abs(experts - coeffs[i]).max(axis=1) <= 1e-9).any()]
+    spare = [i for i in range(after, len(coeffs)) if len(_new_rows(coeffs[i : i + 1], experts))]
     if not spare:
         return coeffs
     rest = np.delete(coeffs, spare[-1], axis=0)

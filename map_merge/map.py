@@ -123,9 +123,10 @@ class MAP:
     Two ways to spend the budget (``sampling``):
 
     - ``"adaptive"`` (default): a small starting design (at T = 2 the average merge, both
-      coefficients 1/2 clipped to ``bounds``, where the design has room beside the experts; for a merge the T experts, i.e. the one-hot coefficient vectors;
-      space-filling points), then one point at a time where the
-      expected hypervolume improvement is largest under Gaussian-process models of the metrics
+      coefficients 1/2 clipped to ``bounds``, where the design has room beside the experts; for a
+      merge the T experts, i.e. the one-hot coefficient vectors; space-filling points), then one
+      point at a time where the expected hypervolume improvement is largest under Gaussian-process
+      models of the metrics
       (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
       at the evaluated points, with more the evaluated front); the last ``final`` evaluations go
       to the model's picks for ``preferences``. The front is searched on the same models.
