@@ -116,10 +116,17 @@ def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reeva
     return run.inputs, run.metrics, run.result, seconds
 
 
+def table_files(out: Path) -> list[Path]:
+    """The peer table's ``fronts_<label>_T<T>.json`` in ``out``, by label then T (runs on another
+    subset of a zoo's tasks, ``fronts_<label>_T<T>_<names>.json``, are not the table's)."""
+    found = [p for p in out.glob("fronts_*_T*.json") if p.stem.rsplit("_T", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: (p.stem.rsplit("_T", 1)[0], int(p.stem.rsplit("_T", 1)[1])))
+
+
 def summarize(out: Path) -> Path:
     """``fronts_table.md``: one table over every ``fronts_*.json`` in ``out`` (mean +- std)."""
     lines = ["| problem | T | B | method | HV ratio | pick regret | propose s/run | median s/point |", "|---|---|---|---|---|---|---|---|"]
-    for path in sorted(out.glob("fronts_*_T*.json")):
+    for path in table_files(out):
         payload = json.loads(path.read_text())
         if "summary" not in payload or payload.get("version") != 3:
             continue
@@ -161,7 +168,7 @@ def rules_table(out: Path, method: str = "MAP") -> str:
     """``method``'s test pick regret under each pick rule (the same runs), one column per problem,
     and the whole grid's validation pick; the best rule of each column in bold."""
     columns, cells = [], {}
-    for path in sorted(out.glob("fronts_*_T*.json"), key=lambda p: (p.stem.rsplit("_T", 1)[0], int(p.stem.rsplit("_T", 1)[1]))):
+    for path in table_files(out):
         payload = json.loads(path.read_text())
         entry = next((s for s in payload.get("summary", []) if s["method"] == method), None)
         if payload.get("version") != 3 or entry is None or "pick_regret_best_mean_mean" not in entry:
@@ -185,7 +192,7 @@ def wide_table(out: Path) -> str:
     """One row per method, one column per problem: ``HV ratio / pick regret`` means, the best of
     each column in bold (the README's peer table); the last row the whole grid's validation pick."""
     settings, cells, methods, references = [], {}, [], {}
-    for path in sorted(out.glob("fronts_*_T*.json"), key=lambda p: (p.stem.rsplit("_T", 1)[0], int(p.stem.rsplit("_T", 1)[1]))):
+    for path in table_files(out):
         payload = json.loads(path.read_text())
         if "summary" not in payload or payload.get("version") != 3:
             continue
@@ -241,6 +248,8 @@ def main() -> None:
     p.add_argument("--val-examples", type=int, default=None, help="zoos: score on the first N validation examples per task")
     p.add_argument("--store", default=None, help="evaluation store (default: <out>/<problem>_evals.sqlite)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--task-names", default=None, help="zoos: the T tasks to merge, comma-separated (default: the zoo's first T); "
+                                                       "written as fronts_<label>_T<T>_<names>.json, outside the peer table")
     p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
     p.add_argument("--proposal-model", choices=["gp", "auto"], default="gp", help="MAP's proposal_model (the default's: gp)")
     p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
@@ -259,12 +268,16 @@ def main() -> None:
     label = problem if not lm else ("lm" if args.metric == "loss" else "lm_acc")
     zoo = None
     if problem == "analytic":
+        if args.task_names is not None:
+            raise SystemExit("--task-names chooses a zoo's tasks; the analytic problem has none")
         objective = test_objective = analytic(num)
         names = list(objective.task_names)
     else:
         from map_merge.zoo import load_zoo
 
-        names = TASKS[problem][:num]
+        names = TASKS[problem][:num] if args.task_names is None else args.task_names.split(",")
+        if len(names) != num or not set(names) <= set(TASKS[problem]) or len(set(names)) != num:
+            raise SystemExit(f"--task-names must name {num} different tasks of {TASKS[problem]}, got {names}")
         # every task of the problem is loaded, so that the data fingerprint in each stored key is the same for every T
         extra = {"size": args.size or ("tiny" if args.quick else "small")} if lm else {}
         zoo = load_zoo(problem, TASKS[problem], progress=False, **extra)
@@ -286,7 +299,8 @@ def main() -> None:
 
     grid = mm.grid_design(num, per_axis)
     prefs = test_preferences(num)[: args.test_preferences]
-    stored = out / f"fronts_{label}_T{num}.json"
+    pair = "" if zoo is None or names == TASKS[problem][:num] else "_" + "+".join(names)  # another subset: kept out of the table
+    stored = out / f"fronts_{label}_T{num}{pair}.json"
     size = (args.size or ("tiny" if args.quick else "small")) if lm else None
     earlier = None
     if args.update and stored.exists():  # checked before any run: the table's rows must be scored alike

@@ -158,6 +158,25 @@ def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
     assert rows["C"].endswith("| 0.800 / 0.4 |")
 
 
+def test_bench_fronts_other_task_subset_stays_out_of_the_table(tmp_path):
+    """A run on other tasks of the zoo (``--task-names``) is written under its own name, and the
+    table built from the folder holds only the table's own column."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_fronts_subset", ROOT / "benchmarks" / "bench_fronts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, hv in (("fronts_lm_T2.json", 0.9), ("fronts_lm_T2_medical+legal.json", 0.5)):
+        (tmp_path / name).write_text(json.dumps({"version": 3, "label": "lm", "tasks": 2, "budget": 22, "seeds": 5,
+                                                 "summary": [{"method": "A", "hv_ratio_mean": hv, "pick_regret_mean": 0.1}]}))
+    assert [p.name for p in module.table_files(tmp_path)] == ["fronts_lm_T2.json"]
+    table = module.wide_table(tmp_path)
+    assert "| A | **0.900** / **0.1** |" in table and "0.500" not in table
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--problem", "lm", "--tasks", "2",
+                          "--task-names", "code,code", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "--task-names must name 2 different tasks" in bad.stderr
+
+
 def _bench_noisy_pick():
     import importlib.util
 
