@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_lm_grid.py", ["--no-lm-eval"], ["lm_grid.json", "lm_grid_T2.png", "lm_grid_T3.png", "lm_grid_zoo.png"]),
         ("bench_groups.py", ["--zoo", "lm"], ["groups_lm.json", "groups_lm.png"]),
         ("bench_noisy_pick.py", ["--pairs", "code,legal"], ["noisy_pick.json", "noisy_pick.png"]),
+        ("bench_pick_rules.py", [], ["pick_rules_analytic_T2.json", "pick_rules_analytic_T2.png"]),
     ],
 )
 def test_benchmark_runs_quick(script, args, outputs, tmp_path):
@@ -41,6 +42,10 @@ def test_benchmark_runs_quick(script, args, outputs, tmp_path):
     assert payload["rows"] and "machine" in payload
     if script == "bench_noisy_pick.py":  # the zoo's lm-eval objective says its scores are noisy, and the runs knew it
         assert all(r["noisy"] == [True, True] for r in payload["rows"]) and {r["method"] for r in payload["rows"]} == {"MAP", "MAP (design)"}
+    if script == "bench_pick_rules.py":  # every rule scored on the same run, each a finite regret
+        assert [s["rule"] for s in payload["summary"]] == ["caution 1", "caution 0.5", "caution 0.25", "caution 0", "over mean",
+                                                           "posterior", "best mean"]
+        assert all(np.isfinite(s["pick_regret_mean"]) for s in payload["summary"])
     if script == "bench_fronts.py" and "lm" in args:  # losses are minimised: every score oriented by the senses, test regrets of the picks present
         assert payload["senses"] == ["min", "min"] and len(payload["test_preferences"]) == 3
         regrets = [r["pick_regret"] for r in payload["rows"]]
