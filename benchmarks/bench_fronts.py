@@ -33,7 +33,11 @@ README's peer table, mean +- std over seeds, and MAP's pick regret under each pi
     python benchmarks/bench_fronts.py --problem analytic --tasks 4 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem vision --tasks 3 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem text --tasks 2 --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem lm --tasks 2 --task-names medical,legal --out benchmarks/results
     python benchmarks/bench_fronts.py --summarize --out benchmarks/results
+
+``--task-names`` runs the comparison on other tasks of a zoo (pairs the table never saw), written as
+``fronts_<label>_T<T>_<names>.json`` beside the table and never summarised into it.
 """
 
 from __future__ import annotations
