@@ -24,7 +24,7 @@ T = 3, 60 at T = 4). Scores per run, against a dense grid of real evaluations:
 - ``propose_s`` (wall time minus time inside the objective), ``evaluate_s`` and
   ``propose_median_s`` (median seconds per proposed point, where the method reports them).
 
-``--summarize`` collects every ``fronts_*.json`` in ``--out`` into ``fronts_table.md`` (the
+``--summarize`` collects every ``fronts_<label>_T<T>.json`` in ``--out`` into ``fronts_table.md`` (the
 README's peer table, mean +- std over seeds, and MAP's pick regret under each pick rule).
 
     python benchmarks/bench_fronts.py --problem lm --tasks 2 --out benchmarks/results
@@ -33,7 +33,7 @@ README's peer table, mean +- std over seeds, and MAP's pick regret under each pi
     python benchmarks/bench_fronts.py --problem analytic --tasks 4 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem vision --tasks 3 --out benchmarks/results
     python benchmarks/bench_fronts.py --problem text --tasks 2 --out benchmarks/results
-    python benchmarks/bench_fronts.py --problem lm --tasks 2 --task-names medical,legal --out benchmarks/results
+    python benchmarks/bench_fronts.py --problem lm --tasks 2 --task-names medical,legal --sweeps "" --out benchmarks/results
     python benchmarks/bench_fronts.py --summarize --out benchmarks/results
 
 ``--task-names`` runs the comparison on other tasks of a zoo (pairs the table never saw), written as
@@ -120,6 +120,28 @@ def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reeva
     return run.inputs, run.metrics, run.result, seconds
 
 
+def zoo_tasks(problem: str, num: int, task_names: str | None) -> list[str]:
+    """The ``num`` tasks of a zoo to merge: its first ``num``, or ``task_names`` (comma-separated),
+    put in the zoo's own order (any order of the same tasks is the same run). ``ValueError`` names
+    the problem."""
+    tasks = TASKS[problem]
+    if num > len(tasks):
+        raise ValueError(f"the {problem} zoo has {len(tasks)} tasks, so at most T = {len(tasks)}; got --tasks {num}")
+    if task_names is None:
+        return tasks[:num]
+    names = [n.strip() for n in task_names.split(",")]
+    if len(names) != num or len(set(names)) != num or not set(names) <= set(tasks):
+        raise ValueError(f"--task-names must name {num} different tasks of {tasks}, got {names}")
+    return [t for t in tasks if t in names]
+
+
+def table_path(out: Path, label: str, num: int, problem: str, names: list[str] | None) -> Path:
+    """Where a run's JSON goes: ``fronts_<label>_T<T>.json`` (the peer table's) for the problem's own
+    tasks, ``fronts_<label>_T<T>_<names>.json`` for another subset of a zoo's tasks."""
+    other = names is not None and problem in TASKS and names != TASKS[problem][:num]
+    return out / f"fronts_{label}_T{num}{'_' + '+'.join(names) if other else ''}.json"
+
+
 def table_files(out: Path) -> list[Path]:
     """The peer table's ``fronts_<label>_T<T>.json`` in ``out``, by label then T (runs on another
     subset of a zoo's tasks, ``fronts_<label>_T<T>_<names>.json``, are not the table's)."""
@@ -128,7 +150,7 @@ def table_files(out: Path) -> list[Path]:
 
 
 def summarize(out: Path) -> Path:
-    """``fronts_table.md``: one table over every ``fronts_*.json`` in ``out`` (mean +- std)."""
+    """``fronts_table.md``: one table over the table's ``fronts_<label>_T<T>.json`` in ``out`` (mean +- std)."""
     lines = ["| problem | T | B | method | HV ratio | pick regret | propose s/run | median s/point |", "|---|---|---|---|---|---|---|---|"]
     for path in table_files(out):
         payload = json.loads(path.read_text())
@@ -279,9 +301,10 @@ def main() -> None:
     else:
         from map_merge.zoo import load_zoo
 
-        names = TASKS[problem][:num] if args.task_names is None else args.task_names.split(",")
-        if len(names) != num or not set(names) <= set(TASKS[problem]) or len(set(names)) != num:
-            raise SystemExit(f"--task-names must name {num} different tasks of {TASKS[problem]}, got {names}")
+        try:
+            names = zoo_tasks(problem, num, args.task_names)
+        except ValueError as error:
+            raise SystemExit(f"bench_fronts.py: {error}") from None
         # every task of the problem is loaded, so that the data fingerprint in each stored key is the same for every T
         extra = {"size": args.size or ("tiny" if args.quick else "small")} if lm else {}
         zoo = load_zoo(problem, TASKS[problem], progress=False, **extra)
@@ -303,8 +326,7 @@ def main() -> None:
 
     grid = mm.grid_design(num, per_axis)
     prefs = test_preferences(num)[: args.test_preferences]
-    pair = "" if zoo is None or names == TASKS[problem][:num] else "_" + "+".join(names)  # another subset: kept out of the table
-    stored = out / f"fronts_{label}_T{num}{pair}.json"
+    stored = table_path(out, label, num, problem, None if zoo is None else names)  # another subset of a zoo's tasks: kept out of the table
     size = (args.size or ("tiny" if args.quick else "small")) if lm else None
     earlier = None
     if args.update and stored.exists():  # checked before any run: the table's rows must be scored alike

@@ -38,18 +38,20 @@ RULES = ("caution 1", "caution 0.5", "caution 0.25", "caution 0", "over mean", "
 
 def over_mean(result, preference: np.ndarray) -> np.ndarray:
     """The default's model pick unless a real evaluation scores above its predicted mean (a real
-    evaluation scored by its measurement; in noisy metrics by the model's mean at it)."""
-    from map_merge.pareto import cautious_pick, orient
+    evaluation scored by its measurement; in noisy metrics by the model's mean at it). The comparison
+    is :func:`~map_merge.pareto.cautious_pick` with no caution against a one-point front holding the
+    pick's mean, so ties and unknown (NaN) scores are treated as the default treats them."""
+    from map_merge.pareto import ParetoFront, cautious_pick
 
-    w = np.asarray(preference, dtype=np.float64) / np.sum(preference)
-    front, index = cautious_pick(result.front, w)
-    expected = float(orient(result.front.metrics[index:index + 1], result.front.senses)[0] @ w)
+    front, index = cautious_pick(result.front, preference)
+    expected = ParetoFront(front.coeffs[index:index + 1], front.metrics[index:index + 1], front.task_names, front.senses)
     real = result.real_evaluations()
-    scores = real.oriented @ w
-    if any(result.noisy or ()):  # noisy metrics: the model's mean at the evaluation, as the default scores it
+    if any(result.noisy or ()):  # noisy metrics: the model's mean at each evaluation
         mean = result.predict(real.coeffs)
-        scores = np.where(np.asarray(result.noisy), orient(mean, real.senses), real.oriented) @ w
-    return real.coeffs[int(np.argmax(scores))] if scores.max() > expected else front.coeffs[index]
+        handed, at = cautious_pick(expected, preference, real, caution=0.0, posterior=(mean, np.zeros_like(mean)), noisy=result.noisy)
+    else:
+        handed, at = cautious_pick(expected, preference, real, caution=0.0)
+    return handed.coeffs[at]
 
 
 def picks(result, preferences: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,14 +81,14 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import map_merge as mm
-    from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences
+    from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences, zoo_tasks
     from map_merge.objective import check_senses
     from map_merge.pareto import orient
 
     torch.set_num_threads(1)
     out, num = Path(args.out), args.tasks
     label = args.problem if args.problem != "lm" else ("lm" if args.metric == "loss" else "lm_acc")
-    suffix = ""
+    suffix, names, size = "", None, None
     if args.problem == "analytic":
         if args.task_names is not None:
             raise SystemExit("--task-names chooses a zoo's tasks; the analytic problem has none")
@@ -94,11 +96,13 @@ def main() -> None:
     else:
         from map_merge.zoo import load_zoo
 
-        names = TASKS[args.problem][:num] if args.task_names is None else args.task_names.split(",")
-        if len(names) != num or len(set(names)) != num or not set(names) <= set(TASKS[args.problem]):
-            raise SystemExit(f"--task-names must name {num} different tasks of {TASKS[args.problem]}, got {names}")
+        try:
+            names = zoo_tasks(args.problem, num, args.task_names)
+        except ValueError as error:
+            raise SystemExit(f"bench_pick_rules.py: {error}") from None
         suffix = "" if names == TASKS[args.problem][:num] else "_" + "+".join(names)
-        extra = {"size": "tiny" if args.quick else "small"} if args.problem == "lm" else {}
+        size = ("tiny" if args.quick else "small") if args.problem == "lm" else None
+        extra = {"size": size} if size else {}
         zoo = load_zoo(args.problem, TASKS[args.problem], progress=False, **extra)
         store = mm.EvaluationStore(args.store or out / f"{args.problem}{'_' + args.metric if args.problem == 'lm' else ''}_evals.sqlite")
         options = {"metric": args.metric} if args.problem == "lm" else {}
@@ -125,8 +129,9 @@ def main() -> None:
     summary = [{"rule": rule, "pick_regret_mean": float(np.mean([r[rule] for r in rows])),
                 "pick_regret_std": float(np.std([r[rule] for r in rows]))} for rule in RULES]
     name = f"pick_rules_{label}_T{num}{suffix}"
-    path = write(out, name, {"problem": args.problem, "label": label, "tasks": num, "budget": budget, "seeds": len(rows),
-                             "test_preferences": prefs.tolist(), "grid_points": len(grid), "grid_pick_regret": grid_pick,
+    path = write(out, name, {"problem": args.problem, "label": label, "tasks": num, "task_names": names, "senses": list(senses),
+                             "size": size, "budget": budget, "seeds": len(rows), "test_preferences": prefs.tolist(),
+                             "grid_points": len(grid), "grid_best_weighted_test": best_test.tolist(), "grid_pick_regret": grid_pick,
                              "meaning": "test regret of MAP's picks under each rule (the same runs), oriented higher-is-better",
                              "rows": rows, "summary": summary})
     from map_merge import plots

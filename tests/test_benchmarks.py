@@ -163,23 +163,89 @@ def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
     assert rows["C"].endswith("| 0.800 / 0.4 |")
 
 
-def test_bench_fronts_other_task_subset_stays_out_of_the_table(tmp_path):
-    """A run on other tasks of the zoo (``--task-names``) is written under its own name, and the
-    table built from the folder holds only the table's own column."""
+def _load(script: str, name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_fronts_subset", ROOT / "benchmarks" / "bench_fronts.py")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_fronts_other_task_subset_stays_out_of_the_table(tmp_path):
+    """A run on other tasks of a zoo (``--task-names``) is written under its own name, in the zoo's
+    order of tasks (any order of the table's own tasks is the table's run), and the table built from
+    the folder holds only the table's own column; bad names are refused."""
+    module = _load("bench_fronts.py", "bench_fronts_subset")
+    names = module.zoo_tasks("lm", 2, "legal,medical")
+    assert names == ["medical", "legal"] and module.zoo_tasks("lm", 2, None) == ["code", "medical"]
+    assert module.table_path(tmp_path, "lm", 2, "lm", names).name == "fronts_lm_T2_medical+legal.json"
+    assert module.table_path(tmp_path, "lm", 2, "lm", module.zoo_tasks("lm", 2, "medical,code")).name == "fronts_lm_T2.json"
+    assert module.table_path(tmp_path, "analytic", 2, "analytic", None).name == "fronts_analytic_T2.json"
+    for bad, message in (("code,code", "must name 2 different tasks"), ("code,nope", "must name 2 different tasks"),
+                         ("code", "must name 2 different tasks")):
+        with pytest.raises(ValueError, match=message):
+            module.zoo_tasks("lm", 2, bad)
+    with pytest.raises(ValueError, match="at most T = 3"):
+        module.zoo_tasks("lm", 4, None)
     for name, hv in (("fronts_lm_T2.json", 0.9), ("fronts_lm_T2_medical+legal.json", 0.5)):
         (tmp_path / name).write_text(json.dumps({"version": 3, "label": "lm", "tasks": 2, "budget": 22, "seeds": 5,
                                                  "summary": [{"method": "A", "hv_ratio_mean": hv, "pick_regret_mean": 0.1}]}))
     assert [p.name for p in module.table_files(tmp_path)] == ["fronts_lm_T2.json"]
     table = module.wide_table(tmp_path)
     assert "| A | **0.900** / **0.1** |" in table and "0.500" not in table
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--problem", "lm", "--tasks", "2",
-                          "--task-names", "code,code", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "--task-names must name 2 different tasks" in bad.stderr
+
+
+class _FakeResult:
+    """What bench_pick_rules reads of a MAP result: a predicted front with std, the real evaluations,
+    the model's prediction at them, noisy flags and the default pick."""
+
+    def __init__(self, front, real, model_at_real, noisy=None):
+        self.front, self._real, self._model, self.noisy = front, real, model_at_real, noisy
+
+    def real_evaluations(self):
+        return self._real
+
+    def predict(self, coeffs, return_std=False):
+        assert np.array_equal(coeffs, self._real.coeffs)
+        return self._model if return_std else self._model[0]
+
+    def select(self, w, caution=1.0):
+        from map_merge.pareto import cautious_pick
+
+        if any(self.noisy or ()):
+            front, i = cautious_pick(self.front, w, self._real, caution, posterior=self._model, noisy=self.noisy)
+        else:
+            front, i = cautious_pick(self.front, w, self._real, caution)
+        return front.coeffs[i]
+
+
+def test_bench_pick_rules_tell_the_rules_apart():
+    """Hand-made numbers: the model's best point has mean 0.80 and std 0.10, a real evaluation
+    measured 0.75 (between mean - std and mean), the model says 0.70 +- 0.01 there. The default
+    (caution 1) hands over the real evaluation; ``over mean``, ``posterior`` and ``best mean`` keep
+    the model's point. With the metric noisy the real evaluation is scored by the model's 0.70
+    in every rule, and the model's point stays."""
+    from map_merge.pareto import ParetoFront
+
+    module = _load("bench_pick_rules.py", "bench_pick_rules_unit")
+    front = ParetoFront(np.array([[0.5], [0.9]]), np.array([[0.80], [0.60]]), ("t",), ("max",), std=np.array([[0.10], [0.01]]))
+    real = ParetoFront(np.array([[0.2]]), np.array([[0.75]]), ("t",), ("max",))
+    model = (np.array([[0.70]]), np.array([[0.01]]))
+    chosen = module.picks(_FakeResult(front, real, model), np.array([[1.0]]))
+    assert list(chosen) == list(module.RULES)
+    assert chosen["caution 1"][0, 0] == 0.2 and chosen["caution 0.5"][0, 0] == 0.5  # 0.80 - 0.05 = 0.75 is not above 0.75
+    assert chosen["over mean"][0, 0] == 0.5 and chosen["posterior"][0, 0] == 0.5 and chosen["best mean"][0, 0] == 0.5
+    # minimised metric, the same numbers negated: the same picks
+    low = ParetoFront(front.coeffs, -front.metrics, ("t",), ("min",), std=front.std)
+    chosen = module.picks(_FakeResult(low, ParetoFront(real.coeffs, -real.metrics, ("t",), ("min",)), (-model[0], model[1])), np.array([[1.0]]))
+    assert chosen["caution 1"][0, 0] == 0.2 and chosen["over mean"][0, 0] == 0.5
+    # a real evaluation above the model's mean replaces the pick under over mean too
+    high = ParetoFront(real.coeffs, np.array([[0.85]]), ("t",), ("max",))
+    assert module.picks(_FakeResult(front, high, model), np.array([[1.0]]))["over mean"][0, 0] == 0.2
+    noisy = module.picks(_FakeResult(front, high, model, noisy=(True,)), np.array([[1.0]]))
+    assert noisy["caution 1"][0, 0] == 0.5 and noisy["over mean"][0, 0] == 0.5
 
 
 def _bench_noisy_pick():
