@@ -135,6 +135,22 @@ def zoo_tasks(problem: str, num: int, task_names: str | None) -> list[str]:
     return [t for t in tasks if t in names]
 
 
+def zoo_objectives(problem: str, names: list[str], metric: str, size: str | None, store: str | Path, val_examples: int | None = None):
+    """``(zoo, val split, store, options, objective, test objective)`` of a zoo problem: the
+    ``names`` tasks' validation and test objectives sharing one evaluation store. Every task of the
+    zoo is loaded, so that the data fingerprint in each stored key is the same for every T."""
+    from map_merge.zoo import load_zoo
+
+    lm = problem == "lm"
+    zoo = load_zoo(problem, TASKS[problem], progress=False, **({"size": size} if lm else {}))
+    split = zoo.limit_split("val", val_examples)
+    store = mm.EvaluationStore(store)
+    options = {"metric": metric} if lm else {}
+    objective = zoo.objective(names, split=split, store=store, progress=False, **options)
+    test_objective = zoo.objective(names, split="test", store=store, progress=False, **options)
+    return zoo, split, store, options, objective, test_objective
+
+
 def table_path(out: Path, label: str, num: int, problem: str, names: list[str] | None) -> Path:
     """Where a run's JSON goes: ``fronts_<label>_T<T>.json`` (the peer table's) for the problem's own
     tasks, ``fronts_<label>_T<T>_<names>.json`` for another subset of a zoo's tasks."""
@@ -299,20 +315,13 @@ def main() -> None:
         objective = test_objective = analytic(num)
         names = list(objective.task_names)
     else:
-        from map_merge.zoo import load_zoo
-
         try:
             names = zoo_tasks(problem, num, args.task_names)
         except ValueError as error:
             raise SystemExit(f"bench_fronts.py: {error}") from None
-        # every task of the problem is loaded, so that the data fingerprint in each stored key is the same for every T
-        extra = {"size": args.size or ("tiny" if args.quick else "small")} if lm else {}
-        zoo = load_zoo(problem, TASKS[problem], progress=False, **extra)
-        split = zoo.limit_split("val", args.val_examples)
-        store = mm.EvaluationStore(args.store or out / f"{problem}{'_' + args.metric if lm else ''}_evals.sqlite")
-        options = {"metric": args.metric} if lm else {}
-        objective = zoo.objective(names, split=split, store=store, progress=False, **options)
-        test_objective = zoo.objective(names, split="test", store=store, progress=False, **options)
+        zoo, split, store, options, objective, test_objective = zoo_objectives(
+            problem, names, args.metric, args.size or ("tiny" if args.quick else "small"),
+            args.store or out / f"{problem}{'_' + args.metric if lm else ''}_evals.sqlite", args.val_examples)
     senses = check_senses(getattr(objective, "senses", None), num)
     sign = np.array([1.0 if s == "max" else -1.0 for s in senses])
     per_axis = args.per_axis or (GRID[label][num] if not args.quick else 5)

@@ -81,7 +81,7 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     import map_merge as mm
-    from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences, zoo_tasks
+    from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences, zoo_objectives, zoo_tasks
     from map_merge.objective import check_senses
     from map_merge.pareto import orient
 
@@ -94,20 +94,14 @@ def main() -> None:
             raise SystemExit("--task-names chooses a zoo's tasks; the analytic problem has none")
         objective = test_objective = analytic(num)
     else:
-        from map_merge.zoo import load_zoo
-
         try:
             names = zoo_tasks(args.problem, num, args.task_names)
         except ValueError as error:
             raise SystemExit(f"bench_pick_rules.py: {error}") from None
         suffix = "" if names == TASKS[args.problem][:num] else "_" + "+".join(names)
         size = ("tiny" if args.quick else "small") if args.problem == "lm" else None
-        extra = {"size": size} if size else {}
-        zoo = load_zoo(args.problem, TASKS[args.problem], progress=False, **extra)
-        store = mm.EvaluationStore(args.store or out / f"{args.problem}{'_' + args.metric if args.problem == 'lm' else ''}_evals.sqlite")
-        options = {"metric": args.metric} if args.problem == "lm" else {}
-        objective = zoo.objective(names, split=zoo.limit_split("val", None), store=store, progress=False, **options)
-        test_objective = zoo.objective(names, split="test", store=store, progress=False, **options)
+        store = args.store or out / f"{args.problem}{'_' + args.metric if args.problem == 'lm' else ''}_evals.sqlite"
+        *_, objective, test_objective = zoo_objectives(args.problem, names, args.metric, size, store)
     senses = check_senses(getattr(objective, "senses", None), num)
     grid = mm.grid_design(num, 4 if args.quick else GRID[label][num])
     prefs = test_preferences(num)
