@@ -57,6 +57,7 @@ from _peers import PEERS, run_peer  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 from map_merge import plots  # noqa: E402
+from map_merge.adaptive import proposal_model_for  # noqa: E402
 from map_merge.baselines import lambda_sweep  # noqa: E402
 from map_merge.compare import BUDGETED, run_method  # noqa: E402
 from map_merge.objective import check_senses  # noqa: E402
@@ -108,7 +109,7 @@ def test_preferences(num: int) -> np.ndarray:
     return np.unique(np.round(rows, 12), axis=0)
 
 
-def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reevaluations: int, proposal_model: str = "gp"):
+def run_budgeted(method: str, objective, num: int, budget: int, seed: int, reevaluations: int, proposal_model: str | None = None):
     """``(inputs (N, T), metrics (N, M), result, propose_seconds list)`` of one budgeted run."""
     if method in PEERS:
         result = run_peer(method, objective, num, budget, seed)
@@ -195,9 +196,10 @@ RULES = {"pick_regret_best_mean": "best predicted mean",
 
 
 def _proposal_note(payload: dict) -> str:
-    """``", proposal_model=auto"`` for a table whose MAP rows did not run the default proposals."""
-    chosen = payload.get("proposal_model", "gp")  # tables written before the flag ran the default
-    return "" if chosen == "gp" else f", proposal_model={chosen}"
+    """``", proposal_model=gp"`` for a table whose MAP rows did not run the default proposals of
+    its number of tasks (``proposal_model_for``; today's default below T = 4, "auto" from 4 on)."""
+    chosen = payload.get("proposal_model", "gp")  # tables written before the flag ran the GPs
+    return "" if chosen == proposal_model_for(None, payload["tasks"]) else f", proposal_model={chosen}"
 
 
 def _regret_text(value: float) -> str:
@@ -293,7 +295,8 @@ def main() -> None:
     p.add_argument("--task-names", default=None, help="zoos: the T tasks to merge, comma-separated (default: the zoo's first T); "
                                                        "written as fronts_<label>_T<T>_<names>.json, outside the peer table")
     p.add_argument("--test-preferences", type=int, default=None, help="use the first N test preferences (default: all 5-8)")
-    p.add_argument("--proposal-model", choices=["gp", "auto"], default="gp", help="MAP's proposal_model (the default's: gp)")
+    p.add_argument("--proposal-model", choices=["gp", "auto"], default=None,
+                   help="MAP's proposal_model (default: MAP's, gp below T = 4 and auto from 4 on)")
     p.add_argument("--summarize", action="store_true", help="only write fronts_table.md from the JSON files in --out")
     p.add_argument("--update", action="store_true", help="rerun only --methods at the seeds given (and --sweeps): every other "
                                                          "(method, seed) row comes from the existing JSON of the same settings")
@@ -337,13 +340,16 @@ def main() -> None:
     prefs = test_preferences(num)[: args.test_preferences]
     stored = table_path(out, label, num, problem, None if zoo is None else names)  # another subset of a zoo's tasks: kept out of the table
     size = (args.size or ("tiny" if args.quick else "small")) if lm else None
+    proposal_model = proposal_model_for(args.proposal_model, num)  # what MAP's rows run: recorded, and kept alike by --update
     earlier = None
     if args.update and stored.exists():  # checked before any run: the table's rows must be scored alike
         earlier = json.loads(stored.read_text())
         # the same runs (budget, re-evaluations, data) against the same grid and test preferences (test_preferences and
         # grid_best_weighted_test are written once, from this run)
         settings = {"version": 3, "budget": budget, "grid_points": len(grid), "reevaluations": reevaluations, "val_examples": args.val_examples,
-                    "size": size, "test_preferences": prefs.tolist(), "proposal_model": args.proposal_model}
+                    "size": size, "test_preferences": prefs.tolist(), "proposal_model": proposal_model}
+        if "MAP" in methods and set(seeds) >= {r["seed"] for r in earlier["rows"] if r["method"] == "MAP"}:
+            del settings["proposal_model"]  # every MAP row is rerun: none of the earlier proposal model is kept
         other = [key for key, value in settings.items() if earlier.get(key, "gp" if key == "proposal_model" else None) != value]
         if other:
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}); rerun everything")
@@ -400,7 +406,7 @@ def main() -> None:
     for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):
         timed = Timed(objective)
         start = time.perf_counter()
-        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations, args.proposal_model)
+        inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations, proposal_model)
         wall = time.perf_counter() - start
         row = {"method": method, "seed": seed, "evaluations": len(inputs), "budgeted": True, **scores(inputs, metrics),
                "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
@@ -449,7 +455,7 @@ def main() -> None:
     path = write(out, name, {
         "version": 3, "problem": problem, "label": label, "metric_meaning": meaning[label], "tasks": num, "task_names": names,
         "senses": list(senses), "budget": budget, "reevaluations": reevaluations, "methods": methods, "threads": args.threads,
-        "proposal_model": args.proposal_model,
+        "proposal_model": proposal_model,
         "seeds": num_seeds,
         "size": size, "val_examples": args.val_examples,
         "grid_points": len(grid), "grid_per_axis": per_axis, "grid_seconds": grid_seconds, "grid_front_points": len(front),

@@ -72,13 +72,13 @@ def run_method(
     pop_size: int | None = None,
     link: str = "auto",
     progress: bool = False,
-    proposal_model: str = "gp",
+    proposal_model: str | None = None,
 ) -> MethodRun:
     """Run one of :data:`BUDGETED` with ``budget`` real evaluations in all.
 
     ``"MAP (design)"`` and ``"Bayesian MAP"`` need ``budget - reevaluations`` to be at least the
     quadratic's ``(T+1)(T+2)/2`` parameters; their surrogate link is ``link`` (``"auto"``: the
-    objective's suggestion, else sigmoid). ``proposal_model``: ``"MAP"``'s (see :class:`MAP`)."""
+    objective's suggestion, else sigmoid). ``proposal_model``: ``"MAP"``'s (see :class:`MAP`; ``None``: its default)."""
     if method not in BUDGETED:
         raise ValueError(f"unknown method {method!r}; choose from {BUDGETED}")
     start = time.perf_counter()

@@ -180,14 +180,16 @@ class MAP:
             (one proposal per finished evaluation, pending points fantasised); ``True`` /
             ``False`` force it.
         lookahead: asynchronous: propose while every worker is busy.
-        proposal_model: adaptive: the model proposals are made under: ``"gp"`` (default:
-            constant-mean Gaussian processes) or ``"auto"`` (the model ``model="auto"`` would
-            choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
+        proposal_model: adaptive: the model proposals are made under: ``"gp"`` (constant-mean
+            Gaussian processes; the default below T = 4) or ``"auto"`` (the default from T = 4
+            on: the model ``model="auto"`` would choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
             re-chosen after every ``PROPOSAL_RECHOOSE`` (4) evaluations or more (a batch can
             step past) from ``P + 2`` evaluations on, P the quadratic's parameter count). A
             choice made before cross-validation has enough evaluations (2 per fold, P + 1 in
             each training set) is the GPs, and it stands for the next 4 evaluations too;
-            ``result.settings["proposal_kinds"]`` lists every ``(evaluations, kind)`` choice.
+            ``result.settings["proposal_kinds"]`` lists every ``(evaluations, kind)`` choice
+            and ``result.settings["proposal_model"]`` the one run
+            (:func:`~map_merge.adaptive.proposal_model_for`).
     """
 
     def __init__(
@@ -213,7 +215,7 @@ class MAP:
         final_model: str | None = None,
         asynchronous: bool | str = "auto",
         lookahead: bool = True,
-        proposal_model: str = "gp",
+        proposal_model: str | None = None,
     ) -> None:
         if sampling is None:  # num_samples / final_model alone: the plain design of earlier versions
             sampling = "design" if (num_samples is not None and budget is None) or final_model is not None else "adaptive"
@@ -233,7 +235,7 @@ class MAP:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
         if noise not in ("infer", "fixed"):
             raise ValueError(f"noise must be 'infer' or 'fixed', got {noise!r}")
-        if proposal_model not in PROPOSAL_MODELS:
+        if proposal_model is not None and proposal_model not in PROPOSAL_MODELS:
             raise ValueError(f"proposal_model must be one of {PROPOSAL_MODELS}, got {proposal_model!r}")
         if asynchronous not in ("auto", True, False):
             raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")

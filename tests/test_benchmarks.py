@@ -144,6 +144,21 @@ def test_bench_fronts_proposal_model_is_recorded_labelled_and_not_mixed(tmp_path
     assert updated["proposal_model"] == "gp" and sorted(r["seed"] for r in updated["rows"]) == [0, 1]
 
 
+def test_bench_fronts_update_may_change_the_proposal_model_only_by_rerunning_every_map_row(tmp_path):
+    """The proposal model is MAP's: --update keeps a table's MAP rows of one proposal model. Adding a MAP seed under
+    another is refused; rerunning every MAP row under another replaces them all, and the table records the new one."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "MAP", "--sweeps", "", "--test-preferences", "2"]
+    subprocess.run([*base, "--proposal-model", "auto"], check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    before = table.read_bytes()
+    done = subprocess.run([*base, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)  # T = 2's default: gp
+    assert done.returncode != 0 and "proposal_model" in done.stderr and table.read_bytes() == before
+    subprocess.run([*base, "--update"], check=True, cwd=ROOT)  # seed 0, the table's only MAP row, rerun
+    updated = json.loads(table.read_text())
+    assert updated["proposal_model"] == "gp" and [(r["method"], r["seed"]) for r in updated["rows"]] == [("MAP", 0)]
+
+
 def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
     """Two methods whose means differ only by floating-point rounding (0.1 + 0.2 against 0.3) share the
     best of a column: both are bold, a worse one is not."""

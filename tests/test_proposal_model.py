@@ -84,3 +84,29 @@ def test_auto_proposals_with_pending_points_and_batches_spend_the_budget(monkeyp
     obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
     result = mm.MAP(budget=18, batch=3, seed=0, proposal_model="auto").fit(obj, 2)
     assert result.num_evaluations == 18 and ("ResidualGPModel", False, 3) in seen
+
+
+def test_the_default_proposal_model_is_the_gps_below_four_tasks_and_auto_from_four():
+    """``proposal_model=None`` (the default) resolves per number of coefficients; a choice given is kept."""
+    from map_merge.adaptive import AUTO_PROPOSALS_FROM, proposal_model_for
+
+    assert AUTO_PROPOSALS_FROM == 4
+    assert [proposal_model_for(None, t) for t in (2, 3, 4, 6)] == ["gp", "gp", "auto", "auto"]
+    assert proposal_model_for("gp", 5) == "gp" and proposal_model_for("auto", 2) == "auto"
+    obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
+    result = mm.MAP(budget=8, seed=0).fit(obj, 2)
+    assert result.settings["proposal_model"] == "gp" and result.settings["proposal_kinds"] == []
+
+
+def test_the_default_at_four_tasks_proposes_under_the_cross_validated_model():
+    """T = 4 (P = 15 quadratic parameters): from P + 2 = 17 evaluations on the default makes a cross-validated
+    choice (the GPs under ``proposal_model="gp"`` make none); at 17 a 5-fold training set holds 13-14 < P + 1
+    points, too few for the quadratic, so the choice is the GPs. The budget is spent exactly."""
+    def quadratics4(c):
+        c = np.atleast_2d(c)
+        return np.stack([1 - ((c - e) ** 2).sum(1) for e in np.eye(4)], axis=1)
+
+    obj = mm.FunctionObjective(quadratics4, 4, list("abcd"), links=["identity"] * 4)
+    result = mm.MAP(budget=18, seed=0).fit(obj, 4)
+    assert obj.num_evaluations == 18 and result.settings["proposal_model"] == "auto"
+    assert result.settings["proposal_kinds"] == [(17, "gp")]
