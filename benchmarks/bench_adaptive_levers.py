@@ -23,7 +23,11 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
 - ``quadratic+gp picks``: the default's samples, the front (and picks) searched on quadratic
   surrogates plus residual GPs instead of the GPs alone (no evaluation differs).
 - ``auto proposals``: ``proposal_model="auto"``, proposals under the model 5-fold cross-validation
-  prefers (constant-mean GPs or quadratic + GP), chosen again every 4 evaluations.
+  prefers (constant-mean GPs or quadratic + GP), chosen again every 4 evaluations (the default from
+  T = 4 on: skipped there). ``gp proposals``: ``proposal_model="gp"``, constant-mean GPs throughout
+  (the default below T = 4: skipped there; at T >= 4 the default until 2026-12-07). The variants that
+  swap the GP class (``quadratic kernel``, ``multi-output``, ``log outputs``) propose under it
+  throughout (``proposal_model="gp"``). Each row records the proposal model it ran.
 - ``no average``: the starting design without the average merge (every coefficient 1 / T; at
   T = 2 the box's centre, Ax's first trial), the default before 2026-12-07.
 - ``average at every T``: the average merge in the starting design at T >= 3 too (MAP adds it at
@@ -41,7 +45,7 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
     python benchmarks/bench_adaptive_levers.py --problem lm --tasks 3 --seeds 3 --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 2 --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 3 --variants "default,auto proposals,final picks,quadratic mean" --out benchmarks/results
-    python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 4 --seeds 3 --variants default,qNParEGO --out benchmarks/results
+    python benchmarks/bench_adaptive_levers.py --problem analytic --tasks 4 --variants "default,gp proposals,more restarts,qNParEGO" --out benchmarks/results
     python benchmarks/bench_adaptive_levers.py --problem vision --tasks 2 --seeds 10 --variants "default,no average,observed front,previous default,more restarts" --out benchmarks/results
 """
 
@@ -63,11 +67,12 @@ from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences  # noqa
 
 import map_merge as mm  # noqa: E402
 from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
+from map_merge.adaptive import proposal_model_for  # noqa: E402
 from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
             "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T",
-            "observed front", "previous default", "more restarts", "qNParEGO")
+            "observed front", "previous default", "more restarts", "qNParEGO", "gp proposals")
 
 
 def _fit_or_keep(mll) -> None:
@@ -200,8 +205,11 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
             return mm.BayesianMAP(budget=budget, acquisition="ehvi", seed=seed).fit(objective, num)
         options = {"experts first": {"design": "sobol"}, "no experts": {"design": "qmc"}, "initial 4": {"initial": 4},
                    "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1},
-                   "auto proposals": {"proposal_model": "auto"}}.get(variant, {})
+                   "auto proposals": {"proposal_model": "auto"}, "gp proposals": {"proposal_model": "gp"},
+                   **{swap: {"proposal_model": "gp"} for swap in ("quadratic kernel", "multi-output", "log outputs")}}.get(variant, {})
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
+            return None  # the default already
+        if variant in ("auto proposals", "gp proposals") and options["proposal_model"] == proposal_model_for(None, num):
             return None  # the default already
         observed, no_average = (acquisition, "propose_ehvi", observed_front), (adaptive, "AVERAGE_MERGE_TASKS", frozenset())
         swaps = {"quadratic kernel": [(gp_model, "GPModel", QuadraticKernelGP)], "multi-output": [(gp_model, "GPModel", MultiOutputGP)],
@@ -273,6 +281,7 @@ def main() -> None:
             defaults[(variant, seed)] = result
         proposals = result.settings.get("proposal_seconds") or []
         rows.append({"variant": variant, "seed": seed, "evaluations": len(result.samples), "seconds": time.perf_counter() - start,
+                     "proposal_model": result.settings.get("proposal_model"),
                      "hv_ratio": mm.hypervolume(orient(result.samples.metrics, senses), nadir) / full,
                      "pick_regret": regret(np.stack([result.select(w) for w in prefs])),
                      **({"propose_median_s": float(np.median(proposals))} if proposals else {})})

@@ -352,7 +352,9 @@ def main() -> None:
             del settings["proposal_model"]  # every MAP row is rerun: none of the earlier proposal model is kept
         other = [key for key, value in settings.items() if earlier.get(key, "gp" if key == "proposal_model" else None) != value]
         if other:
-            raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}); rerun everything")
+            hint = (f" (its MAP rows ran proposal_model={earlier.get('proposal_model', 'gp')}: pass --proposal-model "
+                    f"{earlier.get('proposal_model', 'gp')}, or rerun every MAP row)") if "proposal_model" in other else ""
+            raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}){hint}; rerun everything")
         kept = {(r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS and "pick_regret_measured" not in r
                 and (r["method"] not in methods or r["seed"] not in seeds)}
         if kept and any(getattr(objective, "noisy", None) or ()):  # written before noisy metrics changed the default pick

@@ -127,7 +127,8 @@ AUTO_PROPOSALS_FROM = 4  # MAP's default proposal model: "auto" from this many c
 
 def proposal_model_for(proposal_model: str | None, num_coeffs: int) -> str:
     """The proposal model MAP runs: ``proposal_model`` when given, else (the default) ``"auto"``
-    from ``AUTO_PROPOSALS_FROM`` (4) coefficients on and ``"gp"`` below. Measured in
+    from ``AUTO_PROPOSALS_FROM`` (4) coefficients on (T tasks, or T x G with coefficient groups)
+    and ``"gp"`` below. Measured in
     ``benchmarks/bench_adaptive_levers.py`` ("auto proposals", docs/fronts.md): at T = 4 the
     cross-validated choice took the analytic problem's HV ratio from 1.033 to 1.074 (pick regret
     0.00024 to -0.00097); at T = 3 it won on the analytic problem and lost front on the vision zoo
@@ -171,7 +172,8 @@ def with_average(coeffs: np.ndarray, after: int, bounds: tuple[float, float]) ->
 def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], num_coeffs: int, names: Sequence[str] | None,
                  include: np.ndarray | None, progress: bool) -> MAPResult:
     """MAP's adaptive sampling (``MAP(sampling="adaptive")``, see :class:`~map_merge.MAP`): the
-    starting design, expected-hypervolume proposals under :class:`~map_merge.gp_model.GPModel`,
+    starting design, expected-hypervolume proposals under :class:`~map_merge.gp_model.GPModel`
+    (or, under ``proposal_model="auto"``, the model cross-validation prefers: :func:`proposal_model_for`),
     the last ``final`` evaluations on the model's picks for the preferences; then the front of
     the final model. ``estimator`` is the :class:`~map_merge.MAP` holding the settings."""
     from .acquisition import propose_ehvi

@@ -126,7 +126,8 @@ class MAP:
       coefficients 1/2 clipped to ``bounds``, where the design has room beside the experts; for a
       merge the T experts, i.e. the one-hot coefficient vectors; space-filling points), then one
       point at a time where the expected hypervolume improvement is largest under Gaussian-process
-      models of the metrics
+      models of the metrics (from 4 coefficients on, by default, under the model cross-validation
+      prefers, constant-mean GPs or quadratic + GP: ``proposal_model``)
       (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
       at the evaluated points, with more the evaluated front); the last ``final`` evaluations go
       to the model's picks for ``preferences``. The front is searched on the same models.
@@ -181,15 +182,16 @@ class MAP:
             ``False`` force it.
         lookahead: asynchronous: propose while every worker is busy.
         proposal_model: adaptive: the model proposals are made under: ``"gp"`` (constant-mean
-            Gaussian processes; the default below T = 4) or ``"auto"`` (the default from T = 4
-            on: the model ``model="auto"`` would choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
+            Gaussian processes; the default below 4 coefficients) or ``"auto"`` (the default from
+            4 coefficients on, T tasks or T x G with coefficient groups: the model ``model="auto"`` would choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
             re-chosen after every ``PROPOSAL_RECHOOSE`` (4) evaluations or more (a batch can
             step past) from ``P + 2`` evaluations on, P the quadratic's parameter count). A
             choice made before cross-validation has enough evaluations (2 per fold, P + 1 in
             each training set) is the GPs, and it stands for the next 4 evaluations too;
             ``result.settings["proposal_kinds"]`` lists every ``(evaluations, kind)`` choice
             and ``result.settings["proposal_model"]`` the one run
-            (:func:`~map_merge.adaptive.proposal_model_for`).
+            (:func:`~map_merge.adaptive.proposal_model_for`). The quadratic + GP proposal model
+            fits its own residual noise: ``noise="fixed"`` applies to the GPs alone.
     """
 
     def __init__(

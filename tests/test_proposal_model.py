@@ -94,7 +94,7 @@ def test_the_default_proposal_model_is_the_gps_below_four_tasks_and_auto_from_fo
     assert [proposal_model_for(None, t) for t in (2, 3, 4, 6)] == ["gp", "gp", "auto", "auto"]
     assert proposal_model_for("gp", 5) == "gp" and proposal_model_for("auto", 2) == "auto"
     obj = mm.FunctionObjective(unit_quadratics, 2, ["a", "b"], links=["identity"] * 2)
-    result = mm.MAP(budget=8, seed=0).fit(obj, 2)
+    result = mm.MAP(budget=12, seed=0).fit(obj, 2)  # "auto" would choose by cross-validation from P + 2 = 8 evaluations on
     assert result.settings["proposal_model"] == "gp" and result.settings["proposal_kinds"] == []
 
 
