@@ -181,11 +181,13 @@ class MAP:
             (one proposal per finished evaluation, pending points fantasised); ``True`` /
             ``False`` force it.
         lookahead: asynchronous: propose while every worker is busy.
-        proposal_model: adaptive: the model proposals are made under: ``"gp"`` (constant-mean
-            Gaussian processes; the default below 4 coefficients) or ``"auto"`` (the default from
-            4 coefficients on, T tasks or T x G with coefficient groups: the model ``model="auto"`` would choose, by 5-fold cross-validation between ``"gp"`` and ``"quadratic+gp"``,
+        proposal_model: adaptive: the model proposals are made under: ``None`` (default):
+            ``"auto"`` from 4 coefficients on (T tasks, or T x G with coefficient groups) and
+            ``"gp"`` below; ``"gp"``: constant-mean Gaussian processes; ``"auto"``: the model
+            ``model="auto"`` would choose, by 5-fold cross-validation between ``"gp"`` and
+            ``"quadratic+gp"``,
             re-chosen after every ``PROPOSAL_RECHOOSE`` (4) evaluations or more (a batch can
-            step past) from ``P + 2`` evaluations on, P the quadratic's parameter count). A
+            step past) from ``P + 2`` evaluations on, P the quadratic's parameter count. A
             choice made before cross-validation has enough evaluations (2 per fold, P + 1 in
             each training set) is the GPs, and it stands for the next 4 evaluations too;
             ``result.settings["proposal_kinds"]`` lists every ``(evaluations, kind)`` choice
@@ -238,7 +240,7 @@ class MAP:
         if noise not in ("infer", "fixed"):
             raise ValueError(f"noise must be 'infer' or 'fixed', got {noise!r}")
         if proposal_model is not None and proposal_model not in PROPOSAL_MODELS:
-            raise ValueError(f"proposal_model must be one of {PROPOSAL_MODELS}, got {proposal_model!r}")
+            raise ValueError(f"proposal_model must be None or one of {PROPOSAL_MODELS}, got {proposal_model!r}")
         if asynchronous not in ("auto", True, False):
             raise ValueError(f"asynchronous must be 'auto', True or False, got {asynchronous!r}")
         for name, value, least in (("budget", budget, 1), ("num_samples", num_samples, 1), ("initial", initial, 2),

@@ -17,7 +17,7 @@ def unit_quadratics(c):
 
 
 def test_proposal_model_is_validated():
-    with pytest.raises(ValueError, match="proposal_model must be one of"):
+    with pytest.raises(ValueError, match="proposal_model must be None or one of"):
         mm.MAP(proposal_model="quadratic")
 
 
