@@ -350,10 +350,11 @@ def main() -> None:
                     "size": size, "test_preferences": prefs.tolist(), "proposal_model": proposal_model}
         if "MAP" in methods and set(seeds) >= {r["seed"] for r in earlier["rows"] if r["method"] == "MAP"}:
             del settings["proposal_model"]  # every MAP row is rerun: none of the earlier proposal model is kept
-        other = [key for key, value in settings.items() if earlier.get(key, "gp" if key == "proposal_model" else None) != value]
+        stored_model = earlier.get("proposal_model", "gp")  # tables written before the flag ran the GPs
+        other = [key for key, value in settings.items() if (stored_model if key == "proposal_model" else earlier.get(key)) != value]
         if other:
-            hint = (f" (its MAP rows ran proposal_model={earlier.get('proposal_model', 'gp')}: pass --proposal-model "
-                    f"{earlier.get('proposal_model', 'gp')}, or rerun every MAP row)") if "proposal_model" in other else ""
+            hint = (f" (its MAP rows ran proposal_model={stored_model}: pass --proposal-model {stored_model}, or rerun every MAP row)"
+                    if "proposal_model" in other else "")
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}){hint}; rerun everything")
         kept = {(r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS and "pick_regret_measured" not in r
                 and (r["method"] not in methods or r["seed"] not in seeds)}
