@@ -183,7 +183,7 @@ def summarize(out: Path) -> Path:
             lines.append(f"| {payload['label']} | {payload['tasks']} | {payload['budget']} | {method} | {hv} | {regret} | "
                          f"{s['propose_s_mean']:.0f} | {median} |")
     target = out / "fronts_table.md"
-    target.write_text("\n".join(lines) + "\n\n" + wide_table(out) + "\n\n" + rules_table(out) + "\n")
+    target.write_text("\n".join(lines) + "\n\n" + wide_table(out) + "\n\n" + val_table(out) + "\n\n" + rules_table(out) + "\n")
     return target
 
 
@@ -261,6 +261,37 @@ def wide_table(out: Path) -> str:
     lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]
     lines.append("| *whole grid, picked on validation* | " + " | ".join(references.get(c, "-") for c in settings) + " |")
+    return "\n".join(lines)
+
+
+def val_table(out: Path) -> str:
+    """One row per method, one column per problem: the picks' mean *validation* regret (the score the
+    methods were given; search quality without how well validation predicts test), the best of each
+    column in bold; "-" where a column was measured before ``val_pick_regret`` was recorded."""
+    settings, cells, methods = [], {}, []
+    for path in table_files(out):
+        payload = json.loads(path.read_text())
+        if "summary" not in payload or payload.get("version") != 3:
+            continue
+        budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
+        if not any("val_pick_regret_mean" in s for s in budgeted):
+            continue
+        name = {"lm": "LM loss", "lm_acc": "LM lm-eval"}.get(payload["label"], payload["label"])
+        column = f"{name} T={payload['tasks']}{_proposal_note(payload)}"
+        settings.append(column)
+        # the best in bold only where every method was measured (rows kept by --update from before lack it)
+        best = min(s.get("val_pick_regret_mean", np.inf) for s in budgeted) if all("val_pick_regret_mean" in s for s in budgeted) else None
+        for s in budgeted:
+            if s["method"] not in methods:
+                methods.append(s["method"])
+            value = s.get("val_pick_regret_mean")
+            if value is not None:
+                text = _regret_text(value)
+                cells[s["method"], column] = f"**{text}**" if best is not None and np.isclose(value, best, rtol=1e-9, atol=1e-15) else text
+    if not settings:
+        return ""
+    lines = ["| validation pick regret | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]
     return "\n".join(lines)
 
 
@@ -381,6 +412,14 @@ def main() -> None:
         scores = np.einsum("pm,pm->p", orient(np.asarray(test_objective(coeffs)), senses), prefs)
         return float(np.mean(best_test - scores))
 
+    best_val = (orient(grid_val, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted validation score
+
+    def val_regret(coeffs: np.ndarray) -> float:
+        """The picks' regret on the objective the methods were given (validation): search quality, without
+        how well validation predicts test (off-evaluation picks are evaluated for scoring, outside the budget)."""
+        scores = np.einsum("pm,pm->p", orient(np.asarray(objective(coeffs)), senses), prefs)
+        return float(np.mean(best_val - scores))
+
     # the reference for every pick: the whole grid evaluated, the best weighted validation score picked
     # (what unlimited evaluations would hand a user; its test regret is how far validation misleads)
     grid_pick_regret = test_regret(grid[np.argmax(orient(grid_val, senses) @ prefs.T, axis=0)])
@@ -388,7 +427,9 @@ def main() -> None:
     def scores(inputs: np.ndarray, metrics: np.ndarray) -> dict[str, float]:
         oriented = orient(metrics, senses)
         row = {k: float(mm.hypervolume(oriented, nadir[k]) / full[k]) for k in nadir}
-        row["eval_pick_regret"] = test_regret(inputs[np.argmax(oriented @ prefs.T, axis=0)])
+        picks = inputs[np.argmax(oriented @ prefs.T, axis=0)]
+        row["eval_pick_regret"] = test_regret(picks)
+        row["val_pick_regret"] = float(np.mean(best_val - (oriented @ prefs.T).max(axis=0)))  # the best evaluation's own score
         return row
 
     rows, examples = [], {}
@@ -415,7 +456,11 @@ def main() -> None:
                "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
         if proposals:
             row["propose_median_s"] = float(np.median(proposals))
-        row["pick_regret"] = test_regret(np.stack([result.select(w) for w in prefs])) if method in MODEL_PICKS else row["eval_pick_regret"]
+        if method in MODEL_PICKS:
+            picks = np.stack([result.select(w) for w in prefs])
+            row["pick_regret"], row["val_pick_regret"] = test_regret(picks), val_regret(picks)
+        else:
+            row["pick_regret"] = row["eval_pick_regret"]
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")
             row["pick_regret_best_mean"] = test_regret(np.stack([result.front.select(w) for w in prefs]))
             row["pick_regret_half_std"] = test_regret(np.stack([result.select(w, caution=0.5) for w in prefs]))
@@ -441,7 +486,7 @@ def main() -> None:
         rows.sort(key=lambda r: (r["budgeted"], order.index(r["method"]) if r["method"] in order else -1, r["seed"]))
         methods = order
     summary = []
-    keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "eval_pick_regret", "pick_regret_best_mean", "pick_regret_half_std",
+    keys = ("hv_ratio", "hv_ratio_10", "pick_regret", "val_pick_regret", "eval_pick_regret", "pick_regret_best_mean", "pick_regret_half_std",
             "pick_regret_measured", "pick_regret_posterior", "propose_s", "evaluate_s", "propose_median_s")
     for method in dict.fromkeys(r["method"] for r in rows):
         sub = [r for r in rows if r["method"] == method]

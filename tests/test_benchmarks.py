@@ -309,3 +309,17 @@ def test_bench_fronts_update_refuses_to_mix_picks_made_before_noisy_metrics(tmp_
     run = subprocess.run([*base, "--update"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "pick_regret_measured" in run.stderr and "('MAP', 0)" in run.stderr
     assert json.loads(path.read_text()) == payload  # the table is untouched
+
+
+def test_bench_fronts_validation_regret_is_the_test_regret_where_validation_is_test(tmp_path):
+    """On the analytic problem the validation and test objectives are one function, so every row's validation pick
+    regret (the score the methods were given) must equal its test pick regret, for model picks (MAP, evaluated for
+    scoring) and best-evaluation picks alike; --summarize tabulates it."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+                    "--methods", "MAP,random search", "--test-preferences", "3"], check=True, cwd=ROOT)
+    rows = json.loads((tmp_path / "fronts_analytic_T2.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"MAP", "random search"}
+    for row in rows:
+        assert abs(row["val_pick_regret"] - row["pick_regret"]) < 1e-12, row
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--summarize", "--out", str(tmp_path)], check=True, cwd=ROOT)
+    assert "| validation pick regret | analytic T=2 |" in (tmp_path / "fronts_table.md").read_text()
