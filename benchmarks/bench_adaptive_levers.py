@@ -19,7 +19,10 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   the Matern GP), not shipped: measured by swapping the model class.
 - ``multi-output``: one Kronecker multi-task GP over all metrics (correlated tasks), not shipped.
 - ``log outputs``: GPs on the logarithm of positive minimised metrics (losses), not shipped.
-- ``final picks``: the last T + 1 evaluations on the model's picks for spread preferences.
+- ``final picks``: the last T + 1 evaluations on the model's picks (the T ends of the front, each
+  metric alone, and the equal preference; the default spends T, on the ends).
+- ``no ends``: ``final=0``, proposals to the end of the budget, no evaluation on the picks for the
+  front's ends (the default below T = 4 until 2026-12-07; from T = 4 on the default: skipped there).
 - ``quadratic+gp picks``: the default's samples, the front (and picks) searched on quadratic
   surrogates plus residual GPs instead of the GPs alone (no evaluation differs).
 - ``auto proposals``: ``proposal_model="auto"``, proposals under the model 5-fold cross-validation
@@ -72,7 +75,7 @@ from map_merge.pareto import orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
             "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T",
-            "observed front", "previous default", "more restarts", "qNParEGO", "gp proposals")
+            "observed front", "previous default", "more restarts", "qNParEGO", "gp proposals", "no ends")
 
 
 def _fit_or_keep(mll) -> None:
@@ -204,13 +207,15 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
         if variant == "quadratic mean":
             return mm.BayesianMAP(budget=budget, acquisition="ehvi", seed=seed).fit(objective, num)
         options = {"experts first": {"design": "sobol"}, "no experts": {"design": "qmc"}, "initial 4": {"initial": 4},
-                   "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1},
+                   "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1}, "no ends": {"final": 0},
                    "auto proposals": {"proposal_model": "auto"}, "gp proposals": {"proposal_model": "gp"},
                    **{swap: {"proposal_model": "gp"} for swap in ("quadratic kernel", "multi-output", "log outputs")}}.get(variant, {})
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
         if variant in ("auto proposals", "gp proposals") and options["proposal_model"] == proposal_model_for(None, num):
             return None  # the default already
+        if variant == "no ends" and proposal_model_for(None, num) != "gp":
+            return None  # the default already: no picks for the ends under cross-validated proposals
         observed, no_average = (acquisition, "propose_ehvi", observed_front), (adaptive, "AVERAGE_MERGE_TASKS", frozenset())
         swaps = {"quadratic kernel": [(gp_model, "GPModel", QuadraticKernelGP)], "multi-output": [(gp_model, "GPModel", MultiOutputGP)],
                  "log outputs": [(gp_model, "GPModel", LogOutputGP)], "qNParEGO": [(acquisition, "propose_ehvi", parego)],

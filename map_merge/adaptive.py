@@ -191,7 +191,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     declared = len(names) if names is not None else None
     if preferences is not None and declared is not None and preferences.shape[1] != declared:  # before any evaluation
         raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {declared} metrics")
-    final = (0 if preferences is None else len(preferences)) if estimator.final is None else int(estimator.final)
+    proposal_model = proposal_model_for(estimator.proposal_model, num_coeffs)
+    final = _default_final(preferences, declared, num_coeffs, proposal_model) if estimator.final is None else int(estimator.final)
     final = min(final, budget - initial)
     if initial < 2:
         raise ValueError(f"adaptive sampling needs a budget of at least 2 real evaluations, got {budget}")
@@ -206,7 +207,6 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     timings = {"evaluate": 0.0, "acquire": 0.0}
     proposal_seconds: list[float] = []
     state: dict[str, Any] = {}
-    proposal_model = proposal_model_for(estimator.proposal_model, num_coeffs)
 
     def fit_model(done_x: np.ndarray, done_y: np.ndarray) -> GPModel:
         if "senses" not in state:
@@ -278,21 +278,40 @@ def _chosen_proposal_model(estimator: Any, objective: Any, done_x: np.ndarray, d
     return estimator.residual_model(done_x, done_y, objective, names)
 
 
+def _default_final(preferences: np.ndarray | None, num_metrics: int | None, num_coeffs: int, proposal_model: str) -> int:
+    """MAP's default ``final``: one evaluation per preference given; else, under constant-mean GP
+    proposals (``proposal_model="gp"``), one per metric: each metric's own pick, the front's ends,
+    where hypervolume proposals under a constant mean spend least (an objective that names no
+    metrics counts one per coefficient); under cross-validated proposals, whose quadratic mean
+    reaches the ends itself, none (docs/fronts.md, "The front's ends")."""
+    if preferences is not None:
+        return len(preferences)
+    if proposal_model != "gp":
+        return 0
+    return num_metrics if num_metrics is not None else num_coeffs
+
+
 def _final_preferences(preferences: np.ndarray | None, num_metrics: int, final: int) -> np.ndarray:
-    """``(final, M)`` normalised preferences for the last evaluations: the user's (cycled), else
-    ``final`` well-spread points of the simplex (the equal preference first)."""
+    """``(final, M)`` normalised preferences for the last evaluations: the user's (cycled), else the
+    front's ends first (each metric alone: the one-hot preferences), then the equal preference, then
+    well-spread points of the simplex."""
     if preferences is not None:
         if preferences.shape[1] != num_metrics:
             raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {num_metrics} metrics")
         rows = preferences / preferences.sum(axis=1, keepdims=True)
         return rows[np.arange(final) % len(rows)]
+    ends = np.eye(num_metrics)
+    if final <= num_metrics:
+        return ends[:final]
     from .front_metrics import preference_grid
     from .search import thin_front
 
-    grid = preference_grid(num_metrics, about=max(final, 2) * 4)
     equal = np.full((1, num_metrics), 1.0 / num_metrics)
-    spread = grid[thin_front(grid, max(final - 1, 1))] if final > 1 else grid[:0]
-    return np.concatenate([equal, spread])[:final]
+    rest = final - num_metrics - 1
+    grid = preference_grid(num_metrics, about=max(rest, 2) * 4)
+    grid = grid[(grid < 1.0 - 1e-9).all(axis=1)]  # the ends are already in
+    spread = grid[thin_front(grid, rest)] if rest > 0 else grid[:0]
+    return np.concatenate([ends, equal, spread])[:final]
 
 
 def _new_rows(points: np.ndarray, existing: np.ndarray, tol: float = 1e-6) -> np.ndarray:

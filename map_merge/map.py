@@ -130,7 +130,9 @@ class MAP:
       prefers, constant-mean GPs or quadratic + GP: ``proposal_model``)
       (:mod:`~map_merge.acquisition`; with two metrics the front improved is the models' posterior
       at the evaluated points, with more the evaluated front); the last ``final`` evaluations go
-      to the model's picks for ``preferences``. The front is searched on the same models.
+      to the model's picks for ``preferences`` (none given, under the constant-mean GP proposals:
+      each metric's own pick, the front's ends, where their hypervolume proposals spend least).
+      The front is searched on the same models.
     - ``"design"``: the MAP authors' plan: the whole budget on one design, then quadratic
       surrogates (plus a Gaussian process on their residuals, ``model="quadratic+gp"``).
 
@@ -148,8 +150,13 @@ class MAP:
         batch: adaptive, synchronous: points proposed per round (default 1).
         preferences: ``(P, M)`` or ``(M,)`` preferences the user will pick for: the last
             ``final`` evaluations go to the model's picks for them.
-        final: adaptive: evaluations spent on picks at the end (default: one per preference
-            given, else 0).
+        final: adaptive: evaluations spent on the model's picks at the end (default: one per
+            preference given; else, under constant-mean GP proposals (below 4 coefficients, or
+            ``proposal_model="gp"``), one per metric, each metric's own pick, the front's ends (an
+            objective that names no metrics counts one per coefficient), and under cross-validated
+            proposals, whose quadratic mean reaches the ends itself, none). Without preferences
+            the picks are for the one-hot preferences first, then the equal one, then spread ones.
+            A pick already evaluated gives way to a proposal. ``final=0``: proposals to the end.
         noise: adaptive GP models: ``"infer"`` (default) or ``"fixed"`` (near-interpolation).
         bounds: the sampling box ``[low, high]^T`` for every coefficient.
         link: quadratic surrogate link: ``"auto"`` (default: the link each of the objective's

@@ -110,3 +110,4 @@ def test_the_default_at_four_tasks_proposes_under_the_cross_validated_model():
     result = mm.MAP(budget=18, seed=0).fit(obj, 4)
     assert obj.num_evaluations == 18 and result.settings["proposal_model"] == "auto"
     assert result.settings["proposal_kinds"] == [(17, "gp")]
+    assert result.settings["final"] == 0  # no picks for the front's ends under cross-validated proposals: proposals to the end
