@@ -192,8 +192,14 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     if preferences is not None and declared is not None and preferences.shape[1] != declared:  # before any evaluation
         raise ValueError(f"preferences have {preferences.shape[1]} entries but the objective returns {declared} metrics")
     proposal_model = proposal_model_for(estimator.proposal_model, num_coeffs)
-    final = _default_final(preferences, declared, num_coeffs, proposal_model) if estimator.final is None else int(estimator.final)
+    if estimator.final is None:
+        final = _default_final(preferences, declared, num_coeffs, proposal_model)
+        if preferences is None and budget - initial < 2 * final:  # the ends only where as many proposals come first
+            final = 0
+    else:
+        final = int(estimator.final)
     final = min(final, budget - initial)
+    ends_only = estimator.final is None and preferences is None  # the default's picks: the ends alone, one per metric
     if initial < 2:
         raise ValueError(f"adaptive sampling needs a budget of at least 2 real evaluations, got {budget}")
     batch = 1 if estimator.batch is None else int(estimator.batch)
@@ -236,15 +242,21 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     senses = check_senses(getattr(objective, "senses", None), samples.metrics.shape[1])
     state.setdefault("senses", senses)
     names = tuple(names) if names is not None else tuple(f"task{j}" for j in range(samples.metrics.shape[1]))
-    picks_spent = 0
+    picks_spent, picks_evaluated = 0, 0
+    if ends_only:  # the metrics are known now (an objective that names none counted one per coefficient)
+        final = min(final, samples.metrics.shape[1])
     while len(samples) < budget:  # the picks for the preferences; repeats of evaluated points give way to proposals
         start = time.perf_counter()
         new = np.zeros((0, num_coeffs))
         if picks_spent < final:  # exactly the models the user would be handed: the picks from the front of the final model
             interim = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, warm_start=state.get("model"))
             wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent : picks_spent + budget - len(samples)]
+            if not len(wanted):  # nothing left to pick for: proposals for the rest
+                picks_spent = final
+                continue
             picks_spent += len(wanted)
             new = _new_rows(np.stack([interim.select(w) for w in wanted]), samples.coeffs)
+            picks_evaluated += len(new)
         if len(new) == 0:
             if picks_spent < final:
                 continue
@@ -256,7 +268,8 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         timings["evaluate"] += time.perf_counter() - start
     result = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, timings=timings,
                                    warm_start=state.get("model"))
-    result.settings.update({"strategy": "adaptive", "design": design, "budget": budget, "initial": initial, "final": final, "noise": noise,
+    result.settings.update({"strategy": "adaptive", "design": design, "budget": budget, "initial": initial, "final": final,
+                            "final_evaluated": picks_evaluated, "noise": noise,
                             "batch": None if asynchronous else batch, "asynchronous": asynchronous, "max_in_flight": in_flight,
                             "preferences": None if preferences is None else preferences.tolist(),
                             "proposal_seconds": proposal_seconds, "proposal_model": proposal_model,
@@ -308,8 +321,13 @@ def _final_preferences(preferences: np.ndarray | None, num_metrics: int, final: 
 
     equal = np.full((1, num_metrics), 1.0 / num_metrics)
     rest = final - num_metrics - 1
-    grid = preference_grid(num_metrics, about=max(rest, 2) * 4)
-    grid = grid[(grid < 1.0 - 1e-9).all(axis=1)]  # the ends are already in
+    about = max(rest, 2) * 4
+    while True:  # a grid with enough points besides the ends and the equal preference
+        grid = preference_grid(num_metrics, about=about)
+        grid = grid[(grid < 1.0 - 1e-9).all(axis=1) & (np.abs(grid - equal).max(axis=1) > 1e-9)]
+        if len(grid) >= rest:
+            break
+        about *= 2
     spread = grid[thin_front(grid, rest)] if rest > 0 else grid[:0]
     return np.concatenate([ends, equal, spread])[:final]
 

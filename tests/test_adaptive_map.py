@@ -397,3 +397,32 @@ def test_with_three_metrics_proposals_count_hypervolume_from_beyond_the_worst_ev
         model = GPModel(x, oriented, (0.0, 1.0))
         propose_ehvi(model, oriented, ("max", "max", "max"), (0.0, 1.0), seed=0)
     np.testing.assert_allclose(seen, [[-0.3, -0.3, 0.8]], atol=1e-8)
+
+
+def test_final_preferences_are_the_ends_first_and_always_as_many_as_asked():
+    """Without preferences: the one-hot ends, then the equal preference, then spread points; exactly
+    ``final`` rows, all different, on the simplex, for any number of metrics (a 5-metric grid of about 8
+    points is only its corners: the spread must still be found)."""
+    from map_merge.adaptive import _final_preferences
+
+    for metrics in range(2, 9):
+        for final in (0, 1, metrics, metrics + 1, metrics + 2, 2 * metrics + 3, 40):
+            rows = _final_preferences(None, metrics, final)
+            assert rows.shape == (final, metrics), (metrics, final)
+            assert len(np.unique(rows.round(9), axis=0)) == final
+            np.testing.assert_allclose(rows.sum(axis=1), 1.0)
+            np.testing.assert_array_equal(rows[: min(final, metrics)], np.eye(metrics)[: min(final, metrics)])
+            if final > metrics:
+                np.testing.assert_allclose(rows[metrics], np.full(metrics, 1.0 / metrics))
+
+
+def test_the_ends_wait_for_a_budget_with_as_many_proposals():
+    """The default's picks for the ends only where the budget leaves at least as many proposals before them:
+    budget 10 at T = 2 (6 to start, 4 left) spends 2 on the ends, budget 9 (3 left) none; a plain callable
+    with 3 metrics and 2 coefficients (no names: counted one per coefficient) evaluates 2 ends."""
+    for budget, final in ((10, 2), (9, 0)):
+        result = mm.MAP(budget=budget, seed=0).fit(objective(), 2)
+        assert result.settings["final"] == final and result.num_evaluations == budget
+    three = lambda c: np.column_stack([unit_quadratics(c), unit_quadratics(c)[:, :1]])  # noqa: E731
+    result = mm.MAP(budget=12, seed=0).fit(three, 2)
+    assert result.num_evaluations == 12 and result.settings["final"] == 2
