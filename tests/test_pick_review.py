@@ -156,7 +156,7 @@ def test_a_run_on_noisy_metrics_scores_its_evaluations_by_its_model():
         return quadratic_pair(c) + 0.05 * rng.standard_normal((len(np.atleast_2d(c)), 2))
 
     objective = mm.FunctionObjective(noisy, 2, ["a", "b"], noisy=[True, False])
-    result = mm.MAP(budget=14, seed=0).fit(objective, 2)
+    result = mm.MAP(budget=14, final=0, seed=0).fit(objective, 2)
     assert result.noisy == (True, False) and result.to_dict()["noisy"] == [True, False]
     evaluated = result.real_evaluations()
     mean, std = result.predict(result.front.coeffs, return_std=True)
