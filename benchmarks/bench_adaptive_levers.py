@@ -30,7 +30,9 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   T = 4 on: skipped there). ``gp proposals``: ``proposal_model="gp"``, constant-mean GPs throughout
   (the default below T = 4: skipped there; at T >= 4 the default until 2026-12-07). The variants that
   swap the GP class (``quadratic kernel``, ``multi-output``, ``log outputs``) propose under it
-  throughout (``proposal_model="gp"``). Each row records the proposal model it ran.
+  throughout (``proposal_model="gp"``); where the default spends no evaluation on the front's ends
+  (T >= 4), these variants and ``gp proposals`` spend none either (``final=0``), so that only the
+  model differs. Each row records the proposal model it ran.
 - ``no average``: the starting design without the average merge (every coefficient 1 / T; at
   T = 2 the box's centre, Ax's first trial), the default before 2026-12-07.
 - ``average at every T``: the average merge in the starting design at T >= 3 too (MAP adds it at
@@ -39,8 +41,8 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
   settings) instead of 6 from 512.
 - ``observed front``: with two metrics, qLogEHVI over the *evaluated* front instead of qLogNEHVI
   over the front of the model's posterior at the evaluated points (the default before 2026-12-07).
-- ``previous default``: ``no average`` and ``observed front`` together (MAP's default until
-  2026-12-07).
+- ``previous default``: ``no average`` and ``observed front`` together, without the ends
+  (``final=0``; MAP's default until 2026-12-07).
 - ``qNParEGO`` (T >= 4): random Chebyshev scalarisations (botorch's qLogNParEGO) instead of
   expected hypervolume improvement, not shipped.
 
@@ -210,6 +212,10 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
                    "initial 10": {"initial": 10}, "fixed noise": {"noise": "fixed"}, "final picks": {"final": num + 1}, "no ends": {"final": 0},
                    "auto proposals": {"proposal_model": "auto"}, "gp proposals": {"proposal_model": "gp"},
                    **{swap: {"proposal_model": "gp"} for swap in ("quadratic kernel", "multi-output", "log outputs")}}.get(variant, {})
+        if variant in ("gp proposals", "quadratic kernel", "multi-output", "log outputs") and proposal_model_for(None, num) != "gp":
+            options = {**options, "final": 0}  # like the default there: no picks for the ends (the GPs alone would add them)
+        if variant == "previous default":
+            options = {"final": 0}  # the ends came later
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
         if variant in ("auto proposals", "gp proposals") and options["proposal_model"] == proposal_model_for(None, num):

@@ -202,10 +202,10 @@ def _proposal_note(payload: dict) -> str:
     return "" if chosen == proposal_model_for(None, payload["tasks"]) else f", proposal_model={chosen}"
 
 
-def _regret_text(value: float) -> str:
-    """A regret to two significant digits; rounding noise around 0 (the grid's own pick on a
+def _regret_text(value: float, digits: int = 2) -> str:
+    """A regret to ``digits`` significant digits; rounding noise around 0 (the grid's own pick on a
     noise-free problem) shown as 0."""
-    return "0" if abs(value) < 1e-12 else f"{value:.2g}"
+    return "0" if abs(value) < 1e-12 else f"{value:.{digits}g}"
 
 
 def rules_table(out: Path, method: str = "MAP") -> str:
@@ -286,13 +286,48 @@ def val_table(out: Path) -> str:
                 methods.append(s["method"])
             value = s.get("val_pick_regret_mean")
             if value is not None:
-                text = _regret_text(value)
+                text = _regret_text(value, 3)  # 3 digits: validation regrets of several methods often share their first two
                 cells[s["method"], column] = f"**{text}**" if best is not None and np.isclose(value, best, rtol=1e-9, atol=1e-15) else text
     if not settings:
         return ""
     lines = ["| validation pick regret | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]
     return "\n".join(lines)
+
+
+class PickRegret:
+    """Pick regret: how much worse, in the preferences' mean weighted score, the models picked for
+    ``prefs: (P, M)`` are than the best grid point for each preference.
+
+    ``val`` scores on ``objective`` (validation: the score the methods were given; search quality),
+    ``test`` on ``test_objective``; both against the grid's best on the same objective
+    (``grid_val / grid_test: (G, M)``, the metrics of ``grid: (G, T)``). ``grid_pick``: the test
+    regret of the grid's own validation picks (what unlimited evaluations would hand a user; how far
+    validation misleads). Metrics oriented higher-is-better by ``senses`` before weighting."""
+
+    def __init__(self, objective, test_objective, senses, prefs: np.ndarray, grid: np.ndarray, grid_val: np.ndarray, grid_test: np.ndarray):
+        self.objective, self.test_objective, self.senses, self.prefs = objective, test_objective, senses, prefs
+        self.best_val = (orient(grid_val, senses) @ prefs.T).max(axis=0)  # (P,)
+        self.best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,)
+        self.grid_pick = self.test(grid[np.argmax(orient(grid_val, senses) @ prefs.T, axis=0)])
+
+    def _regret(self, objective, best: np.ndarray, picks: np.ndarray) -> float:
+        scores = np.einsum("pm,pm->p", orient(np.asarray(objective(picks)), self.senses), self.prefs)
+        return float(np.mean(best - scores))
+
+    def test(self, picks: np.ndarray) -> float:
+        """Test regret of ``picks: (P, T)``, one per preference (evaluated on the test objective)."""
+        return self._regret(self.test_objective, self.best_test, picks)
+
+    def val(self, picks: np.ndarray) -> float:
+        """Validation regret of ``picks: (P, T)`` (off-evaluation picks are evaluated for scoring, outside any budget)."""
+        return self._regret(self.objective, self.best_val, picks)
+
+    def evaluated(self, inputs: np.ndarray, metrics: np.ndarray) -> tuple[float, float]:
+        """``(test, validation)`` regret of the best evaluation per preference among ``inputs: (N, T)``
+        with their validation ``metrics: (N, M)`` (the validation regret from the measurements themselves)."""
+        weighted = orient(metrics, self.senses) @ self.prefs.T  # (N, P)
+        return self.test(inputs[np.argmax(weighted, axis=0)]), float(np.mean(self.best_val - weighted.max(axis=0)))
 
 
 def grid_drift(stored, now: np.ndarray) -> float:
@@ -400,36 +435,20 @@ def main() -> None:
     span = np.maximum(np.ptp(front, axis=0), 1e-12)
     nadir = {"hv_ratio": front.min(axis=0) - 0.01 * span, "hv_ratio_10": front.min(axis=0) - 0.1 * span}
     full = {k: mm.hypervolume(front, ref) for k, ref in nadir.items()}
-    best_test = (orient(grid_test, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted test score
+    regret = PickRegret(objective, test_objective, senses, prefs, grid, grid_val, grid_test)
+    best_test = regret.best_test
     if earlier is not None:  # the kept rows were scored on the earlier objective: a rebuilt zoo (other weights) would mix two problems
         drift = grid_drift(earlier.get("grid_best_weighted_test"), best_test)
         if not drift <= 1e-9:
             raise SystemExit(f"--update: the grid's best weighted test scores differ from {stored}'s by up to {drift:.3g}: the objective is "
                              "not the one its rows were scored on (a zoo rebuilt on another machine, another evaluation store?); "
                              "rerun every method, or use the store the table was made with")
-
-    def test_regret(coeffs: np.ndarray) -> float:
-        scores = np.einsum("pm,pm->p", orient(np.asarray(test_objective(coeffs)), senses), prefs)
-        return float(np.mean(best_test - scores))
-
-    best_val = (orient(grid_val, senses) @ prefs.T).max(axis=0)  # (P,) the grid's best weighted validation score
-
-    def val_regret(coeffs: np.ndarray) -> float:
-        """The picks' regret on the objective the methods were given (validation): search quality, without
-        how well validation predicts test (off-evaluation picks are evaluated for scoring, outside the budget)."""
-        scores = np.einsum("pm,pm->p", orient(np.asarray(objective(coeffs)), senses), prefs)
-        return float(np.mean(best_val - scores))
-
-    # the reference for every pick: the whole grid evaluated, the best weighted validation score picked
-    # (what unlimited evaluations would hand a user; its test regret is how far validation misleads)
-    grid_pick_regret = test_regret(grid[np.argmax(orient(grid_val, senses) @ prefs.T, axis=0)])
+    test_regret, val_regret, grid_pick_regret = regret.test, regret.val, regret.grid_pick
 
     def scores(inputs: np.ndarray, metrics: np.ndarray) -> dict[str, float]:
         oriented = orient(metrics, senses)
         row = {k: float(mm.hypervolume(oriented, nadir[k]) / full[k]) for k in nadir}
-        picks = inputs[np.argmax(oriented @ prefs.T, axis=0)]
-        row["eval_pick_regret"] = test_regret(picks)
-        row["val_pick_regret"] = float(np.mean(best_val - (oriented @ prefs.T).max(axis=0)))  # the best evaluation's own score
+        row["eval_pick_regret"], row["val_pick_regret"] = regret.evaluated(inputs, metrics)
         return row
 
     rows, examples = [], {}

@@ -323,3 +323,25 @@ def test_bench_fronts_validation_regret_is_the_test_regret_where_validation_is_t
         assert abs(row["val_pick_regret"] - row["pick_regret"]) < 1e-12, row
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--summarize", "--out", str(tmp_path)], check=True, cwd=ROOT)
     assert "| validation pick regret | analytic T=2 |" in (tmp_path / "fronts_table.md").read_text()
+
+
+def test_pick_regret_scores_validation_and_test_on_their_own_objectives():
+    """Validation and test are two different functions here, so a mix-up shows: on a 1-coefficient grid
+    {0, 0.5, 1} with metrics (c, 1 - c) on validation and (1 - c, c) on test (both maximised), the
+    preference (1, 0) is best at c = 1 on validation (score 1) and at c = 0 on test (score 1).
+    Hand-computed regrets of the picks c = 1 and c = 0.5 follow."""
+    module = _load("bench_fronts.py", "bench_fronts_regret")
+    val = lambda c: np.concatenate([c, 1 - c], axis=1)  # noqa: E731
+    test = lambda c: np.concatenate([1 - c, c], axis=1)  # noqa: E731
+    grid = np.array([[0.0], [0.5], [1.0]])
+    prefs = np.array([[1.0, 0.0]])
+    regret = module.PickRegret(val, test, ("max", "max"), prefs, grid, val(grid), test(grid))
+    assert regret.best_val.tolist() == [1.0] and regret.best_test.tolist() == [1.0]
+    assert regret.grid_pick == 1.0  # the validation pick c = 1 scores 0 on test
+    assert regret.val(np.array([[1.0]])) == 0.0 and regret.test(np.array([[1.0]])) == 1.0
+    assert regret.val(np.array([[0.5]])) == 0.5 and regret.test(np.array([[0.5]])) == 0.5
+    # the best evaluation by validation among c = 0, 0.5 is 0.5: test regret 0.5, validation regret 0.5
+    assert regret.evaluated(np.array([[0.0], [0.5]]), val(np.array([[0.0], [0.5]]))) == (0.5, 0.5)
+    # minimised metrics are oriented before weighting: validation loss (1 - c) makes c = 1 best again
+    loss = module.PickRegret(lambda c: 1 - c, lambda c: c, ("min",), np.array([[1.0]]), grid, 1 - grid, grid)
+    assert loss.val(np.array([[0.5]])) == 0.5 and loss.test(np.array([[0.0]])) == 0.0 and loss.grid_pick == 1.0
