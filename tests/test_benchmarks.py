@@ -345,3 +345,26 @@ def test_pick_regret_scores_validation_and_test_on_their_own_objectives():
     # minimised metrics are oriented before weighting: validation loss (1 - c) makes c = 1 best again
     loss = module.PickRegret(lambda c: 1 - c, lambda c: c, ("min",), np.array([[1.0]]), grid, 1 - grid, grid)
     assert loss.val(np.array([[0.5]])) == 0.5 and loss.test(np.array([[0.0]])) == 0.0 and loss.grid_pick == 1.0
+
+
+def test_variants_table_ranks_the_map_variants_over_all_seeds(tmp_path):
+    """Hand-made tables: MAP's test regret is 0.3 on seeds 0-4 and 0.1 on 5-9 (mean 0.2), Bayesian MAP's 0.25
+    throughout, the design's 0.5: MAP ranks 2nd on the first five seeds and 1st on all ten. A table with five
+    seeds is left out; the markdown holds the hand-computed means and standard deviations."""
+    module = _load("variants_table.py", "variants_table_test")
+
+    def rows(method, values):
+        return [{"method": method, "seed": s, "pick_regret": v, "val_pick_regret": v / 2, "hv_ratio": 0.9} for s, v in enumerate(values)]
+
+    full = rows("MAP", [0.3] * 5 + [0.1] * 5) + rows("Bayesian MAP", [0.25] * 10) + rows("MAP (design)", [0.5] * 10)
+    (tmp_path / "fronts_analytic_T3.json").write_text(json.dumps({"label": "analytic", "tasks": 3, "rows": full}))
+    short = rows("MAP", [0.1] * 5) + rows("Bayesian MAP", [0.2] * 5) + rows("MAP (design)", [0.3] * 5)
+    (tmp_path / "fronts_lm_T2.json").write_text(json.dumps({"label": "lm", "tasks": 2, "rows": short}))
+    entries = module.variant_rows(tmp_path)
+    assert [e["setting"] for e in entries] == ["analytic T=3"]
+    assert module.rank(entries[0], 5) == 2 and module.rank(entries[0]) == 1
+    text = module.markdown(entries)
+    assert "| analytic T=3 | **0.2 ± 0.1** | 0.5 ± 0 | 0.25 ± 0 | 0.1 / 0.25 / 0.125 |" in text and "| 2 → 1 | 10 |" in text
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants_table.py"), "--out", str(tmp_path)], check=True, cwd=ROOT,
+                   capture_output=True)
+    assert (tmp_path / "variants_table.md").read_text().strip() == text and (tmp_path / "variants_pick_regret.png").stat().st_size > 0
