@@ -42,7 +42,7 @@ Variants (what changes against ``default``, ``MAP(budget=B)``):
 - ``observed front``: with two metrics, qLogEHVI over the *evaluated* front instead of qLogNEHVI
   over the front of the model's posterior at the evaluated points (the default before 2026-12-07).
 - ``previous default``: ``no average`` and ``observed front`` together, without the ends
-  (``final=0``; MAP's default until 2026-12-07).
+  (``final=0``) and with GP proposals at every T (MAP's default until 2026-12-07).
 - ``qNParEGO`` (T >= 4): random Chebyshev scalarisations (botorch's qLogNParEGO) instead of
   expected hypervolume improvement, not shipped.
 
@@ -215,7 +215,7 @@ def run_variant(variant: str, objective, num: int, budget: int, seed: int, merge
         if variant in ("gp proposals", "quadratic kernel", "multi-output", "log outputs") and proposal_model_for(None, num) != "gp":
             options = {**options, "final": 0}  # like the default there: no picks for the ends (the GPs alone would add them)
         if variant == "previous default":
-            options = {"final": 0}  # the ends came later
+            options = {"final": 0, "proposal_model": "gp"}  # the ends and cross-validated proposals from T = 4 came later
         if variant in ("experts first", "no experts") and options["design"] == ("sobol" if merge else "qmc"):
             return None  # the default already
         if variant in ("auto proposals", "gp proposals") and options["proposal_model"] == proposal_model_for(None, num):

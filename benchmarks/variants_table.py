@@ -7,7 +7,7 @@ has at least ``--min-seeds`` rows, writes one row: each variant's mean +- std te
 variants on the first five seeds and on all. Writes ``variants_table.md`` and
 ``variants_pick_regret.png`` there.
 
-    python benchmarks/variants_table.py --out benchmarks/results/seeds10
+    python benchmarks/variants_table.py --out benchmarks/results/variants_ten_seeds
 """
 
 from __future__ import annotations
@@ -27,40 +27,51 @@ NAMES = {"lm": "LM loss", "lm_acc": "LM lm-eval"}
 
 
 def variant_rows(folder: Path, min_seeds: int = 10) -> list[dict]:
-    """One dict per setting (``setting``, and per variant ``test``: (S,) test pick regrets by seed,
-    ``val``, ``hv``); settings where a variant has fewer than ``min_seeds`` rows are left out."""
+    """One dict per setting (``setting``, ``seeds``: the seeds every variant ran, sorted, and per
+    variant ``test``: test pick regrets on those seeds, ``val``, ``hv``); a setting where the
+    variants share fewer than ``min_seeds`` seeds is left out (rows of other seeds are ignored, so
+    every mean is over the same seeds)."""
     out = []
     for path in table_files(folder):
         payload = json.loads(path.read_text())
-        rows = {m: sorted((r for r in payload["rows"] if r["method"] == m), key=lambda r: r["seed"]) for m in VARIANTS}
-        if any(len(rows[m]) < min_seeds for m in VARIANTS):
+        by_seed = {m: {r["seed"]: r for r in payload["rows"] if r["method"] == m} for m in VARIANTS}  # a repeated seed counts once
+        seeds = sorted(set.intersection(*(set(rows) for rows in by_seed.values())))
+        if len(seeds) < min_seeds:
             continue
-        entry = {"setting": f"{NAMES.get(payload['label'], payload['label'])} T={payload['tasks']}"}
+        entry = {"setting": f"{NAMES.get(payload['label'], payload['label'])} T={payload['tasks']}", "seeds": seeds}
         for m in VARIANTS:
-            entry[m] = {"test": np.array([r["pick_regret"] for r in rows[m]]),
-                        "val": np.array([r.get("val_pick_regret", np.nan) for r in rows[m]]),
-                        "hv": np.array([r["hv_ratio"] for r in rows[m]])}
+            rows = [by_seed[m][s] for s in seeds]
+            entry[m] = {"test": np.array([r["pick_regret"] for r in rows]),
+                        "val": np.array([r.get("val_pick_regret", np.nan) for r in rows]),
+                        "hv": np.array([r["hv_ratio"] for r in rows])}
         out.append(entry)
     return out
 
 
 def rank(entry: dict, seeds: int | None = None) -> int:
-    """MAP's rank among the variants by mean test pick regret (1 = lowest) over the first ``seeds`` seeds (all: None)."""
+    """MAP's rank among the variants by mean test pick regret (1 = lowest; a tie ranks MAP first)
+    over the first ``seeds`` common seeds (all: None)."""
     mean = {m: entry[m]["test"][:seeds].mean() for m in VARIANTS}
     return 1 + sum(mean[m] < mean["MAP"] for m in VARIANTS[1:])
 
 
+def _mean_std(values: np.ndarray) -> str:
+    std = values.std()
+    return f"{values.mean():.3g} ± {0 if std < 1e-12 * max(1.0, abs(values.mean())) else std:.2g}"
+
+
 def markdown(entries: list[dict]) -> str:
+    """The table: each variant's mean ± std test pick regret (the lowest in bold), the mean validation
+    regret ("-" unless every seed has it), HV ratio, MAP's rank on the first five seeds and on all."""
     lines = ["| setting | " + " | ".join(f"{m}: test pick regret" for m in VARIANTS)
              + " | validation pick regret (" + " / ".join(VARIANTS) + ") | HV ratio (same order) | MAP's rank, 5 seeds → all | seeds |",
              "|---|" + "---|" * (len(VARIANTS) + 4)]
     for e in entries:
         best = min(e[m]["test"].mean() for m in VARIANTS)
-        cells = [(f"**{e[m]['test'].mean():.3g} ± {e[m]['test'].std():.2g}**" if e[m]["test"].mean() == best
-                  else f"{e[m]['test'].mean():.3g} ± {e[m]['test'].std():.2g}") for m in VARIANTS]
-        val = " / ".join("-" if np.isnan(e[m]["val"]).all() else f"{np.nanmean(e[m]['val']):.3g}" for m in VARIANTS)
+        cells = [f"**{_mean_std(e[m]['test'])}**" if e[m]["test"].mean() == best else _mean_std(e[m]["test"]) for m in VARIANTS]
+        val = " / ".join("-" if np.isnan(e[m]["val"]).any() else f"{e[m]['val'].mean():.3g}" for m in VARIANTS)
         hv = " / ".join(f"{e[m]['hv'].mean():.3f}" for m in VARIANTS)
-        lines.append(f"| {e['setting']} | " + " | ".join(cells) + f" | {val} | {hv} | {rank(e, 5)} → {rank(e)} | {len(e['MAP']['test'])} |")
+        lines.append(f"| {e['setting']} | " + " | ".join(cells) + f" | {val} | {hv} | {rank(e, 5)} → {rank(e)} | {len(e['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -74,7 +85,7 @@ def plot(entries: list[dict], path: Path) -> None:
     x = np.arange(len(entries))
     for k, m in enumerate(VARIANTS):
         means = [e[m]["test"].mean() for e in entries]
-        errors = [e[m]["test"].std() / np.sqrt(len(e[m]["test"])) for e in entries]
+        errors = [e[m]["test"].std(ddof=1) / np.sqrt(len(e[m]["test"])) for e in entries]
         ax.errorbar(x + (k - 1) * 0.2, means, yerr=errors, fmt="o", capsize=3, label=m)
     ax.set_xticks(x, [e["setting"] for e in entries], rotation=20)
     ax.set_ylabel("test pick regret (mean ± s.e.)")
@@ -87,7 +98,7 @@ def plot(entries: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__, "benchmarks/results/seeds10")
+    p = parser(__doc__, "benchmarks/results/variants_ten_seeds")
     p.add_argument("--min-seeds", type=int, default=10, help="settings where every variant has at least this many seeds")
     args = p.parse_args()
     out = Path(args.out)

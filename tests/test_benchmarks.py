@@ -326,22 +326,22 @@ def test_bench_fronts_validation_regret_is_the_test_regret_where_validation_is_t
 
 
 def test_pick_regret_scores_validation_and_test_on_their_own_objectives():
-    """Validation and test are two different functions here, so a mix-up shows: on a 1-coefficient grid
-    {0, 0.5, 1} with metrics (c, 1 - c) on validation and (1 - c, c) on test (both maximised), the
-    preference (1, 0) is best at c = 1 on validation (score 1) and at c = 0 on test (score 1).
-    Hand-computed regrets of the picks c = 1 and c = 0.5 follow."""
+    """Validation and test are two different functions on different scales, so a mix-up shows: on a
+    1-coefficient grid {0, 0.5, 1} the metrics are (c, 1 - c) on validation and (2 (1 - c), c) on test
+    (both maximised). The preference (1, 0) is best at c = 1 on validation (score 1) and at c = 0 on
+    test (score 2). Hand-computed regrets of the picks c = 1 and c = 0.5 follow."""
     module = _load("bench_fronts.py", "bench_fronts_regret")
     val = lambda c: np.concatenate([c, 1 - c], axis=1)  # noqa: E731
-    test = lambda c: np.concatenate([1 - c, c], axis=1)  # noqa: E731
+    test = lambda c: np.concatenate([2 * (1 - c), c], axis=1)  # noqa: E731
     grid = np.array([[0.0], [0.5], [1.0]])
     prefs = np.array([[1.0, 0.0]])
     regret = module.PickRegret(val, test, ("max", "max"), prefs, grid, val(grid), test(grid))
-    assert regret.best_val.tolist() == [1.0] and regret.best_test.tolist() == [1.0]
-    assert regret.grid_pick == 1.0  # the validation pick c = 1 scores 0 on test
-    assert regret.val(np.array([[1.0]])) == 0.0 and regret.test(np.array([[1.0]])) == 1.0
-    assert regret.val(np.array([[0.5]])) == 0.5 and regret.test(np.array([[0.5]])) == 0.5
-    # the best evaluation by validation among c = 0, 0.5 is 0.5: test regret 0.5, validation regret 0.5
-    assert regret.evaluated(np.array([[0.0], [0.5]]), val(np.array([[0.0], [0.5]]))) == (0.5, 0.5)
+    assert regret.best_val.tolist() == [1.0] and regret.best_test.tolist() == [2.0]
+    assert regret.grid_pick == 2.0  # the validation pick c = 1 scores 0 on test
+    assert regret.val(np.array([[1.0]])) == 0.0 and regret.test(np.array([[1.0]])) == 2.0
+    assert regret.val(np.array([[0.5]])) == 0.5 and regret.test(np.array([[0.5]])) == 1.0
+    # the best evaluation by validation among c = 0.5, 1 is c = 1: (test regret 2, validation regret 0)
+    assert regret.evaluated(np.array([[0.5], [1.0]]), val(np.array([[0.5], [1.0]]))) == (2.0, 0.0)
     # minimised metrics are oriented before weighting: validation loss (1 - c) makes c = 1 best again
     loss = module.PickRegret(lambda c: 1 - c, lambda c: c, ("min",), np.array([[1.0]]), grid, 1 - grid, grid)
     assert loss.val(np.array([[0.5]])) == 0.5 and loss.test(np.array([[0.0]])) == 0.0 and loss.grid_pick == 1.0
@@ -357,14 +357,18 @@ def test_variants_table_ranks_the_map_variants_over_all_seeds(tmp_path):
         return [{"method": method, "seed": s, "pick_regret": v, "val_pick_regret": v / 2, "hv_ratio": 0.9} for s, v in enumerate(values)]
 
     full = rows("MAP", [0.3] * 5 + [0.1] * 5) + rows("Bayesian MAP", [0.25] * 10) + rows("MAP (design)", [0.5] * 10)
+    full += [{**full[0], "seed": 11, "pick_regret": 9.0}]  # a seed the other variants did not run: left out
+    for row in full[20:25]:  # the design's seeds 0-4 from before validation regrets were recorded: no mean of the rest
+        del row["val_pick_regret"]
+    np.random.default_rng(0).shuffle(full)  # rows in any order: seeds are matched, not counted
     (tmp_path / "fronts_analytic_T3.json").write_text(json.dumps({"label": "analytic", "tasks": 3, "rows": full}))
     short = rows("MAP", [0.1] * 5) + rows("Bayesian MAP", [0.2] * 5) + rows("MAP (design)", [0.3] * 5)
     (tmp_path / "fronts_lm_T2.json").write_text(json.dumps({"label": "lm", "tasks": 2, "rows": short}))
     entries = module.variant_rows(tmp_path)
-    assert [e["setting"] for e in entries] == ["analytic T=3"]
+    assert [e["setting"] for e in entries] == ["analytic T=3"] and entries[0]["seeds"] == list(range(10))
     assert module.rank(entries[0], 5) == 2 and module.rank(entries[0]) == 1
     text = module.markdown(entries)
-    assert "| analytic T=3 | **0.2 ± 0.1** | 0.5 ± 0 | 0.25 ± 0 | 0.1 / 0.25 / 0.125 |" in text and "| 2 → 1 | 10 |" in text
+    assert "| analytic T=3 | **0.2 ± 0.1** | 0.5 ± 0 | 0.25 ± 0 | 0.1 / - / 0.125 |" in text and "| 2 → 1 | 10 |" in text
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants_table.py"), "--out", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
     assert (tmp_path / "variants_table.md").read_text().strip() == text and (tmp_path / "variants_pick_regret.png").stat().st_size > 0
