@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser  # noqa: E402
-from bench_fronts import table_files  # noqa: E402
+from _fronts_tables import table_files  # noqa: E402
 
 VARIANTS = ("MAP", "MAP (design)", "Bayesian MAP")
 NAMES = {"lm": "LM loss", "lm_acc": "LM lm-eval"}

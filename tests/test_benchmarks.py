@@ -162,11 +162,7 @@ def test_bench_fronts_update_may_change_the_proposal_model_only_by_rerunning_eve
 def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
     """Two methods whose means differ only by floating-point rounding (0.1 + 0.2 against 0.3) share the
     best of a column: both are bold, a worse one is not."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_fronts_table", ROOT / "benchmarks" / "bench_fronts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("_fronts_tables.py", "fronts_tables_bold")
     summary = [{"method": "A", "hv_ratio_mean": 0.9, "pick_regret_mean": 0.1 + 0.2},
                {"method": "B", "hv_ratio_mean": 0.3 * 3, "pick_regret_mean": 0.3},
                {"method": "C", "hv_ratio_mean": 0.8, "pick_regret_mean": 0.4}]
@@ -207,8 +203,9 @@ def test_bench_fronts_other_task_subset_stays_out_of_the_table(tmp_path):
     for name, hv in (("fronts_lm_T2.json", 0.9), ("fronts_lm_T2_medical+legal.json", 0.5)):
         (tmp_path / name).write_text(json.dumps({"version": 3, "label": "lm", "tasks": 2, "budget": 22, "seeds": 5,
                                                  "summary": [{"method": "A", "hv_ratio_mean": hv, "pick_regret_mean": 0.1}]}))
-    assert [p.name for p in module.table_files(tmp_path)] == ["fronts_lm_T2.json"]
-    table = module.wide_table(tmp_path)
+    tables = _load("_fronts_tables.py", "fronts_tables_subset")
+    assert [p.name for p in tables.table_files(tmp_path)] == ["fronts_lm_T2.json"]
+    table = tables.wide_table(tmp_path)
     assert "| A | **0.900** / **0.1** |" in table and "0.500" not in table
 
 
