@@ -52,7 +52,7 @@ def rank(entry: dict, seeds: int | None = None) -> int:
     """MAP's rank among the variants by mean test pick regret (1 = lowest; a tie ranks MAP first)
     over the first ``seeds`` common seeds (all: None)."""
     mean = {m: entry[m]["test"][:seeds].mean() for m in VARIANTS}
-    return 1 + sum(mean[m] < mean["MAP"] for m in VARIANTS[1:])
+    return 1 + sum(mean[m] < mean["MAP"] and not np.isclose(mean[m], mean["MAP"], rtol=1e-9, atol=1e-15) for m in VARIANTS[1:])
 
 
 def _mean_std(values: np.ndarray) -> str:
@@ -61,14 +61,15 @@ def _mean_std(values: np.ndarray) -> str:
 
 
 def markdown(entries: list[dict]) -> str:
-    """The table: each variant's mean ± std test pick regret (the lowest in bold), the mean validation
+    """The table: each variant's mean ± std (over seeds) test pick regret (the lowest in bold, ties too), the mean validation
     regret ("-" unless every seed has it), HV ratio, MAP's rank on the first five seeds and on all."""
-    lines = ["| setting | " + " | ".join(f"{m}: test pick regret" for m in VARIANTS)
+    lines = ["| setting | " + " | ".join(f"{m}: test pick regret (mean ± std)" for m in VARIANTS)
              + " | validation pick regret (" + " / ".join(VARIANTS) + ") | HV ratio (same order) | MAP's rank, 5 seeds → all | seeds |",
              "|---|" + "---|" * (len(VARIANTS) + 4)]
     for e in entries:
         best = min(e[m]["test"].mean() for m in VARIANTS)
-        cells = [f"**{_mean_std(e[m]['test'])}**" if e[m]["test"].mean() == best else _mean_std(e[m]["test"]) for m in VARIANTS]
+        cells = [f"**{_mean_std(e[m]['test'])}**" if np.isclose(e[m]["test"].mean(), best, rtol=1e-9, atol=1e-15)  # ties: rounding only
+                 else _mean_std(e[m]["test"]) for m in VARIANTS]
         val = " / ".join("-" if np.isnan(e[m]["val"]).any() else f"{e[m]['val'].mean():.3g}" for m in VARIANTS)
         hv = " / ".join(f"{e[m]['hv'].mean():.3f}" for m in VARIANTS)
         lines.append(f"| {e['setting']} | " + " | ".join(cells) + f" | {val} | {hv} | {rank(e, 5)} → {rank(e)} | {len(e['seeds'])} |")

@@ -364,6 +364,8 @@ def test_variants_table_ranks_the_map_variants_over_all_seeds(tmp_path):
     entries = module.variant_rows(tmp_path)
     assert [e["setting"] for e in entries] == ["analytic T=3"] and entries[0]["seeds"] == list(range(10))
     assert module.rank(entries[0], 5) == 2 and module.rank(entries[0]) == 1
+    tied = {**entries[0], "MAP (design)": {**entries[0]["MAP (design)"], "test": entries[0]["MAP"]["test"][::-1].copy()}}
+    assert module.rank(tied) == 1 and module.markdown([tied]).count("**0.2 ± 0.1**") == 2  # equal means (summed in another order) tie
     text = module.markdown(entries)
     assert "| analytic T=3 | **0.2 ± 0.1** | 0.5 ± 0 | 0.25 ± 0 | 0.1 / - / 0.125 |" in text and "| 2 → 1 | 10 |" in text
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants_table.py"), "--out", str(tmp_path)], check=True, cwd=ROOT,
