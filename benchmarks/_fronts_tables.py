@@ -11,6 +11,13 @@ import numpy as np
 
 from map_merge.adaptive import proposal_model_for
 
+LABELS = {"lm": "LM loss", "lm_acc": "LM lm-eval"}  # a table's label as its column names it (the others as they are)
+
+
+def column_name(payload: dict) -> str:
+    """``"<problem> T=<T>"`` of a table (``"LM loss T=2"``, ``"vision T=3"``)."""
+    return f"{LABELS.get(payload['label'], payload['label'])} T={payload['tasks']}"
+
 def table_files(out: Path) -> list[Path]:
     """The peer table's ``fronts_<label>_T<T>.json`` in ``out``, by label then T (runs on another
     subset of a zoo's tasks, ``fronts_<label>_T<T>_<names>.json``, are not the table's)."""
@@ -69,7 +76,7 @@ def rules_table(out: Path, method: str = "MAP") -> str:
         entry = next((s for s in payload.get("summary", []) if s["method"] == method), None)
         if payload.get("version") != 3 or entry is None or "pick_regret_best_mean_mean" not in entry:
             continue
-        column = f"{ {'lm': 'LM loss', 'lm_acc': 'LM lm-eval'}.get(payload['label'], payload['label'])} T={payload['tasks']}{_proposal_note(payload)}"
+        column = f"{column_name(payload)}{_proposal_note(payload)}"
         columns.append(column)
         best = min(entry.get(f"{key}_mean", np.inf) for key in RULES)
         for key in RULES:
@@ -92,10 +99,9 @@ def wide_table(out: Path) -> str:
         payload = json.loads(path.read_text())
         if "summary" not in payload or payload.get("version") != 3:
             continue
-        name = {"lm": "LM loss", "lm_acc": "LM lm-eval"}.get(payload["label"], payload["label"])
         seeds = payload.get("seeds")
         seeds = len(seeds) if isinstance(seeds, list) else seeds
-        column = (f"{name} T={payload['tasks']} (B={payload['budget']}" + (f", {seeds} seeds" if seeds and seeds != 5 else "")
+        column = (f"{column_name(payload)} (B={payload['budget']}" + (f", {seeds} seeds" if seeds and seeds != 5 else "")
                   + _proposal_note(payload) + ")")
         settings.append(column)
         if "grid_pick_regret" in payload:
@@ -128,8 +134,7 @@ def val_table(out: Path) -> str:
         budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
         if not any("val_pick_regret_mean" in s for s in budgeted):
             continue
-        name = {"lm": "LM loss", "lm_acc": "LM lm-eval"}.get(payload["label"], payload["label"])
-        column = f"{name} T={payload['tasks']}{_proposal_note(payload)}"
+        column = f"{column_name(payload)}{_proposal_note(payload)}"
         settings.append(column)
         # the best in bold only where every method was measured (rows kept by --update from before lack it)
         best = min(s.get("val_pick_regret_mean", np.inf) for s in budgeted) if all("val_pick_regret_mean" in s for s in budgeted) else None

@@ -180,9 +180,10 @@ class PickRegret:
         scores = np.einsum("pm,pm->p", orient(np.asarray(objective(picks)), self.senses), self.prefs)
         return float(np.mean(best - scores))
 
-    def test(self, picks: np.ndarray) -> float:
-        """Test regret of ``picks: (P, T)``, one per preference (evaluated on the test objective)."""
-        return self._regret(self.test_objective, self.best_test, picks)
+    def test(self, picks: np.ndarray, test_objective=None) -> float:
+        """Test regret of ``picks: (P, T)``, one per preference, evaluated on the test objective (or on
+        ``test_objective``: the same test data merged another way, e.g. a sweep's own merge method)."""
+        return self._regret(self.test_objective if test_objective is None else test_objective, self.best_test, picks)
 
     def val(self, picks: np.ndarray) -> float:
         """Validation regret of ``picks: (P, T)`` (off-evaluation picks are evaluated for scoring, outside any budget)."""
@@ -327,7 +328,7 @@ def main() -> None:
         if method is not None:  # the sweep's picks are merged by its own method: score them on its own test objective
             tested = zoo.objective(names, split="test", method=method, store=store, progress=False, **options)
             picks = found.coeffs[np.argmax(orient(found.metrics, senses) @ prefs.T, axis=0)]
-            row["eval_pick_regret"] = float(np.mean(best_test - np.einsum("pm,pm->p", orient(tested(picks), senses), prefs)))
+            row["eval_pick_regret"] = regret.test(picks, tested)
         row["pick_regret"] = row["eval_pick_regret"]
         rows.append({"method": name, "seed": 0, "evaluations": found.num_evaluations, "budgeted": False, **row})
         examples[name] = found.metrics

@@ -20,10 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser  # noqa: E402
-from _fronts_tables import table_files  # noqa: E402
+from _fronts_tables import column_name, table_files  # noqa: E402
 
 VARIANTS = ("MAP", "MAP (design)", "Bayesian MAP")
-NAMES = {"lm": "LM loss", "lm_acc": "LM lm-eval"}
 
 
 def variant_rows(folder: Path, min_seeds: int = 10) -> list[dict]:
@@ -38,7 +37,7 @@ def variant_rows(folder: Path, min_seeds: int = 10) -> list[dict]:
         seeds = sorted(set.intersection(*(set(rows) for rows in by_seed.values())))
         if len(seeds) < min_seeds:
             continue
-        entry = {"setting": f"{NAMES.get(payload['label'], payload['label'])} T={payload['tasks']}", "seeds": seeds}
+        entry = {"setting": column_name(payload), "seeds": seeds}
         for m in VARIANTS:
             rows = [by_seed[m][s] for s in seeds]
             entry[m] = {"test": np.array([r["pick_regret"] for r in rows]),

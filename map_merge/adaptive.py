@@ -249,11 +249,11 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
         start = time.perf_counter()
         new = np.zeros((0, num_coeffs))
         if picks_spent < final:  # exactly the models the user would be handed: the picks from the front of the final model
-            interim = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, warm_start=state.get("model"))
             wanted = _final_preferences(preferences, samples.metrics.shape[1], final)[picks_spent : picks_spent + budget - len(samples)]
             if not len(wanted):  # nothing left to pick for: proposals for the rest
                 picks_spent = final
                 continue
+            interim = estimator.fit_samples(samples, objective=objective, task_names=names, senses=senses, warm_start=state.get("model"))
             picks_spent += len(wanted)
             new = _new_rows(np.stack([interim.select(w) for w in wanted]), samples.coeffs)
             picks_evaluated += len(new)
