@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,38 @@ def machine() -> dict[str, Any]:
     }
 
 
+def source_commit() -> str | None:
+    """The map_merge checkout's commit, ``-dirty`` when its code (the package or the benchmark
+    scripts, not their results) has uncommitted changes; ``None`` outside git. It says which code
+    made a result row (``--update`` tables hold rows of several runs)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    changed = git("status", "--porcelain", "--", "map_merge", "benchmarks", ":(exclude)benchmarks/results")
+    return commit + ("-dirty" if changed else "")
+
+
 def write(out: str | Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write ``<out>/<name>.json`` whole or not at all (a temporary file renamed over it): a
+    crash mid-write never leaves a table that hours of runs made half-written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    partial = out / f".{name}.json.{os.getpid()}.partial"
+    try:
+        partial.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

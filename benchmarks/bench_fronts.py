@@ -52,7 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, table, write  # noqa: E402
+from _common import parser, source_commit, table, write  # noqa: E402
 from _fronts_tables import summarize  # noqa: E402
 from _peers import PEERS, run_peer  # noqa: E402
 
@@ -62,7 +62,7 @@ from map_merge.adaptive import proposal_model_for  # noqa: E402
 from map_merge.baselines import lambda_sweep  # noqa: E402
 from map_merge.compare import BUDGETED, run_method  # noqa: E402
 from map_merge.objective import check_senses  # noqa: E402
-from map_merge.pareto import cautious_pick, orient, pareto_mask  # noqa: E402
+from map_merge.pareto import cautious_pick, check_noisy, orient, pareto_mask  # noqa: E402
 
 GRID = {"analytic": {2: 21, 3: 9, 4: 6}, "vision": {2: 21, 3: 9, 4: 6}, "text": {2: 9, 3: 5}, "lm": {2: 21, 3: 9},
         "lm_acc": {2: 11, 3: 6}}
@@ -273,6 +273,8 @@ def main() -> None:
     stored = table_path(out, label, num, problem, None if zoo is None else names)  # another subset of a zoo's tasks: kept out of the table
     size = (args.size or ("tiny" if args.quick else "small")) if lm else None
     proposal_model = proposal_model_for(args.proposal_model, num)  # what MAP's rows run: recorded, and kept alike by --update
+    noisy = check_noisy(getattr(objective, "noisy", None), num)  # which metrics the MAP family's picks score by the model
+    commit = source_commit()
     earlier = None
     if args.update and stored.exists():  # checked before any run: the table's rows must be scored alike
         earlier = json.loads(stored.read_text())
@@ -288,11 +290,12 @@ def main() -> None:
             hint = (f" (its MAP rows ran proposal_model={stored_model}: pass --proposal-model {stored_model}, or rerun every MAP row)"
                     if "proposal_model" in other else "")
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}){hint}; rerun everything")
-        kept = {(r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS and "pick_regret_measured" not in r
-                and (r["method"] not in methods or r["seed"] not in seeds)}
-        if kept and any(getattr(objective, "noisy", None) or ()):  # written before noisy metrics changed the default pick
-            raise SystemExit(f"--update: {stored} holds picks of {sorted(kept)} made before noisy metrics were scored by the model "
-                             f"(no pick_regret_measured); rerun those methods and seeds too")
+        # a kept MAP-family row's default pick scored real evaluations by the flags it recorded: other flags, another rule
+        kept = sorted((r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS
+                      and (r["method"] not in methods or r["seed"] not in seeds) and r.get("noisy") != list(noisy))
+        if kept:
+            raise SystemExit(f"--update: {stored} holds picks of {kept} made with other noisy flags than the objective's now "
+                             f"({list(noisy)}; a row without flags predates them); rerun those methods and seeds too")
     start = time.perf_counter()
     grid_val = objective(grid)
     grid_test = test_objective(grid)
@@ -338,12 +341,15 @@ def main() -> None:
         inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations, proposal_model)
         wall = time.perf_counter() - start
         row = {"method": method, "seed": seed, "evaluations": len(inputs), "budgeted": True, **scores(inputs, metrics),
-               "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds}
+               "evaluate_s": timed.seconds, "propose_s": wall - timed.seconds, "commit": commit}
+        if method == "MAP":
+            row["proposal_model"] = proposal_model
         if proposals:
             row["propose_median_s"] = float(np.median(proposals))
         if method in MODEL_PICKS:
             picks = np.stack([result.select(w) for w in prefs])
             row["pick_regret"], row["val_pick_regret"] = test_regret(picks), val_regret(picks)
+            row["noisy"] = [bool(flag) for flag in result.noisy or noisy]
         else:
             row["pick_regret"] = row["eval_pick_regret"]
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")

@@ -123,6 +123,28 @@ def test_bench_fronts_update_is_not_fooled_by_nan_or_another_length(tmp_path):
         assert table.read_bytes() == before
 
 
+def test_bench_fronts_update_keeps_only_picks_made_with_the_objectives_noisy_flags(tmp_path):
+    """A MAP-family row's default pick depends on which metrics were noisy (real evaluations scored by the model
+    or by their measurement): every such row records its flags (and the code's commit), and --update refuses to
+    keep rows made with other flags, or with none recorded, beside new ones; rerunning them is accepted."""
+    base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "analytic",
+            "--methods", "MAP (design)", "--sweeps", "", "--test-preferences", "2"]
+    subprocess.run(base, check=True, cwd=ROOT)
+    table = tmp_path / "fronts_analytic_T2.json"
+    payload = json.loads(table.read_text())
+    row = payload["rows"][0]
+    assert row["noisy"] == [False, False] and "commit" in row  # the analytic objective flags no metric
+    for flags in ([True, False], None):
+        changed = {**row, "noisy": flags} if flags is not None else {k: v for k, v in row.items() if k != "noisy"}
+        table.write_text(json.dumps({**payload, "rows": [changed]}))
+        before = table.read_bytes()
+        done = subprocess.run([*base, "--update", "--first-seed", "1"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode != 0 and "other noisy flags" in done.stderr and "('MAP (design)', 0)" in done.stderr, flags
+        assert table.read_bytes() == before
+    subprocess.run([*base, "--update"], check=True, cwd=ROOT)  # the row without flags rerun: nothing is kept, accepted
+    assert [r["noisy"] for r in json.loads(table.read_text())["rows"]] == [[False, False]]
+
+
 def test_bench_fronts_proposal_model_is_recorded_labelled_and_not_mixed(tmp_path):
     """A table made with --proposal-model auto says so in fronts_table.md; a table written before the flag
     existed (no key) counts as the default's: --update adds to it, but not with another proposal model."""
@@ -294,7 +316,7 @@ def test_bench_noisy_pick_settings():
 
 def test_bench_fronts_update_refuses_to_mix_picks_made_before_noisy_metrics(tmp_path):
     """lm-eval scores are noisy: a MAP-family row written before they changed the default pick (no
-    ``pick_regret_measured``) is not averaged with new rows; --update names it instead."""
+    recorded ``noisy`` flags) is not averaged with new rows; --update names it instead."""
     base = [sys.executable, str(ROOT / "benchmarks" / "bench_fronts.py"), "--quick", "--out", str(tmp_path), "--problem", "lm",
             "--metric", "lm_eval", "--tasks", "2", "--sweeps", "", "--test-preferences", "2", "--methods", "random search"]
     subprocess.run(base, check=True, cwd=ROOT)
@@ -304,7 +326,7 @@ def test_bench_fronts_update_refuses_to_mix_picks_made_before_noisy_metrics(tmp_
     payload["rows"].append(old)
     path.write_text(json.dumps(payload))
     run = subprocess.run([*base, "--update"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode != 0 and "pick_regret_measured" in run.stderr and "('MAP', 0)" in run.stderr
+    assert run.returncode != 0 and "other noisy flags" in run.stderr and "[True, True]" in run.stderr and "('MAP', 0)" in run.stderr
     assert json.loads(path.read_text()) == payload  # the table is untouched
 
 

@@ -117,6 +117,13 @@ def test_classification_accuracy_and_loss_by_hand(tokenizer):
     with pytest.raises(ValueError, match="4 texts but labels of shape"):
         mm.Classification(texts, labels[:3], tokenizer, head)
     np.testing.assert_equal(task.labels.numpy(), labels)
+    # accuracy is right-or-wrong on N examples, a noisy estimate; the cross-entropy is taken as exact
+    assert mm.Classification(texts, labels, tokenizer, head).noisy is True and task.noisy is False
+    assert mm.Classification(texts, labels, tokenizer, head, noisy=False).noisy is False
+    tv = mm.TaskVectors.from_models(encoder, [Encoder()])
+    assert mm.ModelObjective(encoder, tv, {"a": mm.Classification(texts, labels, tokenizer, head)}, progress=False).noisy == (True,)
+    with pytest.raises(ValueError, match="noisy must be True, False or None, got 'yes'"):
+        mm.Classification(texts, labels, tokenizer, head, noisy="yes")
 
 
 def _tiny_lm_folders(root, tokenizer):

@@ -30,6 +30,12 @@ def test_finetuning_helps_and_merging_trades_off(zoo):
     assert metrics[0, 0] > metrics[1, 0] and metrics[1, 1] > metrics[0, 1]  # a genuine trade-off
 
 
+def test_accuracy_is_a_noisy_estimate_and_the_loss_is_not(zoo):
+    # 0/1 scores on a few hundred images: MAP's picks must score real evaluations by the model
+    assert zoo.objective(["rotated", "inverted"], progress=False).noisy == (True, True)
+    assert zoo.objective(["rotated", "inverted"], metric="loss", progress=False).noisy == (False, False)
+
+
 def test_cache_reloads_same_weights_without_training(zoo, tmp_path, monkeypatch):
     import map_merge.zoo.vision as vision
 

@@ -99,8 +99,9 @@ class ZooObjective:
         """A :class:`~map_merge.ModelObjective` merging the named tasks' vectors (``task_vectors``:
         given ones, of those tasks in that order) into one live model and scoring ``scored``
         (default: the same tasks) on ``split`` by ``metric`` (default :attr:`default_metric`): for
-        the vision and text zoos ``"accuracy"`` (max, sigmoid link) or ``"loss"`` (min, softplus
-        link); for the LM zoo ``"loss"``, held-out loss (min, softplus link), or ``"lm_eval"``,
+        the vision and text zoos ``"accuracy"`` (max, sigmoid link, ``noisy``: an estimate from a
+        few hundred examples, so MAP's picks score real evaluations by the model) or ``"loss"``
+        (min, softplus link); for the LM zoo ``"loss"``, held-out loss (min, softplus link), or ``"lm_eval"``,
         multiple-choice accuracy (max). Results are kept in ``store`` (a path or a store);
         ``groups``: coefficient groups; ``device``: where the live model runs; ``dtype``: its dtype
         (the LM zoo; default its ``eval_dtype``)."""
@@ -274,7 +275,10 @@ class Zoo(ZooObjective):
         tasks = {}
         for name in names:
             if metric == "accuracy":
-                tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid", metric_name="accuracy")
+                # accuracy on a few hundred examples is an estimate (standard error ~2.5 points at 300): noisy, so MAP's picks
+                # score real evaluations by the model at them (docs/fronts.md, "Noisy metrics")
+                tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid", metric_name="accuracy",
+                                   noisy=True)
             else:
                 tasks[name] = Task(lambda m, n=name: self.loss(m, n, split), sense="min", link="softplus", metric_name="cross-entropy",
                                    metric_unit="nats")
