@@ -245,6 +245,7 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
     picks_spent, picks_evaluated = 0, 0
     if ends_only:  # the metrics are known now (an objective that names none counted one per coefficient)
         final = min(final, samples.metrics.shape[1])
+    step = max(1, width if asynchronous else batch)  # points one round may evaluate at once
     while len(samples) < budget:  # the picks for the preferences; repeats of evaluated points give way to proposals
         start = time.perf_counter()
         new = np.zeros((0, num_coeffs))
@@ -257,10 +258,13 @@ def fit_adaptive(estimator: Any, objective: Callable[[np.ndarray], np.ndarray], 
             picks_spent += len(wanted)
             new = _new_rows(np.stack([interim.select(w) for w in wanted]), samples.coeffs)
             picks_evaluated += len(new)
+            gave_way = min(len(wanted) - len(new), step - len(new))  # with idle workers: their proposals join this round
+            if gave_way > 0 and step > 1:
+                new = np.concatenate([new, propose(samples.coeffs, samples.metrics, new if len(new) else None, gave_way)])
         if len(new) == 0:
             if picks_spent < final:
                 continue
-            new = propose(samples.coeffs, samples.metrics, None, 1)
+            new = propose(samples.coeffs, samples.metrics, None, min(step, budget - len(samples)))
         timings["acquire"] += time.perf_counter() - start
         proposal_seconds += [(time.perf_counter() - start) / len(new)] * len(new)
         start = time.perf_counter()

@@ -152,6 +152,23 @@ def test_the_last_evaluations_go_to_the_picks_for_the_users_preferences():
     np.testing.assert_allclose(last, [[0.3, 0.7], [0.8, 0.2]], atol=0.08)  # the optimum for (w, 1 - w) is c = (w, 1 - w)
 
 
+def test_picks_that_repeat_an_evaluation_give_way_to_proposals_in_the_same_round():
+    """The ends' picks of f_i = 1 - |c - e_i|^2 are the experts e_i, evaluated in the start: both give way. With
+    rounds of 3 points, their two proposals go together into the picks' round (one call of 2, not two of 1); one
+    point at a time (batch=1) keeps proposing them one by one, each after the last one's evaluation."""
+    for batch, tail in ((3, [2]), (1, [1, 1])):
+        sizes = []
+
+        def counted(c):
+            sizes.append(len(np.atleast_2d(c)))
+            return unit_quadratics(c)
+
+        result = mm.MAP(budget=14, batch=batch, seed=0, design="sobol").fit(mm.FunctionObjective(counted, 2, ["a", "b"], links=["identity"] * 2), 2)
+        assert result.settings["final"] == 2 and result.settings["final_evaluated"] == 0, batch  # both picks were repeats
+        assert result.num_evaluations == sum(sizes) == 14 and len(np.unique(result.samples.coeffs.round(9), axis=0)) == 14
+        assert sizes[-len(tail):] == tail and result.samples.round.max() == len(sizes) - 1, (batch, sizes)
+
+
 def test_asynchronous_workers_stay_busy_and_the_budget_holds(two_threads):
     def slow(c):
         time.sleep(0.02)
