@@ -47,7 +47,7 @@ def summarize(out: Path) -> Path:
 
 
 RULES = {"pick_regret_best_mean": "best predicted mean",
-         "pick_regret": "default: mean - 1 std, unless a real evaluation scores more (in noisy metrics, lm-eval's, by the model at it)",
+         "pick_regret": "default: mean - 1 std, unless a real evaluation scores more (in noisy metrics, accuracies and lm-eval's, by the model at it)",
          "pick_regret_measured": "mean - 1 std, unless a real evaluation's measurement scores more (every metric exact)",
          "pick_regret_half_std": "the default with 0.5 std",
          "pick_regret_posterior": "mean - 1 std, real evaluations scored by the model at them (every metric noisy)",

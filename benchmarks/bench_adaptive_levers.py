@@ -73,7 +73,7 @@ from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences  # noqa
 import map_merge as mm  # noqa: E402
 from map_merge import acquisition, adaptive, gp_model, plots  # noqa: E402
 from map_merge.adaptive import proposal_model_for  # noqa: E402
-from map_merge.pareto import orient, pareto_mask  # noqa: E402
+from map_merge.pareto import check_noisy, orient, pareto_mask  # noqa: E402
 
 VARIANTS = ("default", "experts first", "no experts", "initial 4", "initial 10", "fixed noise", "quadratic mean", "quadratic kernel",
             "multi-output", "log outputs", "final picks", "quadratic+gp picks", "auto proposals", "no average", "average at every T",
@@ -282,7 +282,7 @@ def main() -> None:
             base = defaults[("default", seed)]
             refit = mm.MAP(sampling="design", model="quadratic+gp", seed=seed).fit_samples(base.samples, objective=objective, task_names=names)
             rows.append({"variant": variant, "seed": seed, "hv_ratio": mm.hypervolume(orient(base.samples.metrics, senses), nadir) / full,
-                         "pick_regret": regret(np.stack([refit.select(w) for w in prefs]))})
+                         "pick_regret": regret(np.stack([refit.select(w) for w in prefs])), "noisy": list(check_noisy(refit.noisy, num))})
             continue
         start = time.perf_counter()
         result = defaults.get((variant, seed)) or run_variant(variant, objective, num, budget, seed, merge)
@@ -294,7 +294,7 @@ def main() -> None:
         rows.append({"variant": variant, "seed": seed, "evaluations": len(result.samples), "seconds": time.perf_counter() - start,
                      "proposal_model": result.settings.get("proposal_model"),
                      "hv_ratio": mm.hypervolume(orient(result.samples.metrics, senses), nadir) / full,
-                     "pick_regret": regret(np.stack([result.select(w) for w in prefs])),
+                     "pick_regret": regret(np.stack([result.select(w) for w in prefs])), "noisy": list(check_noisy(result.noisy, num)),
                      **({"propose_median_s": float(np.median(proposals))} if proposals else {})})
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):

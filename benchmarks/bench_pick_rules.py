@@ -83,7 +83,7 @@ def main() -> None:
     import map_merge as mm
     from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences, zoo_objectives, zoo_tasks
     from map_merge.objective import check_senses
-    from map_merge.pareto import orient
+    from map_merge.pareto import check_noisy, orient
 
     torch.set_num_threads(1)
     out, num = Path(args.out), args.tasks
@@ -118,7 +118,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = mm.MAP(budget=budget, seed=seed).fit(objective, num)
-        rows.append({"seed": seed, "model": result.settings.get("model"),
+        rows.append({"seed": seed, "model": result.settings.get("model"), "noisy": list(check_noisy(result.noisy, num)),  # which metrics "default" scores by the model
                      **{rule: regret(chosen) for rule, chosen in picks(result, prefs).items()}})
     summary = [{"rule": rule, "pick_regret_mean": float(np.mean([r[rule] for r in rows])),
                 "pick_regret_std": float(np.std([r[rule] for r in rows]))} for rule in RULES]

@@ -88,7 +88,8 @@ def build_objective(config: dict[str, Any], store: Any = None, progress: bool = 
     evaluate = resolve_callable(config["evaluator"], folder)
     sense = config.get("sense", "max")
     link = config.get("link", "identity")
-    tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link) for n in names}  # values checked by the objective
+    noisy = bool(config.get("noisy", False))  # a noisy estimate: picks score real evaluations by the model
+    tasks = {n: Task(lambda m, n=n: evaluate(m, n), sense=sense, link=link, noisy=noisy) for n in names}  # values checked by the objective
     # stored results are keyed by the evaluator's source too: editing it starts afresh (data it reads are not seen)
     key = json.dumps({"evaluator": config["evaluator"], "source": _source_digest(evaluate), "sense": sense})
     return ModelObjective(model, tv, tasks, method=method, store=store, key=key, progress=progress, device=device, groups=groups), names, None

@@ -11,7 +11,9 @@ Two kinds of run:
   function ``evaluate(model, task) -> float`` as ``"module:function"`` or ``"file.py:function"``,
   and ``model:`` optionally names a factory ``build() -> nn.Module`` for the architecture
   (default: ``transformers.AutoModel`` from the ``pretrained`` folder). ``sense:`` says whether
-  the evaluator's score is maximised (default) or minimised. PWE-MoE on your own models also
+  the evaluator's score is maximised (default) or minimised, ``noisy: true`` that it is a noisy
+  estimate such as accuracy on a few hundred examples (picks then score real evaluations by the
+  model; default ``false``). PWE-MoE on your own models also
   needs ``train_loss:``, a function ``loss(model, task) -> scalar tensor`` that draws one
   training batch, runs ``model`` on it and returns a differentiable loss, and optionally
   ``upcycle:`` (``mlp``, the default: each transformer block's MLP; ``all``; or a regular
@@ -63,6 +65,7 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
     "method": (str, dict), "num_samples": int, "bounds": list, "seed": int, "store": str, "out": str, "design": str, "link": str,
     "preference": list, "budget": int, "acquisition": str, "samples_per_stage": int, "moe_method": str, "moe_steps": int,
     "train_loss": str, "upcycle": str, "tokenizer": str, "dtype": str, "ray": dict, "schedule": str, "groups": dict, "sampling": str,
+    "noisy": bool,
 }
 RAY_KEYS = {"num_workers": int, "resources_per_worker": dict, "address": str, "max_retries": int,
             "timeout_s": (int, float), "load_timeout_s": (int, float), "placement_timeout_s": (int, float)}
@@ -114,7 +117,7 @@ def load_config(path: str | os.PathLike, mergekit: str | os.PathLike | None = No
         except ValueError as error:
             raise fail("method", f"is wrong: {error}") from None
     specs = isinstance(config.get("tasks"), dict)
-    own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense", "train_loss", "upcycle") if key in config]
+    own = [key for key in ("pretrained", "finetuned", "evaluator", "model", "sense", "noisy", "train_loss", "upcycle") if key in config]
     if "zoo" in config:
         if own:
             raise fail(own[0], "belongs to a run on your own models; a run on a bundled zoo ('zoo') takes its models and metrics from the zoo")
@@ -230,6 +233,8 @@ def _check_settings(config: dict[str, Any], path: Path, fail: Callable[[str, str
         raise fail("tasks", "takes metric specs only on your own models; a zoo brings its own metrics")
     if specs and "evaluator" in config:
         raise fail("evaluator", "and metric specs under 'tasks' both say how to score; keep one")
+    if specs and "noisy" in config:
+        raise fail("noisy", "is the evaluator's; with metric specs under 'tasks' each spec says it (kind: lm_eval, noisy: false)")
     return config
 
 

@@ -156,8 +156,8 @@ class MAP:
             objective that names no metrics counts one per coefficient), and under cross-validated
             proposals, whose quadratic mean reaches the ends itself, none). Without preferences
             the picks are for the one-hot preferences first, then the equal one, then spread ones.
-            A pick already evaluated gives way to a proposal (with several workers or ``batch``,
-            proposed in the picks' round). ``final=0``: proposals to the end.
+            A pick already evaluated gives way to a proposal (with several asynchronous workers
+            or ``batch`` > 1, proposed in the picks' own round). ``final=0``: proposals to the end.
         noise: adaptive GP models: ``"infer"`` (default) or ``"fixed"`` (near-interpolation).
         bounds: the sampling box ``[low, high]^T`` for every coefficient.
         link: quadratic surrogate link: ``"auto"`` (default: the link each of the objective's

@@ -40,8 +40,8 @@ class Task:
         noisy: ``True`` or ``False``: the metric is a noisy estimate (accuracy on a few hundred
             questions): MAP's picks score real evaluations in it by the model
             (:meth:`~map_merge.MAPResult.select`). Default ``None``: what ``metric`` says (its
-            ``noisy`` attribute: an :class:`~map_merge.LMEvalTask`'s, ``True`` by default), else
-            ``False``.
+            ``noisy`` attribute: an :class:`~map_merge.LMEvalTask`'s, ``True`` by default, a
+            :class:`~map_merge.Classification`'s, ``True`` for accuracy), else ``False``.
     """
 
     metric: Callable[[nn.Module], float]

@@ -169,6 +169,40 @@ def test_picks_that_repeat_an_evaluation_give_way_to_proposals_in_the_same_round
         assert sizes[-len(tail):] == tail and result.samples.round.max() == len(sizes) - 1, (batch, sizes)
 
 
+def test_picks_and_proposals_after_them_fill_rounds_without_repeats_or_overrun(two_threads):
+    """Four picks (two ends, two of them repeats of the experts) in rounds of 2: each round holds at most 2 new points
+    (the give-way round and the proposals after it), the budget holds and no point is evaluated twice; with two
+    asynchronous workers the last evaluations go two at a time as well."""
+    sizes = []
+
+    def counted(c):
+        sizes.append(len(np.atleast_2d(c)))
+        return unit_quadratics(c)
+
+    result = mm.MAP(budget=15, batch=2, final=4, seed=0, design="sobol").fit(mm.FunctionObjective(counted, 2, ["a", "b"], links=["identity"] * 2), 2)
+    assert result.num_evaluations == sum(sizes) == 15 and len(np.unique(result.samples.coeffs.round(9), axis=0)) == 15
+    # 11 evaluations before the picks (6, then rounds of 2); the picks round holds the k new picks and, up to 2, proposals
+    # for the repeats; the rest in rounds of 2
+    k = result.settings["final_evaluated"]
+    picks_round = k + max(0, min(4 - k, 2 - k))
+    rest = 15 - 11 - picks_round
+    assert result.settings["final"] == 4 and sum(sizes[:-1 - (rest + 1) // 2]) == 11
+    assert sizes[-1 - (rest + 1) // 2:] == [picks_round] + [2] * (rest // 2) + [1] * (rest % 2), (k, sizes)
+    evaluated = []
+
+    def slow(c):
+        time.sleep(0.02)
+        evaluated.append(np.atleast_2d(c).copy())
+        return unit_quadratics(c)[0]
+
+    obj = mm.FunctionObjective(slow, 2, ["a", "b"], batched=False, executor=two_threads)
+    result = mm.MAP(budget=12, seed=0, design="sobol").fit(obj, 2)
+    assert result.num_evaluations == 12 == len(evaluated) and len(np.unique(result.samples.coeffs.round(9), axis=0)) == 12
+    assert result.settings["asynchronous"] and result.settings["final_evaluated"] == 0  # both ends' picks were the experts
+    tail = result.samples.round[-2:]
+    assert tail[0] == tail[1] and (result.samples.round == tail[0]).sum() == 2  # their two proposals: one round, together
+
+
 def test_asynchronous_workers_stay_busy_and_the_budget_holds(two_threads):
     def slow(c):
         time.sleep(0.02)

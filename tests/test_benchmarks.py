@@ -42,6 +42,8 @@ def test_benchmark_runs_quick(script, args, outputs, tmp_path):
     assert payload["rows"] and "machine" in payload
     if script == "bench_noisy_pick.py":  # the zoo's lm-eval objective says its scores are noisy, and the runs knew it
         assert all(r["noisy"] == [True, True] for r in payload["rows"]) and {r["method"] for r in payload["rows"]} == {"MAP", "MAP (design)"}
+    if script in ("bench_pick_rules.py", "bench_adaptive_levers.py"):  # which metrics each row's pick scored by the model
+        assert all(r["noisy"] == [False, False] for r in payload["rows"])  # the analytic problem flags none
     if script == "bench_pick_rules.py":  # every rule scored on the same run, each a finite regret
         assert [s["rule"] for s in payload["summary"]] == ["caution 1", "caution 0.5", "caution 0.25", "caution 0", "over mean",
                                                            "posterior", "best mean"]
@@ -133,7 +135,9 @@ def test_bench_fronts_update_keeps_only_picks_made_with_the_objectives_noisy_fla
     table = tmp_path / "fronts_analytic_T2.json"
     payload = json.loads(table.read_text())
     row = payload["rows"][0]
-    assert row["noisy"] == [False, False] and "commit" in row  # the analytic objective flags no metric
+    assert row["noisy"] == [False, False]  # the analytic objective flags no metric
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert row["commit"] in ((head, f"{head}-dirty") if head else (None,))  # the code that made the row
     for flags in ([True, False], None):
         changed = {**row, "noisy": flags} if flags is not None else {k: v for k, v in row.items() if k != "noisy"}
         table.write_text(json.dumps({**payload, "rows": [changed]}))
@@ -179,6 +183,7 @@ def test_bench_fronts_update_may_change_the_proposal_model_only_by_rerunning_eve
     subprocess.run([*base, "--update"], check=True, cwd=ROOT)  # seed 0, the table's only MAP row, rerun
     updated = json.loads(table.read_text())
     assert updated["proposal_model"] == "gp" and [(r["method"], r["seed"]) for r in updated["rows"]] == [("MAP", 0)]
+    assert updated["rows"][0]["proposal_model"] == "gp"  # each MAP row says what it ran, too
 
 
 def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):

@@ -220,3 +220,20 @@ def test_a_save_shows_progress_on_a_terminal_only(tmp_path, monkeypatch, progres
     tv.save_merged(tmp_path / "out", [0.5], progress=progress)
     assert ("saving out" in stream.getvalue()) is shown, stream.getvalue()
     np.testing.assert_allclose(load_file(str(tmp_path / "out" / "model.safetensors"))["w"].numpy(), 0.5)
+
+
+def test_noisy_in_a_config_reaches_the_evaluators_tasks_and_is_checked(four):
+    """``noisy: true`` says the evaluator's score is a noisy estimate: every task of the objective carries it (MAP's
+    picks then score real evaluations by the model); a wrong type, a zoo run or metric specs are refused by name."""
+    from map_merge.config import ConfigError, build_objective, load_config
+
+    folder, fields = four
+    for flag, expected in ((True, (True, True)), (False, (False, False)), (None, (False, False))):
+        config = load_config(_write(folder, {**fields, "noisy": flag} if flag is not None else fields))
+        assert build_objective(config, progress=False)[0].noisy == expected, flag
+    for bad, message in (({**fields, "noisy": "yes"}, "field 'noisy' must be a bool, got 'yes'"),
+                         ({"zoo": "vision", "tasks": ["rotated", "inverted"], "noisy": True}, "field 'noisy' belongs to a run on your own"),
+                         ({k: v for k, v in fields.items() if k != "evaluator"} | {"noisy": True, "tasks": {"a": {"kind": "loss", "data": "a.txt"}}},
+                          "field 'noisy' is the evaluator's")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(_write(folder, bad))
