@@ -349,7 +349,7 @@ def main() -> None:
         if method in MODEL_PICKS:
             picks = np.stack([result.select(w) for w in prefs])
             row["pick_regret"], row["val_pick_regret"] = test_regret(picks), val_regret(picks)
-            row["noisy"] = [bool(flag) for flag in result.noisy or noisy]
+            row["noisy"] = list(check_noisy(result.noisy, num))  # the flags this pick used (as bench_pick_rules records them)
         else:
             row["pick_regret"] = row["eval_pick_regret"]
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")

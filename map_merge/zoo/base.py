@@ -275,8 +275,7 @@ class Zoo(ZooObjective):
         tasks = {}
         for name in names:
             if metric == "accuracy":
-                # accuracy on a few hundred examples is an estimate (standard error ~2.5 points at 300): noisy, so MAP's picks
-                # score real evaluations by the model at them (docs/fronts.md, "Noisy metrics")
+                # an estimate from a few hundred examples: noisy (see objective's docstring)
                 tasks[name] = Task(lambda m, n=name: self.accuracy(m, n, split), sense="max", link="sigmoid", metric_name="accuracy",
                                    noisy=True)
             else:
