@@ -61,6 +61,7 @@ from map_merge import plots  # noqa: E402
 from map_merge.adaptive import proposal_model_for  # noqa: E402
 from map_merge.baselines import lambda_sweep  # noqa: E402
 from map_merge.compare import BUDGETED, run_method  # noqa: E402
+from map_merge.noisy_trend import NOISY_TREND  # noqa: E402
 from map_merge.objective import check_senses  # noqa: E402
 from map_merge.pareto import cautious_pick, check_noisy, orient, pareto_mask  # noqa: E402
 
@@ -291,11 +292,14 @@ def main() -> None:
                     if "proposal_model" in other else "")
             raise SystemExit(f"--update: {stored} was made with other settings ({', '.join(other)}){hint}; rerun everything")
         # a kept MAP-family row's default pick scored real evaluations by the flags it recorded: other flags, another rule
+        # (and, in noisy metrics, predicted them with another weight of the quadratic trend: a row without one predates it)
         kept = sorted((r["method"], r["seed"]) for r in earlier["rows"] if r["method"] in MODEL_PICKS
-                      and (r["method"] not in methods or r["seed"] not in seeds) and r.get("noisy") != list(noisy))
+                      and (r["method"] not in methods or r["seed"] not in seeds)
+                      and (r.get("noisy") != list(noisy) or (any(noisy) and r.get("noisy_trend", 0.0) != NOISY_TREND)))
         if kept:
             raise SystemExit(f"--update: {stored} holds picks of {kept} made with other noisy flags than the objective's now "
-                             f"({list(noisy)}; a row without flags predates them); rerun those methods and seeds too")
+                             f"({list(noisy)}; a row without flags predates them) or another noisy_trend than {NOISY_TREND}; "
+                             "rerun those methods and seeds too")
     start = time.perf_counter()
     grid_val = objective(grid)
     grid_test = test_objective(grid)
@@ -350,6 +354,7 @@ def main() -> None:
             picks = np.stack([result.select(w) for w in prefs])
             row["pick_regret"], row["val_pick_regret"] = test_regret(picks), val_regret(picks)
             row["noisy"] = list(check_noisy(result.noisy, num))  # the flags this pick used (as bench_pick_rules records them)
+            row["noisy_trend"] = float(result.fitter.noisy_trend)  # how far noisy metrics' predictions follow their quadratic
         else:
             row["pick_regret"] = row["eval_pick_regret"]
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")

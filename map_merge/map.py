@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from .adaptive import fit_adaptive
+from .noisy_trend import NOISY_TREND, NoisyTrendModel, check_trend
 from .designs import default_num_samples, make_design, num_quadratic_params, with_points
 from .pareto import ParetoFront, check_noisy, check_senses
 from .residual_gp import ResidualGPModel
 from .result import MAPResult, Samples, call_objective
 from .search import nsga3_search, scalarization_search
-from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet
+from .surrogate import LINKS, QuadraticSurrogate, SurrogateSet, safe_quadratics
 
 __all__ = ["MAP", "MAPResult", "Samples", "fit_surrogates", "surrogate_front", "call_objective", "SAMPLINGS", "MODELS"]
 
@@ -202,6 +203,11 @@ class MAP:
             and ``result.settings["proposal_model"]`` the one run
             (:func:`~map_merge.adaptive.proposal_model_for`). The quadratic + GP proposal model
             fits its own residual noise: ``noise="fixed"`` applies to the GPs alone.
+        noisy_trend: the weight in ``[0, 1]`` of the quadratic surrogate in the prediction of a
+            noisy metric (the objective's ``noisy`` flags, e.g. accuracies), under the ``"gp"`` and
+            ``"quadratic+gp"`` models: their means are blended with it (default 0.5,
+            :class:`~map_merge.noisy_trend.NoisyTrendModel`), so that the front and the picks follow the
+            metric's trend rather than the validation set's luck; 0 keeps the model alone.
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class MAP:
         asynchronous: bool | str = "auto",
         lookahead: bool = True,
         proposal_model: str | None = None,
+        noisy_trend: float = NOISY_TREND,
     ) -> None:
         if sampling is None:  # num_samples / final_model alone: the plain design of earlier versions
             sampling = "design" if (num_samples is not None and budget is None) or final_model is not None else "adaptive"
@@ -282,6 +289,7 @@ class MAP:
         self.asynchronous = asynchronous
         self.lookahead = bool(lookahead)
         self.proposal_model = proposal_model
+        self.noisy_trend = check_trend(noisy_trend)
 
     def _setup(self, objective: Any, num_tasks: int, task_names: Sequence[str] | None):
         if int(num_tasks) < 1:
@@ -360,6 +368,8 @@ class MAP:
         model = None
         from .gp_model import GPModel
 
+        if isinstance(warm_start, NoisyTrendModel):
+            warm_start = warm_start.model
         if isinstance(warm_start, ResidualGPModel):  # a quadratic + GP result's model: its constant-mean GP
             warm_start = warm_start.reference
         warm_start = warm_start if isinstance(warm_start, GPModel) else None
@@ -372,6 +382,8 @@ class MAP:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds, reference=reference)
+        if model is not None and surrogates and any(noisy) and self.noisy_trend > 0:  # noisy metrics toward their quadratic trend
+            model = NoisyTrendModel(model, surrogates, noisy, self.noisy_trend)
         timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         front = surrogate_front(model if model is not None else surrogates, senses, names, self._search_box(), self.search, self.seed,
@@ -380,6 +392,7 @@ class MAP:
         settings = {
             "sampling": self.sampling, "model": kind, "model_errors": errors, "num_samples": len(samples), "bounds": list(self.bounds), "links": list(links),
             "design": self.design, "seed": self.seed, "search": self.search, "ridge": self.ridge, "final_model": self.final_model,
+            "noisy_trend": model.trend if isinstance(model, NoisyTrendModel) else 0.0,
         }
         return MAPResult(samples, surrogates, front, names, senses, self.bounds, timings=timings, settings=settings, model=model,
                          fitter=self, noisy=noisy)
@@ -411,7 +424,7 @@ class MAP:
         """Quadratic surrogates (quietly; identity where a link does not fit) plus GPs on their
         residuals, of ``coeffs (N, T)`` and ``metrics (N, M)``."""
         links = resolve_links("auto" if self.link == "loo" else self.link, objective, metrics.shape[1])
-        return ResidualGPModel(_safe_quadratics(coeffs, metrics, links, names, self.ridge), coeffs, metrics, self.bounds)
+        return ResidualGPModel(safe_quadratics(coeffs, metrics, links, names, self.ridge), coeffs, metrics, self.bounds)
 
     def _quadratics(self, samples: Samples, objective: Any, names: tuple[str, ...], kind: str) -> tuple[list[QuadraticSurrogate], tuple[str, ...]]:
         """The quadratic surrogates: the model itself (``"quadratic"``) or its mean (``"quadratic+gp"``),
@@ -423,7 +436,7 @@ class MAP:
             links = resolve_links("auto" if self.link == "loo" else self.link, objective, num_metrics)
             if len(samples) < num_quadratic_params(samples.coeffs.shape[1]):
                 return [], links
-            surrogates = _safe_quadratics(samples.coeffs, samples.metrics, links, names, self.ridge)
+            surrogates = safe_quadratics(samples.coeffs, samples.metrics, links, names, self.ridge)
             return surrogates, tuple(q.link for q in surrogates)
         if self.link == "loo":
             surrogates = loo_surrogates(samples.coeffs, samples.metrics, resolve_links("auto", objective, num_metrics), names, self.ridge,
@@ -431,17 +444,3 @@ class MAP:
             return surrogates, tuple(s.link for s in surrogates)
         links = resolve_links(self.link, objective, num_metrics)
         return fit_surrogates(samples.coeffs, samples.metrics, links, names, self.ridge, self.r2_warn), links
-
-
-def _safe_quadratics(coeffs: np.ndarray, metrics: np.ndarray, links: Sequence[str], names: Sequence[str], ridge: float) -> list[QuadraticSurrogate]:
-    """One quadratic per metric, quietly; a link that does not fit the metric's range (a sigmoid on
-    values outside [0, 1]) falls back to identity."""
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for j, link in enumerate(links):
-            try:
-                out.append(QuadraticSurrogate(link=link, ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
-            except ValueError:
-                out.append(QuadraticSurrogate(link="identity", ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
-    return out

@@ -26,7 +26,7 @@ from scipy.optimize import least_squares
 
 from .designs import num_quadratic_params, quadratic_features  # the basis lives with its size (no import circle)
 
-__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all", "SurrogateSet"]
+__all__ = ["QuadraticSurrogate", "FitDiagnostics", "quadratic_features", "LINKS", "SurrogateFitWarning", "predict_all", "torch_predict_all", "SurrogateSet", "safe_quadratics"]
 
 log = logging.getLogger(__name__)
 
@@ -309,3 +309,17 @@ def torch_predict_all(surrogates: Sequence[QuadraticSurrogate]):
         return sum(torch.where(mask.to(coeffs.device), _torch_link(name, z), torch.zeros((), dtype=z.dtype)) for name, mask in masks.items())
 
     return fn
+
+
+def safe_quadratics(coeffs: np.ndarray, metrics: np.ndarray, links: Sequence[str], names: Sequence[str], ridge: float) -> list[QuadraticSurrogate]:
+    """One quadratic per metric, quietly; a link that does not fit the metric's range (a sigmoid on
+    values outside [0, 1]) falls back to identity."""
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for j, link in enumerate(links):
+            try:
+                out.append(QuadraticSurrogate(link=link, ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
+            except ValueError:
+                out.append(QuadraticSurrogate(link="identity", ridge=ridge, r2_warn=-np.inf, name=names[j]).fit(coeffs, metrics[:, j]))
+    return out

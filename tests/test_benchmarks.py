@@ -333,6 +333,16 @@ def test_bench_fronts_update_refuses_to_mix_picks_made_before_noisy_metrics(tmp_
     run = subprocess.run([*base, "--update"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and "other noisy flags" in run.stderr and "[True, True]" in run.stderr and "('MAP', 0)" in run.stderr
     assert json.loads(path.read_text()) == payload  # the table is untouched
+    # flags alike, but predicted before noisy metrics followed their quadratic trend (no noisy_trend): refused too
+    payload["rows"][-1] = {**old, "noisy": [True, True]}
+    path.write_text(json.dumps(payload))
+    run = subprocess.run([*base, "--update"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "noisy_trend" in run.stderr and "('MAP', 0)" in run.stderr
+    assert json.loads(path.read_text()) == payload
+    payload["rows"][-1] = {**old, "noisy": [True, True], "noisy_trend": 0.5}  # made as now: kept
+    path.write_text(json.dumps(payload))
+    subprocess.run([*base, "--update"], check=True, cwd=ROOT, capture_output=True)
+    assert any(r["method"] == "MAP" and r["pick_regret"] == 0.5 for r in json.loads(path.read_text())["rows"])
 
 
 def test_bench_fronts_validation_regret_is_the_test_regret_where_validation_is_test(tmp_path):
