@@ -282,7 +282,8 @@ def main() -> None:
             base = defaults[("default", seed)]
             refit = mm.MAP(sampling="design", model="quadratic+gp", seed=seed).fit_samples(base.samples, objective=objective, task_names=names)
             rows.append({"variant": variant, "seed": seed, "hv_ratio": mm.hypervolume(orient(base.samples.metrics, senses), nadir) / full,
-                         "pick_regret": regret(np.stack([refit.select(w) for w in prefs])), "noisy": list(check_noisy(refit.noisy, num))})
+                         "pick_regret": regret(np.stack([refit.select(w) for w in prefs])),
+                         "noisy": list(check_noisy(refit.noisy, num)), "noisy_trend": refit.settings.get("noisy_trend", 0.0)})
             continue
         start = time.perf_counter()
         result = defaults.get((variant, seed)) or run_variant(variant, objective, num, budget, seed, merge)
@@ -294,7 +295,8 @@ def main() -> None:
         rows.append({"variant": variant, "seed": seed, "evaluations": len(result.samples), "seconds": time.perf_counter() - start,
                      "proposal_model": result.settings.get("proposal_model"),
                      "hv_ratio": mm.hypervolume(orient(result.samples.metrics, senses), nadir) / full,
-                     "pick_regret": regret(np.stack([result.select(w) for w in prefs])), "noisy": list(check_noisy(result.noisy, num)),
+                     "pick_regret": regret(np.stack([result.select(w) for w in prefs])),
+                     "noisy": list(check_noisy(result.noisy, num)), "noisy_trend": result.settings.get("noisy_trend", 0.0),
                      **({"propose_median_s": float(np.median(proposals))} if proposals else {})})
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):

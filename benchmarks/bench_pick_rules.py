@@ -118,7 +118,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = mm.MAP(budget=budget, seed=seed).fit(objective, num)
-        rows.append({"seed": seed, "model": result.settings.get("model"), "noisy": list(check_noisy(result.noisy, num)),  # which metrics "default" scores by the model
+        rows.append({"seed": seed, "model": result.settings.get("model"), "noisy_trend": result.settings.get("noisy_trend", 0.0),
+                     "noisy": list(check_noisy(result.noisy, num)),  # which metrics "default" scores by the model
                      **{rule: regret(chosen) for rule, chosen in picks(result, prefs).items()}})
     summary = [{"rule": rule, "pick_regret_mean": float(np.mean([r[rule] for r in rows])),
                 "pick_regret_std": float(np.std([r[rule] for r in rows]))} for rule in RULES]
