@@ -283,7 +283,7 @@ def main() -> None:
             refit = mm.MAP(sampling="design", model="quadratic+gp", seed=seed).fit_samples(base.samples, objective=objective, task_names=names)
             rows.append({"variant": variant, "seed": seed, "hv_ratio": mm.hypervolume(orient(base.samples.metrics, senses), nadir) / full,
                          "pick_regret": regret(np.stack([refit.select(w) for w in prefs])),
-                         "noisy": list(check_noisy(refit.noisy, num)), "noisy_trend": refit.settings.get("noisy_trend", 0.0)})
+                         "noisy": list(check_noisy(refit.noisy, num)), "noisy_trend": refit.fitter.noisy_trend})
             continue
         start = time.perf_counter()
         result = defaults.get((variant, seed)) or run_variant(variant, objective, num, budget, seed, merge)
@@ -296,7 +296,7 @@ def main() -> None:
                      "proposal_model": result.settings.get("proposal_model"),
                      "hv_ratio": mm.hypervolume(orient(result.samples.metrics, senses), nadir) / full,
                      "pick_regret": regret(np.stack([result.select(w) for w in prefs])),
-                     "noisy": list(check_noisy(result.noisy, num)), "noisy_trend": result.settings.get("noisy_trend", 0.0),
+                     "noisy": list(check_noisy(result.noisy, num)), "noisy_trend": result.fitter.noisy_trend,
                      **({"propose_median_s": float(np.median(proposals))} if proposals else {})})
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):

@@ -354,7 +354,7 @@ def main() -> None:
             picks = np.stack([result.select(w) for w in prefs])
             row["pick_regret"], row["val_pick_regret"] = test_regret(picks), val_regret(picks)
             row["noisy"] = list(check_noisy(result.noisy, num))  # the flags this pick used (as bench_pick_rules records them)
-            row["noisy_trend"] = float(result.fitter.noisy_trend)  # how far noisy metrics' predictions follow their quadratic
+            row["noisy_trend"] = float(result.fitter.noisy_trend)  # the weight configured (settings: the weight applied)
         else:
             row["pick_regret"] = row["eval_pick_regret"]
         if method in MODEL_PICKS:  # the same run under the other pick rules (docs/fronts.md, "Which model is handed over")

@@ -118,7 +118,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = mm.MAP(budget=budget, seed=seed).fit(objective, num)
-        rows.append({"seed": seed, "model": result.settings.get("model"), "noisy_trend": result.settings.get("noisy_trend", 0.0),
+        rows.append({"seed": seed, "model": result.settings.get("model"), "noisy_trend": result.fitter.noisy_trend,
                      "noisy": list(check_noisy(result.noisy, num)),  # which metrics "default" scores by the model
                      **{rule: regret(chosen) for rule, chosen in picks(result, prefs).items()}})
     summary = [{"rule": rule, "pick_regret_mean": float(np.mean([r[rule] for r in rows])),

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .adaptive import fit_adaptive
-from .noisy_trend import NOISY_TREND, NoisyTrendModel, check_trend
 from .designs import default_num_samples, make_design, num_quadratic_params, with_points
+from .noisy_trend import MIN_SAMPLES_PER_PARAMETER, NOISY_TREND, NoisyTrendModel, check_trend
 from .pareto import ParetoFront, check_noisy, check_senses
 from .residual_gp import ResidualGPModel
 from .result import MAPResult, Samples, call_objective
@@ -205,9 +205,11 @@ class MAP:
             fits its own residual noise: ``noise="fixed"`` applies to the GPs alone.
         noisy_trend: the weight in ``[0, 1]`` of the quadratic surrogate in the prediction of a
             noisy metric (the objective's ``noisy`` flags, e.g. accuracies), under the ``"gp"`` and
-            ``"quadratic+gp"`` models: their means are blended with it (default 0.5,
+            ``"quadratic+gp"`` models, from ``2 P`` evaluations on: their means are blended with it
+            and their std widened by the two models' disagreement (default 0.5,
             :class:`~map_merge.noisy_trend.NoisyTrendModel`), so that the front and the picks follow the
             metric's trend rather than the validation set's luck; 0 keeps the model alone.
+            ``result.settings["noisy_trend"]`` is the weight applied (0 when it was not).
     """
 
     def __init__(
@@ -382,7 +384,8 @@ class MAP:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = ResidualGPModel(surrogates, samples.coeffs, samples.metrics, self.bounds, reference=reference)
-        if model is not None and surrogates and any(noisy) and self.noisy_trend > 0:  # noisy metrics toward their quadratic trend
+        enough = len(samples) >= MIN_SAMPLES_PER_PARAMETER * num_quadratic_params(samples.coeffs.shape[1])
+        if model is not None and surrogates and enough and any(noisy) and self.noisy_trend > 0:  # noisy metrics toward their trend
             model = NoisyTrendModel(model, surrogates, noisy, self.noisy_trend)
         timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - start
         start = time.perf_counter()

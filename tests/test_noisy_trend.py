@@ -33,19 +33,52 @@ def test_blend_moves_noisy_metrics_toward_the_quadratic_and_keeps_the_rest():
     mean, std = blend.predict(points, return_std=True)
     np.testing.assert_allclose(mean[:, 0], 0.75 * gp_mean[:, 0] + 0.25 * quadratic[:, 0], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(mean[:, 1], gp_mean[:, 1], rtol=1e-9, atol=1e-12)  # not noisy: the model's
-    np.testing.assert_allclose(std, gp_std)
+    spread = np.sqrt(gp_std[:, 0] ** 2 + 0.25 * 0.75 * (quadratic[:, 0] - gp_mean[:, 0]) ** 2)  # the mixture's variance
+    np.testing.assert_allclose(std[:, 0], spread, rtol=1e-9)
+    np.testing.assert_allclose(std[:, 1], gp_std[:, 1])  # not noisy: the model's
     np.testing.assert_allclose(blend.torch_predict(torch.tensor(points)).detach().numpy(), mean, rtol=1e-9, atol=1e-12)
     assert not np.allclose(quadratic[:, 0], gp_mean[:, 0], atol=1e-3)  # the blend is not vacuous here
     with pytest.raises(ValueError, match="noisy flags"):
         NoisyTrendModel(model, quadratics, [True], trend=0.5)
-    with pytest.raises(ValueError, match="noisy_trend"):
-        NoisyTrendModel(model, quadratics, [True, True], trend=1.5)
+    for bad in (1.5, -0.1, True, "0.5", None, float("nan")):
+        with pytest.raises(ValueError, match="noisy_trend"):
+            NoisyTrendModel(model, quadratics, [True, True], trend=bad)
+
+
+def test_at_equal_weights_a_cautious_score_never_trusts_the_more_optimistic_model():
+    """trend 0.5: mean - std <= min(model, quadratic) in each noisy metric, even where a quadratic fitted to a
+    corner of the box extrapolates wildly elsewhere."""
+    rng = np.random.default_rng(3)
+    coeffs = rng.uniform(0.0, 0.3, size=(12, 2))  # the evaluations in one corner: the quadratic extrapolates
+    metrics = rough(coeffs)
+    model = GPModel(coeffs, metrics, (0.0, 1.0))
+    quadratics = safe_quadratics(coeffs, metrics, ["identity", "identity"], ["a", "b"], 0.0)
+    blend = NoisyTrendModel(model, quadratics, [True, True], trend=0.5)
+    points = rng.uniform(size=(200, 2))
+    mean, std = blend.predict(points, return_std=True)
+    lower = np.minimum(model.predict(points), SurrogateSet(quadratics).predict(points))
+    assert np.all(mean - std <= lower + 1e-9)
+    assert np.abs(SurrogateSet(quadratics).predict(points) - model.predict(points)).max() > 0.1  # they do disagree here
+
+
+def test_a_noisy_quadratic_gp_model_is_blended_and_still_warm_starts_a_refit():
+    from map_merge.residual_gp import ResidualGPModel
+    from map_merge.result import Samples
+
+    rng = np.random.default_rng(5)
+    coeffs = rng.uniform(size=(16, 2))
+    samples = Samples(coeffs, rough(coeffs))
+    first = mm.MAP(model="quadratic+gp", max_front_points=5).fit_samples(samples, noisy=[True, False])
+    assert isinstance(first.model, NoisyTrendModel) and isinstance(first.model.model, ResidualGPModel)
+    refit = mm.MAP(model="gp", max_front_points=5).fit_samples(samples, warm_start=first.model)
+    direct = GPModel(coeffs, samples.metrics, (0.0, 1.0), warm_start=first.model.model.reference)  # unwrapped twice
+    np.testing.assert_allclose(refit.model.predict(coeffs), direct.predict(coeffs), rtol=1e-6, atol=1e-9)
 
 
 def test_map_blends_only_flagged_metrics_and_records_the_weight():
-    def fit(noisy, **kw):
+    def fit(noisy, budget=14, **kw):
         objective = mm.FunctionObjective(rough, 2, ["a", "b"], links=["identity"] * 2, noisy=noisy)
-        return mm.MAP(budget=14, seed=0, **kw).fit(objective, 2)
+        return mm.MAP(budget=budget, seed=0, **kw).fit(objective, 2)
 
     noisy = fit([True, True])
     assert isinstance(noisy.model, NoisyTrendModel) and noisy.settings["noisy_trend"] == 0.5
@@ -57,6 +90,8 @@ def test_map_blends_only_flagged_metrics_and_records_the_weight():
     np.testing.assert_allclose(noisy.samples.coeffs[:12], off.samples.coeffs[:12])
     with pytest.raises(ValueError, match="noisy_trend"):
         mm.MAP(noisy_trend=-0.1)
+    few = fit([True, True], budget=11)  # under 2 P = 12 evaluations: a quadratic would all but interpolate the noise
+    assert not isinstance(few.model, NoisyTrendModel) and few.settings["noisy_trend"] == 0.0
 
 
 def test_the_pick_on_the_trend_alone_is_the_quadratics_best_point():
