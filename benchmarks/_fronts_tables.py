@@ -99,14 +99,15 @@ def wide_table(out: Path) -> str:
         payload = json.loads(path.read_text())
         if "summary" not in payload or payload.get("version") != 3:
             continue
+        budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
         seeds = payload.get("seeds")
         seeds = len(seeds) if isinstance(seeds, list) else seeds
+        seeds = max([s.get("seeds", 0) for s in budgeted] + [seeds or 0])  # the column's; a method run on fewer says so in its cell
         column = (f"{column_name(payload)} (B={payload['budget']}" + (f", {seeds} seeds" if seeds and seeds != 5 else "")
                   + _proposal_note(payload) + ")")
         settings.append(column)
         if "grid_pick_regret" in payload:
             references[column] = f"*1 / {_regret_text(payload['grid_pick_regret'])}*"
-        budgeted = [s for s in payload["summary"] if s.get("budgeted") is not False]
         best_hv = max(s["hv_ratio_mean"] for s in budgeted)
         best_regret = min(s.get("pick_regret_mean", np.inf) for s in budgeted)
         for s in budgeted:
@@ -115,7 +116,8 @@ def wide_table(out: Path) -> str:
             hv, regret = s["hv_ratio_mean"], s.get("pick_regret_mean", np.nan)
             hv_text = f"**{hv:.3f}**" if np.isclose(hv, best_hv, rtol=1e-9, atol=0) else f"{hv:.3f}"  # ties: means that differ in rounding only
             regret_text = f"**{regret:.2g}**" if np.isclose(regret, best_regret, rtol=1e-9, atol=1e-15) else f"{regret:.2g}"
-            cells[s["method"], column] = f"{hv_text} / {regret_text}"
+            fewer = f" ({s['seeds']} seeds)" if s.get("seeds") and s["seeds"] < seeds else ""
+            cells[s["method"], column] = f"{hv_text} / {regret_text}{fewer}"
     lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
     lines += [f"| {m} | " + " | ".join(cells.get((m, c), "-") for c in settings) + " |" for m in methods]
     lines.append("| *whole grid, picked on validation* | " + " | ".join(references.get(c, "-") for c in settings) + " |")

@@ -201,6 +201,19 @@ def test_bench_fronts_wide_table_bolds_every_tied_best(tmp_path):
     assert rows["C"].endswith("| 0.800 / 0.4 |")
 
 
+def test_bench_fronts_wide_table_names_a_method_run_on_fewer_seeds(tmp_path):
+    """A peer run on fewer seeds than the column's (Ax at T = 4: 25 minutes a seed) says so in its own cell;
+    the column keeps the others' count (the payload's ``seeds`` is the fewest)."""
+    module = _load("_fronts_tables.py", "fronts_tables_seeds")
+    summary = [{"method": "A", "hv_ratio_mean": 0.9, "pick_regret_mean": 0.1, "seeds": 5},
+               {"method": "B", "hv_ratio_mean": 0.8, "pick_regret_mean": 0.2, "seeds": 2}]
+    (tmp_path / "fronts_analytic_T4.json").write_text(json.dumps({"version": 3, "label": "analytic", "tasks": 4, "budget": 60,
+                                                                  "seeds": 2, "proposal_model": "auto", "summary": summary}))
+    lines = module.wide_table(tmp_path).splitlines()
+    assert lines[0] == "| method | analytic T=4 (B=60) |"
+    assert lines[2].endswith("| **0.900** / **0.1** |") and lines[3].endswith("| 0.800 / 0.2 (2 seeds) |")
+
+
 def _load(script: str, name: str):
     import importlib.util
 
