@@ -96,7 +96,7 @@ def test_no_module_over_450_lines():
 # The README's architecture picture, bottom first: a module may import its own layer and those below.
 LAYERS = [
     "errors numeric fingerprint deprecation metric_labels",  # shared exceptions, parsers, labels
-    "pareto front_metrics designs search surrogate gp_model residual_gp model_choice acquisition",  # core maths
+    "pareto front_metrics designs search surrogate gp_model residual_gp model_choice noisy_trend acquisition",  # core maths
     "objective_base function_objective store executors asynchronous "  # the objective interface ...
     "task_vectors merge_methods groups mergekit_config mergekit_emit mergekit_filters mergekit_methods "
     "mergekit_settings mergekit_weights",  # ... and storage, side by side
