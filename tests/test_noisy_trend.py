@@ -20,12 +20,15 @@ def rough(coeffs: np.ndarray) -> np.ndarray:
     return np.stack([a, b], axis=1)
 
 
+def fitted(coeffs: np.ndarray) -> tuple[GPModel, list]:
+    """A GP and identity-link quadratics of ``rough`` at ``coeffs: (N, 2)``: the two models a blend mixes."""
+    metrics = rough(coeffs)
+    return GPModel(coeffs, metrics, (0.0, 1.0)), safe_quadratics(coeffs, metrics, ["identity", "identity"], ["a", "b"], 0.0)
+
+
 def test_blend_moves_noisy_metrics_toward_the_quadratic_and_keeps_the_rest():
     rng = np.random.default_rng(0)
-    coeffs = rng.uniform(size=(14, 2))
-    metrics = rough(coeffs)
-    model = GPModel(coeffs, metrics, (0.0, 1.0))
-    quadratics = safe_quadratics(coeffs, metrics, ["identity", "identity"], ["a", "b"], 0.0)
+    model, quadratics = fitted(rng.uniform(size=(14, 2)))
     blend = NoisyTrendModel(model, quadratics, [True, False], trend=0.25)
     points = rng.uniform(size=(9, 2))
     gp_mean, gp_std = model.predict(points, return_std=True)
@@ -49,10 +52,7 @@ def test_at_equal_weights_a_cautious_score_never_trusts_the_more_optimistic_mode
     """trend 0.5: mean - std <= min(model, quadratic) in each noisy metric, even where a quadratic fitted to a
     corner of the box extrapolates wildly elsewhere."""
     rng = np.random.default_rng(3)
-    coeffs = rng.uniform(0.0, 0.3, size=(12, 2))  # the evaluations in one corner: the quadratic extrapolates
-    metrics = rough(coeffs)
-    model = GPModel(coeffs, metrics, (0.0, 1.0))
-    quadratics = safe_quadratics(coeffs, metrics, ["identity", "identity"], ["a", "b"], 0.0)
+    model, quadratics = fitted(rng.uniform(0.0, 0.3, size=(12, 2)))  # the evaluations in one corner: the quadratic extrapolates
     blend = NoisyTrendModel(model, quadratics, [True, True], trend=0.5)
     points = rng.uniform(size=(200, 2))
     mean, std = blend.predict(points, return_std=True)
