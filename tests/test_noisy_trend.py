@@ -111,3 +111,29 @@ def test_the_pick_on_the_trend_alone_is_the_quadratics_best_point():
     gaps = [float((quadratic.predict(dense) @ w).max() - (quadratic.predict(alone.select(w, caution=0.0)[None, :]) @ w)[0])
             for w in (np.array([0.5, 0.5]), np.array([0.8, 0.2]), np.array([0.1, 0.9]))]
     assert max(gaps) > 1e-2, gaps
+
+
+def test_save_preference_repicks_what_the_blended_run_handed_over(tmp_path):
+    """``map-merge save --preference`` re-picks from result.json alone (the run's model is not kept): the
+    predictions stored at the real evaluations must be the blend's, so it hands over what ``select`` did."""
+    import argparse
+    import json
+
+    from map_merge.cli.save import _coeffs_for
+
+    objective = mm.FunctionObjective(rough, 2, ["a", "b"], links=["identity"] * 2, noisy=[True, True])
+    result = mm.MAP(budget=16, seed=2, max_front_points=30).fit(objective, 2)
+    assert isinstance(result.model, NoisyTrendModel)
+    stored = result.to_dict()
+    (tmp_path / "result.json").write_text(json.dumps({**stored, "summary": {"command": "map"}}))
+    blended = result.model.predict(result.samples.coeffs)
+    np.testing.assert_allclose(stored["samples"]["predicted"], blended, rtol=1e-9, atol=1e-12)
+    unblended = result.model.model.predict(result.samples.coeffs)
+    assert np.abs(blended - unblended).max() > 1e-3  # the blend moves the stored predictions: the check can fail
+    kinds = {result.choice(w)[0].label for w in ([1.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.0, 1.0], [1.0, 0.0])}
+    assert kinds == {"MAP predicted", "all real evaluations"}  # both ways a pick is handed over are re-picked below
+    for w in ([1.0, 1.0], [0.9, 0.1], [0.2, 0.8], [0.0, 1.0], [1.0, 0.0]):
+        picked = {}
+        coeffs = _coeffs_for(argparse.Namespace(coeffs=None, preference=",".join(map(str, w))), tmp_path, picked)
+        np.testing.assert_allclose(coeffs, result.select(w), rtol=0, atol=1e-12, err_msg=str(w))
+        assert picked["preference"] == w and picked["mean"] is not None
