@@ -60,11 +60,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, table, write  # noqa: E402
+from _conformance_compare import compare, compare_files, explain, load_raw  # noqa: E402
+from _conformance_recipes import DENSITY, EPSILON, GAMMA, LAMBDA, emitted_recipes, one_layer_recipes, read_recipes, recipes  # noqa: E402
 from _mergekit import mergekit_bin, run_in_mergekit  # noqa: E402
 
 import map_merge as mm  # noqa: E402
 
-DENSITY, GAMMA, EPSILON, LAMBDA = 0.6, 0.05, 0.15, 0.5
 SEEDS = 200
 
 
@@ -145,95 +146,7 @@ save_file(out, sys.argv[2])
 """
 
 
-# ---------------------------------------------------------------------- comparisons
-def compare(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
-    """Largest difference, over all entries and over the entries both sides keep or both drop
-    (``merged != base``); shares of entries that differ and of keep/drop decisions that differ.
-    fp32 rounding of entries of size ~1 (norm weights) is ~1e-7."""
-    worst, worst_agreeing, differing, decisions, total = 0.0, 0.0, 0, 0, 0
-    for key, value in theirs.items():
-        mine = ours[key].float().reshape(value.shape)
-        diff = (mine - value).abs()
-        disagree = (mine != base[key]) != (value != base[key])
-        worst = max(worst, float(diff.max()))
-        worst_agreeing = max(worst_agreeing, float(diff[~disagree].max()))
-        differing += int((diff > 0).sum())
-        decisions += int(disagree.sum())
-        total += value.numel()
-    return {"max_abs_diff": worst, "max_abs_diff_same_decisions": worst_agreeing, "share_differing": differing / total,
-            "share_decisions_differing": decisions / total}
-
-
-# ---------------------------------------------------------------------- emitted configs
-def emitted_recipes() -> list[tuple[str, list, mm.MergeMethod | None, mm.Groups | None]]:
-    """``(label, our coefficients (T x G, task-major), operator, groups)`` written for mergekit."""
-    depth = mm.Groups.by_depth(3)
-    parts = mm.Groups({"attn": "self_attn", "mlp": "mlp", "rest": ".*"})
-    return [
-        ("task arithmetic", [0.3, 0.7], None, None),
-        ("TIES k=0.6", [0.5, 0.5], mm.Ties(k=DENSITY, scope="tensor"), None),
-        ("TIES k=0.5", [0.5, 0.5], mm.Ties(k=0.5, scope="tensor"), None),
-        ("Breadcrumbs", [0.6, 0.9], mm.Breadcrumbs(DENSITY, GAMMA), None),
-        ("task arithmetic, depth knots 3", [0.2, 0.5, 0.9, 0.8, 0.4, -0.1], None, depth),
-        ("task arithmetic, attn/mlp/rest", [0.7, 0.2, 0.5, 0.3, 0.9, 0.4], None, parts),
-        ("Breadcrumbs, depth knots 3", [0.2, 0.5, 0.9, 0.8, 0.4, -0.1], mm.Breadcrumbs(DENSITY, GAMMA), depth),
-    ]
-
-
-# ---------------------------------------------------------------------- recipes as read
-def read_recipes() -> list[tuple]:
-    """``(label, mergekit method, per-model weight settings, per-model parameters, shared parameters)``,
-    optionally with ``extra`` top-level fields (a sixth item)."""
-    in_filters = [[{"filter": "self_attn", "value": [0.1, 0.9, 0.4]}, {"filter": "mlp", "value": 0.6}, {"value": 0.5}],
-                  [{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": [0.7, 0.2, 0.6]}, {"value": [1.0, 0.5, 0.0]}]]
-    return [
-        ("mixed weight forms", "task_arithmetic", [[0.2, 0.5, 0.8], [{"filter": "self_attn", "value": 0.3},
-                                                                     {"filter": "mlp", "value": 0.8}, {"value": 0.5}]], {}, {}),
-        ("number beside filters", "task_arithmetic", [0.7, [{"filter": "mlp", "value": 0.2}, {"value": 0.9}]], {}, {"lambda": 0.8}),
-        ("gradient in a filter", "task_arithmetic", in_filters, {}, {}),
-        ("gradient in a filter, normalize", "task_arithmetic",  # every pattern's total constant over depth: exact
-         [[{"filter": "self_attn", "value": [0.1, 0.9, 0.4]}, {"filter": "mlp", "value": 0.6}, {"value": [0.0, 0.5, 1.0]}],
-          [{"filter": "self_attn", "value": [0.9, 0.1, 0.6]}, {"filter": "mlp", "value": 0.2}, {"value": [1.0, 0.5, 0.0]}]],
-         {}, {"normalize": True}),
-        ("Breadcrumbs, gradient in a filter", "breadcrumbs", in_filters, {"density": DENSITY, "gamma": GAMMA}, {}),
-        ("'1e-1' weight", "task_arithmetic", ["1e-1", 0.5], {}, {}),
-        ("'1e-1' in a gradient", "task_arithmetic", [["1e-1", "5e-1", 0.9], "2e-1"], {}, {"lambda": "1.5e0"}),
-        ("normalize: 'true' (a string)", "task_arithmetic", [0.3, 0.5], {}, {"normalize": "true"}),
-        ("ties, normalize: 'false' (a string)", "ties", [1.0, 1.0], {"density": 0.5}, {"normalize": "false", "lambda": LAMBDA}),
-        ("Breadcrumbs, rescale: 'yes'", "breadcrumbs", [0.6, 0.9], {"density": DENSITY, "gamma": GAMMA}, {"rescale": "yes"}),
-        ("weight: true", "task_arithmetic", [True, [True, False, 0.5]], {}, {"lambda": 0.5}),
-        ("filters, no catch-all: top-level weight", "task_arithmetic", [[{"filter": "mlp", "value": 0.2}], 0.5], {}, {"weight": 0.7}),
-        ("filters, no catch-all: top-level filters", "task_arithmetic", [[{"filter": "mlp", "value": 0.2}], [{"value": 0.5}]], {},
-         {"weight": [{"filter": "self_attn", "value": 0.9}, {"filter": "mlp", "value": 0.1}, {"value": [0.0, 1.0]}]}),
-        ("weight: [] (the top-level weight)", "task_arithmetic", [[], 0.4], {}, {"weight": 0.7}),
-        ("linear, unlisted base: top-level weight", "linear", [0.3, 0.5], {}, {"weight": 1.0}),
-        ("filters differ: self_attn / mlp", "task_arithmetic", [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
-                                                                [{"filter": "mlp", "value": 0.8}, {"value": 0.1}]], {}, {}),
-        ("the same filters in another order", "task_arithmetic",
-         [[{"filter": "self_attn", "value": 0.3}, {"filter": "mlp", "value": 0.6}, {"value": 0.5}],
-          [{"filter": "mlp", "value": [0.8, 0.2, 0.4]}, {"filter": "self_attn", "value": 0.2}, {"value": 0.1}]], {}, {}),
-        ("filters differ: top-level fallback vs own catch-all", "task_arithmetic",
-         [[{"filter": "mlp", "value": 0.2}], [{"filter": "mlp", "value": 0.3}, {"value": 0.6}]], {},
-         {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": [0.0, 1.0]}]}),
-        ("filters meeting in one tensor (self_attn, layers.1.)", "task_arithmetic",
-         [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}], [{"filter": "layers.1.", "value": 0.8}, {"value": 0.1}]], {}, {}),
-        ("Breadcrumbs, filters differ", "breadcrumbs", [[{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
-                                                         [{"filter": "mlp", "value": 0.8}, {"value": 0.1}]],
-         {"density": DENSITY, "gamma": GAMMA}, {}),
-        ("a filter matching no tensor ('experts')", "task_arithmetic", [[{"filter": "experts", "value": 0.9}, {"value": 0.5}], 0.1], {}, {}),
-        ("unknown top-level fields (merge_metod, comment)", "task_arithmetic", [0.3, 0.5], {}, {},
-         {"merge_metod": "ties", "comment": "ignored"}),
-        ("linear, unlisted base, no top-level weight", "linear", [0.3, 0.5], {}, {}),  # mergekit refuses: a row saying so
-    ]
-
-
-def one_layer_recipes() -> list[tuple]:
-    """Recipes for a one-layer model: a gradient there takes its end value (mergekit's t = 1)."""
-    return [("one layer: gradient [0.2, 0.8]", "task_arithmetic", [[0.2, 0.8], 0.5], {}, {}),
-            ("one layer: gradient in a filter", "task_arithmetic", [[{"filter": "mlp", "value": [0.2, 0.7, 0.9]}, {"value": 0.4}], 0.5],
-             {}, {})]
-
-
+# ---------------------------------------------------------------------- recipes as read and emitted configs
 def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype, recipes: list[tuple] | None = None) -> list[dict]:
     """Each of ``recipes`` (default :func:`read_recipes`) through ``mergekit-yaml`` and through
     ``from_mergekit`` + ``merge``; a recipe mergekit refuses gives a row with its error."""
@@ -271,81 +184,6 @@ def read_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype, r
         rows.append(row)
         print(table([row], ["files", "recipe", "max_abs_diff", "max_bf16_ulps", "entries_over_one_ulp"]), flush=True)
     return rows
-
-
-def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
-    """One bfloat16 unit in the last place at ``|x|`` (8 significant bits; subnormals: 2^-133)."""
-    _, exponent = torch.frexp(x.float().abs())  # |x| = m 2^e, m in [0.5, 1)
-    return torch.ldexp(torch.ones_like(x, dtype=torch.float32), (exponent - 8).clamp_min(-133))
-
-
-def compare_files(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], base: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
-    """Largest difference, absolute and in bf16 ulps of the entry's scale ``max(|base|, |ours|,
-    |mergekit|)`` (fp32 arithmetic rounds relative to its operands: where the merge cancels to ~0
-    the result's own ulp would count fp32 noise of 1e-10 as hundreds of ulps); the share of entries
-    over one such ulp; the share whose mergekit value, rounded to ``dtype``, differs from ours."""
-    if set(ours) != set(theirs):
-        raise AssertionError(f"tensor names differ: ours only {sorted(set(ours) - set(theirs))[:5]}, mergekit only {sorted(set(theirs) - set(ours))[:5]}")
-    worst, worst_ulps, over, rounded_differ, total, worst_key = 0.0, 0.0, 0, 0, 0, None
-    for key, value in theirs.items():
-        mine = ours[key].float()
-        diff = (mine - value.float()).abs()
-        scale = torch.maximum(torch.maximum(mine.abs(), value.float().abs()), base[key].float().abs())
-        ulps = diff / bf16_ulp(scale)
-        if float(ulps.max()) > worst_ulps:
-            worst_ulps, worst_key = float(ulps.max()), key
-        worst = max(worst, float(diff.max()))
-        over += int((ulps > 1).sum())
-        rounded_differ += int((value.to(dtype) != ours[key].to(dtype)).sum())
-        total += value.numel()
-    return {"max_abs_diff": worst, "max_bf16_ulps": worst_ulps, "worst_tensor": worst_key, "share_over_one_ulp": over / total,
-            "entries_over_one_ulp": over, "share_differing_after_rounding": rounded_differ / total, "entries": total}
-
-
-def cut_ranks(method: mm.MergeMethod | None, n: int) -> list[int]:
-    """1-based magnitude ranks where ours or mergekit's trimming of an ``n``-entry tensor cuts."""
-    if isinstance(method, mm.Ties):
-        return sorted({max(1, int(method.k * n)), max(1, round(method.k * n))})  # mergekit int(k n), ours round(k n)
-    if isinstance(method, mm.Breadcrumbs):
-        from map_merge.merge_methods.breadcrumbs import breadcrumb_counts
-
-        top, kept = breadcrumb_counts(method.density, method.gamma, n)
-        return [r for r in (top, top + 1, top + kept, top + kept + 1) if 1 <= r <= n]
-    return []
-
-
-def explain(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], folders: list[Path], method: mm.MergeMethod | None) -> dict:
-    """Entries over one bf16 ulp, by cause: a task's ``|delta|`` equals a magnitude where either side
-    cuts (tied magnitudes split differently, or TIES' ``round`` against ``int`` count); else a zero
-    sum of the task vectors (mergekit's sign election picks ``+``, ours none); else unexplained."""
-    base, fts = load_raw(folders[0]), [load_raw(f) for f in folders[1:]]
-    counts = {"at_a_cut": 0, "zero_sign_sum": 0, "unexplained": 0}
-    for key, value in theirs.items():
-        mine, b0 = ours[key].float(), base[key].float()
-        scale = torch.maximum(torch.maximum(mine.abs(), value.float().abs()), b0.abs())
-        bad = ((mine - value.float()).abs() / bf16_ulp(scale) > 1).reshape(-1)
-        if not bad.any():
-            continue
-        deltas = [(f[key].float() - b0).reshape(-1) for f in fts]
-        at_cut = torch.zeros_like(bad)
-        for d in deltas:
-            ranked = d.abs().sort(descending=True).values
-            for rank in cut_ranks(method, d.numel()):
-                at_cut |= d.abs() == ranked[rank - 1]
-        zero = sum(deltas) == 0
-        counts["at_a_cut"] += int((bad & at_cut).sum())
-        counts["zero_sign_sum"] += int((bad & ~at_cut & zero).sum())
-        counts["unexplained"] += int((bad & ~at_cut & ~zero).sum())
-    return counts
-
-
-def load_raw(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
 
 
 def emitted_rows(folders: list[Path], work: Path, label: str, dtype: torch.dtype) -> list[dict]:
@@ -395,19 +233,6 @@ def plot_emitted(rows: list[dict], path: Path) -> None:
     ax.set_title("save_merged vs mergekit-yaml on TaskVectors.mergekit_config (dtype: float32)", fontsize=9)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-
-
-def recipes(num: int) -> list[tuple[str, str, list[float], dict, dict, mm.MergeMethod | None, list[float]]]:
-    """``(label, mergekit method, weights, per-model parameters, shared parameters, our operator, our c)``."""
-    lam = [LAMBDA] * num
-    return [
-        ("task arithmetic", "task_arithmetic", [0.3, 0.7][:num], {}, {}, None, [0.3, 0.7][:num]),
-        ("TIES", "ties", [1.0] * num, {"density": DENSITY}, {"normalize": True, "lambda": LAMBDA}, mm.Ties(k=DENSITY, scope="tensor"), lam),
-        ("Breadcrumbs, one model", "breadcrumbs", [1.0], {"density": DENSITY, "gamma": GAMMA}, {}, mm.Breadcrumbs(DENSITY, GAMMA), [1.0]),
-        ("Breadcrumbs", "breadcrumbs", [0.6, 0.9][:num], {"density": DENSITY, "gamma": GAMMA}, {}, mm.Breadcrumbs(DENSITY, GAMMA), [0.6, 0.9][:num]),
-        ("Breadcrumbs + TIES consensus", "breadcrumbs_ties", [1.0] * num, {"density": DENSITY, "gamma": GAMMA}, {"lambda": LAMBDA},
-         mm.Breadcrumbs(DENSITY, GAMMA, consensus="sum"), lam),
-    ]
 
 
 def della_checks(folders: list[Path], work: Path) -> tuple[dict, dict]:
