@@ -134,3 +134,26 @@ def test_train_loss_is_the_heads_cross_entropy_on_a_fresh_batch(zoo):
     index = torch.randint(0, len(data), (16,), generator=torch.Generator().manual_seed(5))
     logits = zoo.tasks["inverted"].head(zoo.features(encoder, {k: v[index] for k, v in data.inputs.items()}))
     assert first == pytest.approx(float(torch.nn.functional.cross_entropy(logits, data.labels[index])), rel=1e-5)
+
+
+def test_the_build_trains_on_its_own_thread_count_whoever_calls_it(tmp_path):
+    """A float sum split over more threads rounds differently (two threads here gave other weights than
+    one): the build pins BUILD_THREADS, so a 2-thread caller (the demo) and a 1-thread one (a test worker,
+    a benchmark) build the same zoo, and the caller's thread count comes back."""
+    import json
+
+    from map_merge.zoo.base import BUILD_THREADS
+
+    ambient = torch.get_num_threads()
+    try:
+        torch.set_num_threads(BUILD_THREADS + 1)
+        wide = load_vision_zoo(["rotated"], cache_dir=str(tmp_path), progress=False)
+        assert torch.get_num_threads() == BUILD_THREADS + 1  # restored
+        torch.set_num_threads(BUILD_THREADS)
+        narrow = load_vision_zoo(["rotated"], cache_dir="", progress=False)  # built again, in memory
+    finally:
+        torch.set_num_threads(ambient)
+    for key, value in wide.finetuned["rotated"].items():
+        assert torch.equal(value, narrow.finetuned["rotated"][key]), key
+    (folder,) = tmp_path.iterdir()
+    assert json.loads((folder / "info.json").read_text())["threads"] == BUILD_THREADS

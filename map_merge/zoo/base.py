@@ -12,7 +12,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -325,6 +326,24 @@ def fit_cached_moe(model: nn.Module, tv: TaskVectors, names: Sequence[str], trai
     losses = {n: train_loss(n, batch_size, generator) for n in names}
     info = moe.fit_or_load(losses, path, steps=steps, method=method, lr=lr, seed=seed, corners=corners, progress=progress)
     return moe, {**info, "batch_per_task": batch_size, "key": key}
+
+
+BUILD_THREADS = 1
+"""Torch CPU threads a small zoo (vision) trains with, whatever the caller's: a float sum split over
+more threads rounds differently, so the weights (and every score of the zoo) would depend on who
+built the cache first (a 2-thread demo, a 1-thread test worker or benchmark)."""
+
+
+@contextmanager
+def build_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (``None``: as they are), restored after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def finetune(

@@ -39,7 +39,7 @@ import torch
 
 from ..deprecation import renamed
 from ..task_vectors.saving import process_alive
-from .base import cache_root
+from .base import build_threads, cache_root
 from .lm_build import build_models as _build  # looked up here at each build (tests replace it)
 from .lm_build import lm_texts, write_tasks
 from .lm_data import CORPORA, LM_DOMAINS, SOURCES
@@ -186,12 +186,12 @@ def _build_into(folder: Path, root: Path, recipe: LMZooSettings, texts: dict[str
                             "device": str(device), "sources": SOURCES, "base_dtype": "bfloat16", "expert_dtype": "bfloat16",
                             "torch": torch.__version__, "threads": torch.get_num_threads()}
     start = time.perf_counter()
-    previous = torch.get_num_threads()
+    pinned = int(threads) if threads is not None and device.type == "cpu" else None
+    if pinned is not None:
+        info["threads"] = pinned
     try:
-        if threads is not None and device.type == "cpu":
-            torch.set_num_threads(int(threads))
-            info["threads"] = int(threads)
-        _build(tmp, recipe, texts, seed, device, progress, info)
+        with build_threads(pinned):
+            _build(tmp, recipe, texts, seed, device, progress, info)
         info["seconds"] = time.perf_counter() - start
         (tmp / "info.json").write_text(json.dumps(info, indent=2))
         if (folder / "info.json").exists() and not rebuild:
@@ -207,8 +207,6 @@ def _build_into(folder: Path, root: Path, recipe: LMZooSettings, texts: dict[str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        torch.set_num_threads(previous)
 
 
 def load_lm_zoo(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Split, Zoo, ZooTask, cache_root, finetune, load_zoo_weights, save_zoo_weights
+from .base import BUILD_THREADS, Split, Zoo, ZooTask, build_threads, cache_root, finetune, load_zoo_weights, save_zoo_weights
 
 __all__ = ["SmallCNN", "load_vision_zoo", "VISION_TASKS"]
 
@@ -151,16 +151,20 @@ def load_vision_zoo(
     finetuned = None if (rebuild or folder is None) else load_zoo_weights(folder, pretrained, names, heads)
     info: dict = {"data_hash": data_hash, "seed": seed, "tasks": names}
     if finetuned is None:
-        torch.manual_seed(seed)
-        pretrained = SmallCNN()
-        pre_head = nn.Linear(pretrained.out_features, 10)
-        finetune(pretrained, pre_head, _features, pre_split["train"], epochs=30, lr=3e-3, batch_size=64, seed=seed, desc="pretraining CNN", progress=progress)
-        finetuned = {}
-        for k, name in enumerate(tqdm(names, desc="fine-tuning vision zoo", disable=not progress)):
-            encoder = SmallCNN()
-            encoder.load_state_dict(pretrained.state_dict())
-            finetune(encoder, heads[name], _features, data[name][0]["train"], epochs=10, lr=1e-3, batch_size=32, seed=seed + k + 1, desc=name, progress=progress)
-            finetuned[name] = {k2: v.detach().clone() for k2, v in encoder.state_dict().items()}
+        info["threads"] = BUILD_THREADS  # in the cache's info.json: what this build trained with
+        with build_threads(BUILD_THREADS):  # the same weights whoever builds the cache (a 2-thread demo, a 1-thread test)
+            torch.manual_seed(seed)
+            pretrained = SmallCNN()
+            pre_head = nn.Linear(pretrained.out_features, 10)
+            finetune(pretrained, pre_head, _features, pre_split["train"], epochs=30, lr=3e-3, batch_size=64, seed=seed, desc="pretraining CNN",
+                     progress=progress)
+            finetuned = {}
+            for k, name in enumerate(tqdm(names, desc="fine-tuning vision zoo", disable=not progress)):
+                encoder = SmallCNN()
+                encoder.load_state_dict(pretrained.state_dict())
+                finetune(encoder, heads[name], _features, data[name][0]["train"], epochs=10, lr=1e-3, batch_size=32, seed=seed + k + 1, desc=name,
+                         progress=progress)
+                finetuned[name] = {k2: v.detach().clone() for k2, v in encoder.state_dict().items()}
         if folder is not None and not save_zoo_weights(folder, pretrained, finetuned, heads, info, replace=rebuild):
             # another process finished the same zoo first: use its build, as every other process does
             finetuned = load_zoo_weights(folder, pretrained, names, heads) or finetuned
