@@ -199,4 +199,5 @@ def fit_moe(config: dict[str, Any], objective: Any, zoo: Any = None, checkpoint:
     losses = {n: (lambda model, n=n: loss(model, n)) for n in names}
     info = {**moe.fit_or_load(losses, path, steps=steps, method=method, seed=seed, progress=progress), "key": key}
     tasks = {n: objective.tasks[n].metric for n in names}
-    return moe, info, moe.objective(tasks, senses=objective.senses, key=objective.key or "", store=store, progress=progress)
+    return moe, info, moe.objective(tasks, senses=objective.senses, key=objective.key or "", store=store, progress=progress,
+                                    noisy=objective.noisy)

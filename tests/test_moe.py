@@ -149,6 +149,10 @@ def test_training_moves_routers_towards_the_preferred_task(method):
     # the learned routing depends on the preference
     shift = [np.abs(moe.coefficients([1, 0])[g] - moe.coefficients([0, 1])[g]).max() for g in moe.groups]
     assert max(shift) > 0.05
+    # the unloaded models' accuracies: noisy estimates (a few hundred images), as the zoo's own objective says
+    objective = zoo.moe_objective(moe, progress=False)
+    assert objective.noisy == zoo.objective(progress=False).noisy == (True, True)
+    assert objective(np.array([[1.0, 0.0]]))[0, 0] == pytest.approx(zoo.accuracy(moe.unload([1, 0]), "rotated", "val"))
 
 
 def test_paretomoe_accepts_finetuned_models_directly(bert_models):
@@ -249,3 +253,13 @@ def test_epo_at_the_corners_trains_exactly_like_linear_scalarisation(bert_models
     np.testing.assert_allclose(runs["epo"].total, 3 * np.array(runs["ls"].total), rtol=1e-4)
     # and the routers did move (the comparison is not between two idle runs)
     assert abs(runs["ls"].losses[-1][0] - runs["ls"].losses[0][0]) > 1e-4 or abs(runs["ls"].losses[-1][2] - runs["ls"].losses[0][2]) > 1e-4
+
+
+def test_moe_objective_carries_noisy_flags(bert_models):
+    base, tv, inputs = bert_models
+    moe = ParetoMoE(base, tv)
+    tasks = {n: (lambda model: float(model(**inputs).last_hidden_state.mean())) for n in ("a", "b", "c")}
+    assert moe.objective(tasks).noisy == (False, False, False)  # by default every score is exact
+    assert moe.objective(tasks, noisy=[True, False, True]).noisy == (True, False, True)
+    with pytest.raises(ValueError, match="1 noise flags for 3 tasks"):
+        moe.objective(tasks, noisy=[True])

@@ -231,9 +231,12 @@ class ParetoMoE(nn.Module):
         key: str = "",
         store=None,
         progress: bool = False,
+        noisy: Sequence[bool] | None = None,
     ):
         """An objective over *preference vectors* ``(K, T)``: the scores ``(K, M)`` of the dense
-        models :meth:`unload` ``(r)``, one column per entry of ``tasks`` (``score(model) -> float``).
+        models :meth:`unload` ``(r)``, one column per entry of ``tasks`` (``score(model) -> float``);
+        ``noisy``: per score, whether it is a noisy estimate (an accuracy on a few hundred examples),
+        as the objective's ``noisy`` (default: none is).
 
         Stored results (``store``) are keyed by the routers' weights and ``key``, which should name
         the scoring (data, metric): retrained routers or another scoring never reuse old scores."""
@@ -255,7 +258,8 @@ class ParetoMoE(nn.Module):
         for param in self.routers.parameters():
             hasher.update(param.detach().cpu().numpy().tobytes())
         full_key = json.dumps({"pwe-moe": hasher.hexdigest(), "scoring": key})
-        return FunctionObjective(evaluate, self.num_tasks, names, senses=senses, batched=False, key=full_key, store=store, progress=progress)
+        return FunctionObjective(evaluate, self.num_tasks, names, senses=senses, batched=False, key=full_key, store=store, progress=progress,
+                                 noisy=noisy)
 
     # ------------------------------------------------------------------ training
     def fit(

@@ -263,11 +263,12 @@ class Zoo(ZooObjective):
     def moe_objective(self, moe, names: Sequence[str] | None = None, split: str = "val", store: EvaluationStore | str | os.PathLike | None = None,
                       progress: bool = True):
         """An objective over *preference vectors* ``(K, T)``: accuracies ``(K, T)`` of the dense
-        models ``moe.unload(r)`` (results kept in ``store`` under the routers' key)."""
+        models ``moe.unload(r)`` (results kept in ``store`` under the routers' key; noisy estimates,
+        as the zoo's own accuracy objective)."""
         names = self._names(names)
         key = json.dumps({"zoo": self.name, "split": split, "data": self.info.get("data_hash", "")})
         tasks = {n: (lambda model, n=n: self.accuracy(model, n, split)) for n in names}
-        return moe.objective(tasks, key=key, store=as_store(store), progress=progress)
+        return moe.objective(tasks, key=key, store=as_store(store), progress=progress, noisy=[True] * len(names))
 
     def _scored_tasks(self, names: Sequence[str], split: str, metric: str) -> dict[str, Task]:
         """``metric``: accuracy (max, sigmoid link) or loss (min, softplus link) on ``split``."""
