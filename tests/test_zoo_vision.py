@@ -138,8 +138,8 @@ def test_train_loss_is_the_heads_cross_entropy_on_a_fresh_batch(zoo):
 
 def test_the_build_trains_on_its_own_thread_count_whoever_calls_it(tmp_path):
     """A float sum split over more threads rounds differently (two threads here gave other weights than
-    one): the build pins BUILD_THREADS, so a 2-thread caller (the demo) and a 1-thread one (a test worker,
-    a benchmark) build the same zoo, and the caller's thread count comes back."""
+    one): the build pins BUILD_THREADS, so a 2-thread caller (a notebook on torch's default) and a 1-thread
+    one (a test worker, a benchmark) build the same zoo, and the caller's thread count comes back."""
     import json
 
     from map_merge.zoo.base import BUILD_THREADS

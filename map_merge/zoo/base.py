@@ -330,17 +330,20 @@ def fit_cached_moe(model: nn.Module, tv: TaskVectors, names: Sequence[str], trai
 
 
 BUILD_THREADS = 1
-"""Torch CPU threads a small zoo (vision) trains with, whatever the caller's: a float sum split over
-more threads rounds differently, so the weights (and every score of the zoo) would depend on who
-built the cache first (a 2-thread demo, a 1-thread test worker or benchmark)."""
+"""Torch CPU threads the vision zoo trains with, whatever the caller's (a constant: the cache's
+name carries its version): a float sum split over more threads rounds differently, so the weights
+(and every score of the zoo) would depend on who built the cache first (a notebook on torch's
+default of one thread per core, a 1-thread test worker or benchmark)."""
 
 
 @contextmanager
 def build_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch CPU threads (``None``: as they are), restored after."""
+    """Run the block with ``threads`` torch CPU threads, restored after (``None``: nothing is set)."""
+    if threads is None:
+        yield
+        return
     previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
+    torch.set_num_threads(int(threads))
     try:
         yield
     finally:

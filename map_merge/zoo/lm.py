@@ -186,10 +186,10 @@ def _build_into(folder: Path, root: Path, recipe: LMZooSettings, texts: dict[str
                             "device": str(device), "sources": SOURCES, "base_dtype": "bfloat16", "expert_dtype": "bfloat16",
                             "torch": torch.__version__, "threads": torch.get_num_threads()}
     start = time.perf_counter()
-    pinned = int(threads) if threads is not None and device.type == "cpu" else None
-    if pinned is not None:
-        info["threads"] = pinned
     try:
+        pinned = int(threads) if threads is not None and device.type == "cpu" else None
+        if pinned is not None:
+            info["threads"] = pinned
         with build_threads(pinned):
             _build(tmp, recipe, texts, seed, device, progress, info)
         info["seconds"] = time.perf_counter() - start

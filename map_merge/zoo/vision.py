@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 VISION_TASKS = ("rotated", "inverted", "mirrored_parity", "shifted_mod3", "mnist")
 DEFAULT_VISION_TASKS = ("rotated", "inverted", "mirrored_parity", "shifted_mod3")
-_VERSION = "v1"
+_VERSION = "v2"  # v2: trained on BUILD_THREADS threads (v1 on the caller's)
 
 
 class SmallCNN(nn.Module):
@@ -149,10 +149,9 @@ def load_vision_zoo(
     if cache_dir != "":
         folder = (cache_root() if cache_dir is None else Path(cache_dir)) / f"vision-{_VERSION}-seed{seed}-{data_hash}"
     finetuned = None if (rebuild or folder is None) else load_zoo_weights(folder, pretrained, names, heads)
-    info: dict = {"data_hash": data_hash, "seed": seed, "tasks": names}
+    info: dict = {"data_hash": data_hash, "seed": seed, "tasks": names, "threads": BUILD_THREADS}  # every v2 build trains on them
     if finetuned is None:
-        info["threads"] = BUILD_THREADS  # in the cache's info.json: what this build trained with
-        with build_threads(BUILD_THREADS):  # the same weights whoever builds the cache (a 2-thread demo, a 1-thread test)
+        with build_threads(BUILD_THREADS):  # the same weights whoever builds the cache (a notebook on 2 threads, a 1-thread test)
             torch.manual_seed(seed)
             pretrained = SmallCNN()
             pre_head = nn.Linear(pretrained.out_features, 10)
