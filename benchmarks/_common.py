@@ -82,3 +82,62 @@ def hv_ratios(reference, grid_metrics):
     refs = {"tight": reference.min(axis=0) - 0.1, "worst": grid_metrics.min(axis=0)}
     full = {k: mm.hypervolume(reference, r) for k, r in refs.items()}
     return refs, lambda points: {f"hv_{k}": mm.hypervolume(points, r) / full[k] for k, r in refs.items()}
+
+
+class RunJournal:
+    """Finished runs of a long benchmark, kept as they finish: ``<out>/<name>.runs.jsonl``, a header
+    line (the settings the rows depend on) and one JSON line per run, each flushed and synced
+    before the next run starts. A run that is stopped (Ctrl-C, a kill, a crash) keeps every run it
+    finished: started again with the same settings it reads them back instead of running them
+    again. A journal of other settings is never overwritten or deleted: it is renamed aside
+    (``.runs.<time>.jsonl``) and a new one started. :meth:`close` removes the journal once the
+    benchmark's own JSON holds its rows."""
+
+    def __init__(self, out: str | Path, name: str, header: dict[str, Any]) -> None:
+        self.path = Path(out) / f"{name}.runs.jsonl"
+        self.header = json.loads(json.dumps(header))  # as JSON reads it back (tuples as lists, ...)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.note = ""
+        if self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            first = json.loads(lines[0]) if lines else None
+            if first == {"header": self.header}:
+                for line in lines[1:]:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:  # the last line of a run killed mid-write: that run is redone
+                        continue
+                    self.rows[entry["key"]] = entry["row"]
+                self.note = f"{self.path}: {len(self.rows)} finished runs read back"
+                self._rewrite()  # without a torn last line
+                return
+            aside = self.path.with_name(f"{name}.runs.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self.path, aside)
+            self.note = f"{self.path} was made with other settings: kept as {aside.name}"
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        try:
+            partial.write_text("".join(json.dumps(e) + "\n" for e in [{"header": self.header},
+                                                                     *({"key": k, "row": r} for k, r in self.rows.items())]))
+            os.replace(partial, self.path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The finished run's row under ``key``, or ``None``."""
+        return self.rows.get(key)
+
+    def add(self, key: str, row: dict[str, Any]) -> None:
+        """Keep a finished run's ``row`` (JSON-serialisable) under ``key``."""
+        self.rows[key] = json.loads(json.dumps(row))
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"key": key, "row": self.rows[key]}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def close(self) -> None:
+        """The runs are in the benchmark's JSON: the journal goes."""
+        self.path.unlink(missing_ok=True)

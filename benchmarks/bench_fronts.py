@@ -38,6 +38,9 @@ README's peer table, mean +- std over seeds, and MAP's pick regret under each pi
 
 ``--task-names`` runs the comparison on other tasks of a zoo (pairs the table never saw), written as
 ``fronts_<label>_T<T>_<names>.json`` beside the table and never summarised into it.
+
+Each run is journaled as it finishes (``_common.RunJournal``): the same command started again after a
+stop (same settings, same clean commit) runs only the rest.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, source_commit, table, write  # noqa: E402
+from _common import RunJournal, parser, source_commit, table, write  # noqa: E402
 from _fronts_tables import summarize  # noqa: E402
 from _peers import PEERS, run_peer  # noqa: E402
 
@@ -339,7 +342,19 @@ def main() -> None:
         row["pick_regret"] = row["eval_pick_regret"]
         rows.append({"method": name, "seed": 0, "evaluations": found.num_evaluations, "budgeted": False, **row})
         examples[name] = found.metrics
+    # every finished run kept as it finishes: a stopped benchmark started again with the same settings skips them
+    journal = RunJournal(out, stored.stem, {"runs": [label, names, budget, reevaluations, len(grid), args.val_examples, size, proposal_model],
+                                            "scored": [prefs.tolist(), best_test.tolist(), list(noisy), NOISY_TREND],
+                                            "commit": commit if commit and not commit.endswith("-dirty") else f"{commit}@{time.time()}"})
+    if journal.note:
+        print(journal.note, flush=True)
     for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):
+        done = journal.get(f"{method}|{seed}")
+        if done is not None:
+            rows.append(done["row"])
+            if seed == 0:
+                examples[method] = np.asarray(done["metrics"])
+            continue
         timed = Timed(objective)
         start = time.perf_counter()
         inputs, metrics, result, proposals = run_budgeted(method, timed, num, budget, seed, reevaluations, proposal_model)
@@ -370,6 +385,7 @@ def main() -> None:
             handed = [cautious_pick(result.front, w, real, posterior=posterior) for w in prefs]
             row["pick_regret_posterior"] = test_regret(np.stack([front.coeffs[index] for front, index in handed]))
         rows.append(row)
+        journal.add(f"{method}|{seed}", {"row": row, "metrics": np.asarray(metrics).tolist() if seed == 0 else None})
         if seed == 0:
             examples[method] = metrics
     name = stored.stem
@@ -409,6 +425,7 @@ def main() -> None:
         "grid_pick_regret_meaning": "test regret of the grid's best model by weighted validation score, per preference, mean",
         "pick_regret_meaning": "grid's best weighted test score minus the pick's, oriented higher-is-better, mean over the preferences",
         "rows": rows, "summary": summary, "examples": {k: np.asarray(v).tolist() for k, v in examples.items()}})
+    journal.close()  # its rows are in the table's JSON now
     budgeted = [s for s in summary if s["budgeted"]]
     colors = ["C0" if s["method"] in MODEL_PICKS else "C7" for s in budgeted]
     title = f"{label}, T={num}, {budget} real evaluations, {num_seeds} seeds ({meaning[label]})"

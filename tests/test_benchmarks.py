@@ -421,3 +421,47 @@ def test_variants_table_ranks_the_map_variants_over_all_seeds(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants_table.py"), "--out", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
     assert (tmp_path / "variants_table.md").read_text().strip() == text and (tmp_path / "variants_pick_regret.png").stat().st_size > 0
+
+
+def test_bench_fronts_keeps_finished_runs_of_a_stopped_run_and_skips_them_next_time(tmp_path, monkeypatch):
+    """A benchmark stopped after its first run (Ctrl-C) keeps that run in its journal; started again with
+    the same settings it runs only the rest, and its table holds the kept row unchanged. A journal of
+    other settings is renamed aside, never overwritten."""
+    module = _load("bench_fronts.py", "bench_fronts_journal")
+    monkeypatch.setattr(module, "source_commit", lambda: "abc1234")  # a clean checkout (a dirty one never reuses runs)
+    real, calls = module.run_budgeted, []
+
+    def stop_at_second(method, *args, **kwargs):
+        calls.append(method)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(method, *args, **kwargs)
+
+    argv = ["bench_fronts.py", "--quick", "--out", str(tmp_path), "--problem", "analytic", "--methods", "random search,CMA-ES"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(module, "run_budgeted", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        module.main()
+    journal = tmp_path / "fronts_analytic_T2.runs.jsonl"
+    lines = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [line["key"] for line in lines[1:]] == ["random search|0"] and not (tmp_path / "fronts_analytic_T2.json").exists()
+    kept = lines[1]["row"]["row"]
+    with journal.open("a") as handle:
+        handle.write('{"key": "CMA-ES|0", "row": {"ro')  # a line torn by a kill mid-write: that run is redone
+    calls.clear()
+    module.main()
+    assert calls == ["CMA-ES"]  # the finished run is read back, not run again
+    table = json.loads((tmp_path / "fronts_analytic_T2.json").read_text())
+    assert [r for r in table["rows"] if r["method"] == "random search"] == [kept]
+    assert not journal.exists()  # its rows are in the table now
+    # a stopped run of other settings: its journal is kept aside when a new run starts
+    monkeypatch.setattr(sys, "argv", argv + ["--budget", "12"])
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        module.main()
+    old = journal.read_text()
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(module, "run_budgeted", real)
+    module.main()
+    aside = sorted(tmp_path.glob("fronts_analytic_T2.runs.*.jsonl"))
+    assert len(aside) == 1 and aside[0].read_text() == old and not journal.exists()
