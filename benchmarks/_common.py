@@ -86,16 +86,18 @@ def hv_ratios(reference, grid_metrics):
 
 class RunJournal:
     """Finished runs of a long benchmark, kept as they finish: ``<out>/<name>.runs.jsonl``, a header
-    line (the settings the rows depend on) and one JSON line per run, each flushed and synced
+    line (the settings the rows depend on, and the commit) and one JSON line per run, each flushed and synced
     before the next run starts. A run that is stopped (Ctrl-C, a kill, a crash) keeps every run it
     finished: started again with the same settings it reads them back instead of running them
     again. A journal of other settings is never overwritten or deleted: it is renamed aside
     (``.runs.<time>.jsonl``) and a new one started. :meth:`close` removes the journal once the
     benchmark's own JSON holds its rows."""
 
-    def __init__(self, out: str | Path, name: str, header: dict[str, Any]) -> None:
+    def __init__(self, out: str | Path, name: str, settings: dict[str, Any]) -> None:
         self.path = Path(out) / f"{name}.runs.jsonl"
-        self.header = json.loads(json.dumps(header))  # as JSON reads it back (tuples as lists, ...)
+        commit = source_commit()  # rows of other code are never read back; uncommitted code's rows only within its own run
+        commit = commit if commit and not commit.endswith("-dirty") else f"{commit}@{time.time()}"
+        self.header = json.loads(json.dumps({**settings, "commit": commit}))  # as JSON reads it back (tuples as lists, ...)
         self.rows: dict[str, dict[str, Any]] = {}
         self.note = ""
         if self.path.exists():

@@ -67,7 +67,7 @@ import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, table, write  # noqa: E402
+from _common import RunJournal, parser, table, write  # noqa: E402
 from bench_fronts import BUDGET, GRID, TASKS, analytic, test_preferences  # noqa: E402
 
 import map_merge as mm  # noqa: E402
@@ -275,7 +275,13 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     seeds = list(range(1 if args.quick else args.seeds))
     rows, defaults = [], {}
+    journal = RunJournal(out, f"adaptive_levers_{problem}_T{num}", {"runs": [problem, names, budget, len(grid), prefs.tolist(), best.tolist()]})
+    if journal.note:
+        print(journal.note, flush=True)
     for variant, seed in tqdm([(v, s) for v in variants for s in seeds], desc=f"{problem} T={num} levers"):
+        if journal.get(f"{variant}|{seed}") is not None:  # finished before a stop: read back, not run again
+            rows.append(journal.get(f"{variant}|{seed}"))
+            continue
         if variant == "quadratic+gp picks":
             if ("default", seed) not in defaults:
                 defaults[("default", seed)] = run_variant("default", objective, num, budget, seed, merge)
@@ -284,6 +290,7 @@ def main() -> None:
             rows.append({"variant": variant, "seed": seed, "hv_ratio": mm.hypervolume(orient(base.samples.metrics, senses), nadir) / full,
                          "pick_regret": regret(np.stack([refit.select(w) for w in prefs])),
                          "noisy": list(check_noisy(refit.noisy, num)), "noisy_trend": refit.fitter.noisy_trend})
+            journal.add(f"{variant}|{seed}", rows[-1])
             continue
         start = time.perf_counter()
         result = defaults.get((variant, seed)) or run_variant(variant, objective, num, budget, seed, merge)
@@ -298,6 +305,7 @@ def main() -> None:
                      "pick_regret": regret(np.stack([result.select(w) for w in prefs])),
                      "noisy": list(check_noisy(result.noisy, num)), "noisy_trend": result.fitter.noisy_trend,
                      **({"propose_median_s": float(np.median(proposals))} if proposals else {})})
+        journal.add(f"{variant}|{seed}", rows[-1])
     summary = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         sub = [r for r in rows if r["variant"] == variant]
@@ -310,6 +318,7 @@ def main() -> None:
     name = f"adaptive_levers_{problem}_T{num}"
     path = write(out, name, {"problem": problem, "tasks": num, "task_names": names, "budget": budget, "seeds": len(seeds), "merge": merge,
                              "grid_points": len(grid), "test_preferences": prefs.tolist(), "rows": rows, "summary": summary})
+    journal.close()
     title = f"MAP's levers, {problem} T={num}, {budget} real evaluations, {len(seeds)} seeds"
     plots.plot_bars({s["variant"]: (s["hv_ratio_mean"], s["hv_ratio_std"]) for s in summary}, "hypervolume ratio to the grid's front (higher is better)",
                     title=title, path=out / f"{name}.png")

@@ -344,8 +344,7 @@ def main() -> None:
         examples[name] = found.metrics
     # every finished run kept as it finishes: a stopped benchmark started again with the same settings skips them
     journal = RunJournal(out, stored.stem, {"runs": [label, names, budget, reevaluations, len(grid), args.val_examples, size, proposal_model],
-                                            "scored": [prefs.tolist(), best_test.tolist(), list(noisy), NOISY_TREND],
-                                            "commit": commit if commit and not commit.endswith("-dirty") else f"{commit}@{time.time()}"})
+                                            "scored": [prefs.tolist(), best_test.tolist(), list(noisy), NOISY_TREND]})
     if journal.note:
         print(journal.note, flush=True)
     for method, seed in tqdm([(m, s) for m in methods for s in seeds], desc=f"{label} T={num}"):

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, table, write  # noqa: E402
+from _common import RunJournal, parser, table, write  # noqa: E402
 
 RULES = ("caution 1", "caution 0.5", "caution 0.25", "caution 0", "over mean", "posterior", "best mean")
 
@@ -114,21 +114,29 @@ def main() -> None:
 
     grid_pick = regret(grid[np.argmax(orient(objective(grid), senses) @ prefs.T, axis=0)])
     rows = []
+    name = f"pick_rules_{label}_T{num}{suffix}"
+    journal = RunJournal(out, name, {"runs": [label, names, size, budget, len(grid), prefs.tolist(), best_test.tolist()]})
+    if journal.note:
+        print(journal.note, flush=True)
     for seed in tqdm(seeds, desc=f"pick rules {label} T={num}{suffix}"):
+        if journal.get(str(seed)) is not None:  # finished before a stop: read back, not run again
+            rows.append(journal.get(str(seed)))
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             result = mm.MAP(budget=budget, seed=seed).fit(objective, num)
         rows.append({"seed": seed, "model": result.settings.get("model"), "noisy_trend": result.fitter.noisy_trend,
                      "noisy": list(check_noisy(result.noisy, num)),  # which metrics "default" scores by the model
                      **{rule: regret(chosen) for rule, chosen in picks(result, prefs).items()}})
+        journal.add(str(seed), rows[-1])
     summary = [{"rule": rule, "pick_regret_mean": float(np.mean([r[rule] for r in rows])),
                 "pick_regret_std": float(np.std([r[rule] for r in rows]))} for rule in RULES]
-    name = f"pick_rules_{label}_T{num}{suffix}"
     path = write(out, name, {"problem": args.problem, "label": label, "tasks": num, "task_names": names, "senses": list(senses),
                              "size": size, "budget": budget, "seeds": len(rows), "test_preferences": prefs.tolist(),
                              "grid_points": len(grid), "grid_best_weighted_test": best_test.tolist(), "grid_pick_regret": grid_pick,
                              "meaning": "test regret of MAP's picks under each rule (the same runs), oriented higher-is-better",
                              "rows": rows, "summary": summary})
+    journal.close()
     from map_merge import plots
 
     plots.plot_bars({s["rule"]: (s["pick_regret_mean"], s["pick_regret_std"]) for s in summary}, "test regret of the picks (lower is better)",

@@ -40,6 +40,7 @@ def test_benchmark_runs_quick(script, args, outputs, tmp_path):
         assert (tmp_path / name).stat().st_size > 100
     payload = json.loads((tmp_path / outputs[0]).read_text())
     assert payload["rows"] and "machine" in payload
+    assert not list(tmp_path.glob("*.runs*.jsonl"))  # a journal of finished runs goes once the JSON holds them
     if script == "bench_noisy_pick.py":  # the zoo's lm-eval objective says its scores are noisy, and the runs knew it
         assert all(r["noisy"] == [True, True] for r in payload["rows"]) and {r["method"] for r in payload["rows"]} == {"MAP", "MAP (design)"}
     if script in ("bench_pick_rules.py", "bench_adaptive_levers.py"):  # which metrics each row's pick scored by the model
@@ -428,7 +429,7 @@ def test_bench_fronts_keeps_finished_runs_of_a_stopped_run_and_skips_them_next_t
     the same settings it runs only the rest, and its table holds the kept row unchanged. A journal of
     other settings is renamed aside, never overwritten."""
     module = _load("bench_fronts.py", "bench_fronts_journal")
-    monkeypatch.setattr(module, "source_commit", lambda: "abc1234")  # a clean checkout (a dirty one never reuses runs)
+    monkeypatch.setattr(sys.modules["_common"], "source_commit", lambda: "abc1234")  # a clean checkout (a dirty one never reuses runs)
     real, calls = module.run_budgeted, []
 
     def stop_at_second(method, *args, **kwargs):
