@@ -102,7 +102,10 @@ class RunJournal:
         self.note = ""
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            first = json.loads(lines[0]) if lines else None
+            try:
+                first = json.loads(lines[0]) if lines else None
+            except json.JSONDecodeError:  # a header torn by a kill: kept aside like another run's journal
+                first = None
             if first == {"header": self.header}:
                 for line in lines[1:]:
                     try:
@@ -113,7 +116,11 @@ class RunJournal:
                 self.note = f"{self.path}: {len(self.rows)} finished runs read back"
                 self._rewrite()  # without a torn last line
                 return
-            aside = self.path.with_name(f"{name}.runs.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            stamp, count = time.strftime("%Y%m%d-%H%M%S"), 0
+            aside = self.path.with_name(f"{name}.runs.{stamp}.jsonl")
+            while aside.exists():  # never over an earlier journal kept aside
+                count += 1
+                aside = self.path.with_name(f"{name}.runs.{stamp}-{count}.jsonl")
             os.replace(self.path, aside)
             self.note = f"{self.path} was made with other settings: kept as {aside.name}"
         self._rewrite()

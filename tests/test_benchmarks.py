@@ -466,3 +466,19 @@ def test_bench_fronts_keeps_finished_runs_of_a_stopped_run_and_skips_them_next_t
     module.main()
     aside = sorted(tmp_path.glob("fronts_analytic_T2.runs.*.jsonl"))
     assert len(aside) == 1 and aside[0].read_text() == old and not journal.exists()
+
+
+def test_run_journal_keeps_every_journal_it_cannot_read_back(tmp_path, monkeypatch):
+    """A header torn by a kill, and two journals of other settings set aside in one second: each is kept
+    aside whole (none over another); rows of the same settings are read back."""
+    common = _load("_common.py", "common_journal")
+    monkeypatch.setattr(common, "source_commit", lambda: "abc1234")
+    torn = '{"header": {"ru'
+    (tmp_path / "x.runs.jsonl").write_text(torn)
+    first = common.RunJournal(tmp_path, "x", {"a": 1})
+    first.add("k", {"v": 1.5})
+    assert common.RunJournal(tmp_path, "x", {"a": 1}).get("k") == {"v": 1.5}
+    common.RunJournal(tmp_path, "x", {"a": 2})  # sets aside the journal holding "k"
+    common.RunJournal(tmp_path, "x", {"a": 3})  # and then the empty one of a = 2, maybe within the same second
+    aside = [p.read_text() for p in tmp_path.glob("x.runs.*.jsonl")]
+    assert len(aside) == 3 and torn in aside and sum('"key": "k"' in text for text in aside) == 1
