@@ -99,6 +99,7 @@ class RunJournal:
         commit = commit if commit and not commit.endswith("-dirty") else f"{commit}@{time.time()}"
         self.header = json.loads(json.dumps({**settings, "commit": commit}))  # as JSON reads it back (tuples as lists, ...)
         self.rows: dict[str, dict[str, Any]] = {}
+        self.used: set[str] = set()  # rows read back or added by this run: the ones its JSON will hold
         self.note = ""
         if self.path.exists():
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
@@ -137,16 +138,28 @@ class RunJournal:
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The finished run's row under ``key``, or ``None``."""
+        if key in self.rows:
+            self.used.add(key)
         return self.rows.get(key)
 
     def add(self, key: str, row: dict[str, Any]) -> None:
         """Keep a finished run's ``row`` (JSON-serialisable) under ``key``."""
         self.rows[key] = json.loads(json.dumps(row))
+        self.used.add(key)
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"key": key, "row": self.rows[key]}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
     def close(self) -> None:
-        """The runs are in the benchmark's JSON: the journal goes."""
-        self.path.unlink(missing_ok=True)
+        """The runs are in the benchmark's JSON: the journal goes, unless it holds runs this one did
+        not use (a restart with fewer methods or seeds): then it is kept aside whole."""
+        if set(self.rows) <= self.used:
+            self.path.unlink(missing_ok=True)
+            return
+        stamp, count = time.strftime("%Y%m%d-%H%M%S"), 0
+        aside = self.path.with_name(self.path.name.replace(".runs.jsonl", f".runs.{stamp}.jsonl"))
+        while aside.exists():
+            count += 1
+            aside = self.path.with_name(self.path.name.replace(".runs.jsonl", f".runs.{stamp}-{count}.jsonl"))
+        os.replace(self.path, aside)

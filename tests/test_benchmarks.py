@@ -482,3 +482,21 @@ def test_run_journal_keeps_every_journal_it_cannot_read_back(tmp_path, monkeypat
     common.RunJournal(tmp_path, "x", {"a": 3})  # and then the empty one of a = 2, maybe within the same second
     aside = [p.read_text() for p in tmp_path.glob("x.runs.*.jsonl")]
     assert len(aside) == 3 and torn in aside and sum('"key": "k"' in text for text in aside) == 1
+
+
+def test_run_journal_never_deletes_runs_its_table_did_not_take(tmp_path, monkeypatch):
+    """A restart with fewer methods or seeds reads back only some runs: closing keeps the journal aside, whole."""
+    common = _load("_common.py", "common_journal_close")
+    monkeypatch.setattr(common, "source_commit", lambda: "abc1234")
+    first = common.RunJournal(tmp_path, "x", {"a": 1})
+    first.add("A|0", {"v": 1.0})
+    first.add("B|0", {"v": 2.0})
+    again = common.RunJournal(tmp_path, "x", {"a": 1})
+    assert again.get("B|0") == {"v": 2.0}
+    again.close()  # A's run is in no table
+    (kept,) = tmp_path.glob("x.runs.*.jsonl")
+    assert '"A|0"' in kept.read_text() and not (tmp_path / "x.runs.jsonl").exists()
+    whole = common.RunJournal(tmp_path, "y", {"a": 1})
+    whole.add("A|0", {"v": 1.0})
+    whole.close()  # every run used: the journal goes
+    assert not list(tmp_path.glob("y.runs*"))
