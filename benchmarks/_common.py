@@ -117,12 +117,7 @@ class RunJournal:
                 self.note = f"{self.path}: {len(self.rows)} finished runs read back"
                 self._rewrite()  # without a torn last line
                 return
-            stamp, count = time.strftime("%Y%m%d-%H%M%S"), 0
-            aside = self.path.with_name(f"{name}.runs.{stamp}.jsonl")
-            while aside.exists():  # never over an earlier journal kept aside
-                count += 1
-                aside = self.path.with_name(f"{name}.runs.{stamp}-{count}.jsonl")
-            os.replace(self.path, aside)
+            aside = self._set_aside()
             self.note = f"{self.path} was made with other settings: kept as {aside.name}"
         self._rewrite()
 
@@ -157,9 +152,14 @@ class RunJournal:
         if set(self.rows) <= self.used:
             self.path.unlink(missing_ok=True)
             return
-        stamp, count = time.strftime("%Y%m%d-%H%M%S"), 0
-        aside = self.path.with_name(self.path.name.replace(".runs.jsonl", f".runs.{stamp}.jsonl"))
+        self._set_aside()
+
+    def _set_aside(self) -> Path:
+        """Rename the journal to ``<name>.runs.<time>[-n].jsonl``, never over an earlier one kept aside."""
+        stem, stamp, count = self.path.name[: -len(".runs.jsonl")], time.strftime("%Y%m%d-%H%M%S"), 0
+        aside = self.path.with_name(f"{stem}.runs.{stamp}.jsonl")
         while aside.exists():
             count += 1
-            aside = self.path.with_name(self.path.name.replace(".runs.jsonl", f".runs.{stamp}-{count}.jsonl"))
+            aside = self.path.with_name(f"{stem}.runs.{stamp}-{count}.jsonl")
         os.replace(self.path, aside)
+        return aside
